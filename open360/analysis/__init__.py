@@ -1,0 +1,1 @@
+"""Analysis across checkpoints: memorization, evaluation curves, run comparison."""

@@ -1,0 +1,1 @@
+"""Execution backends: native PyTorch (single process, DDP/FSDP) and megatron-core."""

@@ -1,0 +1,1 @@
+"""Checkpoint format, atomic save/load, and cadence policies."""

@@ -1,0 +1,38 @@
+"""Registers the schemas in Hydra's ConfigStore so composition type-checks every key."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from open360.config import schema
+from open360.paths import CONFIGS_DIR
+
+GROUP_SCHEMAS = {
+    "model": schema.ModelConfig,
+    "data": schema.DataConfig,
+    "optim": schema.OptimConfig,
+    "schedule": schema.ScheduleConfig,
+    "trainer": schema.TrainerConfig,
+    "checkpoint": schema.CheckpointConfig,
+    "tracking": schema.TrackingConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the top-level schema as `base_config` and each group's as `<group>/base_<group>`."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=schema.Open360Config)
+    for group, node in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose the config tree outside of `@hydra.main` (tests, analysis jobs, notebooks)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

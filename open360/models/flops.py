@@ -1,0 +1,32 @@
+"""Parameter and FLOP counts of a decoder config, used for MFU, memory estimates and compute plots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def count_parameters(cfg: Any) -> int:
+    """Exact number of parameters of the decoder described by a ModelConfig."""
+    d, f, v = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
+    head_dim = d // cfg.n_heads
+    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    norm = 2 * d if cfg.norm == "layernorm" else d
+    attn = 2 * d * d + 2 * d * kv_dim + ((2 * d + 2 * kv_dim) if cfg.attn_bias else 0)
+    if cfg.mlp == "swiglu":
+        mlp = 3 * d * f + ((2 * f + d) if cfg.mlp_bias else 0)
+    else:
+        mlp = 2 * d * f + ((f + d) if cfg.mlp_bias else 0)
+    per_layer = attn + mlp + (norm if cfg.parallel_block else 2 * norm)
+    embed = v * d
+    head = (0 if cfg.tie_embeddings else v * d) + (v if cfg.lm_head_bias else 0)
+    return cfg.n_layers * per_layer + embed + head + norm
+
+
+def training_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Forward+backward FLOPs per token: 6N for the weights plus 12*L*D*S for attention (PaLM's count)."""
+    return 6.0 * count_parameters(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def forward_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Forward-only FLOPs per token (a third of training)."""
+    return training_flops_per_token(cfg, seq_len) / 3.0

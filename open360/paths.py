@@ -1,0 +1,21 @@
+"""Where the repository's own folders are, and how relative paths in configs are resolved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"
+RECIPES_DIR = REPO_ROOT / "data_recipes"
+
+
+def resolve_repo_path(path: str | Path) -> Path:
+    """Resolve a path from a config: absolute as is, else relative to the repository root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def resolve_workspace_path(workspace: str | Path, path: str | Path) -> Path:
+    """Resolve a path inside the run's workspace (shards/, checkpoints/, mlflow.db)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(workspace).expanduser().resolve() / p

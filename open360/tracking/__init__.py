@@ -1,0 +1,1 @@
+"""Tracking callbacks: MLflow metrics, DVC versioning of shards and checkpoints, lineage."""

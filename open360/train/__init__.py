@@ -1,0 +1,1 @@
+"""Training: the Hydra entry point, the trainer, optimizer groups, LR schedules and resume state."""

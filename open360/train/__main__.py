@@ -1,0 +1,30 @@
+"""`python -m open360.train +experiment=<name>`: compose the config, check resources, train."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from open360.config import register_configs
+from open360.paths import CONFIGS_DIR
+from open360.train.resources import ResourceError, check_resources
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        device = check_resources(cfg)
+    except ResourceError as err:
+        print(f"open360.train: {err}", file=sys.stderr)
+        sys.exit(2)
+    from open360.train.pipeline import run_training
+
+    run_training(cfg, device=device)
+
+
+if __name__ == "__main__":
+    main()

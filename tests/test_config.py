@@ -1,0 +1,159 @@
+"""Config tree: every experiment composes, bad keys/types/values fail at composition naming the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigAttributeError, MissingMandatoryValue, ValidationError
+
+from open360.config import compose
+from open360.models.flops import count_parameters
+from open360.paths import CONFIGS_DIR, REPO_ROOT, resolve_repo_path
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS_DIR / "experiment").glob("*.yaml"))
+REQUIRED_EXPERIMENTS = {"amber", "amber_tiny", "crystalcoder", "crystalcoder_tiny", "phi15", "phi15_tiny"}
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "open360.train", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_required_experiments_exist():
+    assert REQUIRED_EXPERIMENTS <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(name):
+    cfg = compose([f"+experiment={name}"])
+    assert cfg.run_name == name
+    for stage in cfg.stages:
+        assert stage.steps > 0
+    assert sum(s.steps for s in cfg.stages) in (0, cfg.trainer.max_steps)
+    assert cfg.trainer.global_batch_size % cfg.trainer.micro_batch_size == 0
+    assert cfg.trainer.seq_len <= cfg.model.max_seq_len
+    assert cfg.model.d_model % cfg.model.n_heads == 0
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_recipe_a_config_points_at_exists(name):
+    cfg = compose([f"+experiment={name}"])
+    recipes = [cfg.data.recipe] + [s.recipe for s in cfg.stages]
+    for recipe in recipes:
+        assert resolve_repo_path(recipe).is_file(), f"{name}: recipe {recipe} does not exist"
+
+
+def test_amber_has_the_published_values():
+    cfg = compose(["+experiment=amber"])
+    m, o, s = cfg.model, cfg.optim, cfg.schedule
+    assert (m.n_layers, m.d_model, m.n_heads, m.ffn_dim, m.vocab_size) == (32, 4096, 32, 11008, 32000)
+    assert (m.norm, m.norm_eps, m.mlp, m.tie_embeddings) == ("rmsnorm", 1e-6, "swiglu", False)
+    assert (o.lr, list(o.betas), o.weight_decay, o.grad_clip) == (3e-4, [0.9, 0.95], 0.1, 1.0)
+    assert (s.kind, s.warmup_steps) == ("cosine", 2000)
+    assert s.min_lr_ratio * o.lr == pytest.approx(3e-5)
+    assert (cfg.trainer.global_batch_size, cfg.trainer.seq_len) == (2240, 2048)
+    # LLaMA-7B shape: 6.74B parameters.
+    assert count_parameters(m) == pytest.approx(6.738e9, rel=1e-3)
+
+
+def test_crystalcoder_and_phi15_have_the_published_values():
+    cc = compose(["+experiment=crystalcoder"])
+    assert (cc.model.norm, cc.model.norm_eps, cc.model.attn_bias, cc.model.mlp_bias) == (
+        "layernorm",
+        1e-5,
+        True,
+        True,
+    )
+    assert (cc.model.rotary_fraction, cc.model.tie_embeddings, cc.model.vocab_size) == (0.25, True, 32032)
+    assert cc.model.mup.enabled and cc.model.mup.embedding_multiplier == 14.6
+    assert cc.model.d_model / cc.model.mup.base_width == 16  # hidden LR x 1/16 = 0.0625
+    assert cc.optim.eps == 1e-9 and len(cc.stages) == 3
+    phi = compose(["+experiment=phi15"])
+    assert (phi.model.n_layers, phi.model.d_model, phi.model.ffn_dim, phi.model.mlp) == (24, 2048, 8192, "gelu")
+    assert phi.model.parallel_block and phi.model.rotary_fraction == 0.5
+    assert (phi.optim.lr, list(phi.optim.betas), phi.optim.eps) == (2e-4, [0.9, 0.98], 1e-7)
+    assert (phi.schedule.kind, phi.schedule.warmup_steps) == ("constant", 0)
+
+
+def test_tiny_experiments_keep_their_family():
+    for big, tiny in [("amber", "amber_tiny"), ("crystalcoder", "crystalcoder_tiny"), ("phi15", "phi15_tiny")]:
+        b, t = compose([f"+experiment={big}"]).model, compose([f"+experiment={tiny}"]).model
+        for key in ("norm", "mlp", "attn_bias", "mlp_bias", "tie_embeddings", "rotary_fraction", "parallel_block"):
+            assert b[key] == t[key], f"{tiny}.{key} differs from {big}"
+        assert b.mup.enabled == t.mup.enabled
+        assert count_parameters(t) < 5e6
+    assert len(compose(["+experiment=crystalcoder_tiny"]).stages) == 3
+
+
+def test_misspelt_key_names_the_full_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["+experiment=amber", "model.n_layer=3"])
+    assert isinstance(err.value.__cause__, ConfigAttributeError)
+    assert "full_key: model.n_layer" in str(err.value.__cause__)
+
+
+def test_wrong_type_names_the_full_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["+experiment=amber", "model.n_layers=many"])
+    cause = err.value.__cause__
+    assert isinstance(cause, ValidationError)
+    assert "model.n_layers" in str(cause)
+
+
+def test_unknown_experiment_fails():
+    with pytest.raises(MissingConfigException) as err:
+        compose(["+experiment=amber_typo"])
+    assert "experiment/amber_typo" in str(err.value)
+
+
+def test_missing_required_value_names_the_key():
+    cfg = compose(["+experiment=amber", "optim.lr=???"])
+    with pytest.raises(MissingMandatoryValue) as err:
+        _ = cfg.optim.lr
+    assert "optim.lr" in str(err.value)
+
+
+def test_cfg_job_prints_amber_without_touching_data_or_devices(tmp_path):
+    proc = run_train("+experiment=amber", f"workspace={tmp_path}", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for needle in ("n_layers: 32", "d_model: 4096", "ffn_dim: 11008", "vocab_size: 32000", "lr: 0.0003"):
+        assert needle in out
+    assert "- 0.9\n" in out and "- 0.95\n" in out
+    assert list(tmp_path.iterdir()) == []  # nothing was built or written
+
+
+def test_cli_typo_fails_at_composition_before_any_work(tmp_path):
+    proc = run_train("+experiment=amber_tiny", "trainer.max_stepz=3", f"workspace={tmp_path}")
+    assert proc.returncode != 0
+    assert "max_stepz" in proc.stderr and "TrainerConfig" in proc.stderr
+    assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_amber_without_gpu_fails_fast_naming_memory(tmp_path):
+    proc = run_train("+experiment=amber", f"workspace={tmp_path}")
+    assert proc.returncode == 2
+    assert "GiB" in proc.stderr and "amber_tiny" in proc.stderr and "6.74B" in proc.stderr
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_open360_cli_help_lists_verbs():
+    proc = subprocess.run(["open360", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for verb in ("data build", "ckpt pull", "analysis memorization"):
+        assert verb in proc.stdout
+    bad = subprocess.run(["open360", "nope", "verb"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr

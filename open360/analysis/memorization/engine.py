@@ -1,0 +1,284 @@
+"""Scoring engine: batched greedy continuation with a static KV cache, and a teacher-forced screen.
+
+The LLM360 memorization score of one training sequence: the first ``k`` tokens are the prompt, the
+model continues greedily (argmax, no sampling, no beam, no early stop at EOS) for ``l`` tokens, and
+the score is the fraction of those ``l`` tokens equal to the sequence's true tokens ``k..k+l-1``.
+
+Two modes, always labelled in results:
+
+- ``greedy`` (exact): one prefill forward over the ``k`` prompt tokens, then ``l-1`` single-token
+  steps through the model's static KV cache. All prompts have exactly ``k`` tokens and all
+  continuations exactly ``l`` tokens, so every batch has one fixed shape and needs no padding; on
+  CUDA the whole continuation of a batch is captured once as a CUDA graph and replayed.
+- ``teacher_forced`` (screen): one forward over the true ``k+l-1`` tokens; the prediction at each
+  of the ``l`` positions is conditioned on the *true* prefix. It is exact for ``full_match`` and for
+  ``prefix_match`` (the greedy continuation equals the truth up to the first teacher-forced miss),
+  and its token accuracy is an estimate of ``token_match`` that is at least the greedy score except
+  when a greedy continuation re-joins the truth after diverging (rare; measured in the tests).
+
+The model contract (docs/ARCHITECTURE.md): ``model(input_ids, kv_cache=None, start_pos=0) -> logits``
+of shape [B, T, V], and ``KVCache.allocate(model, batch_size, max_len, device, dtype)``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+MODES = ("greedy", "teacher_forced")
+
+# Builds a KV cache for (model, batch_size, max_len, device, dtype); the default uses open360.models.
+CacheFactory = Callable[[torch.nn.Module, int, int, torch.device, torch.dtype], Any]
+
+
+def default_cache_factory(
+    model: torch.nn.Module, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """Allocate open360's static KV cache for `model` (imported lazily: the engine takes any model)."""
+    from open360.models import KVCache
+
+    return KVCache.allocate(model, batch_size, max_len, device, dtype)
+
+
+@dataclass
+class ScoreResult:
+    """Per-sequence results of one scoring pass, in the order of the input sequences."""
+
+    mode: str  # "greedy" (exact) or "teacher_forced" (screen)
+    k: int  # prompt tokens
+    l: int  # noqa: E741 - continuation tokens, the name LLM360 and the issue use
+    matched: np.ndarray  # int16 [N]: continuation tokens equal to the truth
+    prefix_match: np.ndarray  # int16 [N]: length of the matching prefix of the continuation
+    predicted: np.ndarray  # int32 [N, l]: the continuation (greedy) or per-position argmax (teacher-forced)
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score(self) -> np.ndarray:
+        """float32 [N]: the LLM360 memorization score, matched / l."""
+        return self.matched.astype(np.float32) / float(self.l)
+
+    @property
+    def token_match(self) -> float:
+        """Mean score over the sequences (Analysis360's "Memorization Score")."""
+        return float(self.score.mean()) if len(self.matched) else float("nan")
+
+    @property
+    def full_match(self) -> float:
+        """Fraction of sequences whose whole continuation matched (k-extractable)."""
+        return float((self.matched == self.l).mean()) if len(self.matched) else float("nan")
+
+
+def match_counts(predicted: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(matched, prefix_match) per row of two [B, l] token tensors."""
+    eq = predicted == truth
+    matched = eq.sum(dim=1)
+    prefix = eq.int().cumprod(dim=1).sum(dim=1)
+    return matched, prefix
+
+
+def _logits_at(
+    model: Any, input_ids: torch.Tensor, lo: int, hi: int, kv_cache: Any = None, start_pos: Any = 0
+) -> torch.Tensor:
+    """Logits of positions lo..hi-1 of `input_ids` only: the LM head (a vocab-wide matmul) is applied to
+    those rows when the model exposes `hidden_states` and `logits` (open360's Decoder), else sliced."""
+    if hasattr(model, "hidden_states") and hasattr(model, "logits"):
+        return model.logits(model.hidden_states(input_ids, kv_cache=kv_cache, start_pos=start_pos)[:, lo:hi])
+    return model(input_ids, kv_cache=kv_cache, start_pos=start_pos)[:, lo:hi]
+
+
+@torch.no_grad()
+def greedy_continuation(model: Any, prompts: torch.Tensor, cont_len: int, kv_cache: Any) -> torch.Tensor:
+    """Greedy continuation of `cont_len` tokens for [B, k] prompts through `kv_cache` -> [B, cont_len].
+
+    The cache must hold at least k + cont_len - 1 positions for batch B; it is overwritten from position 0,
+    so one cache serves every batch of the same shape. Decode positions are passed as 0-dim device
+    tensors, so a compiled model does not recompile per position and the loop is graph-capturable.
+    """
+    b, k = prompts.shape
+    out = torch.empty(b, cont_len, dtype=torch.long, device=prompts.device)
+    tok = _logits_at(model, prompts, k - 1, k, kv_cache, 0)[:, 0].argmax(dim=-1)
+    out[:, 0] = tok
+    positions = torch.arange(k, k + cont_len - 1, device=prompts.device)
+    for i in range(1, cont_len):
+        logits = _logits_at(model, tok[:, None], 0, 1, kv_cache, positions[i - 1])
+        tok = logits[:, 0].argmax(dim=-1)
+        out[:, i] = tok
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_predictions(model: Any, tokens: torch.Tensor, k: int, cont_len: int) -> torch.Tensor:
+    """Argmax at positions k..k+cont_len-1, each given the true prefix: [B, >= k+cont_len-1] -> [B, cont_len]."""
+    end = k + cont_len - 1
+    return _logits_at(model, tokens[:, :end], k - 1, end).argmax(dim=-1)
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise ValueError(f"memorization: dtype={dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+class MemorizationScorer:
+    """Scores batches of training sequences with one model; reuses its cache and CUDA graph.
+
+    `model` is put in eval mode and cast to `dtype` ("auto": bf16 on CUDA, fp32 on CPU) on `device`.
+    `batch_size` sequences go through the model at a time; the last partial batch is filled with
+    copies of its first row (their results are dropped) so that every batch has the same shape.
+    `cuda_graphs` (CUDA only) captures the whole greedy continuation of a batch once and replays it;
+    if capture fails the scorer warns and runs eagerly. `compile` wraps the model in torch.compile.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        k: int = 32,
+        l: int = 32,  # noqa: E741 - continuation length, LLM360's name
+        batch_size: int = 256,
+        mode: str = "greedy",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "auto",
+        cuda_graphs: bool = True,
+        compile: bool = False,
+        cache_factory: CacheFactory | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"memorization: mode={mode!r} is not one of {MODES}")
+        if k < 1 or l < 1:
+            raise ValueError(f"memorization: k={k} and l={l} must both be >= 1")
+        if batch_size < 1:
+            raise ValueError(f"memorization: batch_size={batch_size} must be >= 1")
+        if device is None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.k, self.l, self.batch_size, self.mode = k, l, batch_size, mode
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self._forward: Any = self.model
+        if compile:  # compile the blocks in place (the Decoder's own hook), else the whole module
+            blocks = getattr(self.model, "blocks", None)
+            if isinstance(blocks, torch.nn.ModuleList):
+                for block in blocks:
+                    block.compile(dynamic=False)
+            else:
+                self._forward = torch.compile(self.model, dynamic=False)
+        self.cache_factory = cache_factory or default_cache_factory
+        self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and mode == "greedy"
+        self._cache: Any = None
+        self._cache_batch = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_in: torch.Tensor | None = None
+        self._static_out: torch.Tensor | None = None
+        self.graph_error: str | None = None
+
+    # -- one fixed-shape batch -------------------------------------------------------------
+    def _ensure_cache(self, batch_size: int) -> Any:
+        if self._cache is None or self._cache_batch != batch_size:
+            self.release()
+            self._cache = self.cache_factory(self.model, batch_size, self.k + self.l, self.device, self.dtype)
+            self._cache_batch = batch_size
+        return self._cache
+
+    def _greedy_eager(self, prompts: torch.Tensor) -> torch.Tensor:
+        return greedy_continuation(self._forward, prompts, self.l, self._ensure_cache(prompts.shape[0]))
+
+    def _capture(self, prompts: torch.Tensor) -> None:
+        cache = self._ensure_cache(prompts.shape[0])
+        self._static_in = prompts.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the graph
+                greedy_continuation(self._forward, self._static_in, self.l, cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_out = greedy_continuation(self._forward, self._static_in, self.l, cache)
+        self._graph = graph
+
+    def _greedy_batch(self, prompts: torch.Tensor) -> torch.Tensor:
+        if self.use_graphs:
+            try:
+                if self._graph is None or self._cache_batch != prompts.shape[0]:
+                    self._capture(prompts)
+                assert self._static_in is not None and self._static_out is not None and self._graph
+                self._static_in.copy_(prompts)
+                self._graph.replay()
+                return self._static_out.clone()
+            except Exception as err:  # capture can fail on models that sync with the host
+                self.use_graphs, self._graph = False, None
+                self.graph_error = f"{type(err).__name__}: {err}"
+                warnings.warn(
+                    f"memorization: CUDA graph capture failed ({self.graph_error}); decoding eagerly",
+                    stacklevel=2,
+                )
+                torch.cuda.synchronize()
+        return self._greedy_eager(prompts)
+
+    def _batch(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.mode == "greedy":
+            return self._greedy_batch(tokens[:, : self.k])
+        return teacher_forced_predictions(self._forward, tokens, self.k, self.l)
+
+    # -- public ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, sequences: np.ndarray | torch.Tensor) -> ScoreResult:
+        """Score [N, >= k+l] token sequences (only the first k+l tokens are read)."""
+        seqs = torch.as_tensor(np.asarray(sequences) if not torch.is_tensor(sequences) else sequences)
+        if seqs.ndim != 2 or seqs.shape[1] < self.k + self.l:
+            raise ValueError(
+                f"memorization: sequences have shape {tuple(seqs.shape)}, need [N, >= k+l = {self.k + self.l}]"
+                " tokens; lower k/l or use longer sequences"
+            )
+        n = seqs.shape[0]
+        info = {"dtype": str(self.dtype).removeprefix("torch."), "batch_size": self.batch_size,
+                "device": str(self.device)}
+        if n == 0:
+            empty = np.zeros(0, dtype=np.int16)
+            return ScoreResult(self.mode, self.k, self.l, empty, empty, np.zeros((0, self.l), np.int32), 0.0, info)
+        seqs = seqs[:, : self.k + self.l].to(torch.long)
+        predicted = np.empty((n, self.l), dtype=np.int32)
+        matched = np.empty(n, dtype=np.int16)
+        prefix = np.empty(n, dtype=np.int16)
+        bs = min(self.batch_size, n)
+        start = time.perf_counter()
+        for lo in range(0, n, bs):
+            hi = min(lo + bs, n)
+            batch = seqs[lo:hi]
+            rows = hi - lo
+            if rows < bs:  # keep one shape: fill with copies of the first row, dropped below
+                batch = torch.cat([batch, batch[:1].expand(bs - rows, -1)])
+            batch = batch.to(self.device, non_blocking=True)
+            pred = self._batch(batch)[:rows]
+            m, p = match_counts(pred, batch[:rows, self.k : self.k + self.l])
+            predicted[lo:hi] = pred.to("cpu", torch.int32).numpy()
+            matched[lo:hi] = m.to("cpu", torch.int16).numpy()
+            prefix[lo:hi] = p.to("cpu", torch.int16).numpy()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        info["cuda_graphs"] = self.use_graphs
+        if self.graph_error:
+            info["graph_error"] = self.graph_error
+        return ScoreResult(self.mode, self.k, self.l, matched, prefix, predicted, seconds, info)
+
+    def release(self) -> None:
+        """Free the cache and graph (call before loading the next checkpoint on a small GPU)."""
+        self._cache = self._graph = self._static_in = self._static_out = None
+        self._cache_batch = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+

@@ -1,0 +1,111 @@
+"""Scoring engine: KV-cache greedy equals a cache-free greedy loop, teacher-forced screen, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from open360.analysis.memorization import (
+    MemorizationScorer,
+    match_counts,
+    sample_rows,
+    seen_rows,
+)
+from open360.models import build_model
+
+TINY = dict(
+    name="mem_tiny", vocab_size=97, n_layers=2, d_model=32, n_heads=4, ffn_dim=64, max_seq_len=64,
+    init_std=0.3,  # peaked logits: no near-ties for argmax to break differently across code paths
+)
+
+
+def tiny_model(seed: int = 0, **over: object) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model({**TINY, **over}).eval()
+
+
+def naive_greedy(model: torch.nn.Module, prompts: torch.Tensor, cont_len: int) -> torch.Tensor:
+    """Reference: re-run the whole sequence without a cache at every step."""
+    ids = prompts.clone()
+    with torch.no_grad():
+        for _ in range(cont_len):
+            nxt = model(ids)[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return ids[:, prompts.shape[1]:]
+
+
+def test_match_counts_hand_example() -> None:
+    pred = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 0, 0, 0]])
+    truth = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    matched, prefix = match_counts(pred, truth)
+    assert matched.tolist() == [4, 3, 0]
+    assert prefix.tolist() == [4, 1, 0]
+
+
+@pytest.mark.parametrize("over", [{}, {"n_kv_heads": 2, "rotary_fraction": 0.5}, {"parallel_block": True,
+                                   "norm": "layernorm", "mlp": "gelu", "attn_bias": True, "mlp_bias": True,
+                                   "lm_head_bias": True, "tie_embeddings": True}])
+def test_kv_cache_greedy_equals_cache_free_loop(over: dict) -> None:
+    model = tiny_model(**over)
+    gen = torch.Generator().manual_seed(1)
+    seqs = torch.randint(0, TINY["vocab_size"], (11, 24), generator=gen)
+    k, cont = 8, 12
+    res = MemorizationScorer(model, k=k, l=cont, batch_size=4, mode="greedy").score(seqs)
+    ref = naive_greedy(model, seqs[:, :k], cont)
+    assert np.array_equal(res.predicted, ref.numpy())
+    truth = seqs[:, k:k + cont]
+    assert res.matched.tolist() == (ref == truth).sum(1).tolist()
+    assert res.score.dtype == np.float32 and res.mode == "greedy"
+
+
+def test_batch_size_does_not_change_scores() -> None:
+    model = tiny_model()
+    seqs = torch.randint(0, TINY["vocab_size"], (13, 20), generator=torch.Generator().manual_seed(2))
+    a = MemorizationScorer(model, k=6, l=10, batch_size=5).score(seqs)
+    b = MemorizationScorer(model, k=6, l=10, batch_size=64).score(seqs)
+    assert np.array_equal(a.predicted, b.predicted)
+    assert np.array_equal(a.matched, b.matched)
+
+
+def test_teacher_forced_is_exact_for_full_match_and_prefix() -> None:
+    model = tiny_model()
+    k, cont = 8, 12
+    prompts = torch.randint(0, TINY["vocab_size"], (16, k), generator=torch.Generator().manual_seed(3))
+    greedy_tail = naive_greedy(model, prompts, cont)
+    memorized = torch.cat([prompts, greedy_tail], dim=1)  # the model's own continuation: score 1
+    corrupt = memorized.clone()
+    corrupt[8:, k + 5] = (corrupt[8:, k + 5] + 1) % TINY["vocab_size"]  # diverge at position 5
+    for seqs in (memorized, corrupt):
+        g = MemorizationScorer(model, k=k, l=cont, mode="greedy").score(seqs)
+        t = MemorizationScorer(model, k=k, l=cont, mode="teacher_forced").score(seqs)
+        assert t.mode == "teacher_forced"
+        assert np.array_equal(g.matched == cont, t.matched == cont)
+        assert np.array_equal(g.prefix_match, t.prefix_match)
+    g = MemorizationScorer(model, k=k, l=cont).score(memorized)
+    assert g.full_match == 1.0 and g.token_match == 1.0
+    g = MemorizationScorer(model, k=k, l=cont).score(corrupt)
+    assert g.full_match == 0.5 and (g.prefix_match[8:] == 5).all()
+
+
+def test_short_sequences_are_refused_with_a_hint() -> None:
+    with pytest.raises(ValueError, match="k\\+l"):
+        MemorizationScorer(tiny_model(), k=8, l=8).score(np.zeros((2, 10), dtype=np.int64))
+
+
+def test_sample_rows_is_analysis360s_datasets_shuffle() -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"row": list(range(500))})
+    expected = ds.shuffle(seed=42).select(range(100))["row"]
+    assert sample_rows(500, 100, seed=42).tolist() == list(expected)
+    assert sample_rows(50, 100).tolist() == list(range(50))  # fewer rows than the sample: all
+
+
+def test_seen_rows_groups_global_ids_by_chunk() -> None:
+    sizes = [4, 5, 3]
+    seen = np.array([0, 3, 4, 8, 8, 9, 11, 2])
+    assert seen_rows(seen, sizes, 0).tolist() == [0, 2, 3]
+    assert seen_rows(seen, sizes, 1).tolist() == [0, 4]
+    assert seen_rows(seen, sizes, 2).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="chunk 3"):
+        seen_rows(seen, sizes, 3)

@@ -1,0 +1,163 @@
+"""Native PyTorch backend: process-group setup under torchrun, DDP/FSDP2 applied to a plain model from
+outside, and full (unsharded, CPU) state dicts for checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+DISTRIBUTED_MODES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank, world size and its torch device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str) -> DistEnv:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=torch_device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (no-op in one process)."""
+    if env.distributed:
+        dist.barrier()
+
+
+def parallelize(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
+    """Return the module to run forward/backward on: the model itself, DDP around it, or FSDP2-sharded.
+
+    FSDP2 (`fully_shard`) shards each transformer block and then the root, in place; the returned
+    module is the same object. DDP returns a wrapper; the plain model stays reachable as `model`.
+    """
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"trainer.distributed={mode!r}: expected one of {', '.join(DISTRIBUTED_MODES)}")
+    if not env.distributed:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if env.device.type == "cuda" else None
+    kwargs = {"mp_policy": mp} if mp is not None else {}
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@contextlib.contextmanager
+def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce for accumulation micro-batches (`enabled=False`)."""
+    if enabled:
+        yield
+        return
+    if hasattr(module, "no_sync"):  # DDP
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _options(env: DistEnv) -> StateDictOptions:
+    # One process: plain tensors, no gathering (cpu_offload needs a process group).
+    return _FULL if env.distributed else StateDictOptions(full_state_dict=True)
+
+
+def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
+    """Unsharded model state dict (on rank 0 in a multi-process run; empty elsewhere with FSDP)."""
+    return get_model_state_dict(model, options=_options(env))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
+    """Unsharded optimizer state keyed by parameter name (portable across world sizes)."""
+    return get_optimizer_state_dict(model, optimizer, options=_options(env))
+
+
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    env: DistEnv,
+) -> None:
+    """Load unsharded model and optimizer state (every rank passes the full dicts)."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Mean of a tensor over ranks (identity in one process)."""
+    if env.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= env.world_size
+    return value
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-element list in one process)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,245 @@
+"""The checkpoint directory format: atomic save, sha256-verified load, listing and lineage reading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng.pt"
+CONFIG_FILE = "config.yaml"
+LINEAGE_FILE = "lineage.json"
+# Written in this order; lineage.json comes last and lists the sha256 of all the others.
+PAYLOAD_FILES = (MODEL_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, RNG_FILE, CONFIG_FILE)
+
+STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+# Test hook: seconds to sleep in the middle of a save (after the weights, before the rename), so a
+# kill test can SIGKILL a trainer while a checkpoint is half written.
+SAVE_DELAY_ENV = "OPEN360_CHECKPOINT_SAVE_DELAY_S"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete, corrupted, or does not fit the run."""
+
+
+@dataclass
+class CheckpointContents:
+    """Everything one checkpoint directory holds, in memory (tensors on CPU)."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    trainer_state: dict[str, Any]
+    rng: dict[str, Any]
+    config_yaml: str
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def step_dir_name(step: int) -> str:
+    """`step_<N>`: the name of a complete checkpoint directory."""
+    return f"step_{step}"
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied embeddings); return name aliases."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for name, tensor in state.items():
+        t = tensor.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() > 0 and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = t.contiguous()
+    return kept, aliases
+
+
+def save_model_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a model state dict as safetensors; tied tensors are stored once and aliased in metadata."""
+    kept, aliases = _dedupe_shared({k: v.to("cpu") for k, v in state.items()})
+    save_file(kept, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases, sort_keys=True)})
+
+
+def load_model_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors state dict written by `save_model_weights`, restoring tied aliases."""
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=device) as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            state[name] = f.get_tensor(name)
+        metadata = f.metadata() or {}
+    for alias, target in json.loads(metadata.get("aliases", "{}")).items():
+        state[alias] = state[target]
+    return state
+
+
+def _write_payload(tmp: Path, contents: CheckpointContents) -> None:
+    save_model_weights(contents.model, tmp / MODEL_FILE)
+    delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    torch.save(contents.optimizer, tmp / OPTIMIZER_FILE)
+    (tmp / TRAINER_STATE_FILE).write_text(json.dumps(contents.trainer_state, indent=2, sort_keys=True) + "\n")
+    torch.save(contents.rng, tmp / RNG_FILE)
+    (tmp / CONFIG_FILE).write_text(contents.config_yaml)
+
+
+def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Path:
+    """Write `<parent>/step_<step>/` atomically: temp dir, fsync every file and the dir, rename.
+
+    `contents.lineage` is completed with the sha256 of every other file and written last. An existing
+    directory for the same step (a run resumed from an earlier step) is replaced.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / step_dir_name(step)
+    tmp = parent / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _write_payload(tmp, contents)
+    lineage = dict(contents.lineage)
+    lineage["step"] = step
+    lineage["files"] = {name: sha256_file(tmp / name) for name in PAYLOAD_FILES}
+    (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+    for name in (*PAYLOAD_FILES, LINEAGE_FILE):
+        _fsync_file(tmp / name)
+    _fsync_dir(tmp)
+    if final.exists():
+        old = parent / f".old-{step_dir_name(step)}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(parent)
+    return final
+
+
+def remove_stale_temp_dirs(parent: Path) -> list[Path]:
+    """Delete `.tmp-step_*` / `.old-step_*` leftovers of saves interrupted by a crash."""
+    parent = Path(parent)
+    removed = []
+    if parent.is_dir():
+        for p in parent.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints `(step, path)` under a run directory, sorted by step (temp dirs ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = STEP_DIR_RE.match(p.name)
+        if m and p.is_dir() and (p / LINEAGE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def read_lineage(path: Path) -> dict[str, Any]:
+    """The parsed `lineage.json` of a checkpoint directory."""
+    file = Path(path) / LINEAGE_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file}: no lineage.json, so {path} is not a complete checkpoint directory "
+            "(pass a checkpoints/<run>/step_<N> folder)"
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}); the checkpoint is corrupted") from err
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Recompute the sha256 of every file listed in lineage.json; raise naming the first bad file."""
+    path = Path(path)
+    lineage = read_lineage(path)
+    files = lineage.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path / LINEAGE_FILE}: key 'files' (sha256 per file) is missing or empty")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in lineage.json but missing; re-fetch the checkpoint")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise CheckpointError(
+                f"{file}: sha256 {actual[:16]}… does not match lineage.json ({expected[:16]}…); "
+                "the file is truncated or modified — re-fetch it (open360 ckpt pull) or use another step"
+            )
+    return lineage
+
+
+def load_checkpoint(path: Path, verify: bool = True) -> CheckpointContents:
+    """Read every file of a checkpoint directory onto the CPU (optimizer/RNG with weights_only=True)."""
+    path = Path(path)
+    lineage = verify_checkpoint(path) if verify else read_lineage(path)
+    return CheckpointContents(
+        model=load_model_weights(path / MODEL_FILE),
+        optimizer=torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+        trainer_state=json.loads((path / TRAINER_STATE_FILE).read_text()),
+        rng=torch.load(path / RNG_FILE, map_location="cpu", weights_only=True),
+        config_yaml=(path / CONFIG_FILE).read_text(),
+        lineage=lineage,
+    )
+
+
+def load_model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, Any]:
+    """Build the checkpoint's model from its `config.yaml` and load its weights: `(Decoder, DictConfig)`."""
+    from omegaconf import OmegaConf
+
+    from open360.models import build_model
+
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{path}: expected {MODEL_FILE} and {CONFIG_FILE} in a checkpoint directory "
+            "(checkpoints/<run>/step_<N>); is the step pulled (open360 ckpt pull)?"
+        )
+    cfg = OmegaConf.create((path / CONFIG_FILE).read_text())
+    model = build_model(cfg.model)
+    model.load_state_dict(load_model_weights(path / MODEL_FILE))
+    return model.to(device), cfg

@@ -1,0 +1,118 @@
+"""Learning-rate schedules (cosine, linear, constant, warmup-stable-decay) and multi-stage runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KINDS = ("cosine", "linear", "constant", "wsd")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """LR multiplier over one stage of `total_steps` optimizer steps (step index 0-based)."""
+
+    kind: str
+    total_steps: int
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"schedule.kind={self.kind!r}: expected one of {', '.join(KINDS)}")
+        if self.total_steps <= 0 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"schedule: warmup_steps={self.warmup_steps}, total steps={self.total_steps}: "
+                "expected total > 0 and 0 <= warmup <= total"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(
+                f"schedule: min_lr_ratio={self.min_lr_ratio}, decay_fraction={self.decay_fraction}: "
+                "both must lie in [0, 1]"
+            )
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the stage's peak LR for the optimizer step with 0-based index `step`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        floor = self.min_lr_ratio
+        if self.kind == "wsd":
+            decay_steps = max(1, round(self.decay_fraction * self.total_steps))
+            decay_start = max(self.warmup_steps, self.total_steps - decay_steps)
+            if step < decay_start:
+                return 1.0
+            progress = min(1.0, (step - decay_start + 1) / max(1, self.total_steps - decay_start))
+            return 1.0 - (1.0 - floor) * progress
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps + 1) / span)
+        if self.kind == "cosine":
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - floor) * progress
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: its data recipe, global step range [start, end), peak LR and schedule."""
+
+    index: int
+    name: str
+    recipe: str
+    start: int
+    steps: int
+    lr: float
+    schedule: Schedule
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def build_stages(cfg: object) -> list[Stage]:
+    """The run's stages from `cfg.stages`, or one implicit stage from cfg.data/schedule/trainer.max_steps.
+
+    Runs stop at `trainer.max_steps`: stages past it are dropped and the last one is cut short
+    (its schedule still spans the stage's configured length, so a cut run matches the full one).
+    """
+    max_steps = int(cfg.trainer.max_steps)
+    if max_steps <= 0:
+        raise ValueError(f"trainer.max_steps={max_steps}: must be > 0")
+    specs = []
+    if cfg.stages:
+        for i, st in enumerate(cfg.stages):
+            if int(st.steps) <= 0:
+                raise ValueError(f"stages[{i}] ({st.name}): steps={st.steps} must be > 0")
+            lr = float(cfg.optim.lr if st.lr is None else st.lr)
+            specs.append((st.name, st.recipe, int(st.steps), lr, st.schedule))
+    else:
+        specs.append(("main", cfg.data.recipe, max_steps, float(cfg.optim.lr), cfg.schedule))
+    stages, start = [], 0
+    for i, (name, recipe, steps, lr, sched) in enumerate(specs):
+        if start >= max_steps:
+            break
+        schedule = Schedule(
+            kind=sched.kind,
+            total_steps=steps,
+            warmup_steps=int(sched.warmup_steps),
+            min_lr_ratio=float(sched.min_lr_ratio),
+            decay_fraction=float(sched.decay_fraction),
+        )
+        stages.append(Stage(i, name, recipe, start, min(steps, max_steps - start), lr, schedule))
+        start += steps
+    return stages
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    """The stage that runs the optimizer step with 0-based global index `step`."""
+    for stage in stages:
+        if stage.start <= step < stage.end:
+            return stage
+    raise ValueError(f"step {step} lies outside every stage (the run has {stages[-1].end} steps)")
+
+
+def lr_at(stages: list[Stage], step: int) -> float:
+    """Peak-relative LR (before per-group muP scaling) for the 0-based global step `step`."""
+    stage = stage_at(stages, step)
+    return stage.lr * stage.schedule.factor(step - stage.start)

@@ -1,0 +1,109 @@
+"""Resume state: every RNG state (weights_only-loadable), resume target selection, compatibility checks."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from open360.checkpoint.io import CheckpointError, list_checkpoints, read_lineage
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as tensors/ints/lists (loadable with weights_only=True)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            torch.cuda.set_rng_state(cuda_states[0])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path) -> Path | None:
+    """Resolve `trainer.resume`: none, auto (newest complete checkpoint, published or recovery), a step, a path."""
+    resume = str(resume).strip()
+    if resume in ("", "none", "None", "null"):
+        return None
+    candidates = list_checkpoints(published_dir) + list_checkpoints(recovery_dir)
+    if resume == "auto":
+        if not candidates:
+            return None
+        # newest step; at equal steps prefer the published copy (listed first, max is stable)
+        best = max(candidates, key=lambda item: item[0])
+        return best[1]
+    if resume.isdigit():
+        step = int(resume)
+        for s, path in candidates:
+            if s == step:
+                return path
+        have = ", ".join(str(s) for s, _ in sorted(candidates)) or "none"
+        raise CheckpointError(
+            f"trainer.resume={resume}: no complete checkpoint for step {step} in {published_dir} "
+            f"or {recovery_dir} (steps available: {have})"
+        )
+    path = Path(resume).expanduser()
+    if not (path / "lineage.json").is_file():
+        raise CheckpointError(
+            f"trainer.resume={resume}: {path} is not a complete checkpoint directory (no lineage.json); "
+            "pass auto, a step number, or a checkpoints/<run>/step_<N> path"
+        )
+    return path
+
+
+def check_resume_compatible(checkpoint: Path, stage_name: str, manifest_hash: str, tokenizer_hash: str) -> None:
+    """Refuse to resume onto different data or tokenizer than the checkpoint was trained on."""
+    lineage = read_lineage(checkpoint)
+    data = lineage.get("data", {})
+    problems = []
+    if data.get("stage") == stage_name:
+        if data.get("manifest_hash") != manifest_hash:
+            problems.append(
+                f"data manifest hash {data.get('manifest_hash')} in the checkpoint, {manifest_hash} now"
+            )
+        if data.get("tokenizer_hash") != tokenizer_hash:
+            problems.append(f"tokenizer hash {data.get('tokenizer_hash')} in the checkpoint, {tokenizer_hash} now")
+    elif data.get("stage") is not None:
+        problems.append(f"checkpoint is in stage {data.get('stage')!r}, the config puts its step in {stage_name!r}")
+    if problems:
+        raise CheckpointError(
+            f"refusing to resume from {checkpoint}: " + "; ".join(problems) + ". "
+            "The run must continue on the exact shards it started on: restore the original data recipe, "
+            "data.seed and tokenizer, or start a new run (different run_name, trainer.resume=none)."
+        )

@@ -109,3 +109,20 @@ def test_seen_rows_groups_global_ids_by_chunk() -> None:
     assert seen_rows(seen, sizes, 2).tolist() == [0, 2]
     with pytest.raises(ValueError, match="chunk 3"):
         seen_rows(seen, sizes, 3)
+
+
+def test_greedy_equals_transformers_generate_on_the_hf_export(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from open360.analysis.memorization.reference import hf_greedy_continuations
+    from open360.models.hf import export_hf
+
+    model = tiny_model(seed=4)
+    export_hf(model, model.cfg, None, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    seqs = torch.randint(0, TINY["vocab_size"], (20, 32), generator=torch.Generator().manual_seed(5))
+    ref = hf_greedy_continuations(hf, seqs, k=16, cont_len=16, batch_size=8)
+    ours = MemorizationScorer(model, k=16, l=16, batch_size=6).score(seqs)
+    assert np.array_equal(ours.predicted, ref)
+    assert np.array_equal(ours.matched, (ref == seqs[:, 16:32].numpy()).sum(1))

@@ -1,0 +1,409 @@
+"""DVC versioning: granular add of each checkpoint/shard folder into its tracked parent, background push, pull."""
+
+from __future__ import annotations
+
+import errno
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from open360.tracking.gitinfo import git_revision
+from open360.tracking.worker import BackgroundWorker
+from open360.train.callbacks import Callback, RunInfo
+
+# md5 of the empty tree ("[]"): what a fresh `checkpoints.dvc` records before the first checkpoint.
+EMPTY_TREE_MD5 = "d751713988987e9331980363e24189ce.dir"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+RETRY_HINT = "retry with `python -m open360.tracking.cli push {run}` (or `dvc push {path}` in {ws})"
+
+
+class VersioningError(RuntimeError):
+    """A DVC operation failed; the message says where, why, and what to do. Local files are untouched."""
+
+
+@dataclass(frozen=True)
+class TrackedDir:
+    """One folder inside a DVC-tracked directory, as recorded in its `.dvc` file."""
+
+    path: str  # relative to the workspace, posix
+    md5: str  # DVC md5 of the folder's own tree (`<hex>.dir`)
+    nfiles: int
+    file_md5: dict[str, str]  # relative file path → md5
+
+
+def step_of(name: str) -> int | None:
+    """`step_120` → 120; anything else → None."""
+    match = STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _link_types(configured: Sequence[str], probe_dir: Path) -> list[str]:
+    """The configured cache link types, with reflink dropped where the filesystem cannot reflink.
+
+    DVC hardlinks a new file into the cache (no copy) only when `hardlink` is the *first* type; with the
+    repository's `reflink,hardlink,copy` on a filesystem without reflinks (ext4) it would copy instead.
+    """
+    types = [str(t) for t in configured]
+    if not types or types[0] != "reflink" or "hardlink" not in types:
+        return types
+    from dvc_objects.fs.system import reflink
+
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    src, dst = probe_dir / "open360-reflink-probe", probe_dir / "open360-reflink-probe.clone"
+    try:
+        src.write_bytes(b"probe")
+        reflink(str(src), str(dst))
+        return types
+    except OSError:
+        return [t for t in types if t != "reflink"]
+    finally:
+        for p in (src, dst):
+            p.unlink(missing_ok=True)
+
+
+def _explain(err: BaseException, action: str, path: Path, ws: Path) -> VersioningError:
+    """Turn a DVC/OS exception into a VersioningError that names the file, the cause and the fix."""
+    from dvc.config import NoRemoteError, RemoteNotFoundError
+    from dvc.dvcfile import FileIsGitIgnored
+    from dvc.exceptions import DownloadError, NotDvcRepoError, UploadError
+    from dvc.lock import LockError
+    from dvc.utils.serialize import ParseError
+
+    where = f"{action} '{path}' in DVC workspace {ws}"
+    if isinstance(err, NotDvcRepoError):
+        msg = f"{ws} is not a DVC repository: run `git init && dvc init` there, or set tracking.dvc=false"
+    elif isinstance(err, NoRemoteError):
+        msg = (
+            f"{where}: no DVC remote is configured in {ws / '.dvc' / 'config'}; add one with "
+            "`dvc remote add -d <name> <url>` (or set tracking.dvc_remote / tracking.dvc_push=false)"
+        )
+    elif isinstance(err, RemoteNotFoundError):
+        msg = f"{where}: {err}; check tracking.dvc_remote against `dvc remote list` in {ws}"
+    elif isinstance(err, (UploadError, DownloadError)):
+        msg = f"{where}: {err} (remote unreachable, unwritable or full?)"
+    elif isinstance(err, LockError):
+        msg = f"{where}: the DVC repository stayed locked by another process ({err})"
+    elif isinstance(err, (ParseError, FileIsGitIgnored)):
+        msg = f"{where}: {err}. The .dvc file is unreadable; restore it with `git checkout -- <file>.dvc`"
+    elif isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        msg = f"{where}: disk full ({err}); free space on the cache or remote filesystem"
+    elif "could not read" in str(err) and ".dir" in str(err):
+        msg = (
+            f"{where}: the .dvc file names tree {str(err).split()[-1]}, which is in neither the DVC cache "
+            "nor the remote: the .dvc file was edited by hand or comes from a push that never finished. "
+            "Restore it with `git checkout -- <file>.dvc`"
+        )
+    else:
+        msg = f"{where}: {type(err).__name__}: {err}"
+    return VersioningError(msg)
+
+
+class DvcWorkspace:
+    """DVC operations on one workspace through `dvc.repo.Repo`; every call opens a fresh, locked repo view."""
+
+    def __init__(self, workspace: Path, remote: str | None = None, lock_timeout_s: float = 600.0) -> None:
+        self.workspace = Path(workspace).expanduser().resolve()
+        self.remote = remote
+        self.lock_timeout_s = lock_timeout_s
+        self._cache_types: list[str] | None = None
+
+    # --- repository access ---------------------------------------------------------------------------
+    @contextmanager
+    def repo(self) -> Iterator[Any]:
+        """A `dvc.repo.Repo` of the workspace with hardlink-first caching where reflinks are unavailable."""
+        from dvc.exceptions import NotDvcRepoError
+        from dvc.repo import Repo
+
+        try:
+            if self._cache_types is None:
+                with Repo(str(self.workspace), uninitialized=False) as probe:
+                    configured = probe.config["cache"].get("type") or ["reflink", "copy"]
+                    if isinstance(configured, str):
+                        configured = configured.split(",")
+                    self._cache_types = _link_types(configured, Path(probe.tmp_dir))
+            repo = Repo(str(self.workspace), config={"cache": {"type": self._cache_types}})
+        except NotDvcRepoError as err:
+            raise _explain(err, "opening", self.workspace, self.workspace) from err
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+    def _retry_locked(self, fn: Callable[[Any], Any], action: str, path: Path) -> Any:
+        from dvc.lock import LockError
+
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                with self.repo() as repo:
+                    return fn(repo)
+            except LockError as err:
+                if time.monotonic() > deadline:
+                    raise _explain(err, action, path, self.workspace) from err
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except VersioningError:
+                raise
+            except Exception as err:
+                raise _explain(err, action, path, self.workspace) from err
+
+    def _rel(self, path: Path) -> str:
+        p = Path(path)
+        p = p if p.is_absolute() else self.workspace / p
+        try:
+            return p.resolve().relative_to(self.workspace).as_posix()
+        except ValueError as err:
+            raise VersioningError(f"{path} is outside the DVC workspace {self.workspace}") from err
+
+    # --- tracking ------------------------------------------------------------------------------------
+    def ensure_tracked_root(self, root: Path) -> None:
+        """Make `<root>.dvc` track `root` (an empty tree to start with), so folders under it add granularly."""
+        rel = self._rel(root)
+        dvc_file = self.workspace / f"{rel}.dvc"
+        Path(self.workspace / rel).mkdir(parents=True, exist_ok=True)
+        if dvc_file.exists():
+            return
+        if "/" in rel:
+            raise VersioningError(
+                f"{root}: granular DVC tracking needs the tracked folder at the top of the workspace "
+                f"({self.workspace}); set its path (e.g. data.shards_dir) to a top-level folder"
+            )
+        dvc_file.write_text(
+            f"outs:\n- md5: {EMPTY_TREE_MD5}\n  size: 0\n  nfiles: 0\n  hash: md5\n  path: {rel}\n"
+        )
+
+    def _ensure_empty_tree(self, repo: Any) -> None:
+        """A fresh clone has no cache: put the (content-addressed) empty tree object in it."""
+        from dvc_data.hashfile.tree import Tree
+
+        cache = repo.cache.local
+        if not cache.exists(EMPTY_TREE_MD5):
+            empty = Tree()
+            empty.digest()
+            cache.add_bytes(empty.oid, empty.as_bytes())
+
+    def add(self, path: Path) -> str:
+        """Add one folder inside a tracked directory (updates only its entries) and return its DVC md5."""
+        rel = self._rel(path)
+        if not (self.workspace / rel).is_dir():
+            raise VersioningError(f"cannot version {self.workspace / rel}: not a directory")
+
+        def run(repo: Any) -> str:
+            self._ensure_empty_tree(repo)
+            repo.add([str(self.workspace / rel)])
+            return self._tracked_dir(repo, rel).md5
+
+        return self._retry_locked(run, "adding", self.workspace / rel)
+
+    def push(self, paths: Sequence[Path]) -> int:
+        """Push the cached files of `paths` (and their parent's tree object) to the remote; files sent."""
+        rels = [self._rel(p) for p in paths]
+        if not rels:
+            return 0
+        return int(
+            self._retry_locked(
+                lambda repo: repo.push(targets=[str(self.workspace / r) for r in rels], remote=self.remote),
+                "pushing",
+                self.workspace / rels[0],
+            )
+            or 0
+        )
+
+    def pull(self, paths: Sequence[Path]) -> None:
+        """Fetch and check out exactly `paths` (granular pull)."""
+        rels = [self._rel(p) for p in paths]
+        if rels:
+            self._retry_locked(
+                lambda repo: repo.pull(targets=[str(self.workspace / r) for r in rels], remote=self.remote),
+                "pulling",
+                self.workspace / rels[0],
+            )
+
+    def _tree(self, repo: Any, rel: str) -> tuple[Any, tuple[str, ...]]:
+        from dvc.exceptions import OutputNotFoundError
+
+        try:
+            outs = repo.find_outs_by_path(str(self.workspace / rel), strict=False)
+        except OutputNotFoundError as err:
+            raise VersioningError(
+                f"{self.workspace / rel} is not inside any DVC-tracked directory of {self.workspace} "
+                "(expected e.g. checkpoints.dvc tracking checkpoints/)"
+            ) from err
+        out = outs[0]
+        prefix = tuple(Path(rel).relative_to(Path(out.def_path)).parts)
+        if out.hash_info and out.hash_info.value == EMPTY_TREE_MD5:
+            self._ensure_empty_tree(repo)
+        tree = out.get_dir_cache(remote=self.remote) if out.hash_info else None
+        if out.hash_info and tree is None:
+            raise VersioningError(
+                f"{out.stage.path}: key outs[0].md5 names tree {out.hash_info.value}, which is in neither the "
+                "DVC cache nor the remote; restore the file with `git checkout` or push from the "
+                "workspace that wrote it"
+            )
+        return tree, prefix
+
+    def _tracked_dir(self, repo: Any, rel: str) -> TrackedDir:
+        from dvc_data.hashfile.tree import Tree
+
+        tree, prefix = self._tree(repo, rel)
+        files = {}
+        for key, _meta, hash_info in tree or []:
+            if key[: len(prefix)] == prefix:
+                files["/".join(key[len(prefix) :])] = hash_info.value
+        if not files:
+            raise VersioningError(f"{self.workspace / rel} is not recorded in its .dvc file")
+        sub = Tree()
+        for name, md5 in files.items():
+            from dvc_data.hashfile.hash_info import HashInfo
+
+            sub.add(tuple(name.split("/")), None, HashInfo("md5", md5))
+        sub.digest()
+        return TrackedDir(rel, sub.hash_info.value, len(files), files)
+
+    def tracked_children(self, parent: Path) -> dict[str, TrackedDir]:
+        """Folders directly under `parent` recorded in the tracking .dvc file (needs no local data)."""
+        rel = self._rel(parent)
+
+        def run(repo: Any) -> dict[str, TrackedDir]:
+            tree, prefix = self._tree(repo, rel)
+            names = sorted({key[len(prefix)] for key, _, _ in tree or [] if key[: len(prefix)] == prefix
+                            and len(key) > len(prefix) + 1})
+            return {name: self._tracked_dir(repo, f"{rel}/{name}") for name in names}
+
+        return self._retry_locked(run, "reading", self.workspace / rel)
+
+    def tracked(self, path: Path) -> TrackedDir:
+        """The .dvc record of one folder (its md5 and every file's md5)."""
+        rel = self._rel(path)
+        return self._retry_locked(lambda repo: self._tracked_dir(repo, rel), "reading", self.workspace / rel)
+
+    def missing_on_remote(self, dirs: Sequence[TrackedDir]) -> dict[str, int]:
+        """For each tracked folder, how many of its files the remote lacks (0 = fully pushed)."""
+
+        def run(repo: Any) -> dict[str, int]:
+            odb = repo.cloud.get_remote_odb(self.remote, "push")
+            oids = sorted({md5 for d in dirs for md5 in d.file_md5.values()})
+            present = set(odb.oids_exist(oids)) if oids else set()
+            return {d.path: sum(md5 not in present for md5 in d.file_md5.values()) for d in dirs}
+
+        return self._retry_locked(run, "checking the remote for", self.workspace)
+
+
+class DvcVersioner(Callback):
+    """Adds every published checkpoint to `checkpoints.dvc` and pushes it, on a background thread (rank 0)."""
+
+    def __init__(self, workspace: Path, remote: str | None = None, push: bool = True) -> None:
+        self.store = DvcWorkspace(workspace, remote=remote)
+        self.push_enabled = push
+        self.listeners: list[Callable[[int, dict[str, Any]], None]] = []
+        self.records: dict[int, dict[str, Any]] = {}
+        self._worker: BackgroundWorker | None = None
+        self._run = ""
+        self._git_rev: str | None = None
+
+    def on_run_start(self, info: RunInfo) -> None:
+        self._run = info.run_name
+        self._git_rev = git_revision(self.store.workspace)
+        root = self.store.workspace / self.store._rel(info.checkpoint_dir).split("/")[0]
+        self.store.ensure_tracked_root(root)
+        self._worker = BackgroundWorker(f"dvc[{info.run_name}]")
+        self._worker.submit(self._catch_up, Path(info.checkpoint_dir))
+
+    def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
+        if published and self._worker is not None:
+            self._worker.submit(self._version, step, Path(path))
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        if self._worker is None:
+            return
+        if self._worker.pending():
+            print(f"open360.tracking: waiting for {self._worker.pending()} DVC add/push job(s)", file=sys.stderr)
+        self._worker.close()
+        if self._worker.errors:
+            print(
+                f"open360.tracking: {len(self._worker.errors)} DVC job(s) failed; the checkpoints are intact "
+                "on local disk. " + RETRY_HINT.format(run=self._run, path="checkpoints", ws=self.store.workspace),
+                file=sys.stderr,
+            )
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued add/push is done (tests, benchmarks)."""
+        return self._worker.drain(timeout) if self._worker is not None else True
+
+    @property
+    def errors(self) -> list[str]:
+        """Messages of DVC jobs that failed (also printed to stderr when they happened)."""
+        return list(self._worker.errors) if self._worker is not None else []
+
+    def _version(self, step: int, path: Path) -> None:
+        md5 = self.store.add(path)
+        record = {
+            "path": self.store._rel(path),
+            "dvc_md5": md5,
+            "git_revision": self._git_rev,
+            "pushed": False,
+        }
+        try:
+            if self.push_enabled:
+                self.store.push([path])
+                record["pushed"] = True
+        finally:
+            self.records[step] = record
+            for listener in self.listeners:
+                listener(step, record)
+
+    def _catch_up(self, run_dir: Path) -> None:
+        """A resumed (or retried) run first adds and pushes earlier checkpoints that never made it."""
+        if run_dir.is_dir():
+            push_pending(self.store, run_dir, push=self.push_enabled)
+
+
+def local_steps(run_dir: Path) -> dict[int, Path]:
+    """Published checkpoint folders present on disk, by step."""
+    steps = {}
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            step = step_of(child.name)
+            if step is not None and child.is_dir():
+                steps[step] = child
+    return dict(sorted(steps.items()))
+
+
+def push_pending(store: DvcWorkspace, run_dir: Path, push: bool = True) -> list[int]:
+    """Add local checkpoints of a run that are missing from or changed in the .dvc file, then push all.
+
+    Returns the steps that were (re-)added. Safe to repeat: DVC sends only what the remote lacks.
+    """
+    steps = local_steps(run_dir)
+    if not steps:
+        return []
+    store.ensure_tracked_root(store.workspace / store._rel(run_dir).split("/")[0])
+    tracked = {store.workspace / d.path for d in store.tracked_children(run_dir).values()}
+    added = []
+    for step, path in steps.items():
+        if path.resolve() not in tracked:
+            store.add(path)
+            added.append(step)
+    if push:
+        store.push(list(steps.values()))
+    return added
+
+
+def version_shards(shard_dir: Path, workspace: Path, cfg: Any) -> None:
+    """Add (granularly, into `<shards_root>.dvc`) and push one built shard folder; no-op when tracking.dvc is off."""
+    tracking = cfg.tracking
+    if not tracking.dvc:
+        return
+    store = DvcWorkspace(workspace, remote=tracking.dvc_remote)
+    shard_dir = Path(shard_dir).resolve()
+    root = store.workspace / store._rel(shard_dir).split("/")[0]
+    store.ensure_tracked_root(root)
+    store.add(shard_dir)
+    if tracking.dvc_push:
+        store.push([shard_dir])

@@ -1,0 +1,219 @@
+"""MLflow logging as a trainer callback: params + config artifact, buffered batch metrics, checkpoint records."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from open360.tracking.params import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_PER_BATCH,
+    config_params,
+    fit_tag,
+    mask_value,
+)
+from open360.tracking.worker import BackgroundWorker
+from open360.train.callbacks import Callback, RunInfo
+
+RUN_ID_KEY = "mlflow_run_id"  # key in RunInfo.extra (resume) and in run_metadata() (checkpoint lineage)
+CHECKPOINT_TAG_PREFIX = "open360.checkpoint.step_"
+CONFIG_ARTIFACT = "config/config.yaml"
+
+
+def resolve_tracking_uri(uri: str, workspace: Path) -> str:
+    """`sqlite:///relative.db` → an absolute sqlite URI inside the workspace; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        rest = uri[len(prefix) :]
+        if not rest.startswith("/") and rest != ":memory:":
+            return prefix + str(Path(workspace).expanduser().resolve() / rest)
+    return uri
+
+
+def checkpoint_tag(step: int) -> str:
+    """Run tag that holds the JSON record of the checkpoint saved at `step`."""
+    return f"{CHECKPOINT_TAG_PREFIX}{step}"
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+class MlflowLogger(Callback):
+    """Logs one run to MLflow from rank 0; every MLflow call after the run starts is on a background thread."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        workspace: Path,
+        buffer_steps: int = 50,
+        system_metrics: bool = False,
+    ) -> None:
+        if buffer_steps < 1:
+            raise ValueError(f"tracking.metric_buffer_steps={buffer_steps}: must be >= 1")
+        self.workspace = Path(workspace).expanduser().resolve()
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, self.workspace)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.buffer_steps = buffer_steps
+        self.system_metrics = system_metrics
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._client: Any = None
+        self._buffer: list[Any] = []
+        self._last_flush_step = 0
+        self._worker: BackgroundWorker | None = None
+        self._monitor: Any = None
+
+    # --- trainer hooks -------------------------------------------------------------------------------
+    def on_run_start(self, info: RunInfo) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_id = self._experiment_id()
+        self.run_id = self._start_or_resume(info)
+        self._last_flush_step = info.start_step
+        self._worker = BackgroundWorker(f"mlflow[{self.run_name}]")
+        self._worker.submit(self._log_config, info)
+        if self.system_metrics:
+            self._start_system_metrics()
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._buffer.append(Metric(key=key, value=float(value), timestamp=now, step=step))
+        if step - self._last_flush_step >= self.buffer_steps:
+            self.flush(step)
+
+    def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
+        self.flush(step)
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        if self._worker is None:
+            return
+        self.flush(self._last_flush_step)
+        status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(str(summary.get("status")), "FAILED")
+        self._worker.submit(self._finish, summary, status)
+        if not self._worker.close(timeout=600):
+            print(
+                f"open360.tracking: MLflow writes for run {self.run_id} did not finish in 600 s "
+                f"(store {mask_value(self.tracking_uri)}); some metrics may be missing",
+                file=sys.stderr,
+            )
+
+    def run_metadata(self) -> dict[str, Any]:
+        if self.run_id is None:
+            return {}
+        return {
+            RUN_ID_KEY: self.run_id,
+            "mlflow_experiment_id": self.experiment_id,
+            "mlflow_tracking_uri": mask_value(self.tracking_uri),
+        }
+
+    # --- called by other tracking components ---------------------------------------------------------
+    def flush(self, step: int) -> None:
+        """Hand the buffered metrics to the background writer (one `log_batch` per 1000 metrics)."""
+        self._last_flush_step = step
+        if not self._buffer or self._worker is None:
+            return
+        batch, self._buffer = self._buffer, []
+        self._worker.submit(self._log_metrics, batch)
+
+    def record_checkpoint(self, step: int, record: dict[str, Any]) -> None:
+        """Attach the record of a published checkpoint (path, DVC md5, git revision) to the run at `step`."""
+        if self._worker is not None:
+            self._worker.submit(self._log_checkpoint_record, step, dict(record))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued MLflow write is done (tests, benchmarks)."""
+        return self._worker.drain(timeout) if self._worker is not None else True
+
+    @property
+    def errors(self) -> list[str]:
+        """Messages of MLflow writes that failed (also printed to stderr when they happened)."""
+        return list(self._worker.errors) if self._worker is not None else []
+
+    # --- background work -----------------------------------------------------------------------------
+    def _experiment_id(self) -> str:
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = (self.workspace / "mlartifacts").as_uri() if _is_local_store(self.tracking_uri) else None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._client.create_experiment(self.experiment, artifact_location=location)
+        except MlflowException:  # created concurrently by another run
+            exp = self._client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _start_or_resume(self, info: RunInfo) -> str:
+        from mlflow.exceptions import MlflowException
+
+        previous = info.extra.get(RUN_ID_KEY)
+        tags = {"open360.run_name": info.run_name, "open360.workspace": str(self.workspace)}
+        if previous:
+            try:
+                run = self._client.get_run(previous)
+            except MlflowException:
+                print(
+                    f"open360.tracking: resumed checkpoint names MLflow run {previous}, which is not in "
+                    f"{mask_value(self.tracking_uri)}; starting a new run that records it as "
+                    "tag open360.resumed_from_run_id",
+                    file=sys.stderr,
+                )
+                tags["open360.resumed_from_run_id"] = str(previous)
+            else:
+                self._client.update_run(run.info.run_id, status="RUNNING")
+                self._client.set_tag(run.info.run_id, "open360.resumed_at_step", str(info.start_step))
+                return run.info.run_id
+        run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
+        return run.info.run_id
+
+    def _log_config(self, info: RunInfo) -> None:
+        from mlflow.entities import Param
+
+        from open360.tracking.params import mask_secrets
+
+        existing = self._client.get_run(self.run_id).data.params
+        params = [Param(k, v) for k, v in config_params(info.config).items() if k not in existing]
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
+        import yaml
+
+        masked_yaml = yaml.safe_dump(mask_secrets(info.config), sort_keys=False)
+        name = CONFIG_ARTIFACT if info.start_step == 0 else f"config/config_resume_step_{info.start_step}.yaml"
+        self._client.log_text(self.run_id, masked_yaml, name)
+
+    def _log_metrics(self, batch: list[Any]) -> None:
+        for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
+
+    def _log_checkpoint_record(self, step: int, record: dict[str, Any]) -> None:
+        record = {"step": step, **record}
+        self._client.set_tag(self.run_id, checkpoint_tag(step), fit_tag(json.dumps(record, sort_keys=True)))
+
+    def _finish(self, summary: dict[str, Any], status: str) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+        self._client.set_terminated(self.run_id, status=status)
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri)
+            self._monitor.start()
+        except Exception as err:  # noqa: BLE001 - optional feature; the run goes on without it
+            print(f"open360.tracking: system metrics unavailable ({err}); install psutil", file=sys.stderr)
+            self._monitor = None

@@ -272,8 +272,13 @@ class DvcWorkspace:
 
         def run(repo: Any) -> dict[str, TrackedDir]:
             tree, prefix = self._tree(repo, rel)
-            names = sorted({key[len(prefix)] for key, _, _ in tree or [] if key[: len(prefix)] == prefix
-                            and len(key) > len(prefix) + 1})
+            names = sorted(
+                {
+                    key[len(prefix)]
+                    for key, _, _ in tree or []
+                    if key[: len(prefix)] == prefix and len(key) > len(prefix) + 1
+                }
+            )
             return {name: self._tracked_dir(repo, f"{rel}/{name}") for name in names}
 
         return self._retry_locked(run, "reading", self.workspace / rel)
@@ -323,12 +328,15 @@ class DvcVersioner(Callback):
         if self._worker is None:
             return
         if self._worker.pending():
-            print(f"open360.tracking: waiting for {self._worker.pending()} DVC add/push job(s)", file=sys.stderr)
+            print(
+                f"open360.tracking: waiting for {self._worker.pending()} DVC add/push job(s)", file=sys.stderr
+            )
         self._worker.close()
         if self._worker.errors:
             print(
                 f"open360.tracking: {len(self._worker.errors)} DVC job(s) failed; the checkpoints are intact "
-                "on local disk. " + RETRY_HINT.format(run=self._run, path="checkpoints", ws=self.store.workspace),
+                "on local disk. "
+                + RETRY_HINT.format(run=self._run, path="checkpoints", ws=self.store.workspace),
                 file=sys.stderr,
             )
 

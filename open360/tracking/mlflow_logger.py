@@ -192,7 +192,9 @@ class MlflowLogger(Callback):
         import yaml
 
         masked_yaml = yaml.safe_dump(mask_secrets(info.config), sort_keys=False)
-        name = CONFIG_ARTIFACT if info.start_step == 0 else f"config/config_resume_step_{info.start_step}.yaml"
+        name = (
+            CONFIG_ARTIFACT if info.start_step == 0 else f"config/config_resume_step_{info.start_step}.yaml"
+        )
         self._client.log_text(self.run_id, masked_yaml, name)
 
     def _log_metrics(self, batch: list[Any]) -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from open360.tracking.dvc_versioning import DvcWorkspace
 
-GITIGNORE = "/checkpoints\n/shards/\n/recovery/\n/mlflow.db\n/mlruns/\n/mlartifacts/\n/outputs/\n/.dvc-storage/\n"
+GITIGNORE = (
+    "/checkpoints\n/shards/\n/recovery/\n/mlflow.db\n/mlruns/\n/mlartifacts/\n/outputs/\n/.dvc-storage/\n"
+)
 
 
 def _git(ws: Path, *args: str) -> None:

@@ -70,29 +70,45 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def parallelize(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
-    """Return the module to run forward/backward on: the model itself, DDP around it, or FSDP2-sharded.
+class LossModule(nn.Module):
+    """`forward(input_ids, targets) -> loss` around a model with `.loss`, so DDP/FSDP hooks see the call."""
 
-    FSDP2 (`fully_shard`) shards each transformer block and then the root, in place; the returned
-    module is the same object. DDP returns a wrapper; the plain model stays reachable as `model`.
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(input_ids, targets)
+
+
+def parallelize(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
+    """The module to train through: `forward(input_ids, targets) -> loss`, data-parallel when under torchrun.
+
+    `model` stays the plain module owning the parameters (optimizer groups and checkpoints use it).
+    DDP wraps it; FSDP2 (`fully_shard`) shards each transformer block and then the root, in place.
     """
     if mode not in DISTRIBUTED_MODES:
         raise ValueError(f"trainer.distributed={mode!r}: expected one of {', '.join(DISTRIBUTED_MODES)}")
+    module = LossModule(model)
     if not env.distributed:
-        return model
+        return module
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        return DistributedDataParallel(module, device_ids=device_ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if env.device.type == "cuda" else None
-    kwargs = {"mp_policy": mp} if mp is not None else {}
+    on_gpu = env.device.type == "cuda"
+    kwargs = (
+        {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+        if on_gpu
+        else {}
+    )
     for block in getattr(model, "blocks", []):
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
+    fully_shard(module, **kwargs)
+    return module
 
 
 @contextlib.contextmanager

@@ -18,7 +18,11 @@ def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:
     """`{"revision": sha or None, "dirty": bool or None}` of the code that runs."""
     try:
         rev = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30, check=True
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout.strip()
         status = subprocess.run(
             ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],

@@ -9,7 +9,9 @@ import torch
 LR_SCALE_KEY = "lr_scale"  # per-group multiplier of the schedule's LR (muP: 1/width_mult for hidden matrices)
 
 
-def build_optimizer(model: Any, optim_cfg: Any, param_groups: list[dict[str, Any]] | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: Any, optim_cfg: Any, param_groups: list[dict[str, Any]] | None = None
+) -> torch.optim.AdamW:
     """AdamW over `model.param_groups(optim_cfg)`; each group remembers its LR relative to optim.lr.
 
     `param_groups` may be passed when the parameters are wrapped (DDP/FSDP) but grouped on the plain model.

@@ -38,7 +38,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npst = state["numpy"]
     np.random.set_state(
-        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+        (
+            npst["name"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -87,7 +93,9 @@ def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path)
     return path
 
 
-def check_resume_compatible(checkpoint: Path, stage_name: str, manifest_hash: str, tokenizer_hash: str) -> None:
+def check_resume_compatible(
+    checkpoint: Path, stage_name: str, manifest_hash: str, tokenizer_hash: str
+) -> None:
     """Refuse to resume onto different data or tokenizer than the checkpoint was trained on."""
     lineage = read_lineage(checkpoint)
     data = lineage.get("data", {})
@@ -98,9 +106,13 @@ def check_resume_compatible(checkpoint: Path, stage_name: str, manifest_hash: st
                 f"data manifest hash {data.get('manifest_hash')} in the checkpoint, {manifest_hash} now"
             )
         if data.get("tokenizer_hash") != tokenizer_hash:
-            problems.append(f"tokenizer hash {data.get('tokenizer_hash')} in the checkpoint, {tokenizer_hash} now")
+            problems.append(
+                f"tokenizer hash {data.get('tokenizer_hash')} in the checkpoint, {tokenizer_hash} now"
+            )
     elif data.get("stage") is not None:
-        problems.append(f"checkpoint is in stage {data.get('stage')!r}, the config puts its step in {stage_name!r}")
+        problems.append(
+            f"checkpoint is in stage {data.get('stage')!r}, the config puts its step in {stage_name!r}"
+        )
     if problems:
         raise CheckpointError(
             f"refusing to resume from {checkpoint}: " + "; ".join(problems) + ". "

@@ -1,0 +1,104 @@
+"""Checkpoint writer: snapshot to CPU, write atomically (in a background thread when asked), prune recovery."""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from open360.checkpoint.io import CheckpointContents, list_checkpoints, save_checkpoint
+
+
+def cpu_snapshot(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists/tuples with every tensor copied to CPU memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [cpu_snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(cpu_snapshot(v) for v in obj)
+    return obj
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint directory that has been completed."""
+
+    step: int
+    path: Path
+    published: bool
+
+
+class CheckpointWriter:
+    """Writes published checkpoints under `published_dir` and recovery ones under `recovery_dir`.
+
+    With `background=True` the files are written by one worker thread from a CPU snapshot, so the
+    training loop only pays for the device-to-host copy; `poll()` reports completed saves, `wait()`
+    blocks until every save is on disk. At most one save is in flight: a new one waits for the last.
+    """
+
+    def __init__(
+        self, published_dir: Path, recovery_dir: Path, keep_ephemeral: int, background: bool
+    ) -> None:
+        self.published_dir = Path(published_dir)
+        self.recovery_dir = Path(recovery_dir)
+        self.keep_ephemeral = keep_ephemeral
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt") if background else None
+        self._pending: list[Future[SavedCheckpoint]] = []
+        self._done: list[SavedCheckpoint] = []
+
+    def _write(self, step: int, contents: CheckpointContents, published: bool) -> SavedCheckpoint:
+        parent = self.published_dir if published else self.recovery_dir
+        path = save_checkpoint(parent, step, contents)
+        if not published:
+            for _, old in list_checkpoints(self.recovery_dir)[: -self.keep_ephemeral]:
+                shutil.rmtree(old, ignore_errors=True)
+        return SavedCheckpoint(step, path, published)
+
+    def save(self, step: int, contents: CheckpointContents, published: bool) -> None:
+        """Start (or, without background, perform) the save of one checkpoint."""
+        if self._pool is None:
+            self._done.append(self._write(step, contents, published))
+            return
+        self.wait_pending()
+        snapshot = CheckpointContents(
+            model=cpu_snapshot(contents.model),
+            optimizer=cpu_snapshot(contents.optimizer),
+            trainer_state=contents.trainer_state,
+            rng=cpu_snapshot(contents.rng),
+            config_yaml=contents.config_yaml,
+            lineage=contents.lineage,
+        )
+        self._pending.append(self._pool.submit(self._write, step, snapshot, published))
+
+    def wait_pending(self) -> None:
+        """Block until every started save is complete (re-raising a failed save's error)."""
+        for future in self._pending:
+            self._done.append(future.result())
+        self._pending.clear()
+
+    def poll(self) -> list[SavedCheckpoint]:
+        """Saves completed since the last poll (raises if a background save failed)."""
+        still = []
+        for future in self._pending:
+            if future.done():
+                self._done.append(future.result())
+            else:
+                still.append(future)
+        self._pending = still
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> list[SavedCheckpoint]:
+        """Finish every save and stop the worker; returns the saves not yet reported by `poll`."""
+        self.wait_pending()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        done, self._done = self._done, []
+        return done

@@ -1,0 +1,268 @@
+"""`run_training(cfg, device)`: wires shards, model, optimizer, schedule, checkpoints and callbacks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from open360.backends.native import DistEnv, barrier, init_distributed, parallelize, shutdown_distributed
+from open360.checkpoint.cadence import CadencePolicy
+from open360.checkpoint.io import load_checkpoint, remove_stale_temp_dirs
+from open360.checkpoint.lineage import config_hash, git_revision
+from open360.checkpoint.writer import CheckpointWriter
+from open360.paths import resolve_repo_path, resolve_workspace_path
+from open360.train.callbacks import Callback, RunInfo
+from open360.train.optim import build_optimizer
+from open360.train.progress import peak_flops
+from open360.train.schedules import Stage, build_stages
+from open360.train.state import check_resume_compatible, find_resume_checkpoint, seed_everything
+from open360.train.trainer import (
+    StageData,
+    Trainer,
+    TrainerSettings,
+    TrainingDiverged,
+    TrainingError,
+    checkpoint_dirs,
+    print_summary,
+)
+
+
+def resolve_precision(precision: str, device: str) -> torch.dtype | None:
+    """Autocast dtype: `auto` is bf16 on CUDA and fp32 (None) on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device == "cuda" else None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return None
+    raise ValueError(f"trainer.precision={precision!r}: expected auto, bf16 or fp32")
+
+
+class ShardProvider:
+    """Builds (or reuses) each stage's shards on first use and opens its deterministic data order."""
+
+    def __init__(self, cfg: DictConfig, workspace: Path, env: DistEnv) -> None:
+        self.cfg = cfg
+        self.workspace = workspace
+        self.env = env
+        self.shards_root = resolve_workspace_path(workspace, cfg.data.shards_dir)
+        self.shard_dirs: dict[str, Path] = {}
+
+    def build(self, stage: Stage) -> Path:
+        """The shard folder of a stage's recipe (rank 0 builds, the others wait)."""
+        from open360.data import build_shards
+
+        recipe = resolve_repo_path(stage.recipe)
+        if not recipe.is_file():
+            raise TrainingError(f"stage {stage.name!r}: data recipe {recipe} does not exist (key: recipe)")
+        if self.env.is_main:
+            shard_dir = build_shards(
+                recipe, self.shards_root, int(self.cfg.data.seed), int(self.cfg.data.build_workers)
+            )
+            from open360.tracking import version_shards
+
+            version_shards(shard_dir, self.workspace, self.cfg)
+        barrier(self.env)
+        if not self.env.is_main:
+            shard_dir = build_shards(
+                recipe, self.shards_root, int(self.cfg.data.seed), int(self.cfg.data.build_workers)
+            )
+        self.shard_dirs[stage.name] = Path(shard_dir)
+        return Path(shard_dir)
+
+    def open(self, stage: Stage) -> StageData:
+        """Open a stage's data: order, chunk ends as global steps, provenance for lineage.json."""
+        from open360.data import DataOrder, ShardSet
+
+        shard_dir = self.build(stage)
+        shards = ShardSet.open(shard_dir)
+        seq_len, vocab = int(self.cfg.trainer.seq_len), int(self.cfg.model.vocab_size)
+        if shards.seq_len != seq_len:
+            raise TrainingError(
+                f"stage {stage.name!r}: shards in {shard_dir} hold sequences of {shards.seq_len} tokens but "
+                f"trainer.seq_len={seq_len}; set trainer.seq_len={shards.seq_len} or change the recipe's seq_len"
+            )
+        tok_vocab = shards.tokenizer().get_vocab_size()
+        if tok_vocab > vocab:
+            raise TrainingError(
+                f"stage {stage.name!r}: the tokenizer of {shard_dir} has {tok_vocab} tokens but "
+                f"model.vocab_size={vocab}; raise model.vocab_size to at least {tok_vocab}"
+            )
+        order = DataOrder(shards, int(self.cfg.data.seed), int(self.cfg.trainer.global_batch_size))
+        chunk_ends = [stage.start + s for s in order.chunk_end_steps() if 0 < s <= stage.steps]
+        lineage = {
+            "stage": stage.name,
+            "recipe": str(stage.recipe),
+            "shard_dir": _relative(shard_dir, self.workspace),
+            "manifest_hash": shards.manifest_hash,
+            "tokenizer_hash": shards.tokenizer_hash,
+        }
+
+        def seen_range(steps_done: int) -> dict[str, Any]:
+            return _seen_summary(order, steps_done)
+
+        return StageData(order=order, chunk_end_steps=chunk_ends, lineage=lineage, seen_range=seen_range)
+
+
+def _seen_summary(order: Any, steps_done: int) -> dict[str, Any]:
+    """Sequence ids consumed by the first `steps_done` steps of a stage: count, min, max, contiguity."""
+    if steps_done <= 0:
+        return {"count": 0}
+    ids = order.seen_ids(steps_done)
+    lo, hi = int(ids.min()), int(ids.max())
+    unique = len(set(ids.tolist())) if len(ids) <= 10_000_000 else None
+    return {
+        "count": int(len(ids)),
+        "min_id": lo,
+        "max_id": hi,
+        "contiguous": unique == hi - lo + 1 == len(ids),
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _build_callbacks(cfg: DictConfig, workspace: Path, env: DistEnv) -> list[Callback]:
+    from open360.tracking import build_callbacks
+
+    return list(build_callbacks(cfg, workspace, env.is_main))
+
+
+def run_training(cfg: DictConfig, device: str) -> dict[str, Any]:
+    """Train the configured run end to end (resuming when asked) and return the run summary."""
+    env = init_distributed(device)
+    try:
+        return _run(cfg, device, env)
+    finally:
+        shutdown_distributed()
+
+
+def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
+    workspace = Path(cfg.workspace).expanduser().resolve()
+    run_name = str(cfg.run_name)
+    published_dir, recovery_dir = checkpoint_dirs(workspace, run_name)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    stages = build_stages(cfg)
+    cadence = CadencePolicy.from_config(cfg.checkpoint)
+    if env.is_main:
+        for d in (published_dir, recovery_dir):
+            remove_stale_temp_dirs(d)
+
+    seed_everything(int(cfg.trainer.seed))
+    from open360.models import build_model, training_flops_per_token
+
+    model = build_model(cfg.model).to(env.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    module = parallelize(model, env, str(cfg.trainer.distributed))
+    seq_len = int(cfg.trainer.seq_len)
+    settings = TrainerSettings(
+        global_batch_size=int(cfg.trainer.global_batch_size),
+        micro_batch_size=int(cfg.trainer.micro_batch_size),
+        seq_len=seq_len,
+        grad_clip=float(cfg.optim.grad_clip),
+        autocast_dtype=resolve_precision(str(cfg.trainer.precision), device),
+        loss_spike_factor=float(cfg.trainer.loss_spike_factor),
+        log_every=int(cfg.trainer.log_every),
+        progress_bar=bool(cfg.trainer.progress_bar),
+        flops_per_token=training_flops_per_token(cfg.model, seq_len),
+        peak_flops=peak_flops(env.device),
+    )
+    shards = ShardProvider(cfg, workspace, env)
+    writer = CheckpointWriter(
+        published_dir, recovery_dir, int(cfg.checkpoint.keep_ephemeral), background=env.device.type == "cuda"
+    )
+    callbacks = _build_callbacks(cfg, workspace, env)
+    lineage_base = {
+        "run_name": run_name,
+        "code": git_revision(),
+        "config_hash": config_hash(config_dict),
+        "torch_version": torch.__version__,
+    }
+    trainer = Trainer(
+        model=model,
+        module=module,
+        optimizer=optimizer,
+        stages=stages,
+        settings=settings,
+        env=env,
+        open_stage=shards.open,
+        cadence=cadence,
+        writer=writer if env.is_main else None,
+        callbacks=callbacks,
+        config_yaml=config_yaml,
+        lineage_base=lineage_base,
+    )
+
+    resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
+    resumed_metadata: dict[str, Any] = {}
+    if resume_from is not None:
+        contents = load_checkpoint(resume_from)
+        stage_state = contents.trainer_state["stage"]
+        stage = next((s for s in stages if s.index == stage_state["index"]), None)
+        if stage is None or stage.name != stage_state["name"]:
+            raise TrainingError(
+                f"{resume_from}: checkpoint is in stage {stage_state['name']!r}, which the config's stages do "
+                "not have at that position; resume with the original `stages`"
+            )
+        data = trainer.stage_data(stage)
+        check_resume_compatible(
+            resume_from, stage.name, data.lineage["manifest_hash"], data.lineage["tokenizer_hash"]
+        )
+        trainer.load_state_dict(
+            {
+                "model": contents.model,
+                "optimizer": contents.optimizer,
+                "trainer": contents.trainer_state,
+                "rng": contents.rng,
+            }
+        )
+        resumed_metadata = dict(contents.lineage.get("callbacks", {}))
+        if env.is_main:
+            print(f"open360.train: resumed from {resume_from} (step {trainer.progress.step})", flush=True)
+    else:
+        trainer.stage_data(stages[0])
+
+    info = RunInfo(
+        run_name=run_name,
+        workspace=workspace,
+        checkpoint_dir=published_dir,
+        config=config_dict,
+        config_yaml=config_yaml,
+        start_step=trainer.progress.step,
+        is_main_process=env.is_main,
+        extra={
+            **resumed_metadata,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "shard_dirs": {k: str(v) for k, v in shards.shard_dirs.items()},
+            "world_size": env.world_size,
+            "device": str(env.device),
+        },
+    )
+    for cb in callbacks:
+        cb.on_run_start(info)
+    summary: dict[str, Any] = {"status": "failed", "run_name": run_name}
+    try:
+        summary = {"run_name": run_name, **trainer.train()}
+    except TrainingError as err:
+        status = "diverged" if isinstance(err, TrainingDiverged) else "failed"
+        summary = {"status": status, "run_name": run_name, "steps": trainer.progress.step, "error": str(err)}
+        raise
+    except KeyboardInterrupt:
+        summary = {"status": "interrupted", "run_name": run_name, "steps": trainer.progress.step}
+        raise
+    finally:
+        for cb in callbacks:
+            cb.on_run_end(summary)
+    if env.is_main:
+        print_summary(summary)
+    sys.stdout.flush()
+    return summary

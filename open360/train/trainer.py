@@ -1,0 +1,427 @@
+"""The training loop as one checkpointable object: steps, grad accumulation, guards, cadence, callbacks."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from open360.backends.native import (
+    DistEnv,
+    all_reduce_mean,
+    full_model_state,
+    full_optimizer_state,
+    gather_objects,
+    grad_sync,
+    load_full_state,
+)
+from open360.checkpoint.cadence import CadencePolicy
+from open360.checkpoint.io import CheckpointContents, list_checkpoints
+from open360.checkpoint.writer import CheckpointWriter, SavedCheckpoint
+from open360.train.callbacks import Callback
+from open360.train.optim import set_lr
+from open360.train.progress import Progress, format_summary
+from open360.train.schedules import Stage, lr_at, stage_at
+from open360.train.state import capture_rng_state, restore_rng_state
+
+SPIKE_WARMUP_STEPS = 10  # steps before loss-spike detection starts (the running mean must settle)
+SPIKE_EMA_BETA = 0.9
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, incompatible resume, misconfigured batch geometry)."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss or gradient norm became NaN/Inf."""
+
+
+@dataclass
+class StageData:
+    """A stage's opened data: the deterministic order, where its chunks end, and its provenance."""
+
+    order: Any  # open360.data.DataOrder
+    chunk_end_steps: list[int]  # global step counts after which a chunk is fully consumed
+    lineage: dict[str, Any]  # stage, manifest_hash, tokenizer_hash, shard_dir, ...
+    seen_range: Callable[[int], dict[str, Any]]  # steps done in the stage -> sequence ids seen
+
+
+@dataclass
+class TrainerSettings:
+    """Batch geometry, precision and guard settings (from cfg.trainer and cfg.optim)."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    seq_len: int
+    grad_clip: float
+    autocast_dtype: torch.dtype | None  # None = fp32
+    loss_spike_factor: float = 3.0
+    log_every: int = 1
+    progress_bar: bool = True
+    flops_per_token: float | None = None
+    peak_flops: float | None = None  # per device; MFU is reported when known
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank; raise when the batch does not divide."""
+        per_rank, rem = divmod(self.global_batch_size, world_size)
+        if rem or per_rank % self.micro_batch_size:
+            raise TrainingError(
+                f"trainer.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"trainer.micro_batch_size={self.micro_batch_size} x world size {world_size}; "
+                "change one of them"
+            )
+        return per_rank // self.micro_batch_size
+
+
+@dataclass
+class TrainerProgress:
+    """The counters a checkpoint restores besides model/optimizer/RNG/data."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    last_loss: float | None = None
+    loss_ema: float | None = None
+    loss_spikes: int = 0
+
+
+class Trainer:
+    """Trains `model` through `module` (its DDP/FSDP wrapper) over `stages`; checkpointable as a whole.
+
+    `open_stage(stage)` returns the stage's StageData (building shards when needed); `lineage_base`
+    (code revision, config hash, run name) goes into every checkpoint's lineage.json.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stages: list[Stage],
+        settings: TrainerSettings,
+        env: DistEnv,
+        open_stage: Callable[[Stage], StageData],
+        cadence: CadencePolicy,
+        writer: CheckpointWriter | None,
+        callbacks: list[Callback],
+        config_yaml: str,
+        lineage_base: dict[str, Any],
+    ) -> None:
+        self.model = model
+        self.module = module
+        self.optimizer = optimizer
+        self.stages = stages
+        self.settings = settings
+        self.env = env
+        self._open_stage = open_stage
+        self.cadence = cadence
+        self.writer = writer
+        self.callbacks = callbacks
+        self.config_yaml = config_yaml
+        self.lineage_base = lineage_base
+        self.progress = TrainerProgress()
+        self.accum = settings.accumulation_steps(env.world_size)
+        self.final_step = stages[-1].end
+        self._stage_data: dict[int, StageData] = {}
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._prefetched: tuple[int, int, Future[torch.Tensor]] | None = None
+        self.saved: list[SavedCheckpoint] = []
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def stage_data(self, stage: Stage) -> StageData:
+        """Open (once) the data of a stage and register its chunk ends with the cadence policy."""
+        if stage.index not in self._stage_data:
+            data = self._open_stage(stage)
+            self.cadence.add_chunk_ends(data.chunk_end_steps)
+            self._stage_data[stage.index] = data
+        return self._stage_data[stage.index]
+
+    def _load_batch(self, stage: Stage, step: int) -> torch.Tensor:
+        """This rank's rows of the global batch of global step `step`, as a (pinned) CPU tensor."""
+        full = self.stage_data(stage).order.batch(step - stage.start)
+        rows = self.settings.global_batch_size // self.env.world_size
+        local = np.ascontiguousarray(full[self.env.rank * rows : (self.env.rank + 1) * rows], dtype=np.int64)
+        tensor = torch.from_numpy(local)
+        return tensor.pin_memory() if self.env.device.type == "cuda" else tensor
+
+    def _batch(self, step: int) -> torch.Tensor:
+        """The batch of `step` (prefetched in the background while the previous step ran)."""
+        stage = stage_at(self.stages, step)
+        pre, self._prefetched = self._prefetched, None
+        batch = (
+            pre[2].result()
+            if pre is not None and pre[:2] == (stage.index, step)
+            else self._load_batch(stage, step)
+        )
+        if step + 1 < self.final_step:
+            nxt = stage_at(self.stages, step + 1)
+            self.stage_data(nxt)
+            self._prefetched = (
+                nxt.index,
+                step + 1,
+                self._prefetch_pool.submit(self._load_batch, nxt, step + 1),
+            )
+        return batch.to(self.env.device, non_blocking=True)
+
+    # -- one optimizer step --------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.settings.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.env.device.type, dtype=dtype)
+
+    def train_step(self, batch: torch.Tensor, lr: float) -> tuple[float, float]:
+        """Forward/backward over the micro-batches, clip, guard, AdamW step; returns (loss, grad_norm)."""
+        set_lr(self.optimizer, lr)
+        mbs = self.settings.micro_batch_size
+        total = torch.zeros((), device=self.env.device, dtype=torch.float32)
+        for i in range(self.accum):
+            micro = batch[i * mbs : (i + 1) * mbs]
+            with grad_sync(self.module, enabled=i == self.accum - 1), self._autocast():
+                loss = self.module(micro[:, :-1], micro[:, 1:])
+            (loss / self.accum).backward()
+            total += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: DTensor norm
+            grad_norm = grad_norm.full_tensor()
+        mean_loss = all_reduce_mean(total / self.accum, self.env)
+        loss_value, norm_value = torch.stack([mean_loss, grad_norm.float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(self._divergence_message(loss_value, norm_value))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value
+
+    def _divergence_message(self, loss: float, grad_norm: float) -> str:
+        step = self.progress.step + 1
+        stage = stage_at(self.stages, self.progress.step)
+        on_disk = []
+        if self.writer is not None:
+            on_disk = list_checkpoints(self.writer.published_dir) + list_checkpoints(self.writer.recovery_dir)
+        last = max(on_disk, default=None)
+        kept = (
+            f"the last good checkpoint is {last[1]} (step {last[0]})" if last else "no checkpoint was saved"
+        )
+        return (
+            f"training diverged at step {step} (stage {stage.name!r}): loss={loss}, grad_norm={grad_norm}. "
+            f"Stopped without saving; {kept}. Lower optim.lr, lengthen the warmup, or check the data of this "
+            f"step (open360 data batch --step {step - 1 - stage.start}), then resume with trainer.resume=<step>."
+        )
+
+    def _spike(self, loss: float) -> bool:
+        """Update the running mean; True when this loss is a spike (logged, training goes on)."""
+        p = self.progress
+        spike = (
+            p.step > SPIKE_WARMUP_STEPS
+            and p.loss_ema is not None
+            and loss > self.settings.loss_spike_factor * p.loss_ema
+        )
+        p.loss_ema = loss if p.loss_ema is None else SPIKE_EMA_BETA * p.loss_ema + (1 - SPIKE_EMA_BETA) * loss
+        if spike:
+            p.loss_spikes += 1
+        return spike
+
+    # -- checkpoint state ----------------------------------------------------------------------
+
+    def _current_stage(self) -> Stage:
+        """The stage of the last completed step (stage 0 before the first)."""
+        return stage_at(self.stages, max(0, self.progress.step - 1))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, trainer counters, data-loader state and every rank's RNG state."""
+        p = self.progress
+        stage = self._current_stage()
+        data = self.stage_data(stage)
+        trainer_state = {
+            "step": p.step,
+            "tokens_seen": p.tokens_seen,
+            "loss": p.last_loss,
+            "loss_ema": p.loss_ema,
+            "loss_spikes": p.loss_spikes,
+            "stage": {"index": stage.index, "name": stage.name, "step_in_stage": p.step - stage.start},
+            "loader": data.order.state_dict(),
+            "world_size": self.env.world_size,
+            "global_batch_size": self.settings.global_batch_size,
+            "seq_len": self.settings.seq_len,
+        }
+        return {
+            "model": full_model_state(self.model, self.env),
+            "optimizer": full_optimizer_state(self.model, self.optimizer, self.env),
+            "trainer": trainer_state,
+            "rng": {"ranks": gather_objects(capture_rng_state(), self.env)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (the data-order fingerprint must match)."""
+        ts = state["trainer"]
+        if (
+            ts["global_batch_size"] != self.settings.global_batch_size
+            or ts["seq_len"] != self.settings.seq_len
+        ):
+            raise TrainingError(
+                f"checkpoint has global_batch_size={ts['global_batch_size']}, seq_len={ts['seq_len']}; "
+                f"the config has {self.settings.global_batch_size}, {self.settings.seq_len}. Resume with the "
+                "original trainer.global_batch_size and trainer.seq_len"
+            )
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.env)
+        self.progress = TrainerProgress(
+            step=int(ts["step"]),
+            tokens_seen=int(ts["tokens_seen"]),
+            last_loss=ts["loss"],
+            loss_ema=ts["loss_ema"],
+            loss_spikes=int(ts["loss_spikes"]),
+        )
+        stage = self._current_stage()
+        if stage.index != ts["stage"]["index"]:
+            raise TrainingError(
+                f"checkpoint step {ts['step']} is in stage {ts['stage']['name']!r} but the config's stages put "
+                f"it in {stage.name!r}; resume with the original `stages`"
+            )
+        self.stage_data(stage).order.load_state_dict(ts["loader"])
+        ranks = state["rng"]["ranks"]
+        restore_rng_state(ranks[self.env.rank] if self.env.rank < len(ranks) else ranks[0])
+
+    def _lineage(self) -> dict[str, Any]:
+        stage = self._current_stage()
+        data = self.stage_data(stage)
+        history = []
+        for st in self.stages[: stage.index + 1]:
+            sd = self.stage_data(st)
+            done = min(self.progress.step, st.end) - st.start
+            history.append({**sd.lineage, "steps": done, "sequences_seen": sd.seen_range(done)})
+        metadata: dict[str, Any] = {}
+        for cb in self.callbacks:
+            metadata.update(cb.run_metadata())
+        return {
+            **self.lineage_base,
+            "data": history[-1] if history else data.lineage,
+            "data_history": history,
+            "tokens_seen": self.progress.tokens_seen,
+            "callbacks": metadata,
+            **({"mlflow_run_id": metadata["mlflow_run_id"]} if "mlflow_run_id" in metadata else {}),
+        }
+
+    def save(self, published: bool) -> None:
+        """Checkpoint the current step (rank 0 writes; every rank takes part in gathering state)."""
+        state = self.state_dict()
+        lineage = self._lineage()
+        if self.writer is None or not self.env.is_main:
+            return
+        contents = CheckpointContents(
+            model=state["model"],
+            optimizer=state["optimizer"],
+            trainer_state=state["trainer"],
+            rng=state["rng"],
+            config_yaml=self.config_yaml,
+            lineage=lineage,
+        )
+        self.writer.save(self.progress.step, contents, published)
+
+    def _report_saves(self, saves: list[SavedCheckpoint]) -> None:
+        for saved in saves:
+            self.saved.append(saved)
+            for cb in self.callbacks:
+                cb.on_checkpoint_saved(saved.step, saved.path, saved.published)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Run from the current step to the end of the last stage; returns the run summary."""
+        p = self.progress
+        start_step, start_tokens = p.step, p.tokens_seen
+        progress = Progress(
+            self.final_step, start_step, self.settings.log_every, self.env.is_main, self.settings.progress_bar
+        )
+        tokens_per_step = self.settings.global_batch_size * self.settings.seq_len
+        first_loss: float | None = None
+        t_start = time.perf_counter()
+        if p.step == 0 and self.cadence.is_published(0, self.final_step):
+            self.stage_data(self.stages[0])
+            self.save(published=True)
+        self.model.train()
+        try:
+            t_last = time.perf_counter()
+            while p.step < self.final_step:
+                stage = stage_at(self.stages, p.step)
+                lr = lr_at(self.stages, p.step)
+                batch = self._batch(p.step)
+                loss, grad_norm = self.train_step(batch, lr)
+                p.step += 1
+                p.tokens_seen += tokens_per_step
+                p.last_loss = loss
+                first_loss = loss if first_loss is None else first_loss
+                now = time.perf_counter()
+                step_time, t_last = now - t_last, now
+                metrics = {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_seen": float(p.tokens_seen),
+                    "tokens_per_s": tokens_per_step / step_time,
+                    "step_time_s": step_time,
+                    "stage": float(stage.index),
+                    "loss_spike": 0.0,
+                }
+                if self.settings.flops_per_token and self.settings.peak_flops:
+                    metrics["mfu"] = (
+                        self.settings.flops_per_token
+                        * metrics["tokens_per_s"]
+                        / (self.settings.peak_flops * self.env.world_size)
+                    )
+                if self._spike(loss):
+                    metrics["loss_spike"] = 1.0
+                    progress.message(
+                        f"loss spike at step {p.step}: {loss:.4f} > {self.settings.loss_spike_factor} x running "
+                        f"mean {p.loss_ema:.4f}"
+                    )
+                for cb in self.callbacks:
+                    cb.on_step_end(p.step, metrics)
+                progress.update(p.step, metrics)
+                if self.cadence.is_published(p.step, self.final_step):
+                    self.save(published=True)
+                elif self.cadence.is_ephemeral(p.step):
+                    self.save(published=False)
+                if self.writer is not None:
+                    self._report_saves(self.writer.poll())
+        finally:
+            progress.close()
+            self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
+            if self.writer is not None:
+                self._report_saves(self.writer.close())
+        wall = time.perf_counter() - t_start
+        published = [s for s in self.saved if s.published]
+        return {
+            "status": "finished",
+            "start_step": start_step,
+            "steps": p.step,
+            "steps_this_run": p.step - start_step,
+            "tokens_seen": p.tokens_seen,
+            "first_loss": first_loss,
+            "final_loss": p.last_loss,
+            "loss_spikes": p.loss_spikes,
+            "wall_s": wall,
+            "tokens_per_s": (p.tokens_seen - start_tokens) / wall if wall > 0 else 0.0,
+            "checkpoints_published": len(published),
+            "last_checkpoint": str(max(self.saved, key=lambda s: s.step).path) if self.saved else None,
+        }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print the end-of-run summary table."""
+    print(format_summary(summary), flush=True)
+
+
+def checkpoint_dirs(workspace: Path, run_name: str) -> tuple[Path, Path]:
+    """(published, recovery) directories of a run: checkpoints/<run>, recovery/<run>."""
+    return workspace / "checkpoints" / run_name, workspace / "recovery" / run_name

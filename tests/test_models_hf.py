@@ -1,0 +1,134 @@
+"""HF interop: logits parity with transformers Llama/Phi, export→import round trips, tokenizer export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from open360.config import ModelConfig, compose
+from open360.models import build_model
+from open360.models.hf import HFInteropError, export_hf, hf_architecture, import_hf
+
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(2)
+
+
+def model_cfg(name: str, **changes) -> ModelConfig:
+    from open360.models.decoder import as_model_config
+
+    return dataclasses.replace(as_model_config(compose([f"model={name}"]).model), **changes)
+
+
+def randomized(cfg: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_((0.0 if "bias" in name else 1.0) + 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+PARITY = {
+    "amber_tiny": ("amber_tiny", {}),
+    "amber_tiny_pi2_gqa_bias": ("amber_tiny", dict(rope_interpolation_factor=2.0, n_kv_heads=2, attn_bias=True)),
+    "amber_tiny_tied_mlpbias": ("amber_tiny", dict(tie_embeddings=True, mlp_bias=True, rotary_base=500.0)),
+    "phi15_tiny": ("phi15_tiny", {}),
+    "phi15_tiny_no_head_bias_pi": ("phi15_tiny", dict(lm_head_bias=False, rope_interpolation_factor=3.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_logits_match_transformers(case: str, tmp_path: Path) -> None:
+    name, changes = PARITY[case]
+    cfg = model_cfg(name, **changes)
+    model = randomized(cfg)
+    out = export_hf(model, cfg, None, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = "LlamaForCausalLM" if name.startswith("amber") else "PhiForCausalLM"
+    assert type(hf).__name__ == expected
+    ids = torch.randint(0, cfg.vocab_size, (2, 100))  # past 64 positions so PI/base differences show
+    with torch.no_grad():
+        delta = (hf(ids).logits - model(ids)).abs().max().item()
+    assert delta < 1e-4, f"{case}: max |Δlogits| = {delta}"
+
+
+def test_import_folder_written_by_transformers(tmp_path: Path) -> None:
+    """A Llama built and saved by transformers itself (not our exporter) imports with identical logits."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.normal_(1.0, 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    model, cfg = import_hf(tmp_path / "hf")
+    assert (cfg.n_kv_heads, cfg.rope_interpolation_factor, cfg.rotary_base) == (2, 2.0, 1000.0)
+    ids = torch.randint(0, 300, (2, 50))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["amber_tiny", "phi15_tiny", "crystalcoder_tiny"])
+def test_export_import_round_trip_is_identical(name: str, tmp_path: Path) -> None:
+    cfg = model_cfg(name)
+    model = randomized(cfg, seed=4)
+    out = export_hf(model, cfg, None, tmp_path / name)
+    back, back_cfg = import_hf(out)
+    assert dataclasses.replace(back_cfg, name=cfg.name) == cfg
+    sd, back_sd = model.state_dict(), back.state_dict()
+    assert sd.keys() == back_sd.keys()
+    for k in sd:
+        assert torch.equal(sd[k], back_sd[k]), k
+    ids = torch.randint(0, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(ids), back(ids))
+
+
+def test_crystalcoder_uses_open360_format_with_loading_doc(tmp_path: Path) -> None:
+    cfg = model_cfg("crystalcoder_tiny")
+    assert hf_architecture(cfg) == "open360"
+    assert hf_architecture(model_cfg("amber_tiny")) == "llama"
+    assert hf_architecture(model_cfg("phi15_tiny")) == "phi"
+    out = export_hf(build_model(cfg), cfg, None, tmp_path / "cc")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "open360"
+    assert config["open360_model_config"]["mup"]["embedding_multiplier"] == 14.6
+    readme = (out / "README.md").read_text()
+    assert "import_hf" in readme and "output_multiplier" in readme
+
+
+def test_import_errors_are_explicit(tmp_path: Path) -> None:
+    with pytest.raises(HFInteropError, match="no config.json"):
+        import_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(HFInteropError, match="model_type='gpt2'"):
+        import_hf(tmp_path)
+
+
+def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"])
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tok_file = tmp_path / "tokenizer.json"
+    tok.save(str(tok_file))
+    cfg = model_cfg("amber_tiny", vocab_size=tok.get_vocab_size())
+    out = export_hf(build_model(cfg), cfg, tok_file, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the quick brown fox"
+    assert hf_tok(text)["input_ids"] == tok.encode(text).ids
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tok.token_to_id("<|endoftext|>")
+    assert hf_tok.pad_token == "<|pad|>"
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.token_to_id("<|endoftext|>")

@@ -1,0 +1,136 @@
+"""Checkpoint directory format: atomic save, sha256 verification, listing, tied weights, weights_only loads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from open360.checkpoint import (
+    CheckpointContents,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_weights,
+    read_lineage,
+    save_checkpoint,
+    save_model_weights,
+    verify_checkpoint,
+)
+from open360.checkpoint.io import PAYLOAD_FILES, remove_stale_temp_dirs
+
+
+def _contents(seed: int = 0) -> CheckpointContents:
+    g = torch.Generator().manual_seed(seed)
+    model = {"a.weight": torch.randn(4, 3, generator=g), "b.bias": torch.randn(3, generator=g)}
+    opt = {
+        "state": {"a.weight": {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 3, generator=g)}},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "name": "hidden", "params": ["a.weight"]}],
+    }
+    return CheckpointContents(
+        model=model,
+        optimizer=opt,
+        trainer_state={"step": 7, "loss": 1.25},
+        rng={"torch": torch.get_rng_state(), "python": {"version": 3, "state": [1, 2], "gauss": None}},
+        config_yaml="run_name: x\n",
+        lineage={"config_hash": "abc"},
+    )
+
+
+def test_save_load_roundtrip_and_lineage(tmp_path: Path) -> None:
+    c = _contents()
+    path = save_checkpoint(tmp_path / "run", 7, c)
+    assert path == tmp_path / "run" / "step_7"
+    assert sorted(p.name for p in path.iterdir()) == sorted([*PAYLOAD_FILES, "lineage.json"])
+    lineage = read_lineage(path)
+    assert lineage["step"] == 7 and lineage["config_hash"] == "abc"
+    assert set(lineage["files"]) == set(PAYLOAD_FILES)
+    back = load_checkpoint(path)
+    for k, v in c.model.items():
+        assert torch.equal(back.model[k], v)
+    assert torch.equal(
+        back.optimizer["state"]["a.weight"]["exp_avg"], c.optimizer["state"]["a.weight"]["exp_avg"]
+    )
+    assert back.optimizer["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert torch.equal(back.rng["torch"], c.rng["torch"])
+    assert back.trainer_state == {"step": 7, "loss": 1.25}
+    assert back.config_yaml == "run_name: x\n"
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "run").iterdir())
+
+
+def test_verify_names_truncated_or_modified_file(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, 1, _contents())
+    verify_checkpoint(path)
+    opt = path / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        verify_checkpoint(path)
+    (path / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match="optimizer.pt.*missing"):
+        load_checkpoint(path)
+
+
+def test_list_ignores_temp_and_incomplete_dirs(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 10, _contents())
+    save_checkpoint(tmp_path, 2, _contents())
+    (tmp_path / ".tmp-step_20-123").mkdir()
+    (tmp_path / "step_30").mkdir()  # no lineage.json: not complete
+    (tmp_path / "notes").mkdir()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 10]
+    assert list_checkpoints(tmp_path / "missing") == []
+    removed = remove_stale_temp_dirs(tmp_path)
+    assert [p.name for p in removed] == [".tmp-step_20-123"]
+
+
+def test_resave_same_step_replaces(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 5, _contents(0))
+    save_checkpoint(tmp_path, 5, _contents(1))
+    back = load_checkpoint(tmp_path / "step_5")
+    assert torch.equal(back.model["a.weight"], _contents(1).model["a.weight"])
+    assert [p.name for p in tmp_path.iterdir()] == ["step_5"]
+
+
+def test_tied_weights_stored_once_and_restored(tmp_path: Path) -> None:
+    shared = torch.randn(5, 2)
+    state = {"embed.weight": shared, "lm_head.weight": shared, "norm.weight": torch.ones(2)}
+    save_model_weights(state, tmp_path / "m.safetensors")
+    back = load_model_weights(tmp_path / "m.safetensors")
+    assert set(back) == set(state)
+    assert torch.equal(back["lm_head.weight"], shared)
+    assert back["lm_head.weight"].data_ptr() == back["embed.weight"].data_ptr()
+
+
+def test_optimizer_and_rng_files_are_weights_only_loadable(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, 3, _contents())
+    torch.load(path / "optimizer.pt", weights_only=True)
+    torch.load(path / "rng.pt", weights_only=True)
+    assert json.loads((path / "trainer_state.json").read_text())["step"] == 7
+
+
+def test_crash_mid_save_leaves_no_complete_looking_dir(tmp_path: Path) -> None:
+    """A child process killed while sleeping inside save_checkpoint leaves only a .tmp dir."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, torch\n"
+        "from open360.checkpoint import save_checkpoint, CheckpointContents\n"
+        "c = CheckpointContents({'w': torch.ones(2)}, {}, {'step': 1}, {}, 'x: 1\\n')\n"
+        "save_checkpoint(sys.argv[1], 1, c)\n"
+    )
+    env = {**os.environ, "OPEN360_CHECKPOINT_SAVE_DELAY_S": "30"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".tmp-step_1") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    names = [p.name for p in tmp_path.iterdir()]
+    assert any(n.startswith(".tmp-step_1-") for n in names), names
+    assert list_checkpoints(tmp_path) == []

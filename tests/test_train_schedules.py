@@ -1,0 +1,70 @@
+"""LR schedules (cosine, linear, constant, wsd) and multi-stage runs built from configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from open360.config import compose
+from open360.train.schedules import Schedule, build_stages, lr_at, stage_at
+
+
+def test_cosine_amber_shape() -> None:
+    s = Schedule("cosine", total_steps=1000, warmup_steps=100, min_lr_ratio=0.1)
+    assert s.factor(0) == pytest.approx(0.01)
+    assert s.factor(99) == pytest.approx(1.0)
+    assert s.factor(999) == pytest.approx(0.1)
+    mid = s.factor(100 + 449)
+    assert 0.5 < mid < 0.6
+    values = [s.factor(i) for i in range(100, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_linear_constant_wsd() -> None:
+    lin = Schedule("linear", total_steps=100, warmup_steps=10, min_lr_ratio=0.0)
+    assert lin.factor(9) == pytest.approx(1.0)
+    assert lin.factor(99) == pytest.approx(0.0)
+    assert lin.factor(54) == pytest.approx(0.5)
+    const = Schedule("constant", total_steps=50)
+    assert {const.factor(i) for i in range(50)} == {1.0}
+    wsd = Schedule("wsd", total_steps=100, warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2)
+    assert wsd.factor(50) == 1.0 and wsd.factor(79) == 1.0
+    assert wsd.factor(89) == pytest.approx(0.5)
+    assert wsd.factor(99) == pytest.approx(0.0)
+
+
+def test_schedule_errors() -> None:
+    with pytest.raises(ValueError, match="schedule.kind='step'"):
+        Schedule("step", total_steps=10)
+    with pytest.raises(ValueError, match="warmup_steps=20"):
+        Schedule("cosine", total_steps=10, warmup_steps=20)
+
+
+def test_single_implicit_stage_from_config() -> None:
+    cfg = compose(["+experiment=amber_tiny"])
+    (stage,) = build_stages(cfg)
+    assert stage.start == 0 and stage.steps == cfg.trainer.max_steps
+    assert stage.recipe == cfg.data.recipe
+    assert lr_at([stage], 19) == pytest.approx(cfg.optim.lr)
+    assert lr_at([stage], cfg.trainer.max_steps - 1) == pytest.approx(cfg.optim.lr * 0.1)
+
+
+def test_crystalcoder_three_stages_each_with_own_warmup() -> None:
+    cfg = compose(["+experiment=crystalcoder_tiny"])
+    stages = build_stages(cfg)
+    assert [(s.start, s.end) for s in stages] == [(0, 100), (100, 200), (200, 240)]
+    lr = cfg.optim.lr
+    assert lr_at(stages, 0) == pytest.approx(lr / 10)
+    assert lr_at(stages, 99) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(stages, 100) == pytest.approx(lr / 10)  # stage 2 warms up again
+    assert lr_at(stages, 204) == pytest.approx(lr)
+    assert stage_at(stages, 239).name == "stage3_code"
+
+
+def test_max_steps_cuts_stages_keeping_schedule() -> None:
+    cfg = compose(["+experiment=crystalcoder_tiny", "trainer.max_steps=150"])
+    stages = build_stages(cfg)
+    assert [(s.start, s.end) for s in stages] == [(0, 100), (100, 150)]
+    assert stages[1].schedule.total_steps == 100  # the cut stage keeps its configured length
+    assert math.isclose(lr_at(stages, 149), cfg.optim.lr * stages[1].schedule.factor(49))

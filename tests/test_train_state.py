@@ -1,0 +1,66 @@
+"""RNG capture/restore, resume target selection, refusal of mismatched data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from open360.checkpoint import CheckpointContents, CheckpointError, save_checkpoint
+from open360.train.state import (
+    capture_rng_state,
+    check_resume_compatible,
+    find_resume_checkpoint,
+    restore_rng_state,
+)
+
+
+def test_rng_roundtrip_through_weights_only_file(tmp_path: Path) -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.randn()  # leave a cached gaussian around
+    state = capture_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    assert expected[:3] == got[:3]
+    assert torch.equal(expected[3], got[3])
+
+
+def _save(parent: Path, step: int, data: dict | None = None) -> Path:
+    c = CheckpointContents(
+        {"w": torch.zeros(1)}, {}, {"step": step}, {}, "x: 1\n", lineage={"data": data or {}}
+    )
+    return save_checkpoint(parent, step, c)
+
+
+def test_find_resume(tmp_path: Path) -> None:
+    pub, rec = tmp_path / "checkpoints" / "r", tmp_path / "recovery" / "r"
+    assert find_resume_checkpoint("auto", pub, rec) is None
+    assert find_resume_checkpoint("none", pub, rec) is None
+    _save(pub, 10)
+    _save(rec, 15)
+    _save(pub, 5)
+    assert find_resume_checkpoint("auto", pub, rec) == rec / "step_15"
+    assert find_resume_checkpoint("5", pub, rec) == pub / "step_5"
+    assert find_resume_checkpoint(str(pub / "step_10"), pub, rec) == pub / "step_10"
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint for step 7.*5, 10, 15"):
+        find_resume_checkpoint("7", pub, rec)
+    with pytest.raises(CheckpointError, match="not a complete checkpoint directory"):
+        find_resume_checkpoint(str(tmp_path / "nope"), pub, rec)
+
+
+def test_resume_refuses_other_manifest_or_tokenizer(tmp_path: Path) -> None:
+    path = _save(tmp_path, 4, {"stage": "main", "manifest_hash": "m1", "tokenizer_hash": "t1"})
+    check_resume_compatible(path, "main", "m1", "t1")
+    with pytest.raises(
+        CheckpointError, match=r"refusing to resume.*data manifest hash m1 in the checkpoint, m2 now"
+    ):
+        check_resume_compatible(path, "main", "m2", "t1")
+    with pytest.raises(CheckpointError, match=r"tokenizer hash t1 in the checkpoint, t9 now"):
+        check_resume_compatible(path, "main", "m1", "t9")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from open360.tracking.gitinfo import git_revision
+from open360.checkpoint.lineage import git_revision
 from open360.tracking.worker import BackgroundWorker
 from open360.train.callbacks import Callback, RunInfo
 
@@ -314,7 +314,8 @@ class DvcVersioner(Callback):
 
     def on_run_start(self, info: RunInfo) -> None:
         self._run = info.run_name
-        self._git_rev = git_revision(self.store.workspace)
+        rev = git_revision(self.store.workspace)
+        self._git_rev = rev["revision"] and rev["revision"] + ("-dirty" if rev["dirty"] else "")
         root = self.store.workspace / self.store._rel(info.checkpoint_dir).split("/")[0]
         self.store.ensure_tracked_root(root)
         self._worker = BackgroundWorker(f"dvc[{info.run_name}]")

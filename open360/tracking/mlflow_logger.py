@@ -69,6 +69,8 @@ class MlflowLogger(Callback):
         self._last_flush_step = 0
         self._worker: BackgroundWorker | None = None
         self._monitor: Any = None
+        # Without DVC, published checkpoints are recorded here (no md5); with DVC, the versioner records them.
+        self.record_local_checkpoints = False
 
     # --- trainer hooks -------------------------------------------------------------------------------
     def on_run_start(self, info: RunInfo) -> None:
@@ -95,6 +97,14 @@ class MlflowLogger(Callback):
 
     def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
         self.flush(step)
+        if published and self.record_local_checkpoints:
+            try:
+                rel = Path(path).resolve().relative_to(self.workspace).as_posix()
+            except ValueError:
+                rel = str(path)
+            self.record_checkpoint(
+                step, {"path": rel, "dvc_md5": None, "git_revision": None, "pushed": False}
+            )
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self._worker is None:

@@ -1,0 +1,111 @@
+"""A run's checkpoints as the workspace knows them (on disk and/or in checkpoints.dvc); step selection; pull."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from open360.tracking.dvc_versioning import DvcWorkspace, TrackedDir, VersioningError, local_steps, step_of
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass
+class CheckpointEntry:
+    """One published checkpoint of a run."""
+
+    step: int
+    path: Path
+    local: bool  # complete folder on disk (lineage.json present)
+    tracked: TrackedDir | None  # its record in checkpoints.dvc, None when not versioned
+
+
+def find_workspace(path: Path) -> Path:
+    """The workspace holding `path`: the nearest parent with a `.dvc/` (else with `checkpoints/`)."""
+    path = Path(path).expanduser().resolve()
+    for parent in (path, *path.parents):
+        if (parent / ".dvc").is_dir():
+            return parent
+    for parent in (path, *path.parents):
+        if (parent / CHECKPOINTS_DIR).is_dir():
+            return parent
+    raise FileNotFoundError(f"{path}: no open360 workspace (a folder with .dvc/ or checkpoints/) above it")
+
+
+def is_dvc_workspace(workspace: Path) -> bool:
+    """True when the workspace is a DVC repository whose checkpoints/ is tracked."""
+    return (workspace / ".dvc").is_dir() and (workspace / f"{CHECKPOINTS_DIR}.dvc").is_file()
+
+
+def run_checkpoints(workspace: Path, run: str, store: DvcWorkspace | None = None) -> list[CheckpointEntry]:
+    """Every checkpoint of `run`, on disk or recorded in checkpoints.dvc, sorted by step."""
+    workspace = Path(workspace).expanduser().resolve()
+    run_dir = workspace / CHECKPOINTS_DIR / run
+    local = {s: p for s, p in local_steps(run_dir).items() if (p / "lineage.json").is_file()}
+    tracked: dict[int, TrackedDir] = {}
+    if is_dvc_workspace(workspace):
+        store = store or DvcWorkspace(workspace)
+        try:
+            children = store.tracked_children(run_dir)
+        except VersioningError as err:
+            if "not recorded" not in str(err):
+                raise
+            children = {}
+        tracked = {step: d for name, d in children.items() if (step := step_of(name)) is not None}
+    steps = sorted(set(local) | set(tracked))
+    return [CheckpointEntry(s, run_dir / f"step_{s}", s in local, tracked.get(s)) for s in steps]
+
+
+def select_steps(entries: list[CheckpointEntry], which: str, run: str = "") -> list[CheckpointEntry]:
+    """`all`, `latest`, an exact step `N`, or `~N` (the step nearest to N; ties go to the earlier one)."""
+    if not entries:
+        raise ValueError(f"run {run!r} has no checkpoints (neither on disk nor in checkpoints.dvc)")
+    steps = [e.step for e in entries]
+    which = which.strip()
+    if which == "all":
+        return list(entries)
+    if which == "latest":
+        return [entries[-1]]
+    nearest = which.startswith("~")
+    try:
+        target = int(which[1:] if nearest else which)
+    except ValueError as err:
+        raise ValueError(f"step {which!r}: expected N, ~N, latest or all") from err
+    if nearest:
+        return [min(entries, key=lambda e: (abs(e.step - target), e.step))]
+    for e in entries:
+        if e.step == target:
+            return [e]
+    close = sorted(steps, key=lambda s: abs(s - target))[:3]
+    raise ValueError(
+        f"run {run!r} has no checkpoint at step {target}; nearest: {sorted(close)} (use ~{target} for the nearest)"
+    )
+
+
+def pull_checkpoints(workspace: Path, run: str, which: str, remote: str | None = None) -> list[Path]:
+    """Fetch the selected checkpoints through DVC (granular: only those folders) and return their paths."""
+    workspace = Path(workspace).expanduser().resolve()
+    if not is_dvc_workspace(workspace):
+        raise VersioningError(f"{workspace}: not a DVC workspace with checkpoints.dvc; nothing to pull from")
+    store = DvcWorkspace(workspace, remote=remote)
+    chosen = select_steps(run_checkpoints(workspace, run, store), which, run)
+    untracked = [e.step for e in chosen if e.tracked is None]
+    if untracked:
+        raise VersioningError(
+            f"run {run!r}: steps {untracked} exist on disk but are not in checkpoints.dvc; "
+            f"version them first (python -m open360.tracking.cli push {run})"
+        )
+    store.pull([e.path for e in chosen])
+    return [e.path for e in chosen]
+
+
+def trainer_state(path: Path) -> dict:
+    """The checkpoint's trainer_state.json, or {} when the folder is not on disk."""
+    file = Path(path) / "trainer_state.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the files of a folder (0 when absent)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0

@@ -1,0 +1,322 @@
+"""`open360 ckpt list|pull|lineage|export` (and `push`, the retry of failed DVC pushes)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from open360.tracking.checkpoints import (
+    find_workspace,
+    folder_size,
+    is_dvc_workspace,
+    pull_checkpoints,
+    run_checkpoints,
+    trainer_state,
+)
+from open360.tracking.dvc_versioning import DvcWorkspace, VersioningError, push_pending
+
+
+def _workspace_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workspace", "-w", default=".", help="the run's workspace (default: current dir)")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _fail(prog: str, err: BaseException) -> int:
+    print(f"{prog}: {err}", file=sys.stderr)
+    return 1
+
+
+def _mlflow_metrics(workspace: Path, run: str, uri: str | None) -> dict[str, dict[int, float]]:
+    from open360.tracking import mlflow_records as mr
+
+    resolved = mr.workspace_uri(workspace, uri)
+    if resolved is None:
+        return {}
+    client = mr.client(resolved)
+    run_id = mr.find_run_id(client, run)
+    return mr.metric_history(client, run_id) if run_id else {}
+
+
+def list_main(argv: Sequence[str]) -> int:
+    """`open360 ckpt list <run>`: steps, tokens seen, loss, size, on disk, pushed."""
+    parser = argparse.ArgumentParser(prog="open360 ckpt list", description=list_main.__doc__)
+    parser.add_argument("run")
+    _workspace_arg(parser)
+    parser.add_argument(
+        "--mlflow-uri", default=None, help="tracking URI (default: the workspace's mlflow.db)"
+    )
+    parser.add_argument("--remote", default=None, help="DVC remote to check (default: the default remote)")
+    args = parser.parse_args(list(argv))
+    workspace = Path(args.workspace).expanduser().resolve()
+    try:
+        store = DvcWorkspace(workspace, remote=args.remote) if is_dvc_workspace(workspace) else None
+        entries = run_checkpoints(workspace, args.run, store)
+        if not entries:
+            raise ValueError(f"run {args.run!r} has no checkpoints in {workspace / 'checkpoints' / args.run}")
+        metrics = _mlflow_metrics(workspace, args.run, args.mlflow_uri)
+        missing: dict[str, int] = {}
+        remote_note = ""
+        tracked = [e.tracked for e in entries if e.tracked is not None]
+        if store is not None and tracked:
+            try:
+                missing = store.missing_on_remote(tracked)
+            except VersioningError as err:
+                remote_note = f"(remote not checked: {err})"
+    except (VersioningError, ValueError, FileNotFoundError) as err:
+        return _fail("open360 ckpt list", err)
+    rows = [("step", "tokens_seen", "loss", "size", "on_disk", "dvc", "pushed")]
+    for e in entries:
+        state = trainer_state(e.path) if e.local else {}
+        tokens = state.get("tokens_seen", metrics.get("tokens_seen", {}).get(e.step))
+        loss = state.get("loss", metrics.get("loss", {}).get(e.step))
+        if e.tracked is None:
+            pushed = "-"
+        elif e.tracked.path in missing:
+            pushed = (
+                "yes" if missing[e.tracked.path] == 0 else f"no ({missing[e.tracked.path]} files missing)"
+            )
+        else:
+            pushed = "?"
+        rows.append(
+            (
+                str(e.step),
+                "-" if tokens is None else f"{int(tokens):,}",
+                "-" if loss is None else f"{float(loss):.4f}",
+                _human(folder_size(e.path)) if e.local else "-",
+                "yes" if e.local else "no",
+                e.tracked.md5[:12] if e.tracked else "untracked",
+                pushed,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    if remote_note:
+        print(remote_note, file=sys.stderr)
+    return 0
+
+
+def pull_main(argv: Sequence[str]) -> int:
+    """`open360 ckpt pull <run> <step|latest|all|~N>`: fetch exactly those checkpoints through DVC."""
+    parser = argparse.ArgumentParser(prog="open360 ckpt pull", description=pull_main.__doc__)
+    parser.add_argument("run")
+    parser.add_argument("which", help="a step N, ~N (nearest to N), latest or all")
+    _workspace_arg(parser)
+    parser.add_argument("--remote", default=None, help="DVC remote (default: the default remote)")
+    args = parser.parse_args(list(argv))
+    try:
+        paths = pull_checkpoints(Path(args.workspace), args.run, args.which, remote=args.remote)
+    except (VersioningError, ValueError) as err:
+        return _fail("open360 ckpt pull", err)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def push_main(argv: Sequence[str]) -> int:
+    """`python -m open360.tracking.cli push <run>`: add checkpoints missing from DVC, push what the remote lacks."""
+    parser = argparse.ArgumentParser(prog="open360 ckpt push", description=push_main.__doc__)
+    parser.add_argument("run")
+    _workspace_arg(parser)
+    parser.add_argument("--remote", default=None, help="DVC remote (default: the default remote)")
+    args = parser.parse_args(list(argv))
+    workspace = Path(args.workspace).expanduser().resolve()
+    try:
+        store = DvcWorkspace(workspace, remote=args.remote)
+        added = push_pending(store, workspace / "checkpoints" / args.run)
+    except VersioningError as err:
+        return _fail("open360 ckpt push", err)
+    print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added}; remote up to date")
+    return 0
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_mismatches(path: Path, file_md5: dict[str, str]) -> list[str]:
+    """Files of a checkpoint folder whose md5 differs from (or is missing against) its DVC record."""
+    problems = []
+    for name, md5 in sorted(file_md5.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file}: recorded in checkpoints.dvc but missing")
+        elif _md5_file(file) != md5:
+            problems.append(
+                f"{file}: md5 differs from checkpoints.dvc ({md5}); the file is modified or truncated"
+            )
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.relative_to(path).as_posix() not in file_md5:
+            problems.append(f"{file}: not in checkpoints.dvc (added after versioning)")
+    return problems
+
+
+def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str], list[str]]:
+    """(provenance lines, verification errors) of one checkpoint folder."""
+    from open360.checkpoint import CheckpointError, read_lineage, verify_checkpoint
+
+    path = Path(path).expanduser().resolve()
+    errors: list[str] = []
+    lines: list[str] = [f"checkpoint: {path}"]
+    try:
+        lineage = read_lineage(path)
+    except CheckpointError as err:
+        return lines, [str(err)]
+    try:
+        verify_checkpoint(path)
+        lines.append(f"sha256: {len(lineage.get('files', {}))} files match lineage.json")
+    except CheckpointError as err:
+        errors.append(str(err))
+    code = lineage.get("code", {})
+    lines += [
+        f"run: {lineage.get('run_name')}   step: {lineage.get('step')}   tokens_seen: {lineage.get('tokens_seen')}",
+        f"code revision: {code.get('revision')}{' (dirty)' if code.get('dirty') else ''}",
+        f"config sha256: {lineage.get('config_hash')}   torch: {lineage.get('torch_version')}",
+    ]
+    for data in lineage.get("data_history") or [lineage.get("data") or {}]:
+        lines.append(
+            f"data [{data.get('stage')}]: shards {data.get('shard_dir')}  manifest {data.get('manifest_hash')}  "
+            f"tokenizer {data.get('tokenizer_hash')}  steps {data.get('steps')}"
+        )
+    step = lineage.get("step")
+    dvc_md5 = None
+    try:
+        workspace = find_workspace(path)
+        if is_dvc_workspace(workspace):
+            tracked = DvcWorkspace(workspace).tracked(path)
+            dvc_md5 = tracked.md5
+            bad = dvc_mismatches(path, tracked.file_md5)
+            errors += bad
+            lines.append(
+                f"dvc md5: {dvc_md5} ({'verified' if not bad else 'MISMATCH'}, {tracked.nfiles} files)"
+            )
+        else:
+            lines.append("dvc md5: - (workspace is not a DVC repository)")
+    except (VersioningError, FileNotFoundError) as err:
+        lines.append(f"dvc md5: - ({err})")
+        workspace = None
+    lines += _mlflow_lines(lineage, step, dvc_md5, workspace, mlflow_uri, errors)
+    return lines, errors
+
+
+def _mlflow_lines(
+    lineage: dict[str, Any],
+    step: Any,
+    dvc_md5: str | None,
+    workspace: Path | None,
+    uri: str | None,
+    errors: list[str],
+) -> list[str]:
+    from open360.tracking import mlflow_records as mr
+
+    run_id = lineage.get("mlflow_run_id") or lineage.get("callbacks", {}).get("mlflow_run_id")
+    if not run_id:
+        return ["mlflow: - (no mlflow_run_id in lineage.json; the run was not tracked)"]
+    recorded_uri = lineage.get("callbacks", {}).get("mlflow_tracking_uri")
+    resolved = mr.workspace_uri(workspace, uri) if workspace is not None else uri
+    resolved = resolved or (recorded_uri if recorded_uri and "***" not in recorded_uri else None)
+    if resolved is None:
+        return [f"mlflow: run {run_id} (no tracking store found; pass --mlflow-uri)"]
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = mr.client(resolved)
+        run = client.get_run(run_id)
+        metrics = mr.metrics_at(client, run_id, int(step))
+        record = mr.checkpoint_record(client, run_id, int(step))
+    except MlflowException as err:
+        return [f"mlflow: run {run_id} not readable in {resolved} ({err}); pass --mlflow-uri"]
+    shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
+    lines = [
+        f"mlflow: run {run_id} ({run.info.run_name}, experiment {run.info.experiment_id}) in {resolved}",
+        f"metrics at step {step}: {shown or '-'}",
+    ]
+    if record:
+        lines.append(f"mlflow checkpoint record: {record}")
+        if dvc_md5 and record.get("dvc_md5") and record["dvc_md5"] != dvc_md5:
+            errors.append(
+                f"MLflow run {run_id} records dvc_md5 {record['dvc_md5']} for step {step}, but checkpoints.dvc "
+                f"has {dvc_md5}: the checkpoint was re-saved or the .dvc file changed since it was logged"
+            )
+    return lines
+
+
+def lineage_main(argv: Sequence[str]) -> int:
+    """`open360 ckpt lineage <path>`: print a checkpoint's provenance and verify every hash."""
+    parser = argparse.ArgumentParser(prog="open360 ckpt lineage", description=lineage_main.__doc__)
+    parser.add_argument("path", help="a checkpoints/<run>/step_<N> folder")
+    parser.add_argument(
+        "--mlflow-uri", default=None, help="tracking URI (default: the workspace's mlflow.db)"
+    )
+    args = parser.parse_args(list(argv))
+    lines, errors = lineage_report(Path(args.path), args.mlflow_uri)
+    print("\n".join(lines))
+    for err in errors:
+        print(f"open360 ckpt lineage: FAILED: {err}", file=sys.stderr)
+    if not errors:
+        print("verified: all hashes match")
+    return 1 if errors else 0
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """`open360 ckpt export <run> --out DIR`: release folder (HF checkpoints ckpt_XXX, data, metrics, card)."""
+    from open360.tracking.release import ReleaseError, export_release, push_release_to_hub
+
+    parser = argparse.ArgumentParser(prog="open360 ckpt export", description=export_main.__doc__)
+    parser.add_argument("run")
+    parser.add_argument("--out", required=True, help="release folder to create")
+    _workspace_arg(parser)
+    parser.add_argument("--steps", default="all", help="all (default), latest, or comma-separated steps")
+    parser.add_argument("--pull", action="store_true", help="dvc-pull checkpoints not on disk first")
+    parser.add_argument(
+        "--mlflow-uri", default=None, help="tracking URI (default: the workspace's mlflow.db)"
+    )
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO_ID", default=None, help="upload to the Hugging Face Hub"
+    )
+    args = parser.parse_args(list(argv))
+    try:
+        out = export_release(
+            Path(args.workspace),
+            args.run,
+            Path(args.out),
+            args.steps,
+            pull=args.pull,
+            mlflow_uri=args.mlflow_uri,
+        )
+        print(f"release folder: {out}")
+        if args.push_to_hub:
+            push_release_to_hub(out, args.push_to_hub)
+            print(f"uploaded to https://huggingface.co/{args.push_to_hub}")
+    except (ReleaseError, VersioningError, ValueError) as err:
+        return _fail("open360 ckpt export", err)
+    return 0
+
+
+if __name__ == "__main__":
+    verbs = {
+        "list": list_main,
+        "pull": pull_main,
+        "push": push_main,
+        "lineage": lineage_main,
+        "export": export_main,
+    }
+    if len(sys.argv) < 2 or sys.argv[1] not in verbs:
+        print(f"usage: python -m open360.tracking.cli {{{','.join(verbs)}}} ...", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(verbs[sys.argv[1]](sys.argv[2:]))

@@ -1,0 +1,69 @@
+"""Reading back what the MLflow logger wrote: a run by id or name, metrics at a step, checkpoint records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from open360.tracking.mlflow_logger import CHECKPOINT_TAG_PREFIX, checkpoint_tag, resolve_tracking_uri
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def workspace_uri(workspace: Path, uri: str | None = None) -> str | None:
+    """The tracking URI to read: `uri` if given, else the workspace's mlflow.db when it exists."""
+    if uri:
+        return resolve_tracking_uri(uri, workspace)
+    return resolve_tracking_uri(DEFAULT_URI, workspace) if (Path(workspace) / "mlflow.db").is_file() else None
+
+
+def client(uri: str) -> Any:
+    """An MlflowClient for `uri`."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def find_run_id(mlflow: Any, run_name: str) -> str | None:
+    """The most recent run whose open360 run name is `run_name`, over all experiments."""
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    if not experiments:
+        return None
+    runs = mlflow.search_runs(
+        experiments,
+        filter_string=f"tags.`open360.run_name` = '{run_name}'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def metric_history(mlflow: Any, run_id: str) -> dict[str, dict[int, float]]:
+    """key → {step: value}; where a step was logged twice (a resumed run), the latest write wins."""
+    out: dict[str, dict[int, float]] = {}
+    for key in mlflow.get_run(run_id).data.metrics:
+        ordered = sorted(mlflow.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = {m.step: m.value for m in ordered}
+    return out
+
+
+def metrics_at(mlflow: Any, run_id: str, step: int) -> dict[str, float]:
+    """Every metric's value at exactly `step`."""
+    return {k: v[step] for k, v in metric_history(mlflow, run_id).items() if step in v}
+
+
+def checkpoint_records(mlflow: Any, run_id: str) -> dict[int, dict[str, Any]]:
+    """step → checkpoint record (path, dvc_md5, git_revision, pushed) attached to the run."""
+    tags = mlflow.get_run(run_id).data.tags
+    return {
+        int(k[len(CHECKPOINT_TAG_PREFIX) :]): json.loads(v)
+        for k, v in tags.items()
+        if k.startswith(CHECKPOINT_TAG_PREFIX)
+    }
+
+
+def checkpoint_record(mlflow: Any, run_id: str, step: int) -> dict[str, Any] | None:
+    """The record of the checkpoint at `step`, or None."""
+    value = mlflow.get_run(run_id).data.tags.get(checkpoint_tag(step))
+    return json.loads(value) if value else None

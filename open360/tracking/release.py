@@ -1,0 +1,213 @@
+"""Release export: a run as one self-contained folder (HF checkpoints `ckpt_XXX`, data, metrics, model card)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from open360.tracking.checkpoints import CheckpointEntry, pull_checkpoints, run_checkpoints, select_steps
+
+
+class ReleaseError(RuntimeError):
+    """The release folder cannot be built; the message names the checkpoint/file and what to do."""
+
+
+def ckpt_names(n: int) -> list[str]:
+    """LLM360's revision names: ckpt_000 … ckpt_<n-1>, zero-padded to at least 3 digits."""
+    width = max(3, len(str(max(n - 1, 0))))
+    return [f"ckpt_{i:0{width}d}" for i in range(n)]
+
+
+def _choose(entries: list[CheckpointEntry], steps: str, run: str) -> list[CheckpointEntry]:
+    if steps in ("all", "latest"):
+        return select_steps(entries, steps, run)
+    chosen = []
+    for part in steps.split(","):
+        chosen += select_steps(entries, part.strip(), run)
+    return sorted({e.step: e for e in chosen}.values(), key=lambda e: e.step)
+
+
+def _metrics_table(workspace: Path, run: str, mlflow_uri: str | None, out: Path) -> str | None:
+    from open360.tracking import mlflow_records as mr
+
+    uri = mr.workspace_uri(workspace, mlflow_uri)
+    if uri is None:
+        return None
+    client = mr.client(uri)
+    run_id = mr.find_run_id(client, run)
+    if run_id is None:
+        return None
+    import pandas as pd
+
+    rows = []
+    for key in client.get_run(run_id).data.metrics:
+        rows += [
+            {"key": key, "step": m.step, "value": m.value, "timestamp": m.timestamp}
+            for m in client.get_metric_history(run_id, key)
+        ]
+    frame = pd.DataFrame(rows, columns=["key", "step", "value", "timestamp"]).sort_values(
+        ["key", "step", "timestamp"]
+    )
+    frame.to_parquet(out / "metrics.parquet", index=False)
+    return run_id
+
+
+def _copy_data(workspace: Path, lineages: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for lineage in lineages:
+        for data in lineage.get("data_history") or [lineage.get("data") or {}]:
+            shard_dir = data.get("shard_dir")
+            if not shard_dir or shard_dir in seen:
+                continue
+            src = workspace / shard_dir
+            dst = out / "data" / Path(shard_dir).name
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in ("manifest.json", "tokenizer.json"):
+                if (src / name).is_file():
+                    shutil.copy2(src / name, dst / name)
+            seen[shard_dir] = {
+                **{k: data.get(k) for k in ("stage", "recipe", "manifest_hash", "tokenizer_hash")},
+                "folder": f"data/{dst.name}",
+                "manifest_copied": (dst / "manifest.json").is_file(),
+            }
+    return list(seen.values())
+
+
+def export_release(
+    workspace: Path,
+    run: str,
+    out: Path,
+    steps: str = "all",
+    pull: bool = False,
+    mlflow_uri: str | None = None,
+) -> Path:
+    """Write the release folder of `run` to `out` and return it (refuses a non-empty `out`)."""
+    from open360.checkpoint import CheckpointError, load_model_from_checkpoint, verify_checkpoint
+    from open360.models.hf import export_hf
+
+    workspace = Path(workspace).expanduser().resolve()
+    out = Path(out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ReleaseError(f"{out} exists and is not empty; choose a new --out folder")
+    chosen = _choose(run_checkpoints(workspace, run), steps, run)
+    absent = [e for e in chosen if not e.local]
+    if absent and pull:
+        for entry in absent:
+            pull_checkpoints(workspace, run, str(entry.step))
+            entry.local = True
+    elif absent:
+        raise ReleaseError(
+            f"steps {[e.step for e in absent]} of run {run!r} are not on disk; pass --pull "
+            f"(or run `open360 ckpt pull {run} all`)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    index, lineages = [], []
+    for name, entry in zip(ckpt_names(len(chosen)), chosen, strict=True):
+        try:
+            lineage = verify_checkpoint(entry.path)
+        except CheckpointError as err:
+            raise ReleaseError(f"checkpoint step {entry.step} failed verification: {err}") from err
+        model, cfg = load_model_from_checkpoint(entry.path, device="cpu")
+        shard_dir = (lineage.get("data") or {}).get("shard_dir")
+        tokenizer = workspace / shard_dir / "tokenizer.json" if shard_dir else None
+        export_hf(model, cfg.model, tokenizer if tokenizer and tokenizer.is_file() else None, out / name)
+        shutil.copy2(entry.path / "lineage.json", out / name / "open360_lineage.json")
+        index.append(
+            {
+                "revision": name,
+                "step": entry.step,
+                "tokens_seen": lineage.get("tokens_seen"),
+                "dvc_md5": entry.tracked.md5 if entry.tracked else None,
+                "source": f"checkpoints/{run}/step_{entry.step}",
+            }
+        )
+        lineages.append(lineage)
+    (out / "configs").mkdir(exist_ok=True)
+    shutil.copy2(chosen[-1].path / "config.yaml", out / "configs" / "config.yaml")
+    data = _copy_data(workspace, lineages, out)
+    run_id = _metrics_table(workspace, run, mlflow_uri, out)
+    (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg))
+    return out
+
+
+def model_card(
+    run: str,
+    index: list[dict[str, Any]],
+    data: list[dict[str, Any]],
+    lineage: dict[str, Any],
+    run_id: str | None,
+    cfg: Any,
+) -> str:
+    """A Hugging Face model card (YAML front matter + markdown) for the release folder."""
+    m = cfg.model
+    code = lineage.get("code", {})
+    rows = "\n".join(
+        f"| `{c['revision']}` | {c['step']} | {c['tokens_seen']} | `{c['dvc_md5']}` |" for c in index
+    )
+    data_rows = "\n".join(
+        f"| {d['stage']} | `{d['recipe']}` | `{d['manifest_hash']}` | `{d['tokenizer_hash']}` | `{d['folder']}` |"
+        for d in data
+    )
+    return f"""---
+library_name: transformers
+tags: [open360, llm360-style, fully-open]
+---
+# {run}
+
+A fully open release produced by open360: every intermediate checkpoint, the data manifest, the
+configuration and the training metrics. Each checkpoint is a Hugging Face folder named like LLM360's
+revisions; on the Hub each one is the branch of the same name.
+
+## Model
+{m.name}: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, FFN {m.ffn_dim}, vocab {m.vocab_size},
+{m.norm}, {m.mlp}, max sequence length {m.max_seq_len}.
+
+## Checkpoints
+| revision | step | tokens seen | DVC md5 |
+|---|---|---|---|
+{rows}
+
+Load one: `AutoModelForCausalLM.from_pretrained("<repo>", revision="{index[-1]["revision"]}")`
+(or `open360.models.hf.import_hf(folder)` for configs without a stock class; see each folder's README).
+
+## Data
+| stage | recipe | manifest sha256 | tokenizer sha256 | files |
+|---|---|---|---|---|
+{data_rows}
+
+## Provenance
+- code revision: `{code.get("revision")}`{" (dirty working tree)" if code.get("dirty") else ""}
+- config sha256: `{lineage.get("config_hash")}` (full config in `configs/config.yaml`)
+- MLflow run: `{run_id}`; all metrics per step in `metrics.parquet` (key, step, value, timestamp)
+- every checkpoint folder carries `open360_lineage.json` (sha256 of each original file)
+"""
+
+
+def hub_upload_plan(folder: Path) -> list[tuple[str, Path, list[str] | None]]:
+    """What `push_release_to_hub` uploads: (revision, local folder, ignore patterns), main branch first."""
+    folder = Path(folder)
+    index = json.loads((folder / "checkpoints.json").read_text())
+    plan: list[tuple[str, Path, list[str] | None]] = [("main", folder, ["ckpt_*/**", "ckpt_*"])]
+    plan += [(c["revision"], folder / c["revision"], None) for c in index]
+    return plan
+
+
+def push_release_to_hub(folder: Path, repo_id: str, token: str | None = None) -> None:
+    """Upload the release: top-level files to `main`, each `ckpt_XXX` folder to the branch `ckpt_XXX`."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    for revision, local, ignore in hub_upload_plan(folder):
+        if revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(local),
+            revision=revision,
+            ignore_patterns=ignore,
+            commit_message=f"open360 release: {revision}",
+        )

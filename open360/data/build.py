@@ -1,0 +1,281 @@
+"""`build_shards`: recipe → per-source packed rows → weighted mix → seeded global shuffle → chunks + manifest."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from open360.data.prepare import load_rows, prepare_source, work_paths
+from open360.data.recipe import (
+    FORMAT_VERSION,
+    RecipeError,
+    RecipeSpec,
+    load_recipe,
+    recipe_hash,
+    recipe_to_dict,
+)
+from open360.data.shards import (
+    MANIFEST,
+    TOKENIZER,
+    ShardError,
+    chunk_file,
+    manifest_hash_of,
+    validation_file,
+    write_rows,
+)
+from open360.data.tokenizer import obtain_tokenizer, tokenizer_bytes_hash
+
+PARTS_DIR = ".parts"
+
+
+def shard_dir_name(recipe: RecipeSpec) -> str:
+    return f"{recipe.name}-{recipe_hash(recipe)[:12]}"
+
+
+def mix_counts(recipe: RecipeSpec, available: list[int]) -> tuple[list[int], int]:
+    """Training sequences taken from each source (largest-remainder rounding of the weights) and the total.
+
+    The total is `mix.total_sequences` or, if unset, the most the scarcest weighted source allows; it is
+    then rounded down to num_chunks x chunk_multiple so that every chunk has the same size.
+    """
+    weights = np.array([s.weight for s in recipe.sources], dtype=np.float64)
+    p = weights / weights.sum()
+    if recipe.mix.total_sequences is not None:
+        total = int(recipe.mix.total_sequences)
+    else:
+        total = int(min(available[i] / p[i] for i in range(len(p)) if p[i] > 0))
+    unit = recipe.num_chunks * recipe.chunk_multiple
+    total = (total // unit) * unit
+    if total == 0:
+        raise RecipeError(f"recipe '{recipe.name}': only {sum(available)} packed sequences "
+                          f"({dict(zip([s.name for s in recipe.sources], available, strict=True))}), fewer than "
+                          f"num_chunks x chunk_multiple = {unit}; add data or lower num_chunks")
+    exact = p * total
+    counts = np.floor(exact).astype(np.int64)
+    order = sorted(range(len(p)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: total - int(counts.sum())]:
+        counts[i] += 1
+    for i, s in enumerate(recipe.sources):
+        if counts[i] > available[i] and not recipe.mix.allow_repeat:
+            raise RecipeError(f"recipe '{recipe.name}': source '{s.name}' has {available[i]} sequences but its "
+                              f"weight asks for {counts[i]} of {total}; set mix.allow_repeat: true, lower "
+                              "mix.total_sequences, or add data")
+        if counts[i] > 0 and available[i] == 0:
+            raise RecipeError(f"recipe '{recipe.name}': source '{s.name}' has weight {s.weight} but no sequences "
+                              "survived filtering; check its path and filters")
+    return counts.tolist(), total
+
+
+def global_order(recipe: RecipeSpec, available: list[int], counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, row) of every training sequence in its final position; a pure function of the seed."""
+    src, row = [], []
+    for i, (n, c) in enumerate(zip(available, counts, strict=True)):
+        if c == 0:
+            continue
+        rng = np.random.default_rng([recipe.seed, 1, i])
+        reps = -(-c // n)
+        picks = np.concatenate([rng.permutation(n) for _ in range(reps)])[:c]
+        src.append(np.full(c, i, dtype=np.int64))
+        row.append(picks.astype(np.int64))
+    src_all, row_all = np.concatenate(src), np.concatenate(row)
+    perm = np.random.default_rng([recipe.seed, 2]).permutation(len(src_all))
+    return src_all[perm], row_all[perm]
+
+
+def _prepare_worker(args: tuple[str, int | None, int, bytes, str]) -> dict[str, Any]:
+    recipe_path, seed, index, tok_json, work_dir = args
+    return prepare_source(load_recipe(recipe_path, seed), index, tok_json, Path(work_dir))
+
+
+def _prepare_all(recipe: RecipeSpec, recipe_path: str, seed: int | None, tok_json: bytes, work: Path,
+                 order: list[int], workers: int, progress: bool) -> dict[int, dict[str, Any]]:
+    stats: dict[int, dict[str, Any]] = {}
+    todo = [i for i in order if not work_paths(work, recipe.sources[i].name)["stats"].is_file()]
+    if workers > 1 and len(todo) > 1:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(min(workers, len(todo))) as pool:
+            args = [(recipe_path, seed, i, tok_json, str(work)) for i in todo]
+            for i, st in zip(todo, pool.imap(_prepare_worker, args), strict=True):
+                stats[i] = st
+    for i in order:
+        if i not in stats:
+            stats[i] = prepare_source(recipe, i, tok_json, work, progress=progress)
+    return stats
+
+
+def _owned(k: int, worker_index: int, num_workers: int) -> bool:
+    return k % num_workers == worker_index
+
+
+def build_shards(recipe_path: str | Path, shards_root: str | Path, seed: int | None = None, workers: int = 1,
+                 worker_index: int = 0, num_workers: int = 1, progress: bool = False) -> Path:
+    """Build (or find) the shards of a recipe; returns `shards_root/<name>-<recipe_hash[:12]>/`.
+
+    Idempotent: a folder whose manifest records the same recipe hash (seed included) is returned as is.
+    Scale-out: with num_workers > 1, worker i writes chunks k with k % num_workers == i and validation
+    files of sources s with s % num_workers == i plus a part manifest; whichever worker finds every part
+    present writes manifest.json (call again with any worker_index, or `merge_parts`, to merge later).
+    Per-source intermediates live in `shards_root/.work/` and make an interrupted build resume.
+    """
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker_index {worker_index} must lie in [0, num_workers={num_workers})")
+    recipe = load_recipe(recipe_path, seed)
+    rhash = recipe_hash(recipe)
+    root = Path(shards_root).expanduser().resolve()
+    out = root / shard_dir_name(recipe)
+    existing = _existing_manifest(out)
+    if existing is not None and existing.get("recipe_hash") == rhash and existing.get("seed") == recipe.seed:
+        return out
+    if existing is not None:
+        raise ShardError(f"{out / MANIFEST}: records recipe hash {existing.get('recipe_hash')} but the recipe "
+                         f"hashes to {rhash}; remove the folder to rebuild it")
+    work = root / ".work" / out.name
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".tmp-*"):
+        stale.unlink()
+
+    tok_json = obtain_tokenizer(recipe, root / ".tokenizers")
+    n_src = len(recipe.sources)
+    mine = [i for i in range(n_src) if _owned(i, worker_index, num_workers)]
+    order = mine + [i for i in range(n_src) if i not in mine]
+    stats = _prepare_all(recipe, str(recipe_path), seed, tok_json, work, order, workers, progress)
+    available = [stats[i]["sequences_available"] for i in range(n_src)]
+    counts, total = mix_counts(recipe, available)
+    src_of, row_of = global_order(recipe, available, counts)
+    rows = [load_rows(work_paths(work, s.name)["train"], recipe.seq_len + 1) for s in recipe.sources]
+    names = [s.name for s in recipe.sources]
+
+    per_chunk = total // recipe.num_chunks
+    part: dict[str, Any] = {"chunks": {}, "validation": {}}
+    chunks = range(recipe.num_chunks)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="chunks", unit="chunk", leave=False)
+    for k in chunks:
+        if not _owned(k, worker_index, num_workers):
+            continue
+        sel = slice(k * per_chunk, (k + 1) * per_chunk)
+        s_k, r_k = src_of[sel], row_of[sel]
+        tokens = np.empty((per_chunk, recipe.seq_len + 1), dtype=np.int32)
+        for i in np.unique(s_k):
+            m = s_k == i
+            tokens[m] = rows[i][r_k[m]]
+        sources = [names[i] for i in s_k]
+        digest = write_rows(out / chunk_file(k), tokens, sources, k * per_chunk, recipe.row_group_size)
+        part["chunks"][str(k)] = {"file": chunk_file(k), "rows": per_chunk, "first_id": k * per_chunk,
+                                  "content_sha256": digest,
+                                  "sources": {names[i]: int((s_k == i).sum()) for i in np.unique(s_k)}}
+    for i in mine:
+        val = load_rows(work_paths(work, names[i])["val"], recipe.seq_len + 1)
+        if len(val) == 0:
+            continue
+        digest = write_rows(out / validation_file(names[i]), np.asarray(val), [names[i]] * len(val), 0,
+                            recipe.row_group_size)
+        part["validation"][names[i]] = {"file": validation_file(names[i]), "rows": len(val), "content_sha256": digest}
+
+    part["common"] = _common_manifest(recipe, rhash, tok_json, stats, counts, available, total)
+    parts = out / PARTS_DIR
+    parts.mkdir(exist_ok=True)
+    _atomic_write(parts / f"part-{worker_index:05d}-of-{num_workers:05d}.json", json.dumps(part, sort_keys=True))
+    _atomic_write_bytes(out / TOKENIZER, tok_json)
+    merge_parts(out, num_workers, required=False)
+    return out
+
+
+def _existing_manifest(out: Path) -> dict[str, Any] | None:
+    mpath = out / MANIFEST
+    return json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else None
+
+
+def _common_manifest(recipe: RecipeSpec, rhash: str, tok_json: bytes, stats: dict[int, dict[str, Any]],
+                     counts: list[int], available: list[int], total: int) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tok_json.decode("utf-8"))
+    weights = np.array([s.weight for s in recipe.sources], dtype=np.float64)
+    sources = {}
+    for i, s in enumerate(recipe.sources):
+        sources[s.name] = {
+            **stats[i],
+            "type": s.type,
+            "license": s.license,
+            "weight": s.weight,
+            "target_fraction": float(weights[i] / weights.sum()),
+            "sequences_selected": int(counts[i]),
+            "fraction_used": float(counts[i] / available[i]) if available[i] else 0.0,
+        }
+    return {
+        "format": FORMAT_VERSION,
+        "name": recipe.name,
+        "recipe_hash": rhash,
+        "seed": recipe.seed,
+        "recipe": recipe_to_dict(recipe),
+        "tokenizer": {"file": TOKENIZER, "sha256": tokenizer_bytes_hash(tok_json),
+                      "vocab_size": tok.get_vocab_size(), "eos_token": recipe.tokenizer.eos_token,
+                      "eos_id": tok.token_to_id(recipe.tokenizer.eos_token)},
+        "seq_len": recipe.seq_len,
+        "num_sequences": total,
+        "num_tokens": total * (recipe.seq_len + 1),
+        "row_group_size": recipe.row_group_size,
+        "sources": sources,
+    }
+
+
+def merge_parts(out: str | Path, num_workers: int, required: bool = True) -> Path | None:
+    """Merge the part manifests of `num_workers` workers into manifest.json (written last, atomically)."""
+    out = Path(out)
+    files = [out / PARTS_DIR / f"part-{w:05d}-of-{num_workers:05d}.json" for w in range(num_workers)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        if required:
+            raise ShardError(f"{out}: cannot merge, parts missing: {missing}; run those workers first")
+        return None
+    parts = [json.loads(f.read_text()) for f in files]
+    common = parts[0]["common"]
+    for f, p in zip(files, parts, strict=True):
+        if p["common"] != common:
+            raise ShardError(f"{f}: built from a different recipe, seed or tokenizer than {files[0].name}; "
+                             "every worker must run the same recipe and seed")
+    chunks = {int(k): v for p in parts for k, v in p["chunks"].items()}
+    n = common["recipe"]["num_chunks"]
+    if sorted(chunks) != list(range(n)):
+        raise ShardError(f"{out}: parts cover chunks {sorted(chunks)}, expected 0..{n - 1}")
+    manifest = {**common, "chunks": [chunks[k] for k in range(n)],
+                "validation": {k: v for p in parts for k, v in sorted(p["validation"].items())}}
+    manifest["validation"] = dict(sorted(manifest["validation"].items()))
+    manifest["manifest_hash"] = manifest_hash_of(manifest)
+    _atomic_write(out / "build_info.json", json.dumps(_build_info(), sort_keys=True, indent=1))
+    _atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1))
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    return out
+
+
+def _build_info() -> dict[str, str]:
+    """Library versions of the build (not hashed: the manifest hash must not depend on them)."""
+    import pyarrow
+    import tokenizers
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "pyarrow": pyarrow.__version__,
+            "tokenizers": tokenizers.__version__}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""`DataOrder`: the exact global batch order, a pure function of (manifest, seed, epoch, step)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from open360.data.shards import ShardSet
+
+STATE_VERSION = 1
+
+
+class DataOrderMismatchError(ValueError):
+    """A loader state from a checkpoint does not fit these shards / seed / batch size."""
+
+
+class DataOrder:
+    """Which sequence ids make up the global batch of every step.
+
+    Epoch 0 walks the build-time shuffled chunks in order (batch s = ids [s*B, (s+1)*B)), so a checkpoint
+    taken at `chunk_end_steps()[k]` has seen chunks 0..k. Epoch e >= 1 is a permutation drawn from
+    numpy's PCG64 seeded with (seed, e). A trailing partial batch of each epoch is skipped.
+    """
+
+    def __init__(self, shards: ShardSet, seed: int, global_batch_size: int) -> None:
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if shards.num_sequences < global_batch_size:
+            raise ValueError(f"{shards.path}: {shards.num_sequences} sequences are fewer than one batch of "
+                             f"{global_batch_size}; build more data or lower trainer.global_batch_size")
+        self.shards = shards
+        self.seed = int(seed)
+        self.global_batch_size = int(global_batch_size)
+        self.steps_per_epoch = shards.num_sequences // self.global_batch_size
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The order of all sequence ids in an epoch."""
+        if epoch == 0:
+            return np.arange(self.shards.num_sequences, dtype=np.int64)
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+                self.shards.num_sequences).astype(np.int64)}
+        return self._perm_cache[epoch]
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def batch_ids(self, step: int) -> np.ndarray:
+        """Global sequence ids of the batch at `step` (0-based), shape [global_batch_size]."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        b = self.global_batch_size
+        return self.epoch_order(epoch)[within * b : (within + 1) * b].copy()
+
+    def batch(self, step: int) -> np.ndarray:
+        """Token rows [global_batch_size, seq_len + 1] (int64) of the batch at `step`."""
+        return self.shards.sequences(self.batch_ids(step))
+
+    def seen_ids(self, step: int) -> np.ndarray:
+        """Sorted unique ids of every sequence consumed by steps 0..step-1."""
+        if step <= 0:
+            return np.empty(0, dtype=np.int64)
+        full_epochs, within = divmod(step, self.steps_per_epoch)
+        b = self.global_batch_size
+        if full_epochs >= 1:
+            parts = [np.arange(self.steps_per_epoch * b, dtype=np.int64)]
+            parts += [self.epoch_order(e)[: self.steps_per_epoch * b] for e in range(1, full_epochs)]
+            parts.append(self.epoch_order(full_epochs)[: within * b] if within else np.empty(0, np.int64))
+            return np.unique(np.concatenate(parts))
+        return np.arange(within * b, dtype=np.int64)
+
+    def chunk_end_steps(self) -> list[int]:
+        """For each chunk, the step count after which all of it has been consumed in epoch 0.
+
+        With chunk sizes a multiple of the batch size (recipe `chunk_multiple`), seen_ids at that step is
+        exactly chunks 0..k; otherwise it also includes the first ids of chunk k+1. The last chunk is
+        capped at steps_per_epoch (its remainder beyond the last full batch is never consumed).
+        """
+        ends = np.cumsum(self.shards.chunk_sizes)
+        return [min(int(-(-int(e) // self.global_batch_size)), self.steps_per_epoch) for e in ends]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "manifest_hash": self.shards.manifest_hash,
+            "tokenizer_hash": self.shards.tokenizer_hash,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_sequences": self.shards.num_sequences,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores: the fingerprint (the order itself is recomputed, never saved)."""
+        return {"version": STATE_VERSION, "fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Accept a checkpointed loader state only if it describes this exact data order."""
+        if state.get("version") != STATE_VERSION:
+            raise DataOrderMismatchError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        saved, mine = state.get("fingerprint", {}), self.fingerprint()
+        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
+        if diffs:
+            raise DataOrderMismatchError(
+                f"cannot resume: the data order differs from the checkpoint's ({'; '.join(diffs)}). Resume with "
+                f"the same shards (recipe + seed), tokenizer, trainer seed and global batch size, or start a new run")

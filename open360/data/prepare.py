@@ -1,0 +1,198 @@
+"""Per-source pipeline: read → normalize → exact dedup → near-dup → quality → FIM → tokenize → pack."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from open360.data.filters import (
+    ExactDedup,
+    NearDedup,
+    content_hash,
+    doc_rng,
+    heuristic_reject,
+    normalize,
+    validation_draw,
+)
+from open360.data.fim import fim_transform
+from open360.data.pack import Packer
+from open360.data.quality import Scorer, build_scorer
+from open360.data.recipe import RecipeSpec
+from open360.data.sources import read_source
+
+
+def work_paths(work_dir: Path, source_name: str) -> dict[str, Path]:
+    """The intermediate files of one source: packed rows (raw int32) and its stats (the completion mark)."""
+    return {
+        "train": work_dir / f"{source_name}.train.bin",
+        "val": work_dir / f"{source_name}.val.bin",
+        "stats": work_dir / f"{source_name}.stats.json",
+    }
+
+
+def load_rows(path: Path, row_len: int) -> np.ndarray:
+    """Memory-map a packed-rows file as an [n, row_len] int32 array."""
+    if path.stat().st_size == 0:
+        return np.empty((0, row_len), dtype=np.int32)
+    return np.memmap(path, dtype="<i4", mode="r").reshape(-1, row_len)
+
+
+class _SourcePipeline:
+    """State of one source's pass: filters, packers, counters and the open output files."""
+
+    def __init__(self, recipe: RecipeSpec, index: int, tokenizer: Tokenizer, scorer: Scorer | None,
+                 train_out: IO[bytes], val_out: IO[bytes]) -> None:
+        self.recipe, self.source = recipe, recipe.sources[index]
+        self.tok = tokenizer
+        f = recipe.filters
+        self.exact = ExactDedup() if f.exact_dedup.enabled else None
+        self.near = NearDedup(f.near_dedup) if f.near_dedup.enabled else None
+        self.heur = f.heuristics if (f.heuristics.enabled and self.source.quality) else None
+        self.scorer = scorer
+        eos = tokenizer.token_to_id(recipe.tokenizer.eos_token)
+        pre_tokenized = self.source.type == "llm360_chunks"
+        row_len = recipe.seq_len + 1
+        self.train_packer = Packer(row_len, None if pre_tokenized else eos)
+        self.val_packer = Packer(row_len, None if pre_tokenized else eos)
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.train_out, self.val_out = train_out, val_out
+        self.bad: Counter = Counter()
+        self.dropped: Counter = Counter()
+        self.c: Counter = Counter()
+        self.pending: list[tuple[str, bytes]] = []
+
+    def _emit(self, ids_train: list, ids_val: list) -> None:
+        for packer, ids, out, kind in ((self.train_packer, ids_train, self.train_out, "train"),
+                                       (self.val_packer, ids_val, self.val_out, "validation")):
+            if not ids:
+                continue
+            self.c[f"tokens_{kind}"] += sum(len(x) for x in ids) + (len(ids) if packer.eos_id is not None else 0)
+            rows = packer.add(ids)
+            if kind == "validation":
+                rows = rows[: max(0, self.recipe.validation.max_sequences - self.c["sequences_validation"])]
+            out.write(np.ascontiguousarray(rows, dtype="<i4").tobytes())
+            self.c["sequences_available" if kind == "train" else "sequences_validation"] += len(rows)
+
+    def _is_validation(self, digest: bytes) -> bool:
+        v = self.recipe.validation
+        return (self.c["sequences_validation"] < v.max_sequences
+                and validation_draw(self.recipe.seed, digest) < v.fraction)
+
+    def add_tokens(self, ids: list[int]) -> None:
+        """A pre-tokenized LLM360 row: only range-checked, split and packed."""
+        if not ids:
+            self.bad["empty"] += 1
+            return
+        if max(ids) >= self.vocab_size or min(ids) < 0:
+            self.bad["token_out_of_range"] += 1
+            return
+        arr = np.asarray(ids, dtype=np.int32)
+        digest = hashlib.sha256(arr.tobytes()).digest()
+        if self.exact is not None and self.exact.seen(digest):
+            self.dropped["exact_dup"] += 1
+            return
+        val = self._is_validation(digest)
+        self.c["docs_validation" if val else "docs_train"] += 1
+        self._emit([] if val else [arr], [arr] if val else [])
+
+    def add_text(self, raw: str) -> None:
+        text = normalize(raw)
+        if not text.strip():
+            self.bad["empty"] += 1
+            return
+        digest = content_hash(text)
+        if self.exact is not None and self.exact.seen(digest):
+            self.dropped["exact_dup"] += 1
+            return
+        if self.heur is not None and len(text) > self.heur.max_chars:
+            self.dropped["quality:too_long"] += 1  # checked first: never shingle a huge document
+            return
+        if self.near is not None and self.near.is_duplicate(text):
+            self.dropped["near_dup"] += 1
+            return
+        if self.heur is not None:
+            reason = heuristic_reject(text, self.heur)
+            if reason is not None:
+                self.dropped[f"quality:{reason}"] += 1
+                return
+        self.pending.append((text, digest))
+        if len(self.pending) >= self.recipe.doc_batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        if self.scorer is not None:
+            scores = list(self.scorer([t for t, _ in batch]))
+            threshold = self.recipe.filters.classifier.threshold
+            kept = [b for b, s in zip(batch, scores, strict=True) if s >= threshold]
+            self.dropped["classifier"] += len(batch) - len(kept)
+            batch = kept
+        fim = self.source.fim
+        texts, is_val = [], []
+        for text, digest in batch:
+            if fim.rate > 0:
+                rng = doc_rng(self.recipe.seed, digest, b"fim")
+                if rng.random() < fim.rate:
+                    text = fim_transform(text, rng, fim.spm_rate)
+                    self.c["fim_docs"] += 1
+            val = self._is_validation(digest)
+            self.c["docs_validation" if val else "docs_train"] += 1
+            texts.append(text)
+            is_val.append(val)
+        ids = [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+        self._emit([x for x, v in zip(ids, is_val, strict=True) if not v],
+                   [x for x, v in zip(ids, is_val, strict=True) if v])
+
+    def stats(self) -> dict[str, Any]:
+        self.c["tokens_dropped_remainder"] = self.train_packer.leftover_tokens
+        keys = ("docs_read", "docs_train", "docs_validation", "fim_docs", "tokens_train", "tokens_validation",
+                "sequences_available", "sequences_validation", "tokens_dropped_remainder")
+        out: dict[str, Any] = {k: int(self.c[k]) for k in keys}
+        out["bad"] = dict(sorted(self.bad.items()))
+        out["dropped"] = dict(sorted(self.dropped.items()))
+        out["docs_kept"] = out["docs_train"] + out["docs_validation"]
+        return out
+
+
+def prepare_source(recipe: RecipeSpec, index: int, tokenizer_json: bytes, work_dir: Path,
+                   progress: bool = False) -> dict[str, Any]:
+    """Run one source through the document pipeline into packed rows; resumable (stats file marks done)."""
+    source = recipe.sources[index]
+    paths = work_paths(work_dir, source.name)
+    if paths["stats"].is_file():
+        return json.loads(paths["stats"].read_text())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    clf = recipe.filters.classifier
+    use_clf = clf.enabled and source.quality and (not clf.sources or source.name in clf.sources)
+    scorer = build_scorer(clf) if use_clf else None
+    tmp = {k: p.with_name(f".tmp-{os.getpid()}-{p.name}") for k, p in paths.items()}
+    with open(tmp["train"], "wb") as train_out, open(tmp["val"], "wb") as val_out:
+        pipe = _SourcePipeline(recipe, index, tok, scorer, train_out, val_out)
+        docs = read_source(source, pipe.bad)
+        if progress:
+            from tqdm import tqdm
+
+            docs = tqdm(docs, desc=f"  {source.name}", unit="doc", leave=False)
+        for doc in docs:
+            pipe.c["docs_read"] += 1
+            if doc.token_ids is not None:
+                pipe.add_tokens(doc.token_ids)
+            else:
+                pipe.add_text(doc.text or "")
+        pipe.flush()
+        stats = pipe.stats()
+    os.replace(tmp["train"], paths["train"])
+    os.replace(tmp["val"], paths["val"])
+    tmp["stats"].write_text(json.dumps(stats, sort_keys=True, indent=1))
+    os.replace(tmp["stats"], paths["stats"])
+    return stats

@@ -1,0 +1,88 @@
+"""phi-1-style quality classifier hook: a small model trained on a labelled sample scores documents."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import zlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from open360.data.recipe import ClassifierSpec
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+Scorer = Callable[[list[str]], Sequence[float]]
+
+
+def hashed_features(texts: Sequence[str], num_features: int) -> np.ndarray:
+    """L2-normalized log counts of hashed word unigrams and bigrams (crc32: the same on every machine)."""
+    x = np.zeros((len(texts), num_features), dtype=np.float64)
+    for i, text in enumerate(texts):
+        toks = _WORD.findall(text.lower())
+        grams = toks + [a + " " + b for a, b in zip(toks, toks[1:], strict=False)]
+        idx = np.fromiter((zlib.crc32(g.encode("utf-8")) % num_features for g in grams), dtype=np.int64,
+                          count=len(grams))
+        np.add.at(x[i], idx, 1.0)
+    x = np.log1p(x)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)
+
+
+class LogisticQualityModel:
+    """Logistic regression on hashed n-grams, trained by full-batch gradient descent (deterministic)."""
+
+    def __init__(self, num_features: int, iterations: int, lr: float = 2.0, l2: float = 1e-3) -> None:
+        self.num_features, self.iterations, self.lr, self.l2 = num_features, iterations, lr, l2
+        self.w = np.zeros(num_features)
+        self.b = 0.0
+
+    def fit(self, texts: Sequence[str], labels: Sequence[int]) -> LogisticQualityModel:
+        x = hashed_features(texts, self.num_features)
+        y = np.asarray(labels, dtype=np.float64)
+        for _ in range(self.iterations):
+            p = 1.0 / (1.0 + np.exp(-(x @ self.w + self.b)))
+            g = p - y
+            self.w -= self.lr * (x.T @ g / len(y) + self.l2 * self.w)
+            self.b -= self.lr * float(g.mean())
+        return self
+
+    def score(self, texts: list[str]) -> list[float]:
+        x = hashed_features(texts, self.num_features)
+        return (1.0 / (1.0 + np.exp(-(x @ self.w + self.b)))).tolist()
+
+
+def load_labels(spec: ClassifierSpec) -> tuple[list[str], list[int]]:
+    """Read the labelled sample (jsonl(.gz), fields `text` and `label` in {0, 1})."""
+    from collections import Counter
+
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import SourceError, check_pinned_hash, iter_jsonl, resolve_files
+
+    src = SourceSpec(name="classifier_labels", type="jsonl", path=spec.labels, sha256=spec.labels_sha256)
+    check_pinned_hash(src, resolve_files(src))
+    texts, labels = [], []
+    bad: Counter = Counter()
+    for path in resolve_files(src):
+        for lineno, row in iter_jsonl(path, bad):
+            if not isinstance(row.get("text"), str) or row.get("label") not in (0, 1):
+                raise SourceError(f"{path}:{lineno}: a label row needs 'text' (string) and 'label' (0 or 1)")
+            texts.append(row["text"])
+            labels.append(int(row["label"]))
+    if len(set(labels)) < 2:
+        raise SourceError(f"{spec.labels}: the labelled sample needs both labels 0 and 1; found {sorted(set(labels))}")
+    return texts, labels
+
+
+def build_scorer(spec: ClassifierSpec) -> Scorer:
+    """The recipe's scorer: a user `module:function` if given, else the built-in model fit on the labels."""
+    if spec.scorer:
+        module, _, func = spec.scorer.partition(":")
+        try:
+            return getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"filters.classifier.scorer '{spec.scorer}' cannot be imported: {e}; "
+                             "give 'package.module:function'") from e
+    texts, labels = load_labels(spec)
+    return LogisticQualityModel(spec.num_features, spec.iterations).fit(texts, labels).score

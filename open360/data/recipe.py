@@ -1,0 +1,251 @@
+"""Data recipe schema: sources, filters, tokenizer, packing and chunking, validated on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from open360.paths import resolve_repo_path
+
+SOURCE_TYPES = ("jsonl", "parquet", "text", "dir", "hf", "llm360_chunks")
+TOKENIZER_KINDS = ("train", "file", "hub")
+FORMAT_VERSION = "open360-shards/1"
+FIM_TOKENS = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>")
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid: the message names the file, the key and what to change."""
+
+
+@dataclass
+class FimSpec:
+    """Fill-in-the-middle (Bavarian et al. 2022) applied to a fraction of a source's documents."""
+
+    rate: float = 0.0  # fraction of documents transformed; 0 = off
+    spm_rate: float = 0.5  # of those, fraction in suffix-prefix-middle order (else prefix-suffix-middle)
+
+
+@dataclass
+class SourceSpec:
+    """One input source and its share of the training mix."""
+
+    name: str = MISSING
+    type: str = MISSING  # jsonl | parquet | text | dir | hf | llm360_chunks
+    path: str | None = None  # file, glob or folder (relative to the repository root) for local types
+    hf_name: str | None = None  # hub dataset name (type hf, or llm360_chunks read from the hub)
+    hf_config: str | None = None
+    hf_data_files: str | None = None  # e.g. "train/train_00*.jsonl" for LLM360 chunk repositories
+    split: str = "train"
+    streaming: bool = True
+    text_field: str = "text"
+    sample_by: str = "document"  # text/dir: one document per file ("document"), blank-line "paragraph" or "line"
+    select_source: str | None = None  # llm360_chunks: keep only lines whose "source" equals this
+    weight: float = 1.0  # share of the training mix (normalized over sources)
+    license: str = "unknown"
+    sha256: str | None = None  # pinned hash of the (single) input file, checked before reading
+    max_docs: int | None = None  # read at most this many documents (in file order)
+    quality: bool = True  # apply the quality filters to this source
+    fim: FimSpec = field(default_factory=FimSpec)
+
+
+@dataclass
+class ExactDedupSpec:
+    """Drop documents whose normalized text has the same sha256 as an earlier one."""
+
+    enabled: bool = True
+
+
+@dataclass
+class NearDedupSpec:
+    """MinHash/LSH near-duplicate removal over word n-gram shingles (datasketch)."""
+
+    enabled: bool = True
+    threshold: float = 0.8  # estimated Jaccard similarity at or above which a document is dropped
+    num_perm: int = 64
+    shingle_words: int = 5
+
+
+@dataclass
+class HeuristicSpec:
+    """Gopher-style document rules; a document failing any rule is dropped and counted by rule."""
+
+    enabled: bool = True
+    min_chars: int = 32
+    max_chars: int = 1_000_000
+    min_words: int = 5
+    max_line_chars: int = 20_000
+    min_alpha_fraction: float = 0.2  # letters / non-space characters
+    max_duplicate_line_fraction: float = 0.7  # repeated non-empty lines / non-empty lines
+    max_mean_word_chars: float = 30.0
+
+
+@dataclass
+class ClassifierSpec:
+    """phi-1-style quality classifier: trained on a labelled sample, drops documents scoring below threshold."""
+
+    enabled: bool = False
+    labels: str | None = None  # jsonl(.gz) with `text` and `label` (1 = keep-worthy, 0 = not)
+    labels_sha256: str | None = None
+    scorer: str | None = None  # "module:function" taking list[str] -> list[float]; replaces the model
+    threshold: float = 0.5
+    sources: list[str] = field(default_factory=list)  # sources it applies to; empty = all
+    num_features: int = 4096  # hashed word uni/bigram features of the built-in logistic regression
+    iterations: int = 300
+
+
+@dataclass
+class FilterSpec:
+    """Every filter stage of the recipe, applied in this order after normalization."""
+
+    exact_dedup: ExactDedupSpec = field(default_factory=ExactDedupSpec)
+    near_dedup: NearDedupSpec = field(default_factory=NearDedupSpec)
+    heuristics: HeuristicSpec = field(default_factory=HeuristicSpec)
+    classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
+
+
+@dataclass
+class TokenizerSpec:
+    """Train a byte-level BPE on the recipe's sources, or load one from a file or the hub."""
+
+    kind: str = "train"  # train | file | hub
+    vocab_size: int = 4096
+    path: str | None = None  # kind=file: a tokenizer.json
+    name: str | None = None  # kind=hub: a hub repository with tokenizer.json (contacted at build time)
+    eos_token: str = "<|endoftext|>"
+    special_tokens: list[str] = field(default_factory=list)  # added after eos (e.g. FIM tokens)
+    train_sources: list[str] = field(default_factory=list)  # empty = every source of the recipe
+    train_max_chars: int = 4_000_000  # characters read per source for training
+
+
+@dataclass
+class ValidationSpec:
+    """Held-out documents per source, packed like the training data."""
+
+    fraction: float = 0.02  # of documents, chosen by a seeded hash of their content
+    max_sequences: int = 64  # per source
+
+
+@dataclass
+class MixSpec:
+    """How many training sequences the mix has; per-source counts follow the weights exactly."""
+
+    total_sequences: int | None = None  # None = as many as the scarcest source allows, no repeats
+    allow_repeat: bool = False  # let a source be repeated (up-sampled) to reach its share
+
+
+@dataclass
+class RecipeSpec:
+    """A whole data recipe: what is read, filtered, tokenized, mixed, shuffled and chunked."""
+
+    name: str = MISSING
+    description: str = ""
+    sources: list[SourceSpec] = MISSING
+    filters: FilterSpec = field(default_factory=FilterSpec)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    seq_len: int = MISSING  # model context; sequences are stored with seq_len + 1 tokens
+    num_chunks: int = MISSING
+    chunk_multiple: int = 1  # every chunk holds a multiple of this many sequences (e.g. the batch size)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    mix: MixSpec = field(default_factory=MixSpec)
+    seed: int = 1234
+    row_group_size: int = 1024  # rows per parquet row group (the unit of random access)
+    doc_batch_size: int = 256  # documents per tokenizer call
+
+
+def _check(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise RecipeError(f"{where}: {message}")
+
+
+def validate_recipe(recipe: RecipeSpec, where: str) -> None:
+    """Semantic checks OmegaConf cannot express; raise RecipeError naming the file and key."""
+    _check(bool(recipe.name) and "/" not in recipe.name, f"{where}: key 'name'", "must be a non-empty name without '/'")
+    _check(len(recipe.sources) > 0, f"{where}: key 'sources'", "lists no source; add at least one")
+    names = [s.name for s in recipe.sources]
+    _check(len(set(names)) == len(names), f"{where}: key 'sources'", f"source names repeat: {names}")
+    for i, s in enumerate(recipe.sources):
+        key = f"{where}: key 'sources[{i}]' ({s.name})"
+        _check(s.type in SOURCE_TYPES, key, f"type '{s.type}' is not one of {SOURCE_TYPES}")
+        _check(s.weight >= 0, key, f"weight {s.weight} is negative")
+        if s.type == "hf":
+            _check(bool(s.hf_name), key, "type hf needs 'hf_name'")
+        elif s.type == "llm360_chunks":
+            _check(bool(s.path or s.hf_name), key, "type llm360_chunks needs 'path' or 'hf_name'")
+        else:
+            _check(bool(s.path), key, f"type {s.type} needs 'path'")
+        _check(0 <= s.fim.rate <= 1 and 0 <= s.fim.spm_rate <= 1, key, "fim rates must lie in [0, 1]")
+        _check(s.max_docs is None or s.max_docs > 0, key, "max_docs must be positive")
+        _check(s.sample_by in ("document", "paragraph", "line"), key, "sample_by must be document|paragraph|line")
+        if s.fim.rate > 0:
+            missing = [t for t in FIM_TOKENS if t not in recipe.tokenizer.special_tokens]
+            _check(not missing, key, f"fim needs tokenizer.special_tokens to include {missing}")
+    total_weight = sum(s.weight for s in recipe.sources)
+    _check(total_weight > 0, f"{where}: key 'sources[*].weight'", f"weights sum to {total_weight}; need > 0")
+    tok = recipe.tokenizer
+    _check(tok.kind in TOKENIZER_KINDS, f"{where}: key 'tokenizer.kind'", f"'{tok.kind}' not in {TOKENIZER_KINDS}")
+    if tok.kind == "file":
+        _check(bool(tok.path), f"{where}: key 'tokenizer.path'", "kind file needs a path to tokenizer.json")
+    if tok.kind == "hub":
+        _check(bool(tok.name), f"{where}: key 'tokenizer.name'", "kind hub needs a hub repository name")
+    if tok.kind == "train":
+        _check(tok.vocab_size >= 260, f"{where}: key 'tokenizer.vocab_size'", "must be >= 260 (256 bytes + specials)")
+    for src in tok.train_sources:
+        _check(src in names, f"{where}: key 'tokenizer.train_sources'", f"unknown source '{src}'; sources: {names}")
+    clf = recipe.filters.classifier
+    for src in clf.sources:
+        _check(src in names, f"{where}: key 'filters.classifier.sources'", f"unknown source '{src}'; sources: {names}")
+    if clf.enabled:
+        _check(bool(clf.labels or clf.scorer), f"{where}: key 'filters.classifier'", "enabled needs 'labels' or 'scorer'")
+    nd = recipe.filters.near_dedup
+    _check(0 < nd.threshold <= 1, f"{where}: key 'filters.near_dedup.threshold'", "must lie in (0, 1]")
+    _check(recipe.seq_len >= 2, f"{where}: key 'seq_len'", "must be >= 2")
+    _check(recipe.num_chunks >= 1, f"{where}: key 'num_chunks'", "must be >= 1")
+    _check(recipe.chunk_multiple >= 1, f"{where}: key 'chunk_multiple'", "must be >= 1")
+    _check(0 <= recipe.validation.fraction < 1, f"{where}: key 'validation.fraction'", "must lie in [0, 1)")
+    m = recipe.mix.total_sequences
+    _check(m is None or m > 0, f"{where}: key 'mix.total_sequences'", "must be positive or null")
+    _check(recipe.row_group_size >= 1 and recipe.doc_batch_size >= 1, f"{where}: key 'row_group_size'", "must be >= 1")
+
+
+def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
+    """Load and validate a recipe YAML; `seed` (if given) overrides the recipe's own seed."""
+    p = resolve_repo_path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {p} (give a path relative to the repository root or absolute)")
+    try:
+        raw = OmegaConf.load(p)
+    except Exception as e:  # yaml syntax errors carry the line
+        raise RecipeError(f"{p}: not valid YAML: {e}") from e
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RecipeSpec), raw)
+        if seed is not None:
+            merged.seed = int(seed)
+        recipe: RecipeSpec = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise RecipeError(f"{p}: key '{key}': {msg}") from e
+    validate_recipe(recipe, str(p))
+    return recipe
+
+
+def recipe_to_dict(recipe: RecipeSpec) -> dict[str, Any]:
+    """Plain, JSON-serializable form of a recipe (the form recorded in the manifest)."""
+    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)  # type: ignore[return-value]
+
+
+def canonical_json(obj: Any) -> str:
+    """The one serialization that hashes are taken over: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def recipe_hash(recipe: RecipeSpec) -> str:
+    """sha256 of the format version and the resolved recipe (seed included)."""
+    payload = canonical_json({"format": FORMAT_VERSION, "recipe": recipe_to_dict(recipe)})
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

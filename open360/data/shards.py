@@ -1,0 +1,204 @@
+"""Shard files (parquet, zstd) and `ShardSet`, the verified read side of a built shard folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from open360.data.recipe import FORMAT_VERSION, canonical_json
+from open360.data.tokenizer import TokenizerMismatchError, tokenizer_bytes_hash
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+
+
+class ShardError(ValueError):
+    """A shard folder is incomplete, altered or inconsistent with its manifest."""
+
+
+def chunk_file(k: int) -> str:
+    return f"train_{k:05d}.parquet"
+
+
+def validation_file(source: str) -> str:
+    return f"val_{source}.parquet"
+
+
+def content_sha256(tokens: np.ndarray, sources: list[str]) -> str:
+    """Hash of a shard's content (tokens as little-endian int32, then the source names), not its file bytes."""
+    h = hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+    h.update("\n".join(sources).encode("utf-8"))
+    return h.hexdigest()
+
+
+def write_rows(path: Path, tokens: np.ndarray, sources: list[str], first_id: int, row_group_size: int) -> str:
+    """Write rows atomically (temp file + rename) as parquet with zstd; return the content hash."""
+    n, row_len = tokens.shape
+    flat = pa.array(np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1))
+    table = pa.table({
+        "seq_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
+        "source": pa.array(sources, type=pa.string()).dictionary_encode(),
+        "token_ids": pa.FixedSizeListArray.from_arrays(flat, row_len),
+    })
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, write_statistics=False)
+    os.replace(tmp, path)
+    return content_sha256(tokens, sources)
+
+
+def read_rows(path: Path, row_groups: list[int] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Read token rows [n, seq_len+1] and their sources from a shard file (all, or some row groups)."""
+    pf = pq.ParquetFile(path)
+    table = pf.read_row_groups(row_groups, columns=["token_ids", "source"]) if row_groups is not None \
+        else pf.read(columns=["token_ids", "source"])
+    return _tokens_of(table), table.column("source").cast(pa.string()).to_pylist()
+
+
+def _tokens_of(table: pa.Table) -> np.ndarray:
+    col = table.column("token_ids").combine_chunks()
+    row_len = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False).reshape(-1, row_len)
+
+
+def manifest_hash_of(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_hash"}
+    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+class ShardSet:
+    """A built shard folder: manifest, tokenizer and random access to sequences by global id."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], cache_row_groups: int = 64) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._files: dict[int, pq.ParquetFile] = {}
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_size = cache_row_groups
+        self.chunk_sizes: list[int] = [int(c["rows"]) for c in manifest["chunks"]]
+        self._starts = np.concatenate([[0], np.cumsum(self.chunk_sizes)]).astype(np.int64)
+        self.row_group_size: int = int(manifest["row_group_size"])
+
+    @classmethod
+    def open(cls, path: str | Path, expected_tokenizer_hash: str | None = None) -> ShardSet:
+        """Open and verify a shard folder: manifest hash, tokenizer hash, every file present with its rows.
+
+        `expected_tokenizer_hash` (e.g. the tokenizer a model was trained with) must match the shards'.
+        """
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise ShardError(f"{path}: no {MANIFEST} — not a shard folder or the build did not finish; "
+                             "run `open360 data build` again (it resumes)")
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT_VERSION:
+            raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}; rebuild")
+        if manifest_hash_of(manifest) != manifest.get("manifest_hash"):
+            raise ShardError(f"{mpath}: manifest_hash does not match its content — the manifest was edited; "
+                             "rebuild the shards")
+        tok_path = path / TOKENIZER
+        actual = tokenizer_bytes_hash(tok_path.read_bytes()) if tok_path.is_file() else None
+        if actual != manifest["tokenizer"]["sha256"]:
+            raise TokenizerMismatchError(f"{tok_path}: sha256 {actual} but the manifest records "
+                                         f"{manifest['tokenizer']['sha256']}; the tokenizer file was replaced")
+        if expected_tokenizer_hash is not None and expected_tokenizer_hash != actual:
+            raise TokenizerMismatchError(f"{path}: shards were tokenized with tokenizer {actual[:12]} but "
+                                         f"{expected_tokenizer_hash[:12]} was expected; use the model's "
+                                         "tokenizer to build the shards (or the shards' tokenizer.json)")
+        for entry in [*manifest["chunks"], *manifest["validation"].values()]:
+            f = path / entry["file"]
+            if not f.is_file():
+                raise ShardError(f"{f}: listed in the manifest but missing; `dvc pull` it or rebuild")
+            rows = pq.ParquetFile(f).metadata.num_rows
+            if rows != entry["rows"]:
+                raise ShardError(f"{f}: {rows} rows, the manifest records {entry['rows']}; rebuild")
+        return cls(path, manifest)
+
+    @property
+    def manifest_hash(self) -> str:
+        return self.manifest["manifest_hash"]
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.manifest["num_sequences"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["tokenizer"]["eos_id"])
+
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.manifest["sources"])
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(str(self.tokenizer_path))
+
+    def chunk_of(self, seq_id: int | np.ndarray) -> int | np.ndarray:
+        """The chunk index holding each global sequence id."""
+        ids = np.asarray(seq_id, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_sequences):
+            raise IndexError(f"sequence id out of range [0, {self.num_sequences}) in {self.path}")
+        out = np.searchsorted(self._starts, ids, side="right") - 1
+        return int(out) if out.ndim == 0 else out
+
+    def _row_group(self, chunk: int, rg: int) -> np.ndarray:
+        key = (chunk, rg)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        if chunk not in self._files:
+            self._files[chunk] = pq.ParquetFile(self.path / self.manifest["chunks"][chunk]["file"])
+        arr = _tokens_of(self._files[chunk].read_row_group(rg, columns=["token_ids"]))
+        self._cache[key] = arr
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return arr
+
+    def sequences(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Token rows [len(ids), seq_len+1] (int64) of global sequence ids, in the order given."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        if not len(ids):
+            return out
+        chunks = np.asarray(self.chunk_of(ids)).reshape(-1)
+        local = ids - self._starts[chunks]
+        rgs = local // self.row_group_size
+        for c, rg in sorted(set(zip(chunks.tolist(), rgs.tolist(), strict=True))):
+            sel = (chunks == c) & (rgs == rg)
+            out[sel] = self._row_group(c, rg)[local[sel] - rg * self.row_group_size]
+        return out
+
+    def validation(self, source: str) -> np.ndarray:
+        """The held-out rows [n, seq_len+1] (int64) of one source."""
+        if source not in self.manifest["validation"]:
+            raise KeyError(f"no validation split for source '{source}' in {self.path}; "
+                           f"sources: {sorted(self.manifest['validation'])}")
+        tokens, _ = read_rows(self.path / self.manifest["validation"][source]["file"])
+        return tokens.astype(np.int64)
+
+    def verify_content(self) -> None:
+        """Re-hash every shard's content against the manifest (reads everything; cheap for small sets)."""
+        for entry in [*self.manifest["chunks"], *self.manifest["validation"].values()]:
+            tokens, sources = read_rows(self.path / entry["file"])
+            if content_sha256(tokens, sources) != entry["content_sha256"]:
+                raise ShardError(f"{self.path / entry['file']}: content differs from the manifest; rebuild")

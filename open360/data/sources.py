@@ -1,0 +1,189 @@
+"""Read stage: stream documents (or pre-tokenized LLM360 rows) from a recipe source, counting bad input."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from open360.data.recipe import SourceSpec
+from open360.paths import resolve_repo_path
+
+
+class SourceError(ValueError):
+    """A source cannot be read: the message names the source, the file and what to do."""
+
+
+@dataclass
+class Doc:
+    """One input document: text to tokenize, or token ids from an LLM360 pre-tokenized chunk."""
+
+    text: str | None
+    origin: str  # "file:line" or "hub:index", for error messages and debugging
+    token_ids: list[int] | None = None
+
+
+def resolve_files(source: SourceSpec) -> list[Path]:
+    """The local files of a source, sorted; a missing path is an error naming the source."""
+    assert source.path is not None
+    base = resolve_repo_path(source.path)
+    if base.is_dir():
+        files = sorted(p for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+    elif any(c in source.path for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(base), recursive=True) if Path(p).is_file())
+    else:
+        files = [base] if base.is_file() else []
+    if not files:
+        raise SourceError(f"source '{source.name}': no file at path '{source.path}' (resolved to {base}); "
+                          "check the recipe's 'path' (relative to the repository root)")
+    return files
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_pinned_hash(source: SourceSpec, files: list[Path]) -> None:
+    """If the recipe pins a sha256, the (single) input file must match it."""
+    if source.sha256 is None:
+        return
+    if len(files) != 1:
+        raise SourceError(f"source '{source.name}': 'sha256' pins one file but path matches {len(files)}")
+    actual = file_sha256(files[0])
+    if actual != source.sha256:
+        raise SourceError(f"source '{source.name}': {files[0]} has sha256 {actual}, the recipe pins "
+                          f"{source.sha256}; the file changed — restore it (data_recipes/corpus/make_corpus.py "
+                          "regenerates the embedded corpus) or update the pin")
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def iter_jsonl(path: Path, bad: Counter) -> Iterator[tuple[int, dict]]:
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad["invalid_utf8"] += 1
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad["malformed_json"] += 1
+                continue
+            if not isinstance(row, dict):
+                bad["malformed_json"] += 1
+                continue
+            yield lineno, row
+
+
+def _read_jsonl(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
+    for path in files:
+        for lineno, row in iter_jsonl(path, bad):
+            text = row.get(source.text_field)
+            if not isinstance(text, str):
+                bad["missing_field"] += 1
+                continue
+            yield Doc(text, f"{path}:{lineno}")
+
+
+def _split_text(text: str, sample_by: str) -> list[str]:
+    if sample_by == "document":
+        return [text]
+    if sample_by == "line":
+        return text.split("\n")
+    return [p for p in text.split("\n\n")]
+
+
+def _read_text(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
+    for path in files:
+        with _open_binary(path) as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad["invalid_utf8"] += 1  # the whole file is one unit of bad input
+            if source.sample_by == "document":
+                continue
+            text = data[: e.start].decode("utf-8")
+        for i, part in enumerate(_split_text(text, source.sample_by)):
+            yield Doc(part, f"{path}:{i + 1}")
+
+
+def _read_llm360_local(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
+    for path in files:
+        for lineno, row in iter_jsonl(path, bad):
+            ids = row.get("token_ids")
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                bad["missing_field"] += 1
+                continue
+            if source.select_source is not None and row.get("source") != source.select_source:
+                continue
+            yield Doc(None, f"{path}:{lineno}", token_ids=ids)
+
+
+def _read_datasets(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
+    """Parquet files and hub datasets go through `datasets.load_dataset` (streamed)."""
+    import datasets
+
+    if source.type == "parquet":
+        files = resolve_files(source)
+        check_pinned_hash(source, files)
+        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", streaming=True)
+        where = source.path
+    else:
+        kwargs = {"data_files": source.hf_data_files} if source.hf_data_files else {}
+        ds = datasets.load_dataset(source.hf_name, source.hf_config, split=source.split,
+                                   streaming=source.streaming, **kwargs)
+        where = f"hub:{source.hf_name}"
+    for i, row in enumerate(ds):
+        if source.type == "llm360_chunks":
+            ids = row.get("token_ids")
+            if not isinstance(ids, list):
+                bad["missing_field"] += 1
+                continue
+            if source.select_source is not None and row.get("source") != source.select_source:
+                continue
+            yield Doc(None, f"{where}:{i}", token_ids=ids)
+            continue
+        text = row.get(source.text_field)
+        if not isinstance(text, str):
+            if source.text_field not in row:
+                raise SourceError(f"source '{source.name}': {where} row {i} has no field '{source.text_field}' "
+                                  f"(fields: {sorted(row)}); set 'text_field' in the recipe")
+            bad["missing_field"] += 1
+            continue
+        yield Doc(text, f"{where}:{i}")
+
+
+def read_source(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
+    """Stream the documents of a source in a fixed order, up to `max_docs`; bad input goes to `bad`."""
+    if source.type in ("parquet", "hf") or (source.type == "llm360_chunks" and source.path is None):
+        docs = _read_datasets(source, bad)
+    else:
+        files = resolve_files(source)
+        check_pinned_hash(source, files)
+        if source.type == "jsonl":
+            docs = _read_jsonl(source, files, bad)
+        elif source.type == "llm360_chunks":
+            docs = _read_llm360_local(source, files, bad)
+        else:  # text, dir
+            docs = _read_text(source, files, bad)
+    for n, doc in enumerate(docs):
+        if source.max_docs is not None and n >= source.max_docs:
+            return
+        yield doc

@@ -1,0 +1,95 @@
+"""Tokenizer stage: train a deterministic byte-level BPE on the recipe's sources, or load one."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from open360.data.filters import normalize
+from open360.data.recipe import RecipeSpec, canonical_json, recipe_to_dict
+from open360.data.sources import read_source
+from open360.paths import resolve_repo_path
+
+_SOURCE_READ_KEYS = ("type", "path", "hf_name", "hf_config", "hf_data_files", "split", "text_field", "sample_by",
+                     "select_source", "sha256", "max_docs")
+
+
+class TokenizerMismatchError(ValueError):
+    """Shards were built with a different tokenizer than the one offered (the OLMo EOS-swap bug)."""
+
+
+def tokenizer_bytes_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def training_key(recipe: RecipeSpec) -> str:
+    """Hash of what a trained tokenizer depends on: its spec and how its sources are read (not weights)."""
+    d = recipe_to_dict(recipe)
+    tok = d["tokenizer"]
+    names = tok["train_sources"] or [s["name"] for s in d["sources"]]
+    srcs = [{k: s[k] for k in _SOURCE_READ_KEYS} for s in d["sources"] if s["name"] in names]
+    return hashlib.sha256(canonical_json({"tokenizer": tok, "sources": srcs}).encode()).hexdigest()
+
+
+def _training_texts(recipe: RecipeSpec) -> Iterator[str]:
+    names = recipe.tokenizer.train_sources or [s.name for s in recipe.sources]
+    for source in recipe.sources:
+        if source.name not in names or source.type == "llm360_chunks":
+            continue
+        budget = recipe.tokenizer.train_max_chars
+        for doc in read_source(source, Counter()):
+            text = normalize(doc.text or "")
+            if not text.strip():
+                continue
+            yield text[:budget]
+            budget -= len(text)
+            if budget <= 0:
+                break
+
+
+def train_bpe(recipe: RecipeSpec) -> Tokenizer:
+    """Byte-level BPE with vocab_size entries (EOS first, then the special tokens), no randomness."""
+    spec = recipe.tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        min_frequency=2,
+        special_tokens=[spec.eos_token, *[t for t in spec.special_tokens if t != spec.eos_token]],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_texts(recipe), trainer=trainer)
+    return tok
+
+
+def obtain_tokenizer(recipe: RecipeSpec, cache_dir: Path) -> bytes:
+    """The serialized tokenizer.json of the recipe: trained (cached by `training_key`), a file, or the hub."""
+    spec = recipe.tokenizer
+    if spec.kind == "file":
+        path = resolve_repo_path(spec.path or "")
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer.path: {path} does not exist; point it at a tokenizer.json")
+        tok = Tokenizer.from_file(str(path))
+    elif spec.kind == "hub":
+        tok = Tokenizer.from_pretrained(spec.name)
+    else:
+        cached = cache_dir / f"bpe-{training_key(recipe)[:16]}.json"
+        if cached.is_file():
+            return cached.read_bytes()
+        data = train_bpe(recipe).to_str().encode("utf-8")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".tmp-{os.getpid()}-{cached.name}")
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)
+        return data
+    if tok.token_to_id(spec.eos_token) is None:
+        raise ValueError(f"tokenizer '{spec.path or spec.name}' has no token '{spec.eos_token}'; "
+                         "set tokenizer.eos_token to its end-of-text token")
+    return tok.to_str().encode("utf-8")

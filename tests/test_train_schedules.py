@@ -37,8 +37,10 @@ def test_linear_constant_wsd() -> None:
 def test_schedule_errors() -> None:
     with pytest.raises(ValueError, match="schedule.kind='step'"):
         Schedule("step", total_steps=10)
-    with pytest.raises(ValueError, match="warmup_steps=20"):
-        Schedule("cosine", total_steps=10, warmup_steps=20)
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        Schedule("cosine", total_steps=10, warmup_steps=-1)
+    short = Schedule("cosine", total_steps=10, warmup_steps=20)  # a run cut before its warmup ends
+    assert short.factor(9) == pytest.approx(0.5)
 
 
 def test_single_implicit_stage_from_config() -> None:

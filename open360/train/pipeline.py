@@ -145,6 +145,25 @@ def run_training(cfg: DictConfig, device: str) -> dict[str, Any]:
         shutdown_distributed()
 
 
+def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSettings:
+    """Batch geometry, precision, guards and FLOP figures of the run, from cfg.trainer/optim/model."""
+    from open360.models import training_flops_per_token
+
+    seq_len = int(cfg.trainer.seq_len)
+    return TrainerSettings(
+        global_batch_size=int(cfg.trainer.global_batch_size),
+        micro_batch_size=int(cfg.trainer.micro_batch_size),
+        seq_len=seq_len,
+        grad_clip=float(cfg.optim.grad_clip),
+        autocast_dtype=resolve_precision(str(cfg.trainer.precision), device),
+        loss_spike_factor=float(cfg.trainer.loss_spike_factor),
+        log_every=int(cfg.trainer.log_every),
+        progress_bar=bool(cfg.trainer.progress_bar),
+        flops_per_token=training_flops_per_token(cfg.model, seq_len),
+        peak_flops=peak_flops(env.device),
+    )
+
+
 def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_name = str(cfg.run_name)
@@ -158,24 +177,12 @@ def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
             remove_stale_temp_dirs(d)
 
     seed_everything(int(cfg.trainer.seed))
-    from open360.models import build_model, training_flops_per_token
+    from open360.models import build_model
 
     model = build_model(cfg.model).to(env.device)
     optimizer = build_optimizer(model, cfg.optim)
     module = parallelize(model, env, str(cfg.trainer.distributed))
-    seq_len = int(cfg.trainer.seq_len)
-    settings = TrainerSettings(
-        global_batch_size=int(cfg.trainer.global_batch_size),
-        micro_batch_size=int(cfg.trainer.micro_batch_size),
-        seq_len=seq_len,
-        grad_clip=float(cfg.optim.grad_clip),
-        autocast_dtype=resolve_precision(str(cfg.trainer.precision), device),
-        loss_spike_factor=float(cfg.trainer.loss_spike_factor),
-        log_every=int(cfg.trainer.log_every),
-        progress_bar=bool(cfg.trainer.progress_bar),
-        flops_per_token=training_flops_per_token(cfg.model, seq_len),
-        peak_flops=peak_flops(env.device),
-    )
+    settings = build_settings(cfg, device, env)
     shards = ShardProvider(cfg, workspace, env)
     writer = CheckpointWriter(
         published_dir, recovery_dir, int(cfg.checkpoint.keep_ephemeral), background=env.device.type == "cuda"

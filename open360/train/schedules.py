@@ -21,10 +21,10 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"schedule.kind={self.kind!r}: expected one of {', '.join(KINDS)}")
-        if self.total_steps <= 0 or not 0 <= self.warmup_steps <= self.total_steps:
+        if self.total_steps <= 0 or self.warmup_steps < 0:
             raise ValueError(
                 f"schedule: warmup_steps={self.warmup_steps}, total steps={self.total_steps}: "
-                "expected total > 0 and 0 <= warmup <= total"
+                "expected total > 0 and warmup >= 0"
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError(

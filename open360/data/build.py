@@ -81,10 +81,13 @@ def global_order(recipe: RecipeSpec, available: list[int], counts: list[int]) ->
             continue
         rng = np.random.default_rng([recipe.seed, 1, i])
         reps = -(-c // n)
-        picks = np.concatenate([rng.permutation(n) for _ in range(reps)])[:c]
+        passes = [rng.permutation(n) if recipe.mix.shuffle else np.arange(n) for _ in range(reps)]
+        picks = np.concatenate(passes)[:c]
         src.append(np.full(c, i, dtype=np.int64))
         row.append(picks.astype(np.int64))
     src_all, row_all = np.concatenate(src), np.concatenate(row)
+    if not recipe.mix.shuffle:
+        return src_all, row_all
     perm = np.random.default_rng([recipe.seed, 2]).permutation(len(src_all))
     return src_all[perm], row_all[perm]
 

@@ -137,6 +137,7 @@ class MixSpec:
 
     total_sequences: int | None = None  # None = as many as the scarcest source allows, no repeats
     allow_repeat: bool = False  # let a source be repeated (up-sampled) to reach its share
+    shuffle: bool = True  # False keeps the input order (e.g. LLM360's released, already shuffled chunks)
 
 
 @dataclass

@@ -92,4 +92,8 @@ def obtain_tokenizer(recipe: RecipeSpec, cache_dir: Path) -> bytes:
     if tok.token_to_id(spec.eos_token) is None:
         raise ValueError(f"tokenizer '{spec.path or spec.name}' has no token '{spec.eos_token}'; "
                          "set tokenizer.eos_token to its end-of-text token")
+    missing = [t for t in spec.special_tokens if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"tokenizer '{spec.path or spec.name}' lacks the special tokens {missing} that "
+                         "tokenizer.special_tokens lists; use a tokenizer that has them or drop them")
     return tok.to_str().encode("utf-8")

@@ -33,16 +33,17 @@ def build_callbacks(cfg: DictConfig, workspace: Path, is_main: bool) -> list[Cal
             buffer_steps=int(tracking.metric_buffer_steps),
             system_metrics=bool(tracking.system_metrics),
         )
-        callbacks.append(logger)
+        logger.record_local_checkpoints = not tracking.dvc
     if tracking.dvc:
         from open360.tracking.dvc_versioning import DvcVersioner
 
         versioner = DvcVersioner(Path(workspace), remote=tracking.dvc_remote, push=bool(tracking.dvc_push))
         if logger is not None:
             versioner.listeners.append(logger.record_checkpoint)
+        # First: its on_run_end drains the pending pushes, whose records still go to the open MLflow run.
         callbacks.append(versioner)
-    elif logger is not None:
-        logger.record_local_checkpoints = True
+    if logger is not None:
+        callbacks.append(logger)
     return callbacks
 
 

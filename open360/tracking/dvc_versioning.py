@@ -66,7 +66,43 @@ def _link_types(configured: Sequence[str], probe_dir: Path) -> list[str]:
             p.unlink(missing_ok=True)
 
 
-def _explain(err: BaseException, action: str, path: Path, ws: Path) -> VersioningError:
+class _ErrorLog:
+    """Collects the ERROR records DVC logs during a call (they hold the cause of a failed transfer)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.messages: list[str] = []
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                cause = f" ({record.exc_info[1]})" if record.exc_info and record.exc_info[1] else ""
+                outer.messages.append(record.getMessage() + cause)
+
+        self.handler = Handler(level=logging.ERROR)
+        self.loggers = [logging.getLogger(name) for name in ("dvc", "dvc_data", "dvc_objects")]
+
+    def __enter__(self) -> _ErrorLog:
+        for logger in self.loggers:
+            logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for logger in self.loggers:
+            logger.removeHandler(self.handler)
+
+
+def _remote_description(repo: Any, name: str | None) -> str:
+    try:
+        name = name or repo.config["core"].get("remote")
+        url = repo.config["remote"][name]["url"]
+    except (KeyError, TypeError):
+        return f"remote {name!r}"
+    return f"remote {name!r} ({url})"
+
+
+def _explain(err: BaseException, action: str, path: Path, ws: Path, detail: str = "") -> VersioningError:
     """Turn a DVC/OS exception into a VersioningError that names the file, the cause and the fix."""
     from dvc.config import NoRemoteError, RemoteNotFoundError
     from dvc.dvcfile import FileIsGitIgnored
@@ -85,7 +121,7 @@ def _explain(err: BaseException, action: str, path: Path, ws: Path) -> Versionin
     elif isinstance(err, RemoteNotFoundError):
         msg = f"{where}: {err}; check tracking.dvc_remote against `dvc remote list` in {ws}"
     elif isinstance(err, (UploadError, DownloadError)):
-        msg = f"{where}: {err} (remote unreachable, unwritable or full?)"
+        msg = f"{where}: {err}{detail or ' (remote unreachable, unwritable or full?)'}"
     elif isinstance(err, LockError):
         msg = f"{where}: the DVC repository stayed locked by another process ({err})"
     elif isinstance(err, (ParseError, FileIsGitIgnored)):
@@ -140,9 +176,16 @@ class DvcWorkspace:
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.5
         while True:
+            detail = ""
             try:
-                with self.repo() as repo:
-                    return fn(repo)
+                with self.repo() as repo, _ErrorLog() as log:
+                    try:
+                        return fn(repo)
+                    finally:
+                        if log.messages:
+                            detail = (
+                                f" [{_remote_description(repo, self.remote)}: {'; '.join(log.messages[-3:])}]"
+                            )
             except LockError as err:
                 if time.monotonic() > deadline:
                     raise _explain(err, action, path, self.workspace) from err
@@ -151,7 +194,7 @@ class DvcWorkspace:
             except VersioningError:
                 raise
             except Exception as err:
-                raise _explain(err, action, path, self.workspace) from err
+                raise _explain(err, action, path, self.workspace, detail) from err
 
     def _rel(self, path: Path) -> str:
         p = Path(path)
@@ -365,7 +408,13 @@ class DvcVersioner(Callback):
         finally:
             self.records[step] = record
             for listener in self.listeners:
-                listener(step, record)
+                try:
+                    listener(step, record)
+                except Exception as err:  # noqa: BLE001 - a record consumer must not fail the versioning
+                    print(
+                        f"open360.tracking: checkpoint record of step {step} not delivered: {err}",
+                        file=sys.stderr,
+                    )
 
     def _catch_up(self, run_dir: Path) -> None:
         """A resumed (or retried) run first adds and pushes earlier checkpoints that never made it."""

@@ -139,8 +139,11 @@ class MlflowLogger(Callback):
 
     def record_checkpoint(self, step: int, record: dict[str, Any]) -> None:
         """Attach the record of a published checkpoint (path, DVC md5, git revision) to the run at `step`."""
-        if self._worker is not None:
-            self._worker.submit(self._log_checkpoint_record, step, dict(record))
+        if self._worker is None:
+            raise RuntimeError(
+                f"MLflow logger of run {self.run_name!r} not started; checkpoint {step} not recorded"
+            )
+        self._worker.submit(self._log_checkpoint_record, step, dict(record))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued MLflow write is done (tests, benchmarks)."""

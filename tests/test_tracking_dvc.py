@@ -1,0 +1,183 @@
+"""DVC versioning: granular add/push/pull of checkpoint folders, hardlinked cache, faults and retries."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from open360.checkpoint import CheckpointContents, save_checkpoint, verify_checkpoint
+from open360.tracking import build_callbacks, pull_checkpoint
+from open360.tracking.checkpoints import run_checkpoints
+from open360.tracking.dvc_versioning import DvcVersioner, DvcWorkspace, VersioningError, push_pending
+from open360.tracking.workspace import init_workspace
+from open360.train.callbacks import RunInfo
+
+
+def write_checkpoint(ws: Path, run: str, step: int, size: int = 4096) -> Path:
+    """A real checkpoint folder (open360.checkpoint format) with random weights of `size` floats."""
+    gen = torch.Generator().manual_seed(step)
+    contents = CheckpointContents(
+        model={"w": torch.randn(size, generator=gen)},
+        optimizer={"state": {}, "param_groups": []},
+        trainer_state={"step": step, "tokens_seen": step * 2048, "loss": 10.0 / (step + 1)},
+        rng={"seed": step},
+        config_yaml=f"run_name: {run}\n",
+        lineage={"run_name": run},
+    )
+    return save_checkpoint(ws / "checkpoints" / run, step, contents)
+
+
+@pytest.fixture()
+def ws(tmp_path: Path) -> Path:
+    return init_workspace(tmp_path / "ws")
+
+
+def clone(ws: Path, dest: Path) -> Path:
+    """A fresh git clone of the workspace (empty DVC cache) pointed at the same remote."""
+    subprocess.run(["git", "clone", "-q", str(ws), str(dest)], check=True)
+    subprocess.run(["git", "-C", str(ws), "config", "user.email", "t@t"], check=True)
+    from dvc.repo import Repo
+
+    with Repo(str(dest)) as repo, repo.config.edit("local") as conf:
+        conf["remote"]["local"] = {"url": str(ws / ".dvc-storage")}
+    return dest
+
+
+def commit(ws: Path) -> None:
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "checkpoints"], check=True)
+
+
+def test_granular_add_hardlinks_and_clone_pulls_exactly_one(ws: Path, tmp_path: Path) -> None:
+    store = DvcWorkspace(ws)
+    paths = [write_checkpoint(ws, "r", s) for s in (1, 2, 3)]
+    md5s = [store.add(p) for p in paths]
+    assert len(set(md5s)) == 3 and all(m.endswith(".dir") for m in md5s)
+    # hardlink-first caching: the cache holds the same inode, nothing was copied
+    weights = paths[1] / "model.safetensors"
+    assert os.stat(weights).st_nlink == 2
+    tracked = store.tracked_children(ws / "checkpoints" / "r")
+    assert sorted(tracked) == ["step_1", "step_2", "step_3"]
+    assert tracked["step_2"].md5 == md5s[1]
+    assert store.push(paths) > 0
+    assert store.missing_on_remote(list(tracked.values())) == {d.path: 0 for d in tracked.values()}
+    commit(ws)
+
+    fresh = clone(ws, tmp_path / "clone")
+    assert not (fresh / ".dvc" / "cache").exists()
+    got = pull_checkpoint(fresh, "r", 2)
+    assert got == fresh / "checkpoints" / "r" / "step_2"
+    verify_checkpoint(got)
+    assert sorted(p.name for p in (fresh / "checkpoints" / "r").iterdir()) == ["step_2"]
+    assert (got / "model.safetensors").read_bytes() == weights.read_bytes()
+    # the inventory of the clone still knows every step from checkpoints.dvc
+    entries = run_checkpoints(fresh, "r")
+    assert [(e.step, e.local) for e in entries] == [(1, False), (2, True), (3, False)]
+    assert pull_checkpoint(fresh, "r", "~3") == fresh / "checkpoints" / "r" / "step_3"
+    assert sorted(p.name for p in (fresh / "checkpoints" / "r").iterdir()) == ["step_2", "step_3"]
+
+
+def test_callback_adds_and_pushes_in_background(ws: Path) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {"run_name": "r", "tracking": {"mlflow": False, "dvc": True, "dvc_push": True, "dvc_remote": None}}
+    )
+    (versioner,) = build_callbacks(cfg, ws, is_main=True)
+    assert build_callbacks(cfg, ws, is_main=False) == []
+    assert isinstance(versioner, DvcVersioner)
+    versioner.on_run_start(RunInfo("r", ws, ws / "checkpoints" / "r", {}, "", 0))
+    for step in (5, 10):
+        versioner.on_checkpoint_saved(step, write_checkpoint(ws, "r", step), published=True)
+    versioner.on_checkpoint_saved(12, ws / "recovery" / "r" / "step_12", published=False)
+    versioner.on_run_end({"status": "finished"})
+    assert versioner.errors == []
+    assert sorted(versioner.records) == [5, 10]
+    assert versioner.records[10]["pushed"] is True
+    assert versioner.records[10]["path"] == "checkpoints/r/step_10"
+    store = DvcWorkspace(ws)
+    assert store.tracked(ws / "checkpoints" / "r" / "step_10").md5 == versioner.records[10]["dvc_md5"]
+
+
+def test_no_remote_then_retry_completes(ws: Path, tmp_path: Path) -> None:
+    from dvc.repo import Repo
+
+    with Repo(str(ws)) as repo, repo.config.edit() as conf:
+        del conf["remote"]["local"]
+        del conf["core"]["remote"]
+    versioner = DvcVersioner(ws)
+    versioner.on_run_start(RunInfo("r", ws, ws / "checkpoints" / "r", {}, "", 0))
+    path = write_checkpoint(ws, "r", 1)
+    versioner.on_checkpoint_saved(1, path, published=True)
+    versioner.on_run_end({"status": "finished"})
+    (error,) = versioner.errors
+    assert "no DVC remote is configured" in error and "dvc remote add" in error
+    verify_checkpoint(path)  # the local checkpoint is intact
+    assert versioner.records[1]["pushed"] is False
+    with Repo(str(ws)) as repo, repo.config.edit() as conf:
+        conf["remote"]["local"] = {"url": str(tmp_path / "remote")}
+        conf["core"]["remote"] = "local"
+    assert push_pending(DvcWorkspace(ws), ws / "checkpoints" / "r") == []  # already added, only pushed
+    tracked = DvcWorkspace(ws).tracked(path)
+    assert DvcWorkspace(ws).missing_on_remote([tracked]) == {tracked.path: 0}
+
+
+def test_unreachable_remote_and_disk_full_keep_checkpoint(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dvc.repo import Repo
+    from dvc_objects.fs.local import LocalFileSystem
+
+    path = write_checkpoint(ws, "r", 1)
+    with Repo(str(ws)) as repo, repo.config.edit() as conf:
+        conf["remote"]["down"] = {"url": "http://127.0.0.1:9/store"}
+    with pytest.raises(
+        VersioningError, match=r"failed to upload.*remote 'down' \(http://127.0.0.1:9/store\)"
+    ):
+        store = DvcWorkspace(ws, remote="down")
+        store.add(path)
+        store.push([path])
+    verify_checkpoint(path)
+
+    def disk_full(self: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalFileSystem, "put_file", disk_full)
+    with pytest.raises(VersioningError, match="No space left on device"):
+        DvcWorkspace(ws).push([path])
+    monkeypatch.undo()
+    verify_checkpoint(path)
+    assert DvcWorkspace(ws).push([path]) > 0  # the retry completes
+
+
+def test_hand_edited_dvc_file_gives_clear_error(ws: Path) -> None:
+    store = DvcWorkspace(ws)
+    store.add(write_checkpoint(ws, "r", 1))
+    dvc_file = ws / "checkpoints.dvc"
+    good = dvc_file.read_text()
+    dvc_file.write_text(good.replace(good.split("md5: ")[1][:32], "0" * 32))
+    path = write_checkpoint(ws, "r", 2)
+    with pytest.raises(VersioningError, match=r"checkpoints.*neither .*cache nor the remote.*git checkout"):
+        store.add(path)
+    dvc_file.write_text("outs: [unclosed\n")
+    with pytest.raises(VersioningError, match=r"checkpoints.dvc.*git checkout"):
+        store.add(path)
+    verify_checkpoint(path)
+    dvc_file.write_text(good)
+    assert store.add(path).endswith(".dir")
+
+
+def test_concurrent_runs_in_one_workspace(ws: Path) -> None:
+    paths = {run: write_checkpoint(ws, run, 1) for run in ("a", "b")}
+    script = (
+        "import sys; from pathlib import Path; from open360.tracking.dvc_versioning import DvcWorkspace; "
+        "s = DvcWorkspace(Path(sys.argv[1])); p = Path(sys.argv[2]); s.add(p); s.push([p])"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(ws), str(p)]) for p in paths.values()]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    store = DvcWorkspace(ws)
+    for run, path in paths.items():
+        assert store.tracked(path).path == f"checkpoints/{run}/step_1"

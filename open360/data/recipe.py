@@ -147,6 +147,7 @@ class RecipeSpec:
     name: str = MISSING
     description: str = ""
     sources: list[SourceSpec] = MISSING
+    weights: dict[str, float] = field(default_factory=dict)  # optional overrides of sources[*].weight by name
     filters: FilterSpec = field(default_factory=FilterSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     seq_len: int = MISSING  # model context; sequences are stored with seq_len + 1 tokens
@@ -232,6 +233,11 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         raise RecipeError(f"{p}: key '{key}': {msg}") from e
+    names = [s.name for s in recipe.sources]
+    for src_name, w in recipe.weights.items():
+        if src_name not in names:
+            raise RecipeError(f"{p}: key 'weights.{src_name}': no source named '{src_name}'; sources: {names}")
+        recipe.sources[names.index(src_name)].weight = float(w)
     validate_recipe(recipe, str(p))
     return recipe
 

@@ -1,0 +1,154 @@
+"""`open360 data build|batch|seen`: build shards, show the exact batch of a step, list ids seen by a step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from open360.paths import CONFIGS_DIR
+
+
+def _recipe_from_data_arg(arg: str) -> tuple[str, int]:
+    """`data=<name>` → (recipe path, seed) from configs/data/<name>.yaml, with DataConfig defaults."""
+    from open360.config.schema import DataConfig
+
+    name = arg.split("=", 1)[1]
+    path = CONFIGS_DIR / "data" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONFIGS_DIR / "data").glob("*.yaml"))
+        raise SystemExit(f"open360 data build: no data config '{name}' ({path}); choose one of {names}")
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
+    return str(cfg.recipe), int(cfg.seed)
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    """Per-source docs, filter drops, tokens and mix shares, as a fixed-width table."""
+    head = ("source", "read", "bad", "exact", "near", "quality", "classif", "kept", "tokens", "seqs", "used", "share")
+    rows = [head]
+    total = max(1, manifest["num_sequences"])
+    for name, s in manifest["sources"].items():
+        d = s["dropped"]
+        quality = sum(v for k, v in d.items() if k.startswith("quality:"))
+        rows.append((name, s["docs_read"], sum(s["bad"].values()), d.get("exact_dup", 0), d.get("near_dup", 0), quality,
+                     d.get("classifier", 0), s["docs_kept"], s["tokens_train"], s["sequences_available"],
+                     s["sequences_selected"], f"{s['sequences_selected'] / total:.3f}/{s['target_fraction']:.3f}"))
+    widths = [max(len(f"{r[i]:,}" if isinstance(r[i], int) else str(r[i])) for r in rows) for i in range(len(head))]
+    fmt = [(f"{v:,}" if isinstance(v, int) else str(v)) for r in rows for v in r]
+    lines = []
+    for r in range(len(rows)):
+        cells = fmt[r * len(head) : (r + 1) * len(head)]
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths,
+                                                                                                   strict=True))))
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"{manifest['num_sequences']:,} training sequences x {manifest['seq_len'] + 1} tokens in "
+                 f"{len(manifest['chunks'])} chunks; validation: "
+                 + ", ".join(f"{k} {v['rows']}" for k, v in manifest["validation"].items()))
+    return "\n".join(lines)
+
+
+def build_main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="open360 data build", description="Build the token shards of a data recipe "
+                                 "(idempotent: an existing matching shard folder is reused).")
+    ap.add_argument("data", nargs="?", help="Hydra-style data=<name> (configs/data/<name>.yaml)")
+    ap.add_argument("--recipe", help="path to a recipe YAML (instead of data=<name>)")
+    ap.add_argument("--shards-root", default="shards", help="folder holding shard folders (default: ./shards)")
+    ap.add_argument("--seed", type=int, help="build seed (default: the data config's, else the recipe's)")
+    ap.add_argument("--workers", type=int, default=2, help="processes for the per-source pipeline")
+    ap.add_argument("--worker-index", type=int, default=0, help="this worker's index (scale-out)")
+    ap.add_argument("--num-workers", type=int, default=1, help="workers sharing the build (scale-out)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    from open360.data.build import build_shards
+
+    if args.data and args.data.startswith("data="):
+        recipe, seed = _recipe_from_data_arg(args.data)
+    elif args.recipe:
+        recipe, seed = args.recipe, None
+    else:
+        ap.error("give data=<name> or --recipe PATH")
+    if args.seed is not None:
+        seed = args.seed
+    out = build_shards(recipe, args.shards_root, seed=seed, workers=args.workers, worker_index=args.worker_index,
+                       num_workers=args.num_workers, progress=not args.no_progress)
+    mpath = out / "manifest.json"
+    if not mpath.is_file():
+        print(f"worker {args.worker_index}/{args.num_workers} done; manifest.json is written once every worker "
+              f"has finished: {out}")
+        return 0
+    print(summary_table(json.loads(mpath.read_text())))
+    print(out)
+    return 0
+
+
+def _order_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shards", required=True, help="a shard folder (shards/<recipe>-<hash>)")
+    ap.add_argument("--step", type=int, required=True, help="0-based optimizer step")
+    ap.add_argument("--seed", type=int, default=42, help="the run's data-order seed (trainer.seed, default 42)")
+    ap.add_argument("--global-batch-size", type=int, required=True, help="sequences per optimizer step")
+
+
+def _order(args: argparse.Namespace):  # noqa: ANN202 - returns (ShardSet, DataOrder)
+    from open360.data.order import DataOrder
+    from open360.data.shards import ShardSet
+
+    shards = ShardSet.open(args.shards)
+    return shards, DataOrder(shards, args.seed, args.global_batch_size)
+
+
+def batch_main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="open360 data batch", description="Print the exact global batch of a step: "
+                                 "sequence ids and token ids (what the trainer consumes at that step).")
+    _order_args(ap)
+    ap.add_argument("--decode", action="store_true", help="also print each sequence as text")
+    ap.add_argument("--json", action="store_true", help="print one JSON object {step, ids, tokens}")
+    args = ap.parse_args(argv)
+    shards, order = _order(args)
+    ids = order.batch_ids(args.step)
+    tokens = shards.sequences(ids)
+    if args.json:
+        print(json.dumps({"step": args.step, "ids": ids.tolist(), "tokens": tokens.tolist()}))
+        return 0
+    tok = shards.tokenizer() if args.decode else None
+    chunks = np.asarray(shards.chunk_of(ids)).reshape(-1)
+    print(f"# step {args.step} (epoch {order.epoch_of(args.step)}), {len(ids)} sequences x {tokens.shape[1]} tokens, "
+          f"shards {shards.path.name}")
+    for sid, c, row in zip(ids.tolist(), chunks.tolist(), tokens, strict=True):
+        print(f"{sid}\tchunk {c}\t{' '.join(map(str, row.tolist()))}")
+        if tok is not None:
+            print("\t" + repr(tok.decode(row.tolist(), skip_special_tokens=False)))
+    return 0
+
+
+def seen_main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="open360 data seen", description="Sequence ids consumed by steps 0..step-1, "
+                                 "with counts per chunk (the input of memorization analysis).")
+    _order_args(ap)
+    ap.add_argument("--out", help="write the sorted ids to this file (.npy, or text with one id per line)")
+    args = ap.parse_args(argv)
+    shards, order = _order(args)
+    ids = order.seen_ids(args.step)
+    per_chunk = np.bincount(np.asarray(shards.chunk_of(ids)).reshape(-1), minlength=len(shards.chunk_sizes))
+    print(f"{len(ids):,} distinct sequences seen before step {args.step} of {shards.num_sequences:,}")
+    for k, (n, size) in enumerate(zip(per_chunk.tolist(), shards.chunk_sizes, strict=True)):
+        print(f"chunk {k:5d}: {n:>10,} / {size:,}")
+    if args.out:
+        out = Path(args.out)
+        if out.suffix == ".npy":
+            np.save(out, ids)
+        else:
+            out.write_text("".join(f"{i}\n" for i in ids.tolist()))
+        print(f"ids written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(build_main())

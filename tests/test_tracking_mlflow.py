@@ -1,0 +1,156 @@
+"""MLflow logger: batched metrics read back exactly, resume continues the run, params masked and bounded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from open360.tracking import build_callbacks
+from open360.tracking import mlflow_records as mr
+from open360.tracking.mlflow_logger import RUN_ID_KEY, MlflowLogger, resolve_tracking_uri
+from open360.tracking.params import MAX_PARAM_VALUE_LENGTH, config_params, is_secret_key, mask_secrets
+from open360.train.callbacks import RunInfo
+
+CONFIG = {
+    "run_name": "r",
+    "model": {"d_model": 64, "n_layers": 2},
+    "optim": {"lr": 3e-4, "betas": [0.9, 0.95]},
+    "stages": [{"name": "s1", "steps": 5}],
+    "services": {"hf_token": "hf_abc", "db": "postgresql://alice:hunter2@db/mlflow"},
+    "tokenizer": "bpe",
+    "long": "x" * 7000,
+}
+
+
+@pytest.fixture(scope="module")
+def db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialized mlflow.db (creating the schema takes seconds); each test copies it."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    mr.client(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture()
+def ws(tmp_path: Path, db_template: Path) -> Path:
+    shutil.copy(db_template, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+def info(ws: Path, start: int = 0, extra: dict | None = None) -> RunInfo:
+    return RunInfo("r", ws, ws / "checkpoints" / "r", CONFIG, "run_name: r\n", start, extra=extra or {})
+
+
+def test_params_masking_and_limits() -> None:
+    assert is_secret_key("a.hf_token") and is_secret_key("API_KEY") and is_secret_key("x.password")
+    assert (
+        not is_secret_key("tokenizer")
+        and not is_secret_key("tokens_seen")
+        and not is_secret_key("max_tokens")
+    )
+    params = config_params(CONFIG)
+    assert params["services.hf_token"] == "***"
+    assert params["services.db"] == "postgresql://alice:***@db/mlflow"
+    assert params["tokenizer"] == "bpe" and params["optim.betas"] == "[0.9, 0.95]"
+    assert params["stages.0.name"] == "s1"
+    assert len(params["long"]) == MAX_PARAM_VALUE_LENGTH and "truncated" in params["long"]
+    assert "hunter2" not in json.dumps(mask_secrets(CONFIG))
+    assert config_params({"secrets": {"db": "x"}})["secrets.db"] == "***"  # a secret group hides all
+
+
+def test_tracking_uri_resolves_inside_workspace(tmp_path: Path) -> None:
+    assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert resolve_tracking_uri("http://server:5000", tmp_path) == "http://server:5000"
+
+
+def test_metrics_batched_read_back_and_resume(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    batches: list[int] = []
+    original = MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), params=(), tags=(), **kw):  # noqa: ANN001, ANN202
+        if metrics:
+            batches.append(len(metrics))
+        return original(self, run_id, metrics=metrics, params=params, tags=tags, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, buffer_steps=10)
+    logger.on_run_start(info(ws))
+    computed = {}
+    for step in range(1, 26):
+        metrics = {"loss": 5.0 / step, "lr": 1e-3 * step, "tokens_seen": float(step * 256), "flag": True}
+        computed[step] = metrics
+        logger.on_step_end(step, metrics)
+        if step == 20:
+            logger.on_checkpoint_saved(step, ws / "checkpoints/r/step_20", published=True)
+    logger.record_checkpoint(
+        20, {"path": "checkpoints/r/step_20", "dvc_md5": "abc.dir", "git_revision": "deadbeef"}
+    )
+    meta = logger.run_metadata()
+    logger.on_run_end({"status": "finished"})
+    assert logger.errors == []
+    # 25 steps x 3 numeric metrics went out in 3 batches (10 + 10 steps, then the end), not 75 calls
+    assert batches == [30, 30, 15]
+    client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    run_id = meta[RUN_ID_KEY]
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, computed[s]["loss"]) for s in range(1, 26)]
+    assert "flag" not in client.get_run(run_id).data.metrics
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r"
+    assert run.data.params["services.hf_token"] == "***"
+    config_text = client.download_artifacts(run_id, "config/config.yaml", str(ws / "dl"))
+    text = Path(config_text).read_text()
+    assert "hf_abc" not in text and "hunter2" not in text and "d_model: 64" in text
+    assert mr.checkpoint_record(client, run_id, 20)["dvc_md5"] == "abc.dir"
+    assert mr.metrics_at(client, run_id, 20)["tokens_seen"] == 20 * 256
+    assert (ws / "mlartifacts").is_dir()
+
+    # resume from step 20: the same MLflow run continues; steps 21..25 are re-logged and the latest wins
+    resumed = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, buffer_steps=10)
+    resumed.on_run_start(info(ws, start=20, extra={RUN_ID_KEY: run_id}))
+    assert resumed.run_id == run_id
+    for step in range(21, 31):
+        resumed.on_step_end(step, {"loss": 1.0 / step})
+    resumed.on_run_end({"status": "failed"})
+    assert client.get_run(run_id).info.status == "FAILED"
+    latest = mr.metric_history(client, run_id)["loss"]
+    assert sorted(latest) == list(range(1, 31)) and latest[25] == 1.0 / 25
+    assert mr.find_run_id(client, "r") == run_id
+
+
+def test_resume_with_unknown_run_id_starts_new_run(ws: Path) -> None:
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    logger.on_run_start(info(ws, start=5, extra={RUN_ID_KEY: "0123456789abcdef"}))
+    logger.on_run_end({"status": "finished"})
+    client = mr.client(logger.tracking_uri)
+    assert client.get_run(logger.run_id).data.tags["open360.resumed_from_run_id"] == "0123456789abcdef"
+
+
+def test_build_callbacks_off_and_rank(tmp_path: Path) -> None:
+    off = OmegaConf.create({"run_name": "r", "tracking": {"mlflow": False, "dvc": False}})
+    assert build_callbacks(off, tmp_path, is_main=True) == []
+    on = OmegaConf.create(
+        {
+            "run_name": "r",
+            "tracking": {
+                "mlflow": True,
+                "mlflow_uri": "sqlite:///mlflow.db",
+                "experiment": "e",
+                "metric_buffer_steps": 5,
+                "system_metrics": False,
+                "dvc": False,
+                "dvc_push": False,
+                "dvc_remote": None,
+            },
+        }
+    )
+    assert build_callbacks(on, tmp_path, is_main=False) == []
+    (logger,) = build_callbacks(on, tmp_path, is_main=True)
+    assert isinstance(logger, MlflowLogger) and logger.record_local_checkpoints
+    assert logger.buffer_steps == 5 and logger.tracking_uri.endswith(f"{tmp_path}/mlflow.db")

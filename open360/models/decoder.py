@@ -366,6 +366,8 @@ class Decoder(nn.Module):
                     "allocate a longer cache"
                 )
             self.rotary.ensure_length(kv_cache.max_len)
+            if isinstance(start_pos, torch.Tensor):
+                start_pos = start_pos.to(input_ids.device)
             positions = torch.arange(T, device=input_ids.device) + start_pos
             cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]
             slots = torch.arange(kv_cache.max_len, device=input_ids.device)

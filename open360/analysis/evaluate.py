@@ -1,0 +1,381 @@
+"""Evaluation across checkpoints: per-source held-out loss/perplexity and lm-eval tasks, to parquet, MLflow, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import MISSING, DictConfig
+
+from open360.analysis.eval_cli import run_cli
+from open360.paths import resolve_repo_path, resolve_workspace_path
+
+DEFAULT_TASK_DIR = "analysis/tasks"
+EVAL_PARQUET = "eval.parquet"
+EVAL_PLOT = "eval_curves.png"
+EVAL_REPORT = "eval.md"
+COLUMNS = ["run", "step", "tokens_seen", "kind", "name", "metric", "value"]
+
+
+@dataclass
+class EvaluateConfig:
+    """`python -m open360.analysis.evaluate run=<run> [checkpoints=[...]] [workspace=...]`."""
+
+    run: str = MISSING
+    workspace: str = "."
+    checkpoints: list[int] = field(default_factory=list)  # steps; empty = every published checkpoint
+    max_checkpoints: int = 0  # 0 = all; else an evenly spaced subset (always incl. first and last)
+    recipe: str | None = None  # validation data of this recipe; None = the checkpoint's data.recipe
+    sources: list[str] = field(default_factory=list)  # empty = every source with a held-out split
+    val_sequences: int = 64  # held-out sequences per source (the first N of the split)
+    batch_size: int = 8
+    device: str = "cpu"
+    tasks: list[str] = field(default_factory=lambda: ["open360_python_cloze"])  # [] = no lm-eval
+    task_paths: list[str] = field(default_factory=lambda: [DEFAULT_TASK_DIR])  # lm-eval include paths
+    task_limit: int | None = None  # documents per task (None = all)
+    num_fewshot: int = 0
+    mlflow: bool = True  # log eval/* metrics at each checkpoint's step (into the training run)
+    out_dir: str | None = None  # default <workspace>/analysis/<run>
+    recompute: bool = False  # False: steps already in eval.parquet are kept, not evaluated again
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out loss
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sequence_nll(model: torch.nn.Module, sequences: np.ndarray | torch.Tensor, batch_size: int = 8,
+                 device: str = "cpu") -> torch.Tensor:
+    """Per-token next-token NLL [N, T] of packed sequences [N, T+1] (float64 on CPU)."""
+    seqs = torch.as_tensor(np.asarray(sequences), dtype=torch.long)
+    if seqs.ndim != 2 or seqs.shape[1] < 2:
+        raise ValueError(f"sequences: expected shape [N, T+1] with T >= 1, got {tuple(seqs.shape)}")
+    model.eval()
+    out = []
+    for i in range(0, seqs.shape[0], batch_size):
+        batch = seqs[i : i + batch_size].to(device)
+        logits = model(batch[:, :-1]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        out.append(nll.double().cpu())
+    return torch.cat(out)
+
+
+def validation_metrics(model: torch.nn.Module, val_sets: dict[str, np.ndarray], batch_size: int = 8,
+                       device: str = "cpu") -> dict[str, dict[str, float]]:
+    """{source: {"loss": mean token NLL, "ppl": exp(loss), "tokens": count}} over each held-out set."""
+    result = {}
+    for source, seqs in val_sets.items():
+        nll = sequence_nll(model, seqs, batch_size, device)
+        loss = float(nll.mean())
+        result[source] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": float(nll.numel())}
+    return result
+
+
+def load_validation_sets(shard_dir: Path, sources: Sequence[str] = (), max_sequences: int = 64) -> dict[str, np.ndarray]:
+    """First `max_sequences` held-out sequences [N, seq_len+1] of each source of a shard folder."""
+    from open360.data import ShardSet
+
+    shards = ShardSet.open(shard_dir)
+    available = sorted(shards.manifest["validation"])
+    wanted = list(sources) or available
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        raise ValueError(f"sources={unknown}: no held-out split in {shard_dir}; available: {available}")
+    return {s: np.asarray(shards.validation(s))[:max_sequences] for s in wanted}
+
+
+def shard_dir_for(full_cfg: DictConfig, workspace: Path, recipe: str | None = None) -> Path:
+    """The (built or existing) shard folder of a run's recipe (or `recipe`), built idempotently."""
+    from open360.data import build_shards
+
+    recipe_path = resolve_repo_path(recipe or full_cfg.data.recipe)
+    shards_root = resolve_workspace_path(workspace, full_cfg.data.get("shards_dir", "shards"))
+    return Path(build_shards(recipe_path, shards_root, seed=int(full_cfg.data.seed),
+                             workers=int(full_cfg.data.get("build_workers", 1))))
+
+
+# ----------------------------------------------------------------------------------------------
+# lm-eval-harness on an exported checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def lm_eval_tasks(hf_dir: Path | str, tasks: Sequence[str], task_paths: Sequence[str] = (DEFAULT_TASK_DIR,),
+                  limit: int | None = None, num_fewshot: int = 0, batch_size: int = 8,
+                  device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Run lm-eval's `simple_evaluate` with its HF model wrapper on an HF folder; {task: {metric: value}}.
+
+    Task YAMLs are found under `task_paths` (relative to the repository root) and lm-eval's own tasks.
+    """
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise RuntimeError("lm-eval is not installed: pip install 'lm-eval[hf]>=0.4.13,<0.5'") from err
+    paths = [str(resolve_repo_path(p)) for p in task_paths]
+    for p in paths:
+        if not Path(p).is_dir():
+            raise FileNotFoundError(f"task_paths: {p} is not a folder of lm-eval task YAMLs")
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    known = set(manager.all_tasks)
+    missing = [t for t in tasks if t not in known]
+    if missing:
+        manager = TaskManager(include_path=paths)  # fall back to lm-eval's bundled tasks (may need the hub)
+        missing = [t for t in tasks if t not in set(manager.all_tasks)]
+        if missing:
+            raise ValueError(f"tasks={missing}: not found in {paths} nor among lm-eval's tasks")
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(hf_dir), "dtype": "float32"},
+        tasks=list(tasks),
+        task_manager=manager,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results["results"].items():
+        values = {}
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in ("sample_len",) \
+                    and "stderr" not in metric:
+                values[metric] = float(value)
+        out[task] = values
+    return out
+
+
+def export_for_lm_eval(model: torch.nn.Module, full_cfg: DictConfig, tokenizer_file: Path, out_dir: Path) -> Path:
+    """Write the checkpoint's model as an HF folder lm-eval's `hf` model type loads."""
+    from open360.models.hf import export_hf
+
+    return Path(export_hf(model, full_cfg.model, tokenizer_file, out_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint selection and bookkeeping
+# ----------------------------------------------------------------------------------------------
+
+
+def select_checkpoints(available: Sequence[tuple[int, Path]], steps: Sequence[int] = (),
+                       max_checkpoints: int = 0) -> list[tuple[int, Path]]:
+    """The requested steps (all must exist), or all, thinned to `max_checkpoints` evenly spaced ones."""
+    by_step = dict(available)
+    if steps:
+        absent = sorted(set(steps) - set(by_step))
+        if absent:
+            raise ValueError(f"checkpoints={absent}: no such step; available steps: {sorted(by_step)}")
+        chosen = sorted(set(steps))
+    else:
+        chosen = sorted(by_step)
+    if max_checkpoints and len(chosen) > max_checkpoints:
+        idx = np.unique(np.linspace(0, len(chosen) - 1, max_checkpoints).round().astype(int))
+        chosen = [chosen[i] for i in idx]
+    return [(s, by_step[s]) for s in chosen]
+
+
+def tokens_seen(ckpt: Path, full_cfg: DictConfig, step: int) -> int:
+    """Tokens consumed by the checkpoint, from trainer_state.json (or step x batch x seq_len)."""
+    state_file = ckpt / "trainer_state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if "tokens_seen" in state:
+            return int(state["tokens_seen"])
+    return int(step) * int(full_cfg.trainer.global_batch_size) * int(full_cfg.trainer.seq_len)
+
+
+def _rows(run: str, step: int, tokens: int, kind: str, name: str, metrics: dict[str, float]) -> list[dict]:
+    return [dict(run=run, step=step, tokens_seen=tokens, kind=kind, name=name, metric=m, value=float(v))
+            for m, v in metrics.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow
+# ----------------------------------------------------------------------------------------------
+
+
+def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_id: str | None) -> str | None:
+    """Log `eval/<kind>/<name>/<metric>` at each step into the training run (or a new `<run>` run)."""
+    if df.empty:
+        return None
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from open360.tracking.mlflow_logger import resolve_tracking_uri
+
+    tracking = full_cfg.get("tracking") or {}
+    uri = resolve_tracking_uri(str(tracking.get("mlflow_uri", "sqlite:///mlflow.db")), workspace)
+    client = MlflowClient(tracking_uri=uri)
+    run_name = str(df["run"].iloc[0])
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            run_id = None
+    if run_id is None:
+        exp_name = str(tracking.get("experiment", "open360"))
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
+        found = client.search_runs([exp_id], f"tags.mlflow.runName = '{run_name}'", max_results=1)
+        run_id = found[0].info.run_id if found else client.create_run(
+            exp_id, run_name=run_name, tags={"open360.run_name": run_name, "open360.kind": "eval"}).info.run_id
+    now = int(pd.Timestamp.now().timestamp() * 1000)
+    metrics = [Metric(key=f"eval/{r.kind}/{r.name}/{r.metric}", value=float(r.value), timestamp=now, step=int(r.step))
+               for r in df.itertuples()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    return run_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots and report
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_eval_curves(df: pd.DataFrame, out_png: Path, title: str = "") -> Path:
+    """LLM360-style eval curves: one panel per metric, every source/task a line vs tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, m) for k, m in df[["kind", "metric"]].drop_duplicates().itertuples(index=False)
+              if m != "tokens"]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, (kind, metric) in zip(axes.flat, panels, strict=False):
+        sub = df[(df.kind == kind) & (df.metric == metric)]
+        for name, g in sub.groupby("name"):
+            g = g.sort_values("tokens_seen")
+            ax.plot(g.tokens_seen / 1e6, g.value, marker="o", ms=3, label=name)
+        ax.set_xlabel("tokens seen (M)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{'validation' if kind == 'val' else kind}: {metric}")
+        if kind == "val" and metric == "ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """Steps as rows, `kind/name/metric` as columns, in markdown."""
+    wide = df[df.metric != "tokens"].pivot_table(index=["step", "tokens_seen"], columns=["kind", "name", "metric"],
+                                                 values="value", aggfunc="first")
+    headers = ["step", "tokens seen"] + ["/".join(c) for c in wide.columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for (step, tokens), row in wide.iterrows():
+        cells = [str(step), f"{tokens:,}"] + [f"{v:.4g}" for v in row.values]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
+    """Evaluate the selected checkpoints of `cfg.run`; write eval.parquet, eval_curves.png, eval.md."""
+    from open360.checkpoint.io import list_checkpoints, load_model_from_checkpoint, read_lineage
+
+    workspace = Path(cfg.workspace).expanduser().resolve()
+    run_dir = workspace / "checkpoints" / cfg.run
+    available = list_checkpoints(run_dir)
+    if not available:
+        raise FileNotFoundError(
+            f"{run_dir}: no complete checkpoints of run '{cfg.run}'; train it first "
+            f"(python -m open360.train ... run_name={cfg.run} workspace={workspace}) or pull them (open360 ckpt pull)"
+        )
+    selected = select_checkpoints(available, cfg.checkpoints, cfg.max_checkpoints)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / cfg.run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parquet = out_dir / EVAL_PARQUET
+    previous = pd.read_parquet(parquet) if parquet.is_file() and not cfg.recompute else pd.DataFrame(columns=COLUMNS)
+    done = set(previous["step"].astype(int)) if not previous.empty else set()
+
+    rows: list[dict] = []
+    val_cache: dict[Path, tuple[dict[str, np.ndarray], Path]] = {}
+    full_cfg = None
+    run_id = None
+    for step, ckpt in selected:
+        if step in done:
+            continue
+        model, full_cfg = load_model_from_checkpoint(ckpt, cfg.device)
+        run_id = read_lineage(ckpt).get("mlflow_run_id") or run_id
+        tokens = tokens_seen(ckpt, full_cfg, step)
+        shard_dir = shard_dir_for(full_cfg, workspace, cfg.recipe)
+        if shard_dir not in val_cache:
+            val_cache[shard_dir] = (load_validation_sets(shard_dir, cfg.sources, cfg.val_sequences),
+                                    shard_dir / "tokenizer.json")
+        val_sets, tokenizer_file = val_cache[shard_dir]
+        for source, metrics in validation_metrics(model, val_sets, cfg.batch_size, cfg.device).items():
+            rows += _rows(cfg.run, step, tokens, "val", source, metrics)
+        if cfg.tasks:
+            with tempfile.TemporaryDirectory(prefix="open360-eval-") as tmp:
+                hf_dir = export_for_lm_eval(model, full_cfg, tokenizer_file, Path(tmp) / "hf")
+                task_results = lm_eval_tasks(hf_dir, cfg.tasks, cfg.task_paths, cfg.task_limit, cfg.num_fewshot,
+                                             cfg.batch_size, cfg.device)
+            for task, metrics in task_results.items():
+                rows += _rows(cfg.run, step, tokens, "task", task, metrics)
+        print(f"open360.evaluate: {cfg.run} step {step}: " + ", ".join(
+            f"{r['name']}/{r['metric']}={r['value']:.4g}" for r in rows if r["step"] == step and r["metric"] != "tokens"))
+        del model
+
+    new = pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.concat([previous, new], ignore_index=True) if not previous.empty else new
+    df = df.sort_values(["step", "kind", "name", "metric"]).reset_index(drop=True)
+    df.to_parquet(parquet, index=False)
+    if df.empty:
+        return df
+    plot_eval_curves(df, out_dir / EVAL_PLOT, title=f"{cfg.run}: evaluation across checkpoints")
+    (out_dir / EVAL_REPORT).write_text(
+        f"# Evaluation of `{cfg.run}` across checkpoints\n\n"
+        f"Held-out sequences per source: {cfg.val_sequences}; lm-eval tasks: {', '.join(cfg.tasks) or 'none'}.\n\n"
+        f"![eval curves]({EVAL_PLOT})\n\n{markdown_table(df)}\n"
+    )
+    if cfg.mlflow and full_cfg is not None and not new.empty:
+        log_to_mlflow(new, full_cfg, workspace, run_id)
+    return df
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; see EvaluateConfig for the keys."""
+    cfg = run_cli(EvaluateConfig, argv, "open360.analysis.evaluate", __doc__ or "")
+    if cfg is None:
+        return 0
+    df = evaluate_run(cfg)
+    out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).resolve() / "analysis" / cfg.run
+    print(f"open360.evaluate: {df['step'].nunique()} checkpoints -> {out / EVAL_PARQUET}, {out / EVAL_PLOT}")
+    return 0
+
+
+__all__ = [
+    "EvaluateConfig", "evaluate_run", "export_for_lm_eval", "lm_eval_tasks", "load_validation_sets",
+    "plot_eval_curves", "select_checkpoints", "sequence_nll", "validation_metrics",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

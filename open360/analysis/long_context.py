@@ -1,0 +1,447 @@
+"""Context extension by Position Interpolation: PI fine-tuning, perplexity by position, passkey retrieval."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from open360.analysis.eval_cli import run_cli
+from open360.analysis.evaluate import sequence_nll, shard_dir_for
+
+LONG_CONTEXT_PARQUET = "long_context.parquet"
+LONG_CONTEXT_REPORT = "long_context.md"
+LONG_CONTEXT_PLOT = "long_context_ppl.png"
+VARIANTS = {
+    "a": "base, extrapolating (no PI)",
+    "b": "base + PI, no fine-tuning",
+    "c": "PI fine-tuned",
+}
+
+# The passkey prompt of Mohtashami & Jaggi (2023), as used in the Position Interpolation paper.
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass
+class LongContextConfig:
+    """`python -m open360.analysis.long_context base=<ckpt> finetuned=<ckpt>`: the (a)/(b)/(c) comparison."""
+
+    base: str = MISSING  # checkpoint of the model trained at L: a step folder, or a run name (its last step)
+    finetuned: str = MISSING  # checkpoint of the PI fine-tuned model (context L'), same forms
+    workspace: str = "."
+    recipe: str | None = None  # held-out data with sequences >= L'+1; None = the fine-tuned run's recipe
+    sequences: int = 32  # held-out sequences evaluated (round-robin over sources)
+    buckets: int = 4  # position buckets over [0, L')
+    passkey_lengths: list[int] = dataclasses.field(default_factory=list)  # prompt lengths; [] = L, 2L, L'
+    passkey_trials: int = 20  # per length
+    passkey_candidates: int = 10  # the true key and this many - 1 random keys, ranked by likelihood
+    batch_size: int = 4
+    device: str = "cpu"
+    seed: int = 0
+    out_dir: str | None = None  # default <workspace>/analysis/<fine-tuned run>
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: the same weights with another RoPE position scale
+# ----------------------------------------------------------------------------------------------
+
+
+def with_rope_interpolation(model: torch.nn.Module, factor: float, max_seq_len: int | None = None) -> torch.nn.Module:
+    """A copy of a Decoder whose rotary positions are divided by `factor` (Position Interpolation)."""
+    from open360.models import build_model
+
+    cfg = dataclasses.replace(model.cfg, rope_interpolation_factor=float(factor),
+                              max_seq_len=int(max_seq_len or model.cfg.max_seq_len))
+    new = build_model(cfg)
+    new.load_state_dict(model.state_dict())
+    return new.to(next(model.parameters()).device)
+
+
+def resolve_checkpoint(spec: str, workspace: Path) -> Path:
+    """A checkpoint folder from a path, or from a run name (its newest published checkpoint)."""
+    from open360.checkpoint.io import list_checkpoints
+
+    path = Path(spec).expanduser()
+    for candidate in (path, workspace / path, workspace / "checkpoints" / spec):
+        if (candidate / "lineage.json").is_file():
+            return candidate.resolve()
+        found = list_checkpoints(candidate)
+        if found:
+            return found[-1][1].resolve()
+    raise FileNotFoundError(
+        f"'{spec}': neither a checkpoint folder (with lineage.json) nor a run with checkpoints under "
+        f"{workspace / 'checkpoints'}; pass checkpoints/<run>/step_<N> or a run name"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Perplexity by position
+# ----------------------------------------------------------------------------------------------
+
+
+def bucket_edges(context: int, buckets: int) -> list[int]:
+    """Equal position buckets [edges[i], edges[i+1]) covering [0, context)."""
+    if buckets < 1 or context < buckets:
+        raise ValueError(f"buckets={buckets}: need 1 <= buckets <= context ({context})")
+    return [int(round(x)) for x in np.linspace(0, context, buckets + 1)]
+
+
+def perplexity_by_position(model: torch.nn.Module, sequences: np.ndarray, context: int, buckets: int = 4,
+                           batch_size: int = 4, device: str = "cpu") -> dict[str, float]:
+    """{"ppl[lo,hi)": ..., "ppl_all": ...}: perplexity of next-token predictions at positions in each bucket.
+
+    Position p is the prediction of token p+1 from tokens 0..p, so bucket [lo, hi) measures attention
+    over contexts of length lo+1..hi.
+    """
+    if sequences.shape[1] < context + 1:
+        raise ValueError(f"sequences have {sequences.shape[1]} tokens, need context+1 = {context + 1}")
+    nll = sequence_nll(model, sequences[:, : context + 1], batch_size, device)
+    edges = bucket_edges(context, buckets)
+    out = {f"ppl[{lo},{hi})": math.exp(float(nll[:, lo:hi].mean())) for lo, hi in zip(edges, edges[1:], strict=False)}
+    out["ppl_all"] = math.exp(float(nll.mean()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Passkey retrieval
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PasskeyTrial:
+    """One prompt of `length` tokens with a key hidden at `depth` (fraction of the filler before it)."""
+
+    prompt: list[int]
+    answers: list[list[int]]  # token ids of " <key>" for the true key (index 0) and the distractors
+    depth: float
+
+
+def passkey_trials(tokenizer: Any, length: int, n: int, candidates: int = 10, seed: int = 0) -> list[PasskeyTrial]:
+    """`n` passkey prompts of (at most) `length` tokens incl. the answer, keys of 5 digits, random depth."""
+    rng = np.random.default_rng([seed, length])
+
+    def enc(text: str) -> list[int]:
+        return list(tokenizer.encode(text).ids)
+
+    intro, filler, question = enc(PASSKEY_INTRO), enc(PASSKEY_FILLER), enc(PASSKEY_QUESTION)
+    trials = []
+    for _ in range(n):
+        keys = [int(k) for k in rng.choice(np.arange(10000, 100000), size=candidates, replace=False)]
+        answers = [enc(f" {k}") for k in keys]
+        line = enc(PASSKEY_LINE.format(key=keys[0]))
+        budget = length - len(intro) - len(line) - len(question) - max(len(a) for a in answers)
+        n_fill = budget // len(filler)
+        if n_fill < 1:
+            raise ValueError(f"passkey length {length}: too short for the prompt (needs > {length - budget} tokens)")
+        before = int(rng.integers(0, n_fill + 1))
+        prompt = intro + filler * before + line + filler * (n_fill - before) + question
+        trials.append(PasskeyTrial(prompt=prompt, answers=answers, depth=before / n_fill))
+    return trials
+
+
+@torch.no_grad()
+def passkey_accuracy(model: torch.nn.Module, trials: Sequence[PasskeyTrial], device: str = "cpu") -> dict[str, float]:
+    """{"passkey_greedy": exact greedy retrieval rate, "passkey_choice": true key ranked first among candidates}.
+
+    Greedy retrieval is checked teacher-forced: greedy decoding reproduces the key iff the argmax at each
+    answer position is the key's next token — the same outcome as `generate(num_beams=1)`, in one pass.
+    """
+    model.eval()
+    greedy = choice = 0
+    for trial in trials:
+        rows = [trial.prompt + a for a in trial.answers]
+        width = max(len(r) for r in rows)
+        batch = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            batch[i, : len(r)] = torch.tensor(r)
+        logp = torch.log_softmax(model(batch.to(device)).float(), dim=-1).cpu()
+        p = len(trial.prompt)
+        scores = []
+        for i, a in enumerate(trial.answers):
+            pos = torch.arange(p - 1, p - 1 + len(a))
+            scores.append(float(logp[i, pos, torch.tensor(a)].sum()))
+            if i == 0:
+                greedy += int(torch.equal(logp[0, pos].argmax(-1), torch.tensor(a)))
+        choice += int(int(np.argmax(scores)) == 0)
+    n = max(len(trials), 1)
+    return {"passkey_greedy": greedy / n, "passkey_choice": choice / n}
+
+
+# ----------------------------------------------------------------------------------------------
+# The (a) / (b) / (c) comparison
+# ----------------------------------------------------------------------------------------------
+
+
+def held_out_sequences(shard_dir: Path, n: int, min_len: int) -> np.ndarray:
+    """`n` held-out rows, round-robin over the sources, each at least `min_len` tokens."""
+    from open360.data import ShardSet
+
+    shards = ShardSet.open(shard_dir)
+    per_source = [shards.validation(s) for s in sorted(shards.manifest["validation"])]
+    if per_source and per_source[0].shape[1] < min_len:
+        raise ValueError(
+            f"{shard_dir}: held-out sequences have {per_source[0].shape[1]} tokens but {min_len} are needed; "
+            "use a recipe with seq_len >= L' (e.g. data_recipes/embedded_tiny_long.yaml)"
+        )
+    rows = [s[i] for i in range(max(len(s) for s in per_source)) for s in per_source if i < len(s)]
+    if not rows:
+        raise ValueError(f"{shard_dir}: no held-out sequences")
+    return np.stack(rows[:n])
+
+
+def compare_variants(base: torch.nn.Module, finetuned: torch.nn.Module, sequences: np.ndarray, tokenizer: Any,
+                     base_context: int, context: int, buckets: int = 4, passkey_lengths: Sequence[int] = (),
+                     passkey_trials_per_length: int = 20, passkey_candidates: int = 10, batch_size: int = 4,
+                     device: str = "cpu", seed: int = 0) -> pd.DataFrame:
+    """Rows (variant, metric, value) for (a) base extrapolating, (b) base + PI, (c) PI fine-tuned, at L'."""
+    factor = context / base_context
+    models = {
+        "a": with_rope_interpolation(base, 1.0, context),
+        "b": with_rope_interpolation(base, factor, context),
+        "c": finetuned,
+    }
+    lengths = list(passkey_lengths) or sorted({base_context, 2 * base_context, context})
+    trials = {n: passkey_trials(tokenizer, n, passkey_trials_per_length, passkey_candidates, seed) for n in lengths}
+    rows = []
+    for key, model in models.items():
+        metrics = perplexity_by_position(model, sequences, context, buckets, batch_size, device)
+        for n, tr in trials.items():
+            for name, value in passkey_accuracy(model, tr, device).items():
+                metrics[f"{name}@{n}"] = value
+        rows += [dict(variant=key, description=VARIANTS[key], metric=m, value=v) for m, v in metrics.items()]
+    return pd.DataFrame(rows)
+
+
+def check_ordering(df: pd.DataFrame, metric: str = "ppl_all") -> bool:
+    """The Position Interpolation claim at L': perplexity (c) < (b) < (a)."""
+    v = df[df.metric == metric].set_index("variant")["value"]
+    return bool(v["c"] < v["b"] < v["a"])
+
+
+def markdown_report(df: pd.DataFrame, base_ckpt: Path, finetuned_ckpt: Path, base_context: int, context: int) -> str:
+    """The comparison table in markdown, variants as rows."""
+    wide = df.pivot_table(index="variant", columns="metric", values="value", aggfunc="first")
+    ppl_cols = [c for c in wide.columns if c.startswith("ppl[")]
+    ppl_cols = sorted(ppl_cols, key=lambda c: int(c[4:].split(",")[0])) + ["ppl_all"]
+    pk_cols = sorted((c for c in wide.columns if c.startswith("passkey")),
+                     key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
+    headers = ["variant", *ppl_cols, *pk_cols]
+    lines = [
+        f"# Context extension by Position Interpolation: L = {base_context} → L' = {context}",
+        "",
+        f"- base: `{base_ckpt}`",
+        f"- PI fine-tuned: `{finetuned_ckpt}` (rope_interpolation_factor = {context / base_context:g})",
+        "- ppl[lo,hi): perplexity of next-token predictions at positions lo..hi-1 of held-out sequences",
+        "- passkey_greedy@n: greedy decoding reproduces the key in an n-token prompt; passkey_choice@n: the true",
+        "  key is the most likely of the candidate keys",
+        f"- ordering (c) < (b) < (a) on ppl_all: **{'holds' if check_ordering(df) else 'does NOT hold'}**",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
+    for variant, row in wide.iterrows():
+        cells = [f"({variant}) {VARIANTS[variant]}"]
+        cells += [f"{row[c]:.4g}" for c in ppl_cols] + [f"{row[c]:.2f}" for c in pk_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ppl_by_position(df: pd.DataFrame, out_png: Path, base_context: int) -> Path:
+    """Perplexity per position bucket for the three variants (log scale), the trained length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, g in df[df.metric.str.startswith("ppl[")].groupby("variant"):
+        spans = [tuple(int(x) for x in m[4:-1].split(",")) for m in g.metric]
+        mids = [(lo + hi) / 2 for lo, hi in spans]
+        order = np.argsort(mids)
+        ax.plot(np.array(mids)[order], g.value.to_numpy()[order], marker="o", label=f"({variant}) {VARIANTS[variant]}")
+    ax.axvline(base_context, color="gray", ls="--", lw=1, label=f"trained length L={base_context}")
+    ax.set_yscale("log")
+    ax.set_xlabel("position")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
+    """Load both checkpoints, compare (a)/(b)/(c) at L', write parquet, markdown table and plot."""
+    from open360.checkpoint.io import load_model_from_checkpoint
+
+    workspace = Path(cfg.workspace).expanduser().resolve()
+    base_ckpt, ft_ckpt = resolve_checkpoint(cfg.base, workspace), resolve_checkpoint(cfg.finetuned, workspace)
+    base, base_cfg = load_model_from_checkpoint(base_ckpt, cfg.device)
+    finetuned, ft_cfg = load_model_from_checkpoint(ft_ckpt, cfg.device)
+    base_context, context = int(base_cfg.trainer.seq_len), int(ft_cfg.trainer.seq_len)
+    if context <= base_context:
+        raise ValueError(f"{ft_ckpt}: trained at seq_len {context}, not longer than the base's {base_context}")
+    shard_dir = shard_dir_for(ft_cfg, workspace, cfg.recipe)
+    sequences = held_out_sequences(shard_dir, cfg.sequences, context + 1)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
+    df = compare_variants(base, finetuned, sequences, tokenizer, base_context, context, cfg.buckets,
+                          cfg.passkey_lengths, cfg.passkey_trials, cfg.passkey_candidates, cfg.batch_size,
+                          cfg.device, cfg.seed)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / str(ft_cfg.run_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out_dir / LONG_CONTEXT_PARQUET, index=False)
+    plot_ppl_by_position(df, out_dir / LONG_CONTEXT_PLOT, base_context)
+    report = markdown_report(df, base_ckpt, ft_ckpt, base_context, context)
+    (out_dir / LONG_CONTEXT_REPORT).write_text(report + f"\n![perplexity by position]({LONG_CONTEXT_PLOT})\n")
+    print(report)
+    return df
+
+
+# ----------------------------------------------------------------------------------------------
+# PI fine-tuning: the trainer, started from a checkpoint's weights
+# ----------------------------------------------------------------------------------------------
+
+
+def check_pi_compatible(base_model_cfg: Any, model_cfg: Any, where: str) -> None:
+    """Raise unless the two model configs differ only in max_seq_len and rope_interpolation_factor."""
+    a = OmegaConf.to_container(base_model_cfg, resolve=True) if isinstance(base_model_cfg, DictConfig) else base_model_cfg
+    b = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
+    free = {"max_seq_len", "rope_interpolation_factor", "name", "compile", "activation_checkpointing"}
+    diff = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+    if diff:
+        raise ValueError(
+            f"{where}: the base checkpoint's model differs in {diff} "
+            f"({', '.join(f'{k}: {a.get(k)} vs {b.get(k)}' for k in diff)}); PI fine-tuning may change only "
+            "max_seq_len and rope_interpolation_factor"
+        )
+
+
+def finetune_pi(cfg: DictConfig, init_checkpoint: Path | str, device: str = "cpu") -> dict[str, Any]:
+    """Train `cfg` (e.g. +experiment=amber_tiny_pi) starting from the weights of `init_checkpoint`.
+
+    Wires the project's Trainer exactly as `run_training` does (same data order, checkpoints, MLflow and
+    DVC callbacks), except that the model starts from the base checkpoint's weights and a fresh optimizer.
+    """
+    from open360.backends.native import init_distributed, parallelize, shutdown_distributed
+    from open360.checkpoint.cadence import CadencePolicy
+    from open360.checkpoint.io import load_model_weights, read_lineage
+    from open360.checkpoint.lineage import config_hash, git_revision
+    from open360.checkpoint.writer import CheckpointWriter
+    from open360.models import build_model, training_flops_per_token
+    from open360.tracking import build_callbacks
+    from open360.train.callbacks import RunInfo
+    from open360.train.optim import build_optimizer
+    from open360.train.pipeline import ShardProvider, resolve_precision
+    from open360.train.schedules import build_stages
+    from open360.train.state import seed_everything
+    from open360.train.trainer import Trainer, TrainerSettings, checkpoint_dirs, print_summary
+
+    init = Path(init_checkpoint).expanduser().resolve()
+    lineage = read_lineage(init)
+    base_cfg = OmegaConf.create((init / "config.yaml").read_text())
+    check_pi_compatible(base_cfg.model, cfg.model, f"init checkpoint {init}")
+    env = init_distributed(device)
+    try:
+        workspace = Path(cfg.workspace).expanduser().resolve()
+        published_dir, recovery_dir = checkpoint_dirs(workspace, str(cfg.run_name))
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        config_dict = OmegaConf.to_container(cfg, resolve=True)
+        seed_everything(int(cfg.trainer.seed))
+        model = build_model(cfg.model)
+        model.load_state_dict(load_model_weights(init / "model.safetensors"))
+        model = model.to(env.device)
+        seq_len = int(cfg.trainer.seq_len)
+        settings = TrainerSettings(
+            global_batch_size=int(cfg.trainer.global_batch_size), micro_batch_size=int(cfg.trainer.micro_batch_size),
+            seq_len=seq_len, grad_clip=float(cfg.optim.grad_clip),
+            autocast_dtype=resolve_precision(str(cfg.trainer.precision), device),
+            loss_spike_factor=float(cfg.trainer.loss_spike_factor), log_every=int(cfg.trainer.log_every),
+            progress_bar=bool(cfg.trainer.progress_bar), flops_per_token=training_flops_per_token(cfg.model, seq_len),
+        )
+        callbacks = list(build_callbacks(cfg, workspace, env.is_main))
+        trainer = Trainer(
+            model=model, module=parallelize(model, env, str(cfg.trainer.distributed)),
+            optimizer=build_optimizer(model, cfg.optim), stages=build_stages(cfg), settings=settings, env=env,
+            open_stage=ShardProvider(cfg, workspace, env).open, cadence=CadencePolicy.from_config(cfg.checkpoint),
+            writer=CheckpointWriter(published_dir, recovery_dir, int(cfg.checkpoint.keep_ephemeral), background=False),
+            callbacks=callbacks, config_yaml=config_yaml,
+            lineage_base={"run_name": str(cfg.run_name), "code": git_revision(), "config_hash": config_hash(config_dict),
+                          "torch_version": torch.__version__,
+                          "init_from": {"checkpoint": str(init), "step": lineage.get("step"),
+                                        "model_sha256": lineage.get("files", {}).get("model.safetensors")}},
+        )
+        trainer.stage_data(trainer.stages[0])
+        info = RunInfo(run_name=str(cfg.run_name), workspace=workspace, checkpoint_dir=published_dir,
+                       config=config_dict, config_yaml=config_yaml, start_step=0, is_main_process=env.is_main,
+                       extra={"init_from": str(init)})
+        for cb in callbacks:
+            cb.on_run_start(info)
+        summary: dict[str, Any] = {"status": "failed", "run_name": str(cfg.run_name)}
+        try:
+            summary = {"run_name": str(cfg.run_name), **trainer.train()}
+        finally:
+            for cb in callbacks:
+                cb.on_run_end(summary)
+        if env.is_main:
+            print_summary(summary)
+        return summary
+    finally:
+        shutdown_distributed()
+
+
+FINETUNE_USAGE = """usage: python -m open360.analysis.long_context finetune init=<checkpoint> [hydra overrides]
+
+Fine-tune a checkpoint with Position Interpolation, e.g.
+  python -m open360.analysis.long_context finetune init=checkpoints/amber_tiny/step_240 +experiment=amber_tiny_pi
+"""
+
+
+def finetune_main(argv: Sequence[str]) -> int:
+    """`finetune init=<ckpt> <overrides>`: compose the config and run `finetune_pi`."""
+    from open360.config import compose
+    from open360.train.resources import check_resources
+
+    inits = [a for a in argv if a.startswith("init=")]
+    if len(inits) != 1 or any(a in ("-h", "--help") for a in argv):
+        print(FINETUNE_USAGE, file=sys.stderr if len(inits) != 1 else sys.stdout)
+        return 0 if any(a in ("-h", "--help") for a in argv) else 2
+    cfg = compose([a for a in argv if not a.startswith("init=")])
+    workspace = Path(cfg.workspace).expanduser().resolve()
+    init = resolve_checkpoint(inits[0].split("=", 1)[1], workspace)
+    finetune_pi(cfg, init, check_resources(cfg))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: `finetune ...` fine-tunes with PI; otherwise `base=... finetuned=...` writes the comparison."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["finetune"]:
+        return finetune_main(args[1:])
+    cfg = run_cli(LongContextConfig, args, "open360.analysis.long_context", __doc__ or "")
+    if cfg is None:
+        return 0
+    df = run_long_context(cfg)
+    return 0 if check_ordering(df) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

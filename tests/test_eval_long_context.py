@@ -1,0 +1,147 @@
+"""Position Interpolation analysis: rotary scaling, position buckets, passkey scoring, and the (c)<(b)<(a) ordering."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from open360.analysis.long_context import (
+    PASSKEY_FILLER,
+    PASSKEY_INTRO,
+    bucket_edges,
+    check_ordering,
+    check_pi_compatible,
+    markdown_report,
+    passkey_accuracy,
+    passkey_trials,
+    perplexity_by_position,
+    with_rope_interpolation,
+)
+from open360.config import compose
+from open360.models import build_model
+
+
+def tiny_model(**overrides) -> torch.nn.Module:
+    cfg = compose(["+experiment=amber_tiny"]).model
+    fields = {**dict(vocab_size=300, n_layers=2, d_model=32, n_heads=2, ffn_dim=64, max_seq_len=64), **overrides}
+    for k, v in fields.items():
+        cfg[k] = v
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def byte_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [PASSKEY_INTRO, PASSKEY_FILLER * 3, "The pass key is 12345. Remember it. What is the pass key?"] * 5
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def test_interpolated_rotary_maps_long_positions_into_trained_range():
+    model = tiny_model()
+    pi = with_rope_interpolation(model, 4.0, max_seq_len=256)
+    assert pi.cfg.rope_interpolation_factor == 4.0 and pi.cfg.max_seq_len == 256
+    pi.rotary.ensure_length(256)
+    # position 4p under PI has exactly the angles of position p in the base model
+    torch.testing.assert_close(pi.rotary.cos[0:256:4], model.rotary.cos[:64], atol=1e-6, rtol=0)
+    torch.testing.assert_close(pi.rotary.sin[0:256:4], model.rotary.sin[:64], atol=1e-6, rtol=0)
+    ids = torch.randint(0, 300, (2, 40))
+    same = with_rope_interpolation(model, 1.0)
+    torch.testing.assert_close(same(ids), model(ids))
+    assert not torch.allclose(pi(ids), model(ids))
+
+
+def test_bucket_edges_and_perplexity_by_position():
+    assert bucket_edges(512, 4) == [0, 128, 256, 384, 512]
+    with pytest.raises(ValueError, match="buckets"):
+        bucket_edges(3, 4)
+    model = tiny_model()
+    seqs = np.random.default_rng(0).integers(0, 300, size=(3, 97))
+    out = perplexity_by_position(model, seqs, context=96, buckets=3, batch_size=2)
+    assert set(out) == {"ppl[0,32)", "ppl[32,64)", "ppl[64,96)", "ppl_all"}
+    # an untrained model is near uniform over its vocabulary
+    assert all(100 < v < 900 for v in out.values())
+    with pytest.raises(ValueError, match="context"):
+        perplexity_by_position(model, seqs[:, :50], context=96)
+
+
+def test_passkey_prompts_fit_their_length_and_hide_the_key():
+    tok = byte_tokenizer()
+    trials = passkey_trials(tok, 400, n=6, candidates=5, seed=1)
+    assert len(trials) == 6
+    for t in trials:
+        assert len(t.prompt) + max(len(a) for a in t.answers) <= 400
+        assert len(t.prompt) > 300
+        assert len(t.answers) == 5 and len({tuple(a) for a in t.answers}) == 5
+        text = tok.decode(t.prompt)
+        key = tok.decode(t.answers[0]).strip()
+        assert f"The pass key is {key}." in text and text.endswith("The pass key is")
+    assert len({round(t.depth, 3) for t in trials}) > 1
+    with pytest.raises(ValueError, match="too short"):
+        passkey_trials(tok, 30, n=1)
+
+
+def test_teacher_forced_passkey_check_equals_greedy_generation():
+    tok = byte_tokenizer()
+    model = tiny_model(vocab_size=tok.get_vocab_size(), max_seq_len=256)
+    trials = passkey_trials(tok, 240, n=4, candidates=3, seed=2)
+    # make the model copy: a trial counts as retrieved iff greedy decoding reproduces the key
+    for t in trials:
+        seq = torch.tensor([t.prompt])
+        for _ in range(len(t.answers[0])):
+            nxt = model(seq)[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+        generated = seq[0, len(t.prompt):].tolist()
+        teacher_forced = passkey_accuracy(model, [t])["passkey_greedy"]
+        assert teacher_forced == float(generated == t.answers[0])
+    # a "model" that always predicts the key's tokens retrieves every key and ranks it first
+    key_model = KeyOracle(trials, tok.get_vocab_size())
+    scores = passkey_accuracy(key_model, trials)
+    assert scores == {"passkey_greedy": 1.0, "passkey_choice": 1.0}
+
+
+class KeyOracle(torch.nn.Module):
+    """Logits that put all mass on the true key's next token after each trial's prompt."""
+
+    def __init__(self, trials, vocab: int) -> None:
+        super().__init__()
+        self.by_prompt = {tuple(t.prompt): t.answers[0] for t in trials}
+        self.vocab = vocab
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*ids.shape, self.vocab)
+        for b in range(ids.shape[0]):
+            row = ids[b].tolist()
+            for prompt, answer in self.by_prompt.items():
+                if tuple(row[: len(prompt)]) == prompt:
+                    for j, tok_id in enumerate(answer):
+                        out[b, len(prompt) - 1 + j, tok_id] = 10.0
+        return out
+
+
+def test_check_pi_compatible_names_the_differing_field():
+    base = dataclasses.asdict(tiny_model().cfg)
+    check_pi_compatible(base, {**base, "max_seq_len": 512, "rope_interpolation_factor": 4.0}, "here")
+    with pytest.raises(ValueError, match="d_model"):
+        check_pi_compatible(base, {**base, "d_model": 64}, "here")
+
+
+def test_ordering_and_report():
+    rows = [dict(variant=v, description="", metric=m, value=x) for v, m, x in [
+        ("a", "ppl_all", 900.0), ("b", "ppl_all", 60.0), ("c", "ppl_all", 20.0),
+        ("a", "ppl[0,64)", 10.0), ("b", "ppl[0,64)", 30.0), ("c", "ppl[0,64)", 12.0),
+        ("a", "passkey_greedy@64", 0.5), ("b", "passkey_greedy@64", 0.1), ("c", "passkey_greedy@64", 0.4)]]
+    df = pd.DataFrame(rows)
+    assert check_ordering(df)
+    md = markdown_report(df, "base", "ft", 64, 256)
+    assert "holds" in md and "(c) PI fine-tuned" in md and "ppl[0,64)" in md
+    df.loc[(df.variant == "b") & (df.metric == "ppl_all"), "value"] = 1000.0
+    assert not check_ordering(df)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from open360.config.schema import ModelConfig, MupConfig
+from open360.models.loss import fused_linear_cross_entropy
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
@@ -401,11 +402,18 @@ class Decoder(nn.Module):
         return self.logits(self.hidden_states(input_ids, kv_cache, start_pos))
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy of logits(input_ids) against targets [B, T] (fp32 reduction)."""
-        logits = self.logits(self.hidden_states(input_ids))
+        """Mean next-token cross-entropy of logits(input_ids) against targets [B, T] (fp32 log-sum-exp).
+
+        Eager: LM head and loss fused over row chunks (no fp32 [B*T, vocab] tensor). Compiled: inductor
+        fuses the upcast, log-softmax and NLL over the bf16 logits.
+        """
+        hidden = self.hidden_states(input_ids)
         if self.cfg.compile:
-            return _lm_loss_compiled(logits, targets, ignore_index)
-        return _lm_loss(logits, targets, ignore_index)
+            return _lm_loss_compiled(self.logits(hidden), targets, ignore_index)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return fused_linear_cross_entropy(
+            hidden.flatten(0, 1), weight, self.lm_head_bias, targets.flatten(), self.logit_multiplier, ignore_index
+        )
 
     # -- optimizer groups ----------------------------------------------------------------------
 

@@ -354,11 +354,12 @@ class DvcVersioner(Callback):
         self._worker: BackgroundWorker | None = None
         self._run = ""
         self._git_rev: str | None = None
+        self._code_rev: str | None = None
 
     def on_run_start(self, info: RunInfo) -> None:
         self._run = info.run_name
-        rev = git_revision(self.store.workspace)
-        self._git_rev = rev["revision"] and rev["revision"] + ("-dirty" if rev["dirty"] else "")
+        self._git_rev = _rev_text(git_revision(self.store.workspace))
+        self._code_rev = _rev_text(git_revision())
         root = self.store.workspace / self.store._rel(info.checkpoint_dir).split("/")[0]
         self.store.ensure_tracked_root(root)
         self._worker = BackgroundWorker(f"dvc[{info.run_name}]")
@@ -398,7 +399,8 @@ class DvcVersioner(Callback):
         record = {
             "path": self.store._rel(path),
             "dvc_md5": md5,
-            "git_revision": self._git_rev,
+            "git_revision": self._git_rev,  # the workspace commit holding checkpoints.dvc
+            "code_revision": self._code_rev,  # the open360 code that trained
             "pushed": False,
         }
         try:
@@ -420,6 +422,10 @@ class DvcVersioner(Callback):
         """A resumed (or retried) run first adds and pushes earlier checkpoints that never made it."""
         if run_dir.is_dir():
             push_pending(self.store, run_dir, push=self.push_enabled)
+
+
+def _rev_text(rev: dict[str, Any]) -> str | None:
+    return rev["revision"] and rev["revision"] + ("-dirty" if rev["dirty"] else "")
 
 
 def local_steps(run_dir: Path) -> dict[int, Path]:

@@ -1,0 +1,179 @@
+"""Acceptance: train amber_tiny with tracking on, then pull one checkpoint into a fresh clone, lineage, export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import open360.tracking
+from open360.checkpoint import load_model_from_checkpoint
+from open360.tracking import mlflow_records as mr
+from open360.tracking.cli import lineage_main, list_main, pull_main
+from open360.tracking.release import export_release, hub_upload_plan
+from open360.tracking.workspace import init_workspace
+from open360.train.callbacks import Callback
+
+pytestmark = pytest.mark.slow  # trains amber_tiny once (~30 s idle, minutes on a loaded 2-core box)
+
+RUN = "amber_tiny"
+STEPS = (4, 8, 12)
+
+
+class Recorder(Callback):
+    """Keeps what the trainer computed, to compare with what MLflow stored."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[int, dict[str, float]] = {}
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics[step] = dict(metrics)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    ws = init_workspace(tmp_path_factory.mktemp("e2e") / "ws")
+    recorder = Recorder()
+    original = open360.tracking.build_callbacks
+    cfg = compose(
+        [
+            "+experiment=amber_tiny",
+            f"workspace={ws}",
+            "trainer.max_steps=12",
+            "checkpoint=every_n",
+            "checkpoint.every=4",
+            "trainer.progress_bar=false",
+            "tracking.metric_buffer_steps=5",
+        ]
+    )
+    mp = pytest.MonkeyPatch()
+    mp.setattr(open360.tracking, "build_callbacks", lambda *a: [*original(*a), recorder])
+    try:
+        summary = run_training(cfg, device="cpu")
+    finally:
+        mp.undo()
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "train amber_tiny"], check=True)
+    return {"ws": ws, "recorder": recorder, "summary": summary}
+
+
+def test_fresh_clone_pulls_exactly_one_checkpoint_with_equal_logits(trained: dict, tmp_path: Path) -> None:
+    ws = trained["ws"]
+    fresh = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(fresh)], check=True)
+    subprocess.run(
+        ["dvc", "remote", "modify", "--local", "local", "url", str(ws / ".dvc-storage")],
+        cwd=fresh,
+        check=True,
+    )
+    assert not (fresh / ".dvc" / "cache").exists() and not (fresh / "checkpoints").exists()
+    subprocess.run(["dvc", "pull", "-q", f"checkpoints/{RUN}/step_8"], cwd=fresh, check=True)
+    assert sorted(p.name for p in (fresh / "checkpoints" / RUN).iterdir()) == ["step_8"]
+    assert not (fresh / "shards").exists()
+
+    pulled, cfg = load_model_from_checkpoint(fresh / "checkpoints" / RUN / "step_8")
+    original, _ = load_model_from_checkpoint(ws / "checkpoints" / RUN / "step_8")
+    tokens = torch.randint(0, int(cfg.model.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(pulled.eval()(tokens), original.eval()(tokens))
+
+    assert pull_main([RUN, "~11", "--workspace", str(fresh)]) == 0
+    assert sorted(p.name for p in (fresh / "checkpoints" / RUN).iterdir()) == ["step_12", "step_8"]
+
+
+def test_mlflow_history_equals_trainer_and_records_resolve(trained: dict) -> None:
+    ws, recorder = trained["ws"], trained["recorder"]
+    client = mr.client(mr.workspace_uri(ws))
+    run_id = mr.find_run_id(client, RUN)
+    lineage = json.loads((ws / "checkpoints" / RUN / "step_12" / "lineage.json").read_text())
+    assert lineage["mlflow_run_id"] == run_id
+    for key in ("loss", "lr", "grad_norm", "tokens_seen"):
+        history = client.get_metric_history(run_id, key)
+        assert [(m.step, m.value) for m in history] == [
+            (s, recorder.metrics[s][key]) for s in sorted(recorder.metrics)
+        ]
+    assert len(recorder.metrics) == 12
+    records = mr.checkpoint_records(client, run_id)
+    assert sorted(records) == list(STEPS)
+    from open360.tracking.dvc_versioning import DvcWorkspace
+
+    store = DvcWorkspace(ws)
+    for step, record in records.items():
+        assert record["path"] == f"checkpoints/{RUN}/step_{step}" and record["pushed"] is True
+        assert store.tracked(ws / record["path"]).md5 == record["dvc_md5"]
+        state = json.loads((ws / record["path"] / "trainer_state.json").read_text())
+        assert state["loss"] == mr.metrics_at(client, run_id, step)["loss"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_list_and_lineage_detect_corruption(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ws = trained["ws"]
+    assert list_main([RUN, "--workspace", str(ws)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["step", "tokens_seen", "loss", "size", "on_disk", "dvc", "pushed"]
+    assert [row.split()[0] for row in table[1:]] == [str(s) for s in STEPS]
+    assert all(row.split()[-1] == "yes" for row in table[1:])
+
+    ckpt = ws / "checkpoints" / RUN / "step_4"
+    assert lineage_main([str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "manifest" in out and "tokenizer" in out and "dvc md5:" in out and "metrics at step 4: " in out
+    assert "verified: all hashes match" in out
+
+    # work on a copy: the originals are hardlinked read-only into the DVC cache
+    copy = tmp_path / "ws"
+    subprocess.run(["cp", "-a", str(ws), str(copy)], check=True)
+    bad = copy / "checkpoints" / RUN / "step_4"
+    weights = bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))
+    assert lineage_main([str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "model.safetensors: sha256" in err and "md5 differs from checkpoints.dvc" in err
+    state = bad / "trainer_state.json"
+    state.chmod(0o644)
+    state.write_bytes(state.read_bytes()[:-10])
+    weights.write_bytes(bytes(data[:100]))
+    assert lineage_main([str(bad)]) == 1
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_export_release_folder(trained: dict, tmp_path: Path) -> None:
+    import pandas as pd
+    from transformers import AutoModelForCausalLM
+
+    ws = trained["ws"]
+    out = export_release(ws, RUN, tmp_path / "release")
+    index = json.loads((out / "checkpoints.json").read_text())
+    assert [c["revision"] for c in index] == ["ckpt_000", "ckpt_001", "ckpt_002"]
+    assert [c["step"] for c in index] == list(STEPS)
+    for c in index:
+        assert (out / c["revision"] / "config.json").is_file()
+        assert (out / c["revision"] / "open360_lineage.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(out / "ckpt_001")
+    ours, cfg = load_model_from_checkpoint(ws / "checkpoints" / RUN / "step_8")
+    tokens = torch.randint(0, int(cfg.model.vocab_size), (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours.eval()(tokens), rtol=1e-4, atol=1e-4)
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert set(metrics.columns) == {"key", "step", "value", "timestamp"}
+    assert len(metrics[metrics.key == "loss"]) == 12
+    manifests = list((out / "data").glob("*/manifest.json"))
+    assert len(manifests) == 1 and (manifests[0].parent / "tokenizer.json").is_file()
+    assert (out / "configs" / "config.yaml").is_file()
+    card = (out / "README.md").read_text()
+    assert "ckpt_002" in card and index[2]["dvc_md5"] in card
+    plan = hub_upload_plan(out)
+    assert plan[0][0] == "main" and [p[0] for p in plan[1:]] == ["ckpt_000", "ckpt_001", "ckpt_002"]
+    with pytest.raises(Exception, match="not empty"):
+        export_release(ws, RUN, out)

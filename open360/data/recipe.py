@@ -224,6 +224,13 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
         raw = OmegaConf.load(p)
     except Exception as e:  # yaml syntax errors carry the line
         raise RecipeError(f"{p}: not valid YAML: {e}") from e
+    sources = raw.get("sources") if hasattr(raw, "get") else None
+    for i, src in enumerate(sources if OmegaConf.is_list(sources) else []):
+        try:  # merged one by one so that an error names its list index
+            OmegaConf.merge(OmegaConf.structured(SourceSpec), src)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise RecipeError(f"{p}: key 'sources[{i}].{key}': {str(e).splitlines()[0]}") from e
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RecipeSpec), raw)
         if seed is not None:

@@ -1,0 +1,168 @@
+"""Bad input, dedup and quality filters on small local sources (no hub access)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from open360.data import RecipeError, ShardSet, SourceError, build_shards, load_recipe
+from open360.data.quality import LogisticQualityModel
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
+         "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi",
+         "psi", "omega", "river", "stone", "cloud", "light"]
+
+
+def _doc(i: int, n: int = 120) -> str:
+    rng = np.random.default_rng(i)
+    return " ".join(rng.choice(WORDS, size=n)) + f". Document number {i}."
+
+
+def _recipe(tmp: Path, sources: str, extra: str = "") -> Path:
+    p = tmp / "r.yaml"
+    p.write_text(f"""name: small
+sources:
+{sources}
+tokenizer: {{kind: train, vocab_size: 300, train_max_chars: 200000}}
+seq_len: 16
+num_chunks: 2
+validation: {{fraction: 0.0, max_sequences: 0}}
+{extra}""")
+    return p
+
+
+def _src(name: str, path: Path, typ: str = "jsonl", weight: float = 1.0) -> str:
+    return f"  - name: {name}\n    type: {typ}\n    path: '{path}'\n    weight: {weight}\n"
+
+
+def test_bad_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+    f = tmp_path / "bad.jsonl"
+    with open(f, "wb") as out:
+        for i in range(40):
+            out.write((json.dumps({"text": _doc(i)}) + "\n").encode())
+        out.write(b'{"text": "broken \xff\xfe utf8 here and more words"}\n')  # invalid UTF-8
+        out.write(b'{"text": "no closing brace"\n')  # malformed JSON
+        out.write(b"[1, 2, 3]\n")  # JSON but not an object
+        out.write(b'{"other": "no text field"}\n')
+        out.write(b'{"text": "   \\n\\t  "}\n')  # empty after normalization
+        out.write((json.dumps({"text": "x" * 10_000_000}) + "\n").encode())  # a 10 MB single line
+    out_dir = build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "shards")
+    s = ShardSet.open(out_dir).manifest["sources"]["web"]
+    assert s["bad"] == {"empty": 1, "invalid_utf8": 1, "malformed_json": 2, "missing_field": 1}
+    assert s["dropped"] == {"quality:too_long": 1}
+    assert s["docs_read"] == 42 and s["docs_kept"] == 40
+
+
+def test_planted_exact_and_near_duplicates_removed(tmp_path: Path) -> None:
+    docs = [_doc(i, 200) for i in range(30)]
+    exact = docs[3]
+    near = docs[5].split()
+    near[10] = "changed"  # one word of ~200 differs
+    rows = docs + [exact, " ".join(near), docs[7] + "\r\n"]  # the last one equals docs[7] after normalization
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    s = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "shards")).manifest["sources"]["web"]
+    assert s["dropped"] == {"exact_dup": 2, "near_dup": 1}
+    assert s["docs_kept"] == 30
+
+
+def test_text_and_dir_sources_and_invalid_utf8_file(tmp_path: Path) -> None:
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(20):
+        (d / f"{i:02d}.txt").write_text(_doc(i))
+    (d / "bad.txt").write_bytes(b"caf\xe9 latin-1 text " * 20)
+    one = tmp_path / "one.txt"
+    one.write_text("\n\n".join(_doc(100 + i) for i in range(20)))
+    recipe = _recipe(tmp_path, _src("folder", d, "dir") + _src("paras", one, "text")
+                     + "    sample_by: paragraph\n")
+    m = ShardSet.open(build_shards(recipe, tmp_path / "shards")).manifest["sources"]
+    assert m["folder"]["bad"] == {"invalid_utf8": 1} and m["folder"]["docs_kept"] == 20
+    assert m["paras"]["docs_kept"] == 20
+
+
+def test_parquet_source_through_datasets(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"content": [_doc(i) for i in range(30)]}), f)
+    recipe = _recipe(tmp_path, _src("pq", f, "parquet") + "    text_field: content\n")
+    m = ShardSet.open(build_shards(recipe, tmp_path / "shards")).manifest["sources"]["pq"]
+    assert m["docs_kept"] == 30 and m["sequences_selected"] > 0
+
+
+def test_llm360_pretokenized_chunks_bypass_tokenizer(tmp_path: Path) -> None:
+    f = tmp_path / "train_000.jsonl"
+    rows = [{"token_ids": [(i * 7 + j) % 250 + 5 for j in range(17)], "source": "c4" if i % 2 else "arxiv"}
+            for i in range(40)]
+    rows.append({"token_ids": [1, 2, 99999], "source": "c4"})  # id beyond the vocabulary
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    recipe = _recipe(tmp_path, _src("amber", f, "llm360_chunks")
+                     + "    select_source: c4\n", "filters: {heuristics: {enabled: false}}\n")
+    s = ShardSet.open(build_shards(recipe, tmp_path / "shards"))
+    m = s.manifest["sources"]["amber"]
+    assert m["bad"] == {"malformed_json": 1, "token_out_of_range": 1}
+    assert m["docs_kept"] == 20  # only the c4 rows
+    got = {tuple(r) for r in s.sequences(np.arange(s.num_sequences)).tolist()}
+    assert got <= {tuple(r["token_ids"]) for r in rows[:40] if r["source"] == "c4"}
+
+
+def test_recipe_errors_name_file_and_key(tmp_path: Path) -> None:
+    good = _src("web", tmp_path / "x.jsonl")
+    with pytest.raises(RecipeError, match=r"r\.yaml: key 'sources\[0\]\.wieght'"):
+        load_recipe(_recipe(tmp_path, good.replace("weight", "wieght")))
+    with pytest.raises(RecipeError, match=r"r\.yaml: key 'weights\.nope': no source named 'nope'"):
+        load_recipe(_recipe(tmp_path, good, "weights: {nope: 2.0}\n"))
+    with pytest.raises(RecipeError, match="weights sum to 0"):
+        load_recipe(_recipe(tmp_path, good.replace("weight: 1.0", "weight: 0.0")))
+    with pytest.raises(RecipeError, match="key 'seq_len'"):
+        load_recipe(_write(tmp_path, _recipe(tmp_path, good).read_text().replace("seq_len: 16", "seq_len: lots")))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def _write(tmp: Path, text: str) -> Path:
+    p = tmp / "edited.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_missing_file_and_pinned_hash(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(SourceError, match="source 'web': no file at path"):
+        build_shards(_recipe(tmp_path, _src("web", missing)), tmp_path / "shards")
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(30)))
+    recipe = _recipe(tmp_path, _src("web", f) + "    sha256: " + "0" * 64 + "\n")
+    with pytest.raises(SourceError, match="the recipe pins"):
+        build_shards(recipe, tmp_path / "shards")
+
+
+def test_scarce_source_needs_allow_repeat(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(40)))
+    b.write_text("".join(json.dumps({"text": _doc(1000 + i)}) + "\n" for i in range(4)))
+    sources = _src("big", a, weight=0.5) + _src("small", b, weight=0.5)
+    with pytest.raises(RecipeError, match="source 'small'.*allow_repeat"):
+        build_shards(_recipe(tmp_path, sources, "mix: {total_sequences: 400}\n"), tmp_path / "s1")
+    out = build_shards(_recipe(tmp_path, sources, "mix: {total_sequences: 400, allow_repeat: true}\n"), tmp_path / "s2")
+    m = ShardSet.open(out).manifest["sources"]
+    assert m["small"]["sequences_selected"] == 200 and m["small"]["fraction_used"] > 1
+
+
+def test_quality_classifier_separates_labels() -> None:
+    good = [f"def f{i}(x):\n    \"\"\"Return the square of x, documented.\"\"\"\n    return x * x\n" for i in range(20)]
+    bad = [f"T{i} = ({i}, 0x{i:04x}, 0x{i + 1:04x}, 0x{i + 2:04x})\n" * 5 for i in range(20)]
+    model = LogisticQualityModel(1024, 200).fit(good + bad, [1] * 20 + [0] * 20)
+    scores = model.score(["def g(y):\n    \"\"\"Return y, documented.\"\"\"\n    return y\n", "Z = (9, 0x0009, 0x000a)\n"])
+    assert scores[0] > 0.5 > scores[1]
+
+
+def test_phi15_tiny_applies_classifier_to_code_only(tmp_path: Path) -> None:
+    m = ShardSet.open(build_shards("data_recipes/phi15_tiny.yaml", tmp_path)).manifest["sources"]
+    assert "classifier" in m["code"]["dropped"]
+    assert "classifier" not in m["english"]["dropped"] and "classifier" not in m["shakespeare"]["dropped"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def measure(
     cfg: ModelConfig,
     args: argparse.Namespace,
     device: torch.device,
+    attention: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Result:
     """Warm up, then time train steps and forward+backward steps of one implementation."""
     res = Result(name=name, batch_size=args.batch, seq_len=args.seq_len)
@@ -105,7 +107,7 @@ def measure(
     tokens = args.batch * args.seq_len
 
     def fwd_bwd() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+        with torch.autocast(device.type, dtype=dtype, enabled=cuda), attention():
             loss = loss_fn(model, inputs, targets)
         loss.backward()
         return loss
@@ -165,6 +167,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK / 1e12, help="dense bf16 peak for MFU")
     parser.add_argument("--skip-hf", action="store_true", help="do not run the transformers baseline")
+    parser.add_argument(
+        "--cudnn-attention", action="store_true", help="also run open360 with SDPA's cuDNN backend preferred (CUDA)"
+    )
     args = parser.parse_args()
     args.warmup = max(args.warmup, 1)
     cfg = TINY if args.tiny else AMBER_1B4
@@ -177,19 +182,28 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    from dataclasses import replace
-
-    variants: list[tuple[str, Callable[[], torch.nn.Module], Callable]] = []
+    default = contextlib.nullcontext
+    eager, compiled = (lambda: build_model(cfg)), (lambda: build_model(replace(cfg, compile=True)))
+    variants: list[tuple[str, Callable[[], torch.nn.Module], Callable, Callable]] = []
     if not args.skip_hf:
-        variants.append(("hf_llama_sdpa", lambda: hf_llama(cfg), hf_loss))
-    variants.append(("open360_eager", lambda: build_model(cfg), open360_loss))
+        variants.append(("hf_llama_sdpa", lambda: hf_llama(cfg), hf_loss, default))
+    variants.append(("open360_eager", eager, open360_loss, default))
     if args.compile:
-        variants.append(("open360_compiled", lambda: build_model(replace(cfg, compile=True)), open360_loss))
+        variants.append(("open360_compiled", compiled, open360_loss, default))
+    if args.cudnn_attention and device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        cudnn = lambda: sdpa_kernel(order, set_priority=True)  # noqa: E731
+        variants.append(("open360_eager_cudnn", eager, open360_loss, cudnn))
+        if args.compile:
+            variants.append(("open360_compiled_cudnn", compiled, open360_loss, cudnn))
 
     results = []
-    for name, build, loss_fn in variants:
+    for name, build, loss_fn, attention in variants:
         print(f"running {name} ...", flush=True)
-        results.append(measure(name, build, loss_fn, cfg, args, device))
+        torch._dynamo.reset()  # compiled variants must not reuse graphs traced under another SDPA backend
+        results.append(measure(name, build, loss_fn, cfg, args, device, attention))
         gc.collect()  # the model and optimizer of the previous implementation must be gone before the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -198,7 +212,7 @@ def main() -> None:
 
     hf = next((r for r in results if r.name == "hf_llama_sdpa" and r.train_tokens_per_s), None)
     header = (
-        f"{'implementation':<18} {'train ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs HF':>6} "
+        f"{'implementation':<22} {'train ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs HF':>6} "
         f"{'fwd+bwd MFU':>11} {'peak GiB':>8} {'1st step s':>10}"
     )
     print(f"\n{cfg.name}: {count_parameters(cfg) / 1e9:.3f}B params, micro-batch {args.batch} x seq {args.seq_len}, "
@@ -209,7 +223,7 @@ def main() -> None:
     for r in results:
         ratio = r.train_tokens_per_s / hf.train_tokens_per_s if hf and r.train_tokens_per_s else None
         print(
-            f"{r.name:<18} {fmt(r.train_step_ms, '9.1f')} {fmt(r.train_tokens_per_s, '9.0f')} "
+            f"{r.name:<22} {fmt(r.train_step_ms, '9.1f')} {fmt(r.train_tokens_per_s, '9.0f')} "
             f"{fmt(r.train_tflops, '8.1f')} {fmt(r.train_mfu and 100 * r.train_mfu, '5.1f')}% {fmt(ratio, '6.2f')} "
             f"{fmt(r.fwd_bwd_mfu and 100 * r.fwd_bwd_mfu, '10.1f')}% {fmt(r.peak_memory_gib, '8.1f')} "
             f"{fmt(r.first_step_s, '10.1f')}" + ("" if r.status == "ok" else f"  {r.status}")

@@ -254,3 +254,46 @@ def test_mup_init_and_multipliers() -> None:
     assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.01, rel=0.05)  # 0.02 / sqrt(4)
     assert model.blocks[0].attn.scale == pytest.approx(1 / 64)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager() -> None:
+    """cfg.compile=True (per-block torch.compile + compiled loss) gives the same loss, grads and cached decode."""
+    torch.manual_seed(5)
+    cfg = tiny(n_layers=1)
+    eager = build_model(cfg)
+    compiled = build_model(dataclasses.replace(cfg, compile=True))
+    compiled.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 97, (2, 17))
+    for model in (eager, compiled):
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    with torch.no_grad():
+        cache = KVCache.allocate(compiled, 2, 20)
+        compiled(ids[:, :8], cache, 0)
+        for t in range(8, 12):
+            last = compiled(ids[:, t : t + 1], cache, torch.tensor(t))
+        assert (last[:, -1] - eager(ids[:, :12])[:, -1]).abs().max().item() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_autocast_loss_and_kv_cache() -> None:
+    torch.manual_seed(6)
+    cfg = REFERENCE_CASES["mup_crystalcoder_like"]
+    model = build_model(cfg).cuda()
+    ids = torch.randint(0, 97, (4, 33), device="cuda")
+    ref = model.loss(ids[:, :-1], ids[:, 1:])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        logits = model(ids[:, :16])
+        cache = KVCache.allocate(model, 4, 32, dtype=torch.bfloat16)
+        model(ids[:, :8], cache, 0)
+        step = torch.zeros((), dtype=torch.long, device="cuda")
+        for t in range(8, 16):
+            last = model(ids[:, t : t + 1], cache, step + t)
+    assert abs(loss.item() - ref.item()) < 0.02
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert (last[:, -1].float() - logits[:, 15].float()).abs().max().item() < 0.1

@@ -259,14 +259,44 @@ class DvcWorkspace:
         )
 
     def pull(self, paths: Sequence[Path]) -> None:
-        """Fetch and check out exactly `paths` (granular pull)."""
+        """Fetch and check out exactly `paths` (granular pull), in time independent of the sibling count.
+
+        Equivalent to `dvc pull <path>...`, but reads only the parent's tree object and the files of
+        `paths`: `dvc pull` first loads every entry of checkpoints.dvc into its data index, which grows
+        with the number of checkpoints (see docs/VERSIONING.md).
+        """
         rels = [self._rel(p) for p in paths]
         if rels:
             self._retry_locked(
-                lambda repo: repo.pull(targets=[str(self.workspace / r) for r in rels], remote=self.remote),
-                "pulling",
-                self.workspace / rels[0],
+                lambda repo: [self._pull_one(repo, rel) for rel in rels], "pulling", self.workspace / rels[0]
             )
+
+    def _pull_one(self, repo: Any, rel: str) -> None:
+        from dvc.repo import lock_repo
+        from dvc_data.hashfile.checkout import checkout
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.transfer import transfer
+        from dvc_data.hashfile.tree import Tree
+
+        with lock_repo(repo):
+            tracked = self._tracked_dir(repo, rel)
+            cache = repo.cache.local
+            wanted = {HashInfo("md5", md5) for md5 in tracked.file_md5.values()}
+            missing = {h for h in wanted if not cache.exists(h.value)}
+            if missing:
+                remote = repo.cloud.get_remote_odb(self.remote, "pull")
+                result = transfer(remote, cache, missing, verify=True)
+                if result.failed:
+                    raise VersioningError(
+                        f"pulling {self.workspace / rel}: {len(result.failed)} file(s) could not be fetched from "
+                        f"{_remote_description(repo, self.remote)}; were they pushed? "
+                        f"(`dvc push {rel}` in the workspace that trained)"
+                    )
+            tree = Tree()
+            for name, md5 in tracked.file_md5.items():
+                tree.add(tuple(name.split("/")), None, HashInfo("md5", md5))
+            tree.digest()
+            checkout(str(self.workspace / rel), repo.fs, tree, cache, relink=True, state=repo.state)
 
     def _tree(self, repo: Any, rel: str) -> tuple[Any, tuple[str, ...]]:
         from dvc.exceptions import OutputNotFoundError

@@ -207,7 +207,12 @@ def _write_tokenizer(tokenizer_file: Path, out_dir: Path, max_len: int) -> dict[
 
 
 def _loading_readme(cfg: ModelConfig) -> str:
-    doc = Path(__file__).with_name("HF_EXPORT.md").read_text()
+    """README of an open360-format folder: the loading recipe and the exact computation (HF_EXPORT.md)."""
+    doc_path = Path(__file__).with_name("HF_EXPORT.md")
+    doc = doc_path.read_text() if doc_path.is_file() else (
+        "Load it with `from open360.models.hf import import_hf; model, cfg = import_hf(folder)`; "
+        f"the format is described in {LOADING_DOC} of the open360 repository.\n"
+    )
     return f"# {cfg.name} — open360 export\n\nThis folder has no stock transformers class. {doc}"
 
 

@@ -105,6 +105,24 @@ def test_crystalcoder_uses_open360_format_with_loading_doc(tmp_path: Path) -> No
     assert config["open360_model_config"]["mup"]["embedding_multiplier"] == 14.6
     readme = (out / "README.md").read_text()
     assert "import_hf" in readme and "output_multiplier" in readme
+    assert (out / "modeling_open360.py").is_file()
+
+
+def test_crystalcoder_loads_through_automodel_remote_code(tmp_path: Path) -> None:
+    """The open360 format loads with AutoModelForCausalLM(trust_remote_code=True): same logits, same greedy text."""
+    cfg = model_cfg("crystalcoder_tiny")
+    model = randomized(cfg, seed=7)
+    out = export_hf(model, cfg, None, tmp_path / "cc")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(hf).__name__ == "Open360ForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-5
+        generated = hf.generate(ids[:, :6], max_new_tokens=5, do_sample=False)
+        seq = ids[:, :6]
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, seq)
 
 
 def test_import_errors_are_explicit(tmp_path: Path) -> None:

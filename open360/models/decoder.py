@@ -100,6 +100,10 @@ class Rotary(nn.Module):
         self.dim, self.base, self.interpolation_factor = dim, base, interpolation_factor
         self._build(max_len)
 
+    def reset_tables(self) -> None:
+        """Recompute the tables in place of whatever they hold (e.g. after materializing from the meta device)."""
+        self._build(self.cos.shape[0], device=self.cos.device)
+
     def _build(self, length: int, device: torch.device | None = None) -> None:
         inv_freq = 1.0 / self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
         positions = torch.arange(length, dtype=torch.float64, device=device) / self.interpolation_factor

@@ -15,6 +15,7 @@ from open360.config.schema import ModelConfig
 from open360.models.decoder import Decoder, as_model_config
 
 OPEN360_FORMAT_VERSION = 1
+OPEN360_PREFIX = "model."  # open360-format tensors: "model." + Decoder.state_dict() names (the remote-code layout)
 LOADING_DOC = "open360/models/HF_EXPORT.md"
 
 # Special tokens recognised by name in a tokenizers file, in order of preference.
@@ -232,17 +233,26 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
     dtype = state["embed.weight"].dtype
     special_ids = _write_tokenizer(Path(tokenizer_file), out_dir, cfg.max_seq_len) if tokenizer_file else {}
     if arch == "open360":
-        tensors = {k: v.contiguous() for k, v in state.items()}
+        tensors = {OPEN360_PREFIX + k: v.contiguous() for k, v in state.items()}
         config = {
             "model_type": "open360",
-            "architectures": ["Open360Decoder"],
+            "architectures": ["Open360ForCausalLM"],
+            "auto_map": {
+                "AutoConfig": "modeling_open360.Open360Config",
+                "AutoModelForCausalLM": "modeling_open360.Open360ForCausalLM",
+            },
             "open360_format_version": OPEN360_FORMAT_VERSION,
-            "how_to_load": "from open360.models.hf import import_hf; model, cfg = import_hf(folder)  # see README.md",
+            "how_to_load": (
+                "pip install open360; AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) "
+                "or open360.models.hf.import_hf(folder); see README.md"
+            ),
+            "tie_word_embeddings": False,
             "torch_dtype": str(dtype).removeprefix("torch."),
             **special_ids,
             "open360_model_config": dataclasses.asdict(cfg),
         }
         (out_dir / "README.md").write_text(_loading_readme(cfg))
+        shutil.copyfile(Path(__file__).with_name("modeling_open360.py"), out_dir / "modeling_open360.py")
     else:
         tensors = {}
         for ours, hf_names, split in _name_rules(cfg, arch):
@@ -372,7 +382,10 @@ def import_hf(folder: Path | str) -> tuple[Decoder, ModelConfig]:
     cfg, arch = _config_from_hf(hf, str(config_path), name=folder.name)
     tensors = _load_tensors(folder)
     if arch == "open360":
-        state = tensors
+        foreign = [k for k in tensors if not k.startswith(OPEN360_PREFIX)]
+        if foreign:
+            raise HFInteropError(f"{folder}: tensors {foreign[:5]} lack the {OPEN360_PREFIX!r} prefix of the open360 format")
+        state = {k.removeprefix(OPEN360_PREFIX): v for k, v in tensors.items()}
     else:
         if cfg.tie_embeddings:
             tensors.pop("lm_head.weight", None)

@@ -166,3 +166,40 @@ def test_phi15_tiny_applies_classifier_to_code_only(tmp_path: Path) -> None:
     m = ShardSet.open(build_shards("data_recipes/phi15_tiny.yaml", tmp_path)).manifest["sources"]
     assert "classifier" in m["code"]["dropped"]
     assert "classifier" not in m["english"]["dropped"] and "classifier" not in m["shakespeare"]["dropped"]
+
+
+def _small_corpus(tmp: Path, n: int = 40) -> Path:
+    f = tmp / "c.jsonl"
+    f.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(n)))
+    return f
+
+
+def test_hf_source_path_on_local_files_and_tokenizer_from_file(tmp_path: Path) -> None:
+    f = _small_corpus(tmp_path)
+    first = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "s1"))
+    hf = (f"  - name: web\n    type: hf\n    hf_name: json\n    hf_data_files: '{f}'\n"
+          f"    weight: 1.0\n")  # the hub code path (datasets.load_dataset, streaming) on a local file
+    p = _recipe(tmp_path, hf)
+    p.write_text(p.read_text().replace("tokenizer: {kind: train, vocab_size: 300, train_max_chars: 200000}",
+                                       f"tokenizer: {{kind: file, path: '{first.tokenizer_path}'}}"))
+    second = ShardSet.open(build_shards(p, tmp_path / "s2"))
+    assert second.tokenizer_hash == first.tokenizer_hash
+    assert np.array_equal(second.sequences(np.arange(second.num_sequences)),
+                          first.sequences(np.arange(first.num_sequences)))
+
+
+def _build_in_process(args: tuple[str, str]) -> str:
+    return str(build_shards(args[0], args[1]))
+
+
+def test_concurrent_builds_of_same_recipe(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    recipe = _recipe(tmp_path, _src("web", _small_corpus(tmp_path, 60)))
+    with mp.get_context("spawn").Pool(2) as pool:
+        outs = pool.map(_build_in_process, [(str(recipe), str(tmp_path / "shards"))] * 2)
+    assert outs[0] == outs[1]
+    s = ShardSet.open(outs[0])
+    s.verify_content()
+    assert not (Path(outs[0]) / ".parts").exists()
+    assert not (tmp_path / "shards" / ".work" / Path(outs[0]).name).exists()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import multiprocessing as mp
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +128,9 @@ def build_shards(recipe_path: str | Path, shards_root: str | Path, seed: int | N
     Scale-out: with num_workers > 1, worker i writes chunks k with k % num_workers == i and validation
     files of sources s with s % num_workers == i plus a part manifest; whichever worker finds every part
     present writes manifest.json (call again with any worker_index, or `merge_parts`, to merge later).
-    Per-source intermediates live in `shards_root/.work/` and make an interrupted build resume.
+    Per-source intermediates live in `shards_root/.work/` and make an interrupted build resume; a
+    single-worker build deletes them once manifest.json is written. Concurrent builds of the same
+    recipe serialize on a file lock, and the later one returns the finished folder.
     """
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index {worker_index} must lie in [0, num_workers={num_workers})")
@@ -141,6 +146,29 @@ def build_shards(recipe_path: str | Path, shards_root: str | Path, seed: int | N
                          f"hashes to {rhash}; remove the folder to rebuild it")
     work = root / ".work" / out.name
     work.mkdir(parents=True, exist_ok=True)
+    with _file_lock(work.with_name(f"{out.name}.w{worker_index}-of-{num_workers}.lock")):
+        if _existing_manifest(out) is not None:  # a concurrent build of the same recipe finished first
+            return out
+        _build_locked(recipe, str(recipe_path), seed, root, out, work, workers, worker_index, num_workers, progress)
+    if num_workers == 1 and (out / MANIFEST).is_file():
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) so that concurrent builds of the same shards serialize."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_locked(recipe: RecipeSpec, recipe_path: str, seed: int | None, root: Path, out: Path, work: Path,
+                  workers: int, worker_index: int, num_workers: int, progress: bool) -> None:
+    rhash = recipe_hash(recipe)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".tmp-*"):
         stale.unlink()
@@ -149,7 +177,7 @@ def build_shards(recipe_path: str | Path, shards_root: str | Path, seed: int | N
     n_src = len(recipe.sources)
     mine = [i for i in range(n_src) if _owned(i, worker_index, num_workers)]
     order = mine + [i for i in range(n_src) if i not in mine]
-    stats = _prepare_all(recipe, str(recipe_path), seed, tok_json, work, order, workers, progress)
+    stats = _prepare_all(recipe, recipe_path, seed, tok_json, work, order, workers, progress)
     available = [stats[i]["sequences_available"] for i in range(n_src)]
     counts, total = mix_counts(recipe, available)
     src_of, row_of = global_order(recipe, available, counts)
@@ -190,8 +218,9 @@ def build_shards(recipe_path: str | Path, shards_root: str | Path, seed: int | N
     parts.mkdir(exist_ok=True)
     _atomic_write(parts / f"part-{worker_index:05d}-of-{num_workers:05d}.json", json.dumps(part, sort_keys=True))
     _atomic_write_bytes(out / TOKENIZER, tok_json)
-    merge_parts(out, num_workers, required=False)
-    return out
+    with _file_lock(work.with_name(f"{out.name}.merge.lock")):
+        if not (out / MANIFEST).is_file():
+            merge_parts(out, num_workers, required=False)
 
 
 def _existing_manifest(out: Path) -> dict[str, Any] | None:

@@ -357,9 +357,11 @@ class Decoder(nn.Module):
         if self.embedding_multiplier != 1.0:
             x = x * self.embedding_multiplier
         positions = mask = None
+        if not isinstance(start_pos, torch.Tensor):
+            start_pos = int(start_pos)
         if kv_cache is None:
             if not isinstance(start_pos, int):
-                raise TypeError("start_pos must be a Python int when no kv_cache is given")
+                raise TypeError("start_pos must be an int (not a tensor) when no kv_cache is given")
             self.rotary.ensure_length(start_pos + T)
             cos, sin = self.rotary.cos[start_pos : start_pos + T], self.rotary.sin[start_pos : start_pos + T]
         else:
@@ -402,6 +404,7 @@ class Decoder(nn.Module):
 
         With a kv_cache, keys/values of these positions are written into it and attention spans every
         earlier position held there; `start_pos` may then be a 0-dim device tensor (no recompiles).
+        Without one, the T tokens attend causally among themselves only (start_pos just shifts rotary).
         """
         return self.logits(self.hidden_states(input_ids, kv_cache, start_pos))
 

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import dvc.repo  # noqa: F401 - binds DVC's log handlers to pytest's session streams, not a test's capsys
 import pytest
 import torch
 

@@ -83,9 +83,7 @@ def list_main(argv: Sequence[str]) -> int:
         if e.tracked is None:
             pushed = "-"
         elif e.tracked.path in missing:
-            pushed = (
-                "yes" if missing[e.tracked.path] == 0 else f"no ({missing[e.tracked.path]} files missing)"
-            )
+            pushed = "yes" if missing[e.tracked.path] == 0 else f"no:{missing[e.tracked.path]}-missing"
         else:
             pushed = "?"
         rows.append(

@@ -207,6 +207,11 @@ class DvcWorkspace:
     # --- tracking ------------------------------------------------------------------------------------
     def ensure_tracked_root(self, root: Path) -> None:
         """Make `<root>.dvc` track `root` (an empty tree to start with), so folders under it add granularly."""
+        if not (self.workspace / ".dvc").is_dir():
+            raise VersioningError(
+                f"{self.workspace} is not a DVC repository (no .dvc/): run `git init && dvc init` there, "
+                "or set tracking.dvc=false"
+            )
         rel = self._rel(root)
         dvc_file = self.workspace / f"{rel}.dvc"
         Path(self.workspace / rel).mkdir(parents=True, exist_ok=True)
@@ -496,8 +501,7 @@ def version_shards(shard_dir: Path, workspace: Path, cfg: Any) -> None:
         return
     store = DvcWorkspace(workspace, remote=tracking.dvc_remote)
     shard_dir = Path(shard_dir).resolve()
-    root = store.workspace / store._rel(shard_dir).split("/")[0]
-    store.ensure_tracked_root(root)
+    store.ensure_tracked_root(shard_dir.parent)
     store.add(shard_dir)
     if tracking.dvc_push:
         store.push([shard_dir])

@@ -1,0 +1,115 @@
+"""`open360 ckpt` verbs and helpers on hand-made checkpoints: step selection, list, lineage, shards, hub plan."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dvc.repo  # noqa: F401 - binds DVC's log handlers to pytest's session streams, not a test's capsys
+import pytest
+from omegaconf import OmegaConf
+
+from open360.tracking import version_shards
+from open360.tracking.checkpoints import CheckpointEntry, run_checkpoints, select_steps
+from open360.tracking.cli import lineage_main, list_main, pull_main
+from open360.tracking.dvc_versioning import DvcWorkspace, VersioningError
+from open360.tracking.release import ckpt_names, hub_upload_plan
+from open360.tracking.workspace import init_workspace
+from tests.test_tracking_dvc import write_checkpoint
+
+
+def entries(*steps: int) -> list[CheckpointEntry]:
+    return [CheckpointEntry(s, Path(f"step_{s}"), True, None) for s in steps]
+
+
+def test_select_steps() -> None:
+    es = entries(0, 10, 20, 40)
+    assert [e.step for e in select_steps(es, "all")] == [0, 10, 20, 40]
+    assert [e.step for e in select_steps(es, "latest")] == [40]
+    assert [e.step for e in select_steps(es, "20")] == [20]
+    assert [e.step for e in select_steps(es, "~14")] == [10]
+    assert [e.step for e in select_steps(es, "~15")] == [10]  # tie → the earlier step
+    assert [e.step for e in select_steps(es, "~1000")] == [40]
+    with pytest.raises(ValueError, match=r"no checkpoint at step 15; nearest: \[10, 20, 0\]|nearest"):
+        select_steps(es, "15", "r")
+    with pytest.raises(ValueError, match="expected N, ~N, latest or all"):
+        select_steps(es, "last")
+    with pytest.raises(ValueError, match="has no checkpoints"):
+        select_steps([], "latest", "r")
+
+
+def test_ckpt_names_follow_llm360() -> None:
+    assert ckpt_names(3) == ["ckpt_000", "ckpt_001", "ckpt_002"]
+    assert ckpt_names(1001)[-1] == "ckpt_1000"
+
+
+def test_list_shows_tracked_untracked_and_pushed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ws = init_workspace(tmp_path / "ws")
+    store = DvcWorkspace(ws)
+    pushed, added, local = (write_checkpoint(ws, "r", s) for s in (1, 2, 3))
+    store.add(pushed)
+    store.push([pushed])
+    store.add(added)
+    capsys.readouterr()
+    assert list_main(["r", "--workspace", str(ws)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [
+        ("1", "2,048", "yes"),
+        ("2", "4,096", "no:4-missing"),
+        ("3", "6,144", "-"),
+    ]
+    assert rows[2][-2] == "untracked"
+    assert list_main(["nope", "--workspace", str(ws)]) == 1
+    assert "has no checkpoints" in capsys.readouterr().err
+    assert pull_main(["r", "7", "--workspace", str(ws)]) == 1
+    assert "no checkpoint at step 7" in capsys.readouterr().err
+    assert [e.step for e in run_checkpoints(ws, "r")] == [1, 2, 3]
+
+
+def test_lineage_without_dvc_or_mlflow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = write_checkpoint(tmp_path, "r", 5)
+    assert lineage_main([str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "sha256: 5 files match" in out and "not a DVC repository" in out and "not tracked" in out
+    state = ckpt / "trainer_state.json"
+    state.write_bytes(state.read_bytes()[:-3])
+    assert lineage_main([str(ckpt)]) == 1
+    assert "trainer_state.json: sha256" in capsys.readouterr().err
+    assert lineage_main([str(tmp_path / "checkpoints")]) == 1
+    assert "no lineage.json" in capsys.readouterr().err
+
+
+def test_version_shards(tmp_path: Path) -> None:
+    ws = init_workspace(tmp_path / "ws")
+    shard_dir = ws / "shards" / "tiny-abc"
+    shard_dir.mkdir(parents=True)
+    (shard_dir / "manifest.json").write_text(json.dumps({"chunks": 1}))
+    (shard_dir / "train_00000.parquet").write_bytes(os.urandom(2048))
+    cfg = OmegaConf.create({"tracking": {"dvc": True, "dvc_push": True, "dvc_remote": None}})
+    version_shards(shard_dir, ws, cfg)
+    version_shards(shard_dir, ws, cfg)  # idempotent
+    store = DvcWorkspace(ws)
+    tracked = store.tracked(shard_dir)
+    assert tracked.nfiles == 2 and (ws / "shards.dvc").is_file()
+    assert store.missing_on_remote([tracked]) == {"shards/tiny-abc": 0}
+    off = OmegaConf.create({"tracking": {"dvc": False}})
+    version_shards(tmp_path / "anywhere", tmp_path, off)  # no-op, no DVC repo needed
+    nested = ws / "data" / "shards" / "x"
+    nested.mkdir(parents=True)
+    with pytest.raises(VersioningError, match="top of the workspace"):
+        version_shards(nested, ws, cfg)
+    with pytest.raises(VersioningError, match="git init && dvc init"):
+        version_shards(tmp_path / "plain" / "shards" / "x", tmp_path / "plain", cfg)
+
+
+def test_hub_upload_plan(tmp_path: Path) -> None:
+    (tmp_path / "ckpt_000").mkdir()
+    (tmp_path / "ckpt_001").mkdir()
+    (tmp_path / "checkpoints.json").write_text(
+        json.dumps([{"revision": "ckpt_000", "step": 4}, {"revision": "ckpt_001", "step": 8}])
+    )
+    plan = hub_upload_plan(tmp_path)
+    assert plan[0] == ("main", tmp_path, ["ckpt_*/**", "ckpt_*"])
+    assert plan[1:] == [("ckpt_000", tmp_path / "ckpt_000", None), ("ckpt_001", tmp_path / "ckpt_001", None)]

@@ -8,6 +8,7 @@ import gc
 import json
 import platform
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -203,7 +204,11 @@ def main() -> None:
     for name, build, loss_fn, attention in variants:
         print(f"running {name} ...", flush=True)
         torch._dynamo.reset()  # compiled variants must not reuse graphs traced under another SDPA backend
-        results.append(measure(name, build, loss_fn, cfg, args, device, attention))
+        try:
+            results.append(measure(name, build, loss_fn, cfg, args, device, attention))
+        except Exception as e:  # one broken variant (e.g. a backend missing here) must not hide the others
+            traceback.print_exc()
+            results.append(Result(name=name, status=f"error: {type(e).__name__}: {e}"[:300]))
         gc.collect()  # the model and optimizer of the previous implementation must be gone before the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -228,6 +233,8 @@ def main() -> None:
             f"{fmt(r.fwd_bwd_mfu and 100 * r.fwd_bwd_mfu, '10.1f')}% {fmt(r.peak_memory_gib, '8.1f')} "
             f"{fmt(r.first_step_s, '10.1f')}" + ("" if r.status == "ok" else f"  {r.status}")
         )
+    if any(r.status.startswith("OOM") for r in results):
+        print(f"some implementations ran out of memory at micro-batch {args.batch}: rerun all with --batch 4")
     if device.type == "cpu":
         print("(CPU run: MFU is against the H100 peak and means nothing here; this only checks the script)")
 

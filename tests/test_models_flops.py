@@ -1,0 +1,40 @@
+"""Parameter and FLOP counts against published sizes and transformers' own models (built on the meta device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from open360.config import compose
+from open360.models import build_model, count_parameters, training_flops_per_token
+from open360.models.decoder import as_model_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_llama7b_shape_has_the_published_parameter_count() -> None:
+    cfg = compose(["model=amber"]).model
+    assert count_parameters(cfg) == 6_738_415_616  # LLaMA-7B (AMBER's shape)
+
+
+@pytest.mark.parametrize("name", ["amber_1b4", "phi15", "crystalcoder"])
+def test_counts_match_models_built_on_meta(name: str) -> None:
+    cfg = as_model_config(compose([f"model={name}"]).model)
+    with torch.device("meta"):
+        ours = build_model(cfg).num_parameters()
+    assert ours == count_parameters(cfg)
+    if name == "amber_1b4":
+        assert 1.41e9 < ours < 1.43e9  # BENCHMARKS.md: 1.42 B
+    if name == "phi15":
+        hf_cfg = transformers.PhiConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, partial_rotary_factor=0.5,
+        )
+        with torch.device("meta"):
+            assert sum(p.numel() for p in transformers.PhiForCausalLM(hf_cfg).parameters()) == ours
+
+
+def test_training_flops_per_token_formula() -> None:
+    cfg = compose(["model=amber_1b4"]).model
+    n = count_parameters(cfg)
+    assert training_flops_per_token(cfg, 2048) == 6 * n + 12 * 24 * 2048 * 2048

@@ -21,9 +21,15 @@ def main(cfg: DictConfig) -> None:
     except ResourceError as err:
         print(f"open360.train: {err}", file=sys.stderr)
         sys.exit(2)
+    from open360.checkpoint import CheckpointError
     from open360.train.pipeline import run_training
+    from open360.train.trainer import TrainingError
 
-    run_training(cfg, device=device)
+    try:
+        run_training(cfg, device=device)
+    except (TrainingError, CheckpointError) as err:
+        print(f"open360.train: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -109,17 +109,23 @@ class ShardProvider:
 
 
 def _seen_summary(order: Any, steps_done: int) -> dict[str, Any]:
-    """Sequence ids consumed by the first `steps_done` steps of a stage: count, min, max, contiguity."""
+    """Sequence ids consumed by the first `steps_done` steps of a stage: count, min, max, contiguity.
+
+    Epoch 0 consumes ids [0, steps * B) in order (DataOrder's contract), so that case needs no id list.
+    """
     if steps_done <= 0:
         return {"count": 0}
-    ids = order.seen_ids(steps_done)
-    lo, hi = int(ids.min()), int(ids.max())
-    unique = len(set(ids.tolist())) if len(ids) <= 10_000_000 else None
+    if steps_done <= order.steps_per_epoch:
+        end = steps_done * order.global_batch_size
+        return {"count": end, "min_id": 0, "max_id": end - 1, "contiguous": True, "epochs": 1}
+    ids = order.seen_ids(steps_done)  # sorted, unique
+    lo, hi = int(ids[0]), int(ids[-1])
     return {
         "count": int(len(ids)),
         "min_id": lo,
         "max_id": hi,
-        "contiguous": unique == hi - lo + 1 == len(ids),
+        "contiguous": hi - lo + 1 == len(ids),
+        "epochs": -(-steps_done // order.steps_per_epoch),
     }
 
 

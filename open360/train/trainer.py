@@ -187,9 +187,10 @@ class Trainer:
         total = torch.zeros((), device=self.env.device, dtype=torch.float32)
         for i in range(self.accum):
             micro = batch[i * mbs : (i + 1) * mbs]
-            with grad_sync(self.module, enabled=i == self.accum - 1), self._autocast():
-                loss = self.module(micro[:, :-1], micro[:, 1:])
-            (loss / self.accum).backward()
+            with grad_sync(self.module, enabled=i == self.accum - 1):
+                with self._autocast():
+                    loss = self.module(micro[:, :-1], micro[:, 1:])
+                (loss / self.accum).backward()
             total += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: DTensor norm

@@ -1,0 +1,179 @@
+"""The Trainer in process: NaN guard, loss-spike log, grad accumulation, state_dict round trip."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from open360.backends.native import DistEnv, parallelize
+from open360.checkpoint import CadencePolicy, list_checkpoints
+from open360.checkpoint.writer import CheckpointWriter
+from open360.config import compose
+from open360.models import build_model
+from open360.train.callbacks import Callback
+from open360.train.optim import build_optimizer
+from open360.train.schedules import Schedule, Stage
+from open360.train.trainer import StageData, Trainer, TrainerSettings, TrainingDiverged, TrainingError
+
+
+class FakeOrder:
+    """Seeded token rows standing in for DataOrder."""
+
+    def __init__(self, batch: int, seq_len: int, vocab: int) -> None:
+        self.batch_size, self.seq_len, self.vocab = batch, seq_len, vocab
+
+    def batch(self, step: int) -> np.ndarray:
+        start = np.random.default_rng(step).integers(0, 64, size=(self.batch_size, 1))
+        return (start + np.arange(self.seq_len + 1)[None, :]) % self.vocab
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": "fake"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert state == {"fingerprint": "fake"}
+
+
+class ScriptedLoss(nn.Module):
+    """A 'model' whose loss follows a script (value per optimizer step), with a real gradient."""
+
+    def __init__(self, values: list[float], accum: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.values, self.accum, self.calls = values, accum, 0
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = self.values[self.calls // self.accum]
+        self.calls += 1
+        return (self.w**2).sum() * 1e-3 + value
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.metrics: dict[int, dict[str, float]] = {}
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics[step] = metrics
+
+
+def _trainer(
+    model: nn.Module,
+    module: nn.Module,
+    steps: int,
+    settings: TrainerSettings,
+    tmp_path: Path | None = None,
+    callbacks: list[Callback] | None = None,
+    every: int = 1000,
+) -> Trainer:
+    stage = Stage(0, "main", "r.yaml", 0, steps, 1e-3, Schedule("constant", steps))
+    order = FakeOrder(settings.global_batch_size, settings.seq_len, 64)
+
+    def open_stage(st: Stage) -> StageData:
+        return StageData(
+            order, [], {"stage": st.name, "manifest_hash": "m", "tokenizer_hash": "t"}, lambda n: {}
+        )
+
+    writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", 1, background=False) if tmp_path else None
+    return Trainer(
+        model=model,
+        module=module,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        stages=[stage],
+        settings=settings,
+        env=DistEnv(),
+        open_stage=open_stage,
+        cadence=CadencePolicy("every_n", every=every, save_final=False),
+        writer=writer,
+        callbacks=callbacks or [],
+        config_yaml="x: 1\n",
+        lineage_base={},
+    )
+
+
+def _settings(**kw: Any) -> TrainerSettings:
+    base = dict(
+        global_batch_size=4, micro_batch_size=2, seq_len=8, grad_clip=1.0, autocast_dtype=None, log_every=100
+    )
+    return TrainerSettings(**{**base, **kw})
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    values = [2.0, 1.9, 1.8, 1.7, float("nan"), 1.5]
+    model = ScriptedLoss(values, accum=2)
+    trainer = _trainer(model, model, steps=6, settings=_settings(), tmp_path=tmp_path, every=2)
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "diverged at step 5" in msg and "loss=nan" in msg
+    assert str(tmp_path / "pub" / "step_4") in msg and "(step 4)" in msg
+    assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [2, 4]
+    assert trainer.progress.step == 4
+
+
+def test_loss_spike_is_logged_not_fatal(capsys: pytest.CaptureFixture[str]) -> None:
+    values = [2.0] * 14 + [9.0] + [2.0] * 5
+    model = ScriptedLoss(values, accum=2)
+    rec = Recorder()
+    summary = _trainer(model, model, steps=20, settings=_settings(), callbacks=[rec]).train()
+    assert summary["status"] == "finished" and summary["loss_spikes"] == 1
+    assert [s for s, m in rec.metrics.items() if m["loss_spike"]] == [15]
+    assert "loss spike at step 15" in capsys.readouterr().out
+    assert set(rec.metrics[1]) >= {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "step_time_s"}
+
+
+def test_batch_geometry_error() -> None:
+    with pytest.raises(
+        TrainingError, match=r"global_batch_size=10 must be a multiple of .*micro_batch_size=4"
+    ):
+        _settings(global_batch_size=10, micro_batch_size=4).accumulation_steps(1)
+
+
+def test_grad_accumulation_matches_one_big_micro_batch() -> None:
+    cfg = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"])
+    results = []
+    for micro in (8, 2):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        trainer = _trainer(
+            model,
+            parallelize(model, DistEnv(), "ddp"),
+            2,
+            _settings(global_batch_size=8, micro_batch_size=micro, seq_len=16),
+        )
+        trainer.optimizer = build_optimizer(model, cfg.optim)
+        summary = trainer.train()
+        results.append((summary["final_loss"], {k: v.clone() for k, v in model.state_dict().items()}))
+    (loss_a, wa), (loss_b, wb) = results
+    assert math.isclose(loss_a, loss_b, rel_tol=1e-5)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    cfg = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"])
+
+    def fresh(steps: int) -> Trainer:
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        t = _trainer(model, parallelize(model, DistEnv(), "ddp"), steps, _settings(seq_len=16))
+        t.optimizer = build_optimizer(model, cfg.optim)
+        return t
+
+    full = fresh(6)
+    full.train()
+    first = fresh(6)
+    first.final_step = 3
+    first.train()
+    state = first.state_dict()
+    second = fresh(6)
+    second.load_state_dict(state)
+    assert second.progress.step == 3
+    second.train()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+    assert full.progress.last_loss == second.progress.last_loss

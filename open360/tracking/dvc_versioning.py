@@ -196,7 +196,8 @@ class DvcWorkspace:
             except Exception as err:
                 raise _explain(err, action, path, self.workspace, detail) from err
 
-    def _rel(self, path: Path) -> str:
+    def relpath(self, path: Path) -> str:
+        """`path` relative to the workspace (posix); raises when it lies outside."""
         p = Path(path)
         p = p if p.is_absolute() else self.workspace / p
         try:
@@ -212,7 +213,7 @@ class DvcWorkspace:
                 f"{self.workspace} is not a DVC repository (no .dvc/): run `git init && dvc init` there, "
                 "or set tracking.dvc=false"
             )
-        rel = self._rel(root)
+        rel = self.relpath(root)
         dvc_file = self.workspace / f"{rel}.dvc"
         Path(self.workspace / rel).mkdir(parents=True, exist_ok=True)
         if dvc_file.exists():
@@ -238,7 +239,7 @@ class DvcWorkspace:
 
     def add(self, path: Path) -> str:
         """Add one folder inside a tracked directory (updates only its entries) and return its DVC md5."""
-        rel = self._rel(path)
+        rel = self.relpath(path)
         if not (self.workspace / rel).is_dir():
             raise VersioningError(f"cannot version {self.workspace / rel}: not a directory")
 
@@ -251,7 +252,7 @@ class DvcWorkspace:
 
     def push(self, paths: Sequence[Path]) -> int:
         """Push the cached files of `paths` (and their parent's tree object) to the remote; files sent."""
-        rels = [self._rel(p) for p in paths]
+        rels = [self.relpath(p) for p in paths]
         if not rels:
             return 0
         return int(
@@ -270,7 +271,7 @@ class DvcWorkspace:
         `paths`: `dvc pull` first loads every entry of checkpoints.dvc into its data index, which grows
         with the number of checkpoints (see docs/VERSIONING.md).
         """
-        rels = [self._rel(p) for p in paths]
+        rels = [self.relpath(p) for p in paths]
         if rels:
             self._retry_locked(
                 lambda repo: [self._pull_one(repo, rel) for rel in rels], "pulling", self.workspace / rels[0]
@@ -346,7 +347,7 @@ class DvcWorkspace:
 
     def tracked_children(self, parent: Path) -> dict[str, TrackedDir]:
         """Folders directly under `parent` recorded in the tracking .dvc file (needs no local data)."""
-        rel = self._rel(parent)
+        rel = self.relpath(parent)
 
         def run(repo: Any) -> dict[str, TrackedDir]:
             tree, prefix = self._tree(repo, rel)
@@ -363,7 +364,7 @@ class DvcWorkspace:
 
     def tracked(self, path: Path) -> TrackedDir:
         """The .dvc record of one folder (its md5 and every file's md5)."""
-        rel = self._rel(path)
+        rel = self.relpath(path)
         return self._retry_locked(lambda repo: self._tracked_dir(repo, rel), "reading", self.workspace / rel)
 
     def missing_on_remote(self, dirs: Sequence[TrackedDir]) -> dict[str, int]:
@@ -395,7 +396,7 @@ class DvcVersioner(Callback):
         self._run = info.run_name
         self._git_rev = _rev_text(git_revision(self.store.workspace))
         self._code_rev = _rev_text(git_revision())
-        root = self.store.workspace / self.store._rel(info.checkpoint_dir).split("/")[0]
+        root = self.store.workspace / self.store.relpath(info.checkpoint_dir).split("/")[0]
         self.store.ensure_tracked_root(root)
         self._worker = BackgroundWorker(f"dvc[{info.run_name}]")
         self._worker.submit(self._catch_up, Path(info.checkpoint_dir))
@@ -432,7 +433,7 @@ class DvcVersioner(Callback):
     def _version(self, step: int, path: Path) -> None:
         md5 = self.store.add(path)
         record = {
-            "path": self.store._rel(path),
+            "path": self.store.relpath(path),
             "dvc_md5": md5,
             "git_revision": self._git_rev,  # the workspace commit holding checkpoints.dvc
             "code_revision": self._code_rev,  # the open360 code that trained
@@ -482,7 +483,7 @@ def push_pending(store: DvcWorkspace, run_dir: Path, push: bool = True) -> list[
     steps = local_steps(run_dir)
     if not steps:
         return []
-    store.ensure_tracked_root(store.workspace / store._rel(run_dir).split("/")[0])
+    store.ensure_tracked_root(store.workspace / store.relpath(run_dir).split("/")[0])
     tracked = {store.workspace / d.path for d in store.tracked_children(run_dir).values()}
     added = []
     for step, path in steps.items():

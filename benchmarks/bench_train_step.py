@@ -103,7 +103,7 @@ def measure(
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda or None)
     gen = torch.Generator(device=device).manual_seed(1)
     data = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device, generator=gen)
-    inputs, targets = data[:, :-1], data[:, 1:]
+    inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     flops_per_token = training_flops_per_token(cfg, args.seq_len)
     tokens = args.batch * args.seq_len
 

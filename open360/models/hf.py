@@ -229,7 +229,13 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arch = hf_architecture(cfg)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile(model) wrapper exports its module
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if "embed.weight" not in state:
+        raise HFInteropError(
+            f"export_hf: expected an open360 Decoder state_dict (embed.weight, blocks.*), got keys "
+            f"{list(state)[:3]}...; pass the plain Decoder, not a DDP/FSDP wrapper"
+        )
     dtype = state["embed.weight"].dtype
     special_ids = _write_tokenizer(Path(tokenizer_file), out_dir, cfg.max_seq_len) if tokenizer_file else {}
     if arch == "open360":

@@ -91,3 +91,16 @@ def test_tokenizer_mismatch_refused(shards: ShardSet, tmp_path: Path) -> None:
     (copy / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(TokenizerMismatchError, match="replaced"):
         ShardSet.open(copy)
+
+
+def test_cli_build_data_name_reuses_folder_and_prints_table(shards: ShardSet,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from open360.data.cli import build_main
+
+    assert build_main(["data=embedded_tiny", "--shards-root", str(shards.path.parent), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert str(shards.path) in out  # data.seed 1234 from configs/data → the same folder, not rebuilt
+    for col in ("source", "exact", "near", "quality", "code", "english", "shakespeare", "3,840 training"):
+        assert col in out
+    with pytest.raises(SystemExit):
+        build_main(["data=no_such_recipe"])

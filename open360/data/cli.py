@@ -92,7 +92,8 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 def _order_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shards", required=True, help="a shard folder (shards/<recipe>-<hash>)")
     ap.add_argument("--step", type=int, required=True, help="0-based optimizer step")
-    ap.add_argument("--seed", type=int, default=42, help="the run's data-order seed (trainer.seed, default 42)")
+    ap.add_argument("--seed", type=int, default=1234,
+                    help="the run's data-order seed (the trainer passes data.seed; default 1234)")
     ap.add_argument("--global-batch-size", type=int, required=True, help="sequences per optimizer step")
 
 

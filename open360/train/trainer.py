@@ -131,6 +131,7 @@ class Trainer:
         self.accum = settings.accumulation_steps(env.world_size)
         self.final_step = stages[-1].end
         self._stage_data: dict[int, StageData] = {}
+        self._finished_stages: dict[int, dict[str, Any]] = {}  # data history restored from a checkpoint
         self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self._prefetched: tuple[int, int, Future[torch.Tensor]] | None = None
         self.saved: list[SavedCheckpoint] = []
@@ -252,6 +253,7 @@ class Trainer:
             "loss_spikes": p.loss_spikes,
             "stage": {"index": stage.index, "name": stage.name, "step_in_stage": p.step - stage.start},
             "loader": data.order.state_dict(),
+            "data_history": self._data_history(),
             "world_size": self.env.world_size,
             "global_batch_size": self.settings.global_batch_size,
             "seq_len": self.settings.seq_len,
@@ -290,24 +292,42 @@ class Trainer:
                 f"it in {stage.name!r}; resume with the original `stages`"
             )
         self.stage_data(stage).order.load_state_dict(ts["loader"])
+        self._finished_stages = {
+            h["stage_index"]: h for h in ts["data_history"] if h["stage_index"] < stage.index
+        }
         ranks = state["rng"]["ranks"]
         restore_rng_state(ranks[self.env.rank] if self.env.rank < len(ranks) else ranks[0])
 
-    def _lineage(self) -> dict[str, Any]:
-        stage = self._current_stage()
-        data = self.stage_data(stage)
+    def _data_history(self) -> list[dict[str, Any]]:
+        """Per stage up to the current one: its data provenance, steps trained and sequence ids seen.
+
+        Finished stages restored from a checkpoint are taken as recorded, so their shards need not exist.
+        """
         history = []
-        for st in self.stages[: stage.index + 1]:
-            sd = self.stage_data(st)
+        for st in self.stages[: self._current_stage().index + 1]:
+            if st.index in self._finished_stages:
+                history.append(self._finished_stages[st.index])
+                continue
+            data = self.stage_data(st)
             done = min(self.progress.step, st.end) - st.start
-            history.append({**sd.lineage, "steps": done, "sequences_seen": sd.seen_range(done)})
+            history.append(
+                {
+                    **data.lineage,
+                    "stage_index": st.index,
+                    "steps": done,
+                    "sequences_seen": data.seen_range(done),
+                }
+            )
+        return history
+
+    def _lineage(self, data_history: list[dict[str, Any]]) -> dict[str, Any]:
         metadata: dict[str, Any] = {}
         for cb in self.callbacks:
             metadata.update(cb.run_metadata())
         return {
             **self.lineage_base,
-            "data": history[-1] if history else data.lineage,
-            "data_history": history,
+            "data": data_history[-1],
+            "data_history": data_history,
             "tokens_seen": self.progress.tokens_seen,
             "callbacks": metadata,
             **({"mlflow_run_id": metadata["mlflow_run_id"]} if "mlflow_run_id" in metadata else {}),
@@ -316,7 +336,7 @@ class Trainer:
     def save(self, published: bool) -> None:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering state)."""
         state = self.state_dict()
-        lineage = self._lineage()
+        lineage = self._lineage(state["trainer"]["data_history"])
         if self.writer is None or not self.env.is_main:
             return
         contents = CheckpointContents(

@@ -28,6 +28,9 @@ def test_mup_scales_flat_sp_scales_grow(rows: list[dict]) -> None:
             assert 0.8 < growth(mup, act, step) < 1.25, (act, step, growth(mup, act, step))
     # Logits start at O(1/sqrt(width)) under muP (the output multiplier), then stay O(1) while training.
     assert 0.4 < growth(mup, "logits", last) < 2.5
+    # muP's 1/head_dim attention scale: attention logits never grow with width (they start at O(1/sqrt(d))).
+    assert all(growth(mup, "attn_logits_0", step) < 1.25 for step in range(last + 1))
+    assert growth(sp, "attn_logits_0", last) > 5
     # Standard parametrization: hidden activations and logits blow up with width after a few Adam steps.
     assert growth(sp, "block_0", last) > 8
     assert growth(sp, "block_1", last) > 8

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from open360.config.schema import ModelConfig, MupConfig, OptimConfig
-from open360.models.decoder import Decoder
+from open360.models.decoder import Decoder, apply_rotary
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,27 @@ def coord_check_config(width: int, mup: bool, base_width: int, setup: CoordCheck
     )
 
 
+def _attention_logit_scale(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> float:
+    """Mean |q·k| * scale of a block's attention (before masking and softmax)."""
+    attn = block.attn
+    B, T, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).view(B, T, -1, attn.head_dim)
+    qk = apply_rotary(qkv[:, :, : attn.n_heads + attn.n_kv_heads], cos, sin)
+    q, k = qk[:, :, : attn.n_heads].transpose(1, 2), qk[:, :, attn.n_heads :].transpose(1, 2)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+    return ((q @ k.transpose(-1, -2)) * attn.scale).abs().mean().item()
+
+
 def _record(model: Decoder, tokens: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
-    """Mean |coordinate| of the embedding output, every block output and the logits; plus the loss."""
+    """Mean |coordinate| of the embedding output, layer 0's attention logits, every block output and the
+    logits; plus the loss."""
     scales: dict[str, float] = {}
     x = model.embed(tokens[:, :-1]) * model.embedding_multiplier
     scales["embedding"] = x.abs().mean().item()
     cos, sin = model.rotary.cos[: x.shape[1]], model.rotary.sin[: x.shape[1]]
     for i, block in enumerate(model.blocks):
+        if i == 0:
+            scales["attn_logits_0"] = _attention_logit_scale(block, x, cos, sin)
         x = block(x, cos, sin)
         scales[f"block_{i}"] = x.abs().mean().item()
     logits = model.logits(model.final_norm(x))

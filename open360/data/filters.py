@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+import zlib
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
@@ -12,6 +13,13 @@ from datasketch import MinHash, MinHashLSH
 from open360.data.recipe import HeuristicSpec, NearDedupSpec
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_NON_LETTER = re.compile(r"[\W\d_]+", re.UNICODE)
+_SPACE = re.compile(r"\s+", re.UNICODE)
+
+
+def _shingle_hash(data: bytes) -> int:
+    """32-bit hash of a shingle (crc32: C-speed and identical on every machine)."""
+    return zlib.crc32(data)
 
 
 def normalize(text: str) -> str:
@@ -50,7 +58,7 @@ class NearDedup:
         words = _WORD.findall(text.lower())
         k = self.spec.shingle_words
         shingles = {" ".join(words[i : i + k]).encode("utf-8") for i in range(max(1, len(words) - k + 1))}
-        m = MinHash(num_perm=self.spec.num_perm, seed=1)
+        m = MinHash(num_perm=self.spec.num_perm, seed=1, hashfunc=_shingle_hash)
         m.update_batch(sorted(shingles))
         return m
 
@@ -77,10 +85,10 @@ def heuristic_reject(text: str, spec: HeuristicSpec) -> str | None:
     words = _WORD.findall(text)
     if len(words) < spec.min_words:
         return "few_words"
-    if sum(len(w) for w in words) / len(words) > spec.max_mean_word_chars:
+    if len("".join(words)) / len(words) > spec.max_mean_word_chars:
         return "long_words"
-    non_space = sum(1 for c in text if not c.isspace())
-    alpha = sum(1 for c in text if c.isalpha())
+    non_space = len(_SPACE.sub("", text))
+    alpha = len(_NON_LETTER.sub("", text))
     if alpha / max(1, non_space) < spec.min_alpha_fraction:
         return "few_letters"
     content_lines = [ln.strip() for ln in lines if ln.strip()]

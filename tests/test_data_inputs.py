@@ -203,3 +203,11 @@ def test_concurrent_builds_of_same_recipe(tmp_path: Path) -> None:
     s.verify_content()
     assert not (Path(outs[0]) / ".parts").exists()
     assert not (tmp_path / "shards" / ".work" / Path(outs[0]).name).exists()
+
+
+def test_text_lines_with_one_invalid_line(tmp_path: Path) -> None:
+    f = tmp_path / "lines.txt"
+    f.write_bytes(b"\n".join([_doc(i).encode() for i in range(30)] + [b"bad \xff line " * 10]))
+    recipe = _recipe(tmp_path, _src("lines", f, "text") + "    sample_by: line\n")
+    m = ShardSet.open(build_shards(recipe, tmp_path / "shards")).manifest["sources"]["lines"]
+    assert m["bad"] == {"invalid_utf8": 1} and m["docs_kept"] == 30

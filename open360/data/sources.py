@@ -101,27 +101,24 @@ def _read_jsonl(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator
             yield Doc(text, f"{path}:{lineno}")
 
 
-def _split_text(text: str, sample_by: str) -> list[str]:
+def _split_bytes(data: bytes, sample_by: str) -> list[bytes]:
     if sample_by == "document":
-        return [text]
-    if sample_by == "line":
-        return text.split("\n")
-    return [p for p in text.split("\n\n")]
+        return [data]
+    return data.split(b"\n" if sample_by == "line" else b"\n\n")
 
 
 def _read_text(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
+    """One document per file, paragraph or line; a unit that is not valid UTF-8 is skipped and counted."""
     for path in files:
         with _open_binary(path) as f:
             data = f.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad["invalid_utf8"] += 1  # the whole file is one unit of bad input
-            if source.sample_by == "document":
+        for i, part in enumerate(_split_bytes(data, source.sample_by)):
+            try:
+                text = part.decode("utf-8")
+            except UnicodeDecodeError:
+                bad["invalid_utf8"] += 1
                 continue
-            text = data[: e.start].decode("utf-8")
-        for i, part in enumerate(_split_text(text, source.sample_by)):
-            yield Doc(part, f"{path}:{i + 1}")
+            yield Doc(text, f"{path}:{i + 1}")
 
 
 def _read_llm360_local(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:

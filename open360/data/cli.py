@@ -65,9 +65,12 @@ def build_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="processes for the per-source pipeline")
     ap.add_argument("--worker-index", type=int, default=0, help="this worker's index (scale-out)")
     ap.add_argument("--num-workers", type=int, default=1, help="workers sharing the build (scale-out)")
+    ap.add_argument("--merge-only", action="store_true", help="only merge the part manifests of --num-workers "
+                    "workers whose files were copied into one shard folder (no shared filesystem)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from open360.data.build import build_shards
+    from open360.data.build import build_shards, merge_parts, shard_dir_name
+    from open360.data.recipe import load_recipe
 
     if args.data and args.data.startswith("data="):
         recipe, seed = _recipe_from_data_arg(args.data)
@@ -77,6 +80,12 @@ def build_main(argv: Sequence[str] | None = None) -> int:
         ap.error("give data=<name> or --recipe PATH")
     if args.seed is not None:
         seed = args.seed
+    if args.merge_only:
+        out = Path(args.shards_root).resolve() / shard_dir_name(load_recipe(recipe, seed))
+        merge_parts(out, args.num_workers)
+        print(summary_table(json.loads((out / "manifest.json").read_text())))
+        print(out)
+        return 0
     out = build_shards(recipe, args.shards_root, seed=seed, workers=args.workers, worker_index=args.worker_index,
                        num_workers=args.num_workers, progress=not args.no_progress)
     mpath = out / "manifest.json"

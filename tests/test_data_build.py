@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +116,21 @@ def test_crystalcoder_stages_share_tokenizer_and_fim(tmp_path: Path) -> None:
     fim_id = sets[1].tokenizer().token_to_id("<fim_middle>")
     assert (sets[1].sequences(np.arange(sets[1].num_sequences)) == fim_id).any()
     assert sets[2].manifest["sources"]["code"]["target_fraction"] == pytest.approx(0.9)
+
+
+# The embedded_tiny shards as built on the reference machine (CPython 3.11, tokenizers 0.23, numpy 2.4).
+# The manifest hash covers the recipe, the tokenizer hash, every per-source count and every shard's content
+# hash (not file bytes), so a different value on another machine means the build is not reproducible there.
+# Update both only when the recipe or the pipeline changes on purpose.
+GOLDEN_MANIFEST = "bde2edf1e93c16145470d0fb2018a72d3472ac1fa05fbf3372207fd7e3cd4274"
+GOLDEN_TOKENIZER = "d67bb3ef40fb0b452528bb809a40fea68628a2abb3f7aa822aebf890a0bf08ae"
+
+
+def test_golden_hashes_and_thread_independent_tokenizer(tiny: Path) -> None:
+    s = ShardSet.open(tiny)
+    assert (s.manifest_hash, s.tokenizer_hash) == (GOLDEN_MANIFEST, GOLDEN_TOKENIZER)
+    code = ("import hashlib; from open360.data.recipe import load_recipe; from open360.data.tokenizer import "
+            f"train_bpe; print(hashlib.sha256(train_bpe(load_recipe('{RECIPE}')).to_str().encode()).hexdigest())")
+    one_thread = subprocess.run([sys.executable, "-c", code], env={**os.environ,
+                                "RAYON_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
+    assert one_thread.stdout.strip() == s.tokenizer_hash

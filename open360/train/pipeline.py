@@ -186,8 +186,8 @@ def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
     from open360.models import build_model
 
     model = build_model(cfg.model).to(env.device)
-    optimizer = build_optimizer(model, cfg.optim)
     module = parallelize(model, env, str(cfg.trainer.distributed))
+    optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 swaps in sharded parameters
     settings = build_settings(cfg, device, env)
     shards = ShardProvider(cfg, workspace, env)
     writer = CheckpointWriter(

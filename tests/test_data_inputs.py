@@ -54,6 +54,8 @@ def test_bad_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     assert s["bad"] == {"empty": 1, "invalid_utf8": 1, "malformed_json": 2, "missing_field": 1}
     assert s["dropped"] == {"quality:too_long": 1}
     assert s["docs_read"] == 42 and s["docs_kept"] == 40
+    assert s["docs_after"] == {"read": 41, "exact_dedup": 41, "near_dedup": 41, "heuristics": 40, "classifier": 40}
+    assert s["chars_read"] > 10_000_000 > s["chars_kept"] > 0
 
 
 def test_planted_exact_and_near_duplicates_removed(tmp_path: Path) -> None:
@@ -66,7 +68,7 @@ def test_planted_exact_and_near_duplicates_removed(tmp_path: Path) -> None:
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     s = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "shards")).manifest["sources"]["web"]
     assert s["dropped"] == {"exact_dup": 2, "near_dup": 1}
-    assert s["docs_kept"] == 30
+    assert s["docs_kept"] == 30 == s["docs_after"]["classifier"] and s["docs_after"]["exact_dedup"] == 31
 
 
 def test_text_and_dir_sources_and_invalid_utf8_file(tmp_path: Path) -> None:

@@ -108,6 +108,7 @@ class _SourcePipeline:
             self.bad["empty"] += 1
             return
         digest = content_hash(text)
+        self.c["chars_read"] += len(text)
         if self.exact is not None and self.exact.seen(digest):
             self.dropped["exact_dup"] += 1
             return
@@ -139,6 +140,7 @@ class _SourcePipeline:
         fim = self.source.fim
         texts, is_val = [], []
         for text, digest in batch:
+            self.c["chars_kept"] += len(text)
             if fim.rate > 0:
                 rng = doc_rng(self.recipe.seed, digest, b"fim")
                 if rng.random() < fim.rate:
@@ -154,12 +156,20 @@ class _SourcePipeline:
 
     def stats(self) -> dict[str, Any]:
         self.c["tokens_dropped_remainder"] = self.train_packer.leftover_tokens
-        keys = ("docs_read", "docs_train", "docs_validation", "fim_docs", "tokens_train", "tokens_validation",
+        keys = ("docs_read", "chars_read", "chars_kept", "docs_train", "docs_validation", "fim_docs", "tokens_train", "tokens_validation",
                 "sequences_available", "sequences_validation", "tokens_dropped_remainder")
         out: dict[str, Any] = {k: int(self.c[k]) for k in keys}
         out["bad"] = dict(sorted(self.bad.items()))
         out["dropped"] = dict(sorted(self.dropped.items()))
         out["docs_kept"] = out["docs_train"] + out["docs_validation"]
+        d, left = self.dropped, out["docs_read"] - self.bad["empty"] - self.bad["token_out_of_range"]
+        after = {"read": left}
+        for stage, n in (("exact_dedup", d["exact_dup"]), ("near_dedup", d["near_dup"]),
+                         ("heuristics", sum(v for k, v in d.items() if k.startswith("quality:"))),
+                         ("classifier", d["classifier"])):
+            left -= n
+            after[stage] = left
+        out["docs_after"] = after  # documents left after each stage (read, exact, near, heuristics, classifier)
         return out
 
 

@@ -356,7 +356,8 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         f"Held-out sequences per source: {cfg.val_sequences}; lm-eval tasks: {', '.join(cfg.tasks) or 'none'}.\n\n"
         f"![eval curves]({EVAL_PLOT})\n\n{markdown_table(df)}\n"
     )
-    if cfg.mlflow and full_cfg is not None and not new.empty:
+    tracked = full_cfg is not None and bool((full_cfg.get("tracking") or {}).get("mlflow", False))
+    if cfg.mlflow and tracked and not new.empty:  # only runs that were tracked in MLflow
         log_to_mlflow(new, full_cfg, workspace, run_id)
     return df
 

@@ -1,0 +1,81 @@
+"""Run comparison: a 3-size Hydra multirun sweep read back from MLflow renders the race views; FLOPs check out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from open360.analysis.compare import CompareConfig, compare_runs, fit_power_law
+from open360.paths import REPO_ROOT
+
+SIZES = (32, 48, 64)
+RUNS = [f"scaling_tiny_d{d}_l1" for d in SIZES]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """`python -m open360.train +experiment=scaling_tiny -m model.d_model=32,48,64` (1 layer, 8 steps)."""
+    ws = tmp_path_factory.mktemp("compare_ws")
+    shards = tmp_path_factory.getbasetemp() / "eval_shared_shards"
+    cmd = [
+        sys.executable, "-m", "open360.train", "+experiment=scaling_tiny", "-m",
+        f"model.d_model={','.join(map(str, SIZES))}", "model.n_layers=1", "trainer.max_steps=8",
+        "checkpoint.every=1000", f"workspace={ws}", f"data.shards_dir={shards}", "tracking.dvc=false",
+        "tracking.dvc_push=false", "trainer.progress_bar=false", "trainer.log_every=1",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ws
+
+
+def test_power_law_fit_recovers_exponent():
+    c = np.array([1e12, 1e13, 1e14, 1e15])
+    fit = fit_power_law(c, 7.0 * c ** -0.05)
+    assert fit["b"] == pytest.approx(0.05, abs=1e-9) and fit["a"] == pytest.approx(7.0, rel=1e-6)
+    assert fit["r2"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two runs"):
+        fit_power_law([1e12], [3.0])
+
+
+def test_sweep_renders_race_views_with_model_flops(sweep):
+    from open360.config import compose
+    from open360.models import build_model, training_flops_per_token
+
+    out = sweep / "analysis" / "race"
+    curves, summaries = compare_runs(CompareConfig(runs=RUNS, workspace=str(sweep), out_dir=str(out)))
+    assert list(summaries.run) == RUNS
+    assert (out / "compare.png").stat().st_size > 20_000
+    report = (out / "compare.md").read_text()
+    assert all(r in report for r in RUNS) and "Power-law fit" in report
+    assert pd.read_parquet(out / "compare.parquet").shape == curves.shape
+
+    for d, run in zip(SIZES, RUNS, strict=True):
+        g = curves[curves.run == run].sort_values("step")
+        assert list(g.step) == list(range(1, 9))
+        # the three x axes of the race view: tokens, FLOPs, wall-clock, all increasing
+        for col in ("tokens", "flops", "wall_s"):
+            assert np.all(np.diff(g[col].to_numpy()) > 0), (run, col)
+        np.testing.assert_array_equal(g.tokens.to_numpy(), np.arange(1, 9) * 16 * 128)
+        # FLOPs = tokens x the model's training FLOPs per token, and that is 6N + 12·L·D·S for the
+        # parameter count of the model actually built from the run's config
+        cfg = compose(["+experiment=scaling_tiny", f"model.d_model={d}", "model.n_layers=1"])
+        n_params = build_model(cfg.model).num_parameters()
+        fpt = 6 * n_params + 12 * 1 * d * 128
+        assert training_flops_per_token(cfg.model, 128) == pytest.approx(fpt)
+        np.testing.assert_allclose(g.flops.to_numpy(), g.tokens.to_numpy() * fpt, rtol=1e-12)
+        s = summaries.set_index("run").loc[run]
+        assert s.params == n_params and s.flops == pytest.approx(8 * 16 * 128 * fpt)
+    # bigger models cost more per token
+    assert summaries.flops_per_token.is_monotonic_increasing
+
+
+def test_unknown_run_is_named(sweep):
+    with pytest.raises(LookupError, match="no_such_run"):
+        compare_runs(CompareConfig(runs=["no_such_run"], workspace=str(sweep), out_dir=str(sweep / "x")))

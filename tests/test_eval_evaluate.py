@@ -1,0 +1,125 @@
+"""Evaluation across checkpoints: held-out loss falls over a tiny run, lm-eval runs the local task, plots and MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from open360.analysis.eval_cli import UsageError, parse_overrides
+from open360.analysis.evaluate import (
+    EvaluateConfig,
+    evaluate_run,
+    export_for_lm_eval,
+    lm_eval_tasks,
+    select_checkpoints,
+    sequence_nll,
+)
+from open360.config import compose
+
+RUN = "eval_tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A 40-step run of a small amber_tiny with a checkpoint every 10 steps and MLflow on (DVC off)."""
+    from open360.train.pipeline import run_training
+
+    ws = tmp_path_factory.mktemp("eval_ws")
+    shards = tmp_path_factory.getbasetemp() / "eval_shared_shards"  # shared with the other eval tests
+    cfg = compose([
+        "+experiment=amber_tiny", f"run_name={RUN}", f"workspace={ws}", f"data.shards_dir={shards}", "model.d_model=64", "model.n_layers=2",
+        "model.ffn_dim=128", "trainer.max_steps=40", "checkpoint=every_n", "checkpoint.every=10",
+        "schedule.warmup_steps=5", "tracking.dvc=false", "tracking.dvc_push=false", "trainer.progress_bar=false",
+    ])
+    run_training(cfg, device="cpu")
+    return ws
+
+
+def test_select_checkpoints():
+    avail = [(s, Path(f"step_{s}")) for s in (0, 10, 20, 30, 40, 50)]
+    assert [s for s, _ in select_checkpoints(avail)] == [0, 10, 20, 30, 40, 50]
+    assert [s for s, _ in select_checkpoints(avail, max_checkpoints=3)] == [0, 20, 50]
+    assert [s for s, _ in select_checkpoints(avail, steps=[40, 10])] == [10, 40]
+    with pytest.raises(ValueError, match="no such step"):
+        select_checkpoints(avail, steps=[15])
+
+
+def test_sequence_nll_matches_model_loss():
+    from open360.models import build_model
+
+    cfg = compose(["+experiment=amber_tiny", "model.vocab_size=200", "model.n_layers=1", "model.d_model=32"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    seqs = np.random.default_rng(0).integers(0, 200, size=(5, 17))
+    nll = sequence_nll(model, seqs, batch_size=2)
+    assert nll.shape == (5, 16)
+    t = torch.as_tensor(seqs)
+    with torch.no_grad():
+        expected = float(model.loss(t[:, :-1], t[:, 1:]))
+    assert float(nll.mean()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cli_overrides_are_validated():
+    cfg = parse_overrides(EvaluateConfig, ["run=x", "checkpoints=[10,20]", "tasks=[]"], "prog")
+    assert cfg.run == "x" and cfg.checkpoints == [10, 20] and cfg.tasks == []
+    with pytest.raises(UsageError, match="run"):
+        parse_overrides(EvaluateConfig, ["checkpoints=[1]"], "prog")
+    with pytest.raises(UsageError, match="checkpointz"):
+        parse_overrides(EvaluateConfig, ["run=x", "checkpointz=[1]"], "prog")
+
+
+def test_validation_loss_falls_across_checkpoints_and_plots(tiny_run):
+    ws = tiny_run
+    cfg = EvaluateConfig(run=RUN, workspace=str(ws), val_sequences=16, task_limit=None, batch_size=8)
+    df = evaluate_run(cfg)
+    steps = sorted(df.step.unique())
+    assert len(steps) >= 4 and steps[-1] == 40
+    val = df[(df.kind == "val") & (df.metric == "loss")]
+    assert set(val.name) == {"code", "english", "shakespeare"}
+    mean_loss = val.groupby("step").value.mean().loc[steps].to_numpy()
+    assert np.all(np.diff(mean_loss) < 0), f"held-out loss not decreasing over checkpoints: {mean_loss}"
+    for _, g in val.groupby("name"):
+        g = g.sort_values("step")
+        assert g.value.iloc[-1] < g.value.iloc[0]
+    ppl = df[(df.kind == "val") & (df.metric == "ppl")].set_index(["step", "name"]).value
+    loss = val.set_index(["step", "name"]).value
+    np.testing.assert_allclose(ppl.loc[loss.index], np.exp(loss), rtol=1e-9)
+    tokens = df.groupby("step").tokens_seen.first()
+    assert tokens.loc[40] == 40 * 16 * 128
+    acc = df[(df.kind == "task") & (df.metric == "acc")]
+    assert len(acc) == len(steps) and acc.value.between(0, 1).all()
+
+    out = ws / "analysis" / RUN
+    assert (out / "eval_curves.png").stat().st_size > 10_000
+    assert "| step |" in (out / "eval.md").read_text()
+    assert pd.read_parquet(out / "eval.parquet").equals(df)
+
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((ws / "checkpoints" / RUN / "step_40" / "lineage.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    hist = client.get_metric_history(run_id, "eval/val/code/loss")
+    assert sorted(m.step for m in hist) == steps
+    again = evaluate_run(cfg)  # steps already evaluated are kept, not recomputed
+    assert again.equals(df)
+
+
+def test_lm_eval_local_task_on_exported_checkpoint(tiny_run, tmp_path):
+    from open360.checkpoint.io import load_model_from_checkpoint
+
+    ckpt = tiny_run / "checkpoints" / RUN / "step_40"
+    model, full_cfg = load_model_from_checkpoint(ckpt)
+    tokenizer = next((tiny_run.parent / "eval_shared_shards").glob("embedded_tiny-*/tokenizer.json"))
+    hf_dir = export_for_lm_eval(model, full_cfg, tokenizer, tmp_path / "hf")
+    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    results = lm_eval_tasks(hf_dir, ["open360_python_cloze"], limit=12, batch_size=4)
+    assert set(results) == {"open360_python_cloze"}
+    assert 0.0 <= results["open360_python_cloze"]["acc"] <= 1.0
+    assert "acc_norm" in results["open360_python_cloze"]
+    with pytest.raises(ValueError, match="not found"):
+        lm_eval_tasks(hf_dir, ["open360_no_such_task"], limit=1)

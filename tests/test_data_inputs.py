@@ -213,3 +213,16 @@ def test_text_lines_with_one_invalid_line(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, _src("lines", f, "text") + "    sample_by: line\n")
     m = ShardSet.open(build_shards(recipe, tmp_path / "shards")).manifest["sources"]["lines"]
     assert m["bad"] == {"invalid_utf8": 1} and m["docs_kept"] == 30
+
+
+def test_custom_scorer_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_scorer.py").write_text(  # keeps documents with an even number
+        "def score(texts):\n    return [float(int(t.rsplit(' ', 1)[1].rstrip('.')) % 2 == 0) for t in texts]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = _small_corpus(tmp_path, 60)
+    extra = "filters:\n  classifier: {enabled: true, scorer: 'my_scorer:score', threshold: 0.5}\n"
+    s = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f), extra), tmp_path / "s")).manifest["sources"]
+    assert s["web"]["dropped"] == {"classifier": 30} and s["web"]["docs_kept"] == 30
+    bad = "filters:\n  classifier: {enabled: true, scorer: 'no_such_module:score'}\n"
+    with pytest.raises(ValueError, match="cannot be imported"):
+        build_shards(_recipe(tmp_path, _src("web", f), bad), tmp_path / "s2")

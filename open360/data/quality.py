@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib
 import re
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from open360.data.recipe import ClassifierSpec
+from open360.data.recipe import ClassifierSpec, SourceSpec
+from open360.data.sources import SourceError, check_pinned_hash, iter_jsonl, resolve_files
 
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
@@ -54,12 +56,7 @@ class LogisticQualityModel:
 
 
 def load_labels(spec: ClassifierSpec) -> tuple[list[str], list[int]]:
-    """Read the labelled sample (jsonl(.gz), fields `text` and `label` in {0, 1})."""
-    from collections import Counter
-
-    from open360.data.recipe import SourceSpec
-    from open360.data.sources import SourceError, check_pinned_hash, iter_jsonl, resolve_files
-
+    """Read the labelled sample (jsonl(.gz), fields `text` and `label` in {0, 1}); any bad line is an error."""
     src = SourceSpec(name="classifier_labels", type="jsonl", path=spec.labels, sha256=spec.labels_sha256)
     check_pinned_hash(src, resolve_files(src))
     texts, labels = [], []
@@ -70,6 +67,8 @@ def load_labels(spec: ClassifierSpec) -> tuple[list[str], list[int]]:
                 raise SourceError(f"{path}:{lineno}: a label row needs 'text' (string) and 'label' (0 or 1)")
             texts.append(row["text"])
             labels.append(int(row["label"]))
+    if bad:
+        raise SourceError(f"{spec.labels}: unreadable label lines {dict(bad)}; fix the labelled sample")
     if len(set(labels)) < 2:
         raise SourceError(f"{spec.labels}: the labelled sample needs both labels 0 and 1; found {sorted(set(labels))}")
     return texts, labels

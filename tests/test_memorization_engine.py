@@ -120,7 +120,7 @@ def test_greedy_equals_transformers_generate_on_the_hf_export(tmp_path) -> None:
 
     model = tiny_model(seed=4)
     export_hf(model, model.cfg, None, tmp_path / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     seqs = torch.randint(0, TINY["vocab_size"], (20, 32), generator=torch.Generator().manual_seed(5))
     ref = hf_greedy_continuations(hf, seqs, k=16, cont_len=16, batch_size=8)
     ours = MemorizationScorer(model, k=16, l=16, batch_size=6).score(seqs)

@@ -1,0 +1,251 @@
+"""Memorization throughput (k = l = 32), side by side in one process: Analysis360, HF generate, open360.
+
+    python benchmarks/bench_memorization.py --out bench_memorization.json          # one H100, ~3 min
+    python benchmarks/bench_memorization.py --tiny --out /tmp/bench_mem_tiny.json  # CPU smoke run
+
+Same randomly initialized 1.4B Amber-shaped model (24 layers, hidden 2048, 32 heads, FFN 5504, vocab
+50304) for every method: open360's Decoder, exported with `open360.models.hf.export_hf` and loaded
+as `LlamaForCausalLM`. Methods:
+  analysis360     HF generate, fp16, batch 32 (Analysis360's memorization script)
+  hf_generate     HF generate, bf16, batch --hf-batch (512)
+  open360_greedy  open360 exact greedy: static KV cache, fixed shapes, CUDA graph, bf16
+  open360_eager   the same without the CUDA graph
+  open360_tf      open360 teacher-forced screen (one forward; exact full_match only), bf16
+Scores are checked against HF generate on a sample in fp32 (TF32 off): identical continuations are
+expected except at argmax near-ties; bf16 agreement with HF bf16 is reported too (bf16 rounding
+differs between the two implementations, so a random-init model's near-uniform logits flip often).
+Prints a table and writes JSON; never asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+K = L = 32
+AMBER_1B4 = dict(name="amber_1b4", vocab_size=50304, n_layers=24, d_model=2048, n_heads=32, ffn_dim=5504,
+                 max_seq_len=2048, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu")
+TINY = dict(name="amber_bench_tiny", vocab_size=512, n_layers=2, d_model=64, n_heads=4, ffn_dim=128,
+            max_seq_len=128, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def hf_generate_rows(hf: Any, seqs: torch.Tensor, batch: int, analysis360_call: bool) -> np.ndarray:
+    """HF generate over `seqs` in batches; `analysis360_call` uses their exact call (EOS left on)."""
+    from open360.analysis.memorization.reference import hf_greedy_continuations
+
+    if not analysis360_call:
+        return hf_greedy_continuations(hf, seqs, K, L, batch_size=batch)
+    device = next(hf.parameters()).device
+    out = np.empty((seqs.shape[0], L), dtype=np.int32)
+    with torch.no_grad():
+        for lo in range(0, seqs.shape[0], batch):
+            prompt = seqs[lo : lo + batch, :K].to(device)
+            gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), min_length=K, max_new_tokens=L,
+                              num_beams=1, do_sample=False, pad_token_id=0)[:, K:]
+            out[lo : lo + prompt.shape[0], : gen.shape[1]] = gen.cpu().numpy()
+    return out
+
+
+def load_hf(folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def release_memory() -> None:
+    """Collect dropped models and hand their GPU memory back before loading the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file for the results")
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke run of every code path)")
+    ap.add_argument("--batch", type=int, default=1024, help="open360 batch size (sequences)")
+    ap.add_argument("--hf-batch", type=int, default=512)
+    ap.add_argument("--a360-batch", type=int, default=32)
+    ap.add_argument("--sequences", type=int, default=16384, help="sequences timed for open360 methods")
+    ap.add_argument("--hf-sequences", type=int, default=2048, help="sequences timed for HF generate batch 512")
+    ap.add_argument("--a360-sequences", type=int, default=320, help="sequences timed for Analysis360's method")
+    ap.add_argument("--check", type=int, default=128, help="sequences for the fp32 parity check against HF")
+    ap.add_argument("--compile", action="store_true", help="also time open360 greedy with torch.compile")
+    args = ap.parse_args(argv)
+
+    from open360.analysis.memorization import MemorizationScorer
+    from open360.models import build_model, count_parameters
+    from open360.models.hf import export_hf
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    shape = TINY if args.tiny else AMBER_1B4
+    if args.tiny:
+        args.batch, args.hf_batch, args.a360_batch = 64, 64, 8
+        args.sequences, args.hf_sequences, args.a360_sequences, args.check = 256, 128, 32, 32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(shape)
+    # Round weights to bf16 once so that fp32, bf16 and fp16 copies all start from the same values.
+    model = model.to(torch.bfloat16).to(torch.float32).eval()
+    n_params = count_parameters(model.cfg)
+    gen = torch.Generator().manual_seed(1234)
+    n_max = max(args.sequences, args.hf_sequences, args.a360_sequences, args.check)
+    seqs = torch.randint(0, shape["vocab_size"], (n_max, K + L), generator=gen)
+
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    outputs: dict[str, np.ndarray] = {}
+
+    def record(name: str, n: int, seconds: float, **extra: Any) -> None:
+        results[name] = {"sequences": n, "seconds": seconds, "seq_per_s": n / seconds, **extra}
+        print(f"  {name:<16} {n / seconds:>10.1f} seq/s  ({n} sequences in {seconds:.2f}s)", flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_mem_"))
+    hf_dir = export_hf(model.to(torch.bfloat16).cpu(), model.cfg, None, tmp / "hf")
+    model = model.float().to(device)
+
+    # --- open360 (bf16 on GPU, fp32 on CPU) ---------------------------------------------------
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("open360_greedy", dict(mode="greedy", cuda_graphs=True)),
+        ("open360_eager", dict(mode="greedy", cuda_graphs=False)),
+        ("open360_tf", dict(mode="teacher_forced", cuda_graphs=False)),
+    ]
+    if args.compile:
+        variants.append(("open360_compiled", dict(mode="greedy", cuda_graphs=True, compile=True)))
+    import copy
+
+    for name, opts in variants:
+        try:
+            m = copy.deepcopy(model) if opts.get("compile") else model
+            scorer = MemorizationScorer(m, k=K, l=L, batch_size=args.batch, device=device, dtype=dtype, **opts)
+            n = args.sequences if name != "open360_eager" else min(args.sequences, 4 * args.batch)
+            scorer.score(seqs[: args.batch])  # warm-up: allocation, CUDA graph capture, compile
+            res, seconds = timed(lambda s=scorer, n=n: s.score(seqs[:n]), device)
+            record(name, n, seconds, batch=args.batch, dtype=dtype, cuda_graphs=scorer.use_graphs,
+                   graph_error=scorer.graph_error, token_match=res.token_match, full_match=res.full_match)
+            outputs[name] = res.predicted
+            scorer.release()
+            scorer = m = None
+            release_memory()
+        except Exception as err:  # report and keep going: one failing method must not hide the others
+            errors[name] = f"{type(err).__name__}: {err}"
+            print(f"  {name:<16} FAILED: {errors[name]}", flush=True)
+    model = model.to(torch.bfloat16)  # keep memory for the HF copies
+
+    # --- HF generate bf16, large batch ---------------------------------------------------------
+    try:
+        hf = load_hf(hf_dir, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+        hf_generate_rows(hf, seqs[: args.hf_batch], args.hf_batch, False)  # warm-up
+        ref, seconds = timed(lambda: hf_generate_rows(hf, seqs[: args.hf_sequences], args.hf_batch, False), device)
+        record("hf_generate", args.hf_sequences, seconds, batch=args.hf_batch, dtype=dtype)
+        outputs["hf_generate"] = ref
+        hf = None
+        release_memory()
+    except Exception as err:
+        errors["hf_generate"] = f"{type(err).__name__}: {err}"
+        print(f"  hf_generate      FAILED: {errors['hf_generate']}", flush=True)
+
+    # --- Analysis360's method: HF generate fp16 batch 32 -----------------------------------------
+    try:
+        hf = load_hf(hf_dir, torch.float16 if device.type == "cuda" else torch.float32, device)
+        hf_generate_rows(hf, seqs[: args.a360_batch], args.a360_batch, True)  # warm-up
+        _, seconds = timed(lambda: hf_generate_rows(hf, seqs[: args.a360_sequences], args.a360_batch, True), device)
+        record("analysis360", args.a360_sequences, seconds, batch=args.a360_batch,
+               dtype="fp16" if device.type == "cuda" else "fp32")
+        hf = None
+        release_memory()
+    except Exception as err:
+        errors["analysis360"] = f"{type(err).__name__}: {err}"
+        print(f"  analysis360      FAILED: {errors['analysis360']}", flush=True)
+
+    # --- parity: fp32 open360 greedy vs fp32 HF generate ------------------------------------------
+    parity: dict[str, Any] = {}
+    try:
+        model = model.float()
+        hf = load_hf(hf_dir, torch.float32, device)
+        sample = seqs[: args.check]
+        ref = hf_generate_rows(hf, sample, min(args.check, 64), False)
+        ours = MemorizationScorer(model, k=K, l=L, batch_size=min(args.check, 64), device=device, dtype="fp32",
+                                  cuda_graphs=True).score(sample)
+        truth = sample[:, K : K + L].numpy()
+        ref_score = (ref == truth).mean(1)
+        parity["fp32_identical_continuations"] = float((ours.predicted == ref).all(1).mean())
+        parity["fp32_identical_scores"] = float((np.abs(ours.score - ref_score) < 1e-6).mean())
+        parity["fp32_sequences"] = int(args.check)
+        hf = None
+        release_memory()
+        if "open360_greedy" in outputs and "hf_generate" in outputs:
+            n = min(len(outputs["open360_greedy"]), len(outputs["hf_generate"]))
+            parity["bf16_identical_continuations"] = float(
+                (outputs["open360_greedy"][:n] == outputs["hf_generate"][:n]).all(1).mean())
+            parity["bf16_first_token_agreement"] = float(
+                (outputs["open360_greedy"][:n, 0] == outputs["hf_generate"][:n, 0]).mean())
+        if "open360_greedy" in outputs and "open360_tf" in outputs:
+            n = min(len(outputs["open360_greedy"]), len(outputs["open360_tf"]))
+            truth = seqs[:n, K : K + L].numpy()
+            g_full = (outputs["open360_greedy"][:n] == truth).all(1)
+            t_full = (outputs["open360_tf"][:n] == truth).all(1)
+            parity["tf_full_match_agrees_with_greedy"] = float((g_full == t_full).mean())
+    except Exception as err:
+        errors["parity"] = f"{type(err).__name__}: {err}"
+        print(f"  parity FAILED: {errors['parity']}", flush=True)
+
+    base = results.get("analysis360", {}).get("seq_per_s")
+    hf512 = results.get("hf_generate", {}).get("seq_per_s")
+    print("\nmemorization throughput, k=l=32, model", shape["name"], f"({n_params / 1e9:.2f} B params) on",
+          torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
+    print(f"{'method':<18}{'seq/s':>10}{'x Analysis360':>15}{'x HF b512':>11}")
+    for name, r in results.items():
+        x1 = f"{r['seq_per_s'] / base:.1f}" if base else "-"
+        x2 = f"{r['seq_per_s'] / hf512:.2f}" if hf512 else "-"
+        print(f"{name:<18}{r['seq_per_s']:>10.1f}{x1:>15}{x2:>11}")
+    if device.type == "cuda":
+        flop_ceiling = 800e12 / (2 * n_params * (K + L))
+        print(f"FLOP ceiling at 800 TFLOP/s (2*N*64 per sequence): {flop_ceiling:.0f} seq/s")
+    print("parity:", json.dumps(parity))
+    if errors:
+        print("errors:", json.dumps(errors, indent=1))
+    payload = {
+        "benchmark": "memorization", "k": K, "l": L, "model": shape, "parameters": n_params,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": sys.version.split()[0],
+        "transformers": __import__("transformers").__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "command": " ".join(sys.argv),
+        "results": results, "ratios_vs_analysis360": {k: v["seq_per_s"] / base for k, v in results.items()} if base
+        else {}, "parity": parity, "errors": errors,
+    }
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

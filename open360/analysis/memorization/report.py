@@ -1,0 +1,356 @@
+"""Memorization reports: merge cell parquets, render PNG figures and a markdown summary, log to MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUMMARY_FILE = "summary.parquet"
+SCORES_FILE = "scores.parquet"
+FIGURES = {
+    "distribution": "score_distribution.png",
+    "heatmap": "chunk_heatmap.png",
+    "lines": "chunk_lines.png",
+    "correlation": "checkpoint_correlation.png",
+    "progress": "memorized_vs_progress.png",
+}
+
+
+def _cell_meta(path: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(b"open360.memorization")
+    return json.loads(raw) if raw else {}
+
+
+def load_scores(out_dir: Path) -> Any:
+    """Every per-sequence row of every cell under `out_dir/cells` as one pandas DataFrame."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(out_dir) / "cells").glob("step_*-chunk_*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{out_dir}/cells: no cell parquet files; run the memorization job first")
+    frames = [pq.read_table(f, columns=["step", "chunk", "row", "seq_id", "matched", "score", "prefix_match",
+                                        "seen"]).to_pandas() for f in files]
+    return pd.concat(frames, ignore_index=True)
+
+
+def merge_cells(out_dir: Path) -> Path | None:
+    """Write `summary.parquet` (one row per cell) and `scores.parquet` (all rows) from the cell files."""
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    files = sorted((out_dir / "cells").glob("step_*-chunk_*.parquet"))
+    if not files:
+        return None
+    scores = load_scores(out_dir)
+    rows = []
+    for f in files:
+        meta = _cell_meta(f)
+        rows.append({"step": meta.get("step"), "chunk": meta.get("chunk"), "mode": meta.get("mode"),
+                     "tokens_seen": meta.get("tokens_seen"), "seconds": meta.get("seconds"),
+                     "chunk_size": meta.get("chunk_size")})
+    meta_df = pd.DataFrame(rows)
+    l_val = _cell_meta(files[0]).get("l", 32)
+    grouped = scores.groupby(["step", "chunk"])
+    summary = grouped.agg(
+        n=("score", "size"),
+        token_match=("score", "mean"),
+        full_match=("matched", lambda m: float((m == l_val).mean()) if len(m) else float("nan")),
+        seen_fraction=("seen", "mean"),
+    ).reset_index()
+    summary = meta_df.merge(summary, on=["step", "chunk"], how="left")
+    summary["n"] = summary["n"].fillna(0).astype(int)
+    summary = summary.sort_values(["step", "chunk"]).reset_index(drop=True)
+    _atomic_parquet(summary, out_dir / SUMMARY_FILE)
+    _atomic_parquet(scores, out_dir / SCORES_FILE)
+    return out_dir / SUMMARY_FILE
+
+
+def _atomic_parquet(df: Any, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _pick(values: list[int], most: int) -> list[int]:
+    """At most `most` values spread evenly over the sorted list (first and last always included)."""
+    if len(values) <= most:
+        return list(values)
+    idx = np.unique(np.linspace(0, len(values) - 1, most).round().astype(int))
+    return [values[i] for i in idx]
+
+
+def plot_distribution(scores: Any, steps: list[int], l_val: int, path: Path, label: str) -> None:
+    """Histogram of per-sequence scores, one step-coloured outline per checkpoint (up to 10)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bins = np.linspace(-0.5 / l_val, 1 + 0.5 / l_val, l_val + 2)
+    cmap = plt.get_cmap("viridis")
+    chosen = _pick(steps, 10)
+    for i, step in enumerate(chosen):
+        s = scores.loc[scores.step == step, "score"].to_numpy()
+        ax.hist(s, bins=bins, histtype="step", density=True, color=cmap(i / max(1, len(chosen) - 1)),
+                label=f"step {step}", linewidth=1.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("memorization score (fraction of the l continuation tokens reproduced)")
+    ax.set_ylabel("density (log)")
+    ax.set_title(f"Score distribution per checkpoint — {label}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap(summary: Any, path: Path, label: str) -> None:
+    """token_match for every (checkpoint, chunk), with the seen/unseen boundary outlined."""
+    import matplotlib.pyplot as plt
+
+    pivot = summary.pivot(index="step", columns="chunk", values="token_match").sort_index()
+    seen = summary.pivot(index="step", columns="chunk", values="seen_fraction").reindex_like(pivot)
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * pivot.shape[1] + 3), max(4, 0.3 * pivot.shape[0] + 2)))
+    im = ax.imshow(pivot.to_numpy(), aspect="auto", cmap="magma", origin="lower", interpolation="nearest")
+    if seen.notna().to_numpy().any():
+        ax.contour(seen.to_numpy(dtype=float), levels=[0.5], colors="cyan", linewidths=1.0, origin="lower")
+    ax.set_xticks(range(pivot.shape[1]), [str(c) for c in pivot.columns], fontsize=7)
+    ax.set_yticks(range(pivot.shape[0]), [str(s) for s in pivot.index], fontsize=7)
+    ax.set_xlabel("data chunk")
+    ax.set_ylabel("checkpoint step")
+    ax.set_title(f"Mean score per chunk and checkpoint — {label}\n(cyan: chunks seen by the checkpoint)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="token_match")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lines(summary: Any, steps: list[int], path: Path, label: str) -> None:
+    """token_match against chunk index, one line per checkpoint: is data seen later memorized more?"""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("viridis")
+    chosen = _pick(steps, 12)
+    for i, step in enumerate(chosen):
+        part = summary[summary.step == step].sort_values("chunk")
+        ax.plot(part.chunk, part.token_match, marker="o", markersize=3, color=cmap(i / max(1, len(chosen) - 1)),
+                label=f"step {step}")
+    ax.set_xlabel("data chunk (training order)")
+    ax.set_ylabel("token_match (mean score)")
+    ax.set_title(f"Per-chunk memorization at each checkpoint — {label}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def score_correlation(scores: Any) -> Any:
+    """Pearson correlation of per-sequence scores between checkpoints, over sequences scored at both."""
+    wide = scores.pivot_table(index="seq_id", columns="step", values="score")
+    return wide.corr(method="pearson", min_periods=2)
+
+
+def plot_correlation(corr: Any, path: Path, label: str) -> None:
+    """Checkpoint x checkpoint correlation matrix of per-sequence scores."""
+    import matplotlib.pyplot as plt
+
+    n = corr.shape[0]
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * n + 3), max(4, 0.35 * n + 2)))
+    im = ax.imshow(corr.to_numpy(dtype=float), vmin=-1, vmax=1, cmap="coolwarm", origin="lower")
+    ax.set_xticks(range(n), [str(s) for s in corr.columns], rotation=90, fontsize=7)
+    ax.set_yticks(range(n), [str(s) for s in corr.index], fontsize=7)
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("checkpoint step")
+    ax.set_title(f"Correlation of per-sequence scores between checkpoints — {label}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="Pearson r")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def progress_table(scores: Any, summary: Any, l_val: int) -> Any:
+    """Per checkpoint: token_match, full_match overall and over seen / unseen sequences, tokens seen."""
+    import pandas as pd
+
+    rows = []
+    for step, part in scores.groupby("step"):
+        full = part.matched == l_val
+        seen = part.seen.astype(bool)
+        tokens = summary.loc[summary.step == step, "tokens_seen"].dropna()
+        rows.append({
+            "step": int(step),
+            "tokens_seen": float(tokens.iloc[0]) if len(tokens) else float("nan"),
+            "n": len(part),
+            "token_match": float(part.score.mean()),
+            "full_match": float(full.mean()),
+            "full_match_seen": float(full[seen].mean()) if seen.any() else float("nan"),
+            "full_match_unseen": float(full[~seen].mean()) if (~seen).any() else float("nan"),
+            "token_match_seen": float(part.score[seen].mean()) if seen.any() else float("nan"),
+            "token_match_unseen": float(part.score[~seen].mean()) if (~seen).any() else float("nan"),
+        })
+    return pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
+
+
+def plot_progress(progress: Any, path: Path, label: str) -> None:
+    """Memorized fraction (full_match) and token_match against training progress."""
+    import matplotlib.pyplot as plt
+
+    use_tokens = progress.tokens_seen.notna().all() and len(progress)
+    x = progress.tokens_seen if use_tokens else progress.step
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, progress.full_match, marker="o", label="full_match (k-extractable), all")
+    ax.plot(x, progress.full_match_seen, marker=".", linestyle="--", label="full_match, seen sequences")
+    ax.plot(x, progress.full_match_unseen, marker=".", linestyle=":", label="full_match, not yet seen")
+    ax.plot(x, progress.token_match, marker="s", label="token_match (mean score)")
+    ax.set_xlabel("tokens seen" if use_tokens else "step")
+    ax.set_ylabel("fraction")
+    ax.set_title(f"Memorization vs training progress — {label}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _md_table(df: Any, floats: str = "{:.4f}") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = [floats.format(v) if isinstance(v, float) else str(v) for v in r.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_report(out_dir: Path, run: str, workspace: Path | None = None, log_mlflow: bool = True) -> Path:
+    """Render the figures and `report.md` into `out_dir`, plus `<workspace>/analysis/<run>/` links.
+
+    Returns the path of report.md. When `log_mlflow` and a checkpoint's lineage names an MLflow run
+    (and mlflow is importable), the figures, report and summary are logged to that run as artifacts
+    under `memorization/<tag>` and the per-checkpoint token_match/full_match as metrics at each step.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    merge_cells(out_dir)
+    scores = load_scores(out_dir)
+    summary = pd.read_parquet(out_dir / SUMMARY_FILE)
+    files = sorted((out_dir / "cells").glob("step_*-chunk_*.parquet"))
+    meta = _cell_meta(files[0])
+    l_val, mode = int(meta.get("l", 32)), meta.get("mode", "greedy")
+    label = f"{run}, {mode}, k={meta.get('k')} l={l_val}"
+    steps = sorted(int(s) for s in summary.step.unique())
+
+    plot_distribution(scores, steps, l_val, out_dir / FIGURES["distribution"], label)
+    plot_heatmap(summary, out_dir / FIGURES["heatmap"], label)
+    plot_lines(summary, steps, out_dir / FIGURES["lines"], label)
+    corr = score_correlation(scores)
+    plot_correlation(corr, out_dir / FIGURES["correlation"], label)
+    progress = progress_table(scores, summary, l_val)
+    plot_progress(progress, out_dir / FIGURES["progress"], label)
+    progress.to_csv(out_dir / "progress.csv", index=False)
+
+    mode_note = (
+        "**Exact greedy** decoding: each score is the LLM360 memorization score."
+        if mode == "greedy" else
+        "**Teacher-forced screen** (not the LLM360 score): `full_match` and the matched-prefix length are exact;"
+        " `token_match` is teacher-forced accuracy, an estimate that can exceed the greedy score."
+    )
+    adjacent = [float(corr.loc[a, b]) for a, b in zip(steps, steps[1:], strict=False) if a in corr and b in corr]
+    md = [
+        f"# Memorization — {run}",
+        "",
+        f"{mode_note} Prompt k={meta.get('k')} tokens, continuation l={l_val} tokens; "
+        f"selection `{meta.get('selection')}`, sample {meta.get('sample') or 'all'} per chunk, seed {meta.get('seed')} "
+        "(`numpy.random.default_rng(seed).permutation(chunk_size)[:sample]`).",
+        "",
+        f"{len(steps)} checkpoints x {summary.chunk.nunique()} chunks, {len(scores)} scored sequences.",
+        "",
+        "## Memorization vs training progress",
+        "",
+        _md_table(progress[["step", "n", "token_match", "full_match", "full_match_seen", "full_match_unseen"]]),
+        "",
+        f"![progress]({FIGURES['progress']})",
+        "",
+        "## Score distribution per checkpoint",
+        "",
+        f"![distribution]({FIGURES['distribution']})",
+        "",
+        "## Per-chunk mean score at each checkpoint",
+        "",
+        f"![heatmap]({FIGURES['heatmap']})",
+        "",
+        f"![lines]({FIGURES['lines']})",
+        "",
+        "## Correlation of per-sequence scores between checkpoints",
+        "",
+        f"Mean Pearson r between consecutive checkpoints: "
+        f"{np.nanmean(adjacent) if adjacent else float('nan'):.3f}.",
+        "",
+        f"![correlation]({FIGURES['correlation']})",
+        "",
+        f"Data: `{SUMMARY_FILE}` (one row per cell), `{SCORES_FILE}` (one row per sequence), `cells/`.",
+        "",
+    ]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(md))
+    if log_mlflow:
+        _log_mlflow(out_dir, run, workspace, progress, meta)
+    return report
+
+
+def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
+    """(tracking URI, MLflow run id) named by the newest local checkpoint's lineage, or None."""
+    from omegaconf import OmegaConf
+
+    from open360.checkpoint import list_checkpoints, read_lineage
+    from open360.checkpoint.io import CONFIG_FILE
+
+    for _, path in reversed(list_checkpoints(workspace / "checkpoints" / run)):
+        lineage = read_lineage(path)
+        run_id = lineage.get("mlflow_run_id") or (lineage.get("mlflow") or {}).get("run_id")
+        if not (isinstance(run_id, str) and run_id):
+            continue
+        uri = "sqlite:///mlflow.db"
+        if (path / CONFIG_FILE).is_file():
+            uri = OmegaConf.select(OmegaConf.load(path / CONFIG_FILE), "tracking.mlflow_uri", default=uri)
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
+            uri = prefix + str(workspace / uri[len(prefix):])
+        return uri, run_id
+    return None
+
+
+def _log_mlflow(out_dir: Path, run: str, workspace: Path | None, progress: Any, meta: dict[str, Any]) -> None:
+    """Log figures, report and metrics to the run's MLflow run; silently skipped without one."""
+    if workspace is None:
+        return
+    try:
+        import mlflow
+    except ImportError:
+        return
+    target = mlflow_target(workspace, run)
+    if target is None:
+        return
+    uri, run_id = target
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    tag = out_dir.name
+    for name in (*FIGURES.values(), "report.md", SUMMARY_FILE, "progress.csv"):
+        if (out_dir / name).is_file():
+            client.log_artifact(run_id, str(out_dir / name), artifact_path=f"memorization/{tag}")
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    metrics = []
+    for _, r in progress.iterrows():
+        for key in ("token_match", "full_match"):
+            metrics.append(Metric(f"memorization/{meta.get('mode')}/{key}", float(r[key]), ts, int(r["step"])))
+    client.log_batch(run_id, metrics=metrics)

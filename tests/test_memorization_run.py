@@ -1,0 +1,170 @@
+"""Memorization job end to end on CPU: a tiny run with a planted repeated document, trained for real."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from open360.analysis.memorization import MemorizationScorer, parse_args, run_job
+from open360.analysis.memorization.job import MemorizationJobError, cell_path, main
+
+SEQ_LEN = 64
+STEPS = 160  # 8 chunks x 20 steps of 16 sequences: one published checkpoint per chunk
+RUN = "mem_tiny"
+
+
+def _words(rng: random.Random, n: int, vocab: list[str]) -> str:
+    return " ".join(rng.choice(vocab) for _ in range(n)) + "."
+
+
+def _write_corpus(root: Path) -> tuple[Path, str]:
+    rng = random.Random(7)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(400)]
+    planted = _words(random.Random(99), 50, vocab)  # one document, repeated: it must be memorized
+    with gzip.open(root / "filler.jsonl.gz", "wt") as f:
+        for _ in range(900):
+            f.write(json.dumps({"text": _words(rng, rng.randint(40, 90), vocab)}) + "\n")
+    with gzip.open(root / "planted.jsonl.gz", "wt") as f:
+        for _ in range(400):
+            f.write(json.dumps({"text": planted}) + "\n")
+    recipe = root / "mem_tiny.yaml"
+    recipe.write_text(f"""
+name: mem_tiny
+sources:
+  - {{name: filler, type: jsonl, path: {root / 'filler.jsonl.gz'}, weight: 0.7}}
+  - {{name: planted, type: jsonl, path: {root / 'planted.jsonl.gz'}, weight: 0.3, quality: false}}
+filters:
+  exact_dedup: {{enabled: false}}
+  near_dedup: {{enabled: false}}
+tokenizer: {{kind: train, vocab_size: 512}}
+seq_len: {SEQ_LEN}
+num_chunks: 8
+chunk_multiple: 16
+mix: {{total_sequences: {STEPS * 16}, allow_repeat: true}}
+validation: {{fraction: 0.0, max_sequences: 0}}
+""")
+    return recipe, planted
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """Train the tiny run once (real data pipeline and trainer), shared by the tests of this module."""
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    root = tmp_path_factory.mktemp("memorization_ws")
+    recipe, planted = _write_corpus(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and the CPU is shared
+    cfg = compose([
+        "+experiment=amber_tiny", f"run_name={RUN}", f"workspace={root}", "tracking=off",
+        f"data.recipe={recipe}", "model.vocab_size=512", "model.d_model=128", "model.n_layers=2",
+        "model.n_heads=4", "model.ffn_dim=256", f"model.max_seq_len={SEQ_LEN}", f"trainer.seq_len={SEQ_LEN}",
+        "trainer.global_batch_size=16", "trainer.micro_batch_size=16", f"trainer.max_steps={STEPS}",
+        "trainer.progress_bar=false", "optim.lr=0.01", "schedule.warmup_steps=10", "data.build_workers=1",
+    ])
+    try:
+        run_training(cfg, device="cpu")
+        yield root, planted
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _job(root: Path, *extra: str) -> list[str]:
+    return [f"run={RUN}", f"workspace={root}", "sample=24", "batch_size=32", "progress=false", *extra]
+
+
+def test_matrix_completes_resumes_and_renders(trained_run: tuple[Path, str]) -> None:
+    root, _ = trained_run
+    from open360.checkpoint import list_checkpoints
+
+    steps = [s for s, _ in list_checkpoints(root / "checkpoints" / RUN)]
+    assert len(steps) >= 8
+    # Interrupted after 5 cells: those files exist, nothing else does.
+    first = run_job(parse_args(_job(root, "max_cells=5", "report=false")))
+    assert len(first.computed) == 5 and not first.complete and first.report is None
+    for cell in first.computed:
+        assert cell_path(first.out_dir, *cell).is_file()
+    stamps = {c: cell_path(first.out_dir, *c).stat().st_mtime_ns for c in first.computed}
+    # Resumed: only the missing cells are computed, the finished ones are left untouched.
+    second = run_job(parse_args(_job(root)))
+    assert second.complete and len(second.steps) >= 8 and len(second.chunks) == 8
+    assert set(second.skipped) == set(first.computed)
+    assert len(second.computed) == len(second.steps) * 8 - 5
+    assert all(cell_path(first.out_dir, *c).stat().st_mtime_ns == t for c, t in stamps.items())
+    # A third run has nothing to do.
+    assert run_job(parse_args(_job(root, "report=false"))).computed == []
+
+    import pandas as pd
+
+    summary = pd.read_parquet(second.out_dir / "summary.parquet")
+    assert len(summary) == len(second.steps) * 8 and (summary.n == 24).all()
+    assert summary.token_match.between(0, 1).all()
+    # Per-chunk checkpoints: checkpoint i has seen chunks 0..i and nothing after.
+    for i, step in enumerate(sorted(second.steps)[:8]):
+        part = summary[summary.step == step].set_index("chunk").seen_fraction
+        assert (part.loc[: i] == 1.0).all() and (part.loc[i + 1:] == 0.0).all()
+    assert second.report is not None and second.report.is_file()
+    text = second.report.read_text()
+    for png in ("score_distribution.png", "chunk_heatmap.png", "chunk_lines.png", "checkpoint_correlation.png",
+                "memorized_vs_progress.png"):
+        assert (second.out_dir / png).stat().st_size > 5000
+        assert png in text
+    assert "Exact greedy" in text
+
+
+def test_planted_sequences_score_one_and_match_transformers(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    root, planted = trained_run
+    from transformers import AutoModelForCausalLM
+
+    from open360.analysis.memorization.reference import hf_greedy_continuations
+    from open360.checkpoint import list_checkpoints, load_model_from_checkpoint
+    from open360.data.shards import ShardSet
+    from open360.models.hf import export_hf
+
+    step, path = list_checkpoints(root / "checkpoints" / RUN)[-1]
+    model, cfg = load_model_from_checkpoint(path)
+    shard_dir = next((root / "shards").glob("mem_tiny-*"))
+    shards = ShardSet.open(shard_dir)
+    everything = shards.sequences(np.arange(shards.num_sequences))
+    doc = shards.tokenizer().encode(planted).ids
+    stream = np.array((doc + [shards.eos_id]) * (SEQ_LEN // len(doc) + 3))
+    windows = {tuple(stream[i:i + SEQ_LEN + 1]) for i in range(len(doc) + 1)}
+    planted_ids = np.flatnonzero([tuple(s) in windows for s in everything])
+    assert len(planted_ids) >= 100  # the repeated document fills many training sequences
+    other_ids = np.setdiff1d(np.arange(len(everything)), planted_ids)[::10]
+    seqs = everything[np.concatenate([planted_ids[:96], other_ids])]
+    is_planted = np.arange(len(seqs)) < min(96, len(planted_ids))
+    res = MemorizationScorer(model, k=32, l=32, batch_size=128).score(seqs)
+    assert (res.score[is_planted] == 1.0).all()  # memorized: every planted window is k-extractable
+    assert res.score[~is_planted].mean() < 0.2  # sequences seen once are not
+    assert res.full_match < 0.5
+
+    # Per sequence, equal to transformers generate on the HF export of the same checkpoint.
+    assert step == STEPS
+    export_hf(model, cfg.model, shards.tokenizer_path, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    pick = np.concatenate([np.flatnonzero(is_planted)[:16], np.flatnonzero(~is_planted)[:48]])
+    ref = hf_greedy_continuations(hf, seqs[pick], k=32, cont_len=32, batch_size=32)
+    assert np.array_equal(res.predicted[pick], ref)
+    ref_score = (ref == seqs[pick, 32:64]).mean(axis=1)
+    assert np.allclose(res.score[pick], ref_score)
+
+
+def test_bad_arguments_fail_with_the_key(trained_run: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    root, _ = trained_run
+    with pytest.raises(MemorizationJobError, match="mode"):
+        parse_args(_job(root, "mode=beam"))
+    with pytest.raises(MemorizationJobError, match="chunks"):
+        run_job(parse_args(_job(root, "chunks=0-99")))
+    with pytest.raises(MemorizationJobError, match="exceeds"):
+        run_job(parse_args(_job(root, "k=40", "l=40")))
+    assert main(_job(root, "checkpoints=12345", "pull=false")) == 2
+    assert "pull=false" in capsys.readouterr().err

@@ -181,3 +181,17 @@ def test_concurrent_runs_in_one_workspace(ws: Path) -> None:
     store = DvcWorkspace(ws)
     for run, path in paths.items():
         assert store.tracked(path).path == f"checkpoints/{run}/step_1"
+
+
+def test_resumed_run_catches_up_unversioned_checkpoints(ws: Path) -> None:
+    early = [write_checkpoint(ws, "r", s) for s in (1, 2)]  # saved by a run that died before versioning
+    later = write_checkpoint(ws, "r", 3)  # newer than the resume point: not the catch-up's business
+    versioner = DvcVersioner(ws)
+    versioner.on_run_start(RunInfo("r", ws, ws / "checkpoints" / "r", {}, "", start_step=2))
+    versioner.on_run_end({"status": "finished"})
+    assert versioner.errors == []
+    store = DvcWorkspace(ws)
+    tracked = store.tracked_children(ws / "checkpoints" / "r")
+    assert sorted(tracked) == ["step_1", "step_2"]
+    assert store.missing_on_remote(list(tracked.values())) == {d.path: 0 for d in tracked.values()}
+    assert later.is_dir() and all(p.is_dir() for p in early)

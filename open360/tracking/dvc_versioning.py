@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from open360.checkpoint.lineage import git_revision
-from open360.tracking.worker import BackgroundWorker
+from open360.tracking.worker import ProcessWorker
 from open360.train.callbacks import Callback, RunInfo
 
 # md5 of the empty tree ("[]"): what a fresh `checkpoints.dvc` records before the first checkpoint.
@@ -379,31 +378,72 @@ class DvcWorkspace:
         return self._retry_locked(run, "checking the remote for", self.workspace)
 
 
+class VersionJobs:
+    """The DVC side of `DvcVersioner`, run inside its worker process: add + push one checkpoint, or catch up."""
+
+    def __init__(self, workspace: str, remote: str | None, push: bool) -> None:
+        self.store = DvcWorkspace(Path(workspace), remote=remote)
+        self.push = push
+
+    def __call__(self, kind: str, step: int, path: str, revisions: dict[str, str | None]) -> dict[str, Any]:
+        if kind == "catch_up":
+            return {"added": push_pending(self.store, Path(path), push=self.push, max_step=step)}
+        record: dict[str, Any] = {
+            "path": self.store.relpath(Path(path)),
+            "dvc_md5": self.store.add(Path(path)),
+            **revisions,
+            "pushed": False,
+        }
+        if not self.push:
+            return {"record": record, "error": None}
+        try:
+            self.store.push([Path(path)])
+        except VersioningError as err:
+            return {"record": record, "error": str(err)}
+        record["pushed"] = True
+        return {"record": record, "error": None}
+
+
 class DvcVersioner(Callback):
-    """Adds every published checkpoint to `checkpoints.dvc` and pushes it, on a background thread (rank 0)."""
+    """Adds every published checkpoint to `checkpoints.dvc` and pushes it, in a low-priority worker process.
+
+    The process (not a thread) keeps DVC's Python work off the trainer's GIL and, at nice 19, off its
+    cores; results (the checkpoint records) come back to `listeners` in the training process.
+    """
 
     def __init__(self, workspace: Path, remote: str | None = None, push: bool = True) -> None:
         self.store = DvcWorkspace(workspace, remote=remote)
         self.push_enabled = push
         self.listeners: list[Callable[[int, dict[str, Any]], None]] = []
         self.records: dict[int, dict[str, Any]] = {}
-        self._worker: BackgroundWorker | None = None
+        self._worker: ProcessWorker | None = None
+        self._job_errors: list[str] = []
         self._run = ""
-        self._git_rev: str | None = None
-        self._code_rev: str | None = None
+        self._revisions: dict[str, str | None] = {}
 
     def on_run_start(self, info: RunInfo) -> None:
+        from open360.checkpoint.lineage import git_revision  # imports torch: only here, not in the worker
+
         self._run = info.run_name
-        self._git_rev = _rev_text(git_revision(self.store.workspace))
-        self._code_rev = _rev_text(git_revision())
+        self._revisions = {
+            # the workspace commit holding checkpoints.dvc
+            "git_revision": _rev_text(git_revision(self.store.workspace)),
+            "code_revision": _rev_text(git_revision()),  # the open360 code that trained
+        }
         root = self.store.workspace / self.store.relpath(info.checkpoint_dir).split("/")[0]
         self.store.ensure_tracked_root(root)
-        self._worker = BackgroundWorker(f"dvc[{info.run_name}]")
-        self._worker.submit(self._catch_up, Path(info.checkpoint_dir))
+        self._worker = ProcessWorker(
+            f"dvc[{info.run_name}]",
+            VersionJobs,
+            (str(self.store.workspace), self.store.remote, self.push_enabled),
+            self._on_result,
+        )
+        if info.start_step > 0:  # a resumed run: earlier checkpoints whose add/push never finished
+            self._worker.submit("catch_up", info.start_step, str(info.checkpoint_dir), {})
 
     def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
         if published and self._worker is not None:
-            self._worker.submit(self._version, step, Path(path))
+            self._worker.submit("version", step, str(path), self._revisions)
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self._worker is None:
@@ -413,9 +453,9 @@ class DvcVersioner(Callback):
                 f"open360.tracking: waiting for {self._worker.pending()} DVC add/push job(s)", file=sys.stderr
             )
         self._worker.close()
-        if self._worker.errors:
+        if self.errors:
             print(
-                f"open360.tracking: {len(self._worker.errors)} DVC job(s) failed; the checkpoints are intact "
+                f"open360.tracking: {len(self.errors)} DVC job(s) failed; the checkpoints are intact "
                 "on local disk. "
                 + RETRY_HINT.format(run=self._run, path="checkpoints", ws=self.store.workspace),
                 file=sys.stderr,
@@ -428,36 +468,26 @@ class DvcVersioner(Callback):
     @property
     def errors(self) -> list[str]:
         """Messages of DVC jobs that failed (also printed to stderr when they happened)."""
-        return list(self._worker.errors) if self._worker is not None else []
+        return (list(self._worker.errors) if self._worker is not None else []) + self._job_errors
 
-    def _version(self, step: int, path: Path) -> None:
-        md5 = self.store.add(path)
-        record = {
-            "path": self.store.relpath(path),
-            "dvc_md5": md5,
-            "git_revision": self._git_rev,  # the workspace commit holding checkpoints.dvc
-            "code_revision": self._code_rev,  # the open360 code that trained
-            "pushed": False,
-        }
-        try:
-            if self.push_enabled:
-                self.store.push([path])
-                record["pushed"] = True
-        finally:
-            self.records[step] = record
-            for listener in self.listeners:
-                try:
-                    listener(step, record)
-                except Exception as err:  # noqa: BLE001 - a record consumer must not fail the versioning
-                    print(
-                        f"open360.tracking: checkpoint record of step {step} not delivered: {err}",
-                        file=sys.stderr,
-                    )
-
-    def _catch_up(self, run_dir: Path) -> None:
-        """A resumed (or retried) run first adds and pushes earlier checkpoints that never made it."""
-        if run_dir.is_dir():
-            push_pending(self.store, run_dir, push=self.push_enabled)
+    def _on_result(self, args: tuple, result: dict[str, Any] | None, error: str | None) -> None:
+        if not result or "record" not in result:
+            return
+        step = int(args[1])
+        record = result["record"]
+        if result["error"]:
+            message = f"dvc[{self._run}]: {result['error']}"
+            self._job_errors.append(message)
+            print(f"open360.tracking: {message}", file=sys.stderr)
+        self.records[step] = record
+        for listener in self.listeners:
+            try:
+                listener(step, record)
+            except Exception as err:  # noqa: BLE001 - a record consumer must not fail the versioning
+                print(
+                    f"open360.tracking: checkpoint record of step {step} not delivered: {err}",
+                    file=sys.stderr,
+                )
 
 
 def _rev_text(rev: dict[str, Any]) -> str | None:
@@ -475,12 +505,14 @@ def local_steps(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(steps.items()))
 
 
-def push_pending(store: DvcWorkspace, run_dir: Path, push: bool = True) -> list[int]:
-    """Add local checkpoints of a run that are missing from or changed in the .dvc file, then push all.
+def push_pending(
+    store: DvcWorkspace, run_dir: Path, push: bool = True, max_step: int | None = None
+) -> list[int]:
+    """Add local checkpoints of a run (up to `max_step`) missing from the .dvc file, then push them all.
 
-    Returns the steps that were (re-)added. Safe to repeat: DVC sends only what the remote lacks.
+    Returns the steps that were added. Safe to repeat: DVC sends only what the remote lacks.
     """
-    steps = local_steps(run_dir)
+    steps = {s: p for s, p in local_steps(run_dir).items() if max_step is None or s <= max_step}
     if not steps:
         return []
     store.ensure_tracked_root(store.workspace / store.relpath(run_dir).split("/")[0])

@@ -68,3 +68,123 @@ class BackgroundWorker:
                         traceback.print_exc(file=sys.stderr)
             finally:
                 self._queue.task_done()
+
+
+def _lower_priority() -> None:
+    """Lowest CPU priority for this process (its I/O priority follows nice), so the trainer keeps the cores."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError):
+        os.nice(19)
+
+
+def _process_main(factory: Callable[..., Any], init_args: tuple, jobs: Any, results: Any) -> None:
+    _lower_priority()
+    handler = factory(*init_args)
+    while (job := jobs.get()) is not None:
+        job_id, args = job
+        try:
+            results.put((job_id, handler(*args), None))
+        except Exception as err:  # noqa: BLE001 - sent back to the parent, which reports it
+            results.put(
+                (
+                    job_id,
+                    None,
+                    f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError) else str(err),
+                )
+            )
+    results.put(None)
+
+
+class ProcessWorker:
+    """Runs jobs in one low-priority child process (no GIL shared with training); results come back in order.
+
+    `factory(*init_args)` is called once in the child and returns the job handler; `submit(*args)` queues
+    `handler(*args)`; `on_result(args, result, error)` is called in the parent for every finished job.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[..., Callable[..., Any]],
+        init_args: tuple,
+        on_result: Callable[[tuple, Any, str | None], None],
+    ) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.name = name
+        self.errors: list[str] = []
+        self._on_result = on_result
+        self._jobs = ctx.Queue()
+        self._results = ctx.Queue()
+        self._submitted: dict[int, tuple] = {}
+        self._next_id = 0
+        self._cond = threading.Condition()
+        self._process = ctx.Process(
+            target=_process_main, args=(factory, init_args, self._jobs, self._results), name=name, daemon=True
+        )
+        self._process.start()
+        self._reader = threading.Thread(target=self._read, name=f"{name}-results", daemon=True)
+        self._reader.start()
+
+    def submit(self, *args: Any) -> None:
+        """Queue `handler(*args)` in the child; returns at once."""
+        with self._cond:
+            if not self._reader.is_alive():
+                raise RuntimeError(f"{self.name}: worker process already stopped; no more jobs accepted")
+            job_id, self._next_id = self._next_id, self._next_id + 1
+            self._submitted[job_id] = args
+        self._jobs.put((job_id, args))
+
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        with self._cond:
+            return len(self._submitted)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has finished; False when `timeout` seconds passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._submitted, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish the queued jobs, stop the child; False when that took longer than `timeout` seconds."""
+        if self._process.is_alive():
+            self._jobs.put(None)
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            return False
+        self._process.join(10)
+        return True
+
+    def _finish(self, job_id: int, result: Any, error: str | None) -> None:
+        with self._cond:
+            args = self._submitted.pop(job_id, ())
+        if error is not None:
+            self.errors.append(f"{self.name}: {error}")
+            print(f"open360.tracking: {self.name}: {error}", file=sys.stderr)
+        try:
+            self._on_result(args, result, error)
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                item = self._results.get(timeout=1.0)
+            except queue.Empty:
+                if self._process.is_alive():
+                    continue
+                code = self._process.exitcode
+                with self._cond:
+                    lost = list(self._submitted)
+                for job_id in lost:
+                    self._finish(
+                        job_id, None, f"worker process exited (code {code}) before finishing this job"
+                    )
+                return
+            if item is None:
+                return
+            self._finish(*item)

@@ -26,7 +26,10 @@ OVERRIDES = (
 
 @pytest.fixture(scope="module")
 def shards_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("shards")
+    """One shards folder for every trainer run of the session (build_shards reuses matching builds)."""
+    path = tmp_path_factory.getbasetemp() / "train_shards"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _run(launcher: list[str], ws: Path, shards_root: Path, *extra: str) -> dict:

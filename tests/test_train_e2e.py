@@ -31,8 +31,10 @@ STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.]+)")
 
 @pytest.fixture(scope="module")
 def shards_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One shards folder shared by every run of this module (build_shards reuses matching builds)."""
-    return tmp_path_factory.mktemp("shards")
+    """One shards folder for every trainer run of the session (build_shards reuses matching builds)."""
+    path = tmp_path_factory.getbasetemp() / "train_shards"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _cmd(experiment: str, workspace: Path, shards_root: Path, *overrides: str) -> list[str]:
@@ -120,10 +122,10 @@ def test_amber_tiny_trains_with_per_chunk_checkpoints(tmp_path: Path, shards_roo
 @pytest.mark.slow
 def test_phi15_tiny_trains(tmp_path: Path, shards_root: Path) -> None:
     ws = tmp_path / "ws"
-    proc = _train("phi15_tiny", ws, shards_root, "trainer.max_steps=60")
+    proc = _train("phi15_tiny", ws, shards_root, "trainer.max_steps=40", "checkpoint.every=20")
     _assert_ok(proc)
     _assert_loss_drops(_losses(proc.stdout), 1.0)
-    assert [s for s, _ in list_checkpoints(ws / "checkpoints" / "phi15_tiny")] == [60]
+    assert [s for s, _ in list_checkpoints(ws / "checkpoints" / "phi15_tiny")] == [20, 40]
 
 
 @pytest.mark.slow

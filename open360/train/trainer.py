@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ from open360.checkpoint.io import CheckpointContents, list_checkpoints
 from open360.checkpoint.writer import CheckpointWriter, SavedCheckpoint
 from open360.train.callbacks import Callback
 from open360.train.optim import set_lr
-from open360.train.progress import Progress, format_summary
+from open360.train.progress import Progress
 from open360.train.schedules import Stage, lr_at, stage_at
 from open360.train.state import capture_rng_state, restore_rng_state
 
@@ -132,7 +131,7 @@ class Trainer:
         self.final_step = stages[-1].end
         self._stage_data: dict[int, StageData] = {}
         self._finished_stages: dict[int, dict[str, Any]] = {}  # data history restored from a checkpoint
-        self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._prefetch_pool: ThreadPoolExecutor | None = None  # lives while train() runs
         self._prefetched: tuple[int, int, Future[torch.Tensor]] | None = None
         self.saved: list[SavedCheckpoint] = []
 
@@ -163,7 +162,7 @@ class Trainer:
             if pre is not None and pre[:2] == (stage.index, step)
             else self._load_batch(stage, step)
         )
-        if step + 1 < self.final_step:
+        if step + 1 < self.final_step and self._prefetch_pool is not None:
             nxt = stage_at(self.stages, step + 1)
             self.stage_data(nxt)
             self._prefetched = (
@@ -371,6 +370,7 @@ class Trainer:
             self.stage_data(self.stages[0])
             self.save(published=True)
         self.model.train()
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         try:
             t_last = time.perf_counter()
             while p.step < self.final_step:
@@ -418,6 +418,7 @@ class Trainer:
         finally:
             progress.close()
             self._prefetch_pool.shutdown(wait=True, cancel_futures=True)
+            self._prefetch_pool, self._prefetched = None, None
             if self.writer is not None:
                 self._report_saves(self.writer.close())
         wall = time.perf_counter() - t_start
@@ -436,13 +437,3 @@ class Trainer:
             "checkpoints_published": len(published),
             "last_checkpoint": str(max(self.saved, key=lambda s: s.step).path) if self.saved else None,
         }
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print the end-of-run summary table."""
-    print(format_summary(summary), flush=True)
-
-
-def checkpoint_dirs(workspace: Path, run_name: str) -> tuple[Path, Path]:
-    """(published, recovery) directories of a run: checkpoints/<run>, recovery/<run>."""
-    return workspace / "checkpoints" / run_name, workspace / "recovery" / run_name

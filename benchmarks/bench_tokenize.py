@@ -35,7 +35,9 @@ def _tokenizer(work: Path) -> Path:
 
     path = work / "tokenizer.json"
     if not path.is_file():
-        path.write_bytes(obtain_tokenizer(load_recipe(REPO / "data_recipes/embedded_tiny.yaml"), work / "cache"))
+        path.write_bytes(
+            obtain_tokenizer(load_recipe(REPO / "data_recipes/embedded_tiny.yaml"), work / "cache")
+        )
     return path
 
 
@@ -59,12 +61,15 @@ def run_open360(work: Path, repeat: int) -> dict:
 
     files = _corpus_files(work, repeat)
     sources = "".join(
-        f"  - {{name: {n}, type: jsonl, path: '{files[n][0].parent}/{n}_*.jsonl.gz', quality: false}}\n" for n in CORPUS)
+        f"  - {{name: {n}, type: jsonl, path: '{files[n][0].parent}/{n}_*.jsonl.gz', quality: false}}\n"
+        for n in CORPUS
+    )
     recipe_path = work / f"bench_x{repeat}.yaml"
     recipe_path.write_text(
         f"name: bench\nsources:\n{sources}filters:\n  exact_dedup: {{enabled: false}}\n"
         f"  near_dedup: {{enabled: false}}\n  heuristics: {{enabled: false}}\n"
-        f"seq_len: {SEQ_LEN}\nnum_chunks: 1\nvalidation: {{fraction: 0.0, max_sequences: 0}}\n")
+        f"seq_len: {SEQ_LEN}\nnum_chunks: 1\nvalidation: {{fraction: 0.0, max_sequences: 0}}\n"
+    )
     recipe = load_recipe(recipe_path)
     tok_json = _tokenizer(work).read_bytes()
     out = work / f"open360_x{repeat}"
@@ -87,8 +92,12 @@ def run_baseline(work: Path, repeat: int) -> dict:
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     datasets.disable_progress_bars()
     t0 = time.perf_counter()
-    ds = datasets.load_dataset("json", data_files=[str(p) for n in CORPUS for p in files[n]], split="train",
-                               cache_dir=str(work / f"hf_cache_x{repeat}"))
+    ds = datasets.load_dataset(
+        "json",
+        data_files=[str(p) for n in CORPUS for p in files[n]],
+        split="train",
+        cache_dir=str(work / f"hf_cache_x{repeat}"),
+    )
     ds = ds.map(lambda b: tok(b["text"]), batched=True, remove_columns=ds.column_names)
     buf: list[int] = []
     seqs: list[list[int]] = []
@@ -103,7 +112,7 @@ def run_baseline(work: Path, repeat: int) -> dict:
 
 
 def run_floor(work: Path, repeat: int) -> dict:
-    """The tokenizer alone (`encode_batch_fast` on texts already in memory): the floor both pipelines share."""
+    """The tokenizer alone (`encode_batch_fast` on texts in memory): the floor both pipelines share."""
     import gzip
 
     from tokenizers import Tokenizer
@@ -117,7 +126,9 @@ def run_floor(work: Path, repeat: int) -> dict:
     t0 = time.perf_counter()
     tokens = 0
     for i in range(0, len(texts), 256):
-        tokens += sum(len(e.ids) + 1 for e in tok.encode_batch_fast(texts[i : i + 256], add_special_tokens=False))
+        tokens += sum(
+            len(e.ids) + 1 for e in tok.encode_batch_fast(texts[i : i + 256], add_special_tokens=False)
+        )
     return {"seconds": time.perf_counter() - t0, "tokens": tokens, "rows": tokens // (SEQ_LEN + 1)}
 
 
@@ -128,7 +139,9 @@ def _cpu_seconds() -> float:
 
 def _child(kind: str, work: Path, repeat: int) -> None:
     cpu0 = _cpu_seconds()
-    result = {"open360": run_open360, "baseline": run_baseline, "tokenizer_only": run_floor}[kind](work, repeat)
+    result = {"open360": run_open360, "baseline": run_baseline, "tokenizer_only": run_floor}[kind](
+        work, repeat
+    )
     result["cpu_seconds"] = _cpu_seconds() - cpu0  # includes imports and setup outside the timed region
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -145,29 +158,49 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.child[0], Path(args.work), int(args.child[1]))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_tok_") as tmp:
-        runs = [("tokenizer_only", 1), ("baseline", 1), ("open360", 1), ("open360", args.repeat),
-                ("baseline", args.repeat)]
+        runs = [
+            ("tokenizer_only", 1),
+            ("baseline", 1),
+            ("open360", 1),
+            ("open360", args.repeat),
+            ("baseline", args.repeat),
+        ]
         results = []
         for kind, rep in runs:
             cmd = [sys.executable, __file__, "--out", "-", "--child", kind, str(rep), "--work", tmp]
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            line = (
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             r = {"impl": kind, "corpus_repeat": rep, **json.loads(line)}
             r["tokens_per_s"] = r["tokens"] / r["seconds"]
             results.append(r)
     base = {r["corpus_repeat"]: r["tokens_per_s"] for r in results if r["impl"] == "baseline"}
-    print(f"{'impl':<15} {'corpus':>6} {'tokens':>11} {'rows':>8} {'seconds':>8} {'cpu s':>7} {'tokens/s':>11} "
-          f"{'peak RSS MB':>11} {'speedup':>7}")
+    print(
+        f"{'impl':<15} {'corpus':>6} {'tokens':>11} {'rows':>8} {'seconds':>8} {'cpu s':>7} {'tokens/s':>11} "
+        f"{'peak RSS MB':>11} {'speedup':>7}"
+    )
     for r in results:
         r["speedup_vs_baseline"] = r["tokens_per_s"] / base[r["corpus_repeat"]]
-        print(f"{r['impl']:<15} {'x' + str(r['corpus_repeat']):>6} {r['tokens']:>11,} {r['rows']:>8,} "
-              f"{r['seconds']:>8.2f} {r['cpu_seconds']:>7.1f} {r['tokens_per_s']:>11,.0f} {r['peak_rss_mb']:>11.0f} "
-              f"{r['speedup_vs_baseline']:>6.2f}x")
+        print(
+            f"{r['impl']:<15} {'x' + str(r['corpus_repeat']):>6} {r['tokens']:>11,} {r['rows']:>8,} "
+            f"{r['seconds']:>8.2f} {r['cpu_seconds']:>7.1f} {r['tokens_per_s']:>11,.0f} "
+            f"{r['peak_rss_mb']:>11.0f} "
+            f"{r['speedup_vs_baseline']:>6.2f}x"
+        )
     import datasets
     import tokenizers
 
-    info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": len(__import__("os")
-            .sched_getaffinity(0)), "tokenizers": tokenizers.__version__, "datasets": datasets.__version__,
-            "date": time.strftime("%Y-%m-%d", time.gmtime()), "seq_len": SEQ_LEN}
+    info = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "tokenizers": tokenizers.__version__,
+        "datasets": datasets.__version__,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "seq_len": SEQ_LEN,
+    }
     Path(args.out).write_text(json.dumps({"info": info, "results": results}, indent=1))
     return 0
 

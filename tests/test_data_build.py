@@ -24,7 +24,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "build_info.json"}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != "build_info.json"
+    }
 
 
 def test_tiny_recipe_shape(tiny: Path) -> None:
@@ -82,8 +86,9 @@ def test_scale_out_two_machines_merge_to_single_build(tiny: Path, tmp_path: Path
     assert _files(outs[0]) == _files(tiny)
 
 
-def test_interrupted_build_is_never_referenced_and_resumes(tiny: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_build_is_never_referenced_and_resumes(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = build_mod.write_rows
     calls = {"n": 0}
 
@@ -129,8 +134,15 @@ GOLDEN_TOKENIZER = "d67bb3ef40fb0b452528bb809a40fea68628a2abb3f7aa822aebf890a0bf
 def test_golden_hashes_and_thread_independent_tokenizer(tiny: Path) -> None:
     s = ShardSet.open(tiny)
     assert (s.manifest_hash, s.tokenizer_hash) == (GOLDEN_MANIFEST, GOLDEN_TOKENIZER)
-    code = ("import hashlib; from open360.data.recipe import load_recipe; from open360.data.tokenizer import "
-            f"train_bpe; print(hashlib.sha256(train_bpe(load_recipe('{RECIPE}')).to_str().encode()).hexdigest())")
-    one_thread = subprocess.run([sys.executable, "-c", code], env={**os.environ,
-                                "RAYON_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
+    code = (
+        "import hashlib; from open360.data.recipe import load_recipe; from open360.data.tokenizer import "
+        f"train_bpe; print(hashlib.sha256(train_bpe(load_recipe('{RECIPE}')).to_str().encode()).hexdigest())"
+    )
+    one_thread = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "RAYON_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert one_thread.stdout.strip() == s.tokenizer_hash

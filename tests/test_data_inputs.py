@@ -11,9 +11,36 @@ import pytest
 from open360.data import RecipeError, ShardSet, SourceError, build_shards, load_recipe
 from open360.data.quality import LogisticQualityModel
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
-         "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi",
-         "psi", "omega", "river", "stone", "cloud", "light"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "chi",
+    "psi",
+    "omega",
+    "river",
+    "stone",
+    "cloud",
+    "light",
+]
 
 
 def _doc(i: int, n: int = 120) -> str:
@@ -54,7 +81,13 @@ def test_bad_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     assert s["bad"] == {"empty": 1, "invalid_utf8": 1, "malformed_json": 2, "missing_field": 1}
     assert s["dropped"] == {"quality:too_long": 1}
     assert s["docs_read"] == 42 and s["docs_kept"] == 40
-    assert s["docs_after"] == {"read": 41, "exact_dedup": 41, "near_dedup": 41, "heuristics": 40, "classifier": 40}
+    assert s["docs_after"] == {
+        "read": 41,
+        "exact_dedup": 41,
+        "near_dedup": 41,
+        "heuristics": 40,
+        "classifier": 40,
+    }
     assert s["chars_read"] > 10_000_000 > s["chars_kept"] > 0
 
 
@@ -66,7 +99,9 @@ def test_planted_exact_and_near_duplicates_removed(tmp_path: Path) -> None:
     rows = docs + [exact, " ".join(near), docs[7] + "\r\n"]  # the last one equals docs[7] after normalization
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    s = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "shards")).manifest["sources"]["web"]
+    s = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "shards")).manifest[
+        "sources"
+    ]["web"]
     assert s["dropped"] == {"exact_dup": 2, "near_dup": 1}
     assert s["docs_kept"] == 30 == s["docs_after"]["classifier"] and s["docs_after"]["exact_dedup"] == 31
 
@@ -79,8 +114,9 @@ def test_text_and_dir_sources_and_invalid_utf8_file(tmp_path: Path) -> None:
     (d / "bad.txt").write_bytes(b"caf\xe9 latin-1 text " * 20)
     one = tmp_path / "one.txt"
     one.write_text("\n\n".join(_doc(100 + i) for i in range(20)))
-    recipe = _recipe(tmp_path, _src("folder", d, "dir") + _src("paras", one, "text")
-                     + "    sample_by: paragraph\n")
+    recipe = _recipe(
+        tmp_path, _src("folder", d, "dir") + _src("paras", one, "text") + "    sample_by: paragraph\n"
+    )
     m = ShardSet.open(build_shards(recipe, tmp_path / "shards")).manifest["sources"]
     assert m["folder"]["bad"] == {"invalid_utf8": 1} and m["folder"]["docs_kept"] == 20
     assert m["paras"]["docs_kept"] == 20
@@ -99,12 +135,17 @@ def test_parquet_source_through_datasets(tmp_path: Path) -> None:
 
 def test_llm360_pretokenized_chunks_bypass_tokenizer(tmp_path: Path) -> None:
     f = tmp_path / "train_000.jsonl"
-    rows = [{"token_ids": [(i * 7 + j) % 250 + 5 for j in range(17)], "source": "c4" if i % 2 else "arxiv"}
-            for i in range(40)]
+    rows = [
+        {"token_ids": [(i * 7 + j) % 250 + 5 for j in range(17)], "source": "c4" if i % 2 else "arxiv"}
+        for i in range(40)
+    ]
     rows.append({"token_ids": [1, 2, 99999], "source": "c4"})  # id beyond the vocabulary
     f.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
-    recipe = _recipe(tmp_path, _src("amber", f, "llm360_chunks")
-                     + "    select_source: c4\n", "filters: {heuristics: {enabled: false}}\n")
+    recipe = _recipe(
+        tmp_path,
+        _src("amber", f, "llm360_chunks") + "    select_source: c4\n",
+        "filters: {heuristics: {enabled: false}}\n",
+    )
     s = ShardSet.open(build_shards(recipe, tmp_path / "shards"))
     m = s.manifest["sources"]["amber"]
     assert m["bad"] == {"malformed_json": 1, "token_out_of_range": 1}
@@ -122,7 +163,9 @@ def test_recipe_errors_name_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="weights sum to 0"):
         load_recipe(_recipe(tmp_path, good.replace("weight: 1.0", "weight: 0.0")))
     with pytest.raises(RecipeError, match="key 'seq_len'"):
-        load_recipe(_write(tmp_path, _recipe(tmp_path, good).read_text().replace("seq_len: 16", "seq_len: lots")))
+        load_recipe(
+            _write(tmp_path, _recipe(tmp_path, good).read_text().replace("seq_len: 16", "seq_len: lots"))
+        )
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")
 
@@ -151,16 +194,22 @@ def test_scarce_source_needs_allow_repeat(tmp_path: Path) -> None:
     sources = _src("big", a, weight=0.5) + _src("small", b, weight=0.5)
     with pytest.raises(RecipeError, match="source 'small'.*allow_repeat"):
         build_shards(_recipe(tmp_path, sources, "mix: {total_sequences: 400}\n"), tmp_path / "s1")
-    out = build_shards(_recipe(tmp_path, sources, "mix: {total_sequences: 400, allow_repeat: true}\n"), tmp_path / "s2")
+    out = build_shards(
+        _recipe(tmp_path, sources, "mix: {total_sequences: 400, allow_repeat: true}\n"), tmp_path / "s2"
+    )
     m = ShardSet.open(out).manifest["sources"]
     assert m["small"]["sequences_selected"] == 200 and m["small"]["fraction_used"] > 1
 
 
 def test_quality_classifier_separates_labels() -> None:
-    good = [f"def f{i}(x):\n    \"\"\"Return the square of x, documented.\"\"\"\n    return x * x\n" for i in range(20)]
+    good = [
+        f'def f{i}(x):\n    """Return the square of x, documented."""\n    return x * x\n' for i in range(20)
+    ]
     bad = [f"T{i} = ({i}, 0x{i:04x}, 0x{i + 1:04x}, 0x{i + 2:04x})\n" * 5 for i in range(20)]
     model = LogisticQualityModel(1024, 200).fit(good + bad, [1] * 20 + [0] * 20)
-    scores = model.score(["def g(y):\n    \"\"\"Return y, documented.\"\"\"\n    return y\n", "Z = (9, 0x0009, 0x000a)\n"])
+    scores = model.score(
+        ['def g(y):\n    """Return y, documented."""\n    return y\n', "Z = (9, 0x0009, 0x000a)\n"]
+    )
     assert scores[0] > 0.5 > scores[1]
 
 
@@ -179,15 +228,22 @@ def _small_corpus(tmp: Path, n: int = 40) -> Path:
 def test_hf_source_path_on_local_files_and_tokenizer_from_file(tmp_path: Path) -> None:
     f = _small_corpus(tmp_path)
     first = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "s1"))
-    hf = (f"  - name: web\n    type: hf\n    hf_name: json\n    hf_data_files: '{f}'\n"
-          f"    weight: 1.0\n")  # the hub code path (datasets.load_dataset, streaming) on a local file
+    hf = (
+        f"  - name: web\n    type: hf\n    hf_name: json\n    hf_data_files: '{f}'\n"
+        f"    weight: 1.0\n"
+    )  # the hub code path (datasets.load_dataset, streaming) on a local file
     p = _recipe(tmp_path, hf)
-    p.write_text(p.read_text().replace("tokenizer: {kind: train, vocab_size: 300, train_max_chars: 200000}",
-                                       f"tokenizer: {{kind: file, path: '{first.tokenizer_path}'}}"))
+    p.write_text(
+        p.read_text().replace(
+            "tokenizer: {kind: train, vocab_size: 300, train_max_chars: 200000}",
+            f"tokenizer: {{kind: file, path: '{first.tokenizer_path}'}}",
+        )
+    )
     second = ShardSet.open(build_shards(p, tmp_path / "s2"))
     assert second.tokenizer_hash == first.tokenizer_hash
-    assert np.array_equal(second.sequences(np.arange(second.num_sequences)),
-                          first.sequences(np.arange(first.num_sequences)))
+    assert np.array_equal(
+        second.sequences(np.arange(second.num_sequences)), first.sequences(np.arange(first.num_sequences))
+    )
 
 
 def _build_in_process(args: tuple[str, str]) -> str:
@@ -217,11 +273,15 @@ def test_text_lines_with_one_invalid_line(tmp_path: Path) -> None:
 
 def test_custom_scorer_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_scorer.py").write_text(  # keeps documents with an even number
-        "def score(texts):\n    return [float(int(t.rsplit(' ', 1)[1].rstrip('.')) % 2 == 0) for t in texts]\n")
+        "def score(texts):\n"
+        "    return [float(int(t.rsplit(' ', 1)[1].rstrip('.')) % 2 == 0) for t in texts]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     f = _small_corpus(tmp_path, 60)
     extra = "filters:\n  classifier: {enabled: true, scorer: 'my_scorer:score', threshold: 0.5}\n"
-    s = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f), extra), tmp_path / "s")).manifest["sources"]
+    s = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f), extra), tmp_path / "s")).manifest[
+        "sources"
+    ]
     assert s["web"]["dropped"] == {"classifier": 30} and s["web"]["docs_kept"] == 30
     bad = "filters:\n  classifier: {enabled: true, scorer: 'no_such_module:score'}\n"
     with pytest.raises(ValueError, match="cannot be imported"):

@@ -14,7 +14,9 @@ from open360.data.cli import batch_main, seen_main
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
-    return ShardSet.open(build_shards("data_recipes/embedded_tiny.yaml", tmp_path_factory.mktemp("s"), seed=1234))
+    return ShardSet.open(
+        build_shards("data_recipes/embedded_tiny.yaml", tmp_path_factory.mktemp("s"), seed=1234)
+    )
 
 
 def test_epoch0_walks_chunks_in_order(shards: ShardSet) -> None:
@@ -71,8 +73,12 @@ def test_cli_batch_equals_trainer_batch(shards: ShardSet, capsys: pytest.Capture
 
 def test_cli_seen(shards: ShardSet, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "seen.npy"
-    assert seen_main(["--shards", str(shards.path), "--step", "31", "--global-batch-size", "16",
-                      "--out", str(out)]) == 0
+    assert (
+        seen_main(
+            ["--shards", str(shards.path), "--step", "31", "--global-batch-size", "16", "--out", str(out)]
+        )
+        == 0
+    )
     assert np.array_equal(np.load(out), np.arange(31 * 16))
     assert "496 distinct" in capsys.readouterr().out
 
@@ -93,8 +99,9 @@ def test_tokenizer_mismatch_refused(shards: ShardSet, tmp_path: Path) -> None:
         ShardSet.open(copy)
 
 
-def test_cli_build_data_name_reuses_folder_and_prints_table(shards: ShardSet,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_data_name_reuses_folder_and_prints_table(
+    shards: ShardSet, capsys: pytest.CaptureFixture[str]
+) -> None:
     from open360.data.cli import build_main
 
     assert build_main(["data=embedded_tiny", "--shards-root", str(shards.path.parent), "--no-progress"]) == 0

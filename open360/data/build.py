@@ -1,4 +1,4 @@
-"""`build_shards`: recipe → per-source packed rows → weighted mix → seeded global shuffle → chunks + manifest."""
+"""`build_shards`: recipe → per-source packed rows → weighted mix → seeded shuffle → chunks + manifest."""
 
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ def mix_counts(recipe: RecipeSpec, available: list[int]) -> tuple[list[int], int
     unit = recipe.num_chunks * recipe.chunk_multiple
     total = (total // unit) * unit
     if total == 0:
-        raise RecipeError(f"recipe '{recipe.name}': only {sum(available)} packed sequences "
-                          f"({dict(zip([s.name for s in recipe.sources], available, strict=True))}), fewer than "
-                          f"num_chunks x chunk_multiple = {unit}; add data or lower num_chunks")
+        raise RecipeError(
+            f"recipe '{recipe.name}': only {sum(available)} packed sequences "
+            f"({dict(zip([s.name for s in recipe.sources], available, strict=True))}), fewer than "
+            f"num_chunks x chunk_multiple = {unit}; add data or lower num_chunks"
+        )
     exact = p * total
     counts = np.floor(exact).astype(np.int64)
     order = sorted(range(len(p)), key=lambda i: (-(exact[i] - counts[i]), i))
@@ -67,16 +69,22 @@ def mix_counts(recipe: RecipeSpec, available: list[int]) -> tuple[list[int], int
         counts[i] += 1
     for i, s in enumerate(recipe.sources):
         if counts[i] > available[i] and not recipe.mix.allow_repeat:
-            raise RecipeError(f"recipe '{recipe.name}': source '{s.name}' has {available[i]} sequences but its "
-                              f"weight asks for {counts[i]} of {total}; set mix.allow_repeat: true, lower "
-                              "mix.total_sequences, or add data")
+            raise RecipeError(
+                f"recipe '{recipe.name}': source '{s.name}' has {available[i]} sequences but its "
+                f"weight asks for {counts[i]} of {total}; set mix.allow_repeat: true, lower "
+                "mix.total_sequences, or add data"
+            )
         if counts[i] > 0 and available[i] == 0:
-            raise RecipeError(f"recipe '{recipe.name}': source '{s.name}' has weight {s.weight} but no sequences "
-                              "survived filtering; check its path and filters")
+            raise RecipeError(
+                f"recipe '{recipe.name}': source '{s.name}' has weight {s.weight} but no sequences "
+                "survived filtering; check its path and filters"
+            )
     return counts.tolist(), total
 
 
-def global_order(recipe: RecipeSpec, available: list[int], counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def global_order(
+    recipe: RecipeSpec, available: list[int], counts: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """(source index, row) of every training sequence in its final position; a pure function of the seed."""
     src, row = [], []
     for i, (n, c) in enumerate(zip(available, counts, strict=True)):
@@ -100,8 +108,16 @@ def _prepare_worker(args: tuple[str, int | None, int, bytes, str]) -> dict[str, 
     return prepare_source(load_recipe(recipe_path, seed), index, tok_json, Path(work_dir))
 
 
-def _prepare_all(recipe: RecipeSpec, recipe_path: str, seed: int | None, tok_json: bytes, work: Path,
-                 order: list[int], workers: int, progress: bool) -> dict[int, dict[str, Any]]:
+def _prepare_all(
+    recipe: RecipeSpec,
+    recipe_path: str,
+    seed: int | None,
+    tok_json: bytes,
+    work: Path,
+    order: list[int],
+    workers: int,
+    progress: bool,
+) -> dict[int, dict[str, Any]]:
     stats: dict[int, dict[str, Any]] = {}
     todo = [i for i in order if not work_paths(work, recipe.sources[i].name)["stats"].is_file()]
     if workers > 1 and len(todo) > 1:
@@ -120,8 +136,15 @@ def _owned(k: int, worker_index: int, num_workers: int) -> bool:
     return k % num_workers == worker_index
 
 
-def build_shards(recipe_path: str | Path, shards_root: str | Path, seed: int | None = None, workers: int = 1,
-                 worker_index: int = 0, num_workers: int = 1, progress: bool = False) -> Path:
+def build_shards(
+    recipe_path: str | Path,
+    shards_root: str | Path,
+    seed: int | None = None,
+    workers: int = 1,
+    worker_index: int = 0,
+    num_workers: int = 1,
+    progress: bool = False,
+) -> Path:
     """Build (or find) the shards of a recipe; returns `shards_root/<name>-<recipe_hash[:12]>/`.
 
     Idempotent: a folder whose manifest records the same recipe hash (seed included) is returned as is.
@@ -142,14 +165,18 @@ def build_shards(recipe_path: str | Path, shards_root: str | Path, seed: int | N
     if existing is not None and existing.get("recipe_hash") == rhash and existing.get("seed") == recipe.seed:
         return out
     if existing is not None:
-        raise ShardError(f"{out / MANIFEST}: records recipe hash {existing.get('recipe_hash')} but the recipe "
-                         f"hashes to {rhash}; remove the folder to rebuild it")
+        raise ShardError(
+            f"{out / MANIFEST}: records recipe hash {existing.get('recipe_hash')} but the recipe "
+            f"hashes to {rhash}; remove the folder to rebuild it"
+        )
     work = root / ".work" / out.name
     work.mkdir(parents=True, exist_ok=True)
     with _file_lock(work.with_name(f"{out.name}.w{worker_index}-of-{num_workers}.lock")):
         if _existing_manifest(out) is not None:  # a concurrent build of the same recipe finished first
             return out
-        _build_locked(recipe, str(recipe_path), seed, root, out, work, workers, worker_index, num_workers, progress)
+        _build_locked(
+            recipe, str(recipe_path), seed, root, out, work, workers, worker_index, num_workers, progress
+        )
     if num_workers == 1 and (out / MANIFEST).is_file():
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -166,8 +193,18 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build_locked(recipe: RecipeSpec, recipe_path: str, seed: int | None, root: Path, out: Path, work: Path,
-                  workers: int, worker_index: int, num_workers: int, progress: bool) -> None:
+def _build_locked(
+    recipe: RecipeSpec,
+    recipe_path: str,
+    seed: int | None,
+    root: Path,
+    out: Path,
+    work: Path,
+    workers: int,
+    worker_index: int,
+    num_workers: int,
+    progress: bool,
+) -> None:
     rhash = recipe_hash(recipe)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".tmp-*"):
@@ -194,33 +231,64 @@ def _build_locked(recipe: RecipeSpec, recipe_path: str, seed: int | None, root: 
     for k in chunks:
         if not _owned(k, worker_index, num_workers):
             continue
-        sel = slice(k * per_chunk, (k + 1) * per_chunk)
-        s_k, r_k = src_of[sel], row_of[sel]
-        tokens = np.empty((per_chunk, recipe.seq_len + 1), dtype=np.int32)
-        for i in np.unique(s_k):
-            m = s_k == i
-            tokens[m] = rows[i][r_k[m]]
-        sources = [names[i] for i in s_k]
-        digest = write_rows(out / chunk_file(k), tokens, sources, k * per_chunk, recipe.row_group_size)
-        part["chunks"][str(k)] = {"file": chunk_file(k), "rows": per_chunk, "first_id": k * per_chunk,
-                                  "content_sha256": digest,
-                                  "sources": {names[i]: int((s_k == i).sum()) for i in np.unique(s_k)}}
+        s_k, r_k = src_of[k * per_chunk : (k + 1) * per_chunk], row_of[k * per_chunk : (k + 1) * per_chunk]
+        digest, _ = write_rows(
+            out / chunk_file(k),
+            _gather_blocks(rows, names, s_k, r_k, recipe.row_group_size),
+            k * per_chunk,
+            recipe.seq_len + 1,
+            recipe.row_group_size,
+        )
+        part["chunks"][str(k)] = {
+            "file": chunk_file(k),
+            "rows": per_chunk,
+            "first_id": k * per_chunk,
+            "content_sha256": digest,
+            "sources": {names[i]: int((s_k == i).sum()) for i in np.unique(s_k)},
+        }
     for i in mine:
         val = load_rows(work_paths(work, names[i])["val"], recipe.seq_len + 1)
         if len(val) == 0:
             continue
-        digest = write_rows(out / validation_file(names[i]), np.asarray(val), [names[i]] * len(val), 0,
-                            recipe.row_group_size)
-        part["validation"][names[i]] = {"file": validation_file(names[i]), "rows": len(val), "content_sha256": digest}
+        blocks = (
+            (
+                np.asarray(val[b : b + recipe.row_group_size]),
+                [names[i]] * len(val[b : b + recipe.row_group_size]),
+            )
+            for b in range(0, len(val), recipe.row_group_size)
+        )
+        digest, _ = write_rows(
+            out / validation_file(names[i]), blocks, 0, recipe.seq_len + 1, recipe.row_group_size
+        )
+        part["validation"][names[i]] = {
+            "file": validation_file(names[i]),
+            "rows": len(val),
+            "content_sha256": digest,
+        }
 
     part["common"] = _common_manifest(recipe, rhash, tok_json, stats, counts, available, total)
     parts = out / PARTS_DIR
     parts.mkdir(exist_ok=True)
-    _atomic_write(parts / f"part-{worker_index:05d}-of-{num_workers:05d}.json", json.dumps(part, sort_keys=True))
+    _atomic_write(
+        parts / f"part-{worker_index:05d}-of-{num_workers:05d}.json", json.dumps(part, sort_keys=True)
+    )
     _atomic_write_bytes(out / TOKENIZER, tok_json)
     with _file_lock(work.with_name(f"{out.name}.merge.lock")):
         if not (out / MANIFEST).is_file():
             merge_parts(out, num_workers, required=False)
+
+
+def _gather_blocks(
+    rows: list[np.ndarray], names: list[str], src: np.ndarray, row: np.ndarray, block: int
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Rows of a chunk, `block` at a time, gathered from the per-source packed files."""
+    for b in range(0, len(src), block):
+        s_b, r_b = src[b : b + block], row[b : b + block]
+        tokens = np.empty((len(s_b), rows[0].shape[1]), dtype=np.int32)
+        for i in np.unique(s_b):
+            m = s_b == i
+            tokens[m] = rows[i][r_b[m]]
+        yield tokens, [names[i] for i in s_b]
 
 
 def _existing_manifest(out: Path) -> dict[str, Any] | None:
@@ -228,8 +296,15 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
     return json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else None
 
 
-def _common_manifest(recipe: RecipeSpec, rhash: str, tok_json: bytes, stats: dict[int, dict[str, Any]],
-                     counts: list[int], available: list[int], total: int) -> dict[str, Any]:
+def _common_manifest(
+    recipe: RecipeSpec,
+    rhash: str,
+    tok_json: bytes,
+    stats: dict[int, dict[str, Any]],
+    counts: list[int],
+    available: list[int],
+    total: int,
+) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tok_json.decode("utf-8"))
@@ -251,9 +326,13 @@ def _common_manifest(recipe: RecipeSpec, rhash: str, tok_json: bytes, stats: dic
         "recipe_hash": rhash,
         "seed": recipe.seed,
         "recipe": recipe_to_dict(recipe),
-        "tokenizer": {"file": TOKENIZER, "sha256": tokenizer_bytes_hash(tok_json),
-                      "vocab_size": tok.get_vocab_size(), "eos_token": recipe.tokenizer.eos_token,
-                      "eos_id": tok.token_to_id(recipe.tokenizer.eos_token)},
+        "tokenizer": {
+            "file": TOKENIZER,
+            "sha256": tokenizer_bytes_hash(tok_json),
+            "vocab_size": tok.get_vocab_size(),
+            "eos_token": recipe.tokenizer.eos_token,
+            "eos_id": tok.token_to_id(recipe.tokenizer.eos_token),
+        },
         "seq_len": recipe.seq_len,
         "num_sequences": total,
         "num_tokens": total * (recipe.seq_len + 1),
@@ -275,14 +354,19 @@ def merge_parts(out: str | Path, num_workers: int, required: bool = True) -> Pat
     common = parts[0]["common"]
     for f, p in zip(files, parts, strict=True):
         if p["common"] != common:
-            raise ShardError(f"{f}: built from a different recipe, seed or tokenizer than {files[0].name}; "
-                             "every worker must run the same recipe and seed")
+            raise ShardError(
+                f"{f}: built from a different recipe, seed or tokenizer than {files[0].name}; "
+                "every worker must run the same recipe and seed"
+            )
     chunks = {int(k): v for p in parts for k, v in p["chunks"].items()}
     n = common["recipe"]["num_chunks"]
     if sorted(chunks) != list(range(n)):
         raise ShardError(f"{out}: parts cover chunks {sorted(chunks)}, expected 0..{n - 1}")
-    manifest = {**common, "chunks": [chunks[k] for k in range(n)],
-                "validation": {k: v for p in parts for k, v in sorted(p["validation"].items())}}
+    manifest = {
+        **common,
+        "chunks": [chunks[k] for k in range(n)],
+        "validation": {k: v for p in parts for k, v in sorted(p["validation"].items())},
+    }
     manifest["validation"] = dict(sorted(manifest["validation"].items()))
     manifest["manifest_hash"] = manifest_hash_of(manifest)
     _atomic_write(out / "build_info.json", json.dumps(_build_info(), sort_keys=True, indent=1))
@@ -296,8 +380,12 @@ def _build_info() -> dict[str, str]:
     import pyarrow
     import tokenizers
 
-    return {"python": platform.python_version(), "numpy": np.__version__, "pyarrow": pyarrow.__version__,
-            "tokenizers": tokenizers.__version__}
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pyarrow": pyarrow.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
 
 
 def _atomic_write(path: Path, text: str) -> None:

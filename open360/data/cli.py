@@ -32,41 +32,84 @@ def _recipe_from_data_arg(arg: str) -> tuple[str, int]:
 
 def summary_table(manifest: dict[str, Any]) -> str:
     """Per-source docs, filter drops, tokens and mix shares, as a fixed-width table."""
-    head = ("source", "read", "bad", "exact", "near", "quality", "classif", "kept", "tokens", "seqs", "used", "share")
+    head = (
+        "source",
+        "read",
+        "bad",
+        "exact",
+        "near",
+        "quality",
+        "classif",
+        "kept",
+        "tokens",
+        "seqs",
+        "used",
+        "share",
+    )
     rows = [head]
     total = max(1, manifest["num_sequences"])
     for name, s in manifest["sources"].items():
         d = s["dropped"]
         quality = sum(v for k, v in d.items() if k.startswith("quality:"))
-        rows.append((name, s["docs_read"], sum(s["bad"].values()), d.get("exact_dup", 0), d.get("near_dup", 0), quality,
-                     d.get("classifier", 0), s["docs_kept"], s["tokens_train"], s["sequences_available"],
-                     s["sequences_selected"], f"{s['sequences_selected'] / total:.3f}/{s['target_fraction']:.3f}"))
-    widths = [max(len(f"{r[i]:,}" if isinstance(r[i], int) else str(r[i])) for r in rows) for i in range(len(head))]
+        rows.append(
+            (
+                name,
+                s["docs_read"],
+                sum(s["bad"].values()),
+                d.get("exact_dup", 0),
+                d.get("near_dup", 0),
+                quality,
+                d.get("classifier", 0),
+                s["docs_kept"],
+                s["tokens_train"],
+                s["sequences_available"],
+                s["sequences_selected"],
+                f"{s['sequences_selected'] / total:.3f}/{s['target_fraction']:.3f}",
+            )
+        )
+    widths = [
+        max(len(f"{r[i]:,}" if isinstance(r[i], int) else str(r[i])) for r in rows) for i in range(len(head))
+    ]
     fmt = [(f"{v:,}" if isinstance(v, int) else str(v)) for r in rows for v in r]
     lines = []
     for r in range(len(rows)):
         cells = fmt[r * len(head) : (r + 1) * len(head)]
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths,
-                                                                                                   strict=True))))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+        )
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"{manifest['num_sequences']:,} training sequences x {manifest['seq_len'] + 1} tokens in "
-                 f"{len(manifest['chunks'])} chunks; validation: "
-                 + ", ".join(f"{k} {v['rows']}" for k, v in manifest["validation"].items()))
+    lines.append(
+        f"{manifest['num_sequences']:,} training sequences x {manifest['seq_len'] + 1} tokens in "
+        f"{len(manifest['chunks'])} chunks; validation: "
+        + ", ".join(f"{k} {v['rows']}" for k, v in manifest["validation"].items())
+    )
     return "\n".join(lines)
 
 
 def build_main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="open360 data build", description="Build the token shards of a data recipe "
-                                 "(idempotent: an existing matching shard folder is reused).")
+    ap = argparse.ArgumentParser(
+        prog="open360 data build",
+        description="Build the token shards of a data recipe "
+        "(idempotent: an existing matching shard folder is reused).",
+    )
     ap.add_argument("data", nargs="?", help="Hydra-style data=<name> (configs/data/<name>.yaml)")
     ap.add_argument("--recipe", help="path to a recipe YAML (instead of data=<name>)")
-    ap.add_argument("--shards-root", default="shards", help="folder holding shard folders (default: ./shards)")
+    ap.add_argument(
+        "--shards-root", default="shards", help="folder holding shard folders (default: ./shards)"
+    )
     ap.add_argument("--seed", type=int, help="build seed (default: the data config's, else the recipe's)")
     ap.add_argument("--workers", type=int, default=2, help="processes for the per-source pipeline")
     ap.add_argument("--worker-index", type=int, default=0, help="this worker's index (scale-out)")
     ap.add_argument("--num-workers", type=int, default=1, help="workers sharing the build (scale-out)")
-    ap.add_argument("--merge-only", action="store_true", help="only merge the part manifests of --num-workers "
-                    "workers whose files were copied into one shard folder (no shared filesystem)")
+    ap.add_argument(
+        "--merge-only",
+        action="store_true",
+        help="only merge the part manifests of --num-workers "
+        "workers whose files were copied into one shard folder (no shared filesystem)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from open360.data.build import build_shards, merge_parts, shard_dir_name
@@ -86,12 +129,21 @@ def build_main(argv: Sequence[str] | None = None) -> int:
         print(summary_table(json.loads((out / "manifest.json").read_text())))
         print(out)
         return 0
-    out = build_shards(recipe, args.shards_root, seed=seed, workers=args.workers, worker_index=args.worker_index,
-                       num_workers=args.num_workers, progress=not args.no_progress)
+    out = build_shards(
+        recipe,
+        args.shards_root,
+        seed=seed,
+        workers=args.workers,
+        worker_index=args.worker_index,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
     mpath = out / "manifest.json"
     if not mpath.is_file():
-        print(f"worker {args.worker_index}/{args.num_workers} done; manifest.json is written once every worker "
-              f"has finished: {out}")
+        print(
+            f"worker {args.worker_index}/{args.num_workers} done; manifest.json is written once every worker "
+            f"has finished: {out}"
+        )
         return 0
     print(summary_table(json.loads(mpath.read_text())))
     print(out)
@@ -101,8 +153,12 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 def _order_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shards", required=True, help="a shard folder (shards/<recipe>-<hash>)")
     ap.add_argument("--step", type=int, required=True, help="0-based optimizer step")
-    ap.add_argument("--seed", type=int, default=1234,
-                    help="the run's data-order seed (the trainer passes data.seed; default 1234)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        help="the run's data-order seed (the trainer passes data.seed; default 1234)",
+    )
     ap.add_argument("--global-batch-size", type=int, required=True, help="sequences per optimizer step")
 
 
@@ -115,8 +171,11 @@ def _order(args: argparse.Namespace):  # noqa: ANN202 - returns (ShardSet, DataO
 
 
 def batch_main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="open360 data batch", description="Print the exact global batch of a step: "
-                                 "sequence ids and token ids (what the trainer consumes at that step).")
+    ap = argparse.ArgumentParser(
+        prog="open360 data batch",
+        description="Print the exact global batch of a step: "
+        "sequence ids and token ids (what the trainer consumes at that step).",
+    )
     _order_args(ap)
     ap.add_argument("--decode", action="store_true", help="also print each sequence as text")
     ap.add_argument("--json", action="store_true", help="print one JSON object {step, ids, tokens}")
@@ -129,8 +188,11 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
         return 0
     tok = shards.tokenizer() if args.decode else None
     chunks = np.asarray(shards.chunk_of(ids)).reshape(-1)
-    print(f"# step {args.step} (epoch {order.epoch_of(args.step)}), {len(ids)} sequences x {tokens.shape[1]} tokens, "
-          f"shards {shards.path.name}")
+    print(
+        f"# step {args.step} (epoch {order.epoch_of(args.step)}), "
+        f"{len(ids)} sequences x {tokens.shape[1]} tokens, "
+        f"shards {shards.path.name}"
+    )
     for sid, c, row in zip(ids.tolist(), chunks.tolist(), tokens, strict=True):
         print(f"{sid}\tchunk {c}\t{' '.join(map(str, row.tolist()))}")
         if tok is not None:
@@ -139,8 +201,11 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
 
 
 def seen_main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="open360 data seen", description="Sequence ids consumed by steps 0..step-1, "
-                                 "with counts per chunk (the input of memorization analysis).")
+    ap = argparse.ArgumentParser(
+        prog="open360 data seen",
+        description="Sequence ids consumed by steps 0..step-1, "
+        "with counts per chunk (the input of memorization analysis).",
+    )
     _order_args(ap)
     ap.add_argument("--out", help="write the sorted ids to this file (.npy, or text with one id per line)")
     args = ap.parse_args(argv)

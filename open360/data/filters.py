@@ -63,7 +63,7 @@ class NearDedup:
         return m
 
     def is_duplicate(self, text: str) -> bool:
-        """True if a kept document is estimated ≥ threshold similar; otherwise index this one and return False."""
+        """True if a kept document is estimated ≥ threshold similar; else index this one, return False."""
         m = self._minhash(text)
         if self._lsh.query(m):
             return True

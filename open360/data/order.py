@@ -27,8 +27,10 @@ class DataOrder:
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if shards.num_sequences < global_batch_size:
-            raise ValueError(f"{shards.path}: {shards.num_sequences} sequences are fewer than one batch of "
-                             f"{global_batch_size}; build more data or lower trainer.global_batch_size")
+            raise ValueError(
+                f"{shards.path}: {shards.num_sequences} sequences are fewer than one batch of "
+                f"{global_batch_size}; build more data or lower trainer.global_batch_size"
+            )
         self.shards = shards
         self.seed = int(seed)
         self.global_batch_size = int(global_batch_size)
@@ -40,8 +42,11 @@ class DataOrder:
         if epoch == 0:
             return np.arange(self.shards.num_sequences, dtype=np.int64)
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
-                self.shards.num_sequences).astype(np.int64)}
+            self._perm_cache = {
+                epoch: np.random.default_rng([self.seed, epoch])
+                .permutation(self.shards.num_sequences)
+                .astype(np.int64)
+            }
         return self._perm_cache[epoch]
 
     def epoch_of(self, step: int) -> int:
@@ -98,10 +103,16 @@ class DataOrder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Accept a checkpointed loader state only if it describes this exact data order."""
         if state.get("version") != STATE_VERSION:
-            raise DataOrderMismatchError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+            raise DataOrderMismatchError(
+                f"loader state version {state.get('version')!r}, expected {STATE_VERSION}"
+            )
         saved, mine = state.get("fingerprint", {}), self.fingerprint()
-        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
+        diffs = [
+            f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]
+        ]
         if diffs:
             raise DataOrderMismatchError(
-                f"cannot resume: the data order differs from the checkpoint's ({'; '.join(diffs)}). Resume with "
-                f"the same shards (recipe + seed), tokenizer, trainer seed and global batch size, or start a new run")
+                f"cannot resume: the data order differs from the checkpoint's ({'; '.join(diffs)}). "
+                "Resume with the same shards (recipe + seed), tokenizer, data seed and global batch size, "
+                "or start a new run"
+            )

@@ -47,8 +47,15 @@ def load_rows(path: Path, row_len: int) -> np.ndarray:
 class _SourcePipeline:
     """State of one source's pass: filters, packers, counters and the open output files."""
 
-    def __init__(self, recipe: RecipeSpec, index: int, tokenizer: Tokenizer, scorer: Scorer | None,
-                 train_out: IO[bytes], val_out: IO[bytes]) -> None:
+    def __init__(
+        self,
+        recipe: RecipeSpec,
+        index: int,
+        tokenizer: Tokenizer,
+        scorer: Scorer | None,
+        train_out: IO[bytes],
+        val_out: IO[bytes],
+    ) -> None:
         self.recipe, self.source = recipe, recipe.sources[index]
         self.tok = tokenizer
         f = recipe.filters
@@ -69,11 +76,15 @@ class _SourcePipeline:
         self.pending: list[tuple[str, bytes]] = []
 
     def _emit(self, ids_train: list, ids_val: list) -> None:
-        for packer, ids, out, kind in ((self.train_packer, ids_train, self.train_out, "train"),
-                                       (self.val_packer, ids_val, self.val_out, "validation")):
+        for packer, ids, out, kind in (
+            (self.train_packer, ids_train, self.train_out, "train"),
+            (self.val_packer, ids_val, self.val_out, "validation"),
+        ):
             if not ids:
                 continue
-            self.c[f"tokens_{kind}"] += sum(len(x) for x in ids) + (len(ids) if packer.eos_id is not None else 0)
+            self.c[f"tokens_{kind}"] += sum(len(x) for x in ids) + (
+                len(ids) if packer.eos_id is not None else 0
+            )
             rows = packer.add(ids)
             if kind == "validation":
                 rows = rows[: max(0, self.recipe.validation.max_sequences - self.c["sequences_validation"])]
@@ -82,8 +93,10 @@ class _SourcePipeline:
 
     def _is_validation(self, digest: bytes) -> bool:
         v = self.recipe.validation
-        return (self.c["sequences_validation"] < v.max_sequences
-                and validation_draw(self.recipe.seed, digest) < v.fraction)
+        return (
+            self.c["sequences_validation"] < v.max_sequences
+            and validation_draw(self.recipe.seed, digest) < v.fraction
+        )
 
     def add_tokens(self, ids: list[int]) -> None:
         """A pre-tokenized LLM360 row: only range-checked, split and packed."""
@@ -151,30 +164,49 @@ class _SourcePipeline:
             texts.append(text)
             is_val.append(val)
         ids = [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
-        self._emit([x for x, v in zip(ids, is_val, strict=True) if not v],
-                   [x for x, v in zip(ids, is_val, strict=True) if v])
+        self._emit(
+            [x for x, v in zip(ids, is_val, strict=True) if not v],
+            [x for x, v in zip(ids, is_val, strict=True) if v],
+        )
 
     def stats(self) -> dict[str, Any]:
         self.c["tokens_dropped_remainder"] = self.train_packer.leftover_tokens
-        keys = ("docs_read", "chars_read", "chars_kept", "docs_train", "docs_validation", "fim_docs", "tokens_train", "tokens_validation",
-                "sequences_available", "sequences_validation", "tokens_dropped_remainder")
+        keys = (
+            "docs_read",
+            "chars_read",
+            "chars_kept",
+            "docs_train",
+            "docs_validation",
+            "fim_docs",
+            "tokens_train",
+            "tokens_validation",
+            "sequences_available",
+            "sequences_validation",
+            "tokens_dropped_remainder",
+        )
         out: dict[str, Any] = {k: int(self.c[k]) for k in keys}
         out["bad"] = dict(sorted(self.bad.items()))
         out["dropped"] = dict(sorted(self.dropped.items()))
         out["docs_kept"] = out["docs_train"] + out["docs_validation"]
         d, left = self.dropped, out["docs_read"] - self.bad["empty"] - self.bad["token_out_of_range"]
         after = {"read": left}
-        for stage, n in (("exact_dedup", d["exact_dup"]), ("near_dedup", d["near_dup"]),
-                         ("heuristics", sum(v for k, v in d.items() if k.startswith("quality:"))),
-                         ("classifier", d["classifier"])):
+        for stage, n in (
+            ("exact_dedup", d["exact_dup"]),
+            ("near_dedup", d["near_dup"]),
+            ("heuristics", sum(v for k, v in d.items() if k.startswith("quality:"))),
+            ("classifier", d["classifier"]),
+        ):
             left -= n
             after[stage] = left
-        out["docs_after"] = after  # documents left after each stage (read, exact, near, heuristics, classifier)
+        out["docs_after"] = (
+            after  # documents left after each stage (read, exact, near, heuristics, classifier)
+        )
         return out
 
 
-def prepare_source(recipe: RecipeSpec, index: int, tokenizer_json: bytes, work_dir: Path,
-                   progress: bool = False) -> dict[str, Any]:
+def prepare_source(
+    recipe: RecipeSpec, index: int, tokenizer_json: bytes, work_dir: Path, progress: bool = False
+) -> dict[str, Any]:
     """Run one source through the document pipeline into packed rows; resumable (stats file marks done)."""
     source = recipe.sources[index]
     paths = work_paths(work_dir, source.name)

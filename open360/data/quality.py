@@ -24,8 +24,9 @@ def hashed_features(texts: Sequence[str], num_features: int) -> np.ndarray:
     for i, text in enumerate(texts):
         toks = _WORD.findall(text.lower())
         grams = toks + [a + " " + b for a, b in zip(toks, toks[1:], strict=False)]
-        idx = np.fromiter((zlib.crc32(g.encode("utf-8")) % num_features for g in grams), dtype=np.int64,
-                          count=len(grams))
+        idx = np.fromiter(
+            (zlib.crc32(g.encode("utf-8")) % num_features for g in grams), dtype=np.int64, count=len(grams)
+        )
         np.add.at(x[i], idx, 1.0)
     x = np.log1p(x)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -56,7 +57,7 @@ class LogisticQualityModel:
 
 
 def load_labels(spec: ClassifierSpec) -> tuple[list[str], list[int]]:
-    """Read the labelled sample (jsonl(.gz), fields `text` and `label` in {0, 1}); any bad line is an error."""
+    """Read the labelled sample (jsonl(.gz), `text` and `label` in {0, 1}); a bad line is an error."""
     src = SourceSpec(name="classifier_labels", type="jsonl", path=spec.labels, sha256=spec.labels_sha256)
     check_pinned_hash(src, resolve_files(src))
     texts, labels = [], []
@@ -70,7 +71,9 @@ def load_labels(spec: ClassifierSpec) -> tuple[list[str], list[int]]:
     if bad:
         raise SourceError(f"{spec.labels}: unreadable label lines {dict(bad)}; fix the labelled sample")
     if len(set(labels)) < 2:
-        raise SourceError(f"{spec.labels}: the labelled sample needs both labels 0 and 1; found {sorted(set(labels))}")
+        raise SourceError(
+            f"{spec.labels}: the labelled sample needs both labels 0 and 1; found {sorted(set(labels))}"
+        )
     return texts, labels
 
 
@@ -81,7 +84,9 @@ def build_scorer(spec: ClassifierSpec) -> Scorer:
         try:
             return getattr(importlib.import_module(module), func)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"filters.classifier.scorer '{spec.scorer}' cannot be imported: {e}; "
-                             "give 'package.module:function'") from e
+            raise ValueError(
+                f"filters.classifier.scorer '{spec.scorer}' cannot be imported: {e}; "
+                "give 'package.module:function'"
+            ) from e
     texts, labels = load_labels(spec)
     return LogisticQualityModel(spec.num_features, spec.iterations).fit(texts, labels).score

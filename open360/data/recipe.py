@@ -44,7 +44,9 @@ class SourceSpec:
     split: str = "train"
     streaming: bool = True
     text_field: str = "text"
-    sample_by: str = "document"  # text/dir: one document per file ("document"), blank-line "paragraph" or "line"
+    sample_by: str = (
+        "document"  # text/dir: one document per file ("document"), blank-line "paragraph" or "line"
+    )
     select_source: str | None = None  # llm360_chunks: keep only lines whose "source" equals this
     weight: float = 1.0  # share of the training mix (normalized over sources)
     license: str = "unknown"
@@ -87,7 +89,7 @@ class HeuristicSpec:
 
 @dataclass
 class ClassifierSpec:
-    """phi-1-style quality classifier: trained on a labelled sample, drops documents scoring below threshold."""
+    """phi-1-style quality classifier: trained on a labelled sample, drops documents below threshold."""
 
     enabled: bool = False
     labels: str | None = None  # jsonl(.gz) with `text` and `label` (1 = keep-worthy, 0 = not)
@@ -167,7 +169,11 @@ def _check(cond: bool, where: str, message: str) -> None:
 
 def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     """Semantic checks OmegaConf cannot express; raise RecipeError naming the file and key."""
-    _check(bool(recipe.name) and "/" not in recipe.name, f"{where}: key 'name'", "must be a non-empty name without '/'")
+    _check(
+        bool(recipe.name) and "/" not in recipe.name,
+        f"{where}: key 'name'",
+        "must be a non-empty name without '/'",
+    )
     _check(len(recipe.sources) > 0, f"{where}: key 'sources'", "lists no source; add at least one")
     names = [s.name for s in recipe.sources]
     _check(len(set(names)) == len(names), f"{where}: key 'sources'", f"source names repeat: {names}")
@@ -183,27 +189,49 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
             _check(bool(s.path), key, f"type {s.type} needs 'path'")
         _check(0 <= s.fim.rate <= 1 and 0 <= s.fim.spm_rate <= 1, key, "fim rates must lie in [0, 1]")
         _check(s.max_docs is None or s.max_docs > 0, key, "max_docs must be positive")
-        _check(s.sample_by in ("document", "paragraph", "line"), key, "sample_by must be document|paragraph|line")
+        _check(
+            s.sample_by in ("document", "paragraph", "line"), key, "sample_by must be document|paragraph|line"
+        )
         if s.fim.rate > 0:
             missing = [t for t in FIM_TOKENS if t not in recipe.tokenizer.special_tokens]
             _check(not missing, key, f"fim needs tokenizer.special_tokens to include {missing}")
     total_weight = sum(s.weight for s in recipe.sources)
     _check(total_weight > 0, f"{where}: key 'sources[*].weight'", f"weights sum to {total_weight}; need > 0")
     tok = recipe.tokenizer
-    _check(tok.kind in TOKENIZER_KINDS, f"{where}: key 'tokenizer.kind'", f"'{tok.kind}' not in {TOKENIZER_KINDS}")
+    _check(
+        tok.kind in TOKENIZER_KINDS,
+        f"{where}: key 'tokenizer.kind'",
+        f"'{tok.kind}' not in {TOKENIZER_KINDS}",
+    )
     if tok.kind == "file":
         _check(bool(tok.path), f"{where}: key 'tokenizer.path'", "kind file needs a path to tokenizer.json")
     if tok.kind == "hub":
         _check(bool(tok.name), f"{where}: key 'tokenizer.name'", "kind hub needs a hub repository name")
     if tok.kind == "train":
-        _check(tok.vocab_size >= 260, f"{where}: key 'tokenizer.vocab_size'", "must be >= 260 (256 bytes + specials)")
+        _check(
+            tok.vocab_size >= 260,
+            f"{where}: key 'tokenizer.vocab_size'",
+            "must be >= 260 (256 bytes + specials)",
+        )
     for src in tok.train_sources:
-        _check(src in names, f"{where}: key 'tokenizer.train_sources'", f"unknown source '{src}'; sources: {names}")
+        _check(
+            src in names,
+            f"{where}: key 'tokenizer.train_sources'",
+            f"unknown source '{src}'; sources: {names}",
+        )
     clf = recipe.filters.classifier
     for src in clf.sources:
-        _check(src in names, f"{where}: key 'filters.classifier.sources'", f"unknown source '{src}'; sources: {names}")
+        _check(
+            src in names,
+            f"{where}: key 'filters.classifier.sources'",
+            f"unknown source '{src}'; sources: {names}",
+        )
     if clf.enabled:
-        _check(bool(clf.labels or clf.scorer), f"{where}: key 'filters.classifier'", "enabled needs 'labels' or 'scorer'")
+        _check(
+            bool(clf.labels or clf.scorer),
+            f"{where}: key 'filters.classifier'",
+            "enabled needs 'labels' or 'scorer'",
+        )
     nd = recipe.filters.near_dedup
     _check(0 < nd.threshold <= 1, f"{where}: key 'filters.near_dedup.threshold'", "must lie in (0, 1]")
     _check(recipe.seq_len >= 2, f"{where}: key 'seq_len'", "must be >= 2")
@@ -212,14 +240,20 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     _check(0 <= recipe.validation.fraction < 1, f"{where}: key 'validation.fraction'", "must lie in [0, 1)")
     m = recipe.mix.total_sequences
     _check(m is None or m > 0, f"{where}: key 'mix.total_sequences'", "must be positive or null")
-    _check(recipe.row_group_size >= 1 and recipe.doc_batch_size >= 1, f"{where}: key 'row_group_size'", "must be >= 1")
+    _check(
+        recipe.row_group_size >= 1 and recipe.doc_batch_size >= 1,
+        f"{where}: key 'row_group_size'",
+        "must be >= 1",
+    )
 
 
 def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
     """Load and validate a recipe YAML; `seed` (if given) overrides the recipe's own seed."""
     p = resolve_repo_path(path)
     if not p.is_file():
-        raise RecipeError(f"recipe file not found: {p} (give a path relative to the repository root or absolute)")
+        raise RecipeError(
+            f"recipe file not found: {p} (give a path relative to the repository root or absolute)"
+        )
     try:
         raw = OmegaConf.load(p)
     except Exception as e:  # yaml syntax errors carry the line
@@ -243,7 +277,9 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
     names = [s.name for s in recipe.sources]
     for src_name, w in recipe.weights.items():
         if src_name not in names:
-            raise RecipeError(f"{p}: key 'weights.{src_name}': no source named '{src_name}'; sources: {names}")
+            raise RecipeError(
+                f"{p}: key 'weights.{src_name}': no source named '{src_name}'; sources: {names}"
+            )
         recipe.sources[names.index(src_name)].weight = float(w)
     validate_recipe(recipe, str(p))
     return recipe

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,32 +35,65 @@ def validation_file(source: str) -> str:
 
 
 def content_sha256(tokens: np.ndarray, sources: list[str]) -> str:
-    """Hash of a shard's content (tokens as little-endian int32, then the source names), not its file bytes."""
+    """Hash of a shard's content (tokens as little-endian int32, then source names), not file bytes."""
     h = hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
     h.update("\n".join(sources).encode("utf-8"))
     return h.hexdigest()
 
 
-def write_rows(path: Path, tokens: np.ndarray, sources: list[str], first_id: int, row_group_size: int) -> str:
-    """Write rows atomically (temp file + rename) as parquet with zstd; return the content hash."""
-    n, row_len = tokens.shape
-    flat = pa.array(np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1))
-    table = pa.table({
-        "seq_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
-        "source": pa.array(sources, type=pa.string()).dictionary_encode(),
-        "token_ids": pa.FixedSizeListArray.from_arrays(flat, row_len),
-    })
+def write_rows(
+    path: Path,
+    blocks: Iterable[tuple[np.ndarray, list[str]]],
+    first_id: int,
+    row_len: int,
+    row_group_size: int,
+) -> tuple[str, int]:
+    """Stream row blocks (at most row_group_size rows each) into a zstd parquet file, atomically.
+
+    Returns (content hash, rows). Memory stays at one block, whatever the shard size.
+    """
+    schema = pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("source", pa.dictionary(pa.int32(), pa.string())),
+            ("token_ids", pa.list_(pa.int32(), row_len)),
+        ]
+    )
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, write_statistics=False)
+    h = hashlib.sha256()
+    all_sources: list[str] = []
+    n = 0
+    with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False) as writer:
+        for tokens, sources in blocks:
+            tokens = np.ascontiguousarray(tokens, dtype="<i4")
+            k = len(tokens)
+            table = pa.table(
+                {
+                    "seq_id": pa.array(np.arange(first_id + n, first_id + n + k, dtype=np.int64)),
+                    "source": pa.array(sources, type=pa.string()).dictionary_encode(),
+                    "token_ids": pa.FixedSizeListArray.from_arrays(
+                        pa.array(tokens.reshape(-1).astype(np.int32)), row_len
+                    ),
+                },
+                schema=schema,
+            )
+            writer.write_table(table, row_group_size=row_group_size)
+            h.update(tokens.tobytes())
+            all_sources.extend(sources)
+            n += k
+    h.update("\n".join(all_sources).encode("utf-8"))
     os.replace(tmp, path)
-    return content_sha256(tokens, sources)
+    return h.hexdigest(), n
 
 
 def read_rows(path: Path, row_groups: list[int] | None = None) -> tuple[np.ndarray, list[str]]:
     """Read token rows [n, seq_len+1] and their sources from a shard file (all, or some row groups)."""
     pf = pq.ParquetFile(path)
-    table = pf.read_row_groups(row_groups, columns=["token_ids", "source"]) if row_groups is not None \
+    table = (
+        pf.read_row_groups(row_groups, columns=["token_ids", "source"])
+        if row_groups is not None
         else pf.read(columns=["token_ids", "source"])
+    )
     return _tokens_of(table), table.column("source").cast(pa.string()).to_pylist()
 
 
@@ -96,23 +130,33 @@ class ShardSet:
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
-            raise ShardError(f"{path}: no {MANIFEST} — not a shard folder or the build did not finish; "
-                             "run `open360 data build` again (it resumes)")
+            raise ShardError(
+                f"{path}: no {MANIFEST} — not a shard folder or the build did not finish; "
+                "run `open360 data build` again (it resumes)"
+            )
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         if manifest.get("format") != FORMAT_VERSION:
-            raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}; rebuild")
+            raise ShardError(
+                f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}; rebuild"
+            )
         if manifest_hash_of(manifest) != manifest.get("manifest_hash"):
-            raise ShardError(f"{mpath}: manifest_hash does not match its content — the manifest was edited; "
-                             "rebuild the shards")
+            raise ShardError(
+                f"{mpath}: manifest_hash does not match its content — the manifest was edited; "
+                "rebuild the shards"
+            )
         tok_path = path / TOKENIZER
         actual = tokenizer_bytes_hash(tok_path.read_bytes()) if tok_path.is_file() else None
         if actual != manifest["tokenizer"]["sha256"]:
-            raise TokenizerMismatchError(f"{tok_path}: sha256 {actual} but the manifest records "
-                                         f"{manifest['tokenizer']['sha256']}; the tokenizer file was replaced")
+            raise TokenizerMismatchError(
+                f"{tok_path}: sha256 {actual} but the manifest records "
+                f"{manifest['tokenizer']['sha256']}; the tokenizer file was replaced"
+            )
         if expected_tokenizer_hash is not None and expected_tokenizer_hash != actual:
-            raise TokenizerMismatchError(f"{path}: shards were tokenized with tokenizer {actual[:12]} but "
-                                         f"{expected_tokenizer_hash[:12]} was expected; use the model's "
-                                         "tokenizer to build the shards (or the shards' tokenizer.json)")
+            raise TokenizerMismatchError(
+                f"{path}: shards were tokenized with tokenizer {actual[:12]} but "
+                f"{expected_tokenizer_hash[:12]} was expected; use the model's "
+                "tokenizer to build the shards (or the shards' tokenizer.json)"
+            )
         for entry in [*manifest["chunks"], *manifest["validation"].values()]:
             f = path / entry["file"]
             if not f.is_file():
@@ -191,8 +235,10 @@ class ShardSet:
     def validation(self, source: str) -> np.ndarray:
         """The held-out rows [n, seq_len+1] (int64) of one source."""
         if source not in self.manifest["validation"]:
-            raise KeyError(f"no validation split for source '{source}' in {self.path}; "
-                           f"sources: {sorted(self.manifest['validation'])}")
+            raise KeyError(
+                f"no validation split for source '{source}' in {self.path}; "
+                f"sources: {sorted(self.manifest['validation'])}"
+            )
         tokens, _ = read_rows(self.path / self.manifest["validation"][source]["file"])
         return tokens.astype(np.int64)
 

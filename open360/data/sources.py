@@ -40,8 +40,10 @@ def resolve_files(source: SourceSpec) -> list[Path]:
     else:
         files = [base] if base.is_file() else []
     if not files:
-        raise SourceError(f"source '{source.name}': no file at path '{source.path}' (resolved to {base}); "
-                          "check the recipe's 'path' (relative to the repository root)")
+        raise SourceError(
+            f"source '{source.name}': no file at path '{source.path}' (resolved to {base}); "
+            "check the recipe's 'path' (relative to the repository root)"
+        )
     return files
 
 
@@ -61,9 +63,11 @@ def check_pinned_hash(source: SourceSpec, files: list[Path]) -> None:
         raise SourceError(f"source '{source.name}': 'sha256' pins one file but path matches {len(files)}")
     actual = file_sha256(files[0])
     if actual != source.sha256:
-        raise SourceError(f"source '{source.name}': {files[0]} has sha256 {actual}, the recipe pins "
-                          f"{source.sha256}; the file changed — restore it (data_recipes/corpus/make_corpus.py "
-                          "regenerates the embedded corpus) or update the pin")
+        raise SourceError(
+            f"source '{source.name}': {files[0]} has sha256 {actual}, the recipe pins "
+            f"{source.sha256}; the file changed — restore it (data_recipes/corpus/make_corpus.py "
+            "regenerates the embedded corpus) or update the pin"
+        )
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -140,12 +144,15 @@ def _read_datasets(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
     if source.type == "parquet":
         files = resolve_files(source)
         check_pinned_hash(source, files)
-        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", streaming=True)
+        ds = datasets.load_dataset(
+            "parquet", data_files=[str(p) for p in files], split="train", streaming=True
+        )
         where = source.path
     else:
         kwargs = {"data_files": source.hf_data_files} if source.hf_data_files else {}
-        ds = datasets.load_dataset(source.hf_name, source.hf_config, split=source.split,
-                                   streaming=source.streaming, **kwargs)
+        ds = datasets.load_dataset(
+            source.hf_name, source.hf_config, split=source.split, streaming=source.streaming, **kwargs
+        )
         where = f"hub:{source.hf_name}"
     for i, row in enumerate(ds):
         if source.type == "llm360_chunks":
@@ -160,8 +167,10 @@ def _read_datasets(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
         text = row.get(source.text_field)
         if not isinstance(text, str):
             if source.text_field not in row:
-                raise SourceError(f"source '{source.name}': {where} row {i} has no field '{source.text_field}' "
-                                  f"(fields: {sorted(row)}); set 'text_field' in the recipe")
+                raise SourceError(
+                    f"source '{source.name}': {where} row {i} has no field '{source.text_field}' "
+                    f"(fields: {sorted(row)}); set 'text_field' in the recipe"
+                )
             bad["missing_field"] += 1
             continue
         yield Doc(text, f"{where}:{i}")

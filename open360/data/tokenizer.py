@@ -15,8 +15,19 @@ from open360.data.recipe import RecipeSpec, canonical_json, recipe_to_dict
 from open360.data.sources import read_source
 from open360.paths import resolve_repo_path
 
-_SOURCE_READ_KEYS = ("type", "path", "hf_name", "hf_config", "hf_data_files", "split", "text_field", "sample_by",
-                     "select_source", "sha256", "max_docs")
+_SOURCE_READ_KEYS = (
+    "type",
+    "path",
+    "hf_name",
+    "hf_config",
+    "hf_data_files",
+    "split",
+    "text_field",
+    "sample_by",
+    "select_source",
+    "sha256",
+    "max_docs",
+)
 
 
 class TokenizerMismatchError(ValueError):
@@ -90,10 +101,14 @@ def obtain_tokenizer(recipe: RecipeSpec, cache_dir: Path) -> bytes:
         os.replace(tmp, cached)
         return data
     if tok.token_to_id(spec.eos_token) is None:
-        raise ValueError(f"tokenizer '{spec.path or spec.name}' has no token '{spec.eos_token}'; "
-                         "set tokenizer.eos_token to its end-of-text token")
+        raise ValueError(
+            f"tokenizer '{spec.path or spec.name}' has no token '{spec.eos_token}'; "
+            "set tokenizer.eos_token to its end-of-text token"
+        )
     missing = [t for t in spec.special_tokens if tok.token_to_id(t) is None]
     if missing:
-        raise ValueError(f"tokenizer '{spec.path or spec.name}' lacks the special tokens {missing} that "
-                         "tokenizer.special_tokens lists; use a tokenizer that has them or drop them")
+        raise ValueError(
+            f"tokenizer '{spec.path or spec.name}' lacks the special tokens {missing} that "
+            "tokenizer.special_tokens lists; use a tokenizer that has them or drop them"
+        )
     return tok.to_str().encode("utf-8")

@@ -248,8 +248,13 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
 
 
 def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
-    """Load and validate a recipe YAML; `seed` (if given) overrides the recipe's own seed."""
-    p = resolve_repo_path(path)
+    """Load and validate a recipe YAML; `seed` (if given) overrides the recipe's own seed.
+
+    A relative path is looked up in the working directory, then in the repository root.
+    """
+    p = Path(path).expanduser()
+    if p.is_absolute() or not p.is_file():  # relative: the working directory first, then the repository root
+        p = resolve_repo_path(path)
     if not p.is_file():
         raise RecipeError(
             f"recipe file not found: {p} (give a path relative to the repository root or absolute)"

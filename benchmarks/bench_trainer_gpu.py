@@ -190,6 +190,7 @@ def main() -> None:
         "trainer.progress_bar=false",
         f"trainer.log_every={total}",
         f"model.compile={str(args.compile).lower()}",
+        "optim.lr=3.0e-4",  # AMBER's peak LR (the tiny experiment's 3e-3 is for a 1.8M-parameter model)
     ]
     cfg = compose(overrides)
     seed_everything(0)

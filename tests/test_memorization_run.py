@@ -168,3 +168,60 @@ def test_bad_arguments_fail_with_the_key(trained_run: tuple[Path, str], capsys: 
         run_job(parse_args(_job(root, "k=40", "l=40")))
     assert main(_job(root, "checkpoints=12345", "pull=false")) == 2
     assert "pull=false" in capsys.readouterr().err
+
+
+def test_missing_checkpoints_are_pulled_and_released(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import open360.tracking
+
+    root = tmp_path / "ws"
+    shutil.copytree(trained_run[0], root, ignore=shutil.ignore_patterns("analysis"))
+    stash = tmp_path / "remote"
+    for step in (40, 80):  # "only in the DVC remote"
+        shutil.move(root / "checkpoints" / RUN / f"step_{step}", stash / f"step_{step}")
+    pulled: list[int] = []
+
+    def fake_pull(workspace: Path, run: str, step: int) -> Path:
+        assert Path(workspace) == root and run == RUN
+        pulled.append(int(step))
+        dest = Path(workspace) / "checkpoints" / run / f"step_{step}"
+        shutil.copytree(stash / f"step_{step}", dest)
+        return dest
+
+    monkeypatch.setattr(open360.tracking, "pull_checkpoint", fake_pull)
+    args = _job(root, "checkpoints=20,40,80", "chunks=0-1", "sample=8", "report=false")
+    with pytest.raises(MemorizationJobError, match="pull=false"):
+        run_job(parse_args([*args, "pull=false"]))
+    result = run_job(parse_args([*args, "release_local=true"]))
+    assert result.complete and len(result.computed) == 6 and sorted(pulled) == [40, 80]
+    assert not (root / "checkpoints" / RUN / "step_40").exists()  # pulled, scored, released
+    assert not (root / "checkpoints" / RUN / "step_80").exists()
+    assert (root / "checkpoints" / RUN / "step_20").is_dir()  # was local: never deleted
+
+
+def test_torchrun_splits_cells_across_ranks(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    root, _ = trained_run
+    common = _job(root, "checkpoints=20,40,60", "chunks=0-3", "sample=8", "device=cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29617",
+           "-m", "open360.analysis.memorization", *common, f"out_dir={tmp_path / 'dist'}"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "12 cells computed" not in proc.stdout  # each rank did its share, not everything
+    single = run_job(parse_args([*common, f"out_dir={tmp_path / 'single'}", "report=false"]))
+    ranks = set()
+    for step, chunk in single.computed:
+        dist = pq.read_table(cell_path(tmp_path / "dist", step, chunk))
+        ranks.add(json.loads(dist.schema.metadata[b"open360.memorization"])["rank"])
+        one = pq.read_table(cell_path(tmp_path / "single", step, chunk))
+        assert dist.column("matched").to_pylist() == one.column("matched").to_pylist()
+    assert ranks == {0, 1}
+    assert (tmp_path / "dist" / "report.md").is_file() and (tmp_path / "dist" / "summary.parquet").is_file()

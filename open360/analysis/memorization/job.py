@@ -440,6 +440,16 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
     workspace = Path(job.workspace).expanduser().resolve()
     out_dir = Path(job.out_dir) if job.out_dir else workspace / "analysis" / job.run / "memorization" / job_tag(job)
     steps = resolve_steps(job, workspace)
+    if not job.pull:
+        from open360.checkpoint.io import MODEL_FILE, step_dir_name
+
+        run_dir = run_checkpoint_dir(workspace, job.run)
+        missing = [s for s in steps if not (run_dir / step_dir_name(s) / MODEL_FILE).is_file()]
+        if missing:
+            raise MemorizationJobError(
+                f"run {job.run!r}: checkpoints {missing} are not under {run_dir} and pull=false; "
+                "set pull=true to fetch them through DVC, or choose other checkpoints="
+            )
     device = _device(job, local_rank)
     batch_size = job.batch_size or (512 if device.startswith("cuda") else 64)
 
@@ -500,7 +510,7 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
                         "seconds": result.seconds, "engine": result.info,
                         "tokens_seen": trainer_state.get("tokens_seen"),
                         "manifest_hash": (lineage.get("data") or {}).get("manifest_hash"),
-                        "chunk_size": int(data.chunk_sizes[chunk])}
+                        "chunk_size": int(data.chunk_sizes[chunk]), "rank": rank, "world_size": world}
                 seen = data.seen_mask(steps_done, chunk, rows)
                 write_cell(cell_path(out_dir, step, chunk),
                            cell_table(job, step, chunk, rows, int(data.offsets[chunk]), seen, result, meta))

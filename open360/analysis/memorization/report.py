@@ -118,8 +118,15 @@ def plot_heatmap(summary: Any, path: Path, label: str) -> None:
     seen = summary.pivot(index="step", columns="chunk", values="seen_fraction").reindex_like(pivot)
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * pivot.shape[1] + 3), max(4, 0.3 * pivot.shape[0] + 2)))
     im = ax.imshow(pivot.to_numpy(), aspect="auto", cmap="magma", origin="lower", interpolation="nearest")
-    if seen.notna().to_numpy().any():
-        ax.contour(seen.to_numpy(dtype=float), levels=[0.5], colors="cyan", linewidths=1.0, origin="lower")
+    seen_arr = seen.to_numpy(dtype=float)
+    if np.isfinite(seen_arr).any():  # staircase right of the last chunk each checkpoint had seen
+        xs, ys = [], []
+        for i, row in enumerate(seen_arr):
+            seen_cols = np.flatnonzero(np.nan_to_num(row) >= 0.5)
+            edge = float(seen_cols.max() + 0.5) if len(seen_cols) else -0.5
+            xs += [edge, edge]
+            ys += [i - 0.5, i + 0.5]
+        ax.plot(xs, ys, color="cyan", linewidth=1.5)
     ax.set_xticks(range(pivot.shape[1]), [str(c) for c in pivot.columns], fontsize=7)
     ax.set_yticks(range(pivot.shape[0]), [str(s) for s in pivot.index], fontsize=7)
     ax.set_xlabel("data chunk")
@@ -218,11 +225,11 @@ def plot_progress(progress: Any, path: Path, label: str) -> None:
     plt.close(fig)
 
 
-def _md_table(df: Any, floats: str = "{:.4f}") -> str:
+def _md_table(df: Any) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        cells = [floats.format(v) if isinstance(v, float) else str(v) for v in r.tolist()]
+    for row in df.itertuples(index=False):
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

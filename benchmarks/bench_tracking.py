@@ -17,7 +17,30 @@ from open360.tracking.dvc_versioning import DvcWorkspace
 from open360.tracking.workspace import init_workspace
 
 
+class _Timed:
+    """Wraps a callback and sums the time its hooks take on the training thread."""
+
+    def __init__(self, inner: Any, clock: dict[str, float]) -> None:
+        self._inner, self._clock = inner, clock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not name.startswith("on_") or not callable(attr):
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                key = "run_end" if name == "on_run_end" else "run_start" if name == "on_run_start" else "loop"
+                self._clock[key] = self._clock.get(key, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+
 def _train(ws: Path, run: str, steps: int, every: int, tracking: str) -> dict[str, Any]:
+    import open360.tracking as tracking_module
     from open360.config import compose
     from open360.train.pipeline import run_training
 
@@ -33,8 +56,14 @@ def _train(ws: Path, run: str, steps: int, every: int, tracking: str) -> dict[st
             f"tracking={tracking}",
         ]
     )
+    clock: dict[str, float] = {}
+    original = tracking_module.build_callbacks
+    tracking_module.build_callbacks = lambda *a: [_Timed(cb, clock) for cb in original(*a)]
     t0 = time.perf_counter()
-    summary = run_training(cfg, device="cpu")
+    try:
+        summary = run_training(cfg, device="cpu")
+    finally:
+        tracking_module.build_callbacks = original
     total = time.perf_counter() - t0
     # summary["wall_s"] is the training loop itself (steps, checkpoint saves, callbacks' per-step work);
     # on_run_start (MLflow run creation) and on_run_end (waiting for the last push) are outside it.
@@ -42,6 +71,9 @@ def _train(ws: Path, run: str, steps: int, every: int, tracking: str) -> dict[st
         "steps_per_s": summary["steps_this_run"] / summary["wall_s"],
         "loop_s": summary["wall_s"],
         "total_s": total,
+        "callbacks_in_loop_s": clock.get("loop", 0.0),
+        "callbacks_run_start_s": clock.get("run_start", 0.0),
+        "callbacks_run_end_s": clock.get("run_end", 0.0),
     }
 
 
@@ -57,7 +89,15 @@ def bench_training(root: Path, steps: int, every: int, reps: int) -> dict[str, A
             results[tracking].append(_train(ws, f"bench_{tracking}_{rep}", steps, every, tracking))
     off = statistics.median(r["steps_per_s"] for r in results["off"])
     on = statistics.median(r["steps_per_s"] for r in results["local"])
+    paired = [
+        100.0 * (1 - b["steps_per_s"] / a["steps_per_s"])
+        for a, b in zip(results["off"], results["local"], strict=True)
+    ]
+    in_loop = [100.0 * r["callbacks_in_loop_s"] / r["loop_s"] for r in results["local"]]
     return {
+        "paired_overhead_pct": paired,
+        "paired_overhead_pct_median": statistics.median(paired),
+        "callbacks_on_training_thread_pct_median": statistics.median(in_loop),
         "steps": steps,
         "checkpoint_every": every,
         "reps": reps,
@@ -169,14 +209,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
     parser.add_argument("--mib", type=int, default=256, help="checkpoint size for the throughput test")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-io", action="store_true", help="only the training comparison")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_tracking_"))
     try:
         results: dict[str, Any] = {}
         if not args.skip_training:
             results["training"] = bench_training(root, args.steps, args.every, args.reps)
-        results["throughput"] = bench_throughput(root, args.mib)
-        results["pull_scaling"] = bench_pull_scaling(root, [5, 50], 1, args.reps)
+        if not args.skip_io:
+            results["throughput"] = bench_throughput(root, args.mib)
+            results["pull_scaling"] = bench_pull_scaling(root, [5, 50], 1, args.reps)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -185,12 +227,17 @@ def main() -> None:
         t = results["training"]
         print(f"{'training steps/s, tracking off (median)':<44}{t['off_steps_per_s']:>14.3f}")
         print(f"{'training steps/s, tracking on  (median)':<44}{t['on_steps_per_s']:>14.3f}")
-        print(f"{'tracking overhead %':<44}{t['overhead_pct']:>14.2f}")
-    io = results["throughput"]
-    print(f"{'checkpoint size MB':<44}{io['bytes'] / 1e6:>14.1f}")
-    for k in ("cp", "add", "push", "pull"):
-        print(f"{k + ' MB/s':<44}{io[k + '_MBps']:>14.1f}")
-    for n, r in results["pull_scaling"].items():
+        print(f"{'tracking overhead % (ratio of medians)':<44}{t['overhead_pct']:>14.2f}")
+        print(f"{'tracking overhead % (median of pairs)':<44}{t['paired_overhead_pct_median']:>14.2f}")
+        print(
+            f"{'callback time on training thread %':<44}{t['callbacks_on_training_thread_pct_median']:>14.3f}"
+        )
+    io = results.get("throughput")
+    if io:
+        print(f"{'checkpoint size MB':<44}{io['bytes'] / 1e6:>14.1f}")
+        for k in ("cp", "add", "push", "pull"):
+            print(f"{k + ' MB/s':<44}{io[k + '_MBps']:>14.1f}")
+    for n, r in results.get("pull_scaling", {}).items():
         print(f"{'pull 1 of ' + n + ' (open360 ckpt pull), s':<44}{r['pull_one_s']:>14.3f}")
         print(f"{'pull 1 of ' + n + ' (dvc pull CLI, incl. start), s':<44}{r['dvc_cli_pull_one_s']:>14.3f}")
 

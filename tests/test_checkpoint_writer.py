@@ -1,0 +1,53 @@
+"""CheckpointWriter: background saves from a CPU snapshot, recovery pruning, completion reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from open360.checkpoint import CheckpointContents, list_checkpoints, load_checkpoint
+from open360.checkpoint.writer import CheckpointWriter, cpu_snapshot
+
+
+def _contents(weight: torch.Tensor, step: torch.Tensor) -> CheckpointContents:
+    return CheckpointContents({"w": weight}, {"state": {"w": {"step": step}}}, {"step": 1}, {}, "x: 1\n")
+
+
+def test_background_save_writes_the_snapshot_not_later_updates(tmp_path: Path) -> None:
+    writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", keep_ephemeral=1, background=True)
+    weight, step = torch.zeros(4), torch.tensor(1.0)
+    writer.save(1, _contents(weight, step), published=True)
+    weight += 5  # training goes on, in place, while the file is written
+    step += 1
+    done = writer.close()
+    assert [(d.step, d.published) for d in done] == [(1, True)]
+    back = load_checkpoint(tmp_path / "pub" / "step_1")
+    assert torch.equal(back.model["w"], torch.zeros(4))
+    assert back.optimizer["state"]["w"]["step"].item() == 1.0
+
+
+def test_recovery_checkpoints_are_pruned_to_keep_last(tmp_path: Path) -> None:
+    writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", keep_ephemeral=2, background=False)
+    for step in (2, 4, 6, 8):
+        writer.save(step, _contents(torch.ones(2) * step, torch.tensor(float(step))), published=False)
+    writer.save(5, _contents(torch.ones(2), torch.tensor(5.0)), published=True)
+    reported = writer.poll()
+    assert [(d.step, d.published) for d in reported] == [
+        (2, False),
+        (4, False),
+        (6, False),
+        (8, False),
+        (5, True),
+    ]
+    assert [s for s, _ in list_checkpoints(tmp_path / "rec")] == [6, 8]
+    assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [5]
+    assert writer.poll() == []
+
+
+def test_cpu_snapshot_copies_nested_tensors() -> None:
+    t = torch.ones(2)
+    snap = cpu_snapshot({"a": [t, (t, 3)], "b": "x"})
+    t += 1
+    assert torch.equal(snap["a"][0], torch.ones(2)) and torch.equal(snap["a"][1][0], torch.ones(2))
+    assert snap["a"][1][1] == 3 and snap["b"] == "x"

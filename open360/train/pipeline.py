@@ -146,6 +146,11 @@ def _build_callbacks(cfg: DictConfig, workspace: Path, env: DistEnv) -> list[Cal
 
 def run_training(cfg: DictConfig, device: str) -> dict[str, Any]:
     """Train the configured run end to end (resuming when asked) and return the run summary."""
+    if cfg.trainer.backend != "native":
+        raise TrainingError(
+            f"trainer.backend={cfg.trainer.backend!r}: this pipeline runs the native PyTorch backend only; "
+            "set trainer.backend=native"
+        )
     env = init_distributed(device)
     try:
         return _run(cfg, device, env)

@@ -13,7 +13,7 @@ from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import load_checkpoint, remove_stale_temp_dirs
 from open360.checkpoint.lineage import config_hash, git_revision
 from open360.checkpoint.writer import CheckpointWriter
-from open360.paths import resolve_repo_path, resolve_workspace_path
+from open360.paths import resolve_workspace_path
 from open360.train.callbacks import Callback, RunInfo
 from open360.train.optim import build_optimizer
 from open360.train.progress import format_summary, peak_flops
@@ -53,9 +53,7 @@ class ShardProvider:
         """The shard folder of a stage's recipe (rank 0 builds, the others wait)."""
         from open360.data import build_shards
 
-        recipe = resolve_repo_path(stage.recipe)
-        if not recipe.is_file():
-            raise TrainingError(f"stage {stage.name!r}: data recipe {recipe} does not exist (key: recipe)")
+        recipe = str(stage.recipe)  # build_shards resolves it (working directory, then repository root)
         if self.env.is_main:
             shard_dir = build_shards(
                 recipe, self.shards_root, int(self.cfg.data.seed), int(self.cfg.data.build_workers)

@@ -211,6 +211,9 @@ def _build_locked(
         stale.unlink()
 
     tok_json = obtain_tokenizer(recipe, root / ".tokenizers")
+    # intermediates are keyed by the tokenizer's hash too: a tokenizer file changed under the same path
+    # (tokenizer.kind: file / hub) must not resume from rows tokenized with the old one
+    work = work / tokenizer_bytes_hash(tok_json)[:12]
     n_src = len(recipe.sources)
     mine = [i for i in range(n_src) if _owned(i, worker_index, num_workers)]
     order = mine + [i for i in range(n_src) if i not in mine]

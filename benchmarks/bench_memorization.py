@@ -34,10 +34,30 @@ import numpy as np
 import torch
 
 K = L = 32
-AMBER_1B4 = dict(name="amber_1b4", vocab_size=50304, n_layers=24, d_model=2048, n_heads=32, ffn_dim=5504,
-                 max_seq_len=2048, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu")
-TINY = dict(name="amber_bench_tiny", vocab_size=512, n_layers=2, d_model=64, n_heads=4, ffn_dim=128,
-            max_seq_len=128, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu")
+AMBER_1B4 = dict(
+    name="amber_1b4",
+    vocab_size=50304,
+    n_layers=24,
+    d_model=2048,
+    n_heads=32,
+    ffn_dim=5504,
+    max_seq_len=2048,
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    mlp="swiglu",
+)
+TINY = dict(
+    name="amber_bench_tiny",
+    vocab_size=512,
+    n_layers=2,
+    d_model=64,
+    n_heads=4,
+    ffn_dim=128,
+    max_seq_len=128,
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    mlp="swiglu",
+)
 
 
 def sync(device: torch.device) -> None:
@@ -64,8 +84,15 @@ def hf_generate_rows(hf: Any, seqs: torch.Tensor, batch: int, analysis360_call: 
     with torch.no_grad():
         for lo in range(0, seqs.shape[0], batch):
             prompt = seqs[lo : lo + batch, :K].to(device)
-            gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), min_length=K, max_new_tokens=L,
-                              num_beams=1, do_sample=False, pad_token_id=0)[:, K:]
+            gen = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                min_length=K,
+                max_new_tokens=L,
+                num_beams=1,
+                do_sample=False,
+                pad_token_id=0,
+            )[:, K:]
             out[lo : lo + prompt.shape[0], : gen.shape[1]] = gen.cpu().numpy()
     return out
 
@@ -92,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-batch", type=int, default=512)
     ap.add_argument("--a360-batch", type=int, default=32)
     ap.add_argument("--sequences", type=int, default=16384, help="sequences timed for open360 methods")
-    ap.add_argument("--hf-sequences", type=int, default=2048, help="sequences timed for HF generate batch 512")
-    ap.add_argument("--a360-sequences", type=int, default=320, help="sequences timed for Analysis360's method")
+    ap.add_argument(
+        "--hf-sequences", type=int, default=2048, help="sequences timed for HF generate batch 512"
+    )
+    ap.add_argument(
+        "--a360-sequences", type=int, default=320, help="sequences timed for Analysis360's method"
+    )
     ap.add_argument("--check", type=int, default=128, help="sequences for the fp32 parity check against HF")
     ap.add_argument("--compile", action="store_true", help="also time open360 greedy with torch.compile")
     args = ap.parse_args(argv)
@@ -145,12 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, opts in variants:
         try:
             m = copy.deepcopy(model) if opts.get("compile") else model
-            scorer = MemorizationScorer(m, k=K, l=L, batch_size=args.batch, device=device, dtype=dtype, **opts)
+            scorer = MemorizationScorer(
+                m, k=K, l=L, batch_size=args.batch, device=device, dtype=dtype, **opts
+            )
             n = args.sequences if name != "open360_eager" else min(args.sequences, 4 * args.batch)
             scorer.score(seqs[: args.batch])  # warm-up: allocation, CUDA graph capture, compile
             res, seconds = timed(lambda s=scorer, n=n: s.score(seqs[:n]), device)
-            record(name, n, seconds, batch=args.batch, dtype=dtype, cuda_graphs=scorer.use_graphs,
-                   graph_error=scorer.graph_error, token_match=res.token_match, full_match=res.full_match)
+            record(
+                name,
+                n,
+                seconds,
+                batch=args.batch,
+                dtype=dtype,
+                cuda_graphs=scorer.use_graphs,
+                graph_error=scorer.graph_error,
+                token_match=res.token_match,
+                full_match=res.full_match,
+            )
             outputs[name] = res.predicted
             scorer.release()
             scorer = m = None
@@ -164,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hf = load_hf(hf_dir, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
         hf_generate_rows(hf, seqs[: args.hf_batch], args.hf_batch, False)  # warm-up
-        ref, seconds = timed(lambda: hf_generate_rows(hf, seqs[: args.hf_sequences], args.hf_batch, False), device)
+        ref, seconds = timed(
+            lambda: hf_generate_rows(hf, seqs[: args.hf_sequences], args.hf_batch, False), device
+        )
         record("hf_generate", args.hf_sequences, seconds, batch=args.hf_batch, dtype=dtype)
         outputs["hf_generate"] = ref
         hf = None
@@ -177,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hf = load_hf(hf_dir, torch.float16 if device.type == "cuda" else torch.float32, device)
         hf_generate_rows(hf, seqs[: args.a360_batch], args.a360_batch, True)  # warm-up
-        _, seconds = timed(lambda: hf_generate_rows(hf, seqs[: args.a360_sequences], args.a360_batch, True), device)
-        record("analysis360", args.a360_sequences, seconds, batch=args.a360_batch,
-               dtype="fp16" if device.type == "cuda" else "fp32")
+        _, seconds = timed(
+            lambda: hf_generate_rows(hf, seqs[: args.a360_sequences], args.a360_batch, True), device
+        )
+        record(
+            "analysis360",
+            args.a360_sequences,
+            seconds,
+            batch=args.a360_batch,
+            dtype="fp16" if device.type == "cuda" else "fp32",
+        )
         hf = None
         release_memory()
     except Exception as err:
@@ -193,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         hf = load_hf(hf_dir, torch.float32, device)
         sample = seqs[: args.check]
         ref = hf_generate_rows(hf, sample, min(args.check, 64), False)
-        ours = MemorizationScorer(model, k=K, l=L, batch_size=min(args.check, 64), device=device, dtype="fp32",
-                                  cuda_graphs=True).score(sample)
+        ours = MemorizationScorer(
+            model, k=K, l=L, batch_size=min(args.check, 64), device=device, dtype="fp32", cuda_graphs=True
+        ).score(sample)
         truth = sample[:, K : K + L].numpy()
         ref_score = (ref == truth).mean(1)
         parity["fp32_identical_continuations"] = float((ours.predicted == ref).all(1).mean())
@@ -205,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         if "open360_greedy" in outputs and "hf_generate" in outputs:
             n = min(len(outputs["open360_greedy"]), len(outputs["hf_generate"]))
             parity["bf16_identical_continuations"] = float(
-                (outputs["open360_greedy"][:n] == outputs["hf_generate"][:n]).all(1).mean())
+                (outputs["open360_greedy"][:n] == outputs["hf_generate"][:n]).all(1).mean()
+            )
             parity["bf16_first_token_agreement"] = float(
-                (outputs["open360_greedy"][:n, 0] == outputs["hf_generate"][:n, 0]).mean())
+                (outputs["open360_greedy"][:n, 0] == outputs["hf_generate"][:n, 0]).mean()
+            )
         if "open360_greedy" in outputs and "open360_tf" in outputs:
             n = min(len(outputs["open360_greedy"]), len(outputs["open360_tf"]))
             truth = seqs[:n, K : K + L].numpy()
@@ -220,8 +274,12 @@ def main(argv: list[str] | None = None) -> int:
 
     base = results.get("analysis360", {}).get("seq_per_s")
     hf512 = results.get("hf_generate", {}).get("seq_per_s")
-    print("\nmemorization throughput, k=l=32, model", shape["name"], f"({n_params / 1e9:.2f} B params) on",
-          torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
+    print(
+        "\nmemorization throughput, k=l=32, model",
+        shape["name"],
+        f"({n_params / 1e9:.2f} B params) on",
+        torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+    )
     print(f"{'method':<18}{'seq/s':>10}{'x Analysis360':>15}{'x HF b512':>11}")
     for name, r in results.items():
         x1 = f"{r['seq_per_s'] / base:.1f}" if base else "-"
@@ -234,13 +292,23 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print("errors:", json.dumps(errors, indent=1))
     payload = {
-        "benchmark": "memorization", "k": K, "l": L, "model": shape, "parameters": n_params,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "python": sys.version.split()[0],
+        "benchmark": "memorization",
+        "k": K,
+        "l": L,
+        "model": shape,
+        "parameters": n_params,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
         "transformers": __import__("transformers").__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "command": " ".join(sys.argv),
-        "results": results, "ratios_vs_analysis360": {k: v["seq_per_s"] / base for k, v in results.items()} if base
-        else {}, "parity": parity, "errors": errors,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "results": results,
+        "ratios_vs_analysis360": {k: v["seq_per_s"] / base for k, v in results.items()} if base else {},
+        "parity": parity,
+        "errors": errors,
     }
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")

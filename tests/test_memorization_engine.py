@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -15,9 +17,24 @@ from open360.analysis.memorization import (
 from open360.models import build_model
 
 TINY = dict(
-    name="mem_tiny", vocab_size=97, n_layers=2, d_model=32, n_heads=4, ffn_dim=64, max_seq_len=64,
+    name="mem_tiny",
+    vocab_size=97,
+    n_layers=2,
+    d_model=32,
+    n_heads=4,
+    ffn_dim=64,
+    max_seq_len=64,
     init_std=0.3,  # peaked logits: no near-ties for argmax to break differently across code paths
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny matrices run fastest on one thread, and the CPU is shared with other test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0, **over: object) -> torch.nn.Module:
@@ -32,7 +49,7 @@ def naive_greedy(model: torch.nn.Module, prompts: torch.Tensor, cont_len: int) -
         for _ in range(cont_len):
             nxt = model(ids)[:, -1].argmax(-1)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-    return ids[:, prompts.shape[1]:]
+    return ids[:, prompts.shape[1] :]
 
 
 def test_match_counts_hand_example() -> None:
@@ -43,9 +60,22 @@ def test_match_counts_hand_example() -> None:
     assert prefix.tolist() == [4, 1, 0]
 
 
-@pytest.mark.parametrize("over", [{}, {"n_kv_heads": 2, "rotary_fraction": 0.5}, {"parallel_block": True,
-                                   "norm": "layernorm", "mlp": "gelu", "attn_bias": True, "mlp_bias": True,
-                                   "lm_head_bias": True, "tie_embeddings": True}])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"n_kv_heads": 2, "rotary_fraction": 0.5},
+        {
+            "parallel_block": True,
+            "norm": "layernorm",
+            "mlp": "gelu",
+            "attn_bias": True,
+            "mlp_bias": True,
+            "lm_head_bias": True,
+            "tie_embeddings": True,
+        },
+    ],
+)
 def test_kv_cache_greedy_equals_cache_free_loop(over: dict) -> None:
     model = tiny_model(**over)
     gen = torch.Generator().manual_seed(1)
@@ -54,7 +84,7 @@ def test_kv_cache_greedy_equals_cache_free_loop(over: dict) -> None:
     res = MemorizationScorer(model, k=k, l=cont, batch_size=4, mode="greedy").score(seqs)
     ref = naive_greedy(model, seqs[:, :k], cont)
     assert np.array_equal(res.predicted, ref.numpy())
-    truth = seqs[:, k:k + cont]
+    truth = seqs[:, k : k + cont]
     assert res.matched.tolist() == (ref == truth).sum(1).tolist()
     assert res.score.dtype == np.float32 and res.mode == "greedy"
 

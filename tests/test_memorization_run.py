@@ -26,7 +26,10 @@ def _words(rng: random.Random, n: int, vocab: list[str]) -> str:
 
 def _write_corpus(root: Path) -> tuple[Path, str]:
     rng = random.Random(7)
-    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(400)]
+    vocab = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+        for _ in range(400)
+    ]
     planted = _words(random.Random(99), 50, vocab)  # one document, repeated: it must be memorized
     with gzip.open(root / "filler.jsonl.gz", "wt") as f:
         for _ in range(900):
@@ -38,8 +41,8 @@ def _write_corpus(root: Path) -> tuple[Path, str]:
     recipe.write_text(f"""
 name: mem_tiny
 sources:
-  - {{name: filler, type: jsonl, path: {root / 'filler.jsonl.gz'}, weight: 0.7}}
-  - {{name: planted, type: jsonl, path: {root / 'planted.jsonl.gz'}, weight: 0.3, quality: false}}
+  - {{name: filler, type: jsonl, path: {root / "filler.jsonl.gz"}, weight: 0.7}}
+  - {{name: planted, type: jsonl, path: {root / "planted.jsonl.gz"}, weight: 0.3, quality: false}}
 filters:
   exact_dedup: {{enabled: false}}
   near_dedup: {{enabled: false}}
@@ -63,13 +66,29 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
     recipe, planted = _write_corpus(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and the CPU is shared
-    cfg = compose([
-        "+experiment=amber_tiny", f"run_name={RUN}", f"workspace={root}", "tracking=off",
-        f"data.recipe={recipe}", "model.vocab_size=512", "model.d_model=128", "model.n_layers=2",
-        "model.n_heads=4", "model.ffn_dim=256", f"model.max_seq_len={SEQ_LEN}", f"trainer.seq_len={SEQ_LEN}",
-        "trainer.global_batch_size=16", "trainer.micro_batch_size=16", f"trainer.max_steps={STEPS}",
-        "trainer.progress_bar=false", "optim.lr=0.01", "schedule.warmup_steps=10", "data.build_workers=1",
-    ])
+    cfg = compose(
+        [
+            "+experiment=amber_tiny",
+            f"run_name={RUN}",
+            f"workspace={root}",
+            "tracking=off",
+            f"data.recipe={recipe}",
+            "model.vocab_size=512",
+            "model.d_model=128",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.ffn_dim=256",
+            f"model.max_seq_len={SEQ_LEN}",
+            f"trainer.seq_len={SEQ_LEN}",
+            "trainer.global_batch_size=16",
+            "trainer.micro_batch_size=16",
+            f"trainer.max_steps={STEPS}",
+            "trainer.progress_bar=false",
+            "optim.lr=0.01",
+            "schedule.warmup_steps=10",
+            "data.build_workers=1",
+        ]
+    )
     try:
         run_training(cfg, device="cpu")
         yield root, planted
@@ -110,17 +129,24 @@ def test_matrix_completes_resumes_and_renders(trained_run: tuple[Path, str]) -> 
     # Per-chunk checkpoints: checkpoint i has seen chunks 0..i and nothing after.
     for i, step in enumerate(sorted(second.steps)[:8]):
         part = summary[summary.step == step].set_index("chunk").seen_fraction
-        assert (part.loc[: i] == 1.0).all() and (part.loc[i + 1:] == 0.0).all()
+        assert (part.loc[:i] == 1.0).all() and (part.loc[i + 1 :] == 0.0).all()
     assert second.report is not None and second.report.is_file()
     text = second.report.read_text()
-    for png in ("score_distribution.png", "chunk_heatmap.png", "chunk_lines.png", "checkpoint_correlation.png",
-                "memorized_vs_progress.png"):
+    for png in (
+        "score_distribution.png",
+        "chunk_heatmap.png",
+        "chunk_lines.png",
+        "checkpoint_correlation.png",
+        "memorized_vs_progress.png",
+    ):
         assert (second.out_dir / png).stat().st_size > 5000
         assert png in text
     assert "Exact greedy" in text
 
 
-def test_planted_sequences_score_one_and_match_transformers(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+def test_planted_sequences_score_one_and_match_transformers(
+    trained_run: tuple[Path, str], tmp_path: Path
+) -> None:
     root, planted = trained_run
     from transformers import AutoModelForCausalLM
 
@@ -136,7 +162,7 @@ def test_planted_sequences_score_one_and_match_transformers(trained_run: tuple[P
     everything = shards.sequences(np.arange(shards.num_sequences))
     doc = shards.tokenizer().encode(planted).ids
     stream = np.array((doc + [shards.eos_id]) * (SEQ_LEN // len(doc) + 3))
-    windows = {tuple(stream[i:i + SEQ_LEN + 1]) for i in range(len(doc) + 1)}
+    windows = {tuple(stream[i : i + SEQ_LEN + 1]) for i in range(len(doc) + 1)}
     planted_ids = np.flatnonzero([tuple(s) in windows for s in everything])
     assert len(planted_ids) >= 100  # the repeated document fills many training sequences
     other_ids = np.setdiff1d(np.arange(len(everything)), planted_ids)[::10]
@@ -158,7 +184,9 @@ def test_planted_sequences_score_one_and_match_transformers(trained_run: tuple[P
     assert np.allclose(res.score[pick], ref_score)
 
 
-def test_bad_arguments_fail_with_the_key(trained_run: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+def test_bad_arguments_fail_with_the_key(
+    trained_run: tuple[Path, str], capsys: pytest.CaptureFixture
+) -> None:
     root, _ = trained_run
     with pytest.raises(MemorizationJobError, match="mode"):
         parse_args(_job(root, "mode=beam"))
@@ -210,8 +238,19 @@ def test_torchrun_splits_cells_across_ranks(trained_run: tuple[Path, str], tmp_p
 
     root, _ = trained_run
     common = _job(root, "checkpoints=20,40,60", "chunks=0-3", "sample=8", "device=cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29617",
-           "-m", "open360.analysis.memorization", *common, f"out_dir={tmp_path / 'dist'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29617",
+        "-m",
+        "open360.analysis.memorization",
+        *common,
+        f"out_dir={tmp_path / 'dist'}",
+    ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -225,3 +264,27 @@ def test_torchrun_splits_cells_across_ranks(trained_run: tuple[Path, str], tmp_p
         assert dist.column("matched").to_pylist() == one.column("matched").to_pylist()
     assert ranks == {0, 1}
     assert (tmp_path / "dist" / "report.md").is_file() and (tmp_path / "dist" / "summary.parquet").is_file()
+
+
+def test_seen_selection_scores_only_what_the_checkpoint_trained_on(
+    trained_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    root, _ = trained_run
+    args = _job(
+        root,
+        "checkpoints=40",
+        "chunks=0-3",
+        "selection=seen",
+        "sample=8",
+        f"out_dir={tmp_path}",
+        "report=false",
+    )
+    result = run_job(parse_args(args))
+    assert result.complete
+    scores = pd.read_parquet(tmp_path / "scores.parquet")
+    per_chunk = scores.groupby("chunk").size().to_dict()
+    assert per_chunk == {0: 8, 1: 8}  # step 40 = 2 chunks of 20 steps; chunks 2, 3 hold nothing seen
+    assert scores.seen.all()
+    assert cell_path(tmp_path, 40, 3).is_file()  # an empty cell is still recorded as done

@@ -115,7 +115,7 @@ def greedy_continuation(model: Any, prompts: torch.Tensor, cont_len: int, kv_cac
 
 @torch.no_grad()
 def teacher_forced_predictions(model: Any, tokens: torch.Tensor, k: int, cont_len: int) -> torch.Tensor:
-    """Argmax at positions k..k+cont_len-1, each given the true prefix: [B, >= k+cont_len-1] -> [B, cont_len]."""
+    """Argmax at positions k..k+cont_len-1, each given the true prefix: [B, >= k+cont_len-1] -> [B, l]."""
     end = k + cont_len - 1
     return _logits_at(model, tokens[:, :end], k - 1, end).argmax(dim=-1)
 
@@ -123,8 +123,14 @@ def teacher_forced_predictions(model: Any, tokens: torch.Tensor, k: int, cont_le
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in table:
@@ -240,15 +246,21 @@ class MemorizationScorer:
         seqs = torch.as_tensor(np.asarray(sequences) if not torch.is_tensor(sequences) else sequences)
         if seqs.ndim != 2 or seqs.shape[1] < self.k + self.l:
             raise ValueError(
-                f"memorization: sequences have shape {tuple(seqs.shape)}, need [N, >= k+l = {self.k + self.l}]"
+                f"memorization: sequences have shape {tuple(seqs.shape)}, "
+                f"need [N, >= k+l = {self.k + self.l}]"
                 " tokens; lower k/l or use longer sequences"
             )
         n = seqs.shape[0]
-        info = {"dtype": str(self.dtype).removeprefix("torch."), "batch_size": self.batch_size,
-                "device": str(self.device)}
+        info = {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "device": str(self.device),
+        }
         if n == 0:
             empty = np.zeros(0, dtype=np.int16)
-            return ScoreResult(self.mode, self.k, self.l, empty, empty, np.zeros((0, self.l), np.int32), 0.0, info)
+            return ScoreResult(
+                self.mode, self.k, self.l, empty, empty, np.zeros((0, self.l), np.int32), 0.0, info
+            )
         seqs = seqs[:, : self.k + self.l].to(torch.long)
         predicted = np.empty((n, self.l), dtype=np.int32)
         matched = np.empty(n, dtype=np.int16)
@@ -281,4 +293,3 @@ class MemorizationScorer:
         self._cache_batch = 0
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-

@@ -52,8 +52,12 @@ class MemorizationJobConfig:
     k: int = 32  # prompt tokens
     l: int = 32  # noqa: E741 - continuation tokens (LLM360's k and l)
     sample: int = 1000  # sequences per chunk (seeded); 0 = every sequence of the selection
-    seed: int = 42  # numpy default_rng(seed).permutation(chunk_size)[:sample] (Analysis360's datasets shuffle)
-    selection: str = "sample"  # sample: rows of the whole chunk | seen: only rows seen by the checkpoint (Pythia)
+    seed: int = (
+        42  # numpy default_rng(seed).permutation(chunk_size)[:sample] (Analysis360's datasets shuffle)
+    )
+    selection: str = (
+        "sample"  # sample: rows of the whole chunk | seen: only rows seen by the checkpoint (Pythia)
+    )
     mode: str = "greedy"  # greedy (exact) | teacher_forced (screen: exact full_match, estimated token_match)
     batch_size: int = 0  # 0 = 512 on CUDA, 64 on CPU
     device: str = "auto"  # auto | cpu | cuda
@@ -71,9 +75,13 @@ class MemorizationJobConfig:
     max_cells: int = 0  # stop after scoring this many cells (0 = all); for smoke tests and time slices
 
 
-HELP = __doc__ + "\nKeys (defaults):\n" + "\n".join(
-    f"  {f.name}={f.default if f.default is not MISSING else '<required>'}"
-    for f in dataclasses.fields(MemorizationJobConfig)
+HELP = (
+    __doc__
+    + "\nKeys (defaults):\n"
+    + "\n".join(
+        f"  {f.name}={f.default if f.default is not MISSING else '<required>'}"
+        for f in dataclasses.fields(MemorizationJobConfig)
+    )
 )
 
 
@@ -189,7 +197,9 @@ def resolve_steps(job: MemorizationJobConfig, workspace: Path) -> list[int]:
     value = job.checkpoints
     if isinstance(value, str) and value.strip().lower() == "latest":
         if not known:
-            raise MemorizationJobError(f"checkpoints=latest: run {job.run!r} has no checkpoints in {workspace}")
+            raise MemorizationJobError(
+                f"checkpoints=latest: run {job.run!r} has no checkpoints in {workspace}"
+            )
         return [known[-1]]
     wanted = _int_list(value, "checkpoints")
     if wanted is None:
@@ -225,12 +235,15 @@ def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) ->
     if (path / MODEL_FILE).is_file():
         return path, False
     if not job.pull:
-        raise MemorizationJobError(f"{path}: checkpoint not present locally and pull=false; pull it or set pull=true")
+        raise MemorizationJobError(
+            f"{path}: checkpoint not present locally and pull=false; pull it or set pull=true"
+        )
     try:
         from open360.tracking import pull_checkpoint
     except ImportError as err:
         raise MemorizationJobError(
-            f"{path}: checkpoint not present locally and open360.tracking.pull_checkpoint is unavailable ({err})"
+            f"{path}: checkpoint not present locally and open360.tracking.pull_checkpoint "
+            f"is unavailable ({err})"
         ) from err
     with _pull_lock(workspace):
         if (path / MODEL_FILE).is_file():
@@ -254,7 +267,9 @@ class DataView:
     that trained on these shards (`data_history[*].steps`), replayed through `DataOrder.seen_ids`.
     """
 
-    def __init__(self, job: MemorizationJobConfig, workspace: Path, run_cfg: Any, lineage: dict[str, Any]) -> None:
+    def __init__(
+        self, job: MemorizationJobConfig, workspace: Path, run_cfg: Any, lineage: dict[str, Any]
+    ) -> None:
         from open360.data import ShardSet
 
         self.job = job
@@ -277,7 +292,8 @@ class DataView:
         shard_dir = (lineage.get("data") or {}).get("shard_dir")
         if not shard_dir:
             raise MemorizationJobError(
-                f"run {job.run!r}: the checkpoint's lineage.json names no data.shard_dir; pass shards=<folder>"
+                f"run {job.run!r}: the checkpoint's lineage.json names no data.shard_dir; "
+                "pass shards=<folder>"
             )
         return resolve_workspace_path(workspace, shard_dir)
 
@@ -301,8 +317,9 @@ class DataView:
             if self._order is None:
                 from open360.data import DataOrder
 
-                self._order = DataOrder(self.shards, int(self.run_cfg.data.seed),
-                                        int(self.run_cfg.trainer.global_batch_size))
+                self._order = DataOrder(
+                    self.shards, int(self.run_cfg.data.seed), int(self.run_cfg.trainer.global_batch_size)
+                )
             self._seen = {steps_done: np.unique(np.asarray(self._order.seen_ids(steps_done), dtype=np.int64))}
         return self._seen[steps_done]
 
@@ -422,7 +439,11 @@ class JobResult:
 
 
 def _dist_info() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def run_job(job: MemorizationJobConfig) -> JobResult:
@@ -436,9 +457,13 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
     validate(job)
     rank, world, local_rank = _dist_info()
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() and job.device != "cpu" else "gloo")
+        torch.distributed.init_process_group(
+            "nccl" if torch.cuda.is_available() and job.device != "cpu" else "gloo"
+        )
     workspace = Path(job.workspace).expanduser().resolve()
-    out_dir = Path(job.out_dir) if job.out_dir else workspace / "analysis" / job.run / "memorization" / job_tag(job)
+    out_dir = (
+        Path(job.out_dir) if job.out_dir else workspace / "analysis" / job.run / "memorization" / job_tag(job)
+    )
     steps = resolve_steps(job, workspace)
     if not job.pull:
         from open360.checkpoint.io import MODEL_FILE, step_dir_name
@@ -464,13 +489,16 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
     seq_len = int(run_cfg.trainer.seq_len)
     if job.k + job.l > seq_len + 1:
         raise MemorizationJobError(
-            f"k + l = {job.k + job.l} exceeds the run's sequence length {seq_len} (+1 target token); lower k or l"
+            f"k + l = {job.k + job.l} exceeds the run's sequence length {seq_len} (+1 target token); "
+            "lower k or l"
         )
     chunks = _int_list(job.chunks, "chunks")
     chunks = list(range(data.num_chunks)) if chunks is None else chunks
     bad = [c for c in chunks if not 0 <= c < data.num_chunks]
     if bad:
-        raise MemorizationJobError(f"chunks={job.chunks!r}: {bad} out of range; the shards have {data.num_chunks}")
+        raise MemorizationJobError(
+            f"chunks={job.chunks!r}: {bad} out of range; the shards have {data.num_chunks}"
+        )
     cells = [(s, c) for s in steps for c in chunks]
     done = [cell for cell in cells if cell_path(out_dir, *cell).is_file()]
     done_set = set(done)
@@ -487,8 +515,13 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
     by_step: dict[int, list[int]] = {}
     for s, c in mine:
         by_step.setdefault(s, []).append(c)
-    bar = tqdm(total=len(mine), desc=f"memorization[{rank}]" if world > 1 else "memorization", unit="cell",
-               disable=not job.progress, position=rank if world > 1 else None)
+    bar = tqdm(
+        total=len(mine),
+        desc=f"memorization[{rank}]" if world > 1 else "memorization",
+        unit="cell",
+        disable=not job.progress,
+        position=rank if world > 1 else None,
+    )
     try:
         for step, step_chunks in by_step.items():
             path, pulled = ensure_checkpoint(job, workspace, step)
@@ -496,8 +529,17 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
                 pulled_here.add(step)
             model, ckpt_cfg = load_model_from_checkpoint(path, device="cpu")
             lineage = read_lineage(path)
-            scorer = MemorizationScorer(model, k=job.k, l=job.l, batch_size=batch_size, mode=job.mode, device=device,
-                                        dtype=job.dtype, cuda_graphs=job.cuda_graphs, compile=job.compile)
+            scorer = MemorizationScorer(
+                model,
+                k=job.k,
+                l=job.l,
+                batch_size=batch_size,
+                mode=job.mode,
+                device=device,
+                dtype=job.dtype,
+                cuda_graphs=job.cuda_graphs,
+                compile=job.compile,
+            )
             trainer_state = _trainer_state(path)
             steps_done = data.steps_in_these_shards(lineage)
             for chunk in step_chunks:
@@ -505,15 +547,30 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
                 rows = data.rows(steps_done, chunk)
                 seqs = data.sequences(chunk, rows)
                 result = scorer.score(seqs)
-                meta = {"run": job.run, "step": step, "chunk": chunk, "tag": job_tag(job), "mode": job.mode,
-                        "k": job.k, "l": job.l, "sample": job.sample, "seed": job.seed, "selection": job.selection,
-                        "seconds": result.seconds, "engine": result.info,
-                        "tokens_seen": trainer_state.get("tokens_seen"),
-                        "manifest_hash": (lineage.get("data") or {}).get("manifest_hash"),
-                        "chunk_size": int(data.chunk_sizes[chunk]), "rank": rank, "world_size": world}
+                meta = {
+                    "run": job.run,
+                    "step": step,
+                    "chunk": chunk,
+                    "tag": job_tag(job),
+                    "mode": job.mode,
+                    "k": job.k,
+                    "l": job.l,
+                    "sample": job.sample,
+                    "seed": job.seed,
+                    "selection": job.selection,
+                    "seconds": result.seconds,
+                    "engine": result.info,
+                    "tokens_seen": trainer_state.get("tokens_seen"),
+                    "manifest_hash": (lineage.get("data") or {}).get("manifest_hash"),
+                    "chunk_size": int(data.chunk_sizes[chunk]),
+                    "rank": rank,
+                    "world_size": world,
+                }
                 seen = data.seen_mask(steps_done, chunk, rows)
-                write_cell(cell_path(out_dir, step, chunk),
-                           cell_table(job, step, chunk, rows, int(data.offsets[chunk]), seen, result, meta))
+                write_cell(
+                    cell_path(out_dir, step, chunk),
+                    cell_table(job, step, chunk, rows, int(data.offsets[chunk]), seen, result, meta),
+                )
                 computed.append((step, chunk))
                 bar.update(1)
             scorer.release()

@@ -31,12 +31,17 @@ def hf_greedy_continuations(
             for lo in range(0, seqs.shape[0], batch_size):
                 prompts = seqs[lo : lo + batch_size, :k].to(device=device, dtype=torch.long)
                 generated = hf_model.generate(
-                    prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=cont_len, num_beams=1,
-                    do_sample=False, pad_token_id=0,
+                    prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    max_new_tokens=cont_len,
+                    num_beams=1,
+                    do_sample=False,
+                    pad_token_id=0,
                 )[:, k:]
                 if generated.shape[1] != cont_len:
                     raise RuntimeError(
-                        f"memorization reference: generate returned {generated.shape[1]} new tokens, expected "
+                        f"memorization reference: generate returned {generated.shape[1]} new tokens, "
+                        "expected "
                         f"{cont_len}; check the model's generation_config"
                     )
                 out[lo : lo + prompts.shape[0]] = generated.cpu().numpy()

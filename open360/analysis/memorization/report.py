@@ -37,8 +37,12 @@ def load_scores(out_dir: Path) -> Any:
     files = sorted((Path(out_dir) / "cells").glob("step_*-chunk_*.parquet"))
     if not files:
         raise FileNotFoundError(f"{out_dir}/cells: no cell parquet files; run the memorization job first")
-    frames = [pq.read_table(f, columns=["step", "chunk", "row", "seq_id", "matched", "score", "prefix_match",
-                                        "seen"]).to_pandas() for f in files]
+    frames = [
+        pq.read_table(
+            f, columns=["step", "chunk", "row", "seq_id", "matched", "score", "prefix_match", "seen"]
+        ).to_pandas()
+        for f in files
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -54,9 +58,16 @@ def merge_cells(out_dir: Path) -> Path | None:
     rows = []
     for f in files:
         meta = _cell_meta(f)
-        rows.append({"step": meta.get("step"), "chunk": meta.get("chunk"), "mode": meta.get("mode"),
-                     "tokens_seen": meta.get("tokens_seen"), "seconds": meta.get("seconds"),
-                     "chunk_size": meta.get("chunk_size")})
+        rows.append(
+            {
+                "step": meta.get("step"),
+                "chunk": meta.get("chunk"),
+                "mode": meta.get("mode"),
+                "tokens_seen": meta.get("tokens_seen"),
+                "seconds": meta.get("seconds"),
+                "chunk_size": meta.get("chunk_size"),
+            }
+        )
     meta_df = pd.DataFrame(rows)
     l_val = _cell_meta(files[0]).get("l", 32)
     grouped = scores.groupby(["step", "chunk"])
@@ -98,8 +109,15 @@ def plot_distribution(scores: Any, steps: list[int], l_val: int, path: Path, lab
     chosen = _pick(steps, 10)
     for i, step in enumerate(chosen):
         s = scores.loc[scores.step == step, "score"].to_numpy()
-        ax.hist(s, bins=bins, histtype="step", density=True, color=cmap(i / max(1, len(chosen) - 1)),
-                label=f"step {step}", linewidth=1.4)
+        ax.hist(
+            s,
+            bins=bins,
+            histtype="step",
+            density=True,
+            color=cmap(i / max(1, len(chosen) - 1)),
+            label=f"step {step}",
+            linewidth=1.4,
+        )
     ax.set_yscale("log")
     ax.set_xlabel("memorization score (fraction of the l continuation tokens reproduced)")
     ax.set_ylabel("density (log)")
@@ -131,7 +149,9 @@ def plot_heatmap(summary: Any, path: Path, label: str) -> None:
     ax.set_yticks(range(pivot.shape[0]), [str(s) for s in pivot.index], fontsize=7)
     ax.set_xlabel("data chunk")
     ax.set_ylabel("checkpoint step")
-    ax.set_title(f"Mean score per chunk and checkpoint — {label}\n(cyan: chunks seen by the checkpoint)", fontsize=9)
+    ax.set_title(
+        f"Mean score per chunk and checkpoint — {label}\n(cyan: chunks seen by the checkpoint)", fontsize=9
+    )
     fig.colorbar(im, ax=ax, label="token_match")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -147,8 +167,14 @@ def plot_lines(summary: Any, steps: list[int], path: Path, label: str) -> None:
     chosen = _pick(steps, 12)
     for i, step in enumerate(chosen):
         part = summary[summary.step == step].sort_values("chunk")
-        ax.plot(part.chunk, part.token_match, marker="o", markersize=3, color=cmap(i / max(1, len(chosen) - 1)),
-                label=f"step {step}")
+        ax.plot(
+            part.chunk,
+            part.token_match,
+            marker="o",
+            markersize=3,
+            color=cmap(i / max(1, len(chosen) - 1)),
+            label=f"step {step}",
+        )
     ax.set_xlabel("data chunk (training order)")
     ax.set_ylabel("token_match (mean score)")
     ax.set_title(f"Per-chunk memorization at each checkpoint — {label}")
@@ -191,17 +217,19 @@ def progress_table(scores: Any, summary: Any, l_val: int) -> Any:
         full = part.matched == l_val
         seen = part.seen.astype(bool)
         tokens = summary.loc[summary.step == step, "tokens_seen"].dropna()
-        rows.append({
-            "step": int(step),
-            "tokens_seen": float(tokens.iloc[0]) if len(tokens) else float("nan"),
-            "n": len(part),
-            "token_match": float(part.score.mean()),
-            "full_match": float(full.mean()),
-            "full_match_seen": float(full[seen].mean()) if seen.any() else float("nan"),
-            "full_match_unseen": float(full[~seen].mean()) if (~seen).any() else float("nan"),
-            "token_match_seen": float(part.score[seen].mean()) if seen.any() else float("nan"),
-            "token_match_unseen": float(part.score[~seen].mean()) if (~seen).any() else float("nan"),
-        })
+        rows.append(
+            {
+                "step": int(step),
+                "tokens_seen": float(tokens.iloc[0]) if len(tokens) else float("nan"),
+                "n": len(part),
+                "token_match": float(part.score.mean()),
+                "full_match": float(full.mean()),
+                "full_match_seen": float(full[seen].mean()) if seen.any() else float("nan"),
+                "full_match_unseen": float(full[~seen].mean()) if (~seen).any() else float("nan"),
+                "token_match_seen": float(part.score[seen].mean()) if seen.any() else float("nan"),
+                "token_match_unseen": float(part.score[~seen].mean()) if (~seen).any() else float("nan"),
+            }
+        )
     return pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
 
 
@@ -267,23 +295,29 @@ def render_report(out_dir: Path, run: str, workspace: Path | None = None, log_ml
 
     mode_note = (
         "**Exact greedy** decoding: each score is the LLM360 memorization score."
-        if mode == "greedy" else
-        "**Teacher-forced screen** (not the LLM360 score): `full_match` and the matched-prefix length are exact;"
+        if mode == "greedy"
+        else "**Teacher-forced screen** (not the LLM360 score): `full_match` and the matched-prefix length "
+        "are exact;"
         " `token_match` is teacher-forced accuracy, an estimate that can exceed the greedy score."
     )
-    adjacent = [float(corr.loc[a, b]) for a, b in zip(steps, steps[1:], strict=False) if a in corr and b in corr]
+    adjacent = [
+        float(corr.loc[a, b]) for a, b in zip(steps, steps[1:], strict=False) if a in corr and b in corr
+    ]
     md = [
         f"# Memorization — {run}",
         "",
         f"{mode_note} Prompt k={meta.get('k')} tokens, continuation l={l_val} tokens; "
-        f"selection `{meta.get('selection')}`, sample {meta.get('sample') or 'all'} per chunk, seed {meta.get('seed')} "
+        f"selection `{meta.get('selection')}`, sample {meta.get('sample') or 'all'} per chunk, "
+        f"seed {meta.get('seed')} "
         "(`numpy.random.default_rng(seed).permutation(chunk_size)[:sample]`).",
         "",
         f"{len(steps)} checkpoints x {summary.chunk.nunique()} chunks, {len(scores)} scored sequences.",
         "",
         "## Memorization vs training progress",
         "",
-        _md_table(progress[["step", "n", "token_match", "full_match", "full_match_seen", "full_match_unseen"]]),
+        _md_table(
+            progress[["step", "n", "token_match", "full_match", "full_match_seen", "full_match_unseen"]]
+        ),
         "",
         f"![progress]({FIGURES['progress']})",
         "",
@@ -330,8 +364,8 @@ def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
         if (path / CONFIG_FILE).is_file():
             uri = OmegaConf.select(OmegaConf.load(path / CONFIG_FILE), "tracking.mlflow_uri", default=uri)
         prefix = "sqlite:///"
-        if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
-            uri = prefix + str(workspace / uri[len(prefix):])
+        if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
+            uri = prefix + str(workspace / uri[len(prefix) :])
         return uri, run_id
     return None
 
@@ -359,5 +393,7 @@ def _log_mlflow(out_dir: Path, run: str, workspace: Path | None, progress: Any, 
     metrics = []
     for _, r in progress.iterrows():
         for key in ("token_match", "full_match"):
-            metrics.append(Metric(f"memorization/{meta.get('mode')}/{key}", float(r[key]), ts, int(r["step"])))
+            metrics.append(
+                Metric(f"memorization/{meta.get('mode')}/{key}", float(r[key]), ts, int(r["step"]))
+            )
     client.log_batch(run_id, metrics=metrics)

@@ -20,6 +20,7 @@ Prints a table and writes JSON; never asserts a speed.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import platform
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--check", type=int, default=128, help="sequences for the fp32 parity check against HF")
     ap.add_argument("--compile", action="store_true", help="also time open360 greedy with torch.compile")
+    ap.add_argument(
+        "--extra-batches", default="512,2048", help="more open360 greedy batch sizes to time ('' for none)"
+    )
     args = ap.parse_args(argv)
 
     from open360.analysis.memorization import MemorizationScorer
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.batch, args.hf_batch, args.a360_batch = 64, 64, 8
         args.sequences, args.hf_sequences, args.a360_sequences, args.check = 256, 128, 32, 32
+        args.extra_batches = "32"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -164,29 +169,30 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- open360 (bf16 on GPU, fp32 on CPU) ---------------------------------------------------
     dtype = "bf16" if device.type == "cuda" else "fp32"
-    variants: list[tuple[str, dict[str, Any]]] = [
-        ("open360_greedy", dict(mode="greedy", cuda_graphs=True)),
-        ("open360_eager", dict(mode="greedy", cuda_graphs=False)),
-        ("open360_tf", dict(mode="teacher_forced", cuda_graphs=False)),
+    variants: list[tuple[str, dict[str, Any], int]] = [
+        ("open360_greedy", dict(mode="greedy", cuda_graphs=True), args.batch),
+        ("open360_eager", dict(mode="greedy", cuda_graphs=False), args.batch),
+        ("open360_tf", dict(mode="teacher_forced", cuda_graphs=False), args.batch),
     ]
+    for b in [int(x) for x in args.extra_batches.split(",") if x.strip()]:
+        variants.append((f"open360_greedy_b{b}", dict(mode="greedy", cuda_graphs=True), b))
     if args.compile:
-        variants.append(("open360_compiled", dict(mode="greedy", cuda_graphs=True, compile=True)))
-    import copy
-
-    for name, opts in variants:
+        variants.append(("open360_compiled", dict(mode="greedy", cuda_graphs=True, compile=True), args.batch))
+    for name, opts, batch in variants:
         try:
             m = copy.deepcopy(model) if opts.get("compile") else model
-            scorer = MemorizationScorer(
-                m, k=K, l=L, batch_size=args.batch, device=device, dtype=dtype, **opts
-            )
-            n = args.sequences if name != "open360_eager" else min(args.sequences, 4 * args.batch)
-            scorer.score(seqs[: args.batch])  # warm-up: allocation, CUDA graph capture, compile
+            scorer = MemorizationScorer(m, k=K, l=L, batch_size=batch, device=device, dtype=dtype, **opts)
+            n = min(args.sequences, 4 * batch) if name == "open360_eager" else min(args.sequences, 16 * batch)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            scorer.score(seqs[:batch])  # warm-up: allocation, CUDA graph capture, compile
             res, seconds = timed(lambda s=scorer, n=n: s.score(seqs[:n]), device)
             record(
                 name,
                 n,
                 seconds,
-                batch=args.batch,
+                batch=batch,
+                peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 dtype=dtype,
                 cuda_graphs=scorer.use_graphs,
                 graph_error=scorer.graph_error,

@@ -288,3 +288,20 @@ def test_seen_selection_scores_only_what_the_checkpoint_trained_on(
     assert per_chunk == {0: 8, 1: 8}  # step 40 = 2 chunks of 20 steps; chunks 2, 3 hold nothing seen
     assert scores.seen.all()
     assert cell_path(tmp_path, 40, 3).is_file()  # an empty cell is still recorded as done
+
+
+def test_teacher_forced_screen_is_labelled_and_exact_on_full_match(trained_run: tuple[Path, str]) -> None:
+    import pandas as pd
+
+    root, _ = trained_run
+    args = _job(root, "checkpoints=40,160", "chunks=0-2", "sample=16")
+    screen = run_job(parse_args([*args, "mode=teacher_forced"]))
+    exact = run_job(parse_args([*args, "report=false"]))
+    assert screen.out_dir.name.startswith("teacher_forced-") and exact.out_dir.name.startswith("greedy-")
+    assert screen.out_dir != exact.out_dir
+    assert screen.report is not None and "Teacher-forced screen" in screen.report.read_text()
+    tf = pd.read_parquet(screen.out_dir / "scores.parquet").set_index(["step", "seq_id"]).sort_index()
+    gr = pd.read_parquet(exact.out_dir / "scores.parquet").set_index(["step", "seq_id"]).sort_index()
+    assert ((tf.matched == 32) == (gr.matched == 32)).all()
+    assert (tf.prefix_match == gr.prefix_match).all()
+    assert (gr.matched == 32).any()  # the planted document makes full matches to compare

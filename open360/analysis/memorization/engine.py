@@ -142,8 +142,8 @@ class MemorizationScorer:
     """Scores batches of training sequences with one model; reuses its cache and CUDA graph.
 
     `model` is put in eval mode and cast to `dtype` ("auto": bf16 on CUDA, fp32 on CPU) on `device`.
-    `batch_size` sequences go through the model at a time; the last partial batch is filled with
-    copies of its first row (their results are dropped) so that every batch has the same shape.
+    `batch_size` sequences go through the model at a time; a partial batch is filled with copies of
+    its first row (their results are dropped) so that every batch has the same shape.
     `cuda_graphs` (CUDA only) captures the whole greedy continuation of a batch once and replays it;
     if capture fails the scorer warns and runs eagerly. `compile` wraps the model in torch.compile.
     """
@@ -265,7 +265,9 @@ class MemorizationScorer:
         predicted = np.empty((n, self.l), dtype=np.int32)
         matched = np.empty(n, dtype=np.int16)
         prefix = np.empty(n, dtype=np.int16)
-        bs = min(self.batch_size, n)
+        # One shape per scorer: a CUDA graph is captured for batch_size rows, so small inputs are padded
+        # up to it rather than captured again; eager runs just use a smaller batch.
+        bs = self.batch_size if self.use_graphs else min(self.batch_size, n)
         start = time.perf_counter()
         for lo in range(0, n, bs):
             hi = min(lo + bs, n)

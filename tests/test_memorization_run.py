@@ -305,3 +305,26 @@ def test_teacher_forced_screen_is_labelled_and_exact_on_full_match(trained_run: 
     assert ((tf.matched == 32) == (gr.matched == 32)).all()
     assert (tf.prefix_match == gr.prefix_match).all()
     assert (gr.matched == 32).any()  # the planted document makes full matches to compare
+
+
+def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    import shutil
+
+    mlflow = pytest.importorskip("mlflow")
+    from open360.checkpoint import list_checkpoints
+
+    root = tmp_path / "ws"
+    shutil.copytree(trained_run[0], root, ignore=shutil.ignore_patterns("analysis"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment("open360", artifact_location=(root / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    for _, path in list_checkpoints(root / "checkpoints" / RUN):  # as the MLflow callback records it
+        lineage = json.loads((path / "lineage.json").read_text())
+        (path / "lineage.json").write_text(json.dumps({**lineage, "mlflow_run_id": run_id}))
+    result = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=8")))
+    assert result.report is not None
+    logged = {a.path for a in client.list_artifacts(run_id, f"memorization/{result.out_dir.name}")}
+    assert f"memorization/{result.out_dir.name}/report.md" in logged
+    assert f"memorization/{result.out_dir.name}/chunk_heatmap.png" in logged
+    history = client.get_metric_history(run_id, "memorization/greedy/full_match")
+    assert sorted(m.step for m in history) == [20, 160]

@@ -175,6 +175,34 @@ def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSetting
     )
 
 
+def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
+    """Load a checkpoint into the trainer after checking it fits the configured stages, data and tokenizer.
+
+    Returns the callbacks' run metadata recorded in the checkpoint (e.g. the MLflow run id to continue).
+    """
+    contents = load_checkpoint(checkpoint)
+    stage_state = contents.trainer_state["stage"]
+    stage = next((s for s in trainer.stages if s.index == stage_state["index"]), None)
+    if stage is None or stage.name != stage_state["name"]:
+        raise TrainingError(
+            f"{checkpoint}: checkpoint is in stage {stage_state['name']!r}, which the config's stages do "
+            "not have at that position; resume with the original `stages`"
+        )
+    data = trainer.stage_data(stage)
+    check_resume_compatible(
+        checkpoint, stage.name, data.lineage["manifest_hash"], data.lineage["tokenizer_hash"]
+    )
+    trainer.load_state_dict(
+        {
+            "model": contents.model,
+            "optimizer": contents.optimizer,
+            "trainer": contents.trainer_state,
+            "rng": contents.rng,
+        }
+    )
+    return dict(contents.lineage.get("callbacks", {}))
+
+
 def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_name = str(cfg.run_name)
@@ -221,32 +249,12 @@ def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
     )
 
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
-    resumed_metadata: dict[str, Any] = {}
     if resume_from is not None:
-        contents = load_checkpoint(resume_from)
-        stage_state = contents.trainer_state["stage"]
-        stage = next((s for s in stages if s.index == stage_state["index"]), None)
-        if stage is None or stage.name != stage_state["name"]:
-            raise TrainingError(
-                f"{resume_from}: checkpoint is in stage {stage_state['name']!r}, which the config's stages do "
-                "not have at that position; resume with the original `stages`"
-            )
-        data = trainer.stage_data(stage)
-        check_resume_compatible(
-            resume_from, stage.name, data.lineage["manifest_hash"], data.lineage["tokenizer_hash"]
-        )
-        trainer.load_state_dict(
-            {
-                "model": contents.model,
-                "optimizer": contents.optimizer,
-                "trainer": contents.trainer_state,
-                "rng": contents.rng,
-            }
-        )
-        resumed_metadata = dict(contents.lineage.get("callbacks", {}))
+        resumed_metadata = resume(trainer, resume_from)
         if env.is_main:
             print(f"open360.train: resumed from {resume_from} (step {trainer.progress.step})", flush=True)
     else:
+        resumed_metadata = {}
         trainer.stage_data(stages[0])
 
     info = RunInfo(

@@ -222,6 +222,7 @@ def _assert_same(a: object, b: object, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path: Path, shards_root: Path) -> None:
     ref_ws, ws = tmp_path / "ref", tmp_path / "killed"
     ref = _train("amber_tiny", ref_ws, shards_root, *KILL_OVERRIDES)

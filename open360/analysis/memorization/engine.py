@@ -202,6 +202,10 @@ class MemorizationScorer:
         return greedy_continuation(self._forward, prompts, self.l, self._ensure_cache(prompts.shape[0]))
 
     def _capture(self, prompts: torch.Tensor) -> None:
+        with torch.cuda.device(self.device):
+            self._capture_on_device(prompts)
+
+    def _capture_on_device(self, prompts: torch.Tensor) -> None:
         cache = self._ensure_cache(prompts.shape[0])
         self._static_in = prompts.clone()
         stream = torch.cuda.Stream()

@@ -449,17 +449,29 @@ def _dist_info() -> tuple[int, int, int]:
 def run_job(job: MemorizationJobConfig) -> JobResult:
     """Compute every missing cell of the checkpoints x chunks matrix (this rank's share under torchrun)."""
     import torch
+
+    validate(job)
+    rank, world, local_rank = _dist_info()
+    device = _device(job, local_rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # graphs, streams and NCCL use the current device
+    own_group = world > 1 and not torch.distributed.is_initialized()
+    if own_group:
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        return _run_cells(job, rank, world, device)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -> JobResult:
+    import torch
     from tqdm.auto import tqdm
 
     from open360.analysis.memorization.engine import MemorizationScorer
     from open360.checkpoint import load_model_from_checkpoint, read_lineage
 
-    validate(job)
-    rank, world, local_rank = _dist_info()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            "nccl" if torch.cuda.is_available() and job.device != "cpu" else "gloo"
-        )
     workspace = Path(job.workspace).expanduser().resolve()
     out_dir = (
         Path(job.out_dir) if job.out_dir else workspace / "analysis" / job.run / "memorization" / job_tag(job)
@@ -475,7 +487,6 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
                 f"run {job.run!r}: checkpoints {missing} are not under {run_dir} and pull=false; "
                 "set pull=true to fetch them through DVC, or choose other checkpoints="
             )
-    device = _device(job, local_rank)
     batch_size = job.batch_size or (512 if device.startswith("cuda") else 64)
 
     # The data view comes from the first checkpoint's config and lineage (all of a run share them).
@@ -580,7 +591,9 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
     finally:
         bar.close()
     if world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier(
+            device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None
+        )
     complete = all(cell_path(out_dir, *cell).is_file() for cell in cells)
     report = None
     if rank == 0:

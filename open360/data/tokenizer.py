@@ -29,6 +29,8 @@ _SOURCE_READ_KEYS = (
     "max_docs",
 )
 
+TRAINER_VERSION = 2  # bump when train_bpe's behaviour changes, so cached tokenizers are not reused
+
 
 class TokenizerMismatchError(ValueError):
     """Shards were built with a different tokenizer than the one offered (the OLMo EOS-swap bug)."""
@@ -44,18 +46,30 @@ def training_key(recipe: RecipeSpec) -> str:
     tok = d["tokenizer"]
     names = tok["train_sources"] or [s["name"] for s in d["sources"]]
     srcs = [{k: s[k] for k in _SOURCE_READ_KEYS} for s in d["sources"] if s["name"] in names]
-    return hashlib.sha256(canonical_json({"tokenizer": tok, "sources": srcs}).encode()).hexdigest()
+    payload = {
+        "trainer": TRAINER_VERSION,
+        "tokenizer": tok,
+        "sources": srcs,
+        "heuristics": d["filters"]["heuristics"],
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
 def _training_texts(recipe: RecipeSpec) -> Iterator[str]:
+    """Normalized documents of the training sources, up to train_max_chars each.
+
+    Documents the length rule would drop are skipped: one huge "word" makes BPE training crawl.
+    """
     names = recipe.tokenizer.train_sources or [s.name for s in recipe.sources]
+    heur = recipe.filters.heuristics
+    max_chars = heur.max_chars if heur.enabled else None
     for source in recipe.sources:
         if source.name not in names or source.type == "llm360_chunks":
             continue
         budget = recipe.tokenizer.train_max_chars
         for doc in read_source(source, Counter()):
             text = normalize(doc.text or "")
-            if not text.strip():
+            if not text.strip() or (max_chars is not None and source.quality and len(text) > max_chars):
                 continue
             yield text[:budget]
             budget -= len(text)

@@ -328,3 +328,25 @@ def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], 
     assert f"memorization/{result.out_dir.name}/chunk_heatmap.png" in logged
     history = client.get_metric_history(run_id, "memorization/greedy/full_match")
     assert sorted(m.step for m in history) == [20, 160]
+
+
+def test_seen_fast_path_equals_data_order(trained_run: tuple[Path, str]) -> None:
+    from omegaconf import OmegaConf
+
+    from open360.analysis.memorization.job import DataView
+    from open360.checkpoint import list_checkpoints, read_lineage
+
+    root, _ = trained_run
+    _, path = list_checkpoints(root / "checkpoints" / RUN)[0]
+    job = parse_args(_job(root, "selection=seen", "sample=0"))
+    data = DataView(job, root, OmegaConf.load(path / "config.yaml"), read_lineage(path))
+    order = data.order()
+    for steps in (0, 7, 40, STEPS, order.steps_per_epoch + 5):  # the last one is in epoch 1: slow path
+        truth = set(order.seen_ids(steps).tolist())
+        for chunk in (0, 3, 7):
+            rows = np.arange(data.chunk_sizes[chunk])
+            ids = rows + data.offsets[chunk]
+            assert data.seen_mask(steps, chunk, rows).tolist() == [int(i) in truth for i in ids]
+            assert sorted(data.rows(steps, chunk).tolist()) == [
+                int(r) for r in rows if int(r + data.offsets[chunk]) in truth
+            ]

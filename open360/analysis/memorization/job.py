@@ -311,16 +311,28 @@ class DataView:
                 done += int(entry.get("steps", 0))
         return done
 
-    def seen_ids(self, steps_done: int) -> np.ndarray:
-        """Sorted ids consumed by the first `steps_done` steps on these shards (pure function of config)."""
-        if steps_done not in self._seen:
-            if self._order is None:
-                from open360.data import DataOrder
+    def order(self) -> Any:
+        """The run's DataOrder over these shards (seed and global batch size from the run config)."""
+        if self._order is None:
+            from open360.data import DataOrder
 
-                self._order = DataOrder(
-                    self.shards, int(self.run_cfg.data.seed), int(self.run_cfg.trainer.global_batch_size)
-                )
-            self._seen = {steps_done: np.unique(np.asarray(self._order.seen_ids(steps_done), dtype=np.int64))}
+            self._order = DataOrder(
+                self.shards, int(self.run_cfg.data.seed), int(self.run_cfg.trainer.global_batch_size)
+            )
+        return self._order
+
+    def _epoch0_prefix(self, steps_done: int) -> int | None:
+        """Within epoch 0 the order is the id order (batch s = ids [s*B, (s+1)*B)), so the seen set is
+        ids < steps_done*B: no need to materialize hundreds of millions of ids per checkpoint."""
+        order = self.order()
+        if steps_done <= order.steps_per_epoch:
+            return steps_done * order.global_batch_size
+        return None
+
+    def seen_ids(self, steps_done: int) -> np.ndarray:
+        """Sorted unique ids consumed by the first `steps_done` steps on these shards (`DataOrder.seen_ids`)."""
+        if steps_done not in self._seen:
+            self._seen = {steps_done: np.asarray(self.order().seen_ids(steps_done), dtype=np.int64)}
         return self._seen[steps_done]
 
     def rows(self, steps_done: int, chunk: int) -> np.ndarray:
@@ -330,15 +342,22 @@ class DataView:
             if chunk not in self._rows:
                 self._rows[chunk] = sample_rows(size, self.job.sample, self.job.seed)
             return self._rows[chunk]
-        seen = seen_rows(self.seen_ids(steps_done), self.chunk_sizes, chunk)
+        prefix = self._epoch0_prefix(steps_done)
+        if prefix is not None:
+            seen = np.arange(min(size, max(0, prefix - int(self.offsets[chunk]))), dtype=np.int64)
+        else:
+            seen = seen_rows(self.seen_ids(steps_done), self.chunk_sizes, chunk)
         return seen[sample_rows(len(seen), self.job.sample, self.job.seed)]
 
     def seen_mask(self, steps_done: int, chunk: int, rows: np.ndarray) -> np.ndarray:
         """Whether each row had been trained on by a checkpoint that took `steps_done` steps here."""
+        ids = rows + self.offsets[chunk]
+        prefix = self._epoch0_prefix(steps_done)
+        if prefix is not None:
+            return ids < prefix
         seen = self.seen_ids(steps_done)
         if not len(seen):
             return np.zeros(len(rows), dtype=bool)
-        ids = rows + self.offsets[chunk]
         pos = np.minimum(np.searchsorted(seen, ids), len(seen) - 1)
         return seen[pos] == ids
 

@@ -330,7 +330,7 @@ class DataView:
         return None
 
     def seen_ids(self, steps_done: int) -> np.ndarray:
-        """Sorted unique ids consumed by the first `steps_done` steps on these shards (`DataOrder.seen_ids`)."""
+        """Sorted unique ids consumed by the first `steps_done` steps here (`DataOrder.seen_ids`)."""
         if steps_done not in self._seen:
             self._seen = {steps_done: np.asarray(self.order().seen_ids(steps_done), dtype=np.int64)}
         return self._seen[steps_done]

@@ -9,24 +9,22 @@ import torch
 LR_SCALE_KEY = "lr_scale"  # per-group multiplier of the schedule's LR (muP: 1/width_mult for hidden matrices)
 
 
-def build_optimizer(
-    model: Any, optim_cfg: Any, param_groups: list[dict[str, Any]] | None = None
-) -> torch.optim.AdamW:
+def build_optimizer(model: Any, optim_cfg: Any) -> torch.optim.AdamW:
     """AdamW over `model.param_groups(optim_cfg)`; each group remembers its LR relative to optim.lr.
 
-    `param_groups` may be passed when the parameters are wrapped (DDP/FSDP) but grouped on the plain model.
+    Build it after parallelizing the model: FSDP2 replaces the parameters with sharded ones.
     """
     if optim_cfg.name != "adamw":
         raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is implemented")
     base_lr = float(optim_cfg.lr)
-    groups = param_groups if param_groups is not None else model.param_groups(optim_cfg)
+    groups = model.param_groups(optim_cfg)
     prepared = []
     for i, group in enumerate(groups):
         group = dict(group)
         if not group.get("params"):
             raise ValueError(f"param group {i} ({group.get('name', '?')}) has no parameters")
-        group[LR_SCALE_KEY] = float(group.get("lr", base_lr)) / base_lr
         group["lr"] = float(group.get("lr", base_lr))
+        group[LR_SCALE_KEY] = float(group.get(LR_SCALE_KEY, group["lr"] / base_lr if base_lr else 1.0))
         prepared.append(group)
     n_grouped = sum(len(list(g["params"])) for g in prepared)
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
@@ -41,7 +39,6 @@ def build_optimizer(
         betas=(float(optim_cfg.betas[0]), float(optim_cfg.betas[1])),
         eps=float(optim_cfg.eps),
         weight_decay=float(optim_cfg.weight_decay),
-        foreach=None,
     )
 
 

@@ -16,7 +16,7 @@ from open360.checkpoint.writer import CheckpointWriter
 from open360.paths import resolve_workspace_path
 from open360.train.callbacks import Callback, RunInfo
 from open360.train.optim import build_optimizer
-from open360.train.progress import format_summary, peak_flops
+from open360.train.progress import peak_flops
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import check_resume_compatible, find_resume_checkpoint, seed_everything
 from open360.train.trainer import (
@@ -25,6 +25,8 @@ from open360.train.trainer import (
     TrainerSettings,
     TrainingDiverged,
     TrainingError,
+    checkpoint_dirs,
+    print_summary,
 )
 
 
@@ -129,11 +131,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
-
-
-def checkpoint_dirs(workspace: Path, run_name: str) -> tuple[Path, Path]:
-    """(published, recovery) directories of a run: checkpoints/<run>, recovery/<run>."""
-    return workspace / "checkpoints" / run_name, workspace / "recovery" / run_name
 
 
 def _build_callbacks(cfg: DictConfig, workspace: Path, env: DistEnv) -> list[Callback]:
@@ -289,5 +286,5 @@ def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
         for cb in callbacks:
             cb.on_run_end(summary)
     if env.is_main:
-        print(format_summary(summary), flush=True)
+        print_summary(summary)
     return summary

@@ -1,0 +1,41 @@
+"""Optimizer building: muP per-group LR/eps scaling survives schedule updates; groups cover every parameter."""
+
+from __future__ import annotations
+
+import pytest
+
+from open360.config import compose
+from open360.models import build_model
+from open360.train.optim import build_optimizer, set_lr
+
+
+def test_mup_groups_scale_lr_and_eps() -> None:
+    cfg = compose(["+experiment=crystalcoder_tiny"])
+    assert cfg.model.mup.enabled
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    groups = {g["name"]: g for g in opt.param_groups}
+    width_mult = cfg.model.d_model / cfg.model.mup.base_width
+    assert groups["hidden"]["lr_scale"] == pytest.approx(1 / width_mult)
+    assert groups["hidden"]["eps"] == pytest.approx(cfg.optim.eps / width_mult)
+    assert (
+        groups["embedding"]["weight_decay"] == 0.0
+        and groups["hidden"]["weight_decay"] == cfg.optim.weight_decay
+    )
+    set_lr(opt, 0.004)
+    assert groups["hidden"]["lr"] == pytest.approx(0.004 / width_mult)
+    assert groups["norms_biases"]["lr"] == pytest.approx(0.004)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_standard_parametrization_has_unit_scales() -> None:
+    cfg = compose(["+experiment=amber_tiny"])
+    opt = build_optimizer(build_model(cfg.model), cfg.optim)
+    assert {g["lr_scale"] for g in opt.param_groups} == {1.0}
+    assert {g["lr"] for g in opt.param_groups} == {cfg.optim.lr}
+
+
+def test_unknown_optimizer_is_refused() -> None:
+    cfg = compose(["+experiment=amber_tiny", "optim.name=lion"])
+    with pytest.raises(ValueError, match="optim.name='lion'"):
+        build_optimizer(build_model(cfg.model), cfg.optim)

@@ -32,13 +32,13 @@ def run_train(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_required_experiments_exist():
-    assert REQUIRED_EXPERIMENTS <= set(EXPERIMENTS)
+    assert set(EXPERIMENTS) >= REQUIRED_EXPERIMENTS
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_resolves(name):
     cfg = compose([f"+experiment={name}"])
-    assert cfg.run_name == name
+    assert cfg.run_name.startswith(name)
     for stage in cfg.stages:
         assert stage.steps > 0
     assert sum(s.steps for s in cfg.stages) in (0, cfg.trainer.max_steps)

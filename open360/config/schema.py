@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -28,7 +28,7 @@ class ModelConfig:
     n_layers: int = MISSING
     d_model: int = MISSING
     n_heads: int = MISSING
-    n_kv_heads: Optional[int] = None  # None = n_heads (no GQA)
+    n_kv_heads: int | None = None  # None = n_heads (no GQA)
     ffn_dim: int = MISSING
     max_seq_len: int = 2048
     norm: str = "rmsnorm"  # rmsnorm | layernorm
@@ -87,7 +87,7 @@ class StageConfig:
     name: str = MISSING
     recipe: str = MISSING
     steps: int = MISSING
-    lr: Optional[float] = None  # None = optim.lr
+    lr: float | None = None  # None = optim.lr
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
@@ -136,7 +136,7 @@ class TrackingConfig:
     system_metrics: bool = False
     dvc: bool = True
     dvc_push: bool = True
-    dvc_remote: Optional[str] = None  # None = the repository's default remote
+    dvc_remote: str | None = None  # None = the repository's default remote
 
 
 @dataclass

@@ -270,3 +270,25 @@ def test_resume_with_other_data_or_tokenizer_is_refused(tmp_path: Path, shards_r
     assert "refusing to resume" in other.stderr
     assert "data manifest hash" in other.stderr  # (a tokenizer-only change: tests/test_train_state.py)
     assert "Traceback" not in other.stderr
+
+
+def test_init_from_checkpoint_starts_from_its_weights(tmp_path: Path, shards_root: Path) -> None:
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1"]
+    ws = tmp_path / "ws"
+    run_training(
+        compose([*base, f"workspace={ws}", "trainer.max_steps=2", "checkpoint.policy=every_n"]), "cpu"
+    )
+    init = ws / "checkpoints" / "amber_tiny" / "step_2"
+    cfg = compose(
+        [*base, f"workspace={ws}", "run_name=ft", "trainer.max_steps=1", "optim.lr=0", "trainer.resume=auto"]
+    )
+    summary = run_training(cfg, "cpu", init_from=init)
+    assert summary["steps"] == 1
+    lineage = read_lineage(ws / "checkpoints" / "ft" / "step_1")
+    assert lineage["init_from"]["step"] == 2 and lineage["init_from"]["checkpoint"] == str(init)
+    before, after = load_checkpoint(init).model, load_checkpoint(ws / "checkpoints" / "ft" / "step_1").model
+    for name in before:  # lr 0: one step leaves the initial weights as they were
+        assert torch.equal(before[name], after[name]), name

@@ -10,7 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from open360.backends.native import DistEnv, barrier, init_distributed, parallelize, shutdown_distributed
 from open360.checkpoint.cadence import CadencePolicy
-from open360.checkpoint.io import load_checkpoint, remove_stale_temp_dirs
+from open360.checkpoint.io import (
+    MODEL_FILE,
+    load_checkpoint,
+    load_model_weights,
+    remove_stale_temp_dirs,
+    verify_checkpoint,
+)
 from open360.checkpoint.lineage import config_hash, git_revision
 from open360.checkpoint.writer import CheckpointWriter
 from open360.paths import resolve_workspace_path
@@ -139,8 +145,12 @@ def _build_callbacks(cfg: DictConfig, workspace: Path, env: DistEnv) -> list[Cal
     return list(build_callbacks(cfg, workspace, env.is_main))
 
 
-def run_training(cfg: DictConfig, device: str) -> dict[str, Any]:
-    """Train the configured run end to end (resuming when asked) and return the run summary."""
+def run_training(cfg: DictConfig, device: str, init_from: Path | None = None) -> dict[str, Any]:
+    """Train the configured run end to end (resuming when asked) and return the run summary.
+
+    `init_from`: a checkpoint directory whose weights start the model (fine-tuning; a fresh optimizer
+    and step 0). A resumed run takes its weights from the resume checkpoint instead.
+    """
     if cfg.trainer.backend != "native":
         raise TrainingError(
             f"trainer.backend={cfg.trainer.backend!r}: this pipeline runs the native PyTorch backend only; "
@@ -148,7 +158,7 @@ def run_training(cfg: DictConfig, device: str) -> dict[str, Any]:
         )
     env = init_distributed(device)
     try:
-        return _run(cfg, device, env)
+        return _run(cfg, device, env, init_from)
     finally:
         shutdown_distributed()
 
@@ -170,6 +180,18 @@ def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSetting
         flops_per_token=training_flops_per_token(cfg.model, seq_len),
         peak_flops=peak_flops(env.device),
     )
+
+
+def _load_initial_weights(model: torch.nn.Module, checkpoint: Path) -> dict[str, Any]:
+    """Load a checkpoint's weights into a freshly built model; returns what lineage.json records of it."""
+    init = Path(checkpoint).expanduser().resolve()
+    lineage = verify_checkpoint(init)
+    model.load_state_dict(load_model_weights(init / MODEL_FILE))
+    return {
+        "checkpoint": str(init),
+        "step": lineage.get("step"),
+        "model_sha256": lineage["files"][MODEL_FILE],
+    }
 
 
 def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
@@ -200,7 +222,7 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
     return dict(contents.lineage.get("callbacks", {}))
 
 
-def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
+def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> dict[str, Any]:
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_name = str(cfg.run_name)
     published_dir, recovery_dir = checkpoint_dirs(workspace, run_name)
@@ -215,7 +237,9 @@ def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
     seed_everything(int(cfg.trainer.seed))
     from open360.models import build_model
 
-    model = build_model(cfg.model).to(env.device)
+    model = build_model(cfg.model)
+    init_record = _load_initial_weights(model, init_from) if init_from is not None else None
+    model = model.to(env.device)
     module = parallelize(model, env, str(cfg.trainer.distributed))
     optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 swaps in sharded parameters
     settings = build_settings(cfg, device, env)
@@ -229,6 +253,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
         "code": git_revision(),
         "config_hash": config_hash(config_dict),
         "torch_version": torch.__version__,
+        **({"init_from": init_record} if init_record else {}),
     }
     trainer = Trainer(
         model=model,
@@ -268,6 +293,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv) -> dict[str, Any]:
             "shard_dirs": {k: str(v) for k, v in shards.shard_dirs.items()},
             "world_size": env.world_size,
             "device": str(env.device),
+            "init_from": init_record["checkpoint"] if init_record else None,
         },
     )
     for cb in callbacks:

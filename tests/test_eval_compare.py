@@ -20,11 +20,11 @@ RUNS = [f"scaling_tiny_d{d}_l1" for d in SIZES]
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """`python -m open360.train +experiment=scaling_tiny -m model.d_model=32,48,64` (1 layer, 8 steps)."""
+    """`python -m open360.train -m +experiment=scaling_tiny model.d_model=32,48,64` (1 layer, 8 steps)."""
     ws = tmp_path_factory.mktemp("compare_ws")
     shards = tmp_path_factory.getbasetemp() / "eval_shared_shards"
     cmd = [
-        sys.executable, "-m", "open360.train", "+experiment=scaling_tiny", "-m",
+        sys.executable, "-m", "open360.train", "-m", "+experiment=scaling_tiny",
         f"model.d_model={','.join(map(str, SIZES))}", "model.n_layers=1", "trainer.max_steps=8",
         "checkpoint.every=1000", f"workspace={ws}", f"data.shards_dir={shards}", "tracking.dvc=false",
         "tracking.dvc_push=false", "trainer.progress_bar=false", "trainer.log_every=1",

@@ -196,7 +196,6 @@ def plot_race(curves: pd.DataFrame, summaries: pd.DataFrame, out_png: Path, smoo
                 label=f"L = {fit['a']:.3g} C^-{fit['b']:.3f} (R²={fit['r2']:.2f})")
         ax.legend(fontsize=7)
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("final loss")
     ax.set_title("final loss vs compute")

@@ -389,7 +389,14 @@ def finetune_pi(cfg: DictConfig, init_checkpoint: Path | str, device: str = "cpu
                           "init_from": {"checkpoint": str(init), "step": lineage.get("step"),
                                         "model_sha256": lineage.get("files", {}).get("model.safetensors")}},
         )
-        trainer.stage_data(trainer.stages[0])
+        data = trainer.stage_data(trainer.stages[0])
+        base_tokenizer = (lineage.get("data") or {}).get("tokenizer_hash")
+        if base_tokenizer and base_tokenizer != data.lineage["tokenizer_hash"]:
+            raise ValueError(
+                f"{cfg.data.recipe}: its tokenizer (sha256 {data.lineage['tokenizer_hash'][:12]}…) is not the one "
+                f"{init} was trained with ({base_tokenizer[:12]}…); fine-tune on a recipe with the base run's "
+                "tokenizer spec (see data_recipes/embedded_tiny_long.yaml)"
+            )
         info = RunInfo(run_name=str(cfg.run_name), workspace=workspace, checkpoint_dir=published_dir,
                        config=config_dict, config_yaml=config_yaml, start_step=0, is_main_process=env.is_main,
                        extra={"init_from": str(init)})

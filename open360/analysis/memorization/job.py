@@ -534,6 +534,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     done_set = set(done)
     pending = [cell for cell in cells if cell not in done_set]
     mine = _assign(pending, rank, world)
+    shared_steps = {s for s, _ in pending} - _whole_steps(pending, set(mine))
     if job.max_cells:
         mine = mine[: job.max_cells]
     if rank == 0:
@@ -605,7 +606,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                 bar.update(1)
             scorer.release()
             del model, scorer
-            if job.release_local and step in pulled_here and _owns_whole_step(step, pending, rank, world):
+            if job.release_local and step in pulled_here and step not in shared_steps:
                 shutil.rmtree(path, ignore_errors=True)
     finally:
         bar.close()
@@ -613,6 +614,11 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
         torch.distributed.barrier(
             device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None
         )
+    if job.release_local:  # the rest this rank pulled (split across ranks, or pulled for metadata only)
+        from open360.checkpoint.io import step_dir_name
+
+        for step in sorted(pulled_here):
+            shutil.rmtree(run_checkpoint_dir(workspace, job.run) / step_dir_name(step), ignore_errors=True)
     complete = all(cell_path(out_dir, *cell).is_file() for cell in cells)
     report = None
     if rank == 0:
@@ -624,9 +630,10 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     return JobResult(out_dir, steps, chunks, computed, done, complete, report)
 
 
-def _owns_whole_step(step: int, pending: list[tuple[int, int]], rank: int, world: int) -> bool:
-    """A rank releases a checkpoint only when no other rank scores cells of it."""
-    return all(cell in _assign(pending, rank, world) for cell in pending if cell[0] == step)
+def _whole_steps(pending: list[tuple[int, int]], mine: set[tuple[int, int]]) -> set[int]:
+    """Steps all of whose pending cells are this rank's: only those may be released by it."""
+    split = {s for s, c in pending if (s, c) not in mine}
+    return {s for s, _ in mine} - split
 
 
 def _trainer_state(path: Path) -> dict[str, Any]:

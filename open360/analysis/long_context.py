@@ -338,81 +338,28 @@ def check_pi_compatible(base_model_cfg: Any, model_cfg: Any, where: str) -> None
 def finetune_pi(cfg: DictConfig, init_checkpoint: Path | str, device: str = "cpu") -> dict[str, Any]:
     """Train `cfg` (e.g. +experiment=amber_tiny_pi) starting from the weights of `init_checkpoint`.
 
-    Wires the project's Trainer exactly as `run_training` does (same data order, checkpoints, MLflow and
-    DVC callbacks), except that the model starts from the base checkpoint's weights and a fresh optimizer.
+    Checks that only the context length / PI factor changed and that the fine-tuning data uses the base
+    run's tokenizer, then runs the project's trainer (`run_training(..., init_from=...)`): same data order,
+    checkpoints, MLflow and DVC callbacks, a fresh optimizer, and the base checkpoint in lineage.json.
     """
-    from open360.backends.native import init_distributed, parallelize, shutdown_distributed
-    from open360.checkpoint.cadence import CadencePolicy
-    from open360.checkpoint.io import load_model_weights, read_lineage
-    from open360.checkpoint.lineage import config_hash, git_revision
-    from open360.checkpoint.writer import CheckpointWriter
-    from open360.models import build_model, training_flops_per_token
-    from open360.tracking import build_callbacks
-    from open360.train.callbacks import RunInfo
-    from open360.train.optim import build_optimizer
-    from open360.train.pipeline import ShardProvider, resolve_precision
-    from open360.train.schedules import build_stages
-    from open360.train.state import seed_everything
-    from open360.train.trainer import Trainer, TrainerSettings, checkpoint_dirs, print_summary
+    from open360.checkpoint.io import read_lineage
+    from open360.data import ShardSet
+    from open360.train.pipeline import run_training
 
     init = Path(init_checkpoint).expanduser().resolve()
     lineage = read_lineage(init)
     base_cfg = OmegaConf.create((init / "config.yaml").read_text())
     check_pi_compatible(base_cfg.model, cfg.model, f"init checkpoint {init}")
-    env = init_distributed(device)
-    try:
-        workspace = Path(cfg.workspace).expanduser().resolve()
-        published_dir, recovery_dir = checkpoint_dirs(workspace, str(cfg.run_name))
-        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        config_dict = OmegaConf.to_container(cfg, resolve=True)
-        seed_everything(int(cfg.trainer.seed))
-        model = build_model(cfg.model)
-        model.load_state_dict(load_model_weights(init / "model.safetensors"))
-        model = model.to(env.device)
-        seq_len = int(cfg.trainer.seq_len)
-        settings = TrainerSettings(
-            global_batch_size=int(cfg.trainer.global_batch_size), micro_batch_size=int(cfg.trainer.micro_batch_size),
-            seq_len=seq_len, grad_clip=float(cfg.optim.grad_clip),
-            autocast_dtype=resolve_precision(str(cfg.trainer.precision), device),
-            loss_spike_factor=float(cfg.trainer.loss_spike_factor), log_every=int(cfg.trainer.log_every),
-            progress_bar=bool(cfg.trainer.progress_bar), flops_per_token=training_flops_per_token(cfg.model, seq_len),
+    workspace = Path(cfg.workspace).expanduser().resolve()
+    tokenizer_hash = ShardSet.open(shard_dir_for(cfg, workspace)).tokenizer_hash
+    base_tokenizer = (lineage.get("data") or {}).get("tokenizer_hash")
+    if base_tokenizer and base_tokenizer != tokenizer_hash:
+        raise ValueError(
+            f"{cfg.data.recipe}: its tokenizer (sha256 {tokenizer_hash[:12]}…) is not the one {init} was "
+            f"trained with ({base_tokenizer[:12]}…); fine-tune on a recipe with the base run's tokenizer spec "
+            "(see data_recipes/embedded_tiny_long.yaml)"
         )
-        callbacks = list(build_callbacks(cfg, workspace, env.is_main))
-        trainer = Trainer(
-            model=model, module=parallelize(model, env, str(cfg.trainer.distributed)),
-            optimizer=build_optimizer(model, cfg.optim), stages=build_stages(cfg), settings=settings, env=env,
-            open_stage=ShardProvider(cfg, workspace, env).open, cadence=CadencePolicy.from_config(cfg.checkpoint),
-            writer=CheckpointWriter(published_dir, recovery_dir, int(cfg.checkpoint.keep_ephemeral), background=False),
-            callbacks=callbacks, config_yaml=config_yaml,
-            lineage_base={"run_name": str(cfg.run_name), "code": git_revision(), "config_hash": config_hash(config_dict),
-                          "torch_version": torch.__version__,
-                          "init_from": {"checkpoint": str(init), "step": lineage.get("step"),
-                                        "model_sha256": lineage.get("files", {}).get("model.safetensors")}},
-        )
-        data = trainer.stage_data(trainer.stages[0])
-        base_tokenizer = (lineage.get("data") or {}).get("tokenizer_hash")
-        if base_tokenizer and base_tokenizer != data.lineage["tokenizer_hash"]:
-            raise ValueError(
-                f"{cfg.data.recipe}: its tokenizer (sha256 {data.lineage['tokenizer_hash'][:12]}…) is not the one "
-                f"{init} was trained with ({base_tokenizer[:12]}…); fine-tune on a recipe with the base run's "
-                "tokenizer spec (see data_recipes/embedded_tiny_long.yaml)"
-            )
-        info = RunInfo(run_name=str(cfg.run_name), workspace=workspace, checkpoint_dir=published_dir,
-                       config=config_dict, config_yaml=config_yaml, start_step=0, is_main_process=env.is_main,
-                       extra={"init_from": str(init)})
-        for cb in callbacks:
-            cb.on_run_start(info)
-        summary: dict[str, Any] = {"status": "failed", "run_name": str(cfg.run_name)}
-        try:
-            summary = {"run_name": str(cfg.run_name), **trainer.train()}
-        finally:
-            for cb in callbacks:
-                cb.on_run_end(summary)
-        if env.is_main:
-            print_summary(summary)
-        return summary
-    finally:
-        shutdown_distributed()
+    return run_training(cfg, device, init_from=init)
 
 
 FINETUNE_USAGE = """usage: python -m open360.analysis.long_context finetune init=<checkpoint> [hydra overrides]

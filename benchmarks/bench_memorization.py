@@ -99,10 +99,14 @@ def hf_generate_rows(hf: Any, seqs: torch.Tensor, batch: int, analysis360_call: 
 
 
 def load_hf(folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    # transformers >= 4.56 takes `dtype`, older releases `torch_dtype`; the final .to() makes sure.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", **{key: dtype})
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def release_memory() -> None:

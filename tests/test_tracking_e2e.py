@@ -178,3 +178,38 @@ def test_export_release_folder(trained: dict, tmp_path: Path) -> None:
     assert plan[0][0] == "main" and [p[0] for p in plan[1:]] == ["ckpt_000", "ckpt_001", "ckpt_002"]
     with pytest.raises(Exception, match="not empty"):
         export_release(ws, RUN, out)
+
+
+def test_resume_continues_mlflow_run_and_reversions(trained: dict, tmp_path: Path) -> None:
+    from open360.config import compose
+    from open360.tracking.dvc_versioning import DvcWorkspace
+    from open360.train.pipeline import run_training
+
+    ws = tmp_path / "ws"
+    subprocess.run(["cp", "-a", str(trained["ws"]), str(ws)], check=True)
+    subprocess.run(["rm", "-rf", str(ws / "checkpoints" / RUN / "step_12")], check=True)
+    cfg = compose(
+        [
+            "+experiment=amber_tiny",
+            f"workspace={ws}",
+            "trainer.max_steps=12",
+            "checkpoint=every_n",
+            "checkpoint.every=4",
+            "trainer.progress_bar=false",
+            "trainer.resume=auto",
+        ]
+    )
+    run_training(cfg, device="cpu")
+    run_ids = {
+        json.loads((ws / "checkpoints" / RUN / f"step_{s}" / "lineage.json").read_text())["mlflow_run_id"]
+        for s in STEPS
+    }
+    assert len(run_ids) == 1
+    client = mr.client(mr.workspace_uri(ws))
+    (run_id,) = run_ids
+    run = client.get_run(run_id)
+    assert run.data.tags["open360.resumed_at_step"] == "8" and run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert sorted(mr.metric_history(client, run_id)["loss"]) == list(range(1, 13))
+    record = mr.checkpoint_records(client, run_id)[12]
+    assert record["pushed"] and DvcWorkspace(ws).tracked(ws / record["path"]).md5 == record["dvc_md5"]

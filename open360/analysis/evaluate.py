@@ -345,7 +345,8 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         del model
 
     new = pd.DataFrame(rows, columns=COLUMNS)
-    df = pd.concat([previous, new], ignore_index=True) if not previous.empty else new
+    frames = [f for f in (previous, new) if not f.empty]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else new)
     df = df.sort_values(["step", "kind", "name", "metric"]).reset_index(drop=True)
     df.to_parquet(parquet, index=False)
     if df.empty:

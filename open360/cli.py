@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data seen": ("open360.data.cli", "seen_main", "sequence ids seen up to a training step"),
     "ckpt list": ("open360.tracking.cli", "list_main", "list the checkpoints of a run"),
     "ckpt pull": ("open360.tracking.cli", "pull_main", "fetch checkpoints of a run through DVC"),
+    "ckpt push": ("open360.tracking.cli", "push_main", "add and push checkpoints missing from the DVC remote"),
     "ckpt lineage": ("open360.tracking.cli", "lineage_main", "print and verify a checkpoint's provenance"),
     "ckpt export": ("open360.tracking.cli", "export_main", "export a run as a release folder (HF format)"),
     "analysis memorization": (

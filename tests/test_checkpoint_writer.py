@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from open360.checkpoint import CheckpointContents, list_checkpoints, load_checkpoint
-from open360.checkpoint.writer import CheckpointWriter, cpu_snapshot
+from open360.checkpoint.writer import CheckpointWriter, HostSnapshot
 
 
 def _contents(weight: torch.Tensor, step: torch.Tensor) -> CheckpointContents:
@@ -45,9 +46,21 @@ def test_recovery_checkpoints_are_pruned_to_keep_last(tmp_path: Path) -> None:
     assert writer.poll() == []
 
 
-def test_cpu_snapshot_copies_nested_tensors() -> None:
+def test_host_snapshot_copies_nested_tensors() -> None:
     t = torch.ones(2)
-    snap = cpu_snapshot({"a": [t, (t, 3)], "b": "x"})
+    snap = HostSnapshot()({"a": [t, (t, 3)], "b": "x"})
     t += 1
     assert torch.equal(snap["a"][0], torch.ones(2)) and torch.equal(snap["a"][1][0], torch.ones(2))
     assert snap["a"][1][1] == 3 and snap["b"] == "x"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_snapshot_reuses_pinned_buffers_for_cuda_tensors() -> None:
+    snapshot = HostSnapshot()
+    t = torch.arange(6.0, device="cuda")
+    first = snapshot({"w": t})["w"]
+    assert first.is_pinned() and torch.equal(first, torch.arange(6.0))
+    t += 1
+    second = snapshot({"w": t})["w"]
+    assert second.data_ptr() == first.data_ptr() and torch.equal(second, torch.arange(6.0) + 1)

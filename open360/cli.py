@@ -21,6 +21,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "memorization scores over checkpoints x chunks",
     ),
+    "analysis evaluate": ("open360.analysis.evaluate", "main", "validation loss and lm-eval tasks per checkpoint"),
+    "analysis compare": ("open360.analysis.compare", "main", "loss vs tokens, FLOPs and wall-clock of runs"),
+    "analysis long-context": (
+        "open360.analysis.long_context",
+        "main",
+        "PI fine-tuning and long-context perplexity/passkey",
+    ),
 }
 
 

@@ -105,6 +105,7 @@ class TrainerConfig:
     seed: int = 42
     log_every: int = 1
     resume: str = "none"  # none | auto | <checkpoint path> | <step>
+    init_from: str | None = None  # checkpoint whose weights start a new run (fine-tuning, fresh optimizer)
     distributed: str = "ddp"  # ddp | fsdp (native backend under torchrun)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1

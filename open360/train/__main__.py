@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -25,8 +26,9 @@ def main(cfg: DictConfig) -> None:
     from open360.train.pipeline import run_training
     from open360.train.trainer import TrainingError
 
+    init_from = Path(cfg.trainer.init_from) if cfg.trainer.init_from else None
     try:
-        run_training(cfg, device=device)
+        run_training(cfg, device=device, init_from=init_from)
     except (TrainingError, CheckpointError) as err:
         print(f"open360.train: {err}", file=sys.stderr)
         sys.exit(1)

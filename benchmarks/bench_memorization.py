@@ -8,8 +8,13 @@ Same randomly initialized 1.4B Amber-shaped model (24 layers, hidden 2048, 32 he
 as `LlamaForCausalLM`. Methods:
   analysis360     HF generate, fp16, batch 32 (Analysis360's memorization script)
   hf_generate     HF generate, bf16, batch --hf-batch (512)
-  open360_greedy  open360 exact greedy: static KV cache, fixed shapes, CUDA graph, bf16
-  open360_eager   the same without the CUDA graph
+  open360_greedy  open360 exact greedy: static KV cache, CUDA graph, bf16; each decode step attends
+                  over the filled cache slots only (sliced decode) with the engine's Triton kernel
+  open360_sdpa    the same with SDPA (it picks its kernel) for the decode steps
+  open360_masked  one fixed shape for every step (attention over all k+l slots under a mask, SDPA):
+                  the engine before sliced decode
+  open360_sdpa_*  open360_sdpa with SDPA held to one backend (flash, efficient, cudnn)
+  open360_eager   open360_greedy without the CUDA graph
   open360_tf      open360 teacher-forced screen (one forward; exact full_match only), bf16
 Scores are checked against HF generate on a sample in fp32 (TF32 off): identical continuations are
 expected except at argmax near-ties; bf16 agreement with HF bf16 is reported too (bf16 rounding
@@ -20,6 +25,7 @@ Prints a table and writes JSON; never asserts a speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -133,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", type=int, default=128, help="sequences for the fp32 parity check against HF")
     ap.add_argument("--compile", action="store_true", help="also time open360 greedy with torch.compile")
     ap.add_argument(
-        "--extra-batches", default="512,2048", help="more open360 greedy batch sizes to time ('' for none)"
+        "--extra-batches", default="2048,4096", help="more open360 greedy batch sizes to time ('' for none)"
+    )
+    ap.add_argument("--variants", default="", help="comma list of open360 variant names to run (default all)")
+    ap.add_argument("--no-hf", action="store_true", help="skip HF generate, Analysis360 and the parity check")
+    ap.add_argument(
+        "--sdpa-backends", default="flash,efficient,cudnn", help="SDPA backends to force, one variant each"
     )
     args = ap.parse_args(argv)
 
@@ -174,14 +185,49 @@ def main(argv: list[str] | None = None) -> int:
     # --- open360 (bf16 on GPU, fp32 on CPU) ---------------------------------------------------
     dtype = "bf16" if device.type == "cuda" else "fp32"
     variants: list[tuple[str, dict[str, Any], int]] = [
+        ("open360_masked", dict(mode="greedy", cuda_graphs=True, sliced_decode=False), args.batch),
         ("open360_greedy", dict(mode="greedy", cuda_graphs=True), args.batch),
+        ("open360_sdpa", dict(mode="greedy", cuda_graphs=True, decode_kernel=False), args.batch),
         ("open360_eager", dict(mode="greedy", cuda_graphs=False), args.batch),
         ("open360_tf", dict(mode="teacher_forced", cuda_graphs=False), args.batch),
     ]
     for b in [int(x) for x in args.extra_batches.split(",") if x.strip()]:
         variants.append((f"open360_greedy_b{b}", dict(mode="greedy", cuda_graphs=True), b))
+    if device.type == "cuda":
+        for backend in [x.strip() for x in args.sdpa_backends.split(",") if x.strip()]:
+            opts = dict(mode="greedy", cuda_graphs=True, decode_kernel=False)
+            variants.append((f"open360_sdpa_{backend}", opts, args.batch))
     if args.compile:
         variants.append(("open360_compiled", dict(mode="greedy", cuda_graphs=True, compile=True), args.batch))
+        for b in [int(x) for x in args.extra_batches.split(",") if x.strip()]:
+            variants.append(
+                (f"open360_compiled_b{b}", dict(mode="greedy", cuda_graphs=True, compile=True), b)
+            )
+        variants.append(
+            (
+                "open360_compiled_masked",
+                dict(mode="greedy", cuda_graphs=True, compile=True, sliced_decode=False),
+                args.batch,
+            )
+        )
+        variants.append(
+            (
+                "open360_compiled_sdpa",
+                dict(mode="greedy", cuda_graphs=True, compile=True, decode_kernel=False),
+                args.batch,
+            )
+        )
+    wanted = {x.strip() for x in args.variants.split(",") if x.strip()}
+    if wanted:
+        variants = [v for v in variants if v[0] in wanted]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     for name, opts, batch in variants:
         try:
             m = copy.deepcopy(model) if opts.get("compile") else model
@@ -189,8 +235,14 @@ def main(argv: list[str] | None = None) -> int:
             n = min(args.sequences, 4 * batch) if name == "open360_eager" else min(args.sequences, 16 * batch)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            scorer.score(seqs[:batch])  # warm-up: allocation, CUDA graph capture, compile
-            res, seconds = timed(lambda s=scorer, n=n: s.score(seqs[:n]), device)
+            backend = name.removeprefix("open360_sdpa_") if name.startswith("open360_sdpa_") else None
+            ctx = sdpa_kernel([backends[backend]]) if backend else contextlib.nullcontext()
+            with ctx:  # the kernel is chosen when the graph is captured, on the warm-up call
+                scorer.score(seqs[:batch])  # warm-up: allocation, CUDA graph capture, compile
+                res, seconds = timed(lambda s=scorer, n=n: s.score(seqs[:n]), device)
+            extra: dict[str, Any] = {}
+            if device.type == "cuda" and name in ("open360_greedy", "open360_compiled"):
+                extra = phase_times(scorer, seqs[:batch, :K].to(device))
             record(
                 name,
                 n,
@@ -199,10 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                 peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 dtype=dtype,
                 cuda_graphs=scorer.use_graphs,
+                decode_kernel=getattr(scorer, "decode_kernel", False),
                 graph_error=scorer.graph_error,
                 token_match=res.token_match,
                 full_match=res.full_match,
+                **extra,
             )
+            if extra:
+                print(f"    phases (eager, ms per batch of {batch}): {json.dumps(extra)}", flush=True)
             outputs[name] = res.predicted
             scorer.release()
             scorer = m = None
@@ -210,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # report and keep going: one failing method must not hide the others
             errors[name] = f"{type(err).__name__}: {err}"
             print(f"  {name:<16} FAILED: {errors[name]}", flush=True)
+    if "open360_masked" in outputs:  # bf16 agreement of each variant with the engine before sliced decode
+        ref_rows = outputs["open360_masked"]
+        for name, pred in outputs.items():
+            n = min(len(pred), len(ref_rows))
+            if name not in ("open360_masked", "open360_tf") and name in results and n:
+                same = float((pred[:n] == ref_rows[:n]).all(1).mean())
+                results[name]["bf16_identical_to_masked"] = same
+                print(f"  {name:<24} identical continuations to open360_masked: {same:.4f}", flush=True)
+    if args.no_hf:
+        return finish(args, shape, n_params, device, results, {}, errors)
     model = model.to(torch.bfloat16)  # keep memory for the HF copies
 
     # --- HF generate bf16, large batch ---------------------------------------------------------
@@ -282,6 +348,44 @@ def main(argv: list[str] | None = None) -> int:
         errors["parity"] = f"{type(err).__name__}: {err}"
         print(f"  parity FAILED: {errors['parity']}", flush=True)
 
+    return finish(args, shape, n_params, device, results, parity, errors)
+
+
+def phase_times(scorer: Any, prompts: torch.Tensor, reps: int = 5) -> dict[str, float]:
+    """Eager ms per batch: prefill (k tokens + first argmax) and each decode step, median of `reps`."""
+    from open360.analysis.memorization.engine import _logits_at
+
+    cache = scorer._ensure_cache(prompts.shape[0])
+    fwd, k = scorer._forward, prompts.shape[1]
+
+    def median_ms(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(reps + 1):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return float(np.median(times[1:]))
+
+    tok = prompts[:, -1:]
+    with torch.no_grad():
+        prefill = median_ms(lambda: _logits_at(fwd, prompts, k - 1, k, cache, 0).argmax(-1))
+        first = median_ms(lambda: _logits_at(fwd, tok, 0, 1, cache, k).argmax(-1))
+        last = median_ms(lambda: _logits_at(fwd, tok, 0, 1, cache, k + L - 2).argmax(-1))
+    return {"prefill_ms": prefill, "first_step_ms": first, "last_step_ms": last}
+
+
+def finish(
+    args: Any,
+    shape: dict,
+    n_params: int,
+    device: torch.device,
+    results: dict[str, Any],
+    parity: dict[str, Any],
+    errors: dict[str, str],
+) -> int:
     base = results.get("analysis360", {}).get("seq_per_s")
     hf512 = results.get("hf_generate", {}).get("seq_per_s")
     print(

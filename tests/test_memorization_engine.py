@@ -156,3 +156,77 @@ def test_greedy_equals_transformers_generate_on_the_hf_export(tmp_path) -> None:
     ours = MemorizationScorer(model, k=16, l=16, batch_size=6).score(seqs)
     assert np.array_equal(ours.predicted, ref)
     assert np.array_equal(ours.matched, (ref == seqs[:, 16:32].numpy()).sum(1))
+
+
+@pytest.mark.parametrize("over", [{}, {"n_kv_heads": 2, "rotary_fraction": 0.5}])
+def test_sliced_decode_equals_fixed_shape_masked_decode(over: dict) -> None:
+    """Int positions (attention over the filled slots only) give the same tokens as the masked path."""
+    model = tiny_model(seed=6, **over)
+    seqs = torch.randint(0, TINY["vocab_size"], (9, 40), generator=torch.Generator().manual_seed(7))
+    kw = dict(k=16, l=16, batch_size=4)
+    sliced = MemorizationScorer(model, sliced_decode=True, **kw).score(seqs)
+    masked = MemorizationScorer(model, sliced_decode=False, **kw).score(seqs)
+    assert np.array_equal(sliced.predicted, masked.predicted)
+    assert np.array_equal(sliced.matched, masked.matched)
+    assert np.array_equal(sliced.predicted, naive_greedy(model, seqs[:, :16], 16).numpy())
+
+
+def test_int_start_pos_chunks_match_full_forward() -> None:
+    """Decoder with an int start_pos: prompt from slot 0, a multi-token chunk later (masked), single tokens."""
+    from open360.models import KVCache
+
+    model = tiny_model(seed=8, n_kv_heads=2)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.allocate(model, 3, 24)
+        pieces = [model(ids[:, :7], cache, 0), model(ids[:, 7:12], cache, 7)]
+        pieces += [model(ids[:, t : t + 1], cache, t) for t in range(12, 20)]
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_sliced_decode_equals_eager() -> None:
+    model = tiny_model(seed=10)
+    seqs = torch.randint(0, TINY["vocab_size"], (10, 32), generator=torch.Generator().manual_seed(11))
+    kw = dict(k=16, l=16, batch_size=4, device="cuda", dtype="fp32")
+    graph = MemorizationScorer(model, cuda_graphs=True, **kw)
+    res = graph.score(seqs)
+    assert graph.use_graphs and graph.graph_error is None
+    eager = MemorizationScorer(model, cuda_graphs=False, sliced_decode=False, **kw).score(seqs)
+    assert np.array_equal(res.predicted, eager.predicted)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_matches_sdpa(dtype: torch.dtype) -> None:
+    from open360.analysis.memorization.engine import decode_attention, triton
+
+    if triton is None:
+        pytest.skip("needs Triton")
+    torch.manual_seed(12)
+    b, h, d = 5, 4, 64
+    qkv = torch.randn(b, 1, 3 * h, d, device="cuda", dtype=dtype)
+    q = qkv[:, :, :h].transpose(1, 2)  # the decoder's strided view
+    kc, vc = (torch.randn(b, h, 128, d, device="cuda", dtype=dtype) for _ in range(2))
+    for length in (1, 7, 33, 63, 128):
+        k, v = kc[:, :, :length], vc[:, :, :length]
+        out = decode_attention(q, k, v, 0.125)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert out.shape == ref.shape and (out.float() - ref).abs().max().item() < tol, length
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_kernel_gives_the_same_tokens_in_fp32() -> None:
+    model = tiny_model(seed=13, n_kv_heads=2)
+    seqs = torch.randint(0, TINY["vocab_size"], (10, 40), generator=torch.Generator().manual_seed(14))
+    kw = dict(k=16, l=24, batch_size=4, device="cuda", dtype="fp32")
+    fast = MemorizationScorer(model, decode_kernel=True, **kw)
+    res = fast.score(seqs)
+    ref = MemorizationScorer(model, decode_kernel=False, sliced_decode=False, cuda_graphs=False, **kw)
+    assert np.array_equal(res.predicted, ref.score(seqs).predicted)
+    assert res.info["decode_kernel"] == (fast.decode_kernel is True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,8 +137,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Static, preallocated keys and values [n_layers, B, n_kv_heads, max_len, head_dim] for greedy decoding.
 
-    Shapes never change, so a prompt-then-single-token loop runs with fixed shapes (CUDA-graph and
-    torch.compile friendly): attention always spans all `max_len` slots under a mask of the filled ones.
+    The buffers never change shape. Decoding with a device-tensor `start_pos` keeps every shape fixed
+    (attention spans all `max_len` slots under a mask of the filled ones); an int `start_pos` attends over
+    the filled slots only, which reads less and needs no mask (one fixed shape per position).
     """
 
     k: torch.Tensor
@@ -198,6 +199,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.attn_bias)
         mup_by_d = cfg.mup.enabled and cfg.mup.attn_scale_by_d
         self.scale = 1.0 / self.head_dim if mup_by_d else 1.0 / math.sqrt(self.head_dim)
+        # Optional fn(q, k, v, scale) -> [B, H, 1, head_dim] for single-token decode steps over the filled
+        # cache slots (int positions, no mask); None uses SDPA. Set by inference engines, never in training.
+        self.decode_attention: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -205,9 +209,12 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        positions: torch.Tensor | None = None,
+        positions: torch.Tensor | int | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`positions` (with `cache`): a device tensor of the T positions (fixed shapes: attention spans the
+        whole cache under `mask`), or the int position of the first token (attention spans the filled slots
+        0..positions+T-1 only; `mask` is then needed only when T > 1 and positions > 0)."""
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv_heads
         qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim)
@@ -217,13 +224,24 @@ class Attention(nn.Module):
         v = qkv[:, :, H + KV :].transpose(1, 2)
         if cache is not None:
             cache_k, cache_v = cache
-            cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
-            cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
-            k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)
+            if isinstance(positions, int):  # slots positions..positions+T-1; attend over the filled ones only
+                end = positions + T
+                cache_k[:, :, positions:end] = k.to(cache_k.dtype)
+                cache_v[:, :, positions:end] = v.to(cache_v.dtype)
+                k, v = cache_k[:, :, :end].to(q.dtype), cache_v[:, :, :end].to(q.dtype)
+            else:  # a device tensor of positions: fixed shapes, all max_len slots under the mask
+                cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
+                cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
+                k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)
         if KV != H:
             k = k.repeat_interleave(H // KV, dim=1)
             v = v.repeat_interleave(H // KV, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        if self.decode_attention is not None and T == 1 and mask is None and isinstance(positions, int):
+            y = self.decode_attention(q, k, v, self.scale)
+        else:
+            # No mask: causal among the T queries (a single query attends to every key it is given).
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
         return self.out(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
@@ -269,7 +287,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        positions: torch.Tensor | None = None,
+        positions: torch.Tensor | int | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.norm1(x)
@@ -373,12 +391,21 @@ class Decoder(nn.Module):
                     "allocate a longer cache"
                 )
             self.rotary.ensure_length(kv_cache.max_len)
-            if isinstance(start_pos, torch.Tensor):
+            if isinstance(start_pos, int):
+                # Attention reads only the filled slots 0..start_pos+T-1 (shapes vary with start_pos); a
+                # single query or a prompt from slot 0 needs no mask, so SDPA can pick a mask-free kernel.
+                positions, filled = start_pos, slice(start_pos, start_pos + T)
+                cos, sin = self.rotary.cos[filled], self.rotary.sin[filled]
+                if T > 1 and start_pos > 0:
+                    pos = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+                    slots = torch.arange(start_pos + T, device=input_ids.device)
+                    mask = slots[None, :] <= pos[:, None]  # [T, start_pos+T]: causal over the filled slots
+            else:
                 start_pos = start_pos.to(input_ids.device)
-            positions = torch.arange(T, device=input_ids.device) + start_pos
-            cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]
-            slots = torch.arange(kv_cache.max_len, device=input_ids.device)
-            mask = slots[None, :] <= positions[:, None]  # [T, max_len]: causal over the filled slots
+                positions = torch.arange(T, device=input_ids.device) + start_pos
+                cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]
+                slots = torch.arange(kv_cache.max_len, device=input_ids.device)
+                mask = slots[None, :] <= positions[:, None]  # [T, max_len]: causal over the filled slots
         checkpointing = self.cfg.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
@@ -403,7 +430,9 @@ class Decoder(nn.Module):
         """Logits [B, T, vocab] for tokens at positions start_pos..start_pos+T-1.
 
         With a kv_cache, keys/values of these positions are written into it and attention spans every
-        earlier position held there; `start_pos` may then be a 0-dim device tensor (no recompiles).
+        earlier position held there. An int `start_pos` attends over the filled slots only (fastest; the
+        shapes change with it); a 0-dim device tensor keeps every shape fixed (no recompiles, one CUDA
+        graph for any position) at the cost of attending over all max_len slots under a mask.
         Without one, the T tokens attend causally among themselves only (start_pos just shifts rotary).
         """
         return self.logits(self.hidden_states(input_ids, kv_cache, start_pos))

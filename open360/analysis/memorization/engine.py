@@ -9,7 +9,13 @@ Two modes, always labelled in results:
 - ``greedy`` (exact): one prefill forward over the ``k`` prompt tokens, then ``l-1`` single-token
   steps through the model's static KV cache. All prompts have exactly ``k`` tokens and all
   continuations exactly ``l`` tokens, so every batch has one fixed shape and needs no padding; on
-  CUDA the whole continuation of a batch is captured once as a CUDA graph and replayed.
+  CUDA the whole continuation of a batch is captured once as a CUDA graph and replayed. Positions
+  are Python ints by default (``sliced_decode``): step ``i`` attends over the ``k+i`` filled cache
+  slots only, with no mask; every step still has a fixed shape, so the one graph holds all of them.
+  On CUDA those single-token attentions run in the Triton kernel below (``decode_kernel``), which
+  reads each step's keys and values near memory bandwidth (SDPA's kernels take a fixed ~250 us a
+  layer at batch 1024 whatever the length). ``sliced_decode=False`` passes 0-dim device tensors instead: one shape for
+  every step (attention over all ``k+l`` slots under a mask), for models that take only that.
 - ``teacher_forced`` (screen): one forward over the true ``k+l-1`` tokens; the prediction at each
   of the ``l`` positions is conditioned on the *true* prefix. It is exact for ``full_match`` and for
   ``prefix_match`` (the greedy continuation equals the truth up to the first teacher-forced miss),
@@ -32,6 +38,116 @@ import numpy as np
 import torch
 
 MODES = ("greedy", "teacher_forced")
+
+try:  # Triton ships with CUDA builds of PyTorch; without it decode steps use SDPA
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+# Single-token decode attention over the filled cache slots: one program per (sequence, head) reads its
+# <= 128 keys and values once, in fp32 (SDPA's kernels for a 1-row query run at a fixed ~250 us per
+# layer at batch 1024 whatever the length, below half the memory bandwidth).
+DECODE_KERNEL_MAX_LEN = 128
+
+if triton is not None:
+
+    @triton.autotune(  # tuned once per cache-length bucket, on the warm-up run before graph capture
+        configs=[triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)], key=["block_l", "head_dim"]
+    )
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        o_ptr,
+        seq_len,
+        scale,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_vb,
+        stride_vh,
+        stride_vl,
+        stride_ob,
+        stride_oh,
+        n_heads: tl.constexpr,
+        head_dim: tl.constexpr,
+        block_l: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // n_heads
+        h = pid % n_heads
+        d = tl.arange(0, head_dim)
+        pos = tl.arange(0, block_l)
+        valid = pos < seq_len
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
+        k = tl.load(
+            k_ptr + b * stride_kb + h * stride_kh + pos[:, None] * stride_kl + d[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        p = tl.exp(s - tl.max(s, axis=0))
+        v = tl.load(
+            v_ptr + b * stride_vb + h * stride_vh + pos[:, None] * stride_vl + d[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        o = tl.sum(p[:, None] * v, axis=0) / tl.sum(p, axis=0)
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + d, o.to(o_ptr.dtype.element_ty))
+
+    @torch.library.custom_op("open360::memorization_decode_attention", mutates_args=())
+    def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        b, h, _, d = q.shape
+        out = torch.empty(b, 1, h, d, device=q.device, dtype=q.dtype).transpose(1, 2)
+        seq_len = k.shape[2]
+        _decode_attention_kernel[(b * h,)](
+            q,
+            k,
+            v,
+            out,
+            seq_len,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            n_heads=h,
+            head_dim=d,
+            block_l=max(16, triton.next_power_of_2(seq_len)),
+        )
+        return out
+
+    @_decode_attention_op.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        b, h, _, d = q.shape
+        return q.new_empty(b, 1, h, d).transpose(1, 2)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query per (sequence, head) over every key given: q [B, H, 1, D], k/v [B, H, L, D]
+    -> [B, H, 1, D]. The Triton kernel where it applies (CUDA, L <= 128, power-of-two D, unit last
+    stride), else SDPA. Softmax and both products in fp32."""
+    usable = (
+        triton is not None
+        and q.is_cuda
+        and k.shape[2] <= DECODE_KERNEL_MAX_LEN
+        and q.shape[-1] in (16, 32, 64, 128, 256)
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    )
+    if usable:
+        return _decode_attention_op(q, k, v, scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
 
 # Builds a KV cache for (model, batch_size, max_len, device, dtype); the default uses open360.models.
 CacheFactory = Callable[[torch.nn.Module, int, int, torch.device, torch.dtype], Any]
@@ -94,18 +210,23 @@ def _logits_at(
 
 
 @torch.no_grad()
-def greedy_continuation(model: Any, prompts: torch.Tensor, cont_len: int, kv_cache: Any) -> torch.Tensor:
+def greedy_continuation(
+    model: Any, prompts: torch.Tensor, cont_len: int, kv_cache: Any, sliced: bool = True
+) -> torch.Tensor:
     """Greedy continuation of `cont_len` tokens for [B, k] prompts through `kv_cache` -> [B, cont_len].
 
     The cache must hold at least k + cont_len - 1 positions for batch B; it is overwritten from position 0,
-    so one cache serves every batch of the same shape. Decode positions are passed as 0-dim device
-    tensors, so a compiled model does not recompile per position and the loop is graph-capturable.
+    so one cache serves every batch of the same shape. `sliced`: decode positions are Python ints, so
+    each step attends over the filled slots only (one static shape per step; graph-capturable). Else
+    they are 0-dim device tensors: one shape for every step, attention over the whole cache under a mask.
     """
     b, k = prompts.shape
     out = torch.empty(b, cont_len, dtype=torch.long, device=prompts.device)
     tok = _logits_at(model, prompts, k - 1, k, kv_cache, 0)[:, 0].argmax(dim=-1)
     out[:, 0] = tok
-    positions = torch.arange(k, k + cont_len - 1, device=prompts.device)
+    positions: Any = (
+        range(k, k + cont_len - 1) if sliced else torch.arange(k, k + cont_len - 1, device=prompts.device)
+    )
     for i in range(1, cont_len):
         logits = _logits_at(model, tok[:, None], 0, 1, kv_cache, positions[i - 1])
         tok = logits[:, 0].argmax(dim=-1)
@@ -146,6 +267,10 @@ class MemorizationScorer:
     its first row (their results are dropped) so that every batch has the same shape.
     `cuda_graphs` (CUDA only) captures the whole greedy continuation of a batch once and replays it;
     if capture fails the scorer warns and runs eagerly. `compile` wraps the model in torch.compile.
+    `sliced_decode` (default): each decode step attends over the filled cache slots only (see
+    `greedy_continuation`); False keeps one fixed shape for every step (attention under a mask).
+    `decode_kernel` (CUDA, sliced decode, Triton present): single-token steps use `decode_attention`
+    (sets each block's `attn.decode_attention` hook on the model in place; False clears it).
     """
 
     def __init__(
@@ -160,6 +285,8 @@ class MemorizationScorer:
         cuda_graphs: bool = True,
         compile: bool = False,
         cache_factory: CacheFactory | None = None,
+        sliced_decode: bool = True,
+        decode_kernel: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"memorization: mode={mode!r} is not one of {MODES}")
@@ -172,15 +299,25 @@ class MemorizationScorer:
         self.device = torch.device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.k, self.l, self.batch_size, self.mode = k, l, batch_size, mode
+        self.sliced_decode = bool(sliced_decode)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.decode_kernel = (
+            bool(decode_kernel) and self.sliced_decode and self.device.type == "cuda" and triton is not None
+        )
+        for module in self.model.modules():  # open360 Attention modules carry the hook; others are left alone
+            if hasattr(module, "decode_attention"):
+                module.decode_attention = decode_attention if self.decode_kernel else None
         self._forward: Any = self.model
         if compile:  # compile the blocks in place (the Decoder's own hook), else the whole module
+            # Sliced decode changes the attended length every step: let the int position go symbolic
+            # (automatic dynamic) rather than recompiling per position.
+            dynamic = None if self.sliced_decode else False
             blocks = getattr(self.model, "blocks", None)
             if isinstance(blocks, torch.nn.ModuleList):
                 for block in blocks:
-                    block.compile(dynamic=False)
+                    block.compile(dynamic=dynamic)
             else:
-                self._forward = torch.compile(self.model, dynamic=False)
+                self._forward = torch.compile(self.model, dynamic=dynamic)
         self.cache_factory = cache_factory or default_cache_factory
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and mode == "greedy"
         self._cache: Any = None
@@ -199,7 +336,8 @@ class MemorizationScorer:
         return self._cache
 
     def _greedy_eager(self, prompts: torch.Tensor) -> torch.Tensor:
-        return greedy_continuation(self._forward, prompts, self.l, self._ensure_cache(prompts.shape[0]))
+        cache = self._ensure_cache(prompts.shape[0])
+        return greedy_continuation(self._forward, prompts, self.l, cache, self.sliced_decode)
 
     def _capture(self, prompts: torch.Tensor) -> None:
         with torch.cuda.device(self.device):
@@ -212,11 +350,13 @@ class MemorizationScorer:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up kernels and allocator outside the graph
-                greedy_continuation(self._forward, self._static_in, self.l, cache)
+                greedy_continuation(self._forward, self._static_in, self.l, cache, self.sliced_decode)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._static_out = greedy_continuation(self._forward, self._static_in, self.l, cache)
+            self._static_out = greedy_continuation(
+                self._forward, self._static_in, self.l, cache, self.sliced_decode
+            )
         self._graph = graph
 
     def _greedy_batch(self, prompts: torch.Tensor) -> torch.Tensor:
@@ -289,6 +429,7 @@ class MemorizationScorer:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         info["cuda_graphs"] = self.use_graphs
+        info["decode_kernel"] = self.decode_kernel
         if self.graph_error:
             info["graph_error"] = self.graph_error
         return ScoreResult(self.mode, self.k, self.l, matched, prefix, predicted, seconds, info)

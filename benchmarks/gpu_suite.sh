@@ -7,7 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/open360-bench}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --find-links wheels hydra-core omegaconf datasketch 2>&1 | tail -2
+python3 -m pip install -q --no-index --find-links wheels hydra-core omegaconf datasketch megatron-core 2>&1 | tail -2
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 {
   date -u +%Y-%m-%dT%H:%MZ

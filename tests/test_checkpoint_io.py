@@ -134,3 +134,19 @@ def test_crash_mid_save_leaves_no_complete_looking_dir(tmp_path: Path) -> None:
     names = [p.name for p in tmp_path.iterdir()]
     assert any(n.startswith(".tmp-step_1-") for n in names), names
     assert list_checkpoints(tmp_path) == []
+
+
+def test_extra_dirs_move_into_the_checkpoint_and_are_verified(tmp_path: Path) -> None:
+    staging = tmp_path / "run" / ".tmp-step_5-megatron"
+    (staging / "shards").mkdir(parents=True)
+    (staging / "shards" / "0.distcp").write_bytes(b"rank0")
+    (staging / "metadata.json").write_text("{}")
+    contents = _contents()
+    contents.extra_dirs = {"megatron": staging}
+    path = save_checkpoint(tmp_path / "run", 5, contents)
+    assert not staging.exists()
+    lineage = verify_checkpoint(path)
+    assert {"megatron/shards/0.distcp", "megatron/metadata.json"} <= set(lineage["files"])
+    (path / "megatron" / "shards" / "0.distcp").write_bytes(b"rank1")
+    with pytest.raises(CheckpointError, match="0.distcp"):
+        verify_checkpoint(path)

@@ -45,6 +45,9 @@ class CheckpointContents:
     rng: dict[str, Any]
     config_yaml: str
     lineage: dict[str, Any] = field(default_factory=dict)
+    # name -> a finished directory (e.g. a megatron-core distributed checkpoint) moved into the checkpoint
+    # on save; its files are hashed into lineage.json like the others. Not read back by load_checkpoint.
+    extra_dirs: dict[str, Path] = field(default_factory=dict)
 
 
 def step_dir_name(step: int) -> str:
@@ -136,11 +139,15 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
         shutil.rmtree(tmp)
     tmp.mkdir()
     _write_payload(tmp, contents)
+    extra_files = []
+    for name, directory in contents.extra_dirs.items():
+        shutil.move(str(directory), str(tmp / name))
+        extra_files += sorted(str(f.relative_to(tmp)) for f in (tmp / name).rglob("*") if f.is_file())
     lineage = dict(contents.lineage)
     lineage["step"] = step
-    lineage["files"] = {name: sha256_file(tmp / name) for name in PAYLOAD_FILES}
+    lineage["files"] = {name: sha256_file(tmp / name) for name in (*PAYLOAD_FILES, *extra_files)}
     (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
-    for name in (*PAYLOAD_FILES, LINEAGE_FILE):
+    for name in (*PAYLOAD_FILES, *extra_files, LINEAGE_FILE):
         _fsync_file(tmp / name)
     _fsync_dir(tmp)
     if final.exists():

@@ -95,6 +95,7 @@ class CheckpointWriter:
             rng=self._snapshot(contents.rng),
             config_yaml=contents.config_yaml,
             lineage=contents.lineage,
+            extra_dirs=contents.extra_dirs,
         )
         self._pending.append(self._pool.submit(self._write, step, snapshot, published))
 

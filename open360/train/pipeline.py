@@ -151,16 +151,44 @@ def run_training(cfg: DictConfig, device: str, init_from: Path | None = None) ->
     `init_from`: a checkpoint directory whose weights start the model (fine-tuning; a fresh optimizer
     and step 0). A resumed run takes its weights from the resume checkpoint instead.
     """
-    if cfg.trainer.backend != "native":
+    backend = str(cfg.trainer.backend)
+    if backend not in BACKENDS:
+        raise TrainingError(f"trainer.backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "megatron":
+        _check_megatron_available(device)
+    elif int(cfg.trainer.tensor_parallel) > 1 or int(cfg.trainer.pipeline_parallel) > 1:
         raise TrainingError(
-            f"trainer.backend={cfg.trainer.backend!r}: this pipeline runs the native PyTorch backend only; "
-            "set trainer.backend=native"
+            f"trainer.tensor_parallel={cfg.trainer.tensor_parallel}, trainer.pipeline_parallel="
+            f"{cfg.trainer.pipeline_parallel}: tensor and pipeline parallelism run on trainer.backend=megatron; "
+            "the native backend does data parallelism (DDP/FSDP) only"
         )
     env = init_distributed(device)
     try:
         return _run(cfg, device, env, init_from)
     finally:
+        if backend == "megatron":
+            from open360.backends.megatron.engine import destroy_parallel
+
+            destroy_parallel()
         shutdown_distributed()
+
+
+BACKENDS = ("native", "megatron")
+
+
+def _check_megatron_available(device: str) -> None:
+    """megatron-core runs on CUDA only (RoPE, RNG tracker, DDP buffers); say so before building anything."""
+    if device != "cuda":
+        raise TrainingError(
+            f"trainer.backend=megatron needs CUDA GPUs (trainer.device resolved to {device!r}): megatron-core's "
+            "RoPE, RNG tracker and DDP buffers are CUDA-only. Use trainer.backend=native on CPU"
+        )
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError as err:
+        raise TrainingError(
+            "trainer.backend=megatron: megatron-core is not installed; pip install -e '.[megatron]'"
+        ) from err
 
 
 def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSettings:
@@ -207,6 +235,13 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
             f"{checkpoint}: checkpoint is in stage {stage_state['name']!r}, which the config's stages do "
             "not have at that position; resume with the original `stages`"
         )
+    recorded = contents.lineage.get("backend", "native")
+    if recorded != trainer.backend:
+        raise TrainingError(
+            f"{checkpoint}: written by the {recorded} backend, this run uses trainer.backend={trainer.backend}; "
+            f"a checkpoint resumes only on its own backend. Start from its weights with "
+            f"trainer.init_from={checkpoint} (fresh optimizer) instead"
+        )
     data = trainer.stage_data(stage)
     check_resume_compatible(
         checkpoint, stage.name, data.lineage["manifest_hash"], data.lineage["tokenizer_hash"]
@@ -217,6 +252,7 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
             "optimizer": contents.optimizer,
             "trainer": contents.trainer_state,
             "rng": contents.rng,
+            "checkpoint_dir": Path(checkpoint),
         }
     )
     return dict(contents.lineage.get("callbacks", {}))
@@ -239,9 +275,6 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
 
     model = build_model(cfg.model)
     init_record = _load_initial_weights(model, init_from) if init_from is not None else None
-    model = model.to(env.device)
-    module = parallelize(model, env, str(cfg.trainer.distributed))
-    optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 swaps in sharded parameters
     settings = build_settings(cfg, device, env)
     shards = ShardProvider(cfg, workspace, env)
     writer = CheckpointWriter(
@@ -250,15 +283,13 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     callbacks = _build_callbacks(cfg, workspace, env)
     lineage_base = {
         "run_name": run_name,
+        "backend": str(cfg.trainer.backend),
         "code": git_revision(),
         "config_hash": config_hash(config_dict),
         "torch_version": torch.__version__,
         **({"init_from": init_record} if init_record else {}),
     }
-    trainer = Trainer(
-        model=model,
-        module=module,
-        optimizer=optimizer,
+    common = dict(
         stages=stages,
         settings=settings,
         env=env,
@@ -269,6 +300,19 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         config_yaml=config_yaml,
         lineage_base=lineage_base,
     )
+    trainer: Trainer
+    if cfg.trainer.backend == "megatron":
+        from open360.backends.megatron.trainer import create_megatron_trainer
+
+        # The native initializer (same seed) gives the weights, so both backends start identically.
+        trainer = create_megatron_trainer(cfg, model.state_dict(), (published_dir, recovery_dir), **common)
+        del model
+        lineage_base["parallel_layout"] = vars(trainer.engine.layout)
+    else:
+        model = model.to(env.device)
+        module = parallelize(model, env, str(cfg.trainer.distributed))
+        optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 swaps in sharded parameters
+        trainer = Trainer(model=model, module=module, optimizer=optimizer, **common)
 
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
     if resume_from is not None:

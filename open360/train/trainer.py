@@ -100,6 +100,8 @@ class Trainer:
     (code revision, config hash, run name) goes into every checkpoint's lineage.json.
     """
 
+    backend = "native"  # recorded in lineage.json; a checkpoint resumes only on the backend that wrote it
+
     def __init__(
         self,
         model: nn.Module,
@@ -128,13 +130,36 @@ class Trainer:
         self.config_yaml = config_yaml
         self.lineage_base = lineage_base
         self.progress = TrainerProgress()
-        self.accum = settings.accumulation_steps(env.world_size)
+        self.accum = self._accumulation_steps()
         self.final_step = stages[-1].end
         self._stage_data: dict[int, StageData] = {}
         self._finished_stages: dict[int, dict[str, Any]] = {}  # data history restored from a checkpoint
         self._prefetch_pool: ThreadPoolExecutor | None = None  # lives while train() runs
         self._prefetched: tuple[int, int, Future[torch.Tensor]] | None = None
         self.saved: list[SavedCheckpoint] = []
+
+    # -- backend hooks (overridden by the megatron-core trainer) --------------------------------
+
+    def _accumulation_steps(self) -> int:
+        return self.settings.accumulation_steps(self.env.world_size)
+
+    def _data_shard(self) -> tuple[int, int]:
+        """(index, count) of this rank's slice of every global batch."""
+        return self.env.rank, self.env.world_size
+
+    def _model_optimizer_state(self) -> dict[str, Any]:
+        """Full model and optimizer state for the checkpoint (complete on rank 0)."""
+        return {
+            "model": full_model_state(self.model, self.env),
+            "optimizer": full_optimizer_state(self.model, self.optimizer, self.env),
+        }
+
+    def _load_model_optimizer(self, state: dict[str, Any]) -> None:
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.env)
+
+    def _extra_checkpoint_dirs(self, published: bool) -> dict[str, Path]:
+        """Directories written by every rank that the checkpoint takes in (none for the native backend)."""
+        return {}
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -149,8 +174,9 @@ class Trainer:
     def _load_batch(self, stage: Stage, step: int) -> torch.Tensor:
         """This rank's rows of the global batch of global step `step`, as a (pinned) CPU tensor."""
         full = self.stage_data(stage).order.batch(step - stage.start)
-        rows = self.settings.global_batch_size // self.env.world_size
-        local = np.ascontiguousarray(full[self.env.rank * rows : (self.env.rank + 1) * rows], dtype=np.int64)
+        index, count = self._data_shard()
+        rows = self.settings.global_batch_size // count
+        local = np.ascontiguousarray(full[index * rows : (index + 1) * rows], dtype=np.int64)
         tensor = torch.from_numpy(local)
         return tensor.pin_memory() if self.env.device.type == "cuda" else tensor
 
@@ -259,8 +285,7 @@ class Trainer:
             "seq_len": self.settings.seq_len,
         }
         return {
-            "model": full_model_state(self.model, self.env),
-            "optimizer": full_optimizer_state(self.model, self.optimizer, self.env),
+            **self._model_optimizer_state(),
             "trainer": trainer_state,
             "rng": {"ranks": gather_objects(capture_rng_state(), self.env)},
         }
@@ -277,7 +302,7 @@ class Trainer:
                 f"the config has {self.settings.global_batch_size}, {self.settings.seq_len}. Resume with the "
                 "original trainer.global_batch_size and trainer.seq_len"
             )
-        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.env)
+        self._load_model_optimizer(state)
         self.progress = TrainerProgress(
             step=int(ts["step"]),
             tokens_seen=int(ts["tokens_seen"]),
@@ -336,6 +361,7 @@ class Trainer:
     def save(self, published: bool) -> None:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering state)."""
         state = self.state_dict()
+        extra_dirs = self._extra_checkpoint_dirs(published)
         lineage = self._lineage(state["trainer"]["data_history"])
         if self.writer is None or not self.env.is_main:
             return
@@ -346,6 +372,7 @@ class Trainer:
             rng=state["rng"],
             config_yaml=self.config_yaml,
             lineage=lineage,
+            extra_dirs=extra_dirs,
         )
         self.writer.save(self.progress.step, contents, published)
 

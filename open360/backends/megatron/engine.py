@@ -1,0 +1,264 @@
+"""megatron-core runtime: process groups, GPTModel + megatron DDP + megatron optimizer from an open360
+config, one optimizer step through megatron's schedules, full-state gathering and distributed checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate, ParamWithNamePredicate
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from open360.backends.megatron.layout import (
+    ParallelLayout,
+    megatron_to_native,
+    merge_shards,
+    native_to_megatron,
+    shard_for_rank,
+)
+from open360.backends.megatron.spec import build_gpt_model, transformer_config
+from open360.config.schema import ModelConfig
+from open360.models.decoder import width_mult
+
+# Optimizer state is saved in megatron-core's canonical per-parameter layout, so a checkpoint written
+# at one tensor/pipeline/data-parallel layout loads at any other.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def initialize_parallel(layout: ParallelLayout, seed: int) -> None:
+    """Join (or create, for one process) the process group and build megatron's TP/PP/DP groups."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups (the process group is left to the caller)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def _optimizer_overrides(cfg: ModelConfig) -> dict[ParamKey, dict[str, float]]:
+    """open360's parameter groups in megatron terms: no decay on norms, biases and the embedding; muP's
+    lr and eps x 1/width_mult on the hidden matrices inside the blocks."""
+    overrides: dict[ParamKey, dict[str, float]] = {
+        ParamKey(name="*.bias", predicate=ParamPredicate(name="vector", fn=lambda p: p.ndim == 1)): {"wd_mult": 0.0},
+        ParamKey(name="*word_embeddings.weight"): {"wd_mult": 0.0},
+    }
+    scale = 1.0 / width_mult(cfg)
+    if scale != 1.0:
+        hidden = ParamWithNamePredicate(name="mup_hidden", fn=lambda p, n: p.ndim == 2 and ".layers." in n)
+        overrides[ParamKey(with_name_predicate=hidden)] = {"lr_mult": scale, "eps_mult": scale}
+    return overrides
+
+
+class MegatronEngine:
+    """One rank's share of a megatron-core model: GPTModel stage, DDP wrapper, distributed optimizer."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim_cfg: Any,
+        layout: ParallelLayout,
+        initial_state: Mapping[str, torch.Tensor],
+        micro_batch_size: int,
+        seq_len: int,
+        bf16: bool,
+        attention: str = "sdpa",
+    ) -> None:
+        if optim_cfg.name != "adamw":
+            raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is implemented")
+        self.model_cfg, self.layout = model_cfg, layout
+        self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.first_stage = parallel_state.is_pipeline_first_stage()
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.config = transformer_config(model_cfg, layout.tp, layout.pp, bf16)
+        self.gpt = build_gpt_model(model_cfg, self.config, self.first_stage, self.last_stage, attention)
+        self.load_native_weights(initial_state)
+        self.gpt.cuda(torch.cuda.current_device())
+        module = Float16Module(self.config, self.gpt) if bf16 else self.gpt
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+        )
+        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model.no_sync
+        self.base_eps = float(optim_cfg.eps)
+        self.weight_decay = float(optim_cfg.weight_decay)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=float(optim_cfg.lr),
+                weight_decay=self.weight_decay,
+                adam_beta1=float(optim_cfg.betas[0]),
+                adam_beta2=float(optim_cfg.betas[1]),
+                adam_eps=self.base_eps,
+                clip_grad=float(optim_cfg.grad_clip),
+                bf16=bf16,
+                params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                use_distributed_optimizer=True,
+            ),
+            [self.model],
+            config_overrides=_optimizer_overrides(model_cfg),
+        )
+        self._forward_backward = get_forward_backward_func()
+        device = torch.device("cuda", torch.cuda.current_device())
+        self._positions = torch.arange(seq_len, device=device).unsqueeze(0).expand(micro_batch_size, -1)
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def load_native_weights(self, native_state: Mapping[str, torch.Tensor]) -> None:
+        """Load this rank's slice of a native (open360) state dict into the GPTModel stage."""
+        local = shard_for_rank(
+            native_to_megatron(native_state, self.model_cfg), self.model_cfg, self.layout, self.tp_rank, self.pp_rank
+        )
+        missing, unexpected = self.gpt.load_state_dict(local, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"megatron stage {self.pp_rank}/tp {self.tp_rank}: missing {missing}, unexpected {unexpected}")
+
+    def full_native_state(self) -> dict[str, torch.Tensor] | None:
+        """Every weight in open360's native names on global rank 0 (None elsewhere); every rank calls it."""
+        local = None
+        if self.dp_rank == 0:
+            local = (
+                self.tp_rank,
+                self.pp_rank,
+                {
+                    k: v.detach().float().cpu()
+                    for k, v in self.gpt.state_dict().items()
+                    if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+                },
+            )
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if gathered is None:
+            return None
+        shards = {(t, p): sd for t, p, sd in (g for g in gathered if g is not None)}
+        return megatron_to_native(merge_shards(shards, self.model_cfg, self.layout), self.model_cfg)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def set_lr(self, lr: float) -> None:
+        """Every group's lr, weight decay and eps from the schedule's lr and the group's multipliers."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+            group["eps"] = self.base_eps * group.get("eps_mult", 1.0)
+
+    @staticmethod
+    def _loss(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = output.float().mean()
+        return loss, {"loss": loss.detach().clone()}
+
+    def _forward_step(self, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        tokens = next(data_iterator)
+        output = model(tokens[:, :-1], self._positions, None, labels=tokens[:, 1:])
+        return output, self._loss
+
+    def forward_backward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Forward/backward over this replica's rows [n, seq_len+1]; returns the replica-mean loss on every rank."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro = list(rows.split(self.micro_batch_size))
+        outputs = self._forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro),
+            model=[self.model],
+            num_microbatches=len(micro),
+            seq_length=self.seq_len,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=False,
+        )
+        contributes = self.last_stage and self.tp_rank == 0
+        loss = torch.stack([o["loss"] for o in outputs]).mean() if contributes else torch.zeros((), device=rows.device)
+        dist.all_reduce(loss)
+        return loss / self.layout.dp
+
+    def optimizer_step(self) -> float:
+        """Clip and step; returns the global gradient norm (NaN when megatron skipped the step)."""
+        _, grad_norm, _ = self.optimizer.step()
+        return math.nan if grad_norm is None else float(grad_norm)
+
+    # -- distributed checkpoints ----------------------------------------------------------------
+
+    def _sharded_state(self, is_loading: bool) -> dict[str, Any]:
+        model = self.gpt.sharded_state_dict()
+        return {
+            "model": model,
+            "optimizer": self.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=OPTIMIZER_SHARDING),
+        }
+
+    def save_distributed(self, directory: Path) -> None:
+        """Every rank writes its shards of model + optimizer into `directory` (megatron dist_checkpointing)."""
+        if dist.get_rank() == 0:
+            Path(directory).mkdir(parents=True, exist_ok=False)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(is_loading=False), str(directory))
+        dist.barrier()
+
+    @torch.no_grad()
+    def _materialize_optimizer_state(self) -> None:
+        """Give a fresh optimizer its per-parameter state (step, moments) by one step with zero gradients,
+        zero lr and zero weight decay (parameters unchanged), so megatron can map checkpoint state onto it."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = opt.optimizer
+            saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+            for g in inner.param_groups:
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+                for p in g["params"]:
+                    p.grad = torch.zeros_like(p)
+            inner.step()
+            inner.zero_grad(set_to_none=True)
+            for g, (lr, wd) in zip(inner.param_groups, saved, strict=True):
+                g["lr"], g["weight_decay"] = lr, wd
+
+    def _patch_torch_adam_state_loading(self) -> None:
+        """Work around megatron-core's distributed optimizer on torch's AdamW (no Transformer Engine or apex):
+        `load_state_dict` first gives every parameter state a "step", then copies each parameter's saved
+        state over *all* its state keys, but the saved state has no per-parameter "step" (kept once per
+        group), so loading raises KeyError('step'). Copy only the saved keys; "step" is set by megatron."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 or not hasattr(
+                opt, "_set_main_param_and_optimizer_states"
+            ):
+                continue
+
+            def set_states(model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor], opt: Any = opt) -> None:
+                group_index, group_order = opt.model_param_group_index_map[model_param]
+                main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+                state = opt.optimizer.state[main_param]
+                for key, value in tensors.items():
+                    (main_param if key == "param" else state[key]).copy_(value)
+
+            opt._set_main_param_and_optimizer_states = set_states
+
+    def load_distributed(self, directory: Path) -> None:
+        """Load model + optimizer shards saved at any parallel layout."""
+        self._materialize_optimizer_state()
+        self._patch_torch_adam_state_loading()
+        loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(directory))
+        self.gpt.load_state_dict(loaded["model"], strict=False)
+        self.optimizer.load_state_dict(loaded["optimizer"])

@@ -1,0 +1,249 @@
+"""megatron-core backend on CPU: layout validation, native <-> megatron weight conversion with TP/PP
+sharding, the layer spec's numerics against the native decoder, optimizer groups, and clear refusals."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from open360.backends.megatron.layout import (
+    LayoutError,
+    ParallelLayout,
+    megatron_to_native,
+    merge_shards,
+    native_to_megatron,
+    shard_for_rank,
+)
+from open360.config.schema import ModelConfig, MupConfig
+from open360.models.decoder import Decoder
+
+AMBER = ModelConfig(
+    name="amber_gqa", vocab_size=256, n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64
+)
+PHI = ModelConfig(
+    name="phi", vocab_size=256, n_layers=4, d_model=64, n_heads=4, ffn_dim=128, max_seq_len=64, norm="layernorm",
+    norm_eps=1e-5, mlp="gelu", attn_bias=True, mlp_bias=True, lm_head_bias=True, rotary_fraction=0.5,
+    parallel_block=True,
+)
+CRYSTAL = ModelConfig(
+    name="crystalcoder", vocab_size=256, n_layers=4, d_model=64, n_heads=4, ffn_dim=128, max_seq_len=64,
+    norm="layernorm", rotary_fraction=0.25, tie_embeddings=True, rope_interpolation_factor=2.0,
+    mup=MupConfig(enabled=True, base_width=32),
+)
+ARCHS = [AMBER, PHI, CRYSTAL]
+
+
+def _native(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    torch.manual_seed(seed)
+    model = Decoder(cfg)
+    with torch.no_grad():  # break the init's symmetries (zero biases, unit norms) so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+# -- layout --------------------------------------------------------------------------------------
+
+
+def test_layout_checks_name_the_offending_setting() -> None:
+    assert ParallelLayout.for_run(AMBER, 2, 2, 8) == ParallelLayout(tp=2, pp=2, dp=2)
+    with pytest.raises(LayoutError, match="launch a multiple of 4"):
+        ParallelLayout.for_run(AMBER, 2, 2, 6)
+    with pytest.raises(LayoutError, match="n_kv_heads=2 is not divisible by trainer.tensor_parallel=4"):
+        ParallelLayout.for_run(AMBER, 4, 1, 4)
+    with pytest.raises(LayoutError, match="n_layers=4 is not divisible by trainer.pipeline_parallel=3"):
+        ParallelLayout.for_run(AMBER, 1, 3, 3)
+    with pytest.raises(LayoutError, match=">= 1"):
+        ParallelLayout.for_run(AMBER, 0, 1, 1)
+    layout = ParallelLayout(tp=1, pp=1, dp=2)
+    assert layout.microbatches(16, 4) == 2
+    with pytest.raises(LayoutError, match="global_batch_size=10 must be a multiple"):
+        layout.microbatches(10, 4)
+
+
+# -- conversion ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", ARCHS, ids=lambda c: c.name)
+def test_native_megatron_roundtrip_is_exact(cfg: ModelConfig) -> None:
+    native = _native(cfg).state_dict()
+    back = megatron_to_native(native_to_megatron(native, cfg), cfg)
+    assert set(back) == set(native)
+    assert all(torch.equal(back[k], native[k]) for k in native)
+
+
+def test_qkv_is_regrouped_per_query_group() -> None:
+    h, kv, hd = AMBER.n_heads, AMBER.n_kv_heads, AMBER.d_model // AMBER.n_heads
+    native = _native(AMBER).state_dict()
+    qkv = native["blocks.0.attn.qkv.weight"]
+    meg = native_to_megatron(native, AMBER)["decoder.layers.0.self_attention.linear_qkv.weight"]
+    per_group = (h // kv + 2) * hd
+    # group 1: query heads 2..3, then k head 1, then v head 1
+    group1 = meg[per_group : 2 * per_group]
+    assert torch.equal(group1[: 2 * hd], qkv[2 * hd : 4 * hd])
+    assert torch.equal(group1[2 * hd : 3 * hd], qkv[(h + 1) * hd : (h + 2) * hd])
+    assert torch.equal(group1[3 * hd :], qkv[(h + kv + 1) * hd : (h + kv + 2) * hd])
+
+
+@pytest.mark.parametrize("cfg", ARCHS, ids=lambda c: c.name)
+def test_tp_pp_sharding_merges_back_and_splits_like_megatron(cfg: ModelConfig) -> None:
+    layout = ParallelLayout(tp=2, pp=2, dp=1)
+    full = native_to_megatron(_native(cfg).state_dict(), cfg)
+    shards = {(t, p): shard_for_rank(full, cfg, layout, t, p) for t in range(2) for p in range(2)}
+    merged = merge_shards(shards, cfg, layout)
+    assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full)
+
+    first, last = shards[(1, 0)], shards[(1, 1)]
+    assert "embedding.word_embeddings.weight" in first and "decoder.final_layernorm.weight" in last
+    assert {k.split(".")[2] for k in last if k.startswith("decoder.layers.")} == {"0", "1"}  # stage-local numbering
+    assert torch.equal(  # layer 2 of the model is layer 0 of stage 1
+        last["decoder.layers.0.self_attention.linear_proj.weight"],
+        full["decoder.layers.2.self_attention.linear_proj.weight"].chunk(2, dim=1)[1],
+    )
+    fc1 = full["decoder.layers.0.mlp.linear_fc1.weight"]
+    if cfg.mlp == "swiglu":  # each TP rank holds [its gate rows; its up rows]
+        gate, up = fc1.chunk(2)
+        expected = torch.cat([gate.chunk(2)[1], up.chunk(2)[1]])
+    else:
+        expected = fc1.chunk(2)[1]
+    assert torch.equal(first["decoder.layers.0.mlp.linear_fc1.weight"], expected)
+    if cfg.tie_embeddings:  # the last stage holds the embedding copy megatron keeps in sync
+        assert torch.equal(last["output_layer.weight"], first["embedding.word_embeddings.weight"])
+
+
+def test_merge_needs_every_rank() -> None:
+    layout = ParallelLayout(tp=2, pp=1, dp=1)
+    full = native_to_megatron(_native(AMBER).state_dict(), AMBER)
+    with pytest.raises(LayoutError, match="needs the shards of ranks"):
+        merge_shards({(0, 0): shard_for_rank(full, AMBER, layout, 0, 0)}, AMBER, layout)
+
+
+# -- megatron-core on CPU (one gloo process; RoPE's CUDA device lookup pointed at the CPU) ---------
+
+
+@pytest.fixture(scope="module")
+def megatron_cpu():
+    pytest.importorskip("megatron.core")
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    current_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"  # megatron-core's RoPE moves its tables to the current CUDA device
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = current_device
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cfg", ARCHS, ids=lambda c: c.name)
+def test_megatron_model_from_converted_weights_matches_native_logits(megatron_cpu, cfg: ModelConfig) -> None:
+    from open360.backends.megatron.spec import build_gpt_model, transformer_config
+
+    native = _native(cfg)
+    model = build_gpt_model(cfg, transformer_config(cfg, 1, 1, bf16=False), True, True)
+    missing, unexpected = model.load_state_dict(native_to_megatron(native.state_dict(), cfg), strict=False)
+    assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    positions = torch.arange(24)[None].expand(2, -1)
+    with torch.no_grad():
+        logits = model(ids, positions, None)
+        assert torch.allclose(logits, native(ids), atol=2e-5), (logits - native(ids)).abs().max()
+        per_token = model(ids[:, :-1], positions[:, :-1], None, labels=ids[:, 1:])
+        assert torch.allclose(per_token.mean(), native.loss(ids[:, :-1], ids[:, 1:]), atol=1e-5)
+
+
+def test_stock_local_attention_spec_is_available_for_comparison(megatron_cpu) -> None:
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from open360.backends.megatron.spec import SDPAttention, layer_spec
+
+    assert layer_spec(AMBER).submodules.self_attention.submodules.core_attention is SDPAttention
+    assert layer_spec(AMBER, "local").submodules.self_attention.submodules.core_attention is DotProductAttention
+    with pytest.raises(ValueError, match="attention='flash'"):
+        layer_spec(AMBER, "flash")
+
+
+def test_optimizer_groups_mirror_native_decay_and_mup_lr(megatron_cpu) -> None:
+    from open360.backends.megatron.engine import _optimizer_overrides
+    from open360.backends.megatron.spec import build_gpt_model, transformer_config
+
+    cfg = CRYSTAL
+    model = build_gpt_model(cfg, transformer_config(cfg, 1, 1, bf16=False), True, True)
+    overrides = _optimizer_overrides(cfg)
+
+    def merged(name: str, param: torch.nn.Parameter) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, value in overrides.items():
+            if key.matches(param, f"module.module.{name}"):
+                out.update(value)
+        return out
+
+    params = dict(model.named_parameters())
+    assert merged("embedding.word_embeddings.weight", params["embedding.word_embeddings.weight"]) == {"wd_mult": 0.0}
+    norm = "decoder.layers.0.input_layernorm.bias"
+    assert merged(norm, params[norm]) == {"wd_mult": 0.0}
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert merged(qkv, params[qkv]) == {"lr_mult": 0.5, "eps_mult": 0.5}  # muP: 1 / width_mult (64 / 32)
+    assert _optimizer_overrides(AMBER) and all("lr_mult" not in v for v in _optimizer_overrides(AMBER).values())
+
+
+def test_biases_megatron_cannot_express_are_refused(megatron_cpu) -> None:
+    from dataclasses import replace
+
+    from open360.backends.megatron.spec import transformer_config
+
+    with pytest.raises(ValueError, match="add_bias_linear"):
+        transformer_config(replace(AMBER, attn_bias=True), 1, 1, bf16=False)
+    with pytest.raises(ValueError, match="add_bias_linear"):
+        transformer_config(replace(AMBER, mlp_bias=True), 1, 1, bf16=False)
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def test_megatron_on_cpu_and_tensor_parallel_on_native_are_refused() -> None:
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+    from open360.train.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="needs CUDA GPUs"):
+        run_training(compose(["+experiment=amber_tiny", "trainer.backend=megatron"]), device="cpu")
+    with pytest.raises(TrainingError, match="run on trainer.backend=megatron"):
+        run_training(compose(["+experiment=amber_tiny", "trainer.tensor_parallel=2"]), device="cpu")
+    with pytest.raises(TrainingError, match="expected one of"):
+        run_training(compose(["+experiment=amber_tiny", "trainer.backend=deepspeed"]), device="cpu")
+
+
+def test_checkpoint_resumes_only_on_the_backend_that_wrote_it(tmp_path: Path) -> None:
+    from open360.checkpoint import CheckpointContents, save_checkpoint
+    from open360.train.pipeline import resume
+    from open360.train.trainer import TrainingError
+
+    path = save_checkpoint(
+        tmp_path,
+        3,
+        CheckpointContents(
+            model={"w": torch.zeros(2)},
+            optimizer={},
+            trainer_state={"stage": {"index": 0, "name": "main"}},
+            rng={},
+            config_yaml="x: 1\n",
+            lineage={"backend": "native"},
+        ),
+    )
+    trainer = SimpleNamespace(backend="megatron", stages=[SimpleNamespace(index=0, name="main")])
+    with pytest.raises(TrainingError, match="written by the native backend.*trainer.init_from="):
+        resume(trainer, path)

@@ -1,0 +1,1 @@
+"""megatron-core backend: TP/PP/DP training of open360 model configs (layout, spec, engine, trainer)."""

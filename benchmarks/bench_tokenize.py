@@ -4,11 +4,12 @@ Usage: python benchmarks/bench_tokenize.py --out bench_tokenize.json [--repeat 3
 
 Each measurement runs in a fresh subprocess of this script (so peak RSS is its own), one after the other
 on the same cores. open360 runs the real per-source stage (`prepare_source`: read → normalize → tokenize
-with `encode_batch_fast` → numpy packing → rows streamed to disk) with dedup/quality filters off, on the
+with `open360.data.bpe.batch_encoder` (tiktoken's encoder with the tokenizer's own ids; HF `tokenizers`
+where tiktoken cannot reproduce it) → numpy packing → rows streamed to disk) with dedup/quality filters off, on the
 corpus once and on the corpus repeated `--repeat` times (peak RSS should not grow). The baseline is what a
 user would write: `datasets.load_dataset("json")` → `Dataset.map(batched=True)` calling a
-`PreTrainedTokenizerFast` per batch → packing rows of seq_len + 1 in a Python loop. A third row times the
-tokenizer alone on texts already in memory: the floor both pipelines share (same Rust BPE, same cores).
+`PreTrainedTokenizerFast` per batch → packing rows of seq_len + 1 in a Python loop. A third row times HF
+`tokenizers` alone on texts already in memory (`encode_batch_fast`): the floor of any pipeline built on it.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def run_baseline(work: Path, repeat: int) -> dict:
 
 
 def run_floor(work: Path, repeat: int) -> dict:
-    """The tokenizer alone (`encode_batch_fast` on texts in memory): the floor both pipelines share."""
+    """HF tokenizers alone (`encode_batch_fast` on texts in memory): the floor of a pipeline built on it."""
     import gzip
 
     from tokenizers import Tokenizer
@@ -139,7 +140,7 @@ def _cpu_seconds() -> float:
 
 def _child(kind: str, work: Path, repeat: int) -> None:
     cpu0 = _cpu_seconds()
-    result = {"open360": run_open360, "baseline": run_baseline, "tokenizer_only": run_floor}[kind](
+    result = {"open360": run_open360, "baseline": run_baseline, "hf_tokenizer_only": run_floor}[kind](
         work, repeat
     )
     result["cpu_seconds"] = _cpu_seconds() - cpu0  # includes imports and setup outside the timed region
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_tok_") as tmp:
         runs = [
-            ("tokenizer_only", 1),
+            ("hf_tokenizer_only", 1),
             ("baseline", 1),
             ("open360", 1),
             ("open360", args.repeat),
@@ -178,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
     base = {r["corpus_repeat"]: r["tokens_per_s"] for r in results if r["impl"] == "baseline"}
     print(
-        f"{'impl':<15} {'corpus':>6} {'tokens':>11} {'rows':>8} {'seconds':>8} {'cpu s':>7} {'tokens/s':>11} "
+        f"{'impl':<17} {'corpus':>6} {'tokens':>11} {'rows':>8} {'seconds':>8} {'cpu s':>7} {'tokens/s':>11} "
         f"{'peak RSS MB':>11} {'speedup':>7}"
     )
     for r in results:
         r["speedup_vs_baseline"] = r["tokens_per_s"] / base[r["corpus_repeat"]]
         print(
-            f"{r['impl']:<15} {'x' + str(r['corpus_repeat']):>6} {r['tokens']:>11,} {r['rows']:>8,} "
+            f"{r['impl']:<17} {'x' + str(r['corpus_repeat']):>6} {r['tokens']:>11,} {r['rows']:>8,} "
             f"{r['seconds']:>8.2f} {r['cpu_seconds']:>7.1f} {r['tokens_per_s']:>11,.0f} "
             f"{r['peak_rss_mb']:>11.0f} "
             f"{r['speedup_vs_baseline']:>6.2f}x"

@@ -12,6 +12,7 @@ from typing import IO, Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from open360.data.bpe import Encoder, batch_encoder
 from open360.data.filters import (
     ExactDedup,
     NearDedup,
@@ -52,12 +53,13 @@ class _SourcePipeline:
         recipe: RecipeSpec,
         index: int,
         tokenizer: Tokenizer,
+        encode: Encoder | None,
         scorer: Scorer | None,
         train_out: IO[bytes],
         val_out: IO[bytes],
     ) -> None:
         self.recipe, self.source = recipe, recipe.sources[index]
-        self.tok = tokenizer
+        self.encode = encode
         f = recipe.filters
         self.exact = ExactDedup() if f.exact_dedup.enabled else None
         self.near = NearDedup(f.near_dedup) if f.near_dedup.enabled else None
@@ -163,7 +165,7 @@ class _SourcePipeline:
             self.c["docs_validation" if val else "docs_train"] += 1
             texts.append(text)
             is_val.append(val)
-        ids = [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+        ids = self.encode(texts)
         self._emit(
             [x for x, v in zip(ids, is_val, strict=True) if not v],
             [x for x, v in zip(ids, is_val, strict=True) if v],
@@ -214,12 +216,13 @@ def prepare_source(
         return json.loads(paths["stats"].read_text())
     work_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    encode = batch_encoder(tokenizer_json) if source.type != "llm360_chunks" else None
     clf = recipe.filters.classifier
     use_clf = clf.enabled and source.quality and (not clf.sources or source.name in clf.sources)
     scorer = build_scorer(clf) if use_clf else None
     tmp = {k: p.with_name(f".tmp-{os.getpid()}-{p.name}") for k, p in paths.items()}
     with open(tmp["train"], "wb") as train_out, open(tmp["val"], "wb") as val_out:
-        pipe = _SourcePipeline(recipe, index, tok, scorer, train_out, val_out)
+        pipe = _SourcePipeline(recipe, index, tok, encode, scorer, train_out, val_out)
         docs = read_source(source, pipe.bad)
         if progress:
             from tqdm import tqdm

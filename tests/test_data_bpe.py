@@ -1,0 +1,74 @@
+"""The tokenize stage's encoder: tiktoken reproduces HF tokenizers' ids exactly, or HF is used."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from open360.data.bpe import PROBES, batch_encoder, tiktoken_encoding
+from open360.data.recipe import load_recipe
+from open360.data.tokenizer import obtain_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return obtain_tokenizer(load_recipe(REPO / "data_recipes/embedded_tiny.yaml"), tmp_path_factory.mktemp("tok"))
+
+
+def _hf_ids(tokenizer_json: bytes, texts: list[str]) -> list[list[int]]:
+    tok = Tokenizer.from_str(tokenizer_json.decode())
+    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def test_tiktoken_path_is_used_and_matches_hf_on_the_whole_embedded_corpus(tokenizer_json: bytes) -> None:
+    encoding, reason = tiktoken_encoding(tokenizer_json)
+    assert encoding is not None, reason
+    texts = list(PROBES)
+    for name in ("python_stdlib", "pydoc_topics", "shakespeare"):
+        with gzip.open(REPO / "data_recipes/corpus" / f"{name}.jsonl.gz") as f:
+            texts += [json.loads(line)["text"] for line in f]
+    fast = batch_encoder(tokenizer_json)
+    assert fast(texts) == _hf_ids(tokenizer_json, texts)
+    assert batch_encoder(tokenizer_json, prefer_tiktoken=False)(texts[:50]) == _hf_ids(tokenizer_json, texts[:50])
+    eot = Tokenizer.from_str(tokenizer_json.decode()).token_to_id("<|endoftext|>")
+    assert eot in fast(["a<|endoftext|>b"])[0]  # an added token in running text is split out, as HF does
+
+
+def _trained(pre: object, normalizer: object | None = None) -> bytes:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the quick brown fox " * 20, "jumps over the lazy dog 123"], trainer)
+    return tok.to_str().encode()
+
+
+@pytest.mark.parametrize(
+    "spec,why",
+    [
+        (lambda: _trained(pre_tokenizers.ByteLevel(add_prefix_space=True)), "pre-tokenizer"),
+        (lambda: _trained(pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.NFKC()), "normalizer"),
+        (lambda: _trained(pre_tokenizers.Whitespace()), "pre-tokenizer"),
+    ],
+)
+def test_tokenizers_tiktoken_cannot_reproduce_fall_back_to_hf(spec, why: str) -> None:
+    data = spec()
+    encoding, reason = tiktoken_encoding(data)
+    assert encoding is None and why in reason
+    texts = ["Hello  world, ﬁne 123!", "the lazy dog"]
+    assert batch_encoder(data)(texts) == _hf_ids(data, texts)
+
+
+def test_a_plain_byte_level_bpe_trained_here_is_eligible_and_exact() -> None:
+    data = _trained(pre_tokenizers.ByteLevel(add_prefix_space=False))
+    assert tiktoken_encoding(data)[0] is not None
+    texts = [*PROBES, "the quick brown fox jumps over the lazy dog 123 hello world"]
+    assert batch_encoder(data)(texts) == _hf_ids(data, texts)

@@ -388,7 +388,17 @@ def _build_info() -> dict[str, str]:
         "numpy": np.__version__,
         "pyarrow": pyarrow.__version__,
         "tokenizers": tokenizers.__version__,
+        "tiktoken": _version_or_none("tiktoken"),  # the tokenize stage's encoder when installed (same ids)
     }
+
+
+def _version_or_none(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_train_gpu import Order, Recorder
+from tests.test_train_gpu import Order, Recorder, tiny_gpu_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,25 +33,13 @@ def _run_native_and_megatron(tmp_path: Path, model_overrides: list[str]) -> tupl
     from open360.backends.megatron.trainer import create_megatron_trainer
     from open360.backends.native import DistEnv, parallelize
     from open360.checkpoint import CadencePolicy
-    from open360.config import compose
     from open360.models import build_model
     from open360.train.optim import build_optimizer
     from open360.train.pipeline import build_settings
     from open360.train.schedules import build_stages
     from open360.train.trainer import StageData, Trainer
 
-    cfg = compose(
-        [
-            "+experiment=amber_tiny",
-            "trainer=gpu",
-            "trainer.seq_len=128",
-            "trainer.global_batch_size=16",
-            "trainer.micro_batch_size=8",
-            f"trainer.max_steps={STEPS}",
-            "optim.lr=1e-3",
-            *model_overrides,
-        ]
-    )
+    cfg = tiny_gpu_config(STEPS, *model_overrides)
     env = DistEnv(device=torch.device("cuda"))
     torch.manual_seed(0)
     init = build_model(cfg.model).state_dict()

@@ -49,8 +49,9 @@ class Recorder(Callback):
         self.metrics[step] = metrics
 
 
-def _trainer(tmp_path: Path, steps: int, rec: Recorder) -> Trainer:
-    cfg = compose(
+def tiny_gpu_config(steps: int, *overrides: str) -> Any:
+    """amber_tiny on one GPU: 16 x 128-token sequences per step (2 micro-batches), lr 1e-3."""
+    return compose(
         [
             "+experiment=amber_tiny",
             "trainer=gpu",
@@ -59,8 +60,13 @@ def _trainer(tmp_path: Path, steps: int, rec: Recorder) -> Trainer:
             "trainer.micro_batch_size=8",
             f"trainer.max_steps={steps}",
             "optim.lr=1e-3",
+            *overrides,
         ]
     )
+
+
+def _trainer(tmp_path: Path, steps: int, rec: Recorder) -> Trainer:
+    cfg = tiny_gpu_config(steps)
     device = torch.device("cuda")
     env = DistEnv(device=device)
     torch.manual_seed(0)

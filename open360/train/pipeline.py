@@ -22,7 +22,7 @@ from open360.checkpoint.writer import CheckpointWriter
 from open360.paths import resolve_workspace_path
 from open360.train.callbacks import Callback, RunInfo
 from open360.train.optim import build_optimizer
-from open360.train.progress import peak_flops
+from open360.train.progress import format_summary, peak_flops
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import check_resume_compatible, find_resume_checkpoint, seed_everything
 from open360.train.trainer import (
@@ -31,8 +31,6 @@ from open360.train.trainer import (
     TrainerSettings,
     TrainingDiverged,
     TrainingError,
-    checkpoint_dirs,
-    print_summary,
 )
 
 
@@ -358,3 +356,13 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     if env.is_main:
         print_summary(summary)
     return summary
+
+
+def checkpoint_dirs(workspace: Path, run_name: str) -> tuple[Path, Path]:
+    """(published, recovery) directories of a run: checkpoints/<run>, recovery/<run>."""
+    return workspace / "checkpoints" / run_name, workspace / "recovery" / run_name
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print the end-of-run summary table."""
+    print(format_summary(summary), flush=True)

@@ -29,7 +29,7 @@ from open360.checkpoint.io import CheckpointContents, list_checkpoints
 from open360.checkpoint.writer import CheckpointWriter, SavedCheckpoint
 from open360.train.callbacks import Callback
 from open360.train.optim import set_lr
-from open360.train.progress import Progress, format_summary
+from open360.train.progress import Progress
 from open360.train.schedules import Stage, lr_at, stage_at
 from open360.train.state import capture_rng_state, restore_rng_state
 
@@ -466,12 +466,3 @@ class Trainer:
             "last_checkpoint": str(max(self.saved, key=lambda s: s.step).path) if self.saved else None,
         }
 
-
-def checkpoint_dirs(workspace: Path, run_name: str) -> tuple[Path, Path]:
-    """(published, recovery) directories of a run: checkpoints/<run>, recovery/<run>."""
-    return workspace / "checkpoints" / run_name, workspace / "recovery" / run_name
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print the end-of-run summary table."""
-    print(format_summary(summary), flush=True)

@@ -177,3 +177,19 @@ def test_tp2_dp2_match_one_gpu_and_tp2_checkpoint_resumes_at_dp2_and_exports(tmp
     ids = torch.randint(0, int(cfg.model.vocab_size) - 1, (2, 32))
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, native(ids), atol=1e-4)
+
+
+@needs_two
+def test_pp2_matches_one_gpu_and_merges_its_stages(tmp_path: Path) -> None:
+    """Pipeline parallelism (2 stages of 2 layers): same losses as one GPU; model.safetensors whole."""
+    from open360.checkpoint.io import load_model_from_checkpoint
+
+    ws = tmp_path / "ws"
+    _train(ws, "one", 1)
+    _train(ws, "pp2", 2, "trainer.pipeline_parallel=2")
+    _close(_losses(ws, "one"), _losses(ws, "pp2"), range(1, PIPELINE_STEPS + 1), 0.02)
+    one, _ = load_model_from_checkpoint(ws / "checkpoints" / "one" / "step_1")
+    pp2, _ = load_model_from_checkpoint(ws / "checkpoints" / "pp2" / "step_1")
+    ids = torch.randint(0, 4000, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(one(ids), pp2(ids), atol=0.05, rtol=0.05)

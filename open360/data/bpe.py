@@ -95,17 +95,18 @@ def tiktoken_encoding(tokenizer_json: bytes) -> tuple[Any | None, str]:
     return encoding, ""
 
 
-def batch_encoder(tokenizer_json: bytes, prefer_tiktoken: bool = True) -> Encoder:
+def batch_encoder(tokenizer_json: bytes, hf: Tokenizer | None = None, prefer_tiktoken: bool = True) -> Encoder:
     """texts -> token ids (no added BOS/EOS), identical whichever encoder runs; tiktoken when it is
-    installed, can express the tokenizer, and agrees with HF `tokenizers` on PROBES."""
-    hf = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    installed, can express the tokenizer, and agrees with HF `tokenizers` on PROBES. `hf`: the same
+    tokenizer already loaded (else it is loaded from `tokenizer_json`)."""
+    hf = hf or Tokenizer.from_str(tokenizer_json.decode("utf-8"))
 
     def hf_encode(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]
 
     if not prefer_tiktoken:
         return hf_encode
-    encoding, _reason = tiktoken_encoding(tokenizer_json)
+    encoding, _ = tiktoken_encoding(tokenizer_json)
     if encoding is None:
         return hf_encode
     threads = max(1, len(os.sched_getaffinity(0)))

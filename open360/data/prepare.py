@@ -216,7 +216,7 @@ def prepare_source(
         return json.loads(paths["stats"].read_text())
     work_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-    encode = batch_encoder(tokenizer_json) if source.type != "llm360_chunks" else None
+    encode = batch_encoder(tokenizer_json, tok) if source.type != "llm360_chunks" else None
     clf = recipe.filters.classifier
     use_clf = clf.enabled and source.quality and (not clf.sources or source.name in clf.sources)
     scorer = build_scorer(clf) if use_clf else None

@@ -33,6 +33,8 @@ from open360.train.trainer import (
     TrainingError,
 )
 
+BACKENDS = ("native", "megatron")
+
 
 def resolve_precision(precision: str, device: str) -> torch.dtype | None:
     """Autocast dtype: `auto` is bf16 on CUDA and fp32 (None) on CPU."""
@@ -171,9 +173,6 @@ def run_training(cfg: DictConfig, device: str, init_from: Path | None = None) ->
         shutdown_distributed()
 
 
-BACKENDS = ("native", "megatron")
-
-
 def _check_megatron_available(device: str) -> None:
     """megatron-core runs on CUDA only (RoPE, RNG tracker, DDP buffers); say so before building anything."""
     if device != "cuda":
@@ -281,7 +280,6 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     callbacks = _build_callbacks(cfg, workspace, env)
     lineage_base = {
         "run_name": run_name,
-        "backend": str(cfg.trainer.backend),
         "code": git_revision(),
         "config_hash": config_hash(config_dict),
         "torch_version": torch.__version__,
@@ -311,6 +309,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         module = parallelize(model, env, str(cfg.trainer.distributed))
         optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 swaps in sharded parameters
         trainer = Trainer(model=model, module=module, optimizer=optimizer, **common)
+    lineage_base["backend"] = trainer.backend  # what resume() checks a checkpoint against
 
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
     if resume_from is not None:

@@ -4,7 +4,7 @@ config, one optimizer step through megatron's schedules, full-state gathering an
 from __future__ import annotations
 
 import math
-import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,11 @@ OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 def initialize_parallel(layout: ParallelLayout, seed: int) -> None:
     """Join (or create, for one process) the process group and build megatron's TP/PP/DP groups."""
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        dist.init_process_group("nccl", rank=0, world_size=1)
+    if not dist.is_initialized():  # one process without torchrun: a private group on a free port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp

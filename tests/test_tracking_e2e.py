@@ -35,15 +35,12 @@ class Recorder(Callback):
         self.metrics[step] = dict(metrics)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from open360.config import compose
-    from open360.train.pipeline import run_training
 
-    ws = init_workspace(tmp_path_factory.mktemp("e2e") / "ws")
-    recorder = Recorder()
-    original = open360.tracking.build_callbacks
-    cfg = compose(
+def _run_config(ws: Path, *overrides: str) -> Any:
+    """amber_tiny for 12 steps in `ws`, a published checkpoint every 4 steps."""
+    from open360.config import compose
+
+    return compose(
         [
             "+experiment=amber_tiny",
             f"workspace={ws}",
@@ -51,9 +48,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "checkpoint=every_n",
             "checkpoint.every=4",
             "trainer.progress_bar=false",
-            "tracking.metric_buffer_steps=5",
+            *overrides,
         ]
     )
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from open360.train.pipeline import run_training
+
+    ws = init_workspace(tmp_path_factory.mktemp("e2e") / "ws")
+    recorder = Recorder()
+    original = open360.tracking.build_callbacks
+    cfg = _run_config(ws, "tracking.metric_buffer_steps=5")
     mp = pytest.MonkeyPatch()
     mp.setattr(open360.tracking, "build_callbacks", lambda *a: [*original(*a), recorder])
     try:
@@ -181,24 +187,13 @@ def test_export_release_folder(trained: dict, tmp_path: Path) -> None:
 
 
 def test_resume_continues_mlflow_run_and_reversions(trained: dict, tmp_path: Path) -> None:
-    from open360.config import compose
     from open360.tracking.dvc_versioning import DvcWorkspace
     from open360.train.pipeline import run_training
 
     ws = tmp_path / "ws"
     subprocess.run(["cp", "-a", str(trained["ws"]), str(ws)], check=True)
     subprocess.run(["rm", "-rf", str(ws / "checkpoints" / RUN / "step_12")], check=True)
-    cfg = compose(
-        [
-            "+experiment=amber_tiny",
-            f"workspace={ws}",
-            "trainer.max_steps=12",
-            "checkpoint=every_n",
-            "checkpoint.every=4",
-            "trainer.progress_bar=false",
-            "trainer.resume=auto",
-        ]
-    )
+    cfg = _run_config(ws, "trainer.resume=auto")
     run_training(cfg, device="cpu")
     run_ids = {
         json.loads((ws / "checkpoints" / RUN / f"step_{s}" / "lineage.json").read_text())["mlflow_run_id"]

@@ -1,9 +1,10 @@
 """megatron-core backend vs native: train-step throughput of the 1.4B Amber shape on one GPU (native eager
-and compiled, megatron with SDPA attention, megatron's stock local spec) in one process, and megatron
-data-parallel weak scaling (torchrun per world size, same per-GPU batch).
+and compiled, megatron with SDPA attention eager and compiled, megatron's stock local spec) in one
+process, and megatron data-parallel weak scaling (torchrun per world size, same per-GPU batch).
 
-    python benchmarks/bench_megatron.py --out results/megatron.json              # one GPU, four rows
+    python benchmarks/bench_megatron.py --out results/megatron.json              # one GPU, five rows
     python benchmarks/bench_megatron.py --scaling 1,2 --out results/scaling.json  # DP weak scaling
+    python benchmarks/bench_megatron.py --scaling 1,2 --compile ...               # ... of compiled layers
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def megatron_row(cfg: ModelConfig, attention: str, mb: int, seq: int, warmup: in
     from open360.backends.megatron.layout import ParallelLayout
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    row = Row(f"megatron {attention}", world_size=world, micro_batch=mb, seq_len=seq)
+    row = Row(f"megatron {attention}{' compiled' if cfg.compile else ''}", world_size=world, micro_batch=mb,
+              seq_len=seq)
     layout = ParallelLayout.for_run(cfg, 1, 1, world)
     initialize_parallel(layout, seed=0)
     torch.manual_seed(0)
@@ -169,6 +171,7 @@ ROWS = {
     "native-compiled": (native_row, True),
     "megatron-sdpa": (megatron_row, "sdpa"),
     "megatron-local": (megatron_row, "local"),
+    "megatron-sdpa-compiled": (megatron_row, "sdpa"),
 }
 
 
@@ -176,13 +179,18 @@ def single(args: argparse.Namespace, cfg: ModelConfig) -> None:
     rows = []
     for name in args.rows.split(","):
         fn, variant = ROWS[name]
-        rows.append(_guarded(fn, cfg, variant, args.micro_batch, args.seq_len, args.warmup, args.steps))
+        row_cfg = replace(cfg, compile=name.endswith("-compiled") and fn is megatron_row)
+        rows.append(_guarded(fn, row_cfg, variant, args.micro_batch, args.seq_len, args.warmup, args.steps))
     by = {r.name: r for r in rows if r.status == "ok"}
     ratios = {}
     if "megatron sdpa" in by:
         for base in ("native eager", "native compiled", "megatron local"):
             if base in by:
                 ratios[f"megatron sdpa / {base}"] = by["megatron sdpa"].tokens_per_s / by[base].tokens_per_s
+    if "megatron sdpa compiled" in by and "native compiled" in by:
+        ratios["megatron sdpa compiled / native compiled"] = (
+            by["megatron sdpa compiled"].tokens_per_s / by["native compiled"].tokens_per_s
+        )
     print(_table(rows))
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
@@ -196,7 +204,7 @@ def worker(args: argparse.Namespace, cfg: ModelConfig) -> None:
 
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl")
-    row = megatron_row(cfg, "sdpa", args.micro_batch, args.seq_len, args.warmup, args.steps)
+    row = megatron_row(replace(cfg, compile=args.compile), "sdpa", args.micro_batch, args.seq_len, args.warmup, args.steps)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(asdict(row)))
     dist.destroy_process_group()
@@ -208,11 +216,12 @@ def scaling(args: argparse.Namespace) -> None:
         part = Path(args.out).with_suffix(f".dp{n}.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", __file__, "--worker",
                "--model", args.model, "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(part)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(part),
+               *(["--compile"] if args.compile else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not part.exists():
             print(proc.stdout[-2000:], proc.stderr[-4000:])
-            rows.append(Row("megatron sdpa", status=f"failed (exit {proc.returncode})", world_size=n))
+            rows.append(Row(f"megatron sdpa{' compiled' if args.compile else ''}", status=f"failed (exit {proc.returncode})", world_size=n))
             continue
         rows.append(Row(**json.loads(part.read_text())))
     base = next((r for r in rows if r.world_size == 1 and r.status == "ok"), None)
@@ -236,6 +245,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS)}")
     parser.add_argument("--scaling", default="", help="comma-separated DP sizes, e.g. 1,2,4,8")
+    parser.add_argument("--compile", action="store_true", help="scaling: megatron layers through torch.compile")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/megatron.json")
     args = parser.parse_args()

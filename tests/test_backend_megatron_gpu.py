@@ -79,6 +79,9 @@ def _run_native_and_megatron(tmp_path: Path, model_overrides: list[str]) -> tupl
         ("amber", []),
         ("phi", ["model=phi15_tiny"]),
         ("crystalcoder_mup", ["model=crystalcoder_tiny"]),
+        # model.compile=true: native compiles each block, megatron each TransformerLayer
+        ("amber_compiled", ["model.compile=true"]),
+        ("phi_compiled", ["model=phi15_tiny", "model.compile=true"]),
     ],
 )
 def test_megatron_matches_native_loss_over_50_steps(tmp_path: Path, name: str, overrides: list[str]) -> None:

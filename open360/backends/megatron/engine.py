@@ -99,6 +99,9 @@ class MegatronEngine:
         self.gpt = build_gpt_model(model_cfg, self.config, self.first_stage, self.last_stage, attention)
         self.load_native_weights(initial_state)
         self.gpt.cuda(torch.cuda.current_device())
+        if model_cfg.compile:  # like the native backend: each transformer layer through torch.compile
+            for layer in self.gpt.decoder.layers:
+                layer.compile()
         module = Float16Module(self.config, self.gpt) if bf16 else self.gpt
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True

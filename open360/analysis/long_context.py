@@ -21,6 +21,7 @@ from open360.analysis.evaluate import sequence_nll, shard_dir_for
 LONG_CONTEXT_PARQUET = "long_context.parquet"
 LONG_CONTEXT_REPORT = "long_context.md"
 LONG_CONTEXT_PLOT = "long_context_ppl.png"
+ORDERING_METRIC = "ppl_at_context"  # the (c) < (b) < (a) claim is about perplexity at L'
 VARIANTS = {
     "a": "base, extrapolating (no PI)",
     "b": "base + PI, no fine-tuning",
@@ -47,6 +48,7 @@ class LongContextConfig:
     recipe: str | None = None  # held-out data with sequences >= L'+1; None = the fine-tuned run's recipe
     sequences: int = 32  # held-out sequences evaluated (round-robin over sources)
     buckets: int = 4  # position buckets over [0, L')
+    stride: int = 0  # ppl_at_context scores positions [L' - stride, L'); 0 = L (each token sees >= L' - L context)
     passkey_lengths: list[int] = dataclasses.field(default_factory=list)  # prompt lengths; [] = L, 2L, L'
     passkey_trials: int = 20  # per length
     passkey_candidates: int = 10  # the true key and this many - 1 random keys, ranked by likelihood
@@ -54,7 +56,7 @@ class LongContextConfig:
     device: str = "cpu"
     seed: int = 0
     out_dir: str | None = None  # default <workspace>/analysis/<fine-tuned run>
-    require_ordering: bool = False  # exit 1 unless ppl (c) < (b) < (a) holds (the report states it either way)
+    require_ordering: bool = False  # exit 1 unless ppl_at_context (c) < (b) < (a) (the report states it either way)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,18 +105,25 @@ def bucket_edges(context: int, buckets: int) -> list[int]:
 
 
 def perplexity_by_position(model: torch.nn.Module, sequences: np.ndarray, context: int, buckets: int = 4,
-                           batch_size: int = 4, device: str = "cpu") -> dict[str, float]:
-    """{"ppl[lo,hi)": ..., "ppl_all": ...}: perplexity of next-token predictions at positions in each bucket.
+                           batch_size: int = 4, device: str = "cpu", stride: int | None = None) -> dict[str, float]:
+    """Perplexity of next-token predictions: "ppl[lo,hi)" per position bucket, "ppl_all" over [0, context),
+    and "ppl_at_context" over the last `stride` positions [context - stride, context).
 
     Position p is the prediction of token p+1 from tokens 0..p, so bucket [lo, hi) measures attention
-    over contexts of length lo+1..hi.
+    over contexts of length lo+1..hi. ppl_at_context is perplexity *at* context L' as the Position
+    Interpolation paper measures it: a sliding-window evaluation (Press et al.) scores only the last
+    `stride` tokens of each L'-token window, each predicted from at least L' - stride tokens.
     """
     if sequences.shape[1] < context + 1:
         raise ValueError(f"sequences have {sequences.shape[1]} tokens, need context+1 = {context + 1}")
+    stride = stride or max(1, context // buckets)
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride={stride}: need 1 <= stride <= context ({context})")
     nll = sequence_nll(model, sequences[:, : context + 1], batch_size, device)
     edges = bucket_edges(context, buckets)
     out = {f"ppl[{lo},{hi})": math.exp(float(nll[:, lo:hi].mean())) for lo, hi in zip(edges, edges[1:], strict=False)}
     out["ppl_all"] = math.exp(float(nll.mean()))
+    out[ORDERING_METRIC] = math.exp(float(nll[:, context - stride :].mean()))
     return out
 
 
@@ -208,7 +217,7 @@ def held_out_sequences(shard_dir: Path, n: int, min_len: int) -> np.ndarray:
 def compare_variants(base: torch.nn.Module, finetuned: torch.nn.Module, sequences: np.ndarray, tokenizer: Any,
                      base_context: int, context: int, buckets: int = 4, passkey_lengths: Sequence[int] = (),
                      passkey_trials_per_length: int = 20, passkey_candidates: int = 10, batch_size: int = 4,
-                     device: str = "cpu", seed: int = 0) -> pd.DataFrame:
+                     device: str = "cpu", seed: int = 0, stride: int | None = None) -> pd.DataFrame:
     """Rows (variant, metric, value) for (a) base extrapolating, (b) base + PI, (c) PI fine-tuned, at L'."""
     factor = context / base_context
     models = {
@@ -220,7 +229,7 @@ def compare_variants(base: torch.nn.Module, finetuned: torch.nn.Module, sequence
     trials = {n: passkey_trials(tokenizer, n, passkey_trials_per_length, passkey_candidates, seed) for n in lengths}
     rows = []
     for key, model in models.items():
-        metrics = perplexity_by_position(model, sequences, context, buckets, batch_size, device)
+        metrics = perplexity_by_position(model, sequences, context, buckets, batch_size, device, stride or base_context)
         for n, tr in trials.items():
             for name, value in passkey_accuracy(model, tr, device).items():
                 metrics[f"{name}@{n}"] = value
@@ -228,17 +237,18 @@ def compare_variants(base: torch.nn.Module, finetuned: torch.nn.Module, sequence
     return pd.DataFrame(rows)
 
 
-def check_ordering(df: pd.DataFrame, metric: str = "ppl_all") -> bool:
+def check_ordering(df: pd.DataFrame, metric: str = ORDERING_METRIC) -> bool:
     """The Position Interpolation claim at L': perplexity (c) < (b) < (a)."""
     v = df[df.metric == metric].set_index("variant")["value"]
     return bool(v["c"] < v["b"] < v["a"])
 
 
-def markdown_report(df: pd.DataFrame, base_ckpt: Path, finetuned_ckpt: Path, base_context: int, context: int) -> str:
+def markdown_report(df: pd.DataFrame, base_ckpt: Path, finetuned_ckpt: Path, base_context: int, context: int,
+                    stride: int) -> str:
     """The comparison table in markdown, variants as rows."""
     wide = df.pivot_table(index="variant", columns="metric", values="value", aggfunc="first")
     ppl_cols = [c for c in wide.columns if c.startswith("ppl[")]
-    ppl_cols = sorted(ppl_cols, key=lambda c: int(c[4:].split(",")[0])) + ["ppl_all"]
+    ppl_cols = sorted(ppl_cols, key=lambda c: int(c[4:].split(",")[0])) + ["ppl_all", ORDERING_METRIC]
     pk_cols = sorted((c for c in wide.columns if c.startswith("passkey")),
                      key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
     headers = ["variant", *ppl_cols, *pk_cols]
@@ -247,10 +257,14 @@ def markdown_report(df: pd.DataFrame, base_ckpt: Path, finetuned_ckpt: Path, bas
         "",
         f"- base: `{base_ckpt}`",
         f"- PI fine-tuned: `{finetuned_ckpt}` (rope_interpolation_factor = {context / base_context:g})",
-        "- ppl[lo,hi): perplexity of next-token predictions at positions lo..hi-1 of held-out sequences",
+        "- ppl[lo,hi): perplexity of next-token predictions at positions lo..hi-1 of held-out sequences;",
+        f"  {ORDERING_METRIC}: perplexity at L' as the PI paper measures it (sliding window): positions",
+        f"  [{context - stride},{context}), each predicted from >= {context - stride} tokens; ppl_all: positions [0,{context})",
         "- passkey_greedy@n: greedy decoding reproduces the key in an n-token prompt; passkey_choice@n: the true",
         "  key is the most likely of the candidate keys",
-        f"- ordering (c) < (b) < (a) on ppl_all: **{'holds' if check_ordering(df) else 'does NOT hold'}**",
+        f"- ordering (c) < (b) < (a) on {ORDERING_METRIC} (the claim): "
+        f"**{'holds' if check_ordering(df) else 'does NOT hold'}**; on ppl_all: "
+        f"{'holds' if check_ordering(df, 'ppl_all') else 'does not hold'}",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),
@@ -306,12 +320,13 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
     tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
     df = compare_variants(base, finetuned, sequences, tokenizer, base_context, context, cfg.buckets,
                           cfg.passkey_lengths, cfg.passkey_trials, cfg.passkey_candidates, cfg.batch_size,
-                          cfg.device, cfg.seed)
+                          cfg.device, cfg.seed, cfg.stride or base_context)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / str(ft_cfg.run_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out_dir / LONG_CONTEXT_PARQUET, index=False)
     plot_ppl_by_position(df, out_dir / LONG_CONTEXT_PLOT, base_context)
-    report = markdown_report(df, base_ckpt, ft_ckpt, base_context, context)
+    shown = [p.relative_to(workspace) if p.is_relative_to(workspace) else p for p in (base_ckpt, ft_ckpt)]
+    report = markdown_report(df, *shown, base_context, context, cfg.stride or base_context)
     (out_dir / LONG_CONTEXT_REPORT).write_text(report + f"\n![perplexity by position]({LONG_CONTEXT_PLOT})\n")
     print(report)
     return df
@@ -366,7 +381,7 @@ def finetune_pi(cfg: DictConfig, init_checkpoint: Path | str, device: str = "cpu
 FINETUNE_USAGE = """usage: python -m open360.analysis.long_context finetune init=<checkpoint> [hydra overrides]
 
 Fine-tune a checkpoint with Position Interpolation, e.g.
-  python -m open360.analysis.long_context finetune init=checkpoints/amber_tiny/step_240 +experiment=amber_tiny_pi
+  python -m open360.analysis.long_context finetune init=checkpoints/amber_tiny_pi_base/step_2400 +experiment=amber_tiny_pi
 """
 
 

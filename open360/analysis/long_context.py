@@ -318,15 +318,16 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
+    stride = cfg.stride or base_context
     df = compare_variants(base, finetuned, sequences, tokenizer, base_context, context, cfg.buckets,
                           cfg.passkey_lengths, cfg.passkey_trials, cfg.passkey_candidates, cfg.batch_size,
-                          cfg.device, cfg.seed, cfg.stride or base_context)
+                          cfg.device, cfg.seed, stride)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / str(ft_cfg.run_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out_dir / LONG_CONTEXT_PARQUET, index=False)
     plot_ppl_by_position(df, out_dir / LONG_CONTEXT_PLOT, base_context)
     shown = [p.relative_to(workspace) if p.is_relative_to(workspace) else p for p in (base_ckpt, ft_ckpt)]
-    report = markdown_report(df, *shown, base_context, context, cfg.stride or base_context)
+    report = markdown_report(df, *shown, base_context, context, stride)
     (out_dir / LONG_CONTEXT_REPORT).write_text(report + f"\n![perplexity by position]({LONG_CONTEXT_PLOT})\n")
     print(report)
     return df

@@ -26,15 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shapes import AMBER_1B4, H100_BF16_PEAK  # noqa: E402
+from shapes import AMBER_TINY as TINY  # noqa: E402
+
 from open360.config.schema import ModelConfig, OptimConfig  # noqa: E402
 from open360.models import build_model  # noqa: E402
 from open360.models.flops import training_flops_per_token  # noqa: E402
 
-H100_BF16_PEAK = 989e12
-AMBER_1B4 = ModelConfig(
-    name="amber_1b4", vocab_size=50304, n_layers=24, d_model=2048, n_heads=32, ffn_dim=5504, max_seq_len=2048,
-)
-TINY = ModelConfig(name="amber_tiny", vocab_size=4096, n_layers=4, d_model=128, n_heads=4, ffn_dim=352, max_seq_len=128)
 OPTIM = OptimConfig(lr=3e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, grad_clip=1.0)
 
 

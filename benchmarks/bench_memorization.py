@@ -34,25 +34,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapes
 import torch
 
 K = L = 32
-AMBER_1B4 = dict(
-    name="amber_1b4",
-    vocab_size=50304,
-    n_layers=24,
-    d_model=2048,
-    n_heads=32,
-    ffn_dim=5504,
-    max_seq_len=2048,
-    norm="rmsnorm",
-    norm_eps=1e-6,
-    mlp="swiglu",
-)
+AMBER_1B4 = asdict(shapes.AMBER_1B4)
 TINY = dict(
     name="amber_bench_tiny",
     vocab_size=512,

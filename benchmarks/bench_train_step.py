@@ -16,21 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from shapes import AMBER_1B4, H100_BF16_PEAK
+from shapes import AMBER_TINY as TINY
 
 from open360.config import ModelConfig
 from open360.models import build_model
 from open360.models.flops import count_parameters, training_flops_per_token
-
-H100_BF16_PEAK = 989e12
-
-AMBER_1B4 = ModelConfig(
-    name="amber_1b4", vocab_size=50304, n_layers=24, d_model=2048, n_heads=32, ffn_dim=5504, max_seq_len=2048,
-    norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", tie_embeddings=False,
-)
-TINY = ModelConfig(
-    name="amber_tiny", vocab_size=4096, n_layers=4, d_model=128, n_heads=4, ffn_dim=352, max_seq_len=128,
-    norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", tie_embeddings=False,
-)
 
 
 @dataclass

@@ -1,0 +1,39 @@
+"""The speed benchmarks run: CPU smoke modes end to end (no speed asserted), GPU-only scripts import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_train_step_benchmark_tiny(tmp_path: Path) -> None:
+    _run("bench_train_step.py", "--tiny", "--out", str(tmp_path / "t.json"))
+    out = json.loads((tmp_path / "t.json").read_text())
+    assert out["model"]["name"] == "amber_tiny"
+    assert {r["name"] for r in out["results"]} >= {"hf_llama_sdpa", "open360_eager"}
+    assert all(r["status"] == "ok" and r["train_tokens_per_s"] > 0 for r in out["results"])
+
+
+def test_memorization_benchmark_tiny_matches_hf(tmp_path: Path) -> None:
+    _run("bench_memorization.py", "--tiny", "--out", str(tmp_path / "m.json"))
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert not out["errors"]
+    assert {"open360_greedy", "open360_tf", "hf_generate", "analysis360"} <= set(out["results"])
+    assert out["parity"]["fp32_identical_scores"] == 1.0
+
+
+@pytest.mark.parametrize("script", ["bench_megatron.py", "bench_trainer_gpu.py"])
+def test_gpu_only_benchmarks_import(script: str) -> None:
+    assert "usage:" in _run(script, "--help").stdout

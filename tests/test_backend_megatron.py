@@ -167,6 +167,23 @@ def test_megatron_model_from_converted_weights_matches_native_logits(megatron_cp
         assert torch.allclose(per_token.mean(), native.loss(ids[:, :-1], ids[:, 1:]), atol=1e-5)
 
 
+def test_engine_weight_loads_refuse_a_partial_state(megatron_cpu) -> None:
+    """Both engine loads (native weights, distributed checkpoint) go through one checked loader."""
+    from open360.backends.megatron.engine import MegatronEngine
+    from open360.backends.megatron.spec import build_gpt_model, transformer_config
+
+    gpt = build_gpt_model(AMBER, transformer_config(AMBER, 1, 1, bf16=False), True, True)
+    engine = SimpleNamespace(gpt=gpt, pp_rank=0, tp_rank=0)
+    state = native_to_megatron(_native(AMBER).state_dict(), AMBER)
+    MegatronEngine._load_gpt_state(engine, state, "whole state")
+    assert torch.equal(gpt.state_dict()["embedding.word_embeddings.weight"], state["embedding.word_embeddings.weight"])
+    dropped = next(k for k in state if "linear_fc2" in k)
+    with pytest.raises(KeyError, match=f"loading ckpt/step_9: missing \\['{dropped}'\\]"):
+        MegatronEngine._load_gpt_state(engine, {k: v for k, v in state.items() if k != dropped}, "ckpt/step_9")
+    with pytest.raises(KeyError, match="unexpected \\['decoder.layers.99.extra'\\]"):
+        MegatronEngine._load_gpt_state(engine, {**state, "decoder.layers.99.extra": torch.zeros(1)}, "x")
+
+
 def test_stock_local_attention_spec_is_available_for_comparison(megatron_cpu) -> None:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 

@@ -138,10 +138,19 @@ class MegatronEngine:
         local = shard_for_rank(
             native_to_megatron(native_state, self.model_cfg), self.model_cfg, self.layout, self.tp_rank, self.pp_rank
         )
-        missing, unexpected = self.gpt.load_state_dict(local, strict=False)
+        self._load_gpt_state(local, "native weights")
+
+    def _load_gpt_state(self, state: Mapping[str, Any], source: str) -> None:
+        """Load this stage's GPTModel weights, raising if any key is missing or left over (a partial load
+        would otherwise go unnoticed); `_extra_state` entries (Transformer Engine metadata) are optional."""
+        missing, unexpected = self.gpt.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
+        unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise KeyError(f"megatron stage {self.pp_rank}/tp {self.tp_rank}: missing {missing}, unexpected {unexpected}")
+            raise KeyError(
+                f"megatron stage {self.pp_rank}/tp {self.tp_rank}, loading {source}: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
 
     def full_native_state(self) -> dict[str, torch.Tensor] | None:
         """Every weight in open360's native names on global rank 0 (None elsewhere); every rank calls it."""
@@ -264,5 +273,5 @@ class MegatronEngine:
         self._materialize_optimizer_state()
         self._patch_torch_adam_state_loading()
         loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(directory))
-        self.gpt.load_state_dict(loaded["model"], strict=False)
+        self._load_gpt_state(loaded["model"], f"distributed checkpoint {directory}")
         self.optimizer.load_state_dict(loaded["optimizer"])

@@ -98,6 +98,49 @@ def test_batch_size_does_not_change_scores() -> None:
     assert np.array_equal(a.matched, b.matched)
 
 
+@pytest.mark.parametrize("mode", ["greedy", "teacher_forced"])
+def test_groups_share_batches_and_score_like_each_group_alone(mode: str) -> None:
+    model = tiny_model(seed=5)
+    seqs = torch.randint(0, TINY["vocab_size"], (26, 20), generator=torch.Generator().manual_seed(6))
+    sizes = [5, 0, 13, 7, 1]
+    groups = list(zip("abcde", torch.split(seqs, sizes), strict=True))
+    scorer = MemorizationScorer(model, k=8, l=8, batch_size=4, mode=mode)
+    batches: list[int] = []
+    real_batch = scorer._batch
+    scorer._batch = lambda tokens: batches.append(len(tokens)) or real_batch(tokens)  # type: ignore[method-assign]
+    streamed = list(scorer.score_groups(iter(groups)))
+    assert [key for key, _ in streamed] == list("abcde")
+    assert batches == [4] * 6 + [2]  # 26 sequences in 7 batches; group by group it takes 9
+    for (key, res), (_, group) in zip(streamed, groups, strict=True):
+        alone = scorer.score(group)
+        assert len(res.matched) == len(group), key
+        assert np.array_equal(res.predicted, alone.predicted) and np.array_equal(res.matched, alone.matched)
+        assert np.array_equal(res.prefix_match, alone.prefix_match) and res.mode == mode
+    total = sum(res.seconds for _, res in streamed)
+    assert total > 0 and streamed[1][1].seconds == 0.0  # each group carries its share of the time
+
+
+def test_groups_are_yielded_as_soon_as_they_are_scored() -> None:
+    scorer = MemorizationScorer(tiny_model(seed=7), k=8, l=8, batch_size=4)
+    seqs = torch.randint(0, TINY["vocab_size"], (12, 16), generator=torch.Generator().manual_seed(8))
+    read: list[str] = []
+
+    def groups() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, lo, hi in (("a", 0, 4), ("b", 4, 6), ("c", 6, 12)):
+            read.append(key)
+            yield key, seqs[lo:hi]
+
+    stream = scorer.score_groups(groups())
+    assert next(stream)[0] == "a" and read == ["a"]  # a full batch: scored before "b" is read
+    assert [key for key, _ in stream] == ["b", "c"]
+
+
+def test_auto_batch_size_is_64_on_cpu_and_negative_is_refused() -> None:
+    assert MemorizationScorer(tiny_model(), k=8, l=8, batch_size=0).batch_size == 64
+    with pytest.raises(ValueError, match="batch_size=-1 must be >= 1, or 0 for auto"):
+        MemorizationScorer(tiny_model(), k=8, l=8, batch_size=-1)
+
+
 def test_teacher_forced_is_exact_for_full_match_and_prefix() -> None:
     model = tiny_model()
     k, cont = 8, 12
@@ -230,3 +273,22 @@ def test_cuda_decode_kernel_gives_the_same_tokens_in_fp32() -> None:
     ref = MemorizationScorer(model, decode_kernel=False, sliced_decode=False, cuda_graphs=False, **kw)
     assert np.array_equal(res.predicted, ref.score(seqs).predicted)
     assert res.info["decode_kernel"] == (fast.decode_kernel is True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_batch_size_fits_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from open360.analysis.memorization.engine import AUTO_BATCH_MAX
+
+    model = tiny_model(seed=15, n_layers=4, d_model=256, n_heads=4, ffn_dim=512)
+    seqs = torch.randint(0, TINY["vocab_size"], (300, 64), generator=torch.Generator().manual_seed(16))
+    kw = dict(k=32, l=32, device="cuda", dtype="bf16")
+    roomy = MemorizationScorer(model, batch_size=0, **kw)
+    assert roomy.batch_size == AUTO_BATCH_MAX  # a tiny model fits the cap many times over
+    # KV cache: 4 layers x 2 x 256 x 64 positions x 2 bytes = 256 KiB a sequence; 200 MiB free -> < 640
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200 * 2**20, 80 * 2**30))
+    tight = MemorizationScorer(model, batch_size=0, **kw)
+    assert tight.batch_size % 64 == 0 and 64 <= tight.batch_size < 1024  # + what the allocator holds
+    monkeypatch.undo()
+    res = tight.score(seqs)
+    assert np.array_equal(res.predicted, MemorizationScorer(model, batch_size=64, **kw).score(seqs).predicted)

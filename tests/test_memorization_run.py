@@ -230,14 +230,18 @@ def test_missing_checkpoints_are_pulled_and_released(
     assert (root / "checkpoints" / RUN / "step_20").is_dir()  # was local: never deleted
 
 
-def test_torchrun_splits_cells_across_ranks(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, TWO_GPUS])])
+def test_torchrun_splits_cells_across_ranks(trained_run: tuple[Path, str], tmp_path: Path, device: str) -> None:
     import subprocess
     import sys
 
     import pyarrow.parquet as pq
 
     root, _ = trained_run
-    common = _job(root, "checkpoints=20,40,60", "chunks=0-3", "sample=8", "device=cpu")
+    common = _job(root, "checkpoints=20,40,60", "chunks=0-3", "sample=8", f"device={device}")
     cmd = [
         sys.executable,
         "-m",

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+# `batch_size=0` on CUDA: no larger batch than this (1.4B model on one H100: 2,480 seq/s at 2,048,
+# 2,540 at 4,096, benchmarks/RESULTS.md), so smaller models do not hold memory for nothing.
+AUTO_BATCH_MAX = 4096
+
 # Builds a KV cache for (model, batch_size, max_len, device, dtype); the default uses open360.models.
 CacheFactory = Callable[[torch.nn.Module, int, int, torch.device, torch.dtype], Any]
 
@@ -189,6 +194,46 @@ class ScoreResult:
     def full_match(self) -> float:
         """Fraction of sequences whose whole continuation matched (k-extractable)."""
         return float((self.matched == self.l).mean()) if len(self.matched) else float("nan")
+
+    def rows(self, lo: int, hi: int) -> ScoreResult:
+        """Sequences lo..hi-1 of this result, with their share of its seconds."""
+        share = (hi - lo) / len(self.matched) if len(self.matched) else 0.0
+        return ScoreResult(
+            self.mode,
+            self.k,
+            self.l,
+            self.matched[lo:hi],
+            self.prefix_match[lo:hi],
+            self.predicted[lo:hi],
+            self.seconds * share,
+            dict(self.info),
+        )
+
+    @staticmethod
+    def concat(parts: list[ScoreResult], mode: str, k: int, l: int, info: dict[str, Any]) -> ScoreResult:  # noqa: E741
+        """One result from consecutive parts (an empty list gives an empty result)."""
+        if not parts:
+            empty = np.zeros(0, dtype=np.int16)
+            return ScoreResult(mode, k, l, empty, empty, np.zeros((0, l), np.int32), 0.0, dict(info))
+        return ScoreResult(
+            mode,
+            k,
+            l,
+            np.concatenate([p.matched for p in parts]),
+            np.concatenate([p.prefix_match for p in parts]),
+            np.concatenate([p.predicted for p in parts]),
+            sum(p.seconds for p in parts),
+            dict(parts[-1].info),
+        )
+
+
+@dataclass
+class _Group:
+    """One group of `MemorizationScorer.score_groups` on its way through the shared batches."""
+
+    key: Hashable
+    unscored: int
+    parts: list[ScoreResult] = field(default_factory=list)
 
 
 def match_counts(predicted: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,8 +308,9 @@ class MemorizationScorer:
     """Scores batches of training sequences with one model; reuses its cache and CUDA graph.
 
     `model` is put in eval mode and cast to `dtype` ("auto": bf16 on CUDA, fp32 on CPU) on `device`.
-    `batch_size` sequences go through the model at a time; a partial batch is filled with copies of
-    its first row (their results are dropped) so that every batch has the same shape.
+    `batch_size` sequences go through the model at a time (0: as many as fit, see `_auto_batch_size`);
+    a partial batch is filled with copies of its first row (their results are dropped) so that every
+    batch has the same shape. `score_groups` lets many small groups share batches.
     `cuda_graphs` (CUDA only) captures the whole greedy continuation of a batch once and replays it;
     if capture fails the scorer warns and runs eagerly. `compile` wraps the model in torch.compile.
     `sliced_decode` (default): each decode step attends over the filled cache slots only (see
@@ -292,8 +338,8 @@ class MemorizationScorer:
             raise ValueError(f"memorization: mode={mode!r} is not one of {MODES}")
         if k < 1 or l < 1:
             raise ValueError(f"memorization: k={k} and l={l} must both be >= 1")
-        if batch_size < 1:
-            raise ValueError(f"memorization: batch_size={batch_size} must be >= 1")
+        if batch_size < 0:
+            raise ValueError(f"memorization: batch_size={batch_size} must be >= 1, or 0 for auto")
         if device is None:
             device = next(model.parameters()).device
         self.device = torch.device(device)
@@ -307,6 +353,9 @@ class MemorizationScorer:
         for module in self.model.modules():  # open360 Attention modules carry the hook; others are left alone
             if hasattr(module, "decode_attention"):
                 module.decode_attention = decode_attention if self.decode_kernel else None
+        self.cache_factory = cache_factory or default_cache_factory
+        if self.batch_size == 0:  # probed eagerly, before any compilation sees a batch shape
+            self.batch_size = self._auto_batch_size()
         self._forward: Any = self.model
         if compile:  # compile the blocks in place (the Decoder's own hook), else the whole module
             # Sliced decode changes the attended length every step: let the int position go symbolic
@@ -318,7 +367,6 @@ class MemorizationScorer:
                     block.compile(dynamic=dynamic)
             else:
                 self._forward = torch.compile(self.model, dynamic=dynamic)
-        self.cache_factory = cache_factory or default_cache_factory
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and mode == "greedy"
         self._cache: Any = None
         self._cache_batch = 0
@@ -326,6 +374,33 @@ class MemorizationScorer:
         self._static_in: torch.Tensor | None = None
         self._static_out: torch.Tensor | None = None
         self.graph_error: str | None = None
+
+    @torch.no_grad()
+    def _auto_batch_size(self, probe: int = 8) -> int:
+        """`batch_size=0`: 64 on CPU; on CUDA the largest multiple of 64 up to AUTO_BATCH_MAX whose KV
+        cache and activations fit in 80% of the free memory, scaled from a probe batch's measured use
+        (activations counted twice: the CUDA graph's warm-up and its capture pool each hold a set)."""
+        if self.device.type != "cuda":
+            return 64
+        tokens = torch.zeros(probe, self.k + self.l, dtype=torch.long, device=self.device)
+        for _ in range(2):  # the first pass allocates one-off workspaces; the second is measured
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            cache = self.cache_factory(self.model, probe, self.k + self.l, self.device, self.dtype)
+            cached = torch.cuda.memory_allocated(self.device)
+            if self.mode == "greedy":  # the prefill is the widest point of a greedy continuation
+                _logits_at(self.model, tokens[:, : self.k], self.k - 1, self.k, cache, 0).argmax(-1)
+            else:
+                teacher_forced_predictions(self.model, tokens, self.k, self.l)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            del cache
+        torch.cuda.synchronize(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)  # + what the allocator holds but no tensor uses
+        available = free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        per_sequence = ((cached - before) + 2 * (peak - cached)) / probe
+        fits = int(0.8 * available // per_sequence)
+        return max(1, min(AUTO_BATCH_MAX, fits // 64 * 64 or fits))
 
     # -- one fixed-shape batch -------------------------------------------------------------
     def _ensure_cache(self, batch_size: int) -> Any:
@@ -383,10 +458,7 @@ class MemorizationScorer:
             return self._greedy_batch(tokens[:, : self.k])
         return teacher_forced_predictions(self._forward, tokens, self.k, self.l)
 
-    # -- public ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def score(self, sequences: np.ndarray | torch.Tensor) -> ScoreResult:
-        """Score [N, >= k+l] token sequences (only the first k+l tokens are read)."""
+    def _as_sequences(self, sequences: np.ndarray | torch.Tensor) -> torch.Tensor:
         seqs = torch.as_tensor(np.asarray(sequences) if not torch.is_tensor(sequences) else sequences)
         if seqs.ndim != 2 or seqs.shape[1] < self.k + self.l:
             raise ValueError(
@@ -394,18 +466,62 @@ class MemorizationScorer:
                 f"need [N, >= k+l = {self.k + self.l}]"
                 " tokens; lower k/l or use longer sequences"
             )
+        return seqs[:, : self.k + self.l]
+
+    # -- public ----------------------------------------------------------------------------
+    def score_groups(
+        self, groups: Iterable[tuple[Hashable, np.ndarray | torch.Tensor]]
+    ) -> Iterator[tuple[Hashable, ScoreResult]]:
+        """Score many groups of sequences (e.g. the data chunks of one checkpoint) through full batches.
+
+        Consecutive groups share batches, so only the last batch of the whole stream is padded (scoring
+        each group on its own pads each group's last batch: 1,000 sequences at batch 4,096 would cost
+        4,096). Yields ``(key, result)`` per group, in input order, as soon as all its sequences are
+        scored; each result carries its share of the batches' seconds.
+        """
+        queue: deque[_Group] = deque()  # groups not yet yielded, in input order
+        pending: list[torch.Tensor] = []  # their unscored sequences, in the same order
+        buffered = 0
+
+        def score_first(n: int) -> None:
+            nonlocal pending, buffered
+            stream = torch.cat(pending)
+            pending, buffered = ([stream[n:]] if n < len(stream) else []), buffered - n
+            result, offset = self.score(stream[:n]), 0
+            for group in queue:
+                take = min(group.unscored, n - offset)
+                if take == 0 and group.unscored:
+                    break
+                group.parts.append(result.rows(offset, offset + take))
+                group.unscored -= take
+                offset += take
+
+        def finished() -> Iterator[tuple[Hashable, ScoreResult]]:
+            while queue and queue[0].unscored == 0:
+                group = queue.popleft()
+                yield group.key, ScoreResult.concat(group.parts, self.mode, self.k, self.l, self._info())
+
+        for key, sequences in groups:
+            seqs = self._as_sequences(sequences)
+            queue.append(_Group(key, len(seqs)))
+            if len(seqs):
+                pending.append(seqs)
+                buffered += len(seqs)
+            if buffered >= self.batch_size:
+                score_first(buffered - buffered % self.batch_size)
+            yield from finished()
+        if buffered:
+            score_first(buffered)
+        yield from finished()
+
+    @torch.no_grad()
+    def score(self, sequences: np.ndarray | torch.Tensor) -> ScoreResult:
+        """Score [N, >= k+l] token sequences (only the first k+l tokens are read)."""
+        seqs = self._as_sequences(sequences)
         n = seqs.shape[0]
-        info = {
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "batch_size": self.batch_size,
-            "device": str(self.device),
-        }
         if n == 0:
-            empty = np.zeros(0, dtype=np.int16)
-            return ScoreResult(
-                self.mode, self.k, self.l, empty, empty, np.zeros((0, self.l), np.int32), 0.0, info
-            )
-        seqs = seqs[:, : self.k + self.l].to(torch.long)
+            return ScoreResult.concat([], self.mode, self.k, self.l, self._info())
+        seqs = seqs.to(torch.long)
         predicted = np.empty((n, self.l), dtype=np.int32)
         matched = np.empty(n, dtype=np.int16)
         prefix = np.empty(n, dtype=np.int16)
@@ -428,11 +544,20 @@ class MemorizationScorer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        info["cuda_graphs"] = self.use_graphs
-        info["decode_kernel"] = self.decode_kernel
+        return ScoreResult(self.mode, self.k, self.l, matched, prefix, predicted, seconds, self._info())
+
+    def _info(self) -> dict[str, Any]:
+        """How the scores were computed (stored with every cell)."""
+        info: dict[str, Any] = {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "device": str(self.device),
+            "cuda_graphs": self.use_graphs,
+            "decode_kernel": self.decode_kernel,
+        }
         if self.graph_error:
             info["graph_error"] = self.graph_error
-        return ScoreResult(self.mode, self.k, self.l, matched, prefix, predicted, seconds, info)
+        return info
 
     def release(self) -> None:
         """Free the cache and graph (call before loading the next checkpoint on a small GPU)."""

@@ -59,7 +59,7 @@ class MemorizationJobConfig:
         "sample"  # sample: rows of the whole chunk | seen: only rows seen by the checkpoint (Pythia)
     )
     mode: str = "greedy"  # greedy (exact) | teacher_forced (screen: exact full_match, estimated token_match)
-    batch_size: int = 0  # 0 = 512 on CUDA, 64 on CPU
+    batch_size: int = 0  # 0 = auto: as many as fit in GPU memory (<= 4096), 64 on CPU
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     cuda_graphs: bool = True
@@ -484,6 +484,16 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
             torch.distributed.destroy_process_group()
 
 
+def _chunk_sequences(
+    data: DataView, steps_done: int, chunks: list[int], rows_of: dict[int, np.ndarray]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Each chunk's selected sequences, read only when the scorer asks for them (about one batch is
+    held at a time); the selected row indices are left in `rows_of[chunk]`."""
+    for chunk in chunks:
+        rows_of[chunk] = data.rows(steps_done, chunk)
+        yield chunk, data.sequences(chunk, rows_of[chunk])
+
+
 def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -> JobResult:
     import torch
     from tqdm.auto import tqdm
@@ -506,7 +516,6 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                 f"run {job.run!r}: checkpoints {missing} are not under {run_dir} and pull=false; "
                 "set pull=true to fetch them through DVC, or choose other checkpoints="
             )
-    batch_size = job.batch_size or (512 if device.startswith("cuda") else 64)
 
     # The data view comes from the first checkpoint's config and lineage (all of a run share them).
     first_path, first_pulled = ensure_checkpoint(job, workspace, steps[0])
@@ -564,7 +573,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                 model,
                 k=job.k,
                 l=job.l,
-                batch_size=batch_size,
+                batch_size=job.batch_size,
                 mode=job.mode,
                 device=device,
                 dtype=job.dtype,
@@ -573,11 +582,11 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
             )
             trainer_state = _trainer_state(path)
             steps_done = data.steps_in_these_shards(lineage)
-            for chunk in step_chunks:
+            rows_of: dict[int, np.ndarray] = {}
+            # The chunks of one checkpoint share batches (score_groups): only its last batch is padded.
+            for chunk, result in scorer.score_groups(_chunk_sequences(data, steps_done, step_chunks, rows_of)):
                 bar.set_postfix_str(f"step {step} chunk {chunk}")
-                rows = data.rows(steps_done, chunk)
-                seqs = data.sequences(chunk, rows)
-                result = scorer.score(seqs)
+                rows = rows_of.pop(chunk)
                 meta = {
                     "run": job.run,
                     "step": step,

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_memorization.py --out bench_memorization.json          # one H100, ~3 min
     python benchmarks/bench_memorization.py --tiny --out /tmp/bench_mem_tiny.json  # CPU smoke run
+    python benchmarks/bench_memorization.py --compile --variants open360_compiled_b4096 --rounds 5 \
+        --out bench_memorization_rounds.json    # + Analysis360 vs open360 timed alternately, 5 times
 
 Same randomly initialized 1.4B Amber-shaped model (24 layers, hidden 2048, 32 heads, FFN 5504, vocab
 50304) for every method: open360's Decoder, exported with `open360.models.hf.export_hf` and loaded
@@ -16,6 +18,9 @@ as `LlamaForCausalLM`. Methods:
   open360_sdpa_*  open360_sdpa with SDPA held to one backend (flash, efficient, cudnn)
   open360_eager   open360_greedy without the CUDA graph
   open360_tf      open360 teacher-forced screen (one forward; exact full_match only), bf16
+  open360_compiled_auto          compiled, batch_size=0: the batch the scorer sizes from free memory
+  open360_*_b<B>_percell<C>      --cell-size C: sequences cut into a job's cells, one `score` per cell
+  open360_*_b<B>_cells<C>        the same cells streamed through `score_groups` (shared batches)
 Scores are checked against HF generate on a sample in fp32 (TF32 off): identical continuations are
 expected except at argmax near-ties; bf16 agreement with HF bf16 is reported too (bf16 rounding
 differs between the two implementations, so a random-init model's near-uniform logits flip often).
@@ -72,27 +77,86 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 
 
 def hf_generate_rows(hf: Any, seqs: torch.Tensor, batch: int, analysis360_call: bool) -> np.ndarray:
-    """HF generate over `seqs` in batches; `analysis360_call` uses their exact call (EOS left on)."""
+    """HF generate over `seqs` in batches -> [N, L] continuations. `analysis360_call`: the loop of
+    Analysis360's `single_ckpt_memorization_eval.py` as written there (their `generate` arguments, no
+    attention mask or pad id, EOS left on, matches counted on the GPU and read back with `.tolist()`)."""
     from open360.analysis.memorization.reference import hf_greedy_continuations
 
     if not analysis360_call:
         return hf_greedy_continuations(hf, seqs, K, L, batch_size=batch)
     device = next(hf.parameters()).device
-    out = np.empty((seqs.shape[0], L), dtype=np.int32)
-    with torch.no_grad():
-        for lo in range(0, seqs.shape[0], batch):
-            prompt = seqs[lo : lo + batch, :K].to(device)
-            gen = hf.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                min_length=K,
-                max_new_tokens=L,
-                num_beams=1,
-                do_sample=False,
-                pad_token_id=0,
-            )[:, K:]
-            out[lo : lo + prompt.shape[0], : gen.shape[1]] = gen.cpu().numpy()
+    out = np.zeros((seqs.shape[0], L), dtype=np.int32)
+    total_token_match: list[int] = []
+    all_match: list[list[int]] = []
+    for lo in range(0, seqs.shape[0], batch):
+        prompt = seqs[lo : lo + batch, :K].to(device)
+        continuation = seqs[lo : lo + batch, K : K + L].to(device)
+        generated = hf.generate(prompt, min_length=K, max_new_tokens=L, num_beams=1, do_sample=False)[:, K:]
+        total_token_match += (generated == continuation).sum(dim=1).tolist()
+        all_match += (generated == continuation).int().tolist()
+        out[lo : lo + prompt.shape[0], : generated.shape[1]] = generated.cpu().numpy()
     return out
+
+
+def score_cells(scorer: Any, seqs: torch.Tensor, args: Any, how: str) -> Any:
+    """`seqs` cut into cells of `--cell-size` sequences (as a job's sampled chunks), scored one call per
+    cell ("percell": each cell's last batch padded) or as one stream through `score_groups` ("cells")."""
+    from open360.analysis.memorization import ScoreResult
+
+    cells = list(enumerate(torch.split(seqs, args.cell_size)))
+    if how == "percell":
+        parts = [scorer.score(cell) for _, cell in cells]
+    else:
+        parts = [res for _, res in scorer.score_groups(iter(cells))]
+    return ScoreResult.concat(parts, scorer.mode, K, L, parts[-1].info)
+
+
+def interleaved_rounds(
+    args: Any, model: torch.nn.Module, hf_dir: Path, seqs: torch.Tensor, device: torch.device
+) -> dict[str, Any]:
+    """Analysis360's method and open360's fastest exact setting (bf16, `compile=true`, batch
+    `--rounds-batch`) timed alternately `--rounds` times in one process, both models resident: the
+    host-bound baseline drifts between calls, so the ratio is given per round and as median/min/max.
+    On CPU (the smoke run) both run in fp32 and open360 is not compiled."""
+    from open360.analysis.memorization import MemorizationScorer
+
+    cuda = device.type == "cuda"
+    hf = load_hf(hf_dir, torch.float16 if cuda else torch.float32, device)
+    batch = args.rounds_batch
+    scorer = MemorizationScorer(
+        copy.deepcopy(model), k=K, l=L, batch_size=batch, device=device, dtype="auto", compile=cuda
+    )
+    n = min(args.sequences, 16 * batch)
+    scorer.score(seqs[:batch])  # warm-up: compile, graph capture
+    hf_generate_rows(hf, seqs[: args.a360_batch], args.a360_batch, True)
+    rounds = []
+    for r in range(args.rounds):
+        _, a360 = timed(lambda: hf_generate_rows(hf, seqs[: args.a360_sequences], args.a360_batch, True), device)
+        _, ours = timed(lambda: scorer.score(seqs[:n]), device)
+        row = {
+            "analysis360_seq_per_s": args.a360_sequences / a360,
+            "open360_seq_per_s": n / ours,
+            "ratio": (n / ours) / (args.a360_sequences / a360),
+        }
+        rounds.append(row)
+        print(
+            f"  round {r}: analysis360 {row['analysis360_seq_per_s']:.1f} seq/s, open360 "
+            f"{row['open360_seq_per_s']:.1f} seq/s, ratio {row['ratio']:.1f}x",
+            flush=True,
+        )
+    scorer.release()
+    ratios = [r["ratio"] for r in rounds]
+    return {
+        "open360_batch": batch,
+        "open360_sequences_per_round": n,
+        "analysis360_sequences_per_round": args.a360_sequences,
+        "rounds": rounds,
+        "ratio_median": float(np.median(ratios)),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "open360_seq_per_s_median": float(np.median([r["open360_seq_per_s"] for r in rounds])),
+        "analysis360_seq_per_s_median": float(np.median([r["analysis360_seq_per_s"] for r in rounds])),
+    }
 
 
 def load_hf(folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
@@ -135,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="", help="comma list of open360 variant names to run (default all)")
     ap.add_argument("--no-hf", action="store_true", help="skip HF generate, Analysis360 and the parity check")
     ap.add_argument(
+        "--cell-size", type=int, default=0, help="also time a job's cells of this many sequences each"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=0, help="time Analysis360 and open360 alternately this many times"
+    )
+    ap.add_argument("--rounds-batch", type=int, default=4096, help="open360 batch size in the rounds")
+    ap.add_argument(
         "--sdpa-backends", default="flash,efficient,cudnn", help="SDPA backends to force, one variant each"
     )
     args = ap.parse_args(argv)
@@ -148,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.batch, args.hf_batch, args.a360_batch = 64, 64, 8
         args.sequences, args.hf_sequences, args.a360_sequences, args.check = 256, 128, 32, 32
-        args.extra_batches = "32"
+        args.extra_batches, args.cell_size = "32", 40
+        args.rounds, args.rounds_batch = 2, 32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -167,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(name: str, n: int, seconds: float, **extra: Any) -> None:
         results[name] = {"sequences": n, "seconds": seconds, "seq_per_s": n / seconds, **extra}
-        print(f"  {name:<16} {n / seconds:>10.1f} seq/s  ({n} sequences in {seconds:.2f}s)", flush=True)
+        print(f"  {name:<32} {n / seconds:>10.1f} seq/s  ({n} sequences in {seconds:.2f}s)", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_mem_"))
     hf_dir = export_hf(model.to(torch.bfloat16).cpu(), model.cfg, None, tmp / "hf")
@@ -194,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(
                 (f"open360_compiled_b{b}", dict(mode="greedy", cuda_graphs=True, compile=True), b)
             )
+        variants.append(("open360_compiled_auto", dict(mode="greedy", cuda_graphs=True, compile=True), 0))
         variants.append(
             (
                 "open360_compiled_masked",
@@ -208,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.batch,
             )
         )
+    if args.cell_size:  # a job's cells (one checkpoint x one chunk), scored one by one or as a stream
+        best = max(int(x) for x in f"{args.batch},{args.extra_batches}".split(",") if x.strip())
+        for how in ("percell", "cells"):
+            opts = dict(mode="greedy", cuda_graphs=True, compile=args.compile, groups=how)
+            tag = "compiled" if args.compile else "greedy"
+            variants.append((f"open360_{tag}_b{best}_{how}{args.cell_size}", opts, best))
     wanted = {x.strip() for x in args.variants.split(",") if x.strip()}
     if wanted:
         variants = [v for v in variants if v[0] in wanted]
@@ -221,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, opts, batch in variants:
         try:
+            opts = dict(opts)
+            groups = opts.pop("groups", None)
             m = copy.deepcopy(model) if opts.get("compile") else model
             scorer = MemorizationScorer(m, k=K, l=L, batch_size=batch, device=device, dtype=dtype, **opts)
+            batch = scorer.batch_size  # batch 0 = auto: what the scorer chose
             n = min(args.sequences, 4 * batch) if name == "open360_eager" else min(args.sequences, 16 * batch)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -230,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             ctx = sdpa_kernel([backends[backend]]) if backend else contextlib.nullcontext()
             with ctx:  # the kernel is chosen when the graph is captured, on the warm-up call
                 scorer.score(seqs[:batch])  # warm-up: allocation, CUDA graph capture, compile
-                res, seconds = timed(lambda s=scorer, n=n: s.score(seqs[:n]), device)
+                if groups:
+                    res, seconds = timed(lambda s=scorer, n=n, g=groups: score_cells(s, seqs[:n], args, g), device)
+                else:
+                    res, seconds = timed(lambda s=scorer, n=n: s.score(seqs[:n]), device)
             extra: dict[str, Any] = {}
             if device.type == "cuda" and name in ("open360_greedy", "open360_compiled"):
                 extra = phase_times(scorer, seqs[:batch, :K].to(device))
@@ -339,7 +424,16 @@ def main(argv: list[str] | None = None) -> int:
         errors["parity"] = f"{type(err).__name__}: {err}"
         print(f"  parity FAILED: {errors['parity']}", flush=True)
 
-    return finish(args, shape, n_params, device, results, parity, errors)
+    rounds: dict[str, Any] = {}
+    if args.rounds > 0:
+        try:
+            model = model.cpu()  # the rounds hold their own bf16 copy, the HF fp16 model and a big cache
+            release_memory()
+            rounds = interleaved_rounds(args, model, hf_dir, seqs, device)
+        except Exception as err:
+            errors["rounds"] = f"{type(err).__name__}: {err}"
+            print(f"  rounds FAILED: {errors['rounds']}", flush=True)
+    return finish(args, shape, n_params, device, results, parity, errors, rounds)
 
 
 def phase_times(scorer: Any, prompts: torch.Tensor, reps: int = 5) -> dict[str, float]:
@@ -376,6 +470,7 @@ def finish(
     results: dict[str, Any],
     parity: dict[str, Any],
     errors: dict[str, str],
+    rounds: dict[str, Any] | None = None,
 ) -> int:
     base = results.get("analysis360", {}).get("seq_per_s")
     hf512 = results.get("hf_generate", {}).get("seq_per_s")
@@ -385,14 +480,19 @@ def finish(
         f"({n_params / 1e9:.2f} B params) on",
         torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
     )
-    print(f"{'method':<18}{'seq/s':>10}{'x Analysis360':>15}{'x HF b512':>11}")
+    print(f"{'method':<34}{'seq/s':>10}{'x Analysis360':>15}{'x HF b512':>11}")
     for name, r in results.items():
         x1 = f"{r['seq_per_s'] / base:.1f}" if base else "-"
         x2 = f"{r['seq_per_s'] / hf512:.2f}" if hf512 else "-"
-        print(f"{name:<18}{r['seq_per_s']:>10.1f}{x1:>15}{x2:>11}")
+        print(f"{name:<34}{r['seq_per_s']:>10.1f}{x1:>15}{x2:>11}")
     if device.type == "cuda":
         flop_ceiling = 800e12 / (2 * n_params * (K + L))
         print(f"FLOP ceiling at 800 TFLOP/s (2*N*64 per sequence): {flop_ceiling:.0f} seq/s")
+    if rounds:
+        print(
+            f"interleaved rounds ({len(rounds['rounds'])}): open360 / Analysis360 median "
+            f"{rounds['ratio_median']:.1f}x (min {rounds['ratio_min']:.1f}x, max {rounds['ratio_max']:.1f}x)"
+        )
     print("parity:", json.dumps(parity))
     if errors:
         print("errors:", json.dumps(errors, indent=1))
@@ -413,6 +513,7 @@ def finish(
         "results": results,
         "ratios_vs_analysis360": {k: v["seq_per_s"] / base for k, v in results.items()} if base else {},
         "parity": parity,
+        "interleaved_rounds": rounds or {},
         "errors": errors,
     }
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")

@@ -32,6 +32,11 @@ def test_memorization_benchmark_tiny_matches_hf(tmp_path: Path) -> None:
     assert not out["errors"]
     assert {"open360_greedy", "open360_tf", "hf_generate", "analysis360"} <= set(out["results"])
     assert out["parity"]["fp32_identical_scores"] == 1.0
+    cells, percell = out["results"]["open360_greedy_b64_cells40"], out["results"]["open360_greedy_b64_percell40"]
+    assert cells["token_match"] == percell["token_match"] and cells["sequences"] == percell["sequences"]
+    rounds = out["interleaved_rounds"]["rounds"]
+    assert len(rounds) == 2 and all(r["ratio"] > 0 for r in rounds)
+    assert out["interleaved_rounds"]["ratio_min"] <= out["interleaved_rounds"]["ratio_median"]
 
 
 @pytest.mark.parametrize("script", ["bench_megatron.py", "bench_trainer_gpu.py"])

@@ -135,6 +135,24 @@ def test_groups_are_yielded_as_soon_as_they_are_scored() -> None:
     assert [key for key, _ in stream] == ["b", "c"]
 
 
+def test_loaded_weights_score_like_a_fresh_scorer_and_mismatches_are_refused() -> None:
+    seqs = torch.randint(0, TINY["vocab_size"], (9, 16), generator=torch.Generator().manual_seed(9))
+    scorer = MemorizationScorer(tiny_model(seed=1), k=8, l=8, batch_size=4)
+    first = scorer.score(seqs)
+    other = tiny_model(seed=2)
+    scorer.load_weights(other.state_dict())
+    swapped = scorer.score(seqs)
+    assert np.array_equal(swapped.predicted, MemorizationScorer(other, k=8, l=8, batch_size=4).score(seqs).predicted)
+    assert not np.array_equal(swapped.predicted, first.predicted)
+    wider = tiny_model(seed=3, ffn_dim=96).state_dict()
+    with pytest.raises(ValueError, match="other shapes"):
+        scorer.load_weights(wider)
+    partial = {k: v for k, v in other.state_dict().items() if k != "final_norm.weight"}
+    with pytest.raises(ValueError, match=r"missing \['final_norm.weight'\]"):
+        scorer.load_weights(partial)
+    assert np.array_equal(scorer.score(seqs).predicted, swapped.predicted)  # a refused load changes nothing
+
+
 def test_auto_batch_size_is_64_on_cpu_and_negative_is_refused() -> None:
     assert MemorizationScorer(tiny_model(), k=8, l=8, batch_size=0).batch_size == 64
     with pytest.raises(ValueError, match="batch_size=-1 must be >= 1, or 0 for auto"):
@@ -292,3 +310,16 @@ def test_auto_batch_size_fits_the_free_memory(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.undo()
     res = tight.score(seqs)
     assert np.array_equal(res.predicted, MemorizationScorer(model, batch_size=64, **kw).score(seqs).predicted)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_weights_loaded_into_a_captured_graph_are_the_ones_it_runs() -> None:
+    seqs = torch.randint(0, TINY["vocab_size"], (10, 32), generator=torch.Generator().manual_seed(17))
+    kw = dict(k=16, l=16, batch_size=4, device="cuda", dtype="fp32")
+    scorer = MemorizationScorer(tiny_model(seed=18), **kw)
+    scorer.score(seqs)  # captures the graph with the first weights
+    other = tiny_model(seed=19)
+    scorer.load_weights(other.state_dict())
+    assert scorer.use_graphs and scorer._graph is not None
+    assert np.array_equal(scorer.score(seqs).predicted, MemorizationScorer(other, **kw).score(seqs).predicted)

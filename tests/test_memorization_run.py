@@ -144,6 +144,29 @@ def test_matrix_completes_resumes_and_renders(trained_run: tuple[Path, str]) -> 
     assert "Exact greedy" in text
 
 
+def test_each_checkpoint_is_scored_with_its_own_weights(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    """One scorer serves all checkpoints (weights swapped in place): cells equal a fresh load's scores."""
+    import pyarrow.parquet as pq
+
+    from open360.checkpoint import load_model_from_checkpoint
+    from open360.data.shards import ShardSet
+
+    root, _ = trained_run
+    result = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=8", f"out_dir={tmp_path}")))
+    assert result.complete and len(result.computed) == 4
+    shards = ShardSet.open(next((root / "shards").glob("mem_tiny-*")))
+    matched = {}
+    for step in (20, 160):
+        model, _ = load_model_from_checkpoint(root / "checkpoints" / RUN / f"step_{step}")
+        scorer = MemorizationScorer(model, k=32, l=32, batch_size=32)
+        for chunk in (0, 1):
+            cell = pq.read_table(cell_path(tmp_path, step, chunk)).to_pandas()
+            fresh = scorer.score(shards.sequences(cell.seq_id.to_numpy()))
+            assert cell.matched.tolist() == fresh.matched.tolist(), (step, chunk)
+            matched[step, chunk] = cell.matched.tolist()
+    assert matched[20, 0] != matched[160, 0]  # the two checkpoints really differ on these sequences
+
+
 def test_planted_sequences_score_one_and_match_transformers(
     trained_run: tuple[Path, str], tmp_path: Path
 ) -> None:

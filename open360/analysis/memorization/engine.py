@@ -559,6 +559,23 @@ class MemorizationScorer:
             info["graph_error"] = self.graph_error
         return info
 
+    @torch.no_grad()
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy another checkpoint's weights (same architecture) into the model in place, cast to the
+        scorer's dtype: the cache, the compiled blocks and the captured CUDA graph stay valid, so the
+        next checkpoint of a run costs a copy instead of a model build, a compile and a graph capture.
+        Raises on missing, unexpected or differently shaped weights (nothing is partially kept)."""
+        own = self.model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"memorization: weights do not fit the scorer's model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, other shapes {sorted(shapes)[:5]}"
+            )
+        for name, tensor in own.items():
+            tensor.copy_(state[name])
+
     def release(self) -> None:
         """Free the cache and graph (call before loading the next checkpoint on a small GPU)."""
         self._cache = self._graph = self._static_in = self._static_out = None

@@ -484,6 +484,39 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
             torch.distributed.destroy_process_group()
 
 
+def _scorer_for(
+    job: MemorizationJobConfig, path: Path, device: str, current: tuple[Any, dict[str, Any]] | None
+) -> tuple[Any, dict[str, Any]]:
+    """A scorer holding checkpoint `path`'s weights, with its model config. The current scorer when the
+    architecture is unchanged (the usual case within a run), its weights swapped in place: no model
+    build, compile or CUDA graph capture per checkpoint. Else a new scorer (the old one is released)."""
+    from omegaconf import OmegaConf
+
+    from open360.analysis.memorization.engine import MemorizationScorer
+    from open360.checkpoint import load_model_from_checkpoint
+    from open360.checkpoint.io import CONFIG_FILE, MODEL_FILE, load_model_weights
+
+    model_cfg = OmegaConf.to_container(OmegaConf.create((path / CONFIG_FILE).read_text()).model, resolve=True)
+    if current is not None and current[1] == model_cfg:
+        current[0].load_weights(load_model_weights(path / MODEL_FILE))
+        return current
+    if current is not None:
+        current[0].release()
+    model, _ = load_model_from_checkpoint(path, device="cpu")
+    scorer = MemorizationScorer(
+        model,
+        k=job.k,
+        l=job.l,
+        batch_size=job.batch_size,
+        mode=job.mode,
+        device=device,
+        dtype=job.dtype,
+        cuda_graphs=job.cuda_graphs,
+        compile=job.compile,
+    )
+    return scorer, model_cfg
+
+
 def _chunk_sequences(
     data: DataView, steps_done: int, chunks: list[int], rows_of: dict[int, np.ndarray]
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -498,8 +531,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     import torch
     from tqdm.auto import tqdm
 
-    from open360.analysis.memorization.engine import MemorizationScorer
-    from open360.checkpoint import load_model_from_checkpoint, read_lineage
+    from open360.checkpoint import read_lineage
 
     workspace = Path(job.workspace).expanduser().resolve()
     out_dir = (
@@ -562,24 +594,15 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
         disable=not job.progress,
         position=rank if world > 1 else None,
     )
+    scoring: tuple[Any, dict[str, Any]] | None = None  # the scorer and its model config, kept across steps
     try:
         for step, step_chunks in by_step.items():
             path, pulled = ensure_checkpoint(job, workspace, step)
             if pulled:
                 pulled_here.add(step)
-            model, ckpt_cfg = load_model_from_checkpoint(path, device="cpu")
+            scoring = _scorer_for(job, path, device, scoring)
+            scorer = scoring[0]
             lineage = read_lineage(path)
-            scorer = MemorizationScorer(
-                model,
-                k=job.k,
-                l=job.l,
-                batch_size=job.batch_size,
-                mode=job.mode,
-                device=device,
-                dtype=job.dtype,
-                cuda_graphs=job.cuda_graphs,
-                compile=job.compile,
-            )
             trainer_state = _trainer_state(path)
             steps_done = data.steps_in_these_shards(lineage)
             rows_of: dict[int, np.ndarray] = {}
@@ -613,12 +636,13 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                 )
                 computed.append((step, chunk))
                 bar.update(1)
-            scorer.release()
-            del model, scorer
             if job.release_local and step in pulled_here and step not in shared_steps:
                 shutil.rmtree(path, ignore_errors=True)
     finally:
         bar.close()
+        if scoring is not None:
+            scoring[0].release()
+        scoring = None
     if world > 1:
         torch.distributed.barrier(
             device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None

@@ -4,6 +4,8 @@
     python benchmarks/bench_memorization.py --tiny --out /tmp/bench_mem_tiny.json  # CPU smoke run
     python benchmarks/bench_memorization.py --compile --variants open360_compiled_b4096 --rounds 5 \
         --out bench_memorization_rounds.json    # + Analysis360 vs open360 timed alternately, 5 times
+    python benchmarks/bench_memorization.py --compile --variants open360_compiled_b4096 --no-hf \
+        --checkpoint-swaps 3 --out swaps.json   # + per-checkpoint cost: fresh scorer vs swapped weights
 
 Same randomly initialized 1.4B Amber-shaped model (24 layers, hidden 2048, 32 heads, FFN 5504, vocab
 50304) for every method: open360's Decoder, exported with `open360.models.hf.export_hf` and loaded
@@ -111,6 +113,58 @@ def score_cells(scorer: Any, seqs: torch.Tensor, args: Any, how: str) -> Any:
     return ScoreResult.concat(parts, scorer.mode, K, L, parts[-1].info)
 
 
+def checkpoint_swaps(args: Any, shape: dict, seqs: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Per-checkpoint cost in a job, `--checkpoint-swaps` checkpoints of one batch each (compiled on CUDA):
+    a fresh scorer per checkpoint (model built and loaded on the CPU, moved, compiled, graph captured)
+    against one scorer whose weights are swapped in place (`load_weights`, what the job does)."""
+    from open360.analysis.memorization import MemorizationScorer
+    from open360.models import build_model
+
+    batch, cuda = args.rounds_batch, device.type == "cuda"
+    states = []
+    for seed in range(args.checkpoint_swaps):
+        torch.manual_seed(seed)
+        states.append(build_model(shape).state_dict())
+    kw = dict(k=K, l=L, batch_size=batch, device=device, dtype="auto", compile=cuda)
+    fresh: list[dict[str, Any]] = []
+    swapped: list[dict[str, Any]] = []
+    tokens = []
+    for state in states:
+        start = time.perf_counter()
+        model = build_model(shape)
+        model.load_state_dict(state)
+        scorer = MemorizationScorer(model, **kw)
+        res = scorer.score(seqs[:batch])
+        sync(device)
+        fresh.append({"seconds": time.perf_counter() - start, "scoring_seconds": res.seconds})
+        tokens.append(res.predicted)
+        scorer.release()
+        scorer = model = None
+        release_memory()
+    scorer = MemorizationScorer(build_model(shape), **kw)
+    scorer.score(seqs[:batch])  # the job's first checkpoint: build, compile, capture
+    for state, expected in zip(states, tokens, strict=True):
+        start = time.perf_counter()
+        scorer.load_weights(state)
+        res = scorer.score(seqs[:batch])
+        sync(device)
+        swapped.append(
+            {
+                "seconds": time.perf_counter() - start,
+                "scoring_seconds": res.seconds,
+                "identical_to_fresh": bool(np.array_equal(res.predicted, expected)),
+            }
+        )
+    scorer.release()
+    for i, (a, b) in enumerate(zip(fresh, swapped, strict=True)):
+        print(
+            f"  checkpoint {i}: fresh scorer {a['seconds']:.1f}s, swapped weights {b['seconds']:.1f}s "
+            f"(scoring {b['scoring_seconds']:.2f}s of one batch of {batch}); same tokens: {b['identical_to_fresh']}",
+            flush=True,
+        )
+    return {"batch": batch, "fresh": fresh, "swapped": swapped}
+
+
 def interleaved_rounds(
     args: Any, model: torch.nn.Module, hf_dir: Path, seqs: torch.Tensor, device: torch.device
 ) -> dict[str, Any]:
@@ -204,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rounds", type=int, default=0, help="time Analysis360 and open360 alternately this many times"
     )
-    ap.add_argument("--rounds-batch", type=int, default=4096, help="open360 batch size in the rounds")
+    ap.add_argument("--rounds-batch", type=int, default=4096, help="open360 batch size in the rounds and the checkpoint swaps")
+    ap.add_argument(
+        "--checkpoint-swaps", type=int, default=0, help="time this many checkpoints: fresh scorer vs swapped weights"
+    )
     ap.add_argument(
         "--sdpa-backends", default="flash,efficient,cudnn", help="SDPA backends to force, one variant each"
     )
@@ -220,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.hf_batch, args.a360_batch = 64, 64, 8
         args.sequences, args.hf_sequences, args.a360_sequences, args.check = 256, 128, 32, 32
         args.extra_batches, args.cell_size = "32", 40
-        args.rounds, args.rounds_batch = 2, 32
+        args.rounds, args.rounds_batch, args.checkpoint_swaps = 2, 32, 2
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -350,8 +407,15 @@ def main(argv: list[str] | None = None) -> int:
                 same = float((pred[:n] == ref_rows[:n]).all(1).mean())
                 results[name]["bf16_identical_to_masked"] = same
                 print(f"  {name:<24} identical continuations to open360_masked: {same:.4f}", flush=True)
+    swaps: dict[str, Any] = {}
+    if args.checkpoint_swaps > 0:
+        try:
+            swaps = checkpoint_swaps(args, shape, seqs, device)
+        except Exception as err:
+            errors["checkpoint_swaps"] = f"{type(err).__name__}: {err}"
+            print(f"  checkpoint swaps FAILED: {errors['checkpoint_swaps']}", flush=True)
     if args.no_hf:
-        return finish(args, shape, n_params, device, results, {}, errors)
+        return finish(args, shape, n_params, device, results, {}, errors, None, swaps)
     model = model.to(torch.bfloat16)  # keep memory for the HF copies
 
     # --- HF generate bf16, large batch ---------------------------------------------------------
@@ -433,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:
             errors["rounds"] = f"{type(err).__name__}: {err}"
             print(f"  rounds FAILED: {errors['rounds']}", flush=True)
-    return finish(args, shape, n_params, device, results, parity, errors, rounds)
+    return finish(args, shape, n_params, device, results, parity, errors, rounds, swaps)
 
 
 def phase_times(scorer: Any, prompts: torch.Tensor, reps: int = 5) -> dict[str, float]:
@@ -471,6 +535,7 @@ def finish(
     parity: dict[str, Any],
     errors: dict[str, str],
     rounds: dict[str, Any] | None = None,
+    swaps: dict[str, Any] | None = None,
 ) -> int:
     base = results.get("analysis360", {}).get("seq_per_s")
     hf512 = results.get("hf_generate", {}).get("seq_per_s")
@@ -514,6 +579,7 @@ def finish(
         "ratios_vs_analysis360": {k: v["seq_per_s"] / base for k, v in results.items()} if base else {},
         "parity": parity,
         "interleaved_rounds": rounds or {},
+        "checkpoint_swaps": swaps or {},
         "errors": errors,
     }
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")

@@ -34,6 +34,8 @@ def test_memorization_benchmark_tiny_matches_hf(tmp_path: Path) -> None:
     assert out["parity"]["fp32_identical_scores"] == 1.0
     cells, percell = out["results"]["open360_greedy_b64_cells40"], out["results"]["open360_greedy_b64_percell40"]
     assert cells["token_match"] == percell["token_match"] and cells["sequences"] == percell["sequences"]
+    swapped = out["checkpoint_swaps"]["swapped"]
+    assert len(swapped) == 2 and all(r["identical_to_fresh"] for r in swapped)
     rounds = out["interleaved_rounds"]["rounds"]
     assert len(rounds) == 2 and all(r["ratio"] > 0 for r in rounds)
     assert out["interleaved_rounds"]["ratio_min"] <= out["interleaved_rounds"]["ratio_median"]

@@ -103,6 +103,35 @@ def test_tied_weights_stored_once_and_restored(tmp_path: Path) -> None:
     assert back["lm_head.weight"].data_ptr() == back["embed.weight"].data_ptr()
 
 
+@pytest.mark.parametrize("over", [{}, {"tie_embeddings": True, "lm_head_bias": True, "rotary_fraction": 0.5}])
+def test_model_from_checkpoint_is_the_saved_model(tmp_path: Path, over: dict) -> None:
+    """Built on the meta device and loaded: every weight, the rotary tables and the logits are the saved ones;
+    a weights file that lacks a parameter is refused rather than leaving it uninitialized."""
+    from omegaconf import OmegaConf
+
+    from open360.checkpoint import load_model_from_checkpoint
+    from open360.models import build_model
+
+    cfg = dict(name="t", vocab_size=64, n_layers=2, d_model=32, n_heads=4, ffn_dim=48, max_seq_len=40, **over)
+    torch.manual_seed(3)
+    model = build_model(cfg).eval()
+    contents = _contents()
+    contents.model = model.state_dict()
+    contents.config_yaml = OmegaConf.to_yaml({"model": cfg})
+    path = save_checkpoint(tmp_path / "run", 1, contents)
+    loaded, _ = load_model_from_checkpoint(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(loaded.rotary.cos, model.rotary.cos) and torch.equal(loaded.rotary.sin, model.rotary.sin)
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids), model(ids))
+    state = model.state_dict()
+    state.pop("final_norm.weight")
+    save_model_weights(state, path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="final_norm.weight"):
+        load_model_from_checkpoint(path)
+
+
 def test_optimizer_and_rng_files_are_weights_only_loadable(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, 3, _contents())
     torch.load(path / "optimizer.pt", weights_only=True)

@@ -247,6 +247,12 @@ def load_model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, An
             "(checkpoints/<run>/step_<N>); is the step pulled (open360 ckpt pull)?"
         )
     cfg = OmegaConf.create((path / CONFIG_FILE).read_text())
-    model = build_model(cfg.model)
-    model.load_state_dict(load_model_weights(path / MODEL_FILE))
+    weights = load_model_weights(path / MODEL_FILE)
+    # Built without initializing (a 1.4B model's random init takes ~15 s on a CPU): the strict load below
+    # overwrites every parameter, and the rotary tables, the only non-persistent buffers, are recomputed.
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    model = model.to_empty(device="cpu")
+    model.rotary.reset_tables()
+    model.load_state_dict(weights)
     return model.to(device), cfg

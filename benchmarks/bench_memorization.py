@@ -115,9 +115,11 @@ def score_cells(scorer: Any, seqs: torch.Tensor, args: Any, how: str) -> Any:
 
 def checkpoint_swaps(args: Any, shape: dict, seqs: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """Per-checkpoint cost in a job, `--checkpoint-swaps` checkpoints of one batch each (compiled on CUDA):
-    a fresh scorer per checkpoint (model built and loaded on the CPU, moved, compiled, graph captured)
-    against one scorer whose weights are swapped in place (`load_weights`, what the job does)."""
+    a fresh scorer per checkpoint (model built around the weights as `load_model_from_checkpoint` does,
+    moved, compiled from the warm cache, graph captured) against one scorer whose weights are swapped in
+    place (`load_weights`, what the job does). Weights start in memory: reading them from disk is extra."""
     from open360.analysis.memorization import MemorizationScorer
+    from open360.checkpoint.io import model_with_weights
     from open360.models import build_model
 
     batch, cuda = args.rounds_batch, device.type == "cuda"
@@ -131,15 +133,13 @@ def checkpoint_swaps(args: Any, shape: dict, seqs: torch.Tensor, device: torch.d
     tokens = []
     for state in states:
         start = time.perf_counter()
-        model = build_model(shape)
-        model.load_state_dict(state)
-        scorer = MemorizationScorer(model, **kw)
+        scorer = MemorizationScorer(model_with_weights(shape, state), **kw)
         res = scorer.score(seqs[:batch])
         sync(device)
         fresh.append({"seconds": time.perf_counter() - start, "scoring_seconds": res.seconds})
         tokens.append(res.predicted)
         scorer.release()
-        scorer = model = None
+        scorer = None
         release_memory()
     scorer = MemorizationScorer(build_model(shape), **kw)
     scorer.score(seqs[:batch])  # the job's first checkpoint: build, compile, capture

@@ -238,8 +238,6 @@ def load_model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, An
     """Build the checkpoint's model from its `config.yaml` and load its weights: `(Decoder, DictConfig)`."""
     from omegaconf import OmegaConf
 
-    from open360.models import build_model
-
     path = Path(path)
     if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise CheckpointError(
@@ -247,12 +245,18 @@ def load_model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, An
             "(checkpoints/<run>/step_<N>); is the step pulled (open360 ckpt pull)?"
         )
     cfg = OmegaConf.create((path / CONFIG_FILE).read_text())
-    weights = load_model_weights(path / MODEL_FILE)
-    # Built without initializing (a 1.4B model's random init takes ~15 s on a CPU): the strict load below
-    # overwrites every parameter, and the rotary tables, the only non-persistent buffers, are recomputed.
+    return model_with_weights(cfg.model, load_model_weights(path / MODEL_FILE)).to(device), cfg
+
+
+def model_with_weights(model_cfg: Any, weights: dict[str, torch.Tensor]) -> Any:
+    """A Decoder on the CPU holding `weights`, built without initializing (a 1.4B model's random init
+    takes ~20 s on 2 cores): the strict load overwrites every parameter (a missing one raises), and the
+    rotary tables, the only non-persistent buffers, are recomputed."""
+    from open360.models import build_model
+
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model(model_cfg)
     model = model.to_empty(device="cpu")
     model.rotary.reset_tables()
     model.load_state_dict(weights)
-    return model.to(device), cfg
+    return model

@@ -3,7 +3,8 @@
 #   scripts/build_gpu_wheels.sh   (here, once)   then, on the device (carry: ["wheels"]):
 #   bash benchmarks/gpu_suite.sh "<bench> [args]" ["<bench> [args]" ...]
 # Each <bench> is a script in benchmarks/ given without .py; its JSON lands in $OUT/<bench>.json and
-# its log in $OUT/<bench>.log. Prints the environment first, each benchmark's table last.
+# its log in $OUT/<bench>.log (<bench>.2.json, ... when a benchmark is given more than once). Prints
+# the environment first, each benchmark's table last.
 set -uo pipefail
 OUT=${OUT:-/tmp/open360-bench}
 mkdir -p "$OUT"
@@ -18,9 +19,15 @@ for spec in "$@"; do
   name=${spec%% *}
   args=""
   [[ "$spec" == *" "* ]] && args=${spec#* }
-  echo "=== $name $args"
+  base="$OUT/$name"
+  n=2
+  while [[ -e "$base.json" || -e "$base.log" ]]; do  # the same benchmark twice: keep both results
+    base="$OUT/$name.$n"
+    n=$((n + 1))
+  done
+  echo "=== $name $args -> $base.json"
   # shellcheck disable=SC2086
-  python3 "benchmarks/$name.py" --out "$OUT/$name.json" $args >"$OUT/$name.log" 2>&1
+  python3 "benchmarks/$name.py" --out "$base.json" $args >"$base.log" 2>&1
   echo "exit=$?"
-  tail -n 25 "$OUT/$name.log"
+  tail -n 25 "$base.log"
 done

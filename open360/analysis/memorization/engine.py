@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,7 +231,7 @@ class ScoreResult:
 class _Group:
     """One group of `MemorizationScorer.score_groups` on its way through the shared batches."""
 
-    key: Hashable
+    key: Any
     unscored: int
     parts: list[ScoreResult] = field(default_factory=list)
 
@@ -470,14 +470,14 @@ class MemorizationScorer:
 
     # -- public ----------------------------------------------------------------------------
     def score_groups(
-        self, groups: Iterable[tuple[Hashable, np.ndarray | torch.Tensor]]
-    ) -> Iterator[tuple[Hashable, ScoreResult]]:
+        self, groups: Iterable[tuple[Any, np.ndarray | torch.Tensor]]
+    ) -> Iterator[tuple[Any, ScoreResult]]:
         """Score many groups of sequences (e.g. the data chunks of one checkpoint) through full batches.
 
         Consecutive groups share batches, so only the last batch of the whole stream is padded (scoring
         each group on its own pads each group's last batch: 1,000 sequences at batch 4,096 would cost
-        4,096). Yields ``(key, result)`` per group, in input order, as soon as all its sequences are
-        scored; each result carries its share of the batches' seconds.
+        4,096). Yields ``(key, result)`` per group (the key as given, any object), in input order, as
+        soon as all its sequences are scored; each result carries its share of the batches' seconds.
         """
         queue: deque[_Group] = deque()  # groups not yet yielded, in input order
         pending: list[torch.Tensor] = []  # their unscored sequences, in the same order
@@ -496,7 +496,7 @@ class MemorizationScorer:
                 group.unscored -= take
                 offset += take
 
-        def finished() -> Iterator[tuple[Hashable, ScoreResult]]:
+        def finished() -> Iterator[tuple[Any, ScoreResult]]:
             while queue and queue[0].unscored == 0:
                 group = queue.popleft()
                 yield group.key, ScoreResult.concat(group.parts, self.mode, self.k, self.l, self._info())

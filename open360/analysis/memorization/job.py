@@ -493,18 +493,17 @@ def _scorer_for(
     from omegaconf import OmegaConf
 
     from open360.analysis.memorization.engine import MemorizationScorer
-    from open360.checkpoint import load_model_from_checkpoint
-    from open360.checkpoint.io import CONFIG_FILE, MODEL_FILE, load_model_weights
+    from open360.checkpoint.io import CONFIG_FILE, MODEL_FILE, load_model_weights, model_with_weights
 
     model_cfg = OmegaConf.to_container(OmegaConf.create((path / CONFIG_FILE).read_text()).model, resolve=True)
+    weights = load_model_weights(path / MODEL_FILE)
     if current is not None and current[1] == model_cfg:
-        current[0].load_weights(load_model_weights(path / MODEL_FILE))
+        current[0].load_weights(weights)
         return current
     if current is not None:
         current[0].release()
-    model, _ = load_model_from_checkpoint(path, device="cpu")
     scorer = MemorizationScorer(
-        model,
+        model_with_weights(model_cfg, weights),
         k=job.k,
         l=job.l,
         batch_size=job.batch_size,
@@ -518,13 +517,13 @@ def _scorer_for(
 
 
 def _chunk_sequences(
-    data: DataView, steps_done: int, chunks: list[int], rows_of: dict[int, np.ndarray]
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Each chunk's selected sequences, read only when the scorer asks for them (about one batch is
-    held at a time); the selected row indices are left in `rows_of[chunk]`."""
+    data: DataView, steps_done: int, chunks: list[int]
+) -> Iterator[tuple[tuple[int, np.ndarray], np.ndarray]]:
+    """((chunk, selected rows), their sequences) per chunk, read only when the scorer asks for them
+    (about one batch is held at a time)."""
     for chunk in chunks:
-        rows_of[chunk] = data.rows(steps_done, chunk)
-        yield chunk, data.sequences(chunk, rows_of[chunk])
+        rows = data.rows(steps_done, chunk)
+        yield (chunk, rows), data.sequences(chunk, rows)
 
 
 def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -> JobResult:
@@ -605,11 +604,9 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
             lineage = read_lineage(path)
             trainer_state = _trainer_state(path)
             steps_done = data.steps_in_these_shards(lineage)
-            rows_of: dict[int, np.ndarray] = {}
             # The chunks of one checkpoint share batches (score_groups): only its last batch is padded.
-            for chunk, result in scorer.score_groups(_chunk_sequences(data, steps_done, step_chunks, rows_of)):
+            for (chunk, rows), result in scorer.score_groups(_chunk_sequences(data, steps_done, step_chunks)):
                 bar.set_postfix_str(f"step {step} chunk {chunk}")
-                rows = rows_of.pop(chunk)
                 meta = {
                     "run": job.run,
                     "step": step,

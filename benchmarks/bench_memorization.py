@@ -20,6 +20,7 @@ as `LlamaForCausalLM`. Methods:
   open360_sdpa_*  open360_sdpa with SDPA held to one backend (flash, efficient, cudnn)
   open360_eager   open360_greedy without the CUDA graph
   open360_tf      open360 teacher-forced screen (one forward; exact full_match only), bf16
+  open360_tf_compiled_b<B>       the teacher-forced screen with `compile=true`, batch B (--compile)
   open360_compiled_auto          compiled, batch_size=0: the batch the scorer sizes from free memory
   open360_*_b<B>_percell<C>      --cell-size C: sequences cut into a job's cells, one `score` per cell
   open360_*_b<B>_cells<C>        the same cells streamed through `score_groups` (shared batches)
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                 (f"open360_compiled_b{b}", dict(mode="greedy", cuda_graphs=True, compile=True), b)
             )
         variants.append(("open360_compiled_auto", dict(mode="greedy", cuda_graphs=True, compile=True), 0))
+        for b in [args.batch] + [int(x) for x in args.extra_batches.split(",") if x.strip()]:
+            opts = dict(mode="teacher_forced", cuda_graphs=False, compile=True)
+            variants.append((f"open360_tf_compiled_b{b}", opts, b))
         variants.append(
             (
                 "open360_compiled_masked",
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_rows = outputs["open360_masked"]
         for name, pred in outputs.items():
             n = min(len(pred), len(ref_rows))
-            if name not in ("open360_masked", "open360_tf") and name in results and n:
+            if name != "open360_masked" and not name.startswith("open360_tf") and name in results and n:
                 same = float((pred[:n] == ref_rows[:n]).all(1).mean())
                 results[name]["bf16_identical_to_masked"] = same
                 print(f"  {name:<24} identical continuations to open360_masked: {same:.4f}", flush=True)

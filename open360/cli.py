@@ -44,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
     name = f"{args[0]} {args[1]}"
+    group = [c for c in COMMANDS if c.split()[0] == args[0]]
+    if args[1] in ("-h", "--help") and group:  # `open360 <group> --help`: that group's verbs
+        print("\n".join(line for line in usage().splitlines() if not line.startswith("  open360 ")
+                        or line.split()[1] == args[0]))
+        return 0
     if name not in COMMANDS:
         print(f"open360: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2

@@ -82,8 +82,22 @@ def test_scale_out_two_machines_merge_to_single_build(tiny: Path, tmp_path: Path
         if p.is_file() and p.name.startswith(("train_", "val_")):
             shutil.copy(p, outs[0] / p.name)
     shutil.copy(next((outs[1] / ".parts").iterdir()), outs[0] / ".parts")
+    tokenizer = (outs[0] / "tokenizer.json").read_bytes()
+    (outs[0] / "tokenizer.json").unlink()  # a copy that forgot it: refused, nothing written
+    with pytest.raises(ShardError, match="tokenizer.json: missing"):
+        merge_parts(outs[0], 2)
+    assert not (outs[0] / "manifest.json").exists()
+    (outs[0] / "tokenizer.json").write_bytes(tokenizer)
     merge_parts(outs[0], 2)
     assert _files(outs[0]) == _files(tiny)
+
+
+def test_build_writes_missing_files_again(tiny: Path, tmp_path: Path) -> None:
+    out = Path(shutil.copytree(tiny, tmp_path / tiny.name))
+    (out / "train_00005.parquet").unlink()
+    with pytest.warns(UserWarning, match="rebuilding .*train_00005.parquet: listed in the manifest but missing"):
+        assert build_shards(RECIPE, tmp_path, seed=1234) == out
+    assert _files(out) == _files(tiny)
 
 
 def test_interrupted_build_is_never_referenced_and_resumes(
@@ -127,7 +141,7 @@ def test_crystalcoder_stages_share_tokenizer_and_fim(tmp_path: Path) -> None:
 # The manifest hash covers the recipe, the tokenizer hash, every per-source count and every shard's content
 # hash (not file bytes), so a different value on another machine means the build is not reproducible there.
 # Update both only when the recipe or the pipeline changes on purpose.
-GOLDEN_MANIFEST = "3b13917c77207b157b367a81199b4d302381c791baf07aac52ce26db39a4357a"
+GOLDEN_MANIFEST = "5dc9d3373ad2045237e028313e86bc4b977b5db30835219c86ccbb8c28d32202"
 GOLDEN_TOKENIZER = "d67bb3ef40fb0b452528bb809a40fea68628a2abb3f7aa822aebf890a0bf08ae"
 
 
@@ -146,3 +160,31 @@ def test_golden_hashes_and_thread_independent_tokenizer(tiny: Path) -> None:
         check=True,
     )
     assert one_thread.stdout.strip() == s.tokenizer_hash
+
+
+def test_swapped_or_damaged_shard_files_are_refused_not_read(tiny: Path, tmp_path: Path) -> None:
+    good = ShardSet.open(tiny)
+    swapped = Path(shutil.copytree(tiny, tmp_path / "swapped"))
+    a, b = swapped / "train_00003.parquet", swapped / "train_00004.parquet"
+    a_bytes = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(a_bytes)
+    in_chunk_3 = int(np.cumsum(good.chunk_sizes)[2]) + 5
+    with pytest.raises(ShardError, match="train_00003.parquet.*swapped or replaced"):
+        ShardSet.open(swapped).sequences([in_chunk_3])
+    size = (tiny / "train_00000.parquet").stat().st_size
+    every_id = np.arange(good.chunk_sizes[0])
+    for offset in (size // 5, size // 3, size // 2, 2 * size // 3):  # inside the token pages
+        flipped = Path(shutil.copytree(tiny, tmp_path / f"flip{offset}"))
+        data = bytearray((flipped / "train_00000.parquet").read_bytes())
+        data[offset] ^= 0x10
+        (flipped / "train_00000.parquet").write_bytes(bytes(data))
+        with pytest.raises(ShardError, match="train_00000.parquet"):
+            ShardSet.open(flipped).sequences(every_id)
+    truncated = Path(shutil.copytree(tiny, tmp_path / "truncated"))
+    (truncated / "train_00001.parquet").write_bytes((tiny / "train_00001.parquet").read_bytes()[: size // 2])
+    with pytest.raises(ShardError, match="train_00001.parquet.*damaged or truncated"):
+        ShardSet.open(truncated)
+    (truncated / "manifest.json").write_text("{not json")
+    with pytest.raises(ShardError, match="manifest.json: not valid JSON"):
+        ShardSet.open(truncated)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from open360.data import RecipeError, ShardSet, SourceError, build_shards, load_recipe
+from open360.data import RecipeError, ShardError, ShardSet, SourceError, build_shards, load_recipe
 from open360.data.quality import LogisticQualityModel
 
 WORDS = [
@@ -112,6 +112,9 @@ def test_text_and_dir_sources_and_invalid_utf8_file(tmp_path: Path) -> None:
     for i in range(20):
         (d / f"{i:02d}.txt").write_text(_doc(i))
     (d / "bad.txt").write_bytes(b"caf\xe9 latin-1 text " * 20)
+    for hidden in (d / ".git", d / "sub" / ".cache"):  # never documents
+        hidden.mkdir(parents=True)
+        (hidden / "HEAD").write_text(_doc(500))
     one = tmp_path / "one.txt"
     one.write_text("\n\n".join(_doc(100 + i) for i in range(20)))
     recipe = _recipe(
@@ -244,6 +247,13 @@ def test_hf_source_path_on_local_files_and_tokenizer_from_file(tmp_path: Path) -
     assert np.array_equal(
         second.sequences(np.arange(second.num_sequences)), first.sequences(np.arange(first.num_sequences))
     )
+    (tmp_path / "o").mkdir()
+    smaller = _recipe(tmp_path / "o", _src("web", f))
+    smaller.write_text(smaller.read_text().replace("vocab_size: 300", "vocab_size: 290"))
+    other = ShardSet.open(build_shards(smaller, tmp_path / "s3"))
+    first.tokenizer_path.write_bytes(other.tokenizer_path.read_bytes())  # the recipe's tokenizer file changes
+    with pytest.raises(ShardError, match="tokenizer.path .* now gives .* remove .* to rebuild"):
+        build_shards(p, tmp_path / "s2")
 
 
 def _build_in_process(args: tuple[str, str]) -> str:
@@ -286,3 +296,70 @@ def test_custom_scorer_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     bad = "filters:\n  classifier: {enabled: true, scorer: 'no_such_module:score'}\n"
     with pytest.raises(ValueError, match="cannot be imported"):
         build_shards(_recipe(tmp_path, _src("web", f), bad), tmp_path / "s2")
+
+
+def test_validation_split_stops_drawing_when_full_whatever_the_batching(tmp_path: Path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": _doc(i, 6)}) + "\n" for i in range(300)))
+    manifests = []
+    for batch in (256, 1):
+        extra = f"doc_batch_size: {batch}\n"
+        recipe = _recipe(tmp_path, _src("web", f), extra).read_text()
+        recipe = recipe.replace("{fraction: 0.0, max_sequences: 0}", "{fraction: 0.5, max_sequences: 4}")
+        (tmp_path / "r.yaml").write_text(recipe)
+        manifests.append(ShardSet.open(build_shards(tmp_path / "r.yaml", tmp_path / f"s{batch}")).manifest)
+    a, b = manifests
+    assert [c["content_sha256"] for c in a["chunks"]] == [c["content_sha256"] for c in b["chunks"]]
+    assert a["validation"] == b["validation"] and a["sources"] == b["sources"]
+    s = a["sources"]["web"]
+    row = 17  # seq_len + 1
+    assert s["sequences_validation"] == 4 and s["docs_train"] + s["docs_validation"] == s["docs_kept"] == 300
+    # Documents are held out only until the split's 4 rows are reserved: at most one document's tail is
+    # cut, and every other document is in training (about half would be lost if drawing went on).
+    assert s["tokens_validation"] - s["tokens_validation_cut"] <= 4 * row + row
+    assert 1 < s["docs_validation"] < 20 and s["tokens_validation_cut"] < 2 * row
+
+
+def test_damaged_inputs_and_empty_sources_are_named(tmp_path: Path) -> None:
+    import gzip
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(40)))
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(gzip.compress(good.read_bytes())[:300])  # truncated download
+    with pytest.raises(SourceError, match=r"source 'web': cannot read .*cut\.jsonl\.gz .*damaged or truncated"):
+        build_shards(_recipe(tmp_path, _src("web", gz)), tmp_path / "s1")
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(SourceError, match=r"source 'pq': cannot read .*bad\.parquet"):
+        build_shards(_recipe(tmp_path, _src("pq", bad_parquet, "parquet")), tmp_path / "s2")
+    broken_tok = tmp_path / "tok.json"
+    broken_tok.write_text("{1: 2}")
+    recipe = _recipe(tmp_path, _src("web", good))
+    recipe.write_text(recipe.read_text().replace(
+        "tokenizer: {kind: train, vocab_size: 300, train_max_chars: 200000}", f"tokenizer: {{kind: file, path: '{broken_tok}'}}"
+    ))
+    with pytest.raises(ValueError, match=r"tokenizer\.path: .*tok\.json is not a tokenizer\.json"):
+        build_shards(recipe, tmp_path / "s3")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(RecipeError, match=r"source 'b' gave no training sequences \(documents read 0"):
+        build_shards(_recipe(tmp_path, _src("a", good) + _src("b", empty)), tmp_path / "s4")
+    wrong_field = _recipe(tmp_path, _src("a", good) + "    text_field: body\n")
+    with pytest.raises(RecipeError, match=r"source 'a' gave no training sequences .*'missing_field': 40"):
+        build_shards(wrong_field, tmp_path / "s5")
+    with pytest.raises(RecipeError, match=r"mix.total_sequences = 1 is below num_chunks x chunk_multiple"):
+        build_shards(_recipe(tmp_path, _src("a", good), "mix: {total_sequences: 1}\n"), tmp_path / "s6")
+
+
+def test_recipe_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"r\.yaml: key 'sources\[0\]': 'web' is not a mapping"):
+        load_recipe(_recipe(tmp_path, "  - web\n"))
+    with pytest.raises(RecipeError, match=r"list\.yaml: a recipe is a mapping"):
+        load_recipe(_write_named(tmp_path, "list.yaml", "- a\n- b\n"))
+
+
+def _write_named(tmp: Path, name: str, text: str) -> Path:
+    p = tmp / name
+    p.write_text(text)
+    return p

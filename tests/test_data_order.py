@@ -106,8 +106,32 @@ def test_cli_build_data_name_reuses_folder_and_prints_table(
 
     assert build_main(["data=embedded_tiny", "--shards-root", str(shards.path.parent), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert str(shards.path) in out  # data.seed 1234 from configs/data → the same folder, not rebuilt
+    assert str(shards.path) in out  # the recipe's seed (1234; data.seed unset) → the same folder, not rebuilt
     for col in ("source", "exact", "near", "quality", "code", "english", "shakespeare", "3,840 training"):
         assert col in out
     with pytest.raises(SystemExit):
         build_main(["data=no_such_recipe"])
+
+
+def test_the_recipe_seed_rules_unless_data_seed_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from open360.data import cli
+    from open360.paths import resolve_repo_path
+
+    recipe = tmp_path / "seed42.yaml"
+    recipe.write_text(resolve_repo_path("data_recipes/embedded_tiny.yaml").read_text().replace("seed: 1234", "seed: 42"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "s42.yaml").write_text(f"recipe: {recipe}\n")
+    (tmp_path / "data" / "s7.yaml").write_text(f"recipe: {recipe}\nseed: 7\n")
+    monkeypatch.setattr(cli, "CONFIGS_DIR", tmp_path)
+    assert cli._recipe_from_data_arg("data=s7") == (str(recipe), 7)
+    assert cli.build_main(["data=s42", "--shards-root", str(tmp_path / "shards"), "--no-progress"]) == 0
+    built = ShardSet.open(capsys.readouterr().out.strip().splitlines()[-1])
+    assert built.seed == 42 and built.manifest["recipe"]["seed"] == 42
+    # `data batch` orders later epochs with the seed the shards were built with, like the trainer
+    args = ["--shards", str(built.path), "--global-batch-size", "16", "--json"]
+    last_epoch_step = 2 * (built.num_sequences // 16) - 1
+    assert cli.batch_main([*args, "--step", str(last_epoch_step)]) == 0
+    ids = json.loads(capsys.readouterr().out)["ids"]
+    assert ids == DataOrder(built, 42, 16).batch_ids(last_epoch_step).tolist()

@@ -100,7 +100,7 @@ def shard_dir_for(full_cfg: DictConfig, workspace: Path, recipe: str | None = No
 
     recipe_path = resolve_repo_path(recipe or full_cfg.data.recipe)
     shards_root = resolve_workspace_path(workspace, full_cfg.data.get("shards_dir", "shards"))
-    return Path(build_shards(recipe_path, shards_root, seed=int(full_cfg.data.seed),
+    return Path(build_shards(recipe_path, shards_root, seed=full_cfg.data.get("seed"),
                              workers=int(full_cfg.data.get("build_workers", 1))))
 
 

@@ -54,7 +54,7 @@ class DataConfig:
 
     recipe: str = MISSING  # path to a recipe YAML, relative to the repository root or absolute
     shards_dir: str = "shards"  # relative to the workspace
-    seed: int = 1234  # seed of the global shuffle at build time
+    seed: int | None = None  # shuffle seed of the build and of later epochs; None = the recipe's `seed`
     build_workers: int = 2
 
 

@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,13 @@ from open360.data.shards import (
     MANIFEST,
     TOKENIZER,
     ShardError,
+    check_files,
     chunk_file,
     manifest_hash_of,
     validation_file,
     write_rows,
 )
-from open360.data.tokenizer import obtain_tokenizer, tokenizer_bytes_hash
+from open360.data.tokenizer import TokenizerMismatchError, obtain_tokenizer, tokenizer_bytes_hash
 
 PARTS_DIR = ".parts"
 
@@ -43,18 +45,24 @@ def shard_dir_name(recipe: RecipeSpec) -> str:
 
 
 def mix_counts(recipe: RecipeSpec, available: list[int]) -> tuple[list[int], int]:
-    """Training sequences taken from each source (largest-remainder rounding of the weights) and the total.
+    """Training sequences taken from each source (largest-remainder rounding of the weights) and the total;
+    every weighted source has sequences (checked by the caller, which knows why one has none).
 
     The total is `mix.total_sequences` or, if unset, the most the scarcest weighted source allows; it is
     then rounded down to num_chunks x chunk_multiple so that every chunk has the same size.
     """
     weights = np.array([s.weight for s in recipe.sources], dtype=np.float64)
     p = weights / weights.sum()
+    unit = recipe.num_chunks * recipe.chunk_multiple
     if recipe.mix.total_sequences is not None:
         total = int(recipe.mix.total_sequences)
+        if total < unit:
+            raise RecipeError(
+                f"recipe '{recipe.name}': mix.total_sequences = {total} is below num_chunks x "
+                f"chunk_multiple = {unit}; every chunk needs at least chunk_multiple sequences"
+            )
     else:
         total = int(min(available[i] / p[i] for i in range(len(p)) if p[i] > 0))
-    unit = recipe.num_chunks * recipe.chunk_multiple
     total = (total // unit) * unit
     if total == 0:
         raise RecipeError(
@@ -73,11 +81,6 @@ def mix_counts(recipe: RecipeSpec, available: list[int]) -> tuple[list[int], int
                 f"recipe '{recipe.name}': source '{s.name}' has {available[i]} sequences but its "
                 f"weight asks for {counts[i]} of {total}; set mix.allow_repeat: true, lower "
                 "mix.total_sequences, or add data"
-            )
-        if counts[i] > 0 and available[i] == 0:
-            raise RecipeError(
-                f"recipe '{recipe.name}': source '{s.name}' has weight {s.weight} but no sequences "
-                "survived filtering; check its path and filters"
             )
     return counts.tolist(), total
 
@@ -163,7 +166,10 @@ def build_shards(
     out = root / shard_dir_name(recipe)
     existing = _existing_manifest(out)
     if existing is not None and existing.get("recipe_hash") == rhash and existing.get("seed") == recipe.seed:
-        return out
+        if _reusable(recipe, root, out, existing):
+            return out
+        (out / MANIFEST).unlink(missing_ok=True)  # rebuilt below (deterministic: the same files); readers wait for it
+        existing = None
     if existing is not None:
         raise ShardError(
             f"{out / MANIFEST}: records recipe hash {existing.get('recipe_hash')} but the recipe "
@@ -219,6 +225,13 @@ def _build_locked(
     order = mine + [i for i in range(n_src) if i not in mine]
     stats = _prepare_all(recipe, recipe_path, seed, tok_json, work, order, workers, progress)
     available = [stats[i]["sequences_available"] for i in range(n_src)]
+    for i, src in enumerate(recipe.sources):
+        if src.weight > 0 and available[i] == 0:
+            raise RecipeError(
+                f"recipe '{recipe.name}': source '{src.name}' gave no training sequences (documents read "
+                f"{stats[i]['docs_read']}, bad input {stats[i]['bad']}, dropped {stats[i]['dropped']}, "
+                f"kept {stats[i]['docs_kept']}); check its path, text_field and filters, or set its weight to 0"
+            )
     counts, total = mix_counts(recipe, available)
     src_of, row_of = global_order(recipe, available, counts)
     rows = [load_rows(work_paths(work, s.name)["train"], recipe.seq_len + 1) for s in recipe.sources]
@@ -296,7 +309,32 @@ def _gather_blocks(
 
 def _existing_manifest(out: Path) -> dict[str, Any] | None:
     mpath = out / MANIFEST
-    return json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else None
+    if not mpath.is_file():
+        return None
+    try:
+        return json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{mpath}: not valid JSON ({err}); remove {out} to rebuild it") from err
+
+
+def _reusable(recipe: RecipeSpec, root: Path, out: Path, manifest: dict[str, Any]) -> bool:
+    """True if a finished folder of this recipe can be returned as is; False (with a warning) if a file
+    it lists is missing or damaged, so that the build writes it again. A tokenizer file (`kind: file`)
+    changed since the build is an error: the recipe would no longer give these shards."""
+    if recipe.tokenizer.kind == "file":
+        now = tokenizer_bytes_hash(obtain_tokenizer(recipe, root / ".tokenizers"))
+        if now != manifest["tokenizer"]["sha256"]:
+            raise ShardError(
+                f"{out}: built with tokenizer {manifest['tokenizer']['sha256'][:12]}, but "
+                f"tokenizer.path ({recipe.tokenizer.path}) now gives {now[:12]}; restore the file, or "
+                f"remove {out} to rebuild the shards with the new tokenizer"
+            )
+    try:
+        check_files(out, manifest)
+    except (ShardError, TokenizerMismatchError) as err:
+        warnings.warn(f"rebuilding {out}: {err}", stacklevel=3)
+        return False
+    return True
 
 
 def _common_manifest(
@@ -372,6 +410,7 @@ def merge_parts(out: str | Path, num_workers: int, required: bool = True) -> Pat
     }
     manifest["validation"] = dict(sorted(manifest["validation"].items()))
     manifest["manifest_hash"] = manifest_hash_of(manifest)
+    check_files(out, manifest)  # a folder merged from copies must hold every file, tokenizer.json included
     _atomic_write(out / "build_info.json", json.dumps(_build_info(), sort_keys=True, indent=1))
     _atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1))
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from open360.paths import CONFIGS_DIR
 
 
-def _recipe_from_data_arg(arg: str) -> tuple[str, int]:
-    """`data=<name>` → (recipe path, seed) from configs/data/<name>.yaml, with DataConfig defaults."""
+def _recipe_from_data_arg(arg: str) -> tuple[str, int | None]:
+    """`data=<name>` → (recipe path, seed: None = the recipe's) from configs/data/<name>.yaml."""
     from open360.config.schema import DataConfig
 
     name = arg.split("=", 1)[1]
@@ -27,7 +27,7 @@ def _recipe_from_data_arg(arg: str) -> tuple[str, int]:
     raw = OmegaConf.load(path)
     raw.pop("defaults", None)
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
-    return str(cfg.recipe), int(cfg.seed)
+    return str(cfg.recipe), cfg.seed
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
@@ -156,8 +156,9 @@ def _order_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--seed",
         type=int,
-        default=1234,
-        help="the run's data-order seed (the trainer passes data.seed; default 1234)",
+        default=None,
+        help="data-order seed for epochs after the first (default: the seed the shards were built with, "
+        "which is the trainer's)",
     )
     ap.add_argument("--global-batch-size", type=int, required=True, help="sequences per optimizer step")
 
@@ -167,7 +168,7 @@ def _order(args: argparse.Namespace):  # noqa: ANN202 - returns (ShardSet, DataO
     from open360.data.shards import ShardSet
 
     shards = ShardSet.open(args.shards)
-    return shards, DataOrder(shards, args.seed, args.global_batch_size)
+    return shards, DataOrder(shards, shards.seed if args.seed is None else args.seed, args.global_batch_size)
 
 
 def batch_main(argv: Sequence[str] | None = None) -> int:

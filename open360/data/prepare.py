@@ -89,16 +89,30 @@ class _SourcePipeline:
             )
             rows = packer.add(ids)
             if kind == "validation":
-                rows = rows[: max(0, self.recipe.validation.max_sequences - self.c["sequences_validation"])]
+                room = max(0, self.recipe.validation.max_sequences - self.c["sequences_validation"])
+                self.c["tokens_validation_cut"] += (len(rows) - min(room, len(rows))) * packer.row_len
+                rows = rows[:room]
             out.write(np.ascontiguousarray(rows, dtype="<i4").tobytes())
             self.c["sequences_available" if kind == "train" else "sequences_validation"] += len(rows)
 
-    def _is_validation(self, digest: bytes) -> bool:
+    def _split(self, docs: list[tuple[Any, bytes]]) -> tuple[list, list]:
+        """(train, validation) ids of documents given as (ids, content digest), decided one by one in
+        order: held out if the seeded draw says so and the split still has room, counting the tokens of
+        every document held out before it. No document is drawn once the split is full (only the tail
+        of the one that fills it is cut), and the split does not depend on how documents are batched."""
         v = self.recipe.validation
-        return (
-            self.c["sequences_validation"] < v.max_sequences
-            and validation_draw(self.recipe.seed, digest) < v.fraction
-        )
+        room = v.max_sequences * (self.recipe.seq_len + 1) - self.c["tokens_validation"]
+        sep = 0 if self.val_packer.eos_id is None else 1
+        train, val = [], []
+        for ids, digest in docs:
+            if room > 0 and validation_draw(self.recipe.seed, digest) < v.fraction:
+                val.append(ids)
+                room -= len(ids) + sep
+            else:
+                train.append(ids)
+        self.c["docs_train"] += len(train)
+        self.c["docs_validation"] += len(val)
+        return train, val
 
     def add_tokens(self, ids: list[int]) -> None:
         """A pre-tokenized LLM360 row: only range-checked, split and packed."""
@@ -113,9 +127,7 @@ class _SourcePipeline:
         if self.exact is not None and self.exact.seen(digest):
             self.dropped["exact_dup"] += 1
             return
-        val = self._is_validation(digest)
-        self.c["docs_validation" if val else "docs_train"] += 1
-        self._emit([] if val else [arr], [arr] if val else [])
+        self._emit(*self._split([(arr, digest)]))
 
     def add_text(self, raw: str) -> None:
         text = normalize(raw)
@@ -153,7 +165,7 @@ class _SourcePipeline:
             self.dropped["classifier"] += len(batch) - len(kept)
             batch = kept
         fim = self.source.fim
-        texts, is_val = [], []
+        texts = []
         for text, digest in batch:
             self.c["chars_kept"] += len(text)
             if fim.rate > 0:
@@ -161,15 +173,9 @@ class _SourcePipeline:
                 if rng.random() < fim.rate:
                     text = fim_transform(text, rng, fim.spm_rate)
                     self.c["fim_docs"] += 1
-            val = self._is_validation(digest)
-            self.c["docs_validation" if val else "docs_train"] += 1
             texts.append(text)
-            is_val.append(val)
         ids = self.encode(texts)
-        self._emit(
-            [x for x, v in zip(ids, is_val, strict=True) if not v],
-            [x for x, v in zip(ids, is_val, strict=True) if v],
-        )
+        self._emit(*self._split([(x, digest) for x, (_, digest) in zip(ids, batch, strict=True)]))
 
     def stats(self) -> dict[str, Any]:
         self.c["tokens_dropped_remainder"] = self.train_packer.leftover_tokens
@@ -184,6 +190,7 @@ class _SourcePipeline:
             "tokens_validation",
             "sequences_available",
             "sequences_validation",
+            "tokens_validation_cut",
             "tokens_dropped_remainder",
         )
         out: dict[str, Any] = {k: int(self.c[k]) for k in keys}

@@ -263,8 +263,13 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
         raw = OmegaConf.load(p)
     except Exception as e:  # yaml syntax errors carry the line
         raise RecipeError(f"{p}: not valid YAML: {e}") from e
-    sources = raw.get("sources") if hasattr(raw, "get") else None
+    if not OmegaConf.is_dict(raw):
+        raise RecipeError(f"{p}: a recipe is a mapping of keys (name, sources, tokenizer, ...), not a "
+                          f"{type(raw).__name__}")
+    sources = raw.get("sources")
     for i, src in enumerate(sources if OmegaConf.is_list(sources) else []):
+        if not OmegaConf.is_dict(src):
+            raise RecipeError(f"{p}: key 'sources[{i}]': {src!r} is not a mapping (name, type, path, weight, ...)")
         try:  # merged one by one so that an error names its list index
             OmegaConf.merge(OmegaConf.structured(SourceSpec), src)
         except OmegaConfBaseException as e:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,9 @@ def write_rows(
     h = hashlib.sha256()
     all_sources: list[str] = []
     n = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False) as writer:
+    with pq.ParquetWriter(
+        tmp, schema, compression="zstd", write_statistics=False, write_page_checksum=True
+    ) as writer:
         for tokens, sources in blocks:
             tokens = np.ascontiguousarray(tokens, dtype="<i4")
             k = len(tokens)
@@ -86,14 +89,34 @@ def write_rows(
     return h.hexdigest(), n
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn pyarrow's errors on a damaged file (bad footer, failed page checksum, truncation) into a
+    ShardError that names the file."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as err:
+        raise ShardError(
+            f"{path}: unreadable shard file ({type(err).__name__}: {err}); it is damaged or truncated — "
+            "`dvc pull` it again or rebuild the shards"
+        ) from err
+
+
+def open_shard_file(path: Path) -> pq.ParquetFile:
+    """A shard file opened for reading with its page checksums verified on every read."""
+    with _reading(path):
+        return pq.ParquetFile(path, page_checksum_verification=True)
+
+
 def read_rows(path: Path, row_groups: list[int] | None = None) -> tuple[np.ndarray, list[str]]:
     """Read token rows [n, seq_len+1] and their sources from a shard file (all, or some row groups)."""
-    pf = pq.ParquetFile(path)
-    table = (
-        pf.read_row_groups(row_groups, columns=["token_ids", "source"])
-        if row_groups is not None
-        else pf.read(columns=["token_ids", "source"])
-    )
+    pf = open_shard_file(path)
+    with _reading(path):
+        table = (
+            pf.read_row_groups(row_groups, columns=["token_ids", "source"])
+            if row_groups is not None
+            else pf.read(columns=["token_ids", "source"])
+        )
     return _tokens_of(table), table.column("source").cast(pa.string()).to_pylist()
 
 
@@ -106,6 +129,27 @@ def _tokens_of(table: pa.Table) -> np.ndarray:
 def manifest_hash_of(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_hash"}
     return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def check_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Raise unless the folder holds the manifest's tokenizer (same hash) and every file it lists, each
+    readable with the recorded number of rows (contents are checked as they are read)."""
+    tok_path = path / TOKENIZER
+    if not tok_path.is_file():
+        raise ShardError(f"{tok_path}: missing; copy it from the build (or `dvc pull` it) or rebuild")
+    actual = tokenizer_bytes_hash(tok_path.read_bytes())
+    if actual != manifest["tokenizer"]["sha256"]:
+        raise TokenizerMismatchError(
+            f"{tok_path}: sha256 {actual} but the manifest records "
+            f"{manifest['tokenizer']['sha256']}; the tokenizer file was replaced"
+        )
+    for entry in [*manifest["chunks"], *manifest["validation"].values()]:
+        f = path / entry["file"]
+        if not f.is_file():
+            raise ShardError(f"{f}: listed in the manifest but missing; `dvc pull` it or rebuild")
+        rows = open_shard_file(f).metadata.num_rows
+        if rows != entry["rows"]:
+            raise ShardError(f"{f}: {rows} rows, the manifest records {entry['rows']}; rebuild")
 
 
 class ShardSet:
@@ -134,7 +178,10 @@ class ShardSet:
                 f"{path}: no {MANIFEST} — not a shard folder or the build did not finish; "
                 "run `open360 data build` again (it resumes)"
             )
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ShardError(f"{mpath}: not valid JSON ({err}); rebuild the shards or `dvc pull` them") from err
         if manifest.get("format") != FORMAT_VERSION:
             raise ShardError(
                 f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}; rebuild"
@@ -144,26 +191,14 @@ class ShardSet:
                 f"{mpath}: manifest_hash does not match its content — the manifest was edited; "
                 "rebuild the shards"
             )
-        tok_path = path / TOKENIZER
-        actual = tokenizer_bytes_hash(tok_path.read_bytes()) if tok_path.is_file() else None
-        if actual != manifest["tokenizer"]["sha256"]:
-            raise TokenizerMismatchError(
-                f"{tok_path}: sha256 {actual} but the manifest records "
-                f"{manifest['tokenizer']['sha256']}; the tokenizer file was replaced"
-            )
+        check_files(path, manifest)
+        actual = manifest["tokenizer"]["sha256"]
         if expected_tokenizer_hash is not None and expected_tokenizer_hash != actual:
             raise TokenizerMismatchError(
                 f"{path}: shards were tokenized with tokenizer {actual[:12]} but "
                 f"{expected_tokenizer_hash[:12]} was expected; use the model's "
                 "tokenizer to build the shards (or the shards' tokenizer.json)"
             )
-        for entry in [*manifest["chunks"], *manifest["validation"].values()]:
-            f = path / entry["file"]
-            if not f.is_file():
-                raise ShardError(f"{f}: listed in the manifest but missing; `dvc pull` it or rebuild")
-            rows = pq.ParquetFile(f).metadata.num_rows
-            if rows != entry["rows"]:
-                raise ShardError(f"{f}: {rows} rows, the manifest records {entry['rows']}; rebuild")
         return cls(path, manifest)
 
     @property
@@ -177,6 +212,11 @@ class ShardSet:
     @property
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER
+
+    @property
+    def seed(self) -> int:
+        """The seed the shards were shuffled with (the run's data-order seed for later epochs too)."""
+        return int(self.manifest["seed"])
 
     @property
     def seq_len(self) -> int:
@@ -210,9 +250,20 @@ class ShardSet:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        path = self.path / self.manifest["chunks"][chunk]["file"]
         if chunk not in self._files:
-            self._files[chunk] = pq.ParquetFile(self.path / self.manifest["chunks"][chunk]["file"])
-        arr = _tokens_of(self._files[chunk].read_row_group(rg, columns=["token_ids"]))
+            self._files[chunk] = open_shard_file(path)
+        with _reading(path):
+            table = self._files[chunk].read_row_group(rg, columns=["seq_id", "token_ids"])
+        first = int(self._starts[chunk]) + rg * self.row_group_size
+        ids = table.column("seq_id").to_numpy()
+        if len(ids) == 0 or ids[0] != first or not np.array_equal(ids, np.arange(first, first + len(ids))):
+            raise ShardError(
+                f"{path}: row group {rg} holds sequence ids from {ids[0] if len(ids) else 'none'}, expected "
+                f"{first}..{first + len(ids) - 1} — the file was swapped or replaced; `dvc pull` it again "
+                "or rebuild the shards"
+            )
+        arr = _tokens_of(table)
         self._cache[key] = arr
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

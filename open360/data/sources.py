@@ -34,7 +34,11 @@ def resolve_files(source: SourceSpec) -> list[Path]:
     assert source.path is not None
     base = resolve_repo_path(source.path)
     if base.is_dir():
-        files = sorted(p for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in base.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)
+        )  # hidden files and everything under hidden folders (.git, .cache) are not documents
     elif any(c in source.path for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(base), recursive=True) if Path(p).is_file())
     else:
@@ -74,6 +78,24 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _readable(docs: Iterator[Doc], source: SourceSpec, where: str | Path) -> Iterator[Doc]:
+    """The documents of one file (or dataset), with a read failure (truncated gzip, damaged parquet,
+    I/O error) turned into a SourceError naming the source and the file."""
+    try:
+        yield from docs
+    except SourceError:
+        raise
+    except Exception as err:
+        hint = (
+            "check the dataset name, config and split (and network access)"
+            if str(where).startswith("hub:")
+            else "the file is damaged or truncated — restore it, or remove it from the source"
+        )
+        raise SourceError(
+            f"source '{source.name}': cannot read {where} ({type(err).__name__}: {err}); {hint}"
+        ) from err
+
+
 def iter_jsonl(path: Path, bad: Counter) -> Iterator[tuple[int, dict]]:
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
@@ -97,12 +119,16 @@ def iter_jsonl(path: Path, bad: Counter) -> Iterator[tuple[int, dict]]:
 
 def _read_jsonl(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
     for path in files:
-        for lineno, row in iter_jsonl(path, bad):
-            text = row.get(source.text_field)
-            if not isinstance(text, str):
-                bad["missing_field"] += 1
-                continue
-            yield Doc(text, f"{path}:{lineno}")
+        yield from _readable(_jsonl_docs(source, path, bad), source, path)
+
+
+def _jsonl_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
+    for lineno, row in iter_jsonl(path, bad):
+        text = row.get(source.text_field)
+        if not isinstance(text, str):
+            bad["missing_field"] += 1
+            continue
+        yield Doc(text, f"{path}:{lineno}")
 
 
 def _split_bytes(data: bytes, sample_by: str) -> list[bytes]:
@@ -114,31 +140,44 @@ def _split_bytes(data: bytes, sample_by: str) -> list[bytes]:
 def _read_text(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
     """One document per file, paragraph or line; a unit that is not valid UTF-8 is skipped and counted."""
     for path in files:
-        with _open_binary(path) as f:
-            data = f.read()
-        for i, part in enumerate(_split_bytes(data, source.sample_by)):
-            try:
-                text = part.decode("utf-8")
-            except UnicodeDecodeError:
-                bad["invalid_utf8"] += 1
-                continue
-            yield Doc(text, f"{path}:{i + 1}")
+        yield from _readable(_text_docs(source, path, bad), source, path)
+
+
+def _text_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
+    with _open_binary(path) as f:
+        data = f.read()
+    for i, part in enumerate(_split_bytes(data, source.sample_by)):
+        try:
+            text = part.decode("utf-8")
+        except UnicodeDecodeError:
+            bad["invalid_utf8"] += 1
+            continue
+        yield Doc(text, f"{path}:{i + 1}")
 
 
 def _read_llm360_local(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
     for path in files:
-        for lineno, row in iter_jsonl(path, bad):
-            ids = row.get("token_ids")
-            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                bad["missing_field"] += 1
-                continue
-            if source.select_source is not None and row.get("source") != source.select_source:
-                continue
-            yield Doc(None, f"{path}:{lineno}", token_ids=ids)
+        yield from _readable(_llm360_docs(source, path, bad), source, path)
+
+
+def _llm360_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
+    for lineno, row in iter_jsonl(path, bad):
+        ids = row.get("token_ids")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            bad["missing_field"] += 1
+            continue
+        if source.select_source is not None and row.get("source") != source.select_source:
+            continue
+        yield Doc(None, f"{path}:{lineno}", token_ids=ids)
 
 
 def _read_datasets(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
     """Parquet files and hub datasets go through `datasets.load_dataset` (streamed)."""
+    where = source.path if source.type == "parquet" else f"hub:{source.hf_name}"
+    return _readable(_datasets_docs(source, bad), source, where)
+
+
+def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
     import datasets
 
     if source.type == "parquet":

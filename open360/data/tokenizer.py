@@ -101,7 +101,12 @@ def obtain_tokenizer(recipe: RecipeSpec, cache_dir: Path) -> bytes:
         path = resolve_repo_path(spec.path or "")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer.path: {path} does not exist; point it at a tokenizer.json")
-        tok = Tokenizer.from_file(str(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises a bare Exception on a malformed file
+            raise ValueError(
+                f"tokenizer.path: {path} is not a tokenizer.json the tokenizers library can load ({err})"
+            ) from err
     elif spec.kind == "hub":
         tok = Tokenizer.from_pretrained(spec.name)
     else:

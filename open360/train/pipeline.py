@@ -64,7 +64,7 @@ class ShardProvider:
         recipe = str(stage.recipe)  # build_shards resolves it (working directory, then repository root)
         if self.env.is_main:
             shard_dir = build_shards(
-                recipe, self.shards_root, int(self.cfg.data.seed), int(self.cfg.data.build_workers)
+                recipe, self.shards_root, self.cfg.data.seed, int(self.cfg.data.build_workers)
             )
             from open360.tracking import version_shards
 
@@ -72,7 +72,7 @@ class ShardProvider:
         barrier(self.env)
         if not self.env.is_main:
             shard_dir = build_shards(
-                recipe, self.shards_root, int(self.cfg.data.seed), int(self.cfg.data.build_workers)
+                recipe, self.shards_root, self.cfg.data.seed, int(self.cfg.data.build_workers)
             )
         self.shard_dirs[stage.name] = Path(shard_dir)
         return Path(shard_dir)
@@ -95,7 +95,7 @@ class ShardProvider:
                 f"stage {stage.name!r}: the tokenizer of {shard_dir} has {tok_vocab} tokens but "
                 f"model.vocab_size={vocab}; raise model.vocab_size to at least {tok_vocab}"
             )
-        order = DataOrder(shards, int(self.cfg.data.seed), int(self.cfg.trainer.global_batch_size))
+        order = DataOrder(shards, shards.seed, int(self.cfg.trainer.global_batch_size))
         chunk_ends = [stage.start + s for s in order.chunk_end_steps() if 0 < s <= stage.steps]
         lineage = {
             "stage": stage.name,

@@ -317,7 +317,7 @@ class DataView:
             from open360.data import DataOrder
 
             self._order = DataOrder(
-                self.shards, int(self.run_cfg.data.seed), int(self.run_cfg.trainer.global_batch_size)
+                self.shards, self.shards.seed, int(self.run_cfg.trainer.global_batch_size)
             )
         return self._order
 

@@ -76,6 +76,11 @@ def test_sweep_renders_race_views_with_model_flops(sweep):
     assert summaries.flops_per_token.is_monotonic_increasing
 
 
-def test_unknown_run_is_named(sweep):
+def test_unknown_run_is_named(sweep, capsys):
     with pytest.raises(LookupError, match="no_such_run"):
         compare_runs(CompareConfig(runs=["no_such_run"], workspace=str(sweep), out_dir=str(sweep / "x")))
+    from open360.analysis.compare import main
+
+    assert main(["runs=[no_such_run]", f"workspace={sweep}", f"out_dir={sweep / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("open360.analysis.compare: ") and "no_such_run" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -107,6 +108,29 @@ def test_validation_loss_falls_across_checkpoints_and_plots(tiny_run):
     assert sorted(m.step for m in hist) == steps
     again = evaluate_run(cfg)  # steps already evaluated are kept, not recomputed
     assert again.equals(df)
+    # Other settings never mix into (or silently replace) this table; recompute replaces only what it names.
+    other = dataclasses.replace(cfg, val_sequences=4, tasks=[])
+    with pytest.raises(ValueError, match=r"other settings .*'val_sequences': \(16, 4\)"):
+        evaluate_run(other)
+    assert pd.read_parquet(out / "eval.parquet").equals(df)
+    one = evaluate_run(dataclasses.replace(cfg, checkpoints=[40], recompute=True))
+    assert sorted(one.step.unique()) == steps and one.equals(df)  # the other steps are still there
+    replaced = evaluate_run(dataclasses.replace(other, recompute=True))
+    assert sorted(replaced.step.unique()) == steps and "task" not in set(replaced.kind)
+    assert "per source: 4; lm-eval tasks: none" in (out / "eval.md").read_text()
+
+
+def test_bad_input_exits_with_one_line(tiny_run, capsys):
+    from open360.analysis.evaluate import main
+
+    for args, says in (
+        (["run=no_such_run"], "no complete checkpoints of run 'no_such_run'"),
+        ([f"run={RUN}", "checkpoints=[999]"], "999"),
+        ([f"run={RUN}", "sources=[nope]", "tasks=[]"], "nope"),
+    ):
+        assert main([*args, f"workspace={tiny_run}", f"out_dir={tiny_run / 'bad'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("open360.analysis.evaluate: ") and says in err and "Traceback" not in err
 
 
 def test_lm_eval_local_task_on_exported_checkpoint(tiny_run, tmp_path):

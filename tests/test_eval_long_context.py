@@ -199,3 +199,11 @@ def test_position_interpolation_ordering_at_the_extended_context(tmp_path_factor
     report = (ws / "analysis" / "pi_ft" / "long_context.md").read_text()
     assert "(c) < (b) < (a) on ppl_at_context (the claim): **holds**" in report
     assert (ws / "analysis" / "pi_ft" / "long_context_ppl.png").is_file()
+
+
+def test_unknown_run_exits_with_one_line(tmp_path, capsys):
+    from open360.analysis.long_context import main
+
+    assert main(["base=no_such_run", "finetuned=other", f"workspace={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("open360.analysis.long_context: ") and "no_such_run" in err

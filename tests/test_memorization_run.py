@@ -348,13 +348,24 @@ def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], 
     for _, path in list_checkpoints(root / "checkpoints" / RUN):  # as the MLflow callback records it
         lineage = json.loads((path / "lineage.json").read_text())
         (path / "lineage.json").write_text(json.dumps({**lineage, "mlflow_run_id": run_id}))
-    result = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=8")))
-    assert result.report is not None
-    logged = {a.path for a in client.list_artifacts(run_id, f"memorization/{result.out_dir.name}")}
-    assert f"memorization/{result.out_dir.name}/report.md" in logged
-    assert f"memorization/{result.out_dir.name}/chunk_heatmap.png" in logged
-    history = client.get_metric_history(run_id, "memorization/greedy/full_match")
+    part = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=8")))
+    tag = part.out_dir.name
+    assert part.report is not None
+    logged = {a.path for a in client.list_artifacts(run_id, f"memorization/{tag}")}
+    assert f"memorization/{tag}/report.md" in logged and f"memorization/{tag}/chunk_heatmap.png" in logged
+    # Two of the chunks are not a checkpoint's score: no metric is logged for them.
+    assert client.get_metric_history(run_id, f"memorization/{tag}/full_match") == []
+    whole = run_job(parse_args(_job(root, "checkpoints=20,160", "sample=8", "report=true")))
+    history = client.get_metric_history(run_id, f"memorization/{whole.out_dir.name}/full_match")
     assert sorted(m.step for m in history) == [20, 160]
+    other = run_job(parse_args(_job(root, "checkpoints=20", "sample=4")))  # another sample: its own key
+    assert other.out_dir.name != whole.out_dir.name
+    assert len(client.get_metric_history(run_id, f"memorization/{whole.out_dir.name}/full_match")) == 2
+    assert len(client.get_metric_history(run_id, f"memorization/{other.out_dir.name}/full_match")) == 1
+    # A clone without the run's mlflow.db: the report is written, logging is skipped, no store is made.
+    (root / "mlflow.db").unlink()
+    clone = run_job(parse_args(_job(root, "checkpoints=20", "sample=2")))
+    assert clone.report is not None and not (root / "mlflow.db").exists()
 
 
 def test_seen_fast_path_equals_data_order(trained_run: tuple[Path, str]) -> None:
@@ -377,3 +388,53 @@ def test_seen_fast_path_equals_data_order(trained_run: tuple[Path, str]) -> None
             assert sorted(data.rows(steps, chunk).tolist()) == [
                 int(r) for r in rows if int(r + data.offsets[chunk]) in truth
             ]
+
+
+def test_resume_reuses_only_cells_of_this_job_and_these_weights(
+    trained_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    import shutil
+
+    import pandas as pd
+
+    from open360.analysis.memorization.job import MemorizationJobError
+
+    root = tmp_path / "ws"
+    shutil.copytree(trained_run[0], root, ignore=shutil.ignore_patterns("analysis"))
+    out = tmp_path / "cells_here"
+    args = _job(root, "checkpoints=20,40", "chunks=0-1", "sample=4", f"out_dir={out}", "report=false")
+    run_job(parse_args(args))
+    scores = pd.read_parquet(out / "scores.parquet")
+    cell = out / "cells" / "step_20-chunk_00001.parquet"
+    cell.write_bytes(cell.read_bytes()[:100])  # damaged
+    with pytest.warns(UserWarning, match="unreadable cell"):
+        again = run_job(parse_args(args))
+    assert again.computed == [(20, 1)] and len(again.skipped) == 3
+    assert pd.read_parquet(out / "scores.parquet").equals(scores)
+    with pytest.raises(MemorizationJobError, match=r"scored with other settings .*'sample': \(4, 5\)"):
+        run_job(parse_args([*args, "sample=5"]))
+    lineage = root / "checkpoints" / RUN / "step_40" / "lineage.json"  # as if the run was retrained
+    record = json.loads(lineage.read_text())
+    record["files"]["model.safetensors"] = "0" * 64
+    lineage.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="other weights than checkpoint step 40"):
+        retrained = run_job(parse_args(args))
+    assert sorted(retrained.computed) == [(40, 0), (40, 1)]
+
+
+def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str], capsys) -> None:
+    from open360.analysis.memorization.job import main
+
+    root, _ = trained_run
+    for extra, says in (
+        ("checkpoints=999", "no checkpoint at steps [999]"),
+        ("checkpoints=1-5", "no checkpoint in 1-5"),
+        ("device=tpu", "device='tpu'"),
+        ("dtype=int8", "dtype='int8'"),
+        ("shards=nope", "shards='nope': no folder"),
+    ):
+        assert main(_job(root, extra, "chunks=0", "report=false")) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
+    within = run_job(parse_args(_job(root, "checkpoints=15-25", "chunks=0", "sample=2", "report=false")))
+    assert within.steps == [20]  # a range picks the run's checkpoints inside it

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from omegaconf import MISSING
 
-from open360.analysis.eval_cli import run_cli
+from open360.analysis.eval_cli import report_errors, run_cli
 
 COMPARE_PARQUET = "compare.parquet"
 COMPARE_PLOT = "compare.png"
@@ -255,11 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = run_cli(CompareConfig, argv, "open360.analysis.compare", __doc__ or "")
     if cfg is None:
         return 0
-    _, summaries = compare_runs(cfg)
-    out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).resolve() / "analysis" / cfg.name
-    print(summaries.to_string(index=False))
-    print(f"open360.compare: {out / COMPARE_PLOT}, {out / COMPARE_REPORT}")
-    return 0
+
+    def job() -> int:
+        _, summaries = compare_runs(cfg)
+        out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).resolve() / "analysis" / cfg.name
+        print(summaries.to_string(index=False))
+        print(f"open360.compare: {out / COMPARE_PLOT}, {out / COMPARE_REPORT}")
+        return 0
+
+    return report_errors("open360.analysis.compare", job)
 
 
 __all__ = ["CompareConfig", "compare_runs", "find_run", "fit_power_law", "load_run_curve", "plot_race"]

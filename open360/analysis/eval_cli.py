@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
@@ -56,3 +56,21 @@ def run_cli(schema: type[T], argv: Sequence[str] | None, prog: str, doc: str) ->
     except UsageError as err:
         print(f"{err}\n\n{usage(schema, prog, doc)}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises (a missing run or file, an unknown step or source, a damaged checkpoint or
+    shard, a DVC failure): reported in one line, exit status 2, instead of a traceback."""
+    from open360.checkpoint.io import CheckpointError
+    from open360.tracking.dvc_versioning import VersioningError
+
+    return (FileNotFoundError, LookupError, ValueError, CheckpointError, VersioningError)
+
+
+def report_errors(prog: str, job: Callable[[], int]) -> int:
+    """Run `job`; a user error (see `user_errors`) prints `prog: message` on stderr and returns 2."""
+    try:
+        return job()
+    except user_errors() as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2

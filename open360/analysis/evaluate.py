@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig
 
-from open360.analysis.eval_cli import run_cli
+from open360.analysis.eval_cli import report_errors, run_cli
 from open360.paths import resolve_repo_path, resolve_workspace_path
 
 DEFAULT_TASK_DIR = "analysis/tasks"
@@ -297,6 +298,38 @@ def markdown_table(df: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def eval_settings(cfg: EvaluateConfig) -> dict[str, Any]:
+    """What makes two evaluations comparable: the data, the sources, the sample and the tasks."""
+    keys = ("recipe", "sources", "val_sequences", "tasks", "task_limit", "num_fewshot")
+    return {key: getattr(cfg, key) for key in keys}
+
+
+def settings_file(parquet: Path) -> Path:
+    """The settings eval.parquet's rows were computed with, beside it."""
+    return parquet.with_suffix(".settings.json")
+
+
+def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int]) -> pd.DataFrame:
+    """The rows of eval.parquet this evaluation keeps: all of them, less the selected steps when
+    `recompute`; none when `recompute` and the settings changed. Other settings without `recompute`
+    are an error (one table must not mix two evaluations, and nothing is dropped unasked)."""
+    if not parquet.is_file():
+        return pd.DataFrame(columns=COLUMNS)
+    file = settings_file(parquet)
+    before = json.loads(file.read_text()) if file.is_file() else eval_settings(cfg)  # older tables: as now
+    now = json.loads(json.dumps(eval_settings(cfg)))
+    if before != now:
+        if not cfg.recompute:
+            differ = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}
+            raise ValueError(
+                f"{parquet} holds an evaluation with other settings (then, now: {differ}); give this one "
+                "its own out_dir=, or recompute=true to replace that table"
+            )
+        return pd.DataFrame(columns=COLUMNS)
+    previous = pd.read_parquet(parquet)
+    return previous[~previous["step"].isin(selected)] if cfg.recompute else previous
+
+
 def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     """Evaluate the selected checkpoints of `cfg.run`; write eval.parquet, eval_curves.png, eval.md."""
     from open360.checkpoint.io import list_checkpoints, load_model_from_checkpoint, read_lineage
@@ -313,7 +346,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / cfg.run
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / EVAL_PARQUET
-    previous = pd.read_parquet(parquet) if parquet.is_file() and not cfg.recompute else pd.DataFrame(columns=COLUMNS)
+    previous = previous_results(parquet, cfg, [step for step, _ in selected])
     done = set(previous["step"].astype(int)) if not previous.empty else set()
 
     rows: list[dict] = []
@@ -349,6 +382,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else new)
     df = df.sort_values(["step", "kind", "name", "metric"]).reset_index(drop=True)
     df.to_parquet(parquet, index=False)
+    settings_file(parquet).write_text(json.dumps(eval_settings(cfg), indent=1, sort_keys=True) + "\n")
     if df.empty:
         return df
     plot_eval_curves(df, out_dir / EVAL_PLOT, title=f"{cfg.run}: evaluation across checkpoints")
@@ -368,10 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = run_cli(EvaluateConfig, argv, "open360.analysis.evaluate", __doc__ or "")
     if cfg is None:
         return 0
-    df = evaluate_run(cfg)
-    out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).resolve() / "analysis" / cfg.run
-    print(f"open360.evaluate: {df['step'].nunique()} checkpoints -> {out / EVAL_PARQUET}, {out / EVAL_PLOT}")
-    return 0
+
+    def job() -> int:
+        df = evaluate_run(cfg)
+        out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).resolve() / "analysis" / cfg.run
+        print(f"open360.evaluate: {df['step'].nunique()} checkpoints -> {out / EVAL_PARQUET}, {out / EVAL_PLOT}")
+        return 0
+
+    return report_errors("open360.analysis.evaluate", job)
 
 
 __all__ = [

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from open360.analysis.eval_cli import run_cli
+from open360.analysis.eval_cli import report_errors, run_cli
 from open360.analysis.evaluate import sequence_nll, shard_dir_for
 
 LONG_CONTEXT_PARQUET = "long_context.parquet"
@@ -410,8 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = run_cli(LongContextConfig, args, "open360.analysis.long_context", __doc__ or "")
     if cfg is None:
         return 0
-    df = run_long_context(cfg)
-    return 1 if cfg.require_ordering and not check_ordering(df) else 0
+
+    def job() -> int:
+        df = run_long_context(cfg)
+        return 1 if cfg.require_ordering and not check_ordering(df) else 0
+
+    return report_errors("open360.analysis.long_context", job)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from open360.analysis.memorization.engine import MODES
 from open360.analysis.memorization.sampling import chunk_offsets, sample_rows, seen_rows
 
 SELECTIONS = ("sample", "seen")
+DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 CELL_RE_FMT = "step_{step}-chunk_{chunk:05d}.parquet"
 
 
@@ -134,6 +137,10 @@ def validate(job: MemorizationJobConfig) -> None:
         raise MemorizationJobError(f"sample={job.sample}: must be >= 0 (0 = all sequences)")
     if job.batch_size < 0:
         raise MemorizationJobError(f"batch_size={job.batch_size}: must be >= 0 (0 = auto)")
+    if job.device not in ("auto", "cpu", "cuda") and not job.device.startswith("cuda:"):
+        raise MemorizationJobError(f"device={job.device!r}: expected auto, cpu or cuda")
+    if job.dtype not in DTYPES:
+        raise MemorizationJobError(f"dtype={job.dtype!r}: expected one of {DTYPES}")
 
 
 def job_tag(job: MemorizationJobConfig) -> str:
@@ -201,15 +208,38 @@ def resolve_steps(job: MemorizationJobConfig, workspace: Path) -> list[int]:
                 f"checkpoints=latest: run {job.run!r} has no checkpoints in {workspace}"
             )
         return [known[-1]]
-    wanted = _int_list(value, "checkpoints")
-    if wanted is None:
+    if _int_list(value, "checkpoints") is None:
         if not known:
             raise MemorizationJobError(
                 f"run {job.run!r}: no checkpoints under {run_checkpoint_dir(workspace, job.run)} and none "
                 "tracked by DVC; check run= and workspace="
             )
         return known
-    return wanted
+    return _select_steps(value, known, job.run)
+
+
+def _select_steps(value: Any, known: list[int], run: str) -> list[int]:
+    """Steps named one by one must exist; a range a-b selects the existing steps inside it."""
+    items = list(value) if isinstance(value, list | tuple) else str(value).split(",")
+    chosen: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        if "-" in text.lstrip("-"):
+            lo, hi = (int(x) for x in text.split("-", 1))
+            inside = [s for s in known if lo <= s <= hi]
+            if not inside:
+                raise MemorizationJobError(f"checkpoints={value!r}: run {run!r} has no checkpoint in {text}; "
+                                           f"its steps: {known}")
+            chosen.update(inside)
+        elif text:
+            chosen.add(int(text))
+    missing = sorted(chosen - set(known))
+    if missing:
+        raise MemorizationJobError(
+            f"checkpoints={value!r}: run {run!r} has no checkpoint at steps {missing} (on disk or tracked by "
+            f"DVC); its steps: {known}"
+        )
+    return sorted(chosen)
 
 
 @contextlib.contextmanager
@@ -275,6 +305,8 @@ class DataView:
         self.job = job
         self.workspace = workspace
         self.shard_dir = self._shard_path(job, workspace, lineage)
+        if job.pull and not (self.shard_dir / "manifest.json").is_file():
+            self._pull_shards(workspace, self.shard_dir)
         self.shards = ShardSet.open(self.shard_dir)
         self.chunk_sizes = np.asarray(self.shards.chunk_sizes, dtype=np.int64)
         self.offsets = chunk_offsets(self.chunk_sizes)
@@ -284,11 +316,25 @@ class DataView:
         self._seen: dict[int, np.ndarray] = {}
 
     @staticmethod
+    def _pull_shards(workspace: Path, shard_dir: Path) -> None:
+        """Fetch the run's shard folder through DVC (a fresh clone of a published workspace has none)."""
+        from open360.tracking.checkpoints import is_dvc_workspace
+        from open360.tracking.dvc_versioning import DvcWorkspace
+
+        if not is_dvc_workspace(workspace):
+            return  # ShardSet.open says what is missing
+        with _pull_lock(workspace):
+            DvcWorkspace(workspace).pull([shard_dir])
+
+    @staticmethod
     def _shard_path(job: MemorizationJobConfig, workspace: Path, lineage: dict[str, Any]) -> Path:
         from open360.paths import resolve_workspace_path
 
         if job.shards:
-            return resolve_workspace_path(workspace, job.shards)
+            path = resolve_workspace_path(workspace, job.shards)
+            if not path.is_dir():
+                raise MemorizationJobError(f"shards={job.shards!r}: no folder {path}")
+            return path
         shard_dir = (lineage.get("data") or {}).get("shard_dir")
         if not shard_dir:
             raise MemorizationJobError(
@@ -421,6 +467,58 @@ def cell_table(
     return table.replace_schema_metadata({"open360.memorization": json.dumps(meta, sort_keys=True)})
 
 
+# What a cell's metadata must hold for this job to reuse it (the job's tag, field by field).
+JOB_FIELDS = ("run", "mode", "k", "l", "sample", "seed", "selection")
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_sha256(lineage_file: str, mtime_ns: int) -> str | None:
+    """The weights' sha256 a checkpoint's lineage.json records (cached: one read per checkpoint)."""
+    from open360.checkpoint.io import MODEL_FILE
+
+    return (json.loads(Path(lineage_file).read_text()).get("files") or {}).get(MODEL_FILE)
+
+
+def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path) -> bool:
+    """Whether the cell file at `path` can be reused: it exists, its footer reads, it was scored with this
+    job's settings, and (when the checkpoint is on disk) with the weights the checkpoint holds now. A
+    damaged cell or one of a retrained checkpoint is scored again (with a warning); cells of other
+    settings in the same out_dir are an error, since the job would mix two analyses."""
+    if not path.is_file():
+        return False
+    import pyarrow.parquet as pq
+
+    from open360.checkpoint.io import LINEAGE_FILE, step_dir_name
+
+    try:
+        meta = json.loads((pq.read_schema(path).metadata or {})[b"open360.memorization"])
+    except Exception as err:  # truncated, emptied or foreign file
+        warnings.warn(f"{path}: unreadable cell ({type(err).__name__}: {err}); scoring it again", stacklevel=2)
+        return False
+    want = {key: getattr(job, key) for key in JOB_FIELDS}
+    got = {key: meta.get(key) for key in JOB_FIELDS}
+    if got != want:
+        differ = {key: (got[key], want[key]) for key in JOB_FIELDS if got[key] != want[key]}
+        raise MemorizationJobError(
+            f"{path}: scored with other settings (cell, job: {differ}); give this job its own out_dir= "
+            f"or remove {path.parent} to score again"
+        )
+    lineage = run_checkpoint_dir(workspace, job.run) / step_dir_name(int(meta["step"])) / LINEAGE_FILE
+    retrained = (
+        meta.get("model_sha256")
+        and lineage.is_file()
+        and _model_sha256(str(lineage), lineage.stat().st_mtime_ns) != meta["model_sha256"]
+    )
+    if retrained:
+        warnings.warn(
+            f"{path}: scored on other weights than checkpoint step {meta['step']} now holds (the run was "
+            "retrained?); scoring it again",
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
 def _assign(pending: list[tuple[int, int]], rank: int, world: int) -> list[tuple[int, int]]:
     """This rank's cells: whole checkpoints round-robin when there are enough, else cells round-robin."""
     if world == 1:
@@ -531,6 +629,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     from tqdm.auto import tqdm
 
     from open360.checkpoint import read_lineage
+    from open360.checkpoint.io import MODEL_FILE
 
     workspace = Path(job.workspace).expanduser().resolve()
     out_dir = (
@@ -570,7 +669,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
             f"chunks={job.chunks!r}: {bad} out of range; the shards have {data.num_chunks}"
         )
     cells = [(s, c) for s in steps for c in chunks]
-    done = [cell for cell in cells if cell_path(out_dir, *cell).is_file()]
+    done = [cell for cell in cells if cell_is_done(job, cell_path(out_dir, *cell), workspace)]
     done_set = set(done)
     pending = [cell for cell in cells if cell not in done_set]
     mine = _assign(pending, rank, world)
@@ -622,7 +721,9 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                     "engine": result.info,
                     "tokens_seen": trainer_state.get("tokens_seen"),
                     "manifest_hash": (lineage.get("data") or {}).get("manifest_hash"),
+                    "model_sha256": (lineage.get("files") or {}).get(MODEL_FILE),
                     "chunk_size": int(data.chunk_sizes[chunk]),
+                    "num_chunks": data.num_chunks,
                     "rank": rank,
                     "world_size": world,
                 }
@@ -682,11 +783,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(HELP)
         return 0
+    from open360.checkpoint.io import CheckpointError
+    from open360.data import ShardError
+    from open360.tracking.dvc_versioning import VersioningError
+
     try:
         job = parse_args(args)
         started = time.perf_counter()
         result = run_job(job)
-    except MemorizationJobError as err:
+    except (MemorizationJobError, ShardError, VersioningError, CheckpointError, FileNotFoundError) as err:
         print(f"open360 analysis memorization: {err}", file=sys.stderr)
         return 2
     rank = _dist_info()[0]

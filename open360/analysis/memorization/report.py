@@ -344,7 +344,7 @@ def render_report(out_dir: Path, run: str, workspace: Path | None = None, log_ml
     report = out_dir / "report.md"
     report.write_text("\n".join(md))
     if log_mlflow:
-        _log_mlflow(out_dir, run, workspace, progress, meta)
+        _log_mlflow(out_dir, run, workspace, progress, summary, meta)
     return report
 
 
@@ -370,8 +370,11 @@ def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
     return None
 
 
-def _log_mlflow(out_dir: Path, run: str, workspace: Path | None, progress: Any, meta: dict[str, Any]) -> None:
-    """Log figures, report and metrics to the run's MLflow run; silently skipped without one."""
+def _log_mlflow(
+    out_dir: Path, run: str, workspace: Path | None, progress: Any, summary: Any, meta: dict[str, Any]
+) -> None:
+    """Log figures, report and the per-checkpoint scores (as `memorization/<tag>/token_match|full_match`,
+    only when every chunk was scored) to the run's MLflow run; skipped, with a note, without one."""
     if workspace is None:
         return
     try:
@@ -382,18 +385,34 @@ def _log_mlflow(out_dir: Path, run: str, workspace: Path | None, progress: Any, 
     if target is None:
         return
     uri, run_id = target
-    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
-    tag = out_dir.name
-    for name in (*FIGURES.values(), "report.md", SUMMARY_FILE, "progress.csv"):
-        if (out_dir / name).is_file():
-            client.log_artifact(run_id, str(out_dir / name), artifact_path=f"memorization/{tag}")
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_file():
+        print(f"memorization: not logged to MLflow: no store at {uri} (a clone without the run's mlflow.db)")
+        return
     from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
-    ts = int(time.time() * 1000)
-    metrics = []
-    for _, r in progress.iterrows():
-        for key in ("token_match", "full_match"):
-            metrics.append(
-                Metric(f"memorization/{meta.get('mode')}/{key}", float(r[key]), ts, int(r["step"]))
-            )
-    client.log_batch(run_id, metrics=metrics)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    tag = meta.get("tag") or out_dir.name
+    try:
+        client.get_run(run_id)
+        for name in (*FIGURES.values(), "report.md", SUMMARY_FILE, "progress.csv"):
+            if (out_dir / name).is_file():
+                client.log_artifact(run_id, str(out_dir / name), artifact_path=f"memorization/{tag}")
+        # A checkpoint's score is its mean over every chunk: steps scored on some chunks only are not logged.
+        every = set(range(int(meta["num_chunks"]))) if meta.get("num_chunks") is not None else None
+        whole = {int(s) for s, g in summary.groupby("step") if every is None or set(g.chunk.astype(int)) == every}
+        if len(whole) < summary.step.nunique():
+            print(f"memorization: metrics logged to MLflow for steps {sorted(whole)} only: the others were "
+                  f"scored on some of the {len(every or ())} chunks")
+        ts = int(time.time() * 1000)
+        metrics = [
+            Metric(f"memorization/{tag}/{key}", float(r[key]), ts, int(r["step"]))
+            for _, r in progress.iterrows()
+            if int(r["step"]) in whole
+            for key in ("token_match", "full_match")
+        ]
+        if metrics:
+            client.log_batch(run_id, metrics=metrics)
+    except MlflowException as err:
+        print(f"memorization: not logged to MLflow run {run_id} at {uri}: {str(err).splitlines()[0]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"ws": ws, "recorder": recorder, "summary": summary}
 
 
-def test_fresh_clone_pulls_exactly_one_checkpoint_with_equal_logits(trained: dict, tmp_path: Path) -> None:
+def test_fresh_clone_pulls_exactly_one_checkpoint_with_equal_logits(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     ws = trained["ws"]
     fresh = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ws), str(fresh)], check=True)
+    # The clone's default remote (../.dvc-storage beside it) is not there: the error says so.
+    assert pull_main([RUN, "8", "--workspace", str(fresh)]) == 1
+    assert re.search(r"remote 'local' .* does not exist on this machine", capsys.readouterr().err)
     subprocess.run(
         ["dvc", "remote", "modify", "--local", "local", "url", str(ws / ".dvc-storage")],
         cwd=fresh,
@@ -178,6 +184,9 @@ def test_export_release_folder(trained: dict, tmp_path: Path) -> None:
     manifests = list((out / "data").glob("*/manifest.json"))
     assert len(manifests) == 1 and (manifests[0].parent / "tokenizer.json").is_file()
     assert (out / "configs" / "config.yaml").is_file()
+    published = [p for p in out.rglob("*") if p.suffix in (".json", ".yaml", ".md")]
+    leaks = [p for p in published if str(ws.resolve()) in p.read_text() or str(ws) in p.read_text()]
+    assert not leaks  # no path of this machine in what is published (e.g. the local MLflow store)
     card = (out / "README.md").read_text()
     assert "ckpt_002" in card and index[2]["dvc_md5"] in card
     plan = hub_upload_plan(out)

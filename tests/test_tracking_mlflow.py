@@ -154,3 +154,18 @@ def test_build_callbacks_off_and_rank(tmp_path: Path) -> None:
     (logger,) = build_callbacks(on, tmp_path, is_main=True)
     assert isinstance(logger, MlflowLogger) and logger.record_local_checkpoints
     assert logger.buffer_steps == 5 and logger.tracking_uri.endswith(f"{tmp_path}/mlflow.db")
+
+
+def test_release_trees_are_published_without_secrets_or_local_paths(tmp_path: Path) -> None:
+    from open360.tracking.release import publishable
+
+    tree = {
+        "tracking": {"mlflow_uri": "postgresql://alice:s3cret@db.example.org/mlflow", "hf_token": "hf_abc"},
+        "callbacks": {"mlflow_tracking_uri": f"sqlite:///{tmp_path.resolve()}/mlflow.db"},
+        "steps": [1, 2],
+    }
+    assert publishable(tree, tmp_path) == {
+        "tracking": {"mlflow_uri": "postgresql://alice:***@db.example.org/mlflow", "hf_token": "***"},
+        "callbacks": {"mlflow_tracking_uri": "sqlite:///./mlflow.db"},
+        "steps": [1, 2],
+    }

@@ -319,12 +319,27 @@ class DvcWorkspace:
             self._ensure_empty_tree(repo)
         tree = out.get_dir_cache(remote=self.remote) if out.hash_info else None
         if out.hash_info and tree is None:
-            raise VersioningError(
-                f"{out.stage.path}: key outs[0].md5 names tree {out.hash_info.value}, which is in neither the "
-                "DVC cache nor the remote; restore the file with `git checkout` or push from the "
-                "workspace that wrote it"
-            )
+            raise VersioningError(self._missing_tree(repo, out.stage.path, out.hash_info.value))
         return tree, prefix
+
+    def _missing_tree(self, repo: Any, dvc_file: str, md5: str) -> str:
+        """Why a tracked tree could not be read: a local remote that is not there, else a tree missing."""
+        remote = _remote_description(repo, self.remote)
+        try:
+            name = self.remote or repo.config["core"].get("remote")
+            url = str(repo.config["remote"][name]["url"])
+        except (KeyError, TypeError):
+            url = ""
+        local = url and "://" not in url
+        if local and not (self.workspace / ".dvc" / url).resolve().exists():
+            return (
+                f"{dvc_file}: tree {md5} is not in the DVC cache, and {remote} does not exist on this machine; "
+                "point the remote at the storage (`dvc remote modify --local <name> url <path>`) and retry"
+            )
+        return (
+            f"{dvc_file}: key outs[0].md5 names tree {md5}, which is in neither the DVC cache nor {remote}; "
+            "restore the file with `git checkout` or push from the workspace that wrote it"
+        )
 
     def _tracked_dir(self, repo: Any, rel: str) -> TrackedDir:
         from dvc_data.hashfile.tree import Tree

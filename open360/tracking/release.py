@@ -7,11 +7,29 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from open360.tracking.checkpoints import CheckpointEntry, pull_checkpoints, run_checkpoints, select_steps
+from open360.tracking.params import mask_secrets
 
 
 class ReleaseError(RuntimeError):
     """The release folder cannot be built; the message names the checkpoint/file and what to do."""
+
+
+def publishable(obj: Any, workspace: Path) -> Any:
+    """A config or lineage tree fit to publish: secrets masked, and this machine's workspace path (in a
+    local MLflow store URI, say) written as `.` so that no local path leaves the machine."""
+    root = str(Path(workspace).resolve())
+
+    def local(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: local(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [local(v) for v in value]
+        return value.replace(root, ".") if isinstance(value, str) else value
+
+    return local(mask_secrets(obj))
 
 
 def ckpt_names(n: int) -> list[str]:
@@ -113,7 +131,8 @@ def export_release(
         shard_dir = (lineage.get("data") or {}).get("shard_dir")
         tokenizer = workspace / shard_dir / "tokenizer.json" if shard_dir else None
         export_hf(model, cfg.model, tokenizer if tokenizer and tokenizer.is_file() else None, out / name)
-        shutil.copy2(entry.path / "lineage.json", out / name / "open360_lineage.json")
+        published = publishable(json.loads((entry.path / "lineage.json").read_text()), workspace)
+        (out / name / "open360_lineage.json").write_text(json.dumps(published, indent=2, sort_keys=True) + "\n")
         index.append(
             {
                 "revision": name,
@@ -125,7 +144,8 @@ def export_release(
         )
         lineages.append(lineage)
     (out / "configs").mkdir(exist_ok=True)
-    shutil.copy2(chosen[-1].path / "config.yaml", out / "configs" / "config.yaml")
+    config = OmegaConf.to_container(OmegaConf.load(chosen[-1].path / "config.yaml"), resolve=False)
+    (out / "configs" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(publishable(config, workspace))))
     data = _copy_data(workspace, lineages, out)
     run_id = _metrics_table(workspace, run, mlflow_uri, out)
     (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -266,3 +266,36 @@ def test_checkpoint_resumes_only_on_the_backend_that_wrote_it(tmp_path: Path) ->
     trainer = SimpleNamespace(backend="megatron", stages=[SimpleNamespace(index=0, name="main")])
     with pytest.raises(TrainingError, match="written by the native backend.*trainer.init_from="):
         resume(trainer, path)
+
+
+def test_distributed_checkpoint_with_code_in_its_pickles_is_refused(tmp_path) -> None:
+    import os
+    import pickle
+    import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from open360.backends.megatron.checkpoint_guard import check_distributed_checkpoint
+    from open360.checkpoint import CheckpointError
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (os.system, (f"touch {marker}",))
+
+    good = tmp_path / "good"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"w": torch.zeros(4), "extra": {"step": 3, "betas": [0.9, 0.95]}}, checkpoint_id=good, no_dist=True)
+        check_distributed_checkpoint(good)  # tensors and plain data: accepted
+        evil_meta = Path(shutil.copytree(good, tmp_path / "meta"))
+        (evil_meta / ".metadata").write_bytes(pickle.dumps(Payload()))
+        with pytest.raises(CheckpointError, match=r"\.metadata: refused .*system"):
+            check_distributed_checkpoint(evil_meta)
+        evil_entry = tmp_path / "entry"
+        dcp.save({"w": torch.zeros(4), "extra": Payload()}, checkpoint_id=evil_entry, no_dist=True)
+        with pytest.raises(CheckpointError, match="entry 'extra' is not plain data"):
+            check_distributed_checkpoint(evil_entry)
+    assert not marker.exists()

@@ -179,3 +179,78 @@ def test_extra_dirs_move_into_the_checkpoint_and_are_verified(tmp_path: Path) ->
     (path / "megatron" / "shards" / "0.distcp").write_bytes(b"rank1")
     with pytest.raises(CheckpointError, match="0.distcp"):
         verify_checkpoint(path)
+
+
+def test_code_revision_is_dirty_for_code_changes_only(tmp_path: Path) -> None:
+    import subprocess
+
+    from open360.checkpoint.lineage import git_revision
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=a@b", "-c", "user.name=a", *args], check=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a\n")
+    (tmp_path / "checkpoints.dvc").write_text("outs: []\n")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / ".gitignore").write_text("/x\n")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    (tmp_path / "checkpoints.dvc").write_text("outs: [changed]\n")  # what a run's DVC versioning stages
+    (tmp_path / "shards" / ".gitignore").write_text("/x\n/y\n")
+    assert git_revision(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("b\n")
+    assert git_revision(tmp_path)["dirty"] is True
+
+
+def test_equal_state_gives_equal_bytes_in_any_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from open360.checkpoint import save_model_weights\n"
+        "w = torch.arange(6.0).reshape(2, 3)\n"
+        "save_model_weights({'embed.weight': w, 'lm_head.weight': w, 'b': torch.ones(2)}, sys.argv[1])\n"
+    )
+    files = [tmp_path / f"m{i}.safetensors" for i in range(4)]  # the header's metadata order used to vary
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    back = load_model_weights(files[0])
+    assert back["lm_head.weight"] is back["embed.weight"] and torch.equal(back["b"], torch.ones(2))
+    listed = _contents()  # a resumed optimizer's state holds betas as a list: saved as the tuple it was
+    listed.optimizer["param_groups"][0]["betas"] = [0.9, 0.95]
+    a, b = save_checkpoint(tmp_path / "a", 1, _contents()), save_checkpoint(tmp_path / "b", 1, listed)
+    assert (a / "optimizer.pt").read_bytes() == (b / "optimizer.pt").read_bytes()
+
+
+def test_failed_save_and_crash_during_replace_lose_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import open360.checkpoint.io as io
+
+    save_checkpoint(tmp_path, 5, _contents(0))
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"step_6: could not be written .*No space left.*earlier checkpoint is intact"):
+        save_checkpoint(tmp_path, 6, _contents(1))
+    monkeypatch.setattr(io.torch, "save", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_5"]  # no partial copy left
+    # killed between moving step_5 aside and renaming its replacement in: the old copy comes back
+    (tmp_path / "step_5").rename(tmp_path / ".old-step_5-999")
+    (tmp_path / ".tmp-step_5-999").mkdir()
+    remove_stale_temp_dirs(tmp_path)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5] and verify_checkpoint(tmp_path / "step_5")
+    (tmp_path / "step_5" / "lineage.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="a JSON object is expected"):
+        verify_checkpoint(tmp_path / "step_5")
+    lineage = read_lineage(save_checkpoint(tmp_path, 7, _contents()))
+    del lineage["files"]["optimizer.pt"]
+    (tmp_path / "step_7" / "lineage.json").write_text(json.dumps(lineage))
+    with pytest.raises(CheckpointError, match=r"does not list \['optimizer.pt'\]"):
+        verify_checkpoint(tmp_path / "step_7")

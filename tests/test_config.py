@@ -140,6 +140,14 @@ def test_cli_typo_fails_at_composition_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "max_stepz" in proc.stderr and "TrainerConfig" in proc.stderr
     assert not (tmp_path / "shards").exists()
+    # Hydra's own hint ("to append use +trainer.max_stepz=3") must not let the typo through either
+    appended = run_train("+experiment=amber_tiny", "+trainer.max_stepz=3", f"workspace={tmp_path}")
+    assert appended.returncode == 2 and "config key 'trainer.max_stepz'" in appended.stderr
+    assert not (tmp_path / "shards").exists()
+    from open360.config.store import ConfigKeyError
+
+    with pytest.raises(ConfigKeyError, match="trainer.max_stepz"):
+        compose(["+experiment=amber_tiny", "+trainer.max_stepz=3"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -157,3 +165,5 @@ def test_open360_cli_help_lists_verbs():
         assert verb in proc.stdout
     bad = subprocess.run(["open360", "nope", "verb"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
+    group = subprocess.run(["open360", "data", "--help"], capture_output=True, text=True, timeout=60)
+    assert group.returncode == 0 and "data build" in group.stdout and "ckpt pull" not in group.stdout

@@ -85,7 +85,8 @@ def _assert_loss_drops(losses: dict[int, float], drop: float) -> None:
 @pytest.mark.slow
 def test_amber_tiny_trains_with_per_chunk_checkpoints(tmp_path: Path, shards_root: Path) -> None:
     ws = tmp_path / "ws"
-    proc = _train("amber_tiny", ws, shards_root, "trainer.max_steps=60")
+    secret_uri = "tracking.mlflow_uri=postgresql://alice:s3cret@db.example.org/mlflow"  # tracking is off
+    proc = _train("amber_tiny", ws, shards_root, "trainer.max_steps=60", secret_uri)
     _assert_ok(proc)
     losses = _losses(proc.stdout)
     assert sorted(losses) == list(range(1, 61))
@@ -97,6 +98,8 @@ def test_amber_tiny_trains_with_per_chunk_checkpoints(tmp_path: Path, shards_roo
     for step, path in ckpts:
         lineage = verify_checkpoint(path)
         assert lineage["step"] == step
+        recorded = (path / "config.yaml").read_text()  # published with the checkpoint: no password
+        assert "s3cret" not in recorded and "postgresql://alice:***@db.example.org/mlflow" in recorded
         assert lineage["data"]["sequences_seen"] == {
             "count": step * 16,
             "min_id": 0,
@@ -292,3 +295,52 @@ def test_init_from_checkpoint_starts_from_its_weights(tmp_path: Path, shards_roo
     before, after = load_checkpoint(init).model, load_checkpoint(ws / "checkpoints" / "ft" / "step_1").model
     for name in before:  # lr 0: one step leaves the initial weights as they were
         assert torch.equal(before[name], after[name]), name
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_by_name(tmp_path: Path, shards_root: Path) -> None:
+    from open360.checkpoint import CheckpointError
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1"]
+    ws = tmp_path / "ws"
+    run_training(compose([*base, f"workspace={ws}", "trainer.max_steps=2", "checkpoint.policy=every_n"]), "cpu")
+    init = ws / "checkpoints" / "amber_tiny" / "step_2"
+    wider = compose([*base, f"workspace={ws}", "run_name=ft", "trainer.max_steps=1", "model.n_layers=2"])
+    with pytest.raises(CheckpointError, match=r"another architecture .*'model.n_layers': \(1, 2\).*init_from"):
+        run_training(wider, "cpu", init_from=init)
+    resumed = compose([*base, f"workspace={ws}", "trainer.max_steps=4", "model.d_model=96", "trainer.resume=auto"])
+    with pytest.raises(CheckpointError, match=r"'model.d_model': \(\d+, 96\).*trainer.resume"):
+        run_training(resumed, "cpu")
+    from open360.train.trainer import TrainingError
+
+    shorter = compose([*base, f"workspace={ws}", "trainer.max_steps=1", "trainer.resume=2"])
+    with pytest.raises(TrainingError, match="checkpoint of step 2, beyond the 1 steps this config trains"):
+        run_training(shorter, "cpu")
+    bad = _train("amber_tiny", ws, shards_root, "trainer.max_steps=2", "schedule.kind=foo")
+    assert bad.returncode == 2 and "schedule.kind='foo'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_resuming_an_earlier_step_branches_and_auto_follows_the_branch(tmp_path: Path, shards_root: Path) -> None:
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    ws = tmp_path / "ws"
+    base = [
+        "+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
+        f"workspace={ws}", "checkpoint=every_n", "checkpoint.every=2", "checkpoint.ephemeral_every=3",
+    ]
+    run_training(compose([*base, "trainer.max_steps=8"]), "cpu")
+    published, recovery = ws / "checkpoints" / "amber_tiny", ws / "recovery" / "amber_tiny"
+    assert [s for s, _ in list_checkpoints(published)] == [2, 4, 6, 8]
+    assert [s for s, _ in list_checkpoints(recovery)] == [3]  # (6 is a published step)
+    # Back to step 2 with another learning rate (what the divergence message advises), stopped at step 5.
+    branch = compose([*base, "trainer.max_steps=5", "optim.lr=1e-4", "trainer.resume=2", "checkpoint.save_final=false"])
+    run_training(branch, "cpu")
+    assert [s for s, _ in list_checkpoints(published)] == [2, 4]  # the new step 4; the old 4..8 kept aside
+    assert [s for s, _ in list_checkpoints(recovery)] == [3]  # the branch's own recovery point
+    aside = sorted(p.name for p in (published / "superseded").glob("from_step_2-*/step_*"))
+    assert aside == ["step_4", "step_6", "step_8"]
+    assert [p.name for p in (recovery / "superseded").glob("from_step_2-*/step_*")] == ["step_3"]
+    summary = run_training(compose([*base, "trainer.max_steps=6", "optim.lr=1e-4", "trainer.resume=auto"]), "cpu")
+    assert summary["start_step"] == 4 and summary["steps"] == 6  # the branch's step 4, not the superseded 8

@@ -100,6 +100,23 @@ def save_model_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write a model state dict as safetensors; tied tensors are stored once and aliased in metadata."""
     kept, aliases = _dedupe_shared({k: v.to("cpu") for k, v in state.items()})
     save_file(kept, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases, sort_keys=True)})
+    _sort_metadata(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted, so that equal weights give equal
+    bytes (the writer keeps metadata in a hash map whose order changes from process to process)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:  # never: the same keys and values in another order (left as written)
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # the header is space-padded to its recorded length
 
 
 def load_model_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -114,12 +131,22 @@ def load_model_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tenso
     return state
 
 
+def _canonical_optimizer_state(state: Any) -> Any:
+    """The optimizer state with list-valued hyperparameters (AdamW's betas come back from a loaded state
+    as lists) stored as tuples, as a fresh optimizer holds them: equal states, equal bytes."""
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+        return state
+    groups = [{k: tuple(v) if isinstance(v, list) and k == "betas" else v for k, v in g.items()}
+              for g in state["param_groups"]]
+    return {**state, "param_groups": groups}
+
+
 def _write_payload(tmp: Path, contents: CheckpointContents) -> None:
     save_model_weights(contents.model, tmp / MODEL_FILE)
     delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
     if delay > 0:
         time.sleep(delay)
-    torch.save(contents.optimizer, tmp / OPTIMIZER_FILE)
+    torch.save(_canonical_optimizer_state(contents.optimizer), tmp / OPTIMIZER_FILE)
     (tmp / TRAINER_STATE_FILE).write_text(json.dumps(contents.trainer_state, indent=2, sort_keys=True) + "\n")
     torch.save(contents.rng, tmp / RNG_FILE)
     (tmp / CONFIG_FILE).write_text(contents.config_yaml)
@@ -138,18 +165,27 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_payload(tmp, contents)
-    extra_files = []
-    for name, directory in contents.extra_dirs.items():
-        shutil.move(str(directory), str(tmp / name))
-        extra_files += sorted(str(f.relative_to(tmp)) for f in (tmp / name).rglob("*") if f.is_file())
-    lineage = dict(contents.lineage)
-    lineage["step"] = step
-    lineage["files"] = {name: sha256_file(tmp / name) for name in (*PAYLOAD_FILES, *extra_files)}
-    (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
-    for name in (*PAYLOAD_FILES, *extra_files, LINEAGE_FILE):
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
+    try:
+        _write_payload(tmp, contents)
+        extra_files = []
+        for name, directory in contents.extra_dirs.items():
+            shutil.move(str(directory), str(tmp / name))
+            extra_files += sorted(str(f.relative_to(tmp)) for f in (tmp / name).rglob("*") if f.is_file())
+        lineage = dict(contents.lineage)
+        lineage["step"] = step
+        lineage["files"] = {name: sha256_file(tmp / name) for name in (*PAYLOAD_FILES, *extra_files)}
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+        for name in (*PAYLOAD_FILES, *extra_files, LINEAGE_FILE):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+    except BaseException as err:  # a failed save leaves nothing half-written behind, and no earlier step changes
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise CheckpointError(
+                f"{final}: could not be written ({err}); the partial copy was removed and every earlier "
+                "checkpoint is intact — free space (or fix the filesystem) and resume with trainer.resume=auto"
+            ) from err
+        raise
     if final.exists():
         old = parent / f".old-{step_dir_name(step)}-{os.getpid()}"
         final.rename(old)
@@ -162,14 +198,21 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
 
 
 def remove_stale_temp_dirs(parent: Path) -> list[Path]:
-    """Delete `.tmp-step_*` / `.old-step_*` leftovers of saves interrupted by a crash."""
+    """Clear the leftovers of saves interrupted by a crash: a step whose folder was being replaced (moved
+    to `.old-step_N-*`, the new one not yet renamed in) gets the old complete copy back; every other
+    `.tmp-step_*` / `.old-step_*` folder is deleted. Returns the deleted folders."""
     parent = Path(parent)
     removed = []
-    if parent.is_dir():
-        for p in parent.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+    if not parent.is_dir():
+        return removed
+    for p in sorted(parent.iterdir()):
+        m = re.match(r"\.old-(step_\d+)-\d+$", p.name)
+        if m and p.is_dir() and not (parent / m.group(1)).exists() and (p / LINEAGE_FILE).is_file():
+            p.rename(parent / m.group(1))
+    for p in parent.iterdir():
+        if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
@@ -195,18 +238,27 @@ def read_lineage(path: Path) -> dict[str, Any]:
             "(pass a checkpoints/<run>/step_<N> folder)"
         )
     try:
-        return json.loads(file.read_text())
+        lineage = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file}: not valid JSON ({err}); the checkpoint is corrupted") from err
+    if not isinstance(lineage, dict):
+        raise CheckpointError(f"{file}: a JSON object is expected, found {type(lineage).__name__}; the checkpoint is corrupted")
+    return lineage
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Recompute the sha256 of every file listed in lineage.json; raise naming the first bad file."""
     path = Path(path)
     lineage = read_lineage(path)
-    files = lineage.get("files")
+    files = lineage.get("files") if isinstance(lineage, dict) else None
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{path / LINEAGE_FILE}: key 'files' (sha256 per file) is missing or empty")
+    unlisted = [name for name in PAYLOAD_FILES if name not in files]
+    if unlisted:
+        raise CheckpointError(
+            f"{path / LINEAGE_FILE}: key 'files' does not list {unlisted}; every checkpoint records the "
+            "sha256 of each of its files — the lineage was edited or comes from elsewhere"
+        )
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -232,6 +284,32 @@ def load_checkpoint(path: Path, verify: bool = True) -> CheckpointContents:
         config_yaml=(path / CONFIG_FILE).read_text(),
         lineage=lineage,
     )
+
+
+# The model.* keys that decide the parameters' names and shapes (rotary and muP settings may change
+# between a checkpoint and a run that starts from it: position interpolation does).
+ARCHITECTURE_KEYS = (
+    "vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "norm", "mlp", "attn_bias",
+    "mlp_bias", "lm_head_bias", "tie_embeddings", "parallel_block",
+)
+
+
+def check_architecture(path: Path, model_cfg: Any, use: str) -> None:
+    """Raise CheckpointError naming the differing `model.*` keys when the checkpoint at `path` holds
+    another architecture than `model_cfg` (before any weight is loaded)."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.create((Path(path) / CONFIG_FILE).read_text()).get("model") or {}
+    differ = {
+        f"model.{key}": (saved.get(key), model_cfg.get(key))
+        for key in ARCHITECTURE_KEYS
+        if saved.get(key) != model_cfg.get(key)
+    }
+    if differ:
+        raise CheckpointError(
+            f"{path}: holds another architecture than this run's config (checkpoint, config: {differ}); "
+            f"{use} needs the checkpoint's values for those keys"
+        )
 
 
 def load_model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, Any]:

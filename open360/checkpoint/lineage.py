@@ -15,7 +15,8 @@ _CONFIG_HASH_EXCLUDED = (("trainer", "resume"), ("trainer", "progress_bar"))
 
 
 def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:
-    """`{"revision": sha or None, "dirty": bool or None}` of the code that runs."""
+    """`{"revision": sha or None, "dirty": bool or None}` of the code that runs (dirty: a tracked file
+    other than DVC's `*.dvc` and `.gitignore` files differs from the commit)."""
     try:
         rev = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],
@@ -24,8 +25,9 @@ def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:
             timeout=30,
             check=True,
         ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(  # DVC's own files (*.dvc, the .gitignores it writes) are data, not code
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude,glob)**/*.dvc", ":(exclude,glob)**/.gitignore"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from open360.config import schema
 from open360.paths import CONFIGS_DIR
@@ -31,8 +32,27 @@ def register_configs() -> None:
         cs.store(group=group, name=f"base_{group}", node=node)
 
 
+class ConfigKeyError(ValueError):
+    """A composed config holds a key the schema does not know (a misspelling added with `+`)."""
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Re-validate a composed config against the schema: Hydra lets `+group.key=value` append any key,
+    so `+trainer.max_stepz=5` would otherwise be carried along unused while max_steps keeps its value."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema.Open360Config), OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigKeyError(
+            f"config key '{key}': {str(err).splitlines()[0]} (a key added with '+' must still exist in the "
+            "schema, open360/config/schema.py; check its spelling)"
+        ) from err
+
+
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """Compose the config tree outside of `@hydra.main` (tests, analysis jobs, notebooks)."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    check_schema(cfg)
+    return cfg

@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from open360.config import register_configs
+from open360.config.store import ConfigKeyError, check_schema
 from open360.paths import CONFIGS_DIR
 from open360.train.resources import ResourceError, check_resources
 
@@ -18,8 +19,9 @@ register_configs()
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
+        check_schema(cfg)
         device = check_resources(cfg)
-    except ResourceError as err:
+    except (ResourceError, ConfigKeyError) as err:
         print(f"open360.train: {err}", file=sys.stderr)
         sys.exit(2)
     from open360.checkpoint import CheckpointError
@@ -32,6 +34,9 @@ def main(cfg: DictConfig) -> None:
     except (TrainingError, CheckpointError) as err:
         print(f"open360.train: {err}", file=sys.stderr)
         sys.exit(1)
+    except ValueError as err:  # a config value out of range (checkpoint.every=0, schedule.kind=foo, ...)
+        print(f"open360.train: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from open360.backends.native import DistEnv, barrier, init_distributed, parallel
 from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import (
     MODEL_FILE,
+    check_architecture,
     load_checkpoint,
     load_model_weights,
     remove_stale_temp_dirs,
@@ -20,11 +21,17 @@ from open360.checkpoint.io import (
 from open360.checkpoint.lineage import config_hash, git_revision
 from open360.checkpoint.writer import CheckpointWriter
 from open360.paths import resolve_workspace_path
+from open360.tracking.params import mask_secrets
 from open360.train.callbacks import Callback, RunInfo
 from open360.train.optim import build_optimizer
 from open360.train.progress import format_summary, peak_flops
 from open360.train.schedules import Stage, build_stages
-from open360.train.state import check_resume_compatible, find_resume_checkpoint, seed_everything
+from open360.train.state import (
+    check_resume_compatible,
+    find_resume_checkpoint,
+    seed_everything,
+    supersede_later_checkpoints,
+)
 from open360.train.trainer import (
     StageData,
     Trainer,
@@ -207,10 +214,11 @@ def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSetting
     )
 
 
-def _load_initial_weights(model: torch.nn.Module, checkpoint: Path) -> dict[str, Any]:
+def _load_initial_weights(model: torch.nn.Module, checkpoint: Path, model_cfg: Any) -> dict[str, Any]:
     """Load a checkpoint's weights into a freshly built model; returns what lineage.json records of it."""
     init = Path(checkpoint).expanduser().resolve()
     lineage = verify_checkpoint(init)
+    check_architecture(init, model_cfg, "trainer.init_from")
     model.load_state_dict(load_model_weights(init / MODEL_FILE))
     return {
         "checkpoint": str(init),
@@ -225,6 +233,13 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
     Returns the callbacks' run metadata recorded in the checkpoint (e.g. the MLflow run id to continue).
     """
     contents = load_checkpoint(checkpoint)
+    check_architecture(checkpoint, OmegaConf.create(trainer.config_yaml).model, "trainer.resume")
+    total = trainer.stages[-1].end
+    if int(contents.trainer_state["step"]) > total:
+        raise TrainingError(
+            f"{checkpoint}: checkpoint of step {contents.trainer_state['step']}, beyond the {total} steps this "
+            "config trains (trainer.max_steps / stages); raise trainer.max_steps or resume from an earlier step"
+        )
     stage_state = contents.trainer_state["stage"]
     stage = next((s for s in trainer.stages if s.index == stage_state["index"]), None)
     if stage is None or stage.name != stage_state["name"]:
@@ -259,8 +274,10 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_name = str(cfg.run_name)
     published_dir, recovery_dir = checkpoint_dirs(workspace, run_name)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
+    # What every checkpoint records (config.yaml, its hash) has secrets masked: it is published.
+    recorded_config = mask_secrets(config_dict)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(recorded_config))
     stages = build_stages(cfg)
     cadence = CadencePolicy.from_config(cfg.checkpoint)
     if env.is_main:
@@ -271,7 +288,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     from open360.models import build_model
 
     model = build_model(cfg.model)
-    init_record = _load_initial_weights(model, init_from) if init_from is not None else None
+    init_record = _load_initial_weights(model, init_from, cfg.model) if init_from is not None else None
     settings = build_settings(cfg, device, env)
     shards = ShardProvider(cfg, workspace, env)
     writer = CheckpointWriter(
@@ -281,7 +298,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     lineage_base = {
         "run_name": run_name,
         "code": git_revision(),
-        "config_hash": config_hash(config_dict),
+        "config_hash": config_hash(recorded_config),
         "torch_version": torch.__version__,
         **({"init_from": init_record} if init_record else {}),
     }
@@ -314,6 +331,16 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
     if resume_from is not None:
         resumed_metadata = resume(trainer, resume_from)
+        if env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit earlier step: a new branch
+            moved = supersede_later_checkpoints(trainer.progress.step, published_dir, recovery_dir)
+            if moved:
+                print(
+                    f"open360.train: resuming from step {trainer.progress.step}: this run's later checkpoints "
+                    f"(steps {sorted(moved)}) moved to {sorted({str(p.parent) for p in moved.values()})} — they belong to "
+                    "the run this one replaces",
+                    flush=True,
+                )
+        barrier(env)
         if env.is_main:
             print(f"open360.train: resumed from {resume_from} (step {trainer.progress.step})", flush=True)
     else:

@@ -218,7 +218,7 @@ def test_bad_arguments_fail_with_the_key(
     with pytest.raises(MemorizationJobError, match="exceeds"):
         run_job(parse_args(_job(root, "k=40", "l=40")))
     assert main(_job(root, "checkpoints=12345", "pull=false")) == 2
-    assert "pull=false" in capsys.readouterr().err
+    assert "no checkpoint at steps [12345]" in capsys.readouterr().err
 
 
 def test_missing_checkpoints_are_pulled_and_released(
@@ -242,7 +242,10 @@ def test_missing_checkpoints_are_pulled_and_released(
         shutil.copytree(stash / f"step_{step}", dest)
         return dest
 
+    import open360.analysis.memorization.job as job_module
+
     monkeypatch.setattr(open360.tracking, "pull_checkpoint", fake_pull)
+    monkeypatch.setattr(job_module, "_tracked_steps", lambda ws, run: [20, 40, 60, 80])  # what DVC lists
     args = _job(root, "checkpoints=20,40,80", "chunks=0-1", "sample=8", "report=false")
     with pytest.raises(MemorizationJobError, match="pull=false"):
         run_job(parse_args([*args, "pull=false"]))

@@ -77,9 +77,11 @@ def test_fresh_clone_pulls_exactly_one_checkpoint_with_equal_logits(
     ws = trained["ws"]
     fresh = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ws), str(fresh)], check=True)
-    # The clone's default remote (../.dvc-storage beside it) is not there: the error says so.
+    # A remote that is not on this machine (a clone moved elsewhere): the error says so.
+    nowhere = str(tmp_path / "nowhere")
+    subprocess.run(["dvc", "remote", "modify", "--local", "local", "url", nowhere], cwd=fresh, check=True)
     assert pull_main([RUN, "8", "--workspace", str(fresh)]) == 1
-    assert re.search(r"remote 'local' .* does not exist on this machine", capsys.readouterr().err)
+    assert re.search(r"remote 'local' \(.*nowhere\) does not exist on this machine", capsys.readouterr().err)
     subprocess.run(
         ["dvc", "remote", "modify", "--local", "local", "url", str(ws / ".dvc-storage")],
         cwd=fresh,

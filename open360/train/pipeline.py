@@ -233,13 +233,6 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
     Returns the callbacks' run metadata recorded in the checkpoint (e.g. the MLflow run id to continue).
     """
     contents = load_checkpoint(checkpoint)
-    check_architecture(checkpoint, OmegaConf.create(trainer.config_yaml).model, "trainer.resume")
-    total = trainer.stages[-1].end
-    if int(contents.trainer_state["step"]) > total:
-        raise TrainingError(
-            f"{checkpoint}: checkpoint of step {contents.trainer_state['step']}, beyond the {total} steps this "
-            "config trains (trainer.max_steps / stages); raise trainer.max_steps or resume from an earlier step"
-        )
     stage_state = contents.trainer_state["stage"]
     stage = next((s for s in trainer.stages if s.index == stage_state["index"]), None)
     if stage is None or stage.name != stage_state["name"]:
@@ -253,6 +246,13 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
             f"{checkpoint}: written by the {recorded} backend, this run uses trainer.backend={trainer.backend}; "
             f"a checkpoint resumes only on its own backend. Start from its weights with "
             f"trainer.init_from={checkpoint} (fresh optimizer) instead"
+        )
+    check_architecture(checkpoint, OmegaConf.create(trainer.config_yaml).model, "trainer.resume")
+    total = trainer.stages[-1].end
+    if int(contents.trainer_state["step"]) > total:
+        raise TrainingError(
+            f"{checkpoint}: checkpoint of step {contents.trainer_state['step']}, beyond the {total} steps this "
+            "config trains (trainer.max_steps / stages); raise trainer.max_steps or resume from an earlier step"
         )
     data = trainer.stage_data(stage)
     check_resume_compatible(

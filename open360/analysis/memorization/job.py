@@ -200,7 +200,7 @@ def resolve_steps(job: MemorizationJobConfig, workspace: Path) -> list[int]:
     from open360.checkpoint import list_checkpoints
 
     local = [step for step, _ in list_checkpoints(run_checkpoint_dir(workspace, job.run))]
-    known = sorted(set(local) | set(_tracked_steps(workspace, job.run) if job.pull else []))
+    known = sorted(set(local) | set(_tracked_steps(workspace, job.run)))  # tracked: listed, not pulled
     value = job.checkpoints
     if isinstance(value, str) and value.strip().lower() == "latest":
         if not known:

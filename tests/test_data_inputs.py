@@ -298,26 +298,26 @@ def test_custom_scorer_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         build_shards(_recipe(tmp_path, _src("web", f), bad), tmp_path / "s2")
 
 
-def test_validation_split_stops_drawing_when_full_whatever_the_batching(tmp_path: Path) -> None:
+def test_held_out_documents_never_train_whatever_the_cap_or_batching(tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps({"text": _doc(i, 6)}) + "\n" for i in range(300)))
     manifests = []
-    for batch in (256, 1):
+    for batch, cap in ((256, 4), (1, 4), (256, 2)):
         extra = f"doc_batch_size: {batch}\n"
         recipe = _recipe(tmp_path, _src("web", f), extra).read_text()
-        recipe = recipe.replace("{fraction: 0.0, max_sequences: 0}", "{fraction: 0.5, max_sequences: 4}")
+        recipe = recipe.replace("{fraction: 0.0, max_sequences: 0}", f"{{fraction: 0.5, max_sequences: {cap}}}")
         (tmp_path / "r.yaml").write_text(recipe)
-        manifests.append(ShardSet.open(build_shards(tmp_path / "r.yaml", tmp_path / f"s{batch}")).manifest)
-    a, b = manifests
-    assert [c["content_sha256"] for c in a["chunks"]] == [c["content_sha256"] for c in b["chunks"]]
+        out = build_shards(tmp_path / "r.yaml", tmp_path / f"s{batch}-{cap}")
+        manifests.append(ShardSet.open(out).manifest)
+    a, b, c = manifests
+    chunks = [[k["content_sha256"] for k in m["chunks"]] for m in manifests]
+    assert chunks[0] == chunks[1] == chunks[2]  # training data: the same for any batching or cap
     assert a["validation"] == b["validation"] and a["sources"] == b["sources"]
-    s = a["sources"]["web"]
-    row = 17  # seq_len + 1
-    assert s["sequences_validation"] == 4 and s["docs_train"] + s["docs_validation"] == s["docs_kept"] == 300
-    # Documents are held out only until the split's 4 rows are reserved: at most one document's tail is
-    # cut, and every other document is in training (about half would be lost if drawing went on).
-    assert s["tokens_validation"] - s["tokens_validation_cut"] <= 4 * row + row
-    assert 1 < s["docs_validation"] < 20 and s["tokens_validation_cut"] < 2 * row
+    s, row = a["sources"]["web"], 17  # seq_len + 1
+    assert s["sequences_validation"] == 4 and c["sources"]["web"]["sequences_validation"] == 2
+    assert s["docs_train"] + s["docs_validation"] == s["docs_kept"] == 300
+    assert 100 < s["docs_validation"] < 200  # about half the documents drawn (fraction 0.5), all held out
+    assert s["tokens_validation_unused"] == (s["tokens_validation"] // row - 4) * row  # counted, not trained
 
 
 def test_damaged_inputs_and_empty_sources_are_named(tmp_path: Path) -> None:

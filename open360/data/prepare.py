@@ -88,28 +88,23 @@ class _SourcePipeline:
                 len(ids) if packer.eos_id is not None else 0
             )
             rows = packer.add(ids)
-            if kind == "validation":
+            if kind == "validation":  # the split keeps the first max_sequences rows of the held-out documents
                 room = max(0, self.recipe.validation.max_sequences - self.c["sequences_validation"])
-                self.c["tokens_validation_cut"] += (len(rows) - min(room, len(rows))) * packer.row_len
+                self.c["tokens_validation_unused"] += (len(rows) - min(room, len(rows))) * packer.row_len
                 rows = rows[:room]
             out.write(np.ascontiguousarray(rows, dtype="<i4").tobytes())
             self.c["sequences_available" if kind == "train" else "sequences_validation"] += len(rows)
 
     def _split(self, docs: list[tuple[Any, bytes]]) -> tuple[list, list]:
-        """(train, validation) ids of documents given as (ids, content digest), decided one by one in
-        order: held out if the seeded draw says so and the split still has room, counting the tokens of
-        every document held out before it. No document is drawn once the split is full (only the tail
-        of the one that fills it is cut), and the split does not depend on how documents are batched."""
+        """(train, held-out) ids of documents given as (ids, content digest). A document is held out when
+        the seeded draw of its content says so — a pure function of (seed, content), so it is never trained
+        on whatever the batching, `max_sequences` or `seq_len`: recipes sharing seed and fraction hold out
+        the same documents (a long-context recipe's held-out set stays unseen by a base trained on a
+        short one). The split file keeps the first `max_sequences` rows of them; the rest is counted."""
         v = self.recipe.validation
-        room = v.max_sequences * (self.recipe.seq_len + 1) - self.c["tokens_validation"]
-        sep = 0 if self.val_packer.eos_id is None else 1
         train, val = [], []
         for ids, digest in docs:
-            if room > 0 and validation_draw(self.recipe.seed, digest) < v.fraction:
-                val.append(ids)
-                room -= len(ids) + sep
-            else:
-                train.append(ids)
+            (val if validation_draw(self.recipe.seed, digest) < v.fraction else train).append(ids)
         self.c["docs_train"] += len(train)
         self.c["docs_validation"] += len(val)
         return train, val
@@ -190,7 +185,7 @@ class _SourcePipeline:
             "tokens_validation",
             "sequences_available",
             "sequences_validation",
-            "tokens_validation_cut",
+            "tokens_validation_unused",
             "tokens_dropped_remainder",
         )
         out: dict[str, Any] = {k: int(self.c[k]) for k in keys}

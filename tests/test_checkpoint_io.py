@@ -217,6 +217,19 @@ def test_equal_state_gives_equal_bytes_in_any_process(tmp_path: Path) -> None:
     for f in files:
         subprocess.run([sys.executable, "-c", code, str(f)], check=True)
     assert len({f.read_bytes() for f in files}) == 1
+    # the same file with its metadata written in the other order (what the writer sometimes does)
+    from open360.checkpoint.io import _sort_metadata
+
+    data = files[0].read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    shuffled = tmp_path / "shuffled.safetensors"
+    shuffled.write_bytes(data[:8] + text + b" " * (size - len(text)) + data[8 + size :])
+    assert shuffled.read_bytes() != data
+    _sort_metadata(shuffled)
+    assert shuffled.read_bytes() == data
     back = load_model_weights(files[0])
     assert back["lm_head.weight"] is back["embed.weight"] and torch.equal(back["b"], torch.ones(2))
     listed = _contents()  # a resumed optimizer's state holds betas as a list: saved as the tuple it was

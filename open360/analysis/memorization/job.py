@@ -224,15 +224,15 @@ def _select_steps(value: Any, known: list[int], run: str) -> list[int]:
     chosen: set[int] = set()
     for item in items:
         text = str(item).strip()
+        steps = _int_list(text, "checkpoints") or []  # a range expands to every integer in it
         if "-" in text.lstrip("-"):
-            lo, hi = (int(x) for x in text.split("-", 1))
-            inside = [s for s in known if lo <= s <= hi]
+            inside = set(steps) & set(known)
             if not inside:
                 raise MemorizationJobError(f"checkpoints={value!r}: run {run!r} has no checkpoint in {text}; "
                                            f"its steps: {known}")
             chosen.update(inside)
-        elif text:
-            chosen.add(int(text))
+        else:
+            chosen.update(steps)
     missing = sorted(chosen - set(known))
     if missing:
         raise MemorizationJobError(

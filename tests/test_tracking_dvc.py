@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,51 @@ def test_resumed_run_catches_up_unversioned_checkpoints(ws: Path) -> None:
     assert sorted(tracked) == ["step_1", "step_2"]
     assert store.missing_on_remote(list(tracked.values())) == {d.path: 0 for d in tracked.values()}
     assert later.is_dir() and all(p.is_dir() for p in early)
+
+
+def test_a_branch_moves_the_replaced_checkpoints_records_with_their_folders(ws: Path, tmp_path: Path) -> None:
+    from open360.train.state import supersede_later_checkpoints
+
+    run_dir = ws / "checkpoints" / "r"
+    versioner = DvcVersioner(ws)
+    versioner.on_run_start(RunInfo("r", ws, run_dir, {}, "", 0))
+    old = {s: write_checkpoint(ws, "r", s) for s in (1, 2, 3, 4)}
+    for step, path in old.items():
+        versioner.on_checkpoint_saved(step, path, published=True)
+    versioner.on_run_end({"status": "finished"})
+    old_bytes = {s: (p / "model.safetensors").read_bytes() for s, p in old.items()}
+    store = DvcWorkspace(ws)
+    old_md5 = {s: store.tracked(p).md5 for s, p in old.items()}
+    commit(ws)
+    subprocess.run(["git", "-C", str(ws), "add", "-A"], check=True)
+
+    # Resume at step 2 (trainer.resume=2): the run moves the later folders aside, then its versioner moves
+    # their records, also of a step recorded in checkpoints.dvc but not on this disk (as in a partial clone).
+    shutil.rmtree(old[4])
+    folder = "from_step_2-20261126T000000Z"
+    assert sorted(supersede_later_checkpoints(2, run_dir, ws / "recovery" / "r", folder)) == [3]
+    branch = DvcVersioner(ws)
+    branch.on_run_start(RunInfo("r", ws, run_dir, {}, "", 2, extra={"branch": {"from_step": 2, "superseded": folder}}))
+    new3 = write_checkpoint(ws, "r", 3, size=2048)  # the branch's own step 3
+    branch.on_checkpoint_saved(3, new3, published=True)
+    branch.on_run_end({"status": "finished"})
+    assert branch.errors == []
+    tracked = store.tracked_children(run_dir)
+    assert sorted(tracked) == ["step_1", "step_2", "step_3", "superseded"]
+    assert tracked["step_3"].md5 == store.tracked(new3).md5 != old_md5[3]
+    aside = run_dir / "superseded" / folder
+    assert {n: d.md5 for n, d in store.tracked_children(aside).items()} == {"step_3": old_md5[3], "step_4": old_md5[4]}
+    store.pull([aside / "step_4"])  # the step that was not on disk comes back at its new place
+    assert (aside / "step_4" / "model.safetensors").read_bytes() == old_bytes[4]
+    status = subprocess.run(["dvc", "status"], cwd=ws, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout  # the disk and checkpoints.dvc agree
+    assert [e.step for e in run_checkpoints(ws, "r")] == [1, 2, 3]  # analysis sees the branch only
+    commit(ws)
+
+    fresh = clone(ws, tmp_path / "clone")  # the records and every file reach a fresh clone
+    assert [(e.step, e.local) for e in run_checkpoints(fresh, "r")] == [(1, False), (2, False), (3, False)]
+    fresh_aside = fresh / "checkpoints" / "r" / "superseded" / folder
+    DvcWorkspace(fresh).pull([fresh_aside / "step_3"])
+    assert (fresh_aside / "step_3" / "model.safetensors").read_bytes() == old_bytes[3]
+    assert pull_checkpoint(fresh, "r", 3) == fresh / "checkpoints" / "r" / "step_3"
+    assert (fresh / "checkpoints" / "r" / "step_3" / "model.safetensors").read_bytes() == (new3 / "model.safetensors").read_bytes()

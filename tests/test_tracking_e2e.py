@@ -219,3 +219,39 @@ def test_resume_continues_mlflow_run_and_reversions(trained: dict, tmp_path: Pat
     assert sorted(mr.metric_history(client, run_id)["loss"]) == list(range(1, 13))
     record = mr.checkpoint_records(client, run_id)[12]
     assert record["pushed"] and DvcWorkspace(ws).tracked(ws / record["path"]).md5 == record["dvc_md5"]
+
+
+def test_a_branch_gets_its_own_mlflow_run_and_moves_the_replaced_dvc_records(trained: dict, tmp_path: Path) -> None:
+    from open360.tracking.dvc_versioning import DvcWorkspace
+    from open360.train.pipeline import run_training
+
+    ws = tmp_path / "ws"
+    subprocess.run(["cp", "-a", str(trained["ws"]), str(ws)], check=True)
+    run_dir = ws / "checkpoints" / RUN
+    store = DvcWorkspace(ws)
+    old_md5 = {s: store.tracked(run_dir / f"step_{s}").md5 for s in STEPS}
+    client = mr.client(mr.workspace_uri(ws))
+    old_id = json.loads((run_dir / "step_12" / "lineage.json").read_text())["mlflow_run_id"]
+    old_history = mr.metric_history(client, old_id)
+
+    run_training(_run_config(ws, "trainer.resume=4", "optim.lr=1e-4"), device="cpu")  # back to 4, other lr
+    (folder,) = (run_dir / "superseded").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["step_12", "step_8"]
+    assert sorted(store.tracked_children(run_dir)) == ["step_12", "step_4", "step_8", "superseded"]
+    aside = store.tracked_children(folder)
+    assert {n: d.md5 for n, d in aside.items()} == {"step_8": old_md5[8], "step_12": old_md5[12]}
+    assert store.tracked(run_dir / "step_8").md5 != old_md5[8] and store.tracked(run_dir / "step_4").md5 == old_md5[4]
+
+    new_id = json.loads((run_dir / "step_12" / "lineage.json").read_text())["mlflow_run_id"]
+    assert new_id != old_id
+    branch = client.get_run(new_id)
+    assert branch.data.tags["open360.branched_from_run_id"] == old_id
+    assert branch.data.tags["open360.branched_at_step"] == "4" and branch.data.params["optim.lr"] == "0.0001"
+    history = mr.metric_history(client, new_id)
+    assert sorted(history["loss"]) == list(range(1, 13))  # the inherited steps 1..4, then the branch's own
+    assert all(history["loss"][s] == old_history["loss"][s] for s in range(1, 5))
+    assert any(history["loss"][s] != old_history["loss"][s] for s in range(5, 13))
+    assert mr.metric_history(client, old_id) == old_history  # the replaced run is left as it was
+    records = mr.checkpoint_records(client, new_id)
+    assert sorted(records) == [4, 8, 12] and records[4] == mr.checkpoint_records(client, old_id)[4]
+    assert records[8]["dvc_md5"] == store.tracked(run_dir / "step_8").md5

@@ -249,6 +249,43 @@ class DvcWorkspace:
 
         return self._retry_locked(run, "adding", self.workspace / rel)
 
+    def supersede(self, run_dir: Path, after_step: int, target: Path) -> list[int]:
+        """Move the records of `run_dir`'s checkpoints after `after_step` to `target` (a folder inside
+        `run_dir`) in the tracking .dvc file: a new branch replaces them (see `supersede_later_checkpoints`,
+        which moves the folders on disk the same way). Only the tree is rewritten — every file keeps its
+        md5, so nothing is hashed, copied or pushed again, and steps recorded but never pulled move too.
+        Returns the steps moved."""
+        from dvc.repo import lock_repo
+        from dvc_data.hashfile.meta import Meta
+        from dvc_data.hashfile.tree import Tree
+
+        rel, target_rel = self.relpath(run_dir), self.relpath(target)
+        if not target_rel.startswith(rel + "/"):
+            raise VersioningError(f"{target} is not inside {run_dir}")
+
+        def run(repo: Any) -> list[int]:
+            with lock_repo(repo):
+                tree, prefix = self._tree(repo, rel)
+                into = prefix + tuple(Path(target_rel).relative_to(rel).parts)
+                moved: set[int] = set()
+                new = Tree()
+                for key, meta, hash_info in tree or []:
+                    step = step_of(key[len(prefix)]) if len(key) > len(prefix) + 1 else None
+                    if key[: len(prefix)] == prefix and step is not None and step > after_step:
+                        key = into + key[len(prefix) :]
+                        moved.add(step)
+                    new.add(key, meta, hash_info)
+                if not moved:
+                    return []
+                new.digest()
+                repo.cache.local.add_bytes(new.oid, new.as_bytes())
+                out = repo.find_outs_by_path(str(self.workspace / rel), strict=False)[0]
+                out.hash_info, out.meta, out.obj = new.hash_info, Meta(isdir=True, nfiles=len(new)), new
+                out.stage.dump()
+                return sorted(moved)
+
+        return self._retry_locked(run, "superseding checkpoints in", self.workspace / rel)
+
     def push(self, paths: Sequence[Path]) -> int:
         """Push the cached files of `paths` (and their parent's tree object) to the remote; files sent."""
         rels = [self.relpath(p) for p in paths]
@@ -401,6 +438,9 @@ class VersionJobs:
         self.push = push
 
     def __call__(self, kind: str, step: int, path: str, revisions: dict[str, str | None]) -> dict[str, Any]:
+        if kind == "supersede":  # `path`: the run's folder, `revisions["folder"]`: the name under superseded/
+            target = Path(path) / "superseded" / str(revisions["folder"])
+            return {"superseded": self.store.supersede(Path(path), step, target)}
         if kind == "catch_up":
             return {"added": push_pending(self.store, Path(path), push=self.push, max_step=step)}
         record: dict[str, Any] = {
@@ -453,6 +493,10 @@ class DvcVersioner(Callback):
             (str(self.store.workspace), self.store.remote, self.push_enabled),
             self._on_result,
         )
+        branch = info.extra.get("branch")
+        if branch:  # resumed at an earlier step: the replaced checkpoints' records move as their folders did
+            folder = {"folder": branch["superseded"]}
+            self._worker.submit("supersede", int(branch["from_step"]), str(info.checkpoint_dir), folder)
         if info.start_step > 0:  # a resumed run: earlier checkpoints whose add/push never finished
             self._worker.submit("catch_up", info.start_step, str(info.checkpoint_dir), {})
 

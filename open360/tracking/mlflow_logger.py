@@ -187,11 +187,31 @@ class MlflowLogger(Callback):
                 )
                 tags["open360.resumed_from_run_id"] = str(previous)
             else:
+                if info.extra.get("branch"):
+                    return self._start_branch(run.info.run_id, info.start_step, tags)
                 self._client.update_run(run.info.run_id, status="RUNNING")
                 self._client.set_tag(run.info.run_id, "open360.resumed_at_step", str(info.start_step))
                 return run.info.run_id
         run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         return run.info.run_id
+
+    def _start_branch(self, previous: str, step: int, tags: dict[str, str]) -> str:
+        """A resume at an earlier step (a new branch) gets its own MLflow run: tagged with the run it branches
+        from, holding that run's metrics and checkpoint records up to `step`, so the branch's history is
+        complete and the replaced run's later steps stay as they were, in their own run."""
+        from mlflow.entities import Metric
+
+        tags = {**tags, "open360.branched_from_run_id": previous, "open360.branched_at_step": str(step)}
+        run_id = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
+        inherited = []
+        for key in self._client.get_run(previous).data.metrics:
+            latest = {m.step: m for m in sorted(self._client.get_metric_history(previous, key), key=lambda m: m.timestamp)}
+            inherited += [Metric(key, m.value, m.timestamp, m.step) for m in latest.values() if m.step <= step]
+        self._log_metrics_to(run_id, inherited)
+        for key, value in self._client.get_run(previous).data.tags.items():
+            if key.startswith(CHECKPOINT_TAG_PREFIX) and int(key[len(CHECKPOINT_TAG_PREFIX) :]) <= step:
+                self._client.set_tag(run_id, key, value)
+        return run_id
 
     def _log_config(self, info: RunInfo) -> None:
         from mlflow.entities import Param
@@ -211,8 +231,11 @@ class MlflowLogger(Callback):
         self._client.log_text(self.run_id, masked_yaml, name)
 
     def _log_metrics(self, batch: list[Any]) -> None:
+        self._log_metrics_to(self.run_id, batch)
+
+    def _log_metrics_to(self, run_id: str, batch: list[Any]) -> None:
         for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
+            self._client.log_batch(run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
 
     def _log_checkpoint_record(self, step: int, record: dict[str, Any]) -> None:
         record = {"step": step, **record}

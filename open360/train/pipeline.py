@@ -27,6 +27,7 @@ from open360.train.optim import build_optimizer
 from open360.train.progress import format_summary, peak_flops
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import (
+    branch_folder,
     check_resume_compatible,
     find_resume_checkpoint,
     seed_everything,
@@ -329,10 +330,14 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     lineage_base["backend"] = trainer.backend  # what resume() checks a checkpoint against
 
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
+    branch: dict[str, Any] | None = None
     if resume_from is not None:
         resumed_metadata = resume(trainer, resume_from)
         if env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit earlier step: a new branch
-            moved = supersede_later_checkpoints(trainer.progress.step, published_dir, recovery_dir)
+            branch = {"from_step": trainer.progress.step, "superseded": branch_folder(trainer.progress.step)}
+            moved = supersede_later_checkpoints(
+                trainer.progress.step, published_dir, recovery_dir, branch["superseded"]
+            )
             if moved:
                 print(
                     f"open360.train: resuming from step {trainer.progress.step}: this run's later checkpoints "
@@ -358,6 +363,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         extra={
             **resumed_metadata,
             "resumed_from": str(resume_from) if resume_from else None,
+            "branch": branch,  # {from_step, superseded: folder under superseded/} when resume named a step
             "shard_dirs": {k: str(v) for k, v in shards.shard_dirs.items()},
             "world_size": env.world_size,
             "device": str(env.device),

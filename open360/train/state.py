@@ -63,18 +63,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def supersede_later_checkpoints(step: int, published_dir: Path, recovery_dir: Path) -> dict[int, Path]:
-    """Move this run's checkpoints after `step` (published and recovery) into `superseded/from_step_<step>-
-    <time>/` beside them: resuming from an earlier step starts a new branch, and those belong to the one it
-    replaces. Kept, not deleted; out of the way of `resume=auto` and of recovery pruning, which both go by
-    step number. Returns {step: new path}."""
+def branch_folder(step: int) -> str:
+    """Where a branch from `step` puts the checkpoints it replaces: `superseded/<this>/` (timestamped)."""
+    return f"from_step_{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def supersede_later_checkpoints(step: int, published_dir: Path, recovery_dir: Path, folder: str) -> dict[int, Path]:
+    """Move this run's checkpoints after `step` (published and recovery) into `superseded/<folder>/` beside
+    them: resuming from an earlier step starts a new branch, and those belong to the one it replaces. Kept,
+    not deleted; out of the way of `resume=auto` and of recovery pruning, which both go by step number.
+    Returns {step: new path}. (DVC's record of the published ones is moved by `DvcVersioner`.)"""
     moved: dict[int, Path] = {}
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for parent in (published_dir, recovery_dir):
         later = [(s, path) for s, path in list_checkpoints(parent) if s > step]
         if not later:
             continue
-        target = Path(parent) / "superseded" / f"from_step_{step}-{stamp}"
+        target = Path(parent) / "superseded" / folder
         target.mkdir(parents=True, exist_ok=True)
         for s, path in later:
             moved[s] = Path(path).rename(target / Path(path).name)

@@ -112,6 +112,17 @@ def test_wrong_type_names_the_full_key():
     assert "model.n_layers" in str(cause)
 
 
+def test_a_misspelt_key_inside_a_stage_names_its_list_path():
+    from open360.config.store import ConfigKeyError
+
+    with pytest.raises(ConfigKeyError, match=r"config key 'stages\.1\.schedule\.warmup_stepz'"):
+        compose(["+experiment=crystalcoder_tiny", "+stages.1.schedule.warmup_stepz=3"])
+    with pytest.raises(ConfigKeyError, match=r"config key 'stages\.0\.stepz'"):
+        compose(["+experiment=crystalcoder_tiny", "+stages.0.stepz=5"])
+    with pytest.raises(ConfigKeyError, match=r"config key 'requirements'"):  # no such key (it was never read)
+        compose(["+experiment=amber_tiny", "+requirements.min_gpu_memory_gb=3"])
+
+
 def test_unknown_experiment_fails():
     with pytest.raises(MissingConfigException) as err:
         compose(["+experiment=amber_typo"])

@@ -127,6 +127,8 @@ def test_bad_input_exits_with_one_line(tiny_run, capsys):
         (["run=no_such_run"], "no complete checkpoints of run 'no_such_run'"),
         ([f"run={RUN}", "checkpoints=[999]"], "999"),
         ([f"run={RUN}", "sources=[nope]", "tasks=[]"], "nope"),
+        ([f"run={RUN}", "batch_size=0"], "batch_size=0 must be >= 1"),
+        ([f"run={RUN}", "val_sequences=-1"], "val_sequences=-1 must be >= 1"),
     ):
         assert main([*args, f"workspace={tiny_run}", f"out_dir={tiny_run / 'bad'}"]) == 2
         err = capsys.readouterr().err

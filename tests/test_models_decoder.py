@@ -169,6 +169,11 @@ def test_build_from_dictconfig_and_dict() -> None:
         build_model(tiny(rotary_fraction=0.35))  # 16 * 0.35 -> 5 dims: odd
     with pytest.raises(ValueError, match="rotary_fraction"):
         build_model(tiny(rotary_fraction=1.5))
+    for key, value in [("n_layers", 0), ("n_layers", -1), ("d_model", 0), ("n_heads", 0), ("ffn_dim", 0),
+                       ("vocab_size", 0), ("max_seq_len", 0), ("n_kv_heads", 0), ("n_kv_heads", -2),
+                       ("norm_eps", -1.0), ("rotary_base", 0.0), ("init_std", 0.0)]:
+        with pytest.raises(ValueError, match=f"{key}={value}"):
+            build_model(tiny(**{key: value}))
 
 
 @pytest.mark.parametrize("case", ["llama", "gqa_tied_headbias", "mup_crystalcoder_like", "rotary_50pct_parallel_gelu"])

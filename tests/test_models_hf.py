@@ -125,6 +125,21 @@ def test_crystalcoder_loads_through_automodel_remote_code(tmp_path: Path) -> Non
     assert torch.equal(generated, seq)
 
 
+def test_training_switches_are_not_exported(tmp_path: Path) -> None:
+    """A run trained with model.compile / activation_checkpointing exports (and loads) a plain model."""
+    from open360.checkpoint.io import model_with_weights
+
+    cfg = model_cfg("crystalcoder_tiny", compile=True, activation_checkpointing=True)
+    model = build_model(dataclasses.replace(cfg, compile=False))
+    out = export_hf(model, cfg, None, tmp_path / "cc")
+    exported = json.loads((out / "config.json").read_text())["open360_model_config"]
+    assert exported["compile"] is False and exported["activation_checkpointing"] is False
+    back, back_cfg = import_hf(out)
+    assert not back_cfg.compile and not back_cfg.activation_checkpointing
+    loaded = model_with_weights(cfg, model.state_dict())
+    assert not loaded.cfg.compile and loaded.blocks[0]._compiled_call_impl is None  # not torch.compile'd
+
+
 def test_import_errors_are_explicit(tmp_path: Path) -> None:
     with pytest.raises(HFInteropError, match="no config.json"):
         import_hf(tmp_path)

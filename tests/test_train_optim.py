@@ -39,3 +39,10 @@ def test_unknown_optimizer_is_refused() -> None:
     cfg = compose(["+experiment=amber_tiny", "optim.name=lion"])
     with pytest.raises(ValueError, match="optim.name='lion'"):
         build_optimizer(build_model(cfg.model), cfg.optim)
+
+
+def test_betas_must_be_two_values_in_unit_interval() -> None:
+    for betas in ("[0.9]", "[0.9,0.95,0.99]", "[0.9,1.0]"):
+        cfg = compose(["+experiment=amber_tiny", f"optim.betas={betas}"])
+        with pytest.raises(ValueError, match=r"optim.betas=.*expected two values in \[0, 1\)"):
+            build_optimizer(build_model(cfg.model), cfg.optim)

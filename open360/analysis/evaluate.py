@@ -334,6 +334,9 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     """Evaluate the selected checkpoints of `cfg.run`; write eval.parquet, eval_curves.png, eval.md."""
     from open360.checkpoint.io import list_checkpoints, load_model_from_checkpoint, read_lineage
 
+    for key in ("batch_size", "val_sequences"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_dir = workspace / "checkpoints" / cfg.run
     available = list_checkpoints(run_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from omegaconf import MISSING
 
@@ -154,4 +153,3 @@ class Open360Config:
     checkpoint: CheckpointConfig = MISSING
     tracking: TrackingConfig = MISSING
     stages: list[StageConfig] = field(default_factory=list)  # empty = one stage from data/schedule
-    requirements: dict[str, Any] = field(default_factory=dict)  # e.g. min_gpu_memory_gb

@@ -39,8 +39,16 @@ class ConfigKeyError(ValueError):
 def check_schema(cfg: DictConfig) -> None:
     """Re-validate a composed config against the schema: Hydra lets `+group.key=value` append any key,
     so `+trainer.max_stepz=5` would otherwise be carried along unused while max_steps keeps its value."""
+    container = OmegaConf.to_container(cfg, resolve=False)
     try:
-        OmegaConf.merge(OmegaConf.structured(schema.Open360Config), OmegaConf.to_container(cfg, resolve=False))
+        # The stages one by one first: an error inside a list element names its key from the element down.
+        for i, stage in enumerate(container.get("stages") or []):
+            try:
+                OmegaConf.merge(OmegaConf.structured(schema.StageConfig), stage)
+            except OmegaConfBaseException as err:
+                err.full_key = f"stages.{i}.{getattr(err, 'full_key', '') or '?'}"
+                raise
+        OmegaConf.merge(OmegaConf.structured(schema.Open360Config), container)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigKeyError(

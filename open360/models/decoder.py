@@ -52,9 +52,23 @@ def as_model_config(cfg: Any) -> ModelConfig:
     return model_cfg
 
 
+def inference_config(cfg: ModelConfig | Any) -> ModelConfig:
+    """`cfg` without its training-only switches (`compile`, `activation_checkpointing`): what a loaded or
+    exported model is built from, so that a release does not compile itself on every load."""
+    return dataclasses.replace(as_model_config(cfg), compile=False, activation_checkpointing=False)
+
+
 def validate_model_config(cfg: ModelConfig) -> None:
     """Raise ValueError naming the offending key when the fields do not describe a buildable decoder."""
     where = f"model config '{cfg.name}'"
+    for key in ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_dim", "max_seq_len"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
+            raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be a positive integer")
+    if cfg.n_kv_heads is not None and (not isinstance(cfg.n_kv_heads, int) or cfg.n_kv_heads < 1):
+        raise ValueError(f"{where}: n_kv_heads={cfg.n_kv_heads!r} must be a positive integer (or null: = n_heads)")
+    for key in ("norm_eps", "rotary_base", "init_std"):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be > 0")
     if cfg.norm not in NORMS:
         raise ValueError(f"{where}: norm={cfg.norm!r}, expected one of {NORMS}")
     if cfg.mlp not in MLPS:

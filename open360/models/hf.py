@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from open360.config.schema import ModelConfig
-from open360.models.decoder import Decoder, as_model_config
+from open360.models.decoder import Decoder, as_model_config, inference_config
 
 OPEN360_FORMAT_VERSION = 1
 OPEN360_PREFIX = "model."  # open360-format tensors: "model." + Decoder.state_dict() names (the remote-code layout)
@@ -225,7 +225,7 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
     partial rotary with SwiGLU, LayerNorm + biases) is written in open360's own format with
     `model_type: "open360"`, loaded by `import_hf` — see HF_EXPORT.md.
     """
-    cfg = as_model_config(model_cfg)
+    cfg = inference_config(model_cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arch = hf_architecture(cfg)
@@ -309,7 +309,7 @@ def _config_from_hf(hf: dict[str, Any], where: str, name: str) -> tuple[ModelCon
                 f"{where}: open360_format_version={hf.get('open360_format_version')}, this open360 reads "
                 f"{OPEN360_FORMAT_VERSION}; use the open360 version that wrote it"
             )
-        return as_model_config(hf["open360_model_config"]), "open360"
+        return inference_config(hf["open360_model_config"]), "open360"
     if model_type not in ("llama", "phi"):
         raise HFInteropError(f"{where}: model_type={model_type!r}; import_hf reads llama, phi and open360 folders")
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]

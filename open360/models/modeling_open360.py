@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from open360.models.decoder import Decoder, Rotary, as_model_config
+from open360.models.decoder import Decoder, Rotary, inference_config
 
 
 class Open360Config(PretrainedConfig):
@@ -40,7 +40,7 @@ class Open360ForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: Open360Config) -> None:
         super().__init__(config)
-        self.model = Decoder(as_model_config(config.open360_model_config))
+        self.model = Decoder(inference_config(config.open360_model_config))
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:

@@ -9,6 +9,14 @@ import torch
 LR_SCALE_KEY = "lr_scale"  # per-group multiplier of the schedule's LR (muP: 1/width_mult for hidden matrices)
 
 
+def adam_betas(optim_cfg: Any) -> tuple[float, float]:
+    """`optim.betas` as Adam's (beta1, beta2); ValueError unless exactly two values in [0, 1)."""
+    betas = [float(b) for b in optim_cfg.betas]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"optim.betas={betas}: expected two values in [0, 1), e.g. [0.9, 0.95]")
+    return betas[0], betas[1]
+
+
 def build_optimizer(model: Any, optim_cfg: Any) -> torch.optim.AdamW:
     """AdamW over `model.param_groups(optim_cfg)`; each group remembers its LR relative to optim.lr.
 
@@ -36,7 +44,7 @@ def build_optimizer(model: Any, optim_cfg: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         prepared,
         lr=base_lr,
-        betas=(float(optim_cfg.betas[0]), float(optim_cfg.betas[1])),
+        betas=adam_betas(optim_cfg),
         eps=float(optim_cfg.eps),
         weight_decay=float(optim_cfg.weight_decay),
     )

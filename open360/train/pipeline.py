@@ -201,6 +201,9 @@ def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSetting
     from open360.models import training_flops_per_token
 
     seq_len = int(cfg.trainer.seq_len)
+    for key in ("micro_batch_size", "log_every"):
+        if int(cfg.trainer[key]) < 1:
+            raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
     return TrainerSettings(
         global_batch_size=int(cfg.trainer.global_batch_size),
         micro_batch_size=int(cfg.trainer.micro_batch_size),

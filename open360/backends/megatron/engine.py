@@ -33,6 +33,7 @@ from open360.backends.megatron.layout import (
 from open360.backends.megatron.spec import build_gpt_model, transformer_config
 from open360.config.schema import ModelConfig
 from open360.models.decoder import width_mult
+from open360.train.optim import adam_betas
 
 # Optimizer state is saved in megatron-core's canonical per-parameter layout, so a checkpoint written
 # at one tensor/pipeline/data-parallel layout loads at any other.
@@ -117,8 +118,8 @@ class MegatronEngine:
                 optimizer="adam",
                 lr=float(optim_cfg.lr),
                 weight_decay=self.weight_decay,
-                adam_beta1=float(optim_cfg.betas[0]),
-                adam_beta2=float(optim_cfg.betas[1]),
+                adam_beta1=adam_betas(optim_cfg)[0],
+                adam_beta2=adam_betas(optim_cfg)[1],
                 adam_eps=self.base_eps,
                 clip_grad=float(optim_cfg.grad_clip),
                 bf16=bf16,

@@ -318,6 +318,9 @@ def test_seen_selection_scores_only_what_the_checkpoint_trained_on(
     assert per_chunk == {0: 8, 1: 8}  # step 40 = 2 chunks of 20 steps; chunks 2, 3 hold nothing seen
     assert scores.seen.all()
     assert cell_path(tmp_path, 40, 3).is_file()  # an empty cell is still recorded as done
+    # A matrix with nothing seen (Pythia-style selection before the data arrives) still gets its report.
+    empty = run_job(parse_args([*args[:-1], "chunks=5", "report=true"]))
+    assert empty.report is not None and "| 40 | 0 | nan |" in empty.report.read_text()
 
 
 def test_teacher_forced_screen_is_labelled_and_exact_on_full_match(trained_run: tuple[Path, str]) -> None:
@@ -364,6 +367,8 @@ def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], 
     other = run_job(parse_args(_job(root, "checkpoints=20", "sample=4")))  # another sample: its own key
     assert other.out_dir.name != whole.out_dir.name
     assert len(client.get_metric_history(run_id, f"memorization/{whole.out_dir.name}/full_match")) == 2
+    run_job(parse_args(_job(root, "checkpoints=20,160", "sample=8")))  # a re-run repeats no value
+    assert len(client.get_metric_history(run_id, f"memorization/{whole.out_dir.name}/full_match")) == 2
     assert len(client.get_metric_history(run_id, f"memorization/{other.out_dir.name}/full_match")) == 1
     # A clone without the run's mlflow.db: the report is written, logging is skipped, no store is made.
     (root / "mlflow.db").unlink()
@@ -394,7 +399,7 @@ def test_seen_fast_path_equals_data_order(trained_run: tuple[Path, str]) -> None
 
 
 def test_resume_reuses_only_cells_of_this_job_and_these_weights(
-    trained_run: tuple[Path, str], tmp_path: Path
+    trained_run: tuple[Path, str], tmp_path: Path, capsys
 ) -> None:
     import shutil
 
@@ -414,6 +419,27 @@ def test_resume_reuses_only_cells_of_this_job_and_these_weights(
         again = run_job(parse_args(args))
     assert again.computed == [(20, 1)] and len(again.skipped) == 3
     assert pd.read_parquet(out / "scores.parquet").equals(scores)
+    data = bytearray(cell.read_bytes())  # damaged inside, the footer intact: found by reading it whole
+    data[8:200] = bytes(192)
+    cell.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="unreadable cell"):
+        assert run_job(parse_args(args)).computed == [(20, 1)]
+    with pytest.raises(MemorizationJobError, match=r"'dtype': \('float32', 'bfloat16'\)"):
+        run_job(parse_args([*args, "dtype=bf16"]))  # fp32 cells (dtype=auto on a CPU) are not mixed in
+    import pyarrow.parquet as pq
+
+    other = out / "cells" / "step_40-chunk_00000.parquet"  # as if scored on other shards
+    table = pq.read_table(other)
+    meta = json.loads(table.schema.metadata[b"open360.memorization"])
+    pq.write_table(table.replace_schema_metadata(
+        {"open360.memorization": json.dumps({**meta, "manifest_hash": "f" * 64})}), other)
+    with pytest.raises(MemorizationJobError, match=r"'manifest_hash': \('f{64}', '[0-9a-f]{64}'\)"):
+        run_job(parse_args(args))
+    other.unlink()
+    # A job's summary and report cover its own matrix, not every cell left in the folder.
+    only = run_job(parse_args([*args[:-1], "checkpoints=40", "report=true"]))
+    assert set(pd.read_parquet(out / "summary.parquet").step) == {40}
+    assert only.report is not None and "1 checkpoints x 2 chunks" in only.report.read_text()
     with pytest.raises(MemorizationJobError, match=r"scored with other settings .*'sample': \(4, 5\)"):
         run_job(parse_args([*args, "sample=5"]))
     lineage = root / "checkpoints" / RUN / "step_40" / "lineage.json"  # as if the run was retrained
@@ -423,6 +449,13 @@ def test_resume_reuses_only_cells_of_this_job_and_these_weights(
     with pytest.warns(UserWarning, match="other weights than checkpoint step 40"):
         retrained = run_job(parse_args(args))
     assert sorted(retrained.computed) == [(40, 0), (40, 1)]
+    weights = root / "checkpoints" / RUN / "step_20" / "model.safetensors"  # truncated weights: one line
+    weights.write_bytes(weights.read_bytes()[:1000])
+    from open360.analysis.memorization.job import main
+
+    assert main(_job(root, "checkpoints=20", "chunks=0", f"out_dir={tmp_path / 'fresh'}", "report=false")) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: unreadable weights" in err and "Traceback" not in err
 
 
 def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str], capsys) -> None:
@@ -435,9 +468,14 @@ def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str
         ("device=tpu", "device='tpu'"),
         ("dtype=int8", "dtype='int8'"),
         ("shards=nope", "shards='nope': no folder"),
+        ("checkpoints=", "selects nothing"),
+        ("checkpoints=40-20", "the range 40-20 runs backwards"),
     ):
         assert main(_job(root, extra, "chunks=0", "report=false")) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err
     within = run_job(parse_args(_job(root, "checkpoints=15-25", "chunks=0", "sample=2", "report=false")))
     assert within.steps == [20]  # a range picks the run's checkpoints inside it
+    from open360.analysis.memorization.job import job_tag
+
+    assert job_tag(parse_args(_job(root, "shards=shards/stage_b"))).endswith("-seed42-stage_b")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 MODEL_FILE = "model.safetensors"
@@ -122,10 +122,16 @@ def _sort_metadata(path: Path) -> None:
 def load_model_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Read a safetensors state dict written by `save_model_weights`, restoring tied aliases."""
     state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=device) as f:
-        for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-            state[name] = f.get_tensor(name)
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                state[name] = f.get_tensor(name)
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: unreadable weights ({err}); the file is damaged or truncated — pull the checkpoint "
+            "again (open360 ckpt pull) or check it with open360 ckpt lineage"
+        ) from err
     for alias, target in json.loads(metadata.get("aliases", "{}")).items():
         state[alias] = state[target]
     return state

@@ -286,7 +286,8 @@ def teacher_forced_predictions(model: Any, tokens: torch.Tensor, k: int, cont_le
     return _logits_at(model, tokens[:, :end], k - 1, end).argmax(dim=-1)
 
 
-def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The torch dtype a scorer on `device` computes in for `dtype` ("auto": bf16 on CUDA, fp32 else)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {
@@ -343,7 +344,7 @@ class MemorizationScorer:
         if device is None:
             device = next(model.parameters()).device
         self.device = torch.device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.k, self.l, self.batch_size, self.mode = k, l, batch_size, mode
         self.sliced_decode = bool(sliced_decode)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()

@@ -101,6 +101,8 @@ def parse_args(argv: Sequence[str]) -> MemorizationJobConfig:
         if "=" not in arg:
             raise MemorizationJobError(f"argument {arg!r} is not key=value; try --help for the keys")
         key, value = arg.split("=", 1)
+        if key.lstrip("+") in ("checkpoints", "chunks") and not value.strip():
+            raise MemorizationJobError(f"{arg!r} selects nothing; use all, latest (checkpoints), 3, 0-7 or 1,5,9")
         if key.lstrip("+") == "config":
             path = Path(value).expanduser()
             if not path.is_file():
@@ -144,9 +146,11 @@ def validate(job: MemorizationJobConfig) -> None:
 
 
 def job_tag(job: MemorizationJobConfig) -> str:
-    """Folder name that identifies what a cell file holds: mode, k, l, selection, sample size, seed."""
+    """Folder name that identifies what a cell file holds: mode, k, l, selection, sample size, seed (and
+    the shard folder when `shards=` names one)."""
     size = f"{job.sample}" if job.sample else "all"
-    return f"{job.mode}-k{job.k}-l{job.l}-{job.selection}{size}-seed{job.seed}"
+    tag = f"{job.mode}-k{job.k}-l{job.l}-{job.selection}{size}-seed{job.seed}"
+    return f"{tag}-{Path(job.shards).name}" if job.shards else tag  # one stage's shards of several
 
 
 def _int_list(value: Any, key: str) -> list[int] | None:
@@ -161,14 +165,18 @@ def _int_list(value: Any, key: str) -> list[int] | None:
         text = str(item).strip()
         try:
             if "-" in text.lstrip("-"):
-                lo, hi = text.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(x) for x in text.split("-", 1))
+                if hi < lo:
+                    raise MemorizationJobError(f"{key}={value!r}: the range {text} runs backwards; write {hi}-{lo}")
+                out.extend(range(lo, hi + 1))
             elif text:
                 out.append(int(text))
         except ValueError as err:
             raise MemorizationJobError(
                 f"{key}={value!r}: {text!r} is not an integer or a range a-b; use all, 3, 0-7 or 1,5,9"
             ) from err
+    if not out:
+        raise MemorizationJobError(f"{key}={value!r} selects nothing; use all, 3, 0-7 or 1,5,9")
     return sorted(set(out))
 
 
@@ -479,11 +487,13 @@ def _model_sha256(lineage_file: str, mtime_ns: int) -> str | None:
     return (json.loads(Path(lineage_file).read_text()).get("files") or {}).get(MODEL_FILE)
 
 
-def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path) -> bool:
-    """Whether the cell file at `path` can be reused: it exists, its footer reads, it was scored with this
-    job's settings, and (when the checkpoint is on disk) with the weights the checkpoint holds now. A
-    damaged cell or one of a retrained checkpoint is scored again (with a warning); cells of other
-    settings in the same out_dir are an error, since the job would mix two analyses."""
+def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path, scored_on: dict[str, Any]) -> bool:
+    """Whether the cell file at `path` can be reused: it exists, reads whole, was scored with this job's
+    settings, on the shards (`scored_on["manifest_hash"]`) and in the dtype (`scored_on["dtype"]`) this
+    job uses, and (when the checkpoint is on disk) with the weights the checkpoint holds now. A damaged
+    cell, one of a retrained checkpoint or one written before its shards/dtype were recorded is scored
+    again (with a warning); cells of other settings, shards or dtype in the same out_dir are an error,
+    since the job would mix two analyses."""
     if not path.is_file():
         return False
     import pyarrow.parquet as pq
@@ -491,14 +501,19 @@ def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path) -> boo
     from open360.checkpoint.io import LINEAGE_FILE, step_dir_name
 
     try:
-        meta = json.loads((pq.read_schema(path).metadata or {})[b"open360.memorization"])
-    except Exception as err:  # truncated, emptied or foreign file
+        table = pq.read_table(path)  # every page: a damaged cell must not pass for a done one
+        meta = json.loads((table.schema.metadata or {})[b"open360.memorization"])
+    except Exception as err:  # truncated, damaged, emptied or foreign file
         warnings.warn(f"{path}: unreadable cell ({type(err).__name__}: {err}); scoring it again", stacklevel=2)
         return False
-    want = {key: getattr(job, key) for key in JOB_FIELDS}
-    got = {key: meta.get(key) for key in JOB_FIELDS}
+    want = {key: getattr(job, key) for key in JOB_FIELDS} | scored_on
+    got = {key: meta.get(key) for key in JOB_FIELDS} | {key: meta.get(key) for key in scored_on}
+    unrecorded = [key for key in scored_on if got[key] is None]
+    if unrecorded:
+        warnings.warn(f"{path}: written without {unrecorded} recorded; scoring it again", stacklevel=2)
+        return False
     if got != want:
-        differ = {key: (got[key], want[key]) for key in JOB_FIELDS if got[key] != want[key]}
+        differ = {key: (got[key], want[key]) for key in want if got[key] != want[key]}
         raise MemorizationJobError(
             f"{path}: scored with other settings (cell, job: {differ}); give this job its own out_dir= "
             f"or remove {path.parent} to score again"
@@ -669,7 +684,14 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
             f"chunks={job.chunks!r}: {bad} out of range; the shards have {data.num_chunks}"
         )
     cells = [(s, c) for s in steps for c in chunks]
-    done = [cell for cell in cells if cell_is_done(job, cell_path(out_dir, *cell), workspace)]
+    # What the numbers depend on besides the job's keys: the shards read and the dtype scored in.
+    from open360.analysis.memorization.engine import resolve_dtype
+
+    scored_on = {
+        "manifest_hash": data.shards.manifest_hash,
+        "dtype": str(resolve_dtype(job.dtype, torch.device(device))).removeprefix("torch."),
+    }
+    done = [cell for cell in cells if cell_is_done(job, cell_path(out_dir, *cell), workspace, scored_on)]
     done_set = set(done)
     pending = [cell for cell in cells if cell not in done_set]
     mine = _assign(pending, rank, world)
@@ -720,7 +742,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                     "seconds": result.seconds,
                     "engine": result.info,
                     "tokens_seen": trainer_state.get("tokens_seen"),
-                    "manifest_hash": (lineage.get("data") or {}).get("manifest_hash"),
+                    **scored_on,  # the shards actually read (shards= may name another folder), the dtype
                     "model_sha256": (lineage.get("files") or {}).get(MODEL_FILE),
                     "chunk_size": int(data.chunk_sizes[chunk]),
                     "num_chunks": data.num_chunks,
@@ -755,9 +777,9 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     if rank == 0:
         from open360.analysis.memorization.report import merge_cells, render_report
 
-        merge_cells(out_dir)
+        merge_cells(out_dir, cells)  # this job's matrix only: other cells in out_dir may be stale
         if complete and job.report:
-            report = render_report(out_dir, run=job.run, workspace=workspace, log_mlflow=job.mlflow)
+            report = render_report(out_dir, run=job.run, workspace=workspace, log_mlflow=job.mlflow, cells=cells)
     return JobResult(out_dir, steps, chunks, computed, done, complete, report)
 
 

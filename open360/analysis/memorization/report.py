@@ -29,12 +29,21 @@ def _cell_meta(path: Path) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def load_scores(out_dir: Path) -> Any:
-    """Every per-sequence row of every cell under `out_dir/cells` as one pandas DataFrame."""
+def cell_files(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> list[Path]:
+    """The cell files of `cells` ((step, chunk) pairs) that exist under `out_dir/cells`; None: every one."""
+    if cells is None:
+        return sorted((Path(out_dir) / "cells").glob("step_*-chunk_*.parquet"))
+    from open360.analysis.memorization.job import cell_path
+
+    return [p for p in (cell_path(Path(out_dir), s, c) for s, c in sorted(cells)) if p.is_file()]
+
+
+def load_scores(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> Any:
+    """Every per-sequence row of the given cells (None: all under `out_dir/cells`) as one DataFrame."""
     import pandas as pd
     import pyarrow.parquet as pq
 
-    files = sorted((Path(out_dir) / "cells").glob("step_*-chunk_*.parquet"))
+    files = cell_files(out_dir, cells)
     if not files:
         raise FileNotFoundError(f"{out_dir}/cells: no cell parquet files; run the memorization job first")
     frames = [
@@ -46,15 +55,16 @@ def load_scores(out_dir: Path) -> Any:
     return pd.concat(frames, ignore_index=True)
 
 
-def merge_cells(out_dir: Path) -> Path | None:
-    """Write `summary.parquet` (one row per cell) and `scores.parquet` (all rows) from the cell files."""
+def merge_cells(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> Path | None:
+    """Write `summary.parquet` (one row per cell) and `scores.parquet` (all rows) from the cell files of
+    `cells` (a job's matrix; None: every cell file in `out_dir`)."""
     import pandas as pd
 
     out_dir = Path(out_dir)
-    files = sorted((out_dir / "cells").glob("step_*-chunk_*.parquet"))
+    files = cell_files(out_dir, cells)
     if not files:
         return None
-    scores = load_scores(out_dir)
+    scores = load_scores(out_dir, cells)
     rows = []
     for f in files:
         meta = _cell_meta(f)
@@ -213,21 +223,23 @@ def progress_table(scores: Any, summary: Any, l_val: int) -> Any:
     import pandas as pd
 
     rows = []
-    for step, part in scores.groupby("step"):
+    for step in sorted(int(s) for s in summary.step.unique()):  # every checkpoint, also one with no rows
+        part = scores[scores.step == step]
         full = part.matched == l_val
         seen = part.seen.astype(bool)
         tokens = summary.loc[summary.step == step, "tokens_seen"].dropna()
+        nan = float("nan")
         rows.append(
             {
-                "step": int(step),
-                "tokens_seen": float(tokens.iloc[0]) if len(tokens) else float("nan"),
+                "step": step,
+                "tokens_seen": float(tokens.iloc[0]) if len(tokens) else nan,
                 "n": len(part),
-                "token_match": float(part.score.mean()),
-                "full_match": float(full.mean()),
-                "full_match_seen": float(full[seen].mean()) if seen.any() else float("nan"),
-                "full_match_unseen": float(full[~seen].mean()) if (~seen).any() else float("nan"),
-                "token_match_seen": float(part.score[seen].mean()) if seen.any() else float("nan"),
-                "token_match_unseen": float(part.score[~seen].mean()) if (~seen).any() else float("nan"),
+                "token_match": float(part.score.mean()) if len(part) else nan,
+                "full_match": float(full.mean()) if len(part) else nan,
+                "full_match_seen": float(full[seen].mean()) if seen.any() else nan,
+                "full_match_unseen": float(full[~seen].mean()) if (~seen).any() else nan,
+                "token_match_seen": float(part.score[seen].mean()) if seen.any() else nan,
+                "token_match_unseen": float(part.score[~seen].mean()) if (~seen).any() else nan,
             }
         )
     return pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
@@ -262,8 +274,14 @@ def _md_table(df: Any) -> str:
     return "\n".join(lines)
 
 
-def render_report(out_dir: Path, run: str, workspace: Path | None = None, log_mlflow: bool = True) -> Path:
-    """Render the figures and `report.md` into `out_dir`, plus `<workspace>/analysis/<run>/` links.
+def render_report(
+    out_dir: Path,
+    run: str,
+    workspace: Path | None = None,
+    log_mlflow: bool = True,
+    cells: list[tuple[int, int]] | None = None,
+) -> Path:
+    """Render the figures and `report.md` of `cells` (a job's matrix; None: every cell) into `out_dir`.
 
     Returns the path of report.md. When `log_mlflow` and a checkpoint's lineage names an MLflow run
     (and mlflow is importable), the figures, report and summary are logged to that run as artifacts
@@ -275,11 +293,10 @@ def render_report(out_dir: Path, run: str, workspace: Path | None = None, log_ml
     import pandas as pd
 
     out_dir = Path(out_dir)
-    merge_cells(out_dir)
-    scores = load_scores(out_dir)
+    merge_cells(out_dir, cells)
+    scores = load_scores(out_dir, cells)
     summary = pd.read_parquet(out_dir / SUMMARY_FILE)
-    files = sorted((out_dir / "cells").glob("step_*-chunk_*.parquet"))
-    meta = _cell_meta(files[0])
+    meta = _cell_meta(cell_files(out_dir, cells)[0])
     l_val, mode = int(meta.get("l", 32)), meta.get("mode", "greedy")
     label = f"{run}, {mode}, k={meta.get('k')} l={l_val}"
     steps = sorted(int(s) for s in summary.step.unique())
@@ -412,6 +429,12 @@ def _log_mlflow(
             if int(r["step"]) in whole
             for key in ("token_match", "full_match")
         ]
+        # A re-run logs only what changed: values already at their step (the latest write) are not repeated.
+        logged = {}
+        for key in {m.key for m in metrics}:
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+            logged[key] = {m.step: m.value for m in history}
+        metrics = [m for m in metrics if logged[m.key].get(m.step) != m.value]
         if metrics:
             client.log_batch(run_id, metrics=metrics)
     except MlflowException as err:

@@ -252,8 +252,25 @@ def test_failed_save_and_crash_during_replace_lose_nothing(tmp_path: Path, monke
     monkeypatch.setattr(io.torch, "save", full_disk)
     with pytest.raises(CheckpointError, match=r"step_6: could not be written .*No space left.*earlier checkpoint is intact"):
         save_checkpoint(tmp_path, 6, _contents(1))
+    def full_disk_torch(obj, f, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202 - what torch.save raises
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5805120 vs 5805012")
+
+    monkeypatch.setattr(io.torch, "save", full_disk_torch)
+    with pytest.raises(CheckpointError, match=r"step_6: could not be written .*unexpected pos"):
+        save_checkpoint(tmp_path, 6, _contents(1))
+
+    def full_disk_safetensors(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise io.SafetensorError("Error while serializing: No space left on device (os error 28)")
+
     monkeypatch.setattr(io.torch, "save", real)
+    monkeypatch.setattr(io, "save_file", full_disk_safetensors)
+    with pytest.raises(CheckpointError, match=r"step_6: could not be written .*os error 28"):
+        save_checkpoint(tmp_path, 6, _contents(1))
+    monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_5"]  # no partial copy left
+    (tmp_path / "a_file").write_text("")  # a checkpoint folder that cannot be created: found up front
+    with pytest.raises(CheckpointError, match=r"a_file/run: checkpoints cannot be written there"):
+        io.check_writable(tmp_path / "a_file" / "run")
     # killed between moving step_5 aside and renaming its replacement in: the old copy comes back
     (tmp_path / "step_5").rename(tmp_path / ".old-step_5-999")
     (tmp_path / ".tmp-step_5-999").mkdir()

@@ -196,6 +196,9 @@ def test_resumed_run_catches_up_unversioned_checkpoints(ws: Path) -> None:
     assert sorted(tracked) == ["step_1", "step_2"]
     assert store.missing_on_remote(list(tracked.values())) == {d.path: 0 for d in tracked.values()}
     assert later.is_dir() and all(p.is_dir() for p in early)
+    # their records reach the listeners (the MLflow run's checkpoint tags), as a live run's would
+    assert sorted(versioner.records) == [1, 2]
+    assert versioner.records[2]["dvc_md5"] == tracked["step_2"].md5 and versioner.records[2]["pushed"]
 
 
 def test_a_branch_moves_the_replaced_checkpoints_records_with_their_folders(ws: Path, tmp_path: Path) -> None:

@@ -124,6 +124,19 @@ def test_metrics_batched_read_back_and_resume(ws: Path, monkeypatch: pytest.Monk
     assert mr.find_run_id(client, "r") == run_id
 
 
+def test_metrics_are_in_the_store_before_a_checkpoint_is_written(ws: Path) -> None:
+    """A kill right after a checkpoint must not lose the steps before it: a run resumed from it logs
+    only later steps, so `on_checkpoint_start` returns once every buffered metric is stored."""
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, buffer_steps=50)
+    logger.on_run_start(info(ws))
+    for step in range(1, 31):
+        logger.on_step_end(step, {"loss": 1.0 / step})
+    logger.on_checkpoint_start(30, published=True)
+    client = mr.client(logger.tracking_uri)  # read at once, the logger neither waited on nor ended
+    assert sorted(m.step for m in client.get_metric_history(logger.run_id, "loss")) == list(range(1, 31))
+    logger.on_run_end({"status": "finished"})
+
+
 def test_resume_with_unknown_run_id_starts_new_run(ws: Path) -> None:
     logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
     logger.on_run_start(info(ws, start=5, extra={RUN_ID_KEY: "0123456789abcdef"}))

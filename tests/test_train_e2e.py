@@ -347,3 +347,35 @@ def test_resuming_an_earlier_step_branches_and_auto_follows_the_branch(tmp_path:
     assert [p.name for p in (recovery / "superseded").glob("from_step_2-*/step_*")] == ["step_3"]
     summary = run_training(compose([*base, "trainer.max_steps=6", "optim.lr=1e-4", "trainer.resume=auto"]), "cpu")
     assert summary["start_step"] == 4 and summary["steps"] == 6  # the branch's step 4, not the superseded 8
+
+
+def test_sigterm_ends_the_mlflow_run_as_killed_with_its_metrics(tmp_path: Path, shards_root: Path) -> None:
+    """What a scheduler sends on preemption: the run stops like Ctrl-C (exit 143, one line), MLflow gets
+    the buffered metrics and status KILLED, and resume=auto continues from the saved checkpoint."""
+    from open360.tracking import mlflow_records as mr
+
+    ws = tmp_path / "ws"
+    cmd = [
+        *[c for c in _cmd("amber_tiny", ws, shards_root) if c != "tracking=off"],
+        "tracking.dvc=false", "tracking.dvc_push=false", "tracking.system_metrics=false", "model.n_layers=1",
+        "trainer.max_steps=400", "checkpoint=every_n", "checkpoint.every=2", "trainer.progress_bar=false",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = STEP_LINE.match(line)
+            if m and int(m.group(1)) >= 5:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "stopped (SIGTERM)" in err and "Traceback" not in err, err[-2000:]
+    client = mr.client(mr.workspace_uri(ws))
+    run_id = mr.find_run_id(client, "amber_tiny")
+    assert client.get_run(run_id).info.status == "KILLED"
+    logged = sorted(mr.metric_history(client, run_id)["loss"])
+    saved = max(s for s, _ in list_checkpoints(ws / "checkpoints" / "amber_tiny"))
+    assert logged[0] == 1 and logged == list(range(1, len(logged) + 1)) and len(logged) >= saved >= 4

@@ -168,10 +168,10 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / step_dir_name(step)
     tmp = parent / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         _write_payload(tmp, contents)
         extra_files = []
         for name, directory in contents.extra_dirs.items():
@@ -186,7 +186,9 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
         _fsync_dir(tmp)
     except BaseException as err:  # a failed save leaves nothing half-written behind, and no earlier step changes
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
+        # A full disk surfaces as OSError, as safetensors' SafetensorError or as torch.save's RuntimeError
+        # ("unexpected pos"); each is a failed write here.
+        if isinstance(err, OSError | SafetensorError | RuntimeError):
             raise CheckpointError(
                 f"{final}: could not be written ({err}); the partial copy was removed and every earlier "
                 "checkpoint is intact — free space (or fix the filesystem) and resume with trainer.resume=auto"
@@ -201,6 +203,22 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
         tmp.rename(final)
     _fsync_dir(parent)
     return final
+
+
+def check_writable(directory: Path) -> None:
+    """Create `directory` and write a probe file in it: CheckpointError naming it when that fails, so an
+    unwritable checkpoint folder is found before the first steps are spent, not at the first save."""
+    directory = Path(directory)
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"open360")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(
+            f"{directory}: checkpoints cannot be written there ({err}); fix its permissions or free space, or "
+            "choose another workspace="
+        ) from err
 
 
 def remove_stale_temp_dirs(parent: Path) -> list[Path]:

@@ -441,8 +441,18 @@ class VersionJobs:
         if kind == "supersede":  # `path`: the run's folder, `revisions["folder"]`: the name under superseded/
             target = Path(path) / "superseded" / str(revisions["folder"])
             return {"superseded": self.store.supersede(Path(path), step, target)}
-        if kind == "catch_up":
-            return {"added": push_pending(self.store, Path(path), push=self.push, max_step=step)}
+        if kind == "catch_up":  # a resumed run: checkpoints up to `step` that a killed run never versioned
+            added = push_pending(self.store, Path(path), push=self.push, max_step=step)
+            records = {}
+            for done in added:
+                folder = Path(path) / f"step_{done}"
+                records[done] = {
+                    "path": self.store.relpath(folder),
+                    "dvc_md5": self.store.tracked(folder).md5,
+                    **revisions,
+                    "pushed": self.push,
+                }
+            return {"added": added, "records": records}
         record: dict[str, Any] = {
             "path": self.store.relpath(Path(path)),
             "dvc_md5": self.store.add(Path(path)),
@@ -498,7 +508,7 @@ class DvcVersioner(Callback):
             folder = {"folder": branch["superseded"]}
             self._worker.submit("supersede", int(branch["from_step"]), str(info.checkpoint_dir), folder)
         if info.start_step > 0:  # a resumed run: earlier checkpoints whose add/push never finished
-            self._worker.submit("catch_up", info.start_step, str(info.checkpoint_dir), {})
+            self._worker.submit("catch_up", info.start_step, str(info.checkpoint_dir), self._revisions)
 
     def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
         if published and self._worker is not None:
@@ -530,14 +540,19 @@ class DvcVersioner(Callback):
         return (list(self._worker.errors) if self._worker is not None else []) + self._job_errors
 
     def _on_result(self, args: tuple, result: dict[str, Any] | None, error: str | None) -> None:
-        if not result or "record" not in result:
+        if not result:
             return
-        step = int(args[1])
-        record = result["record"]
+        for step, record in sorted((result.get("records") or {}).items()):  # caught up after a resume
+            self._deliver(int(step), record)
+        if "record" not in result:
+            return
         if result["error"]:
             message = f"dvc[{self._run}]: {result['error']}"
             self._job_errors.append(message)
             print(f"open360.tracking: {message}", file=sys.stderr)
+        self._deliver(int(args[1]), result["record"])
+
+    def _deliver(self, step: int, record: dict[str, Any]) -> None:
         self.records[step] = record
         for listener in self.listeners:
             try:

@@ -95,6 +95,17 @@ class MlflowLogger(Callback):
         if step - self._last_flush_step >= self.buffer_steps:
             self.flush(step)
 
+    def on_checkpoint_start(self, step: int, published: bool) -> None:
+        # A run resumed from this checkpoint logs from step + 1 on: steps up to here must be in the store
+        # before the checkpoint can exist (a kill right after the save would otherwise lose them).
+        self.flush(step)
+        if self._worker is not None and not self._worker.drain(timeout=600):
+            print(
+                f"open360.tracking: MLflow writes up to step {step} did not finish in 600 s before the "
+                "checkpoint; a kill now may lose them",
+                file=sys.stderr,
+            )
+
     def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
         self.flush(step)
         if published and self.record_local_checkpoints:

@@ -79,10 +79,24 @@ def _lower_priority() -> None:
         os.nice(19)
 
 
+def _next_job(jobs: Any, poll_s: float = 1.0) -> Any:
+    """The next job; None when told to stop or when the parent (the trainer) is gone, killed or not: a
+    worker must not outlive it (it would sleep forever, holding the trainer's stdout open)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            return jobs.get(timeout=poll_s)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return None
+
+
 def _process_main(factory: Callable[..., Any], init_args: tuple, jobs: Any, results: Any) -> None:
     _lower_priority()
     handler = factory(*init_args)
-    while (job := jobs.get()) is not None:
+    while (job := _next_job(jobs)) is not None:
         job_id, args = job
         try:
             results.put((job_id, handler(*args), None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,16 @@ from open360.paths import CONFIGS_DIR
 from open360.train.resources import ResourceError, check_resources
 
 register_configs()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (what schedulers send on preemption) ends the run like Ctrl-C: the callbacks run their end
+    (MLflow: buffered metrics written, run marked KILLED), saved checkpoints stay, resume=auto continues."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")
@@ -29,8 +40,16 @@ def main(cfg: DictConfig) -> None:
     from open360.train.trainer import TrainingError
 
     init_from = Path(cfg.trainer.init_from) if cfg.trainer.init_from else None
+    _stop_on_sigterm()
     try:
         run_training(cfg, device=device, init_from=init_from)
+    except KeyboardInterrupt as err:
+        why = "SIGTERM" if str(err).startswith("signal") else "interrupted"
+        print(
+            f"open360.train: stopped ({why}); saved checkpoints are intact — continue with trainer.resume=auto",
+            file=sys.stderr,
+        )
+        sys.exit(143 if why == "SIGTERM" else 130)
     except (TrainingError, CheckpointError) as err:
         print(f"open360.train: {err}", file=sys.stderr)
         sys.exit(1)

@@ -30,6 +30,10 @@ class Callback:
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         """Called after every optimizer step; `step` counts completed steps (1-based)."""
 
+    def on_checkpoint_start(self, step: int, published: bool) -> None:
+        """Called before the checkpoint of `step` is written: persist here what a run resumed from it must
+        find already persisted (it restarts after `step`), e.g. buffered metrics."""
+
     def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
         """Called after a checkpoint directory has been completed atomically."""
 

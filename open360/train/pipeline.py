@@ -13,6 +13,7 @@ from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import (
     MODEL_FILE,
     check_architecture,
+    check_writable,
     load_checkpoint,
     load_model_weights,
     remove_stale_temp_dirs,
@@ -286,6 +287,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     cadence = CadencePolicy.from_config(cfg.checkpoint)
     if env.is_main:
         for d in (published_dir, recovery_dir):
+            check_writable(d)
             remove_stale_temp_dirs(d)
 
     seed_everything(int(cfg.trainer.seed))

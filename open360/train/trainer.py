@@ -374,6 +374,8 @@ class Trainer:
             lineage=lineage,
             extra_dirs=extra_dirs,
         )
+        for cb in self.callbacks:
+            cb.on_checkpoint_start(self.progress.step, published)
         self.writer.save(self.progress.step, contents, published)
 
     def _report_saves(self, saves: list[SavedCheckpoint]) -> None:

@@ -475,6 +475,9 @@ def cell_table(
     return table.replace_schema_metadata({"open360.memorization": json.dumps(meta, sort_keys=True)})
 
 
+# The dtype= value that scores in a torch dtype (a cell records the torch name).
+_DTYPE_ARG = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
 # What a cell's metadata must hold for this job to reuse it (the job's tag, field by field).
 JOB_FIELDS = ("run", "mode", "k", "l", "sample", "seed", "selection")
 
@@ -514,9 +517,10 @@ def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path, scored
         return False
     if got != want:
         differ = {key: (got[key], want[key]) for key in want if got[key] != want[key]}
+        same_dtype = f", or pass dtype={_DTYPE_ARG.get(got['dtype'], got['dtype'])}" if "dtype" in differ else ""
         raise MemorizationJobError(
             f"{path}: scored with other settings (cell, job: {differ}); give this job its own out_dir= "
-            f"or remove {path.parent} to score again"
+            f"or remove {path.parent} to score again{same_dtype}"
         )
     lineage = run_checkpoint_dir(workspace, job.run) / step_dir_name(int(meta["step"])) / LINEAGE_FILE
     retrained = (

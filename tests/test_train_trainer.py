@@ -177,3 +177,20 @@ def test_state_dict_round_trip_continues_identically() -> None:
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, second.model.state_dict()[k]), k
     assert full.progress.last_loss == second.progress.last_loss
+
+
+def test_checkpoint_start_comes_before_the_folder_and_saved_after(tmp_path: Path) -> None:
+    """`on_checkpoint_start` runs while the step's folder does not exist yet (what it persists is in place
+    before a run can resume from the checkpoint); `on_checkpoint_saved` once it is complete."""
+    events: list[tuple[str, int, bool]] = []
+
+    class Order(Callback):
+        def on_checkpoint_start(self, step: int, published: bool) -> None:
+            events.append(("start", step, (tmp_path / "pub" / f"step_{step}").exists()))
+
+        def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
+            events.append(("saved", step, (path / "lineage.json").is_file()))
+
+    model = ScriptedLoss([2.0, 1.9, 1.8, 1.7], accum=2)
+    _trainer(model, model, steps=4, settings=_settings(), tmp_path=tmp_path, callbacks=[Order()], every=2).train()
+    assert events == [("start", 2, False), ("saved", 2, True), ("start", 4, False), ("saved", 4, True)]

@@ -438,9 +438,8 @@ class VersionJobs:
         self.push = push
 
     def __call__(self, kind: str, step: int, path: str, revisions: dict[str, str | None]) -> dict[str, Any]:
-        if kind == "supersede":  # `path`: the run's folder, `revisions["folder"]`: the name under superseded/
-            target = Path(path) / "superseded" / str(revisions["folder"])
-            return {"superseded": self.store.supersede(Path(path), step, target)}
+        if kind == "supersede":  # `path`: <run folder>/superseded/<folder>, where the branch put the replaced ones
+            return {"superseded": self.store.supersede(Path(path).parent.parent, step, Path(path))}
         if kind == "catch_up":  # a resumed run: checkpoints up to `step` that a killed run never versioned
             added = push_pending(self.store, Path(path), push=self.push, max_step=step)
             records = {}
@@ -505,8 +504,8 @@ class DvcVersioner(Callback):
         )
         branch = info.extra.get("branch")
         if branch:  # resumed at an earlier step: the replaced checkpoints' records move as their folders did
-            folder = {"folder": branch["superseded"]}
-            self._worker.submit("supersede", int(branch["from_step"]), str(info.checkpoint_dir), folder)
+            target = info.checkpoint_dir / "superseded" / branch["superseded"]
+            self._worker.submit("supersede", int(branch["from_step"]), str(target), {})
         if info.start_step > 0:  # a resumed run: earlier checkpoints whose add/push never finished
             self._worker.submit("catch_up", info.start_step, str(info.checkpoint_dir), self._revisions)
 

@@ -210,14 +210,11 @@ class MlflowLogger(Callback):
         """A resume at an earlier step (a new branch) gets its own MLflow run: tagged with the run it branches
         from, holding that run's metrics and checkpoint records up to `step`, so the branch's history is
         complete and the replaced run's later steps stay as they were, in their own run."""
-        from mlflow.entities import Metric
+        from open360.tracking.mlflow_records import latest_metrics
 
         tags = {**tags, "open360.branched_from_run_id": previous, "open360.branched_at_step": str(step)}
         run_id = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
-        inherited = []
-        for key in self._client.get_run(previous).data.metrics:
-            latest = {m.step: m for m in sorted(self._client.get_metric_history(previous, key), key=lambda m: m.timestamp)}
-            inherited += [Metric(key, m.value, m.timestamp, m.step) for m in latest.values() if m.step <= step]
+        inherited = [m for steps in latest_metrics(self._client, previous).values() for s, m in steps.items() if s <= step]
         self._log_metrics_to(run_id, inherited)
         for key, value in self._client.get_run(previous).data.tags.items():
             if key.startswith(CHECKPOINT_TAG_PREFIX) and int(key[len(CHECKPOINT_TAG_PREFIX) :]) <= step:

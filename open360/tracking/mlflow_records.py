@@ -39,13 +39,19 @@ def find_run_id(mlflow: Any, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def latest_metrics(mlflow: Any, run_id: str, keys: Any = None) -> dict[str, dict[int, Any]]:
+    """key → {step: the MLflow Metric}, for `keys` (default: every metric of the run); where a step was
+    logged twice (a resumed run), the latest write wins."""
+    out: dict[str, dict[int, Any]] = {}
+    for key in mlflow.get_run(run_id).data.metrics if keys is None else keys:
+        ordered = sorted(mlflow.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = {m.step: m for m in ordered}
+    return out
+
+
 def metric_history(mlflow: Any, run_id: str) -> dict[str, dict[int, float]]:
     """key → {step: value}; where a step was logged twice (a resumed run), the latest write wins."""
-    out: dict[str, dict[int, float]] = {}
-    for key in mlflow.get_run(run_id).data.metrics:
-        ordered = sorted(mlflow.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-        out[key] = {m.step: m.value for m in ordered}
-    return out
+    return {key: {s: m.value for s, m in steps.items()} for key, steps in latest_metrics(mlflow, run_id).items()}
 
 
 def metrics_at(mlflow: Any, run_id: str, step: int) -> dict[str, float]:

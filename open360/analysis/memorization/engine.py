@@ -286,23 +286,26 @@ def teacher_forced_predictions(model: Any, tokens: torch.Tensor, k: int, cont_le
     return _logits_at(model, tokens[:, :end], k - 1, end).argmax(dim=-1)
 
 
+# dtype= values besides "auto": the short name first, then torch's.
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """The torch dtype a scorer on `device` computes in for `dtype` ("auto": bf16 on CUDA, fp32 else)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in table:
-        raise ValueError(f"memorization: dtype={dtype!r} is not one of auto, {', '.join(table)}")
-    return table[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"memorization: dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 class MemorizationScorer:

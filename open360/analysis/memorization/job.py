@@ -32,11 +32,11 @@ import numpy as np
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from open360.analysis.memorization.engine import MODES
+from open360.analysis.memorization.engine import DTYPES, MODES
 from open360.analysis.memorization.sampling import chunk_offsets, sample_rows, seen_rows
 
 SELECTIONS = ("sample", "seen")
-DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)
 CELL_RE_FMT = "step_{step}-chunk_{chunk:05d}.parquet"
 
 
@@ -141,8 +141,8 @@ def validate(job: MemorizationJobConfig) -> None:
         raise MemorizationJobError(f"batch_size={job.batch_size}: must be >= 0 (0 = auto)")
     if job.device not in ("auto", "cpu", "cuda") and not job.device.startswith("cuda:"):
         raise MemorizationJobError(f"device={job.device!r}: expected auto, cpu or cuda")
-    if job.dtype not in DTYPES:
-        raise MemorizationJobError(f"dtype={job.dtype!r}: expected one of {DTYPES}")
+    if job.dtype not in DTYPE_CHOICES:
+        raise MemorizationJobError(f"dtype={job.dtype!r}: expected one of {DTYPE_CHOICES}")
 
 
 def job_tag(job: MemorizationJobConfig) -> str:
@@ -475,9 +475,6 @@ def cell_table(
     return table.replace_schema_metadata({"open360.memorization": json.dumps(meta, sort_keys=True)})
 
 
-# The dtype= value that scores in a torch dtype (a cell records the torch name).
-_DTYPE_ARG = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
 # What a cell's metadata must hold for this job to reuse it (the job's tag, field by field).
 JOB_FIELDS = ("run", "mode", "k", "l", "sample", "seed", "selection")
 
@@ -517,7 +514,8 @@ def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path, scored
         return False
     if got != want:
         differ = {key: (got[key], want[key]) for key in want if got[key] != want[key]}
-        same_dtype = f", or pass dtype={_DTYPE_ARG.get(got['dtype'], got['dtype'])}" if "dtype" in differ else ""
+        short = next((name for name, dt in DTYPES.items() if str(dt) == f"torch.{got['dtype']}"), got["dtype"])
+        same_dtype = f", or pass dtype={short}" if "dtype" in differ else ""
         raise MemorizationJobError(
             f"{path}: scored with other settings (cell, job: {differ}); give this job its own out_dir= "
             f"or remove {path.parent} to score again{same_dtype}"

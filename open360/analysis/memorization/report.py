@@ -430,11 +430,10 @@ def _log_mlflow(
             for key in ("token_match", "full_match")
         ]
         # A re-run logs only what changed: values already at their step (the latest write) are not repeated.
-        logged = {}
-        for key in {m.key for m in metrics}:
-            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
-            logged[key] = {m.step: m.value for m in history}
-        metrics = [m for m in metrics if logged[m.key].get(m.step) != m.value]
+        from open360.tracking.mlflow_records import latest_metrics
+
+        logged = latest_metrics(client, run_id, {m.key for m in metrics})
+        metrics = [m for m in metrics if getattr(logged[m.key].get(m.step), "value", None) != m.value]
         if metrics:
             client.log_batch(run_id, metrics=metrics)
     except MlflowException as err:

@@ -113,13 +113,14 @@ class MegatronEngine:
         self.config.no_sync_func = self.model.no_sync
         self.base_eps = float(optim_cfg.eps)
         self.weight_decay = float(optim_cfg.weight_decay)
+        betas = adam_betas(optim_cfg)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
                 lr=float(optim_cfg.lr),
                 weight_decay=self.weight_decay,
-                adam_beta1=adam_betas(optim_cfg)[0],
-                adam_beta2=adam_betas(optim_cfg)[1],
+                adam_beta1=betas[0],
+                adam_beta2=betas[1],
                 adam_eps=self.base_eps,
                 clip_grad=float(optim_cfg.grad_clip),
                 bf16=bf16,

@@ -75,7 +75,12 @@ def test_mixing_proportions_follow_weights(tiny: Path) -> None:
 
 def test_scale_out_two_machines_merge_to_single_build(tiny: Path, tmp_path: Path) -> None:
     roots = [tmp_path / "m0", tmp_path / "m1"]
+    in_progress = roots[0] / tiny.name / ".tmp-w1of2-999-train_00001.parquet"  # worker 1, still writing
+    in_progress.parent.mkdir(parents=True)
+    in_progress.write_bytes(b"being written")
     outs = [build_shards(RECIPE, roots[w], seed=1234, worker_index=w, num_workers=2) for w in range(2)]
+    assert in_progress.read_bytes() == b"being written"  # a worker removes only its own slot's leftovers
+    in_progress.unlink()
     assert not (outs[0] / "manifest.json").exists()
     assert sorted(p.name for p in outs[0].glob("train_*")) == [f"train_{k:05d}.parquet" for k in (0, 2, 4, 6)]
     for p in outs[1].iterdir():  # "copy machine 1's output to machine 0"
@@ -119,11 +124,22 @@ def test_interrupted_build_is_never_referenced_and_resumes(
     assert not (out / "manifest.json").exists()
     with pytest.raises(ShardError, match="no manifest.json"):
         ShardSet.open(out)
-    (out / ".tmp-123-train_00003.parquet").write_bytes(b"half a shard")
+    (out / ".tmp-w0of1-123-train_00003.parquet").write_bytes(b"half a shard")  # a killed run of this slot
     monkeypatch.setattr(build_mod, "write_rows", real)
     assert build_shards(RECIPE, tmp_path, seed=1234) == out
     assert _files(out) == _files(tiny)
     assert not list(out.glob(".tmp-*"))
+
+
+def test_a_chunk_of_another_seed_is_refused_and_built_again(tiny: Path, tmp_path: Path) -> None:
+    other = build_shards(RECIPE, tmp_path / "other", seed=7)
+    mixed = Path(shutil.copytree(tiny, tmp_path / "shards" / tiny.name))
+    shutil.copy(other / "train_00002.parquet", mixed / "train_00002.parquet")  # same name, same row count
+    with pytest.raises(ShardError, match="train_00002.parquet: written as train_00002.parquet of recipe hash"):
+        ShardSet.open(mixed)
+    with pytest.warns(UserWarning, match="rebuilding .*swapped in from another build or seed"):
+        assert build_shards(RECIPE, tmp_path / "shards", seed=1234) == mixed
+    assert _files(mixed) == _files(tiny)
 
 
 def test_crystalcoder_stages_share_tokenizer_and_fim(tmp_path: Path) -> None:
@@ -141,7 +157,7 @@ def test_crystalcoder_stages_share_tokenizer_and_fim(tmp_path: Path) -> None:
 # The manifest hash covers the recipe, the tokenizer hash, every per-source count and every shard's content
 # hash (not file bytes), so a different value on another machine means the build is not reproducible there.
 # Update both only when the recipe or the pipeline changes on purpose.
-GOLDEN_MANIFEST = "5e70b6e1c260a01a02543fc3f389e48a567d001309505c665cab3097eb81ebf6"
+GOLDEN_MANIFEST = "91293549ebaa98dff2b28207feb3e68a18e4cfc2510b6efaae78845930e5656b"
 GOLDEN_TOKENIZER = "d67bb3ef40fb0b452528bb809a40fea68628a2abb3f7aa822aebf890a0bf08ae"
 
 
@@ -169,9 +185,12 @@ def test_swapped_or_damaged_shard_files_are_refused_not_read(tiny: Path, tmp_pat
     a_bytes = a.read_bytes()
     a.write_bytes(b.read_bytes())
     b.write_bytes(a_bytes)
+    with pytest.raises(ShardError, match="train_00003.parquet: written as train_00004.parquet .* swapped in"):
+        ShardSet.open(swapped)
+    manifest = json.loads((tiny / "manifest.json").read_text())
     in_chunk_3 = int(np.cumsum(good.chunk_sizes)[2]) + 5
-    with pytest.raises(ShardError, match="train_00003.parquet.*swapped or replaced"):
-        ShardSet.open(swapped).sequences([in_chunk_3])
+    with pytest.raises(ShardError, match="train_00003.parquet.*swapped or replaced"):  # files without footers
+        ShardSet(swapped, manifest).sequences([in_chunk_3])
     size = (tiny / "train_00000.parquet").stat().st_size
     every_id = np.arange(good.chunk_sizes[0])
     for offset in (size // 5, size // 3, size // 2, 2 * size // 3):  # inside the token pages

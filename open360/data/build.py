@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -21,6 +22,7 @@ from open360.data.recipe import (
     FORMAT_VERSION,
     RecipeError,
     RecipeSpec,
+    canonical_json,
     load_recipe,
     recipe_hash,
     recipe_to_dict,
@@ -35,6 +37,7 @@ from open360.data.shards import (
     validation_file,
     write_rows,
 )
+from open360.data.sources import input_fingerprint
 from open360.data.tokenizer import TokenizerMismatchError, obtain_tokenizer, tokenizer_bytes_hash
 
 PARTS_DIR = ".parts"
@@ -168,7 +171,9 @@ def build_shards(
     if existing is not None and existing.get("recipe_hash") == rhash and existing.get("seed") == recipe.seed:
         if _reusable(recipe, root, out, existing):
             return out
-        (out / MANIFEST).unlink(missing_ok=True)  # rebuilt below (deterministic: the same files); readers wait for it
+        (out / MANIFEST).unlink(
+            missing_ok=True
+        )  # rebuilt below (deterministic: the same files); readers wait for it
         existing = None
     if existing is not None:
         raise ShardError(
@@ -213,13 +218,20 @@ def _build_locked(
 ) -> None:
     rhash = recipe_hash(recipe)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".tmp-*"):
+    # temporary files carry the worker's slot, so that a worker starting late on a shared filesystem
+    # removes only what an earlier run of its own slot left, never another worker's file in progress
+    tmp_prefix = f".tmp-w{worker_index}of{num_workers}"
+    for stale in out.glob(f"{tmp_prefix}-*"):
         stale.unlink()
 
     tok_json = obtain_tokenizer(recipe, root / ".tokenizers")
-    # intermediates are keyed by the tokenizer's hash too: a tokenizer file changed under the same path
-    # (tokenizer.kind: file / hub) must not resume from rows tokenized with the old one
-    work = work / tokenizer_bytes_hash(tok_json)[:12]
+    # intermediates are keyed by the tokenizer's hash and the local input files as they are now: a
+    # tokenizer file (kind file / hub) or an input changed under the same recipe is read again, never
+    # resumed from rows of the old one
+    inputs = hashlib.sha256(
+        canonical_json([input_fingerprint(s) for s in recipe.sources]).encode()
+    ).hexdigest()
+    work = work / f"{tokenizer_bytes_hash(tok_json)[:12]}-{inputs[:12]}"
     n_src = len(recipe.sources)
     mine = [i for i in range(n_src) if _owned(i, worker_index, num_workers)]
     order = mine + [i for i in range(n_src) if i not in mine]
@@ -254,6 +266,8 @@ def _build_locked(
             k * per_chunk,
             recipe.seq_len + 1,
             recipe.row_group_size,
+            rhash,
+            tmp_prefix,
         )
         part["chunks"][str(k)] = {
             "file": chunk_file(k),
@@ -274,7 +288,13 @@ def _build_locked(
             for b in range(0, len(val), recipe.row_group_size)
         )
         digest, _ = write_rows(
-            out / validation_file(names[i]), blocks, 0, recipe.seq_len + 1, recipe.row_group_size
+            out / validation_file(names[i]),
+            blocks,
+            0,
+            recipe.seq_len + 1,
+            recipe.row_group_size,
+            rhash,
+            tmp_prefix,
         )
         part["validation"][names[i]] = {
             "file": validation_file(names[i]),
@@ -286,12 +306,14 @@ def _build_locked(
     parts = out / PARTS_DIR
     parts.mkdir(exist_ok=True)
     _atomic_write(
-        parts / f"part-{worker_index:05d}-of-{num_workers:05d}.json", json.dumps(part, sort_keys=True)
+        parts / f"part-{worker_index:05d}-of-{num_workers:05d}.json",
+        json.dumps(part, sort_keys=True),
+        tmp_prefix,
     )
-    _atomic_write_bytes(out / TOKENIZER, tok_json)
+    _atomic_write_bytes(out / TOKENIZER, tok_json, tmp_prefix)
     with _file_lock(work.with_name(f"{out.name}.merge.lock")):
         if not (out / MANIFEST).is_file():
-            merge_parts(out, num_workers, required=False)
+            merge_parts(out, num_workers, required=False, tmp_prefix=tmp_prefix)
 
 
 def _gather_blocks(
@@ -382,7 +404,9 @@ def _common_manifest(
     }
 
 
-def merge_parts(out: str | Path, num_workers: int, required: bool = True) -> Path | None:
+def merge_parts(
+    out: str | Path, num_workers: int, required: bool = True, tmp_prefix: str = ".tmp-merge"
+) -> Path | None:
     """Merge the part manifests of `num_workers` workers into manifest.json (written last, atomically)."""
     out = Path(out)
     files = [out / PARTS_DIR / f"part-{w:05d}-of-{num_workers:05d}.json" for w in range(num_workers)]
@@ -411,8 +435,8 @@ def merge_parts(out: str | Path, num_workers: int, required: bool = True) -> Pat
     manifest["validation"] = dict(sorted(manifest["validation"].items()))
     manifest["manifest_hash"] = manifest_hash_of(manifest)
     check_files(out, manifest)  # a folder merged from copies must hold every file, tokenizer.json included
-    _atomic_write(out / "build_info.json", json.dumps(_build_info(), sort_keys=True, indent=1))
-    _atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1))
+    _atomic_write(out / "build_info.json", json.dumps(_build_info(), sort_keys=True, indent=1), tmp_prefix)
+    _atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1), tmp_prefix)
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     return out
 
@@ -440,12 +464,12 @@ def _version_or_none(package: str) -> str | None:
         return None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
+def _atomic_write(path: Path, text: str, tmp_prefix: str = ".tmp") -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"), tmp_prefix)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+def _atomic_write_bytes(path: Path, data: bytes, tmp_prefix: str = ".tmp") -> None:
+    tmp = path.with_name(f"{tmp_prefix}-{os.getpid()}-{path.name}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

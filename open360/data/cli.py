@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
         "read",
         "bad",
         "exact",
-        "near",
         "quality",
         "classif",
+        "near",
         "kept",
         "tokens",
         "seqs",
@@ -57,9 +58,9 @@ def summary_table(manifest: dict[str, Any]) -> str:
                 s["docs_read"],
                 sum(s["bad"].values()),
                 d.get("exact_dup", 0),
-                d.get("near_dup", 0),
                 quality,
                 d.get("classifier", 0),
+                d.get("near_dup", 0),
                 s["docs_kept"],
                 s["tokens_train"],
                 s["sequences_available"],
@@ -112,9 +113,6 @@ def build_main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from open360.data.build import build_shards, merge_parts, shard_dir_name
-    from open360.data.recipe import load_recipe
-
     if args.data and args.data.startswith("data="):
         recipe, seed = _recipe_from_data_arg(args.data)
     elif args.recipe:
@@ -123,6 +121,26 @@ def build_main(argv: Sequence[str] | None = None) -> int:
         ap.error("give data=<name> or --recipe PATH")
     if args.seed is not None:
         seed = args.seed
+    return _reported("open360 data build", lambda: _build(args, recipe, seed), args.shards_root)
+
+
+def _reported(prog: str, run: Callable[[], int], where: str | None = None) -> int:
+    """Run a verb; bad input (a recipe, shard or tokenizer error, a missing file, a full disk) is one
+    line naming what and where, exit status 1, instead of a traceback."""
+    try:
+        return run()
+    except (ValueError, OSError, KeyError, IndexError) as err:
+        text = str(err) or type(err).__name__
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            text = f"no space left on the device{f' under {Path(where).resolve()}' if where else ''} ({err})"
+        print(f"{prog}: {text}", file=sys.stderr)
+        return 1
+
+
+def _build(args: argparse.Namespace, recipe: str, seed: int | None) -> int:
+    from open360.data.build import build_shards, merge_parts, shard_dir_name
+    from open360.data.recipe import load_recipe
+
     if args.merge_only:
         out = Path(args.shards_root).resolve() / shard_dir_name(load_recipe(recipe, seed))
         merge_parts(out, args.num_workers)
@@ -152,7 +170,13 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 
 def _order_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shards", required=True, help="a shard folder (shards/<recipe>-<hash>)")
-    ap.add_argument("--step", type=int, required=True, help="0-based optimizer step")
+    ap.add_argument(
+        "--step",
+        type=int,
+        required=True,
+        help="0-based step within these shards' stage: the optimizer step for a one-stage run; for a "
+        "later stage of a multi-stage run, the optimizer step minus the step the stage starts at",
+    )
     ap.add_argument(
         "--seed",
         type=int,
@@ -161,6 +185,15 @@ def _order_args(ap: argparse.ArgumentParser) -> None:
         "which is the trainer's)",
     )
     ap.add_argument("--global-batch-size", type=int, required=True, help="sequences per optimizer step")
+
+
+def _parse_order_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args = ap.parse_args(argv)
+    if args.step < 0:
+        ap.error(f"--step {args.step}: steps count from 0")
+    if args.global_batch_size < 1:
+        ap.error(f"--global-batch-size {args.global_batch_size}: must be >= 1")
+    return args
 
 
 def _order(args: argparse.Namespace):  # noqa: ANN202 - returns (ShardSet, DataOrder)
@@ -180,7 +213,11 @@ def batch_main(argv: Sequence[str] | None = None) -> int:
     _order_args(ap)
     ap.add_argument("--decode", action="store_true", help="also print each sequence as text")
     ap.add_argument("--json", action="store_true", help="print one JSON object {step, ids, tokens}")
-    args = ap.parse_args(argv)
+    args = _parse_order_args(ap, argv)
+    return _reported("open360 data batch", lambda: _batch(args))
+
+
+def _batch(args: argparse.Namespace) -> int:
     shards, order = _order(args)
     ids = order.batch_ids(args.step)
     tokens = shards.sequences(ids)
@@ -209,7 +246,11 @@ def seen_main(argv: Sequence[str] | None = None) -> int:
     )
     _order_args(ap)
     ap.add_argument("--out", help="write the sorted ids to this file (.npy, or text with one id per line)")
-    args = ap.parse_args(argv)
+    args = _parse_order_args(ap, argv)
+    return _reported("open360 data seen", lambda: _seen(args))
+
+
+def _seen(args: argparse.Namespace) -> int:
     shards, order = _order(args)
     ids = order.seen_ids(args.step)
     per_chunk = np.bincount(np.asarray(shards.chunk_of(ids)).reshape(-1), minlength=len(shards.chunk_sizes))

@@ -47,7 +47,7 @@ class ExactDedup:
 
 
 class NearDedup:
-    """MinHash over word n-gram shingles with an LSH index; a document near an earlier kept one is a dup."""
+    """MinHash over word n-gram shingles with an LSH index; a document LSH pairs with an earlier one is a dup."""
 
     def __init__(self, spec: NearDedupSpec) -> None:
         self.spec = spec
@@ -63,7 +63,7 @@ class NearDedup:
         return m
 
     def is_duplicate(self, text: str) -> bool:
-        """True if a kept document is estimated ≥ threshold similar; else index this one, return False."""
+        """True if LSH pairs it with an indexed document (bands tuned to the threshold); else index it."""
         m = self._minhash(text)
         if self._lsh.query(m):
             return True

@@ -1,4 +1,4 @@
-"""Per-source pipeline: read → normalize → exact dedup → near-dup → quality → FIM → tokenize → pack."""
+"""Per-source pipeline: read → normalize → exact dedup → quality → near-dup → FIM → tokenize → pack."""
 
 from __future__ import annotations
 
@@ -137,9 +137,6 @@ class _SourcePipeline:
         if self.heur is not None and len(text) > self.heur.max_chars:
             self.dropped["quality:too_long"] += 1  # checked first: never shingle a huge document
             return
-        if self.near is not None and self.near.is_duplicate(text):
-            self.dropped["near_dup"] += 1
-            return
         if self.heur is not None:
             reason = heuristic_reject(text, self.heur)
             if reason is not None:
@@ -159,6 +156,11 @@ class _SourcePipeline:
             kept = [b for b, s in zip(batch, scores, strict=True) if s >= threshold]
             self.dropped["classifier"] += len(batch) - len(kept)
             batch = kept
+        if self.near is not None:  # after the quality filters: only kept documents enter the index
+            unique = [b for b in batch if not self.near.is_duplicate(b[0])]
+            if len(unique) < len(batch):
+                self.dropped["near_dup"] += len(batch) - len(unique)
+            batch = unique
         fim = self.source.fim
         texts = []
         for text, digest in batch:
@@ -196,14 +198,14 @@ class _SourcePipeline:
         after = {"read": left}
         for stage, n in (
             ("exact_dedup", d["exact_dup"]),
-            ("near_dedup", d["near_dup"]),
             ("heuristics", sum(v for k, v in d.items() if k.startswith("quality:"))),
             ("classifier", d["classifier"]),
+            ("near_dedup", d["near_dup"]),
         ):
             left -= n
             after[stage] = left
         out["docs_after"] = (
-            after  # documents left after each stage (read, exact, near, heuristics, classifier)
+            after  # documents left after each stage (read, exact, heuristics, classifier, near)
         )
         return out
 

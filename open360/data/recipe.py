@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ class SourceSpec:
     path: str | None = None  # file, glob or folder (relative to the repository root) for local types
     hf_name: str | None = None  # hub dataset name (type hf, or llm360_chunks read from the hub)
     hf_config: str | None = None
-    hf_data_files: str | None = None  # e.g. "train/train_00*.jsonl" for LLM360 chunk repositories
+    # a pattern or a list of them, e.g. "train/train_00*.jsonl" for LLM360 chunk repositories; relative
+    # to the dataset repository, or (hf_name: json, parquet, ...) to the repository root
+    hf_data_files: Any = None
     split: str = "train"
     streaming: bool = True
     text_field: str = "text"
@@ -50,7 +53,7 @@ class SourceSpec:
     select_source: str | None = None  # llm360_chunks: keep only lines whose "source" equals this
     weight: float = 1.0  # share of the training mix (normalized over sources)
     license: str = "unknown"
-    sha256: str | None = None  # pinned hash of the (single) input file, checked before reading
+    sha256: str | None = None  # pinned hash of the (single) local input file, checked before reading
     max_docs: int | None = None  # read at most this many documents (in file order)
     quality: bool = True  # apply the quality filters to this source
     fim: FimSpec = field(default_factory=FimSpec)
@@ -65,10 +68,12 @@ class ExactDedupSpec:
 
 @dataclass
 class NearDedupSpec:
-    """MinHash/LSH near-duplicate removal over word n-gram shingles (datasketch)."""
+    """MinHash/LSH near-duplicate removal over word n-gram shingles (datasketch), among the documents the
+    quality filters kept: a document LSH pairs with an earlier kept one is dropped. LSH is approximate:
+    datasketch picks bands for `threshold`, so pairs near it fall either side."""
 
     enabled: bool = True
-    threshold: float = 0.8  # estimated Jaccard similarity at or above which a document is dropped
+    threshold: float = 0.8  # the Jaccard similarity the LSH bands are tuned to
     num_perm: int = 64
     shingle_words: int = 5
 
@@ -103,7 +108,8 @@ class ClassifierSpec:
 
 @dataclass
 class FilterSpec:
-    """Every filter stage of the recipe, applied in this order after normalization."""
+    """Every filter stage of the recipe, applied after normalization in the order exact dedup, heuristics,
+    classifier, near-dup (so that a near-duplicate is dropped only for a copy that is kept)."""
 
     exact_dedup: ExactDedupSpec = field(default_factory=ExactDedupSpec)
     near_dedup: NearDedupSpec = field(default_factory=NearDedupSpec)
@@ -139,7 +145,9 @@ class MixSpec:
 
     total_sequences: int | None = None  # None = as many as the scarcest source allows, no repeats
     allow_repeat: bool = False  # let a source be repeated (up-sampled) to reach its share
-    shuffle: bool = True  # False keeps the input order (e.g. LLM360's released, already shuffled chunks)
+    # False keeps the input order, source after source (one block each): for one pre-mixed source such
+    # as LLM360's released, already shuffled chunks, or a curriculum
+    shuffle: bool = True
 
 
 @dataclass
@@ -179,10 +187,25 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     _check(len(set(names)) == len(names), f"{where}: key 'sources'", f"source names repeat: {names}")
     for i, s in enumerate(recipe.sources):
         key = f"{where}: key 'sources[{i}]' ({s.name})"
+        _check(bool(s.name) and "/" not in s.name, key, "'name' must be non-empty, without '/'")
         _check(s.type in SOURCE_TYPES, key, f"type '{s.type}' is not one of {SOURCE_TYPES}")
-        _check(s.weight >= 0, key, f"weight {s.weight} is negative")
+        _check(math.isfinite(s.weight) and s.weight >= 0, key, f"weight {s.weight} must be finite and >= 0")
+        files = s.hf_data_files
+        _check(
+            files is None
+            or isinstance(files, str)
+            or (isinstance(files, list) and all(isinstance(f, str) for f in files)),
+            key,
+            f"hf_data_files must be a pattern or a list of patterns, not {files!r}",
+        )
         if s.type == "hf":
             _check(bool(s.hf_name), key, "type hf needs 'hf_name'")
+            _check(
+                s.sha256 is None,
+                key,
+                "'sha256' pins one local file (types jsonl, text, parquet, ...); a hub dataset is not "
+                "checked against it — remove it, or read the file with type jsonl/parquet",
+            )
         elif s.type == "llm360_chunks":
             _check(bool(s.path or s.hf_name), key, "type llm360_chunks needs 'path' or 'hf_name'")
         else:
@@ -234,17 +257,22 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
         )
     nd = recipe.filters.near_dedup
     _check(0 < nd.threshold <= 1, f"{where}: key 'filters.near_dedup.threshold'", "must lie in (0, 1]")
+    _check(nd.num_perm >= 2, f"{where}: key 'filters.near_dedup.num_perm'", "must be >= 2")
+    _check(nd.shingle_words >= 1, f"{where}: key 'filters.near_dedup.shingle_words'", "must be >= 1")
+    heur = recipe.filters.heuristics
+    for name in ("min_chars", "max_chars", "min_words", "max_line_chars"):
+        _check(getattr(heur, name) >= 0, f"{where}: key 'filters.heuristics.{name}'", "must be >= 0")
+    _check(heur.min_words >= 1, f"{where}: key 'filters.heuristics.min_words'", "must be >= 1")
     _check(recipe.seq_len >= 2, f"{where}: key 'seq_len'", "must be >= 2")
     _check(recipe.num_chunks >= 1, f"{where}: key 'num_chunks'", "must be >= 1")
     _check(recipe.chunk_multiple >= 1, f"{where}: key 'chunk_multiple'", "must be >= 1")
     _check(0 <= recipe.validation.fraction < 1, f"{where}: key 'validation.fraction'", "must lie in [0, 1)")
+    _check(recipe.validation.max_sequences >= 0, f"{where}: key 'validation.max_sequences'", "must be >= 0")
+    _check(recipe.seed >= 0, f"{where}: key 'seed'", f"{recipe.seed} must be >= 0 (a numpy seed)")
     m = recipe.mix.total_sequences
     _check(m is None or m > 0, f"{where}: key 'mix.total_sequences'", "must be positive or null")
-    _check(
-        recipe.row_group_size >= 1 and recipe.doc_batch_size >= 1,
-        f"{where}: key 'row_group_size'",
-        "must be >= 1",
-    )
+    _check(recipe.row_group_size >= 1, f"{where}: key 'row_group_size'", "must be >= 1")
+    _check(recipe.doc_batch_size >= 1, f"{where}: key 'doc_batch_size'", "must be >= 1")
 
 
 def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
@@ -267,6 +295,11 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
         raise RecipeError(f"{p}: a recipe is a mapping of keys (name, sources, tokenizer, ...), not a "
                           f"{type(raw).__name__}")
     sources = raw.get("sources")
+    if sources is not None and not OmegaConf.is_list(sources):
+        raise RecipeError(
+            f"{p}: key 'sources': a list of sources ('- name: ..., type: ..., path: ...'), not a "
+            f"{'mapping' if OmegaConf.is_dict(sources) else type(sources).__name__}"
+        )
     for i, src in enumerate(sources if OmegaConf.is_list(sources) else []):
         if not OmegaConf.is_dict(src):
             raise RecipeError(f"{p}: key 'sources[{i}]': {src!r} is not a mapping (name, type, path, weight, ...)")

@@ -21,6 +21,8 @@ from open360.data.tokenizer import TokenizerMismatchError, tokenizer_bytes_hash
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
+RECIPE_HASH_KEY = "open360.recipe_hash"  # parquet footer keys of a shard file
+FILE_KEY = "open360.file"
 
 
 class ShardError(ValueError):
@@ -48,19 +50,23 @@ def write_rows(
     first_id: int,
     row_len: int,
     row_group_size: int,
+    recipe_hash: str,
+    tmp_prefix: str = ".tmp",
 ) -> tuple[str, int]:
     """Stream row blocks (at most row_group_size rows each) into a zstd parquet file, atomically.
 
-    Returns (content hash, rows). Memory stays at one block, whatever the shard size.
+    Returns (content hash, rows). Memory stays at one block, whatever the shard size. The footer records
+    the recipe hash and the file name, so that `check_files` knows a file of another build or seed.
     """
     schema = pa.schema(
         [
             ("seq_id", pa.int64()),
             ("source", pa.dictionary(pa.int32(), pa.string())),
             ("token_ids", pa.list_(pa.int32(), row_len)),
-        ]
+        ],
+        metadata={RECIPE_HASH_KEY: recipe_hash, FILE_KEY: path.name},
     )
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f"{tmp_prefix}-{os.getpid()}-{path.name}")
     h = hashlib.sha256()
     all_sources: list[str] = []
     n = 0
@@ -98,7 +104,7 @@ def _reading(path: Path) -> Iterator[None]:
     except (OSError, pa.ArrowException) as err:
         raise ShardError(
             f"{path}: unreadable shard file ({type(err).__name__}: {err}); it is damaged or truncated — "
-            "`dvc pull` it again or rebuild the shards"
+            "`dvc pull` it again, or delete it and run `open360 data build` (it writes the file again)"
         ) from err
 
 
@@ -133,7 +139,8 @@ def manifest_hash_of(manifest: dict[str, Any]) -> str:
 
 def check_files(path: Path, manifest: dict[str, Any]) -> None:
     """Raise unless the folder holds the manifest's tokenizer (same hash) and every file it lists, each
-    readable with the recorded number of rows (contents are checked as they are read)."""
+    readable with the recorded number of rows and, where its footer records them (every build since
+    footers did), this build's recipe hash and its own file name (contents are checked as they are read)."""
     tok_path = path / TOKENIZER
     if not tok_path.is_file():
         raise ShardError(f"{tok_path}: missing; copy it from the build (or `dvc pull` it) or rebuild")
@@ -147,9 +154,17 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
         f = path / entry["file"]
         if not f.is_file():
             raise ShardError(f"{f}: listed in the manifest but missing; `dvc pull` it or rebuild")
-        rows = open_shard_file(f).metadata.num_rows
-        if rows != entry["rows"]:
-            raise ShardError(f"{f}: {rows} rows, the manifest records {entry['rows']}; rebuild")
+        meta = open_shard_file(f).metadata
+        if meta.num_rows != entry["rows"]:
+            raise ShardError(f"{f}: {meta.num_rows} rows, the manifest records {entry['rows']}; rebuild")
+        footer = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+        for key, expected in ((RECIPE_HASH_KEY, manifest["recipe_hash"]), (FILE_KEY, entry["file"])):
+            if footer.get(key, expected) != expected:
+                raise ShardError(
+                    f"{f}: written as {footer.get(FILE_KEY)} of recipe hash {footer.get(RECIPE_HASH_KEY, '')[:12]}, "
+                    f"but this folder's manifest lists it as {entry['file']} of {manifest['recipe_hash'][:12]} "
+                    "— the file was swapped in from another build or seed; `dvc pull` it again or rebuild"
+                )
 
 
 class ShardSet:
@@ -181,7 +196,9 @@ class ShardSet:
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ShardError(f"{mpath}: not valid JSON ({err}); rebuild the shards or `dvc pull` them") from err
+            raise ShardError(
+                f"{mpath}: not valid JSON ({err}); rebuild the shards or `dvc pull` them"
+            ) from err
         if manifest.get("format") != FORMAT_VERSION:
             raise ShardError(
                 f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}; rebuild"
@@ -229,10 +246,6 @@ class ShardSet:
     @property
     def eos_id(self) -> int:
         return int(self.manifest["tokenizer"]["eos_id"])
-
-    @property
-    def source_names(self) -> list[str]:
-        return list(self.manifest["sources"])
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(str(self.tokenizer_path))

@@ -6,14 +6,18 @@ import glob
 import gzip
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from open360.data.recipe import SourceSpec
 from open360.paths import resolve_repo_path
+
+# `datasets` builders that read local files named by data_files (type hf, hf_name: json, ...)
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 
 
 class SourceError(ValueError):
@@ -25,7 +29,6 @@ class Doc:
     """One input document: text to tokenize, or token ids from an LLM360 pre-tokenized chunk."""
 
     text: str | None
-    origin: str  # "file:line" or "hub:index", for error messages and debugging
     token_ids: list[int] | None = None
 
 
@@ -123,18 +126,20 @@ def _read_jsonl(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator
 
 
 def _jsonl_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
-    for lineno, row in iter_jsonl(path, bad):
+    for _, row in iter_jsonl(path, bad):
         text = row.get(source.text_field)
         if not isinstance(text, str):
             bad["missing_field"] += 1
             continue
-        yield Doc(text, f"{path}:{lineno}")
+        yield Doc(text)
 
 
 def _split_bytes(data: bytes, sample_by: str) -> list[bytes]:
     if sample_by == "document":
         return [data]
-    return data.split(b"\n" if sample_by == "line" else b"\n\n")
+    if sample_by == "line":
+        return data.split(b"\n")
+    return re.split(rb"\r?\n[ \t]*\r?\n", data)  # paragraphs: a blank line, LF or CRLF
 
 
 def _read_text(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
@@ -146,13 +151,13 @@ def _read_text(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[
 def _text_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
     with _open_binary(path) as f:
         data = f.read()
-    for i, part in enumerate(_split_bytes(data, source.sample_by)):
+    for part in _split_bytes(data, source.sample_by):
         try:
             text = part.decode("utf-8")
         except UnicodeDecodeError:
             bad["invalid_utf8"] += 1
             continue
-        yield Doc(text, f"{path}:{i + 1}")
+        yield Doc(text)
 
 
 def _read_llm360_local(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
@@ -161,14 +166,14 @@ def _read_llm360_local(source: SourceSpec, files: list[Path], bad: Counter) -> I
 
 
 def _llm360_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
-    for lineno, row in iter_jsonl(path, bad):
+    for _, row in iter_jsonl(path, bad):
         ids = row.get("token_ids")
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             bad["missing_field"] += 1
             continue
         if source.select_source is not None and row.get("source") != source.select_source:
             continue
-        yield Doc(None, f"{path}:{lineno}", token_ids=ids)
+        yield Doc(None, token_ids=ids)
 
 
 def _read_datasets(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
@@ -188,9 +193,10 @@ def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
         )
         where = source.path
     else:
-        kwargs = {"data_files": source.hf_data_files} if source.hf_data_files else {}
+        name, data_files = hub_arguments(source)
+        kwargs = {"data_files": data_files} if data_files else {}
         ds = datasets.load_dataset(
-            source.hf_name, source.hf_config, split=source.split, streaming=source.streaming, **kwargs
+            name, source.hf_config, split=source.split, streaming=source.streaming, **kwargs
         )
         where = f"hub:{source.hf_name}"
     for i, row in enumerate(ds):
@@ -201,7 +207,7 @@ def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
                 continue
             if source.select_source is not None and row.get("source") != source.select_source:
                 continue
-            yield Doc(None, f"{where}:{i}", token_ids=ids)
+            yield Doc(None, token_ids=ids)
             continue
         text = row.get(source.text_field)
         if not isinstance(text, str):
@@ -212,7 +218,45 @@ def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
                 )
             bad["missing_field"] += 1
             continue
-        yield Doc(text, f"{where}:{i}")
+        yield Doc(text)
+
+
+def _local_dir(name: str | None) -> Path | None:
+    """`hf_name` as a local folder in the hub's layout (relative to the repository root), if it is one."""
+    if not name:
+        return None
+    p = resolve_repo_path(name)
+    return p if p.is_dir() else None
+
+
+def hub_arguments(source: SourceSpec) -> tuple[str, str | list[str] | None]:
+    """(path, data_files) for `datasets.load_dataset`: a local `hf_name` folder, and local `data_files`
+    of a builder such as `json`, resolved against the repository root like every other recipe path;
+    hub names and patterns inside a dataset repository are passed as they are."""
+    folder = _local_dir(source.hf_name)
+    files = source.hf_data_files
+    if folder is None and source.hf_name in PACKAGED_BUILDERS and files is not None:
+        files = [str(resolve_repo_path(f)) for f in ([files] if isinstance(files, str) else files)]
+    return (str(folder) if folder is not None else str(source.hf_name)), files
+
+
+def input_fingerprint(source: SourceSpec) -> list[list[Any]]:
+    """(path, size, mtime) of a source's local input files: what caches of its reading are keyed by, so
+    that an input changed under the same recipe is read again. Hub datasets give [] (named by revision)."""
+    if source.path is not None and source.type != "hf":
+        files = resolve_files(source)
+    elif (folder := _local_dir(source.hf_name)) is not None:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    else:
+        _, data_files = hub_arguments(source)
+        patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])
+        local = [pat for pat in patterns if Path(pat).is_absolute()]  # a packaged builder's files
+        files = sorted(Path(f) for pat in local for f in glob.glob(pat, recursive=True))
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def read_source(source: SourceSpec, bad: Counter) -> Iterator[Doc]:

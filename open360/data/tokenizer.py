@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from open360.data.filters import normalize
 from open360.data.recipe import RecipeSpec, canonical_json, recipe_to_dict
-from open360.data.sources import read_source
+from open360.data.sources import input_fingerprint, read_source
 from open360.paths import resolve_repo_path
 
 _SOURCE_READ_KEYS = (
@@ -41,7 +41,8 @@ def tokenizer_bytes_hash(data: bytes) -> str:
 
 
 def training_key(recipe: RecipeSpec) -> str:
-    """Hash of what a trained tokenizer depends on: its spec and how its sources are read (not weights)."""
+    """Hash of what a trained tokenizer depends on: its spec, how its sources are read (not weights) and
+    their local input files as they are now (an input edited under the same recipe trains a new one)."""
     d = recipe_to_dict(recipe)
     tok = d["tokenizer"]
     names = tok["train_sources"] or [s["name"] for s in d["sources"]]
@@ -50,6 +51,7 @@ def training_key(recipe: RecipeSpec) -> str:
         "trainer": TRAINER_VERSION,
         "tokenizer": tok,
         "sources": srcs,
+        "inputs": [input_fingerprint(s) for s in recipe.sources if s.name in names],
         "heuristics": d["filters"]["heuristics"],
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()

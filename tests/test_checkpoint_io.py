@@ -20,7 +20,7 @@ from open360.checkpoint import (
     save_model_weights,
     verify_checkpoint,
 )
-from open360.checkpoint.io import PAYLOAD_FILES, remove_stale_temp_dirs
+from open360.checkpoint.io import PAYLOAD_FILES, remove_stale_temp_dirs, sha256_file
 
 
 def _contents(seed: int = 0) -> CheckpointContents:
@@ -128,6 +128,11 @@ def test_model_from_checkpoint_is_the_saved_model(tmp_path: Path, over: dict) ->
     state = model.state_dict()
     state.pop("final_norm.weight")
     save_model_weights(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors: sha256 .* does not match lineage.json"):
+        load_model_from_checkpoint(path)  # the weights are checked against their lineage hash first
+    lineage = json.loads((path / "lineage.json").read_text())
+    lineage["files"]["model.safetensors"] = sha256_file(path / "model.safetensors")
+    (path / "lineage.json").write_text(json.dumps(lineage))
     with pytest.raises(RuntimeError, match="final_norm.weight"):
         load_model_from_checkpoint(path)
 

@@ -84,3 +84,24 @@ def test_unknown_run_is_named(sweep, capsys):
     assert main(["runs=[no_such_run]", f"workspace={sweep}", f"out_dir={sweep / 'x'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("open360.analysis.compare: ") and "no_such_run" in err and "Traceback" not in err
+
+
+def test_a_wrong_workspace_or_run_name_is_named_and_creates_nothing(sweep, tmp_path, capsys):
+    from open360.analysis.compare import main, run_config
+
+    nowhere = tmp_path / "no_such_ws"
+    assert main(["runs=[a]", f"workspace={nowhere}"]) == 2
+    err = capsys.readouterr().err
+    assert "mlflow.db: no MLflow store there" in err and not nowhere.exists()
+    assert main(["runs=[it's]", f"workspace={sweep}", f"out_dir={sweep / 'x'}"]) == 2
+    assert "'it's' is not a run name" in capsys.readouterr().err
+
+    class Run:  # a run whose config artifact is unreachable: rebuilt from params, where None is "None"
+        info = type("I", (), {"run_id": "r"})()
+        data = type("D", (), {"params": {"model.n_kv_heads": "None", "model.d_model": "64", "name": ""}})()
+
+    class NoArtifacts:
+        def download_artifacts(self, *args):
+            raise OSError("no artifact store")
+
+    assert run_config(NoArtifacts(), Run()) == {"model": {"n_kv_heads": None, "d_model": 64}, "name": None}

@@ -115,9 +115,48 @@ def test_validation_loss_falls_across_checkpoints_and_plots(tiny_run):
     assert pd.read_parquet(out / "eval.parquet").equals(df)
     one = evaluate_run(dataclasses.replace(cfg, checkpoints=[40], recompute=True))
     assert sorted(one.step.unique()) == steps and one.equals(df)  # the other steps are still there
+    logged = [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/val/code/loss")]
     replaced = evaluate_run(dataclasses.replace(other, recompute=True))
     assert sorted(replaced.step.unique()) == steps and "task" not in set(replaced.kind)
-    assert "per source: 4; lm-eval tasks: none" in (out / "eval.md").read_text()
+    assert "(val_sequences=4); lm-eval tasks: none" in (out / "eval.md").read_text()
+    # MLflow keeps the first evaluation's curves: the replaced table's settings are not logged over them
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/val/code/loss")] == logged
+    assert json.loads(client.get_run(run_id).data.tags["open360.eval_settings"])["val_sequences"] == 16
+
+
+def test_replaced_weights_are_evaluated_again_and_damaged_ones_refused(tiny_run, tmp_path, capsys):
+    """A step whose checkpoint now holds other weights than its rows were computed from (a resumed branch
+    replaced it) is evaluated again; a checkpoint whose weights fail their lineage hash is refused."""
+    import shutil
+
+    from open360.analysis.evaluate import main
+
+    cfg = EvaluateConfig(run=RUN, workspace=str(tiny_run), checkpoints=[10, 20], val_sequences=4, tasks=[],
+                         mlflow=False, out_dir=str(tmp_path / "a"))
+    first = evaluate_run(cfg)
+    counts = (tmp_path / "a" / "eval.md").read_text()
+    assert "per source: code 4, english 4, shakespeare 4 (val_sequences=4)" in counts
+    table = pd.read_parquet(tmp_path / "a" / "eval.parquet")
+    assert table.model_sha256.str.len().eq(64).all()
+    table.loc[table.step == 20, "model_sha256"] = "0" * 64  # as if step 20 had been trained on another branch
+    table.to_parquet(tmp_path / "a" / "eval.parquet", index=False)
+    again = evaluate_run(cfg)
+    assert "steps [20] hold other weights than their rows were computed from" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(again, first)
+
+    ws = tmp_path / "ws"
+    bad = ws / "checkpoints" / "flip" / "step_10"
+    shutil.copytree(tiny_run / "checkpoints" / RUN / "step_10", bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-100] ^= 0x01
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    assert main(["run=flip", f"workspace={ws}", "tasks=[]", "mlflow=false"]) == 2
+    err = capsys.readouterr().err
+    assert "step_10/model.safetensors: sha256" in err and "does not match lineage.json" in err
+
+    assert main([f"run={RUN}", f"workspace={tiny_run}", "checkpoints=[10]", "tasks=[]", "mlflow=false",
+                 "recipe=data_recipes/crystalcoder_tiny_stage1.yaml", f"out_dir={tmp_path / 'cc'}"]) == 2
+    assert "but " in (err := capsys.readouterr().err) and "was trained with" in err and "recipe=" in err
 
 
 def test_bad_input_exits_with_one_line(tiny_run, capsys):
@@ -129,6 +168,8 @@ def test_bad_input_exits_with_one_line(tiny_run, capsys):
         ([f"run={RUN}", "sources=[nope]", "tasks=[]"], "nope"),
         ([f"run={RUN}", "batch_size=0"], "batch_size=0 must be >= 1"),
         ([f"run={RUN}", "val_sequences=-1"], "val_sequences=-1 must be >= 1"),
+        ([f"run={RUN}", "device=cpux"], "device=cpux: not a torch device"),
+        *([] if torch.cuda.is_available() else [([f"run={RUN}", "device=cuda"], "no CUDA GPU is visible")]),
     ):
         assert main([*args, f"workspace={tiny_run}", f"out_dir={tiny_run / 'bad'}"]) == 2
         err = capsys.readouterr().err

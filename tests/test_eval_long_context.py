@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -149,7 +150,8 @@ def test_ordering_and_report():
         ("a", "passkey_greedy@64", 0.5), ("b", "passkey_greedy@64", 0.1), ("c", "passkey_greedy@64", 0.4)]]
     df = pd.DataFrame(rows)
     assert check_ordering(df) and not check_ordering(df, "ppl_all")
-    md = markdown_report(df, "base", "ft", 64, 256, 64)
+    md = markdown_report(df, "base", "ft", 64, 256, 64, 4.0)
+    assert "(rope_interpolation_factor = 4)" in md
     assert "(c) < (b) < (a) on ppl_at_context (the claim): **holds**; on ppl_all: does not hold" in md
     assert "(c) PI fine-tuned" in md and "ppl[0,64)" in md and "[192,256), each predicted from >= 192" in md
     df.loc[(df.variant == "b") & (df.metric == "ppl_at_context"), "value"] = 1000.0
@@ -207,3 +209,38 @@ def test_unknown_run_exits_with_one_line(tmp_path, capsys):
     assert main(["base=no_such_run", "finetuned=other", f"workspace={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("open360.analysis.long_context: ") and "no_such_run" in err
+
+
+def test_the_variants_must_come_from_one_base(tmp_path):
+    """(a)/(b)/(c) compare one model before and after PI fine-tuning: a fine-tuned run started from other
+    weights, or tokenizing otherwise, is refused before any model is loaded."""
+    from open360.analysis.long_context import check_fine_tuned_from
+
+    def ckpt(name: str, lineage: dict) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "lineage.json").write_text(json.dumps(lineage))
+        return d
+
+    base = ckpt("base", {"files": {"model.safetensors": "a" * 64}, "data": {"tokenizer_hash": "t1"}})
+    ft = ckpt("ft", {"init_from": {"checkpoint": "/x/step_9", "model_sha256": "a" * 64}, "data": {"tokenizer_hash": "t1"}})
+    check_fine_tuned_from(base, ft)
+    other = ckpt("other", {"init_from": {"checkpoint": "/x/step_5", "model_sha256": "b" * 64}})
+    with pytest.raises(ValueError, match=r"was fine-tuned from /x/step_5 .* not from base="):
+        check_fine_tuned_from(base, other)
+    retok = ckpt("retok", {"init_from": {"model_sha256": "a" * 64}, "data": {"tokenizer_hash": "t2"}})
+    with pytest.raises(ValueError, match="different tokenizers"):
+        check_fine_tuned_from(base, retok)
+
+
+def test_finetune_bad_input_exits_with_one_line(tmp_path, capsys):
+    from open360.analysis.long_context import main
+
+    for args, says in (
+        (["init=checkpoints/nope/step_5"], "'checkpoints/nope/step_5': neither a checkpoint folder"),
+        (["init=checkpoints/nope/step_5", "model.d_modle=64"], "d_modle"),
+    ):
+        assert main(["finetune", *args, "+experiment=amber_tiny_pi", f"workspace={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("open360.analysis.long_context finetune: ") and says in err, err
+        assert "Traceback" not in err

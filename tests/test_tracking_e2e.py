@@ -247,6 +247,11 @@ def test_a_branch_gets_its_own_mlflow_run_and_moves_the_replaced_dvc_records(tra
     branch = client.get_run(new_id)
     assert branch.data.tags["open360.branched_from_run_id"] == old_id
     assert branch.data.tags["open360.branched_at_step"] == "4" and branch.data.params["optim.lr"] == "0.0001"
+    # the branch's run carries its own config/config.yaml (what compare reads), a continued run does not
+    from open360.analysis.compare import run_config
+
+    assert {a.path for a in client.list_artifacts(new_id, "config")} == {"config/config.yaml"}
+    assert run_config(client, branch)["optim"]["lr"] == 0.0001
     history = mr.metric_history(client, new_id)
     assert sorted(history["loss"]) == list(range(1, 13))  # the inherited steps 1..4, then the branch's own
     assert all(history["loss"][s] == old_history["loss"][s] for s in range(1, 5))

@@ -51,11 +51,19 @@ def _client(tracking_uri: str, workspace: Path) -> Any:
 
     from open360.tracking.mlflow_logger import resolve_tracking_uri
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri, workspace))
+    uri = resolve_tracking_uri(tracking_uri, workspace)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # opening would create it
+        raise FileNotFoundError(
+            f"{uri[len('sqlite:///'):]}: no MLflow store there (tracking_uri={tracking_uri}, workspace={workspace}); "
+            "give the workspace the runs were trained in, or their tracking_uri="
+        )
+    return MlflowClient(tracking_uri=uri)
 
 
 def find_run(client: Any, experiment: str, run_name: str) -> Any:
     """The newest MLflow run named `run_name` in `experiment`."""
+    if "'" in run_name or "\\" in run_name:
+        raise ValueError(f"runs: '{run_name}' is not a run name (no quotes or backslashes)")
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"MLflow experiment '{experiment}' not found in {client.tracking_uri}; train a run first")
@@ -80,7 +88,7 @@ def run_config(client: Any, run: Any) -> dict[str, Any]:
             *parents, leaf = key.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = yaml.safe_load(value) if value != "" else None
+            node[leaf] = None if value in ("", "None") else yaml.safe_load(value)  # params log None as "None"
         return cfg
 
 

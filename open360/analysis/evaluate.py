@@ -24,7 +24,8 @@ DEFAULT_TASK_DIR = "analysis/tasks"
 EVAL_PARQUET = "eval.parquet"
 EVAL_PLOT = "eval_curves.png"
 EVAL_REPORT = "eval.md"
-COLUMNS = ["run", "step", "tokens_seen", "kind", "name", "metric", "value"]
+# model_sha256: the weights each row was computed from (a branch replaces a step's checkpoint)
+COLUMNS = ["run", "step", "tokens_seen", "kind", "name", "metric", "value", "model_sha256"]
 
 
 @dataclass
@@ -134,7 +135,28 @@ def lm_eval_tasks(hf_dir: Path | str, tasks: Sequence[str], task_paths: Sequence
         missing = [t for t in tasks if t not in set(manager.all_tasks)]
         if missing:
             raise ValueError(f"tasks={missing}: not found in {paths} nor among lm-eval's tasks")
-    results = lm_eval.simple_evaluate(
+    try:
+        results = _simple_evaluate(lm_eval, hf_dir, tasks, manager, num_fewshot, limit, batch_size, device)
+    except OSError as err:  # requests' and datasets' connection errors are OSErrors too
+        raise ValueError(
+            f"tasks={list(tasks)}: lm-eval could not read a task's data ({type(err).__name__}: {err}); a task "
+            "outside task_paths may need the hub, which this machine may not reach"
+        ) from err
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results["results"].items():
+        values = {}
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in ("sample_len",) \
+                    and "stderr" not in metric:
+                values[metric] = float(value)
+        out[task] = values
+    return out
+
+
+def _simple_evaluate(lm_eval: Any, hf_dir: Path | str, tasks: Sequence[str], manager: Any, num_fewshot: int,
+                     limit: int | None, batch_size: int, device: str) -> dict[str, Any]:
+    return lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(hf_dir), "dtype": "float32"},
         tasks=list(tasks),
@@ -146,16 +168,6 @@ def lm_eval_tasks(hf_dir: Path | str, tasks: Sequence[str], task_paths: Sequence
         log_samples=False,
         bootstrap_iters=0,
     )
-    out: dict[str, dict[str, float]] = {}
-    for task, metrics in results["results"].items():
-        values = {}
-        for key, value in metrics.items():
-            metric = key.split(",")[0]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in ("sample_len",) \
-                    and "stderr" not in metric:
-                values[metric] = float(value)
-        out[task] = values
-    return out
 
 
 def export_for_lm_eval(model: torch.nn.Module, full_cfg: DictConfig, tokenizer_file: Path, out_dir: Path) -> Path:
@@ -197,9 +209,10 @@ def tokens_seen(ckpt: Path, full_cfg: DictConfig, step: int) -> int:
     return int(step) * int(full_cfg.trainer.global_batch_size) * int(full_cfg.trainer.seq_len)
 
 
-def _rows(run: str, step: int, tokens: int, kind: str, name: str, metrics: dict[str, float]) -> list[dict]:
-    return [dict(run=run, step=step, tokens_seen=tokens, kind=kind, name=name, metric=m, value=float(v))
-            for m, v in metrics.items()]
+def _rows(run: str, step: int, tokens: int, kind: str, name: str, metrics: dict[str, float],
+          model_sha256: str | None) -> list[dict]:
+    return [dict(run=run, step=step, tokens_seen=tokens, kind=kind, name=name, metric=m, value=float(v),
+                 model_sha256=model_sha256) for m, v in metrics.items()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,8 +220,15 @@ def _rows(run: str, step: int, tokens: int, kind: str, name: str, metrics: dict[
 # ----------------------------------------------------------------------------------------------
 
 
-def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_id: str | None) -> str | None:
-    """Log `eval/<kind>/<name>/<metric>` at each step into the training run (or a new `<run>` run)."""
+EVAL_SETTINGS_TAG = "open360.eval_settings"
+
+
+def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_id: str | None,
+                  settings: dict[str, Any] | None = None) -> str | None:
+    """Log `eval/<kind>/<name>/<metric>` at each step into the training run (or a new `<run>` run).
+
+    The run records the evaluation `settings` as a tag; a run whose eval/* metrics came from other
+    settings is left as it is (one metric key, one evaluation), with a warning: eval.parquet has the rows."""
     if df.empty:
         return None
     from mlflow.entities import Metric
@@ -233,6 +253,15 @@ def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_i
         found = client.search_runs([exp_id], f"tags.mlflow.runName = '{run_name}'", max_results=1)
         run_id = found[0].info.run_id if found else client.create_run(
             exp_id, run_name=run_name, tags={"open360.run_name": run_name, "open360.kind": "eval"}).info.run_id
+    if settings is not None:
+        wanted = json.dumps(settings, sort_keys=True)
+        logged = client.get_run(run_id).data.tags.get(EVAL_SETTINGS_TAG)
+        if logged is not None and logged != wanted:
+            print(f"open360.evaluate: MLflow run {run_id} holds eval/* metrics computed with other settings "
+                  f"({logged}); these ({wanted}) are not logged there, so that no curve mixes two evaluations "
+                  "— they are in eval.parquet", file=sys.stderr)
+            return None
+        client.set_tag(run_id, EVAL_SETTINGS_TAG, wanted)
     now = int(pd.Timestamp.now().timestamp() * 1000)
     metrics = [Metric(key=f"eval/{r.kind}/{r.name}/{r.metric}", value=float(r.value), timestamp=now, step=int(r.step))
                for r in df.itertuples()]
@@ -298,6 +327,27 @@ def markdown_table(df: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def held_out_counts(df: pd.DataFrame, seq_len: int | None, asked: int) -> str:
+    """"code 32, english 7, ..." — the sequences each source's loss was taken over (a split may hold
+    fewer than `val_sequences`), from the token counts of the newest step."""
+    tokens = df[(df.kind == "val") & (df.metric == "tokens")]
+    if tokens.empty or not seq_len:
+        return f"up to {asked}"
+    last = tokens[tokens.step == tokens.step.max()]
+    return ", ".join(f"{r.name} {int(r.value) // seq_len}" for r in last.sort_values("name").itertuples()) + \
+        f" (val_sequences={asked})"
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot run on, before any checkpoint is read."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device}: not a torch device ({err})") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device}: no CUDA GPU is visible on this machine; use device=cpu")
+
+
 def eval_settings(cfg: EvaluateConfig) -> dict[str, Any]:
     """What makes two evaluations comparable: the data, the sources, the sample and the tasks."""
     keys = ("recipe", "sources", "val_sequences", "tasks", "task_limit", "num_fewshot")
@@ -309,10 +359,13 @@ def settings_file(parquet: Path) -> Path:
     return parquet.with_suffix(".settings.json")
 
 
-def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int]) -> pd.DataFrame:
+def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
+                     weights: dict[int, str | None] | None = None) -> pd.DataFrame:
     """The rows of eval.parquet this evaluation keeps: all of them, less the selected steps when
-    `recompute`; none when `recompute` and the settings changed. Other settings without `recompute`
-    are an error (one table must not mix two evaluations, and nothing is dropped unasked)."""
+    `recompute`, and less the steps whose checkpoint now holds other weights than the rows were computed
+    from (`weights`: step -> model sha256; a resumed branch replaced it); none when `recompute` and the
+    settings changed. Other settings without `recompute` are an error (one table must not mix two
+    evaluations, and nothing is dropped unasked)."""
     if not parquet.is_file():
         return pd.DataFrame(columns=COLUMNS)
     file = settings_file(parquet)
@@ -327,16 +380,29 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int]) ->
             )
         return pd.DataFrame(columns=COLUMNS)
     previous = pd.read_parquet(parquet)
-    return previous[~previous["step"].isin(selected)] if cfg.recompute else previous
+    if "model_sha256" not in previous:  # a table from before the column: the weights are unknown
+        previous["model_sha256"] = None
+    replaced = sorted(
+        {int(r.step) for r in previous.itertuples()
+         if (weights or {}).get(int(r.step)) and r.model_sha256 and r.model_sha256 != weights[int(r.step)]}
+    )
+    if replaced:
+        print(f"open360.evaluate: {parquet}: the checkpoints of steps {replaced} hold other weights than "
+              "their rows were computed from (a resumed branch replaced them); evaluating them again",
+              file=sys.stderr)
+    drop = set(replaced) | (set(selected) if cfg.recompute else set())
+    return previous[~previous["step"].isin(drop)]
 
 
 def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     """Evaluate the selected checkpoints of `cfg.run`; write eval.parquet, eval_curves.png, eval.md."""
-    from open360.checkpoint.io import list_checkpoints, load_model_from_checkpoint, read_lineage
+    from open360.checkpoint.io import MODEL_FILE, list_checkpoints, load_model_from_checkpoint, read_lineage
+    from open360.data import ShardSet, TokenizerMismatchError
 
     for key in ("batch_size", "val_sequences"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
+    check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_dir = workspace / "checkpoints" / cfg.run
     available = list_checkpoints(run_dir)
@@ -349,33 +415,43 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / cfg.run
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / EVAL_PARQUET
-    previous = previous_results(parquet, cfg, [step for step, _ in selected])
+    lineages = {step: read_lineage(ckpt) for step, ckpt in selected}
+    weights = {step: (lin.get("files") or {}).get(MODEL_FILE) for step, lin in lineages.items()}
+    previous = previous_results(parquet, cfg, [step for step, _ in selected], weights)
     done = set(previous["step"].astype(int)) if not previous.empty else set()
 
     rows: list[dict] = []
-    val_cache: dict[Path, tuple[dict[str, np.ndarray], Path]] = {}
+    val_cache: dict[Path, tuple[dict[str, np.ndarray], Path, str]] = {}
     full_cfg = None
     run_id = None
     for step, ckpt in selected:
         if step in done:
             continue
         model, full_cfg = load_model_from_checkpoint(ckpt, cfg.device)
-        run_id = read_lineage(ckpt).get("mlflow_run_id") or run_id
+        lineage = lineages[step]
+        run_id = lineage.get("mlflow_run_id") or run_id
         tokens = tokens_seen(ckpt, full_cfg, step)
         shard_dir = shard_dir_for(full_cfg, workspace, cfg.recipe)
         if shard_dir not in val_cache:
             val_cache[shard_dir] = (load_validation_sets(shard_dir, cfg.sources, cfg.val_sequences),
-                                    shard_dir / "tokenizer.json")
-        val_sets, tokenizer_file = val_cache[shard_dir]
+                                    shard_dir / "tokenizer.json", ShardSet.open(shard_dir).tokenizer_hash)
+        val_sets, tokenizer_file, shards_tokenizer = val_cache[shard_dir]
+        trained_with = (lineage.get("data") or {}).get("tokenizer_hash")
+        if trained_with and trained_with != shards_tokenizer:
+            raise TokenizerMismatchError(
+                f"{shard_dir}: tokenized with tokenizer {shards_tokenizer[:12]}, but "
+                f"{ckpt} was trained with {trained_with[:12]}; its losses there would mean nothing — give "
+                "recipe= a recipe with the run's tokenizer"
+            )
         for source, metrics in validation_metrics(model, val_sets, cfg.batch_size, cfg.device).items():
-            rows += _rows(cfg.run, step, tokens, "val", source, metrics)
+            rows += _rows(cfg.run, step, tokens, "val", source, metrics, weights[step])
         if cfg.tasks:
             with tempfile.TemporaryDirectory(prefix="open360-eval-") as tmp:
                 hf_dir = export_for_lm_eval(model, full_cfg, tokenizer_file, Path(tmp) / "hf")
                 task_results = lm_eval_tasks(hf_dir, cfg.tasks, cfg.task_paths, cfg.task_limit, cfg.num_fewshot,
                                              cfg.batch_size, cfg.device)
             for task, metrics in task_results.items():
-                rows += _rows(cfg.run, step, tokens, "task", task, metrics)
+                rows += _rows(cfg.run, step, tokens, "task", task, metrics, weights[step])
         print(f"open360.evaluate: {cfg.run} step {step}: " + ", ".join(
             f"{r['name']}/{r['metric']}={r['value']:.4g}" for r in rows if r["step"] == step and r["metric"] != "tokens"))
         del model
@@ -389,14 +465,16 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     if df.empty:
         return df
     plot_eval_curves(df, out_dir / EVAL_PLOT, title=f"{cfg.run}: evaluation across checkpoints")
+    seq_len = int(full_cfg.trainer.seq_len) if full_cfg is not None else None
     (out_dir / EVAL_REPORT).write_text(
         f"# Evaluation of `{cfg.run}` across checkpoints\n\n"
-        f"Held-out sequences per source: {cfg.val_sequences}; lm-eval tasks: {', '.join(cfg.tasks) or 'none'}.\n\n"
+        f"Held-out sequences per source: {held_out_counts(df, seq_len, cfg.val_sequences)}; "
+        f"lm-eval tasks: {', '.join(cfg.tasks) or 'none'}.\n\n"
         f"![eval curves]({EVAL_PLOT})\n\n{markdown_table(df)}\n"
     )
     tracked = full_cfg is not None and bool((full_cfg.get("tracking") or {}).get("mlflow", False))
     if cfg.mlflow and tracked and not new.empty:  # only runs that were tracked in MLflow
-        log_to_mlflow(new, full_cfg, workspace, run_id)
+        log_to_mlflow(new, full_cfg, workspace, run_id, json.loads(json.dumps(eval_settings(cfg))))
     return df
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from open360.analysis.eval_cli import report_errors, run_cli
-from open360.analysis.evaluate import sequence_nll, shard_dir_for
+from open360.analysis.evaluate import check_device, sequence_nll, shard_dir_for
 
 LONG_CONTEXT_PARQUET = "long_context.parquet"
 LONG_CONTEXT_REPORT = "long_context.md"
@@ -218,11 +218,12 @@ def compare_variants(base: torch.nn.Module, finetuned: torch.nn.Module, sequence
                      base_context: int, context: int, buckets: int = 4, passkey_lengths: Sequence[int] = (),
                      passkey_trials_per_length: int = 20, passkey_candidates: int = 10, batch_size: int = 4,
                      device: str = "cpu", seed: int = 0, stride: int | None = None) -> pd.DataFrame:
-    """Rows (variant, metric, value) for (a) base extrapolating, (b) base + PI, (c) PI fine-tuned, at L'."""
-    factor = context / base_context
+    """Rows (variant, metric, value) for (a) base extrapolating, (b) base + PI, (c) PI fine-tuned, at L'.
+    (a) keeps the base's own rotary scale; (b) divides positions by a further L'/L on top of it."""
+    own = float(base.cfg.rope_interpolation_factor)
     models = {
-        "a": with_rope_interpolation(base, 1.0, context),
-        "b": with_rope_interpolation(base, factor, context),
+        "a": with_rope_interpolation(base, own, context),
+        "b": with_rope_interpolation(base, own * context / base_context, context),
         "c": finetuned,
     }
     lengths = list(passkey_lengths) or sorted({base_context, 2 * base_context, context})
@@ -244,7 +245,7 @@ def check_ordering(df: pd.DataFrame, metric: str = ORDERING_METRIC) -> bool:
 
 
 def markdown_report(df: pd.DataFrame, base_ckpt: Path, finetuned_ckpt: Path, base_context: int, context: int,
-                    stride: int) -> str:
+                    stride: int, finetuned_factor: float) -> str:
     """The comparison table in markdown, variants as rows."""
     wide = df.pivot_table(index="variant", columns="metric", values="value", aggfunc="first")
     ppl_cols = [c for c in wide.columns if c.startswith("ppl[")]
@@ -256,7 +257,7 @@ def markdown_report(df: pd.DataFrame, base_ckpt: Path, finetuned_ckpt: Path, bas
         f"# Context extension by Position Interpolation: L = {base_context} → L' = {context}",
         "",
         f"- base: `{base_ckpt}`",
-        f"- PI fine-tuned: `{finetuned_ckpt}` (rope_interpolation_factor = {context / base_context:g})",
+        f"- PI fine-tuned: `{finetuned_ckpt}` (rope_interpolation_factor = {finetuned_factor:g})",
         "- ppl[lo,hi): perplexity of next-token predictions at positions lo..hi-1 of held-out sequences;",
         f"  {ORDERING_METRIC}: perplexity at L' as the PI paper measures it (sliding window): positions",
         f"  [{context - stride},{context}), each predicted from >= {context - stride} tokens; ppl_all: positions [0,{context})",
@@ -306,13 +307,22 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
     """Load both checkpoints, compare (a)/(b)/(c) at L', write parquet, markdown table and plot."""
     from open360.checkpoint.io import load_model_from_checkpoint
 
+    check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
     base_ckpt, ft_ckpt = resolve_checkpoint(cfg.base, workspace), resolve_checkpoint(cfg.finetuned, workspace)
+    check_fine_tuned_from(base_ckpt, ft_ckpt)
     base, base_cfg = load_model_from_checkpoint(base_ckpt, cfg.device)
     finetuned, ft_cfg = load_model_from_checkpoint(ft_ckpt, cfg.device)
+    check_pi_compatible(base_cfg.model, ft_cfg.model, f"finetuned={ft_ckpt} against base={base_ckpt}")
     base_context, context = int(base_cfg.trainer.seq_len), int(ft_cfg.trainer.seq_len)
     if context <= base_context:
         raise ValueError(f"{ft_ckpt}: trained at seq_len {context}, not longer than the base's {base_context}")
+    ft_factor = float(ft_cfg.model.rope_interpolation_factor)
+    expected = float(base_cfg.model.rope_interpolation_factor) * context / base_context
+    if not math.isclose(ft_factor, expected, rel_tol=1e-6):
+        print(f"open360.analysis.long_context: warning: {ft_ckpt} was fine-tuned with "
+              f"rope_interpolation_factor {ft_factor:g}, not L'/L x the base's = {expected:g}; (b) uses "
+              f"{expected:g}", file=sys.stderr)
     shard_dir = shard_dir_for(ft_cfg, workspace, cfg.recipe)
     sequences = held_out_sequences(shard_dir, cfg.sequences, context + 1)
     from tokenizers import Tokenizer
@@ -327,7 +337,7 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
     df.to_parquet(out_dir / LONG_CONTEXT_PARQUET, index=False)
     plot_ppl_by_position(df, out_dir / LONG_CONTEXT_PLOT, base_context)
     shown = [p.relative_to(workspace) if p.is_relative_to(workspace) else p for p in (base_ckpt, ft_ckpt)]
-    report = markdown_report(df, *shown, base_context, context, stride)
+    report = markdown_report(df, *shown, base_context, context, stride, ft_factor)
     (out_dir / LONG_CONTEXT_REPORT).write_text(report + f"\n![perplexity by position]({LONG_CONTEXT_PLOT})\n")
     print(report)
     return df
@@ -336,6 +346,24 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------
 # PI fine-tuning: the trainer, started from a checkpoint's weights
 # ----------------------------------------------------------------------------------------------
+
+
+def check_fine_tuned_from(base_ckpt: Path, ft_ckpt: Path) -> None:
+    """Raise unless the fine-tuned run started from the base checkpoint's weights (its lineage records
+    `init_from.model_sha256`) and tokenizes like it: (a)/(b)/(c) compare one model before and after."""
+    from open360.checkpoint.io import MODEL_FILE, read_lineage
+
+    base, ft = read_lineage(base_ckpt), read_lineage(ft_ckpt)
+    started = (ft.get("init_from") or {}).get("model_sha256")
+    weights = (base.get("files") or {}).get(MODEL_FILE)
+    if started and weights and started != weights:
+        raise ValueError(
+            f"finetuned={ft_ckpt} was fine-tuned from {(ft.get('init_from') or {}).get('checkpoint')} (weights "
+            f"{started[:12]}…), not from base={base_ckpt} ({weights[:12]}…); pass the checkpoint it started from"
+        )
+    tokenizers = [(lin.get("data") or {}).get("tokenizer_hash") for lin in (base, ft)]
+    if all(tokenizers) and tokenizers[0] != tokenizers[1]:
+        raise ValueError(f"{base_ckpt} and {ft_ckpt} were trained with different tokenizers; they cannot be compared")
 
 
 def check_pi_compatible(base_model_cfg: Any, model_cfg: Any, where: str) -> None:
@@ -389,17 +417,27 @@ Fine-tune a checkpoint with Position Interpolation, e.g.
 def finetune_main(argv: Sequence[str]) -> int:
     """`finetune init=<ckpt> <overrides>`: compose the config and run `finetune_pi`."""
     from open360.config import compose
-    from open360.train.resources import check_resources
+    from open360.train.resources import ResourceError, check_resources
 
     inits = [a for a in argv if a.startswith("init=")]
     if len(inits) != 1 or any(a in ("-h", "--help") for a in argv):
         print(FINETUNE_USAGE, file=sys.stderr if len(inits) != 1 else sys.stdout)
         return 0 if any(a in ("-h", "--help") for a in argv) else 2
-    cfg = compose([a for a in argv if not a.startswith("init=")])
-    workspace = Path(cfg.workspace).expanduser().resolve()
-    init = resolve_checkpoint(inits[0].split("=", 1)[1], workspace)
-    finetune_pi(cfg, init, check_resources(cfg))
-    return 0
+
+    def job() -> int:
+        from hydra.errors import HydraException
+
+        try:
+            cfg = compose([a for a in argv if not a.startswith("init=")])
+            device = check_resources(cfg)
+        except (HydraException, ResourceError) as err:  # an unknown key or group, a wrong type, no GPU
+            raise ValueError(str(err).strip()) from err
+        workspace = Path(cfg.workspace).expanduser().resolve()
+        init = resolve_checkpoint(inits[0].split("=", 1)[1], workspace)
+        finetune_pi(cfg, init, device)
+        return 0
+
+    return report_errors("open360.analysis.long_context finetune", job)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -270,20 +270,23 @@ def read_lineage(path: Path) -> dict[str, Any]:
     return lineage
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Recompute the sha256 of every file listed in lineage.json; raise naming the first bad file."""
+def verify_checkpoint(path: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Recompute the sha256 of every file listed in lineage.json (or of the files `only` names); raise
+    naming the first bad file."""
     path = Path(path)
     lineage = read_lineage(path)
     files = lineage.get("files") if isinstance(lineage, dict) else None
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{path / LINEAGE_FILE}: key 'files' (sha256 per file) is missing or empty")
-    unlisted = [name for name in PAYLOAD_FILES if name not in files]
+    unlisted = [name for name in (only or PAYLOAD_FILES) if name not in files]
     if unlisted:
         raise CheckpointError(
             f"{path / LINEAGE_FILE}: key 'files' does not list {unlisted}; every checkpoint records the "
             "sha256 of each of its files — the lineage was edited or comes from elsewhere"
         )
     for name, expected in files.items():
+        if only and name not in only:
+            continue
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: listed in lineage.json but missing; re-fetch the checkpoint")
@@ -337,17 +340,32 @@ def check_architecture(path: Path, model_cfg: Any, use: str) -> None:
 
 
 def load_model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, Any]:
-    """Build the checkpoint's model from its `config.yaml` and load its weights: `(Decoder, DictConfig)`."""
-    from omegaconf import OmegaConf
-
+    """Build the checkpoint's model from its `config.yaml` and load its weights: `(Decoder, DictConfig)`.
+    Both files are checked against the sha256 that lineage.json records first (the optimizer state is
+    not read, so not hashed)."""
     path = Path(path)
     if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"{path}: expected {MODEL_FILE} and {CONFIG_FILE} in a checkpoint directory "
             "(checkpoints/<run>/step_<N>); is the step pulled (open360 ckpt pull)?"
         )
-    cfg = OmegaConf.create((path / CONFIG_FILE).read_text())
+    verify_checkpoint(path, only=(MODEL_FILE, CONFIG_FILE))
+    cfg = read_config(path)
     return model_with_weights(cfg.model, load_model_weights(path / MODEL_FILE)).to(device), cfg
+
+
+def read_config(path: Path) -> Any:
+    """The composed run config a checkpoint saved (`config.yaml`), as a DictConfig."""
+    from omegaconf import OmegaConf
+
+    file = Path(path) / CONFIG_FILE
+    try:
+        cfg = OmegaConf.create(file.read_text())
+    except Exception as err:  # yaml's parser and scanner errors, a non-UTF-8 file
+        raise CheckpointError(f"{file}: not a readable config ({type(err).__name__}: {err}); the checkpoint is corrupted") from err
+    if not OmegaConf.is_dict(cfg) or "model" not in cfg:
+        raise CheckpointError(f"{file}: no 'model' section; the checkpoint is corrupted or not open360's")
+    return cfg
 
 
 def model_with_weights(model_cfg: Any, weights: dict[str, torch.Tensor]) -> Any:

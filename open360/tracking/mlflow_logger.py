@@ -69,6 +69,7 @@ class MlflowLogger(Callback):
         self._last_flush_step = 0
         self._worker: BackgroundWorker | None = None
         self._monitor: Any = None
+        self._continued = False  # True once _start_or_resume continues an existing run
         # Without DVC, published checkpoints are recorded here (no md5); with DVC, the versioner records them.
         self.record_local_checkpoints = False
 
@@ -200,6 +201,7 @@ class MlflowLogger(Callback):
             else:
                 if info.extra.get("branch"):
                     return self._start_branch(run.info.run_id, info.start_step, tags)
+                self._continued = True
                 self._client.update_run(run.info.run_id, status="RUNNING")
                 self._client.set_tag(run.info.run_id, "open360.resumed_at_step", str(info.start_step))
                 return run.info.run_id
@@ -233,9 +235,9 @@ class MlflowLogger(Callback):
         import yaml
 
         masked_yaml = yaml.safe_dump(mask_secrets(info.config), sort_keys=False)
-        name = (
-            CONFIG_ARTIFACT if info.start_step == 0 else f"config/config_resume_step_{info.start_step}.yaml"
-        )
+        # a run's own config is config/config.yaml (a branch's run too, though it starts at a later step);
+        # a continued run adds the config it was resumed with beside it
+        name = f"config/config_resume_step_{info.start_step}.yaml" if self._continued else CONFIG_ARTIFACT
         self._client.log_text(self.run_id, masked_yaml, name)
 
     def _log_metrics(self, batch: list[Any]) -> None:

@@ -193,8 +193,106 @@ def test_export_release_folder(trained: dict, tmp_path: Path) -> None:
     assert "ckpt_002" in card and index[2]["dvc_md5"] in card
     plan = hub_upload_plan(out)
     assert plan[0][0] == "main" and [p[0] for p in plan[1:]] == ["ckpt_000", "ckpt_001", "ckpt_002"]
-    with pytest.raises(Exception, match="not empty"):
+    with pytest.raises(Exception, match="not an empty folder"):
         export_release(ws, RUN, out)
+    part = json.loads((export_release(ws, RUN, tmp_path / "part", steps="8") / "checkpoints.json").read_text())
+    assert [(c["revision"], c["step"]) for c in part] == [("ckpt_001", 8)]  # its place among all the run's
+
+
+def _tamper(ckpt: Path) -> None:
+    """Rewrite a checkpoint's weights and the sha256 lineage.json records for them (self-consistent)."""
+    from open360.checkpoint.io import load_model_weights, save_model_weights, sha256_file
+
+    weights = load_model_weights(ckpt / "model.safetensors")
+    weights["lm_head.weight"] = -weights["lm_head.weight"]
+    (ckpt / "model.safetensors").unlink()  # hardlinked read-only into the DVC cache: a new file
+    save_model_weights(weights, ckpt / "model.safetensors")
+    lineage = json.loads((ckpt / "lineage.json").read_text())
+    lineage["files"]["model.safetensors"] = sha256_file(ckpt / "model.safetensors")
+    (ckpt / "lineage.json").unlink()
+    (ckpt / "lineage.json").write_text(json.dumps(lineage))
+
+
+def test_a_rewritten_lineage_is_caught_by_the_records_kept_elsewhere(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """lineage.json vouches only for itself: a checkpoint rewritten with a matching lineage.json fails
+    against checkpoints.dvc, or (outside the DVC workspace) against the MLflow run's record, and export
+    refuses it; with neither record, lineage says the check stopped at lineage.json."""
+    ws = tmp_path / "ws"
+    subprocess.run(["cp", "-a", str(trained["ws"]), str(ws)], check=True)
+    ckpt = ws / "checkpoints" / RUN / "step_8"
+    _tamper(ckpt)
+    assert lineage_main([str(ckpt)]) == 1
+    assert "md5 differs from checkpoints.dvc" in capsys.readouterr().err
+    with pytest.raises(Exception, match=r"step 8 differs from checkpoints.dvc: .*lineage.json: md5 differs .*\(and 1 more\)"):
+        export_release(ws, RUN, tmp_path / "rel", steps="8")
+
+    alone = tmp_path / "elsewhere" / "checkpoints" / RUN / "step_8"  # no DVC workspace around it
+    alone.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(ckpt), str(alone)], check=True)
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    assert lineage_main([str(alone), "--mlflow-uri", uri]) == 1
+    assert "records dvc_md5" in capsys.readouterr().err
+    honest = tmp_path / "elsewhere" / "checkpoints" / RUN / "step_4"
+    subprocess.run(["cp", "-r", str(ws / "checkpoints" / RUN / "step_4"), str(honest)], check=True)
+    assert lineage_main([str(honest), "--mlflow-uri", uri]) == 0
+    assert "verified: all hashes match" in capsys.readouterr().out
+    untracked = json.loads((honest / "lineage.json").read_text())
+    untracked.pop("mlflow_run_id", None)
+    untracked.pop("callbacks", None)
+    (honest / "lineage.json").write_text(json.dumps(untracked))
+    assert lineage_main([str(honest)]) == 0  # no DVC or MLflow record to anchor it: said so
+    assert "the files match lineage.json only" in capsys.readouterr().out
+    renamed = honest.with_name("step_999")
+    honest.rename(renamed)
+    assert lineage_main([str(renamed)]) == 1
+    assert "records step 4, but the folder is step_999" in capsys.readouterr().err
+
+
+def test_pull_refuses_a_remote_missing_a_file_and_force_repairs_a_damaged_one(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from open360.tracking.cli import push_main
+
+    ws = trained["ws"]
+    storage = tmp_path / "storage"
+    subprocess.run(["cp", "-a", str(ws / ".dvc-storage"), str(storage)], check=True)
+    fresh = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(fresh)], check=True)
+    subprocess.run(["dvc", "remote", "modify", "--local", "local", "url", str(storage)], cwd=fresh, check=True)
+    from open360.tracking.dvc_versioning import DvcWorkspace
+
+    md5 = DvcWorkspace(ws).tracked(ws / "checkpoints" / RUN / "step_12").file_md5["model.safetensors"]
+    (lost,) = [p for p in storage.rglob("*") if p.is_file() and md5[2:] in p.name]
+    lost.unlink()
+    assert pull_main([RUN, "12", "--workspace", str(fresh)]) == 1
+    err = capsys.readouterr().err
+    assert "['model.safetensors'] could not be fetched (absent or damaged)" in err and "nothing was checked out" in err
+    assert not (fresh / "checkpoints" / RUN / "step_12").exists()
+
+    assert pull_main([RUN, "4", "--workspace", str(fresh)]) == 0
+    capsys.readouterr()
+    weights = fresh / "checkpoints" / RUN / "step_4" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.unlink()  # a new, truncated file (the checked-out one is a read-only link into the DVC cache)
+    weights.write_bytes(good[: len(good) // 2])
+    assert lineage_main([str(weights.parent)]) == 1
+    assert "open360 ckpt pull <run> <step> --force" in capsys.readouterr().err
+    assert pull_main([RUN, "4", "--workspace", str(fresh), "--force"]) == 0
+    assert weights.read_bytes() == good
+    capsys.readouterr()
+
+    state = fresh / "checkpoints" / RUN / "step_4" / "trainer_state.json"
+    state.chmod(0o644)
+    state.unlink()
+    state.write_text('{"step": 4, "loss":')
+    assert list_main([RUN, "--workspace", str(fresh)]) == 0
+    out, err = capsys.readouterr()
+    assert [row.split()[-3] for row in out.splitlines() if row.split()[0] == "4"] == ["damaged"]
+    assert "step 4 is damaged" in err
+    assert push_main(["no_such_run", "--workspace", str(fresh)]) == 1
+    assert "no such run; runs here: ['amber_tiny']" in capsys.readouterr().err
 
 
 def test_resume_continues_mlflow_run_and_reversions(trained: dict, tmp_path: Path) -> None:

@@ -59,6 +59,27 @@ def test_params_masking_and_limits() -> None:
     assert len(params["long"]) == MAX_PARAM_VALUE_LENGTH and "truncated" in params["long"]
     assert "hunter2" not in json.dumps(mask_secrets(CONFIG))
     assert config_params({"secrets": {"db": "x"}})["secrets.db"] == "***"  # a secret group hides all
+    from open360.tracking.params import mask_value
+
+    for uri, masked in (
+        ("https://:tok123@host/x", "https://:***@host/x"),  # a token with no user name
+        ("postgresql://alice:p@ss@db/x", "postgresql://alice:***@db/x"),  # a password holding '@'
+        ("http://host:5000/api", "http://host:5000/api"),
+    ):
+        assert mask_value(uri) == masked
+
+
+def test_an_unreachable_tracking_server_is_one_error_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from open360.train.trainer import TrainingError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    logger = MlflowLogger("http://alice:s3cr3tPW@127.0.0.1:9", "exp", "r", tmp_path)
+    with pytest.raises(TrainingError, match=r"MLflow tracking store http://alice:\*\*\*@127.0.0.1:9 is not reachable") as err:
+        logger.on_run_start(info(tmp_path))
+    assert "s3cr3tPW" not in str(err.value) and err.value.__cause__ is None
 
 
 def test_tracking_uri_resolves_inside_workspace(tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def load_model_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tenso
     except (SafetensorError, OSError) as err:
         raise CheckpointError(
             f"{path}: unreadable weights ({err}); the file is damaged or truncated — pull the checkpoint "
-            "again (open360 ckpt pull) or check it with open360 ckpt lineage"
+            "again (open360 ckpt pull <run> <step> --force) or check it with open360 ckpt lineage"
         ) from err
     for alias, target in json.loads(metadata.get("aliases", "{}")).items():
         state[alias] = state[target]
@@ -285,6 +285,10 @@ def verify_checkpoint(path: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
             "sha256 of each of its files — the lineage was edited or comes from elsewhere"
         )
     for name, expected in files.items():
+        if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
+            raise CheckpointError(
+                f"{path / LINEAGE_FILE}: key files[{name!r}] is {expected!r}, not a sha256; the lineage is corrupted"
+            )
         if only and name not in only:
             continue
         file = path / name
@@ -294,7 +298,8 @@ def verify_checkpoint(path: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
         if actual != expected:
             raise CheckpointError(
                 f"{file}: sha256 {actual[:16]}… does not match lineage.json ({expected[:16]}…); "
-                "the file is truncated or modified — re-fetch it (open360 ckpt pull) or use another step"
+                "the file is truncated or modified — re-fetch it (open360 ckpt pull <run> <step> --force) or "
+                "use another step"
             )
     return lineage
 

@@ -83,8 +83,11 @@ def select_steps(entries: list[CheckpointEntry], which: str, run: str = "") -> l
     )
 
 
-def pull_checkpoints(workspace: Path, run: str, which: str, remote: str | None = None) -> list[Path]:
-    """Fetch the selected checkpoints through DVC (granular: only those folders) and return their paths."""
+def pull_checkpoints(
+    workspace: Path, run: str, which: str, remote: str | None = None, force: bool = False
+) -> list[Path]:
+    """Fetch the selected checkpoints through DVC (granular: only those folders) and return their paths;
+    `force` replaces local files that differ from the record."""
     workspace = Path(workspace).expanduser().resolve()
     if not is_dvc_workspace(workspace):
         raise VersioningError(f"{workspace}: not a DVC workspace with checkpoints.dvc; nothing to pull from")
@@ -96,14 +99,21 @@ def pull_checkpoints(workspace: Path, run: str, which: str, remote: str | None =
             f"run {run!r}: steps {untracked} exist on disk but are not in checkpoints.dvc; "
             f"version them first (python -m open360.tracking.cli push {run})"
         )
-    store.pull([e.path for e in chosen])
+    store.pull([e.path for e in chosen], force=force)
     return [e.path for e in chosen]
 
 
 def trainer_state(path: Path) -> dict:
-    """The checkpoint's trainer_state.json, or {} when the folder is not on disk."""
+    """The checkpoint's trainer_state.json, {} when the folder is not on disk, {"unreadable": reason} when
+    the file is damaged (a listing shows the step as such instead of stopping)."""
     file = Path(path) / "trainer_state.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return {"unreadable": f"{file}: {err}"}
+    return state if isinstance(state, dict) else {"unreadable": f"{file}: not a JSON object"}
 
 
 def folder_size(path: Path) -> int:

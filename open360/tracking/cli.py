@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,14 @@ from open360.tracking.checkpoints import (
     run_checkpoints,
     trainer_state,
 )
-from open360.tracking.dvc_versioning import DvcWorkspace, VersioningError, push_pending
+from open360.tracking.dvc_versioning import (
+    DvcWorkspace,
+    VersioningError,
+    dvc_mismatches,
+    folder_md5,
+    push_pending,
+    step_of,
+)
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +98,7 @@ def list_main(argv: Sequence[str]) -> int:
                 "-" if tokens is None else f"{int(tokens):,}",
                 "-" if loss is None else f"{float(loss):.4f}",
                 _human(folder_size(e.path)) if e.local else "-",
-                "yes" if e.local else "no",
+                ("damaged" if "unreadable" in state else "yes") if e.local else "no",
                 e.tracked.md5[:12] if e.tracked else "untracked",
                 pushed,
             )
@@ -100,6 +106,10 @@ def list_main(argv: Sequence[str]) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    for e in entries:
+        damaged = trainer_state(e.path).get("unreadable") if e.local else None
+        if damaged:
+            print(f"step {e.step} is damaged ({damaged}); check it with open360 ckpt lineage", file=sys.stderr)
     if remote_note:
         print(remote_note, file=sys.stderr)
     return 0
@@ -112,9 +122,14 @@ def pull_main(argv: Sequence[str]) -> int:
     parser.add_argument("which", help="a step N, ~N (nearest to N), latest or all")
     _workspace_arg(parser)
     parser.add_argument("--remote", default=None, help="DVC remote (default: the default remote)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace local files that differ from checkpoints.dvc (repairs a damaged checkpoint)",
+    )
     args = parser.parse_args(list(argv))
     try:
-        paths = pull_checkpoints(Path(args.workspace), args.run, args.which, remote=args.remote)
+        paths = pull_checkpoints(Path(args.workspace), args.run, args.which, remote=args.remote, force=args.force)
     except (VersioningError, ValueError) as err:
         return _fail("open360 ckpt pull", err)
     for p in paths:
@@ -130,42 +145,24 @@ def push_main(argv: Sequence[str]) -> int:
     parser.add_argument("--remote", default=None, help="DVC remote (default: the default remote)")
     args = parser.parse_args(list(argv))
     workspace = Path(args.workspace).expanduser().resolve()
+    run_dir = workspace / "checkpoints" / args.run
+    if not run_dir.is_dir():
+        runs = sorted(p.name for p in (workspace / "checkpoints").iterdir() if p.is_dir()) \
+            if (workspace / "checkpoints").is_dir() else []
+        return _fail("open360 ckpt push", f"{run_dir}: no such run; runs here: {runs}")
     try:
         store = DvcWorkspace(workspace, remote=args.remote)
-        added = push_pending(store, workspace / "checkpoints" / args.run)
+        added = push_pending(store, run_dir)
     except VersioningError as err:
         return _fail("open360 ckpt push", err)
     print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added}; remote up to date")
     return 0
 
 
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def dvc_mismatches(path: Path, file_md5: dict[str, str]) -> list[str]:
-    """Files of a checkpoint folder whose md5 differs from (or is missing against) its DVC record."""
-    problems = []
-    for name, md5 in sorted(file_md5.items()):
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{file}: recorded in checkpoints.dvc but missing")
-        elif _md5_file(file) != md5:
-            problems.append(
-                f"{file}: md5 differs from checkpoints.dvc ({md5}); the file is modified or truncated"
-            )
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        if file.relative_to(path).as_posix() not in file_md5:
-            problems.append(f"{file}: not in checkpoints.dvc (added after versioning)")
-    return problems
-
-
-def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str], list[str]]:
-    """(provenance lines, verification errors) of one checkpoint folder."""
+def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str], list[str], bool]:
+    """(provenance lines, verification errors, anchored) of one checkpoint folder. lineage.json lists the
+    sha256 of the other files, so it vouches only for itself: `anchored` says whether the folder was also
+    matched against a record kept elsewhere (its DVC md5 in checkpoints.dvc, or the MLflow run's record)."""
     from open360.checkpoint import CheckpointError, read_lineage, verify_checkpoint
 
     path = Path(path).expanduser().resolve()
@@ -174,12 +171,15 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
     try:
         lineage = read_lineage(path)
     except CheckpointError as err:
-        return lines, [str(err)]
+        return lines, [str(err)], False
     try:
         verify_checkpoint(path)
         lines.append(f"sha256: {len(lineage.get('files', {}))} files match lineage.json")
     except CheckpointError as err:
         errors.append(str(err))
+    named = step_of(path.name)
+    if named is not None and lineage.get("step") != named:
+        errors.append(f"{path / 'lineage.json'}: records step {lineage.get('step')!r}, but the folder is {path.name}")
     code = lineage.get("code", {})
     lines += [
         f"run: {lineage.get('run_name')}   step: {lineage.get('step')}   tokens_seen: {lineage.get('tokens_seen')}",
@@ -192,7 +192,7 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
             f"tokenizer {data.get('tokenizer_hash')}  steps {data.get('steps')}"
         )
     step = lineage.get("step")
-    dvc_md5 = None
+    dvc_md5, anchored = None, False
     try:
         workspace = find_workspace(path)
         if is_dvc_workspace(workspace):
@@ -200,6 +200,7 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
             dvc_md5 = tracked.md5
             bad = dvc_mismatches(path, tracked.file_md5)
             errors += bad
+            anchored = not bad
             lines.append(
                 f"dvc md5: {dvc_md5} ({'verified' if not bad else 'MISMATCH'}, {tracked.nfiles} files)"
             )
@@ -208,8 +209,10 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
     except (VersioningError, FileNotFoundError) as err:
         lines.append(f"dvc md5: - ({err})")
         workspace = None
-    lines += _mlflow_lines(lineage, step, dvc_md5, workspace, mlflow_uri, errors)
-    return lines, errors
+    on_disk = None if dvc_md5 else folder_md5(path)  # no DVC record: what the files on disk hash to
+    lines += _mlflow_lines(lineage, step, dvc_md5 or on_disk, workspace, mlflow_uri, errors)
+    anchored = anchored or any(line.startswith("mlflow checkpoint record:") for line in lines) and not errors
+    return lines, errors, anchored
 
 
 def _mlflow_lines(
@@ -223,6 +226,8 @@ def _mlflow_lines(
     from open360.tracking import mlflow_records as mr
 
     run_id = lineage.get("mlflow_run_id") or lineage.get("callbacks", {}).get("mlflow_run_id")
+    if not isinstance(step, int):
+        return [f"mlflow: - (lineage.json records no step: {step!r})"]
     if not run_id:
         return ["mlflow: - (no mlflow_run_id in lineage.json; the run was not tracked)"]
     recorded_uri = lineage.get("callbacks", {}).get("mlflow_tracking_uri")
@@ -244,13 +249,16 @@ def _mlflow_lines(
         f"mlflow: run {run_id} ({run.info.run_name}, experiment {run.info.experiment_id}) in {resolved}",
         f"metrics at step {step}: {shown or '-'}",
     ]
-    if record:
+    if record and record.get("dvc_md5"):
         lines.append(f"mlflow checkpoint record: {record}")
-        if dvc_md5 and record.get("dvc_md5") and record["dvc_md5"] != dvc_md5:
+        if dvc_md5 and record["dvc_md5"] != dvc_md5:
             errors.append(
-                f"MLflow run {run_id} records dvc_md5 {record['dvc_md5']} for step {step}, but checkpoints.dvc "
-                f"has {dvc_md5}: the checkpoint was re-saved or the .dvc file changed since it was logged"
+                f"MLflow run {run_id} records dvc_md5 {record['dvc_md5']} for step {step}, but the folder's "
+                f"files (checkpoints.dvc, or the files on disk where it has no record) give {dvc_md5}: the "
+                "checkpoint was re-saved or modified (lineage.json included) since it was logged"
             )
+    elif record:
+        lines.append(f"mlflow checkpoint record (no dvc_md5): {record}")
     return lines
 
 
@@ -262,12 +270,18 @@ def lineage_main(argv: Sequence[str]) -> int:
         "--mlflow-uri", default=None, help="tracking URI (default: the workspace's mlflow.db)"
     )
     args = parser.parse_args(list(argv))
-    lines, errors = lineage_report(Path(args.path), args.mlflow_uri)
+    lines, errors, anchored = lineage_report(Path(args.path), args.mlflow_uri)
     print("\n".join(lines))
     for err in errors:
         print(f"open360 ckpt lineage: FAILED: {err}", file=sys.stderr)
     if not errors:
-        print("verified: all hashes match")
+        print(
+            "verified: all hashes match"
+            if anchored
+            else "verified: the files match lineage.json only — no DVC record or MLflow checkpoint record was "
+            "found to check lineage.json itself against (a rewritten lineage.json would pass); run it in the "
+            "workspace, or pass --mlflow-uri"
+        )
     return 1 if errors else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import re
 import sys
 import time
@@ -33,6 +34,49 @@ class TrackedDir:
     md5: str  # DVC md5 of the folder's own tree (`<hex>.dir`)
     nfiles: int
     file_md5: dict[str, str]  # relative file path → md5
+
+
+def tree_md5(file_md5: dict[str, str]) -> str:
+    """DVC's md5 of a folder (`<hex>.dir`) from its files' md5s (relative posix path -> md5)."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    tree = Tree()
+    for name, md5 in file_md5.items():
+        tree.add(tuple(name.split("/")), None, HashInfo("md5", md5))
+    tree.digest()
+    return tree.hash_info.value
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_md5(folder: Path) -> str:
+    """The DVC md5 a folder's files would get (what `dvc add` records), computed from the files on disk."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    return tree_md5({p.relative_to(folder).as_posix(): file_md5(p) for p in files})
+
+
+def dvc_mismatches(path: Path, recorded: dict[str, str]) -> list[str]:
+    """Files of a checkpoint folder whose md5 differs from (or is missing against) its DVC record."""
+    problems = []
+    for name, md5 in sorted(recorded.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file}: recorded in checkpoints.dvc but missing")
+        elif file_md5(file) != md5:
+            problems.append(
+                f"{file}: md5 differs from checkpoints.dvc ({md5}); the file is modified or truncated"
+            )
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.relative_to(path).as_posix() not in recorded:
+            problems.append(f"{file}: not in checkpoints.dvc (added after versioning)")
+    return problems
 
 
 def step_of(name: str) -> int | None:
@@ -300,20 +344,21 @@ class DvcWorkspace:
             or 0
         )
 
-    def pull(self, paths: Sequence[Path]) -> None:
+    def pull(self, paths: Sequence[Path], force: bool = False) -> None:
         """Fetch and check out exactly `paths` (granular pull), in time independent of the sibling count.
 
         Equivalent to `dvc pull <path>...`, but reads only the parent's tree object and the files of
         `paths`: `dvc pull` first loads every entry of checkpoints.dvc into its data index, which grows
-        with the number of checkpoints (see docs/VERSIONING.md).
+        with the number of checkpoints (see docs/VERSIONING.md). Nothing is checked out unless every file
+        is in the cache. `force`: replace local files that differ from the record (a damaged checkpoint).
         """
         rels = [self.relpath(p) for p in paths]
         if rels:
             self._retry_locked(
-                lambda repo: [self._pull_one(repo, rel) for rel in rels], "pulling", self.workspace / rels[0]
+                lambda repo: [self._pull_one(repo, rel, force) for rel in rels], "pulling", self.workspace / rels[0]
             )
 
-    def _pull_one(self, repo: Any, rel: str) -> None:
+    def _pull_one(self, repo: Any, rel: str, force: bool = False) -> None:
         from dvc.repo import lock_repo
         from dvc_data.hashfile.checkout import checkout
         from dvc_data.hashfile.hash_info import HashInfo
@@ -327,18 +372,21 @@ class DvcWorkspace:
             missing = {h for h in wanted if not cache.exists(h.value)}
             if missing:
                 remote = repo.cloud.get_remote_odb(self.remote, "pull")
-                result = transfer(remote, cache, missing, verify=True)
-                if result.failed:
+                transfer(remote, cache, missing, verify=True)
+                # a file absent from the remote, or one that fails verification there, is not transferred
+                # (and not always counted as failed): what matters is what the cache holds now
+                absent = sorted(n for n, md5 in tracked.file_md5.items() if not cache.exists(md5))
+                if absent:
                     raise VersioningError(
-                        f"pulling {self.workspace / rel}: {len(result.failed)} file(s) could not be fetched from "
-                        f"{_remote_description(repo, self.remote)}; were they pushed? "
-                        f"(`dvc push {rel}` in the workspace that trained)"
+                        f"pulling {self.workspace / rel}: {absent} could not be fetched (absent or damaged) "
+                        f"from {_remote_description(repo, self.remote)}; nothing was checked out. Were they "
+                        f"pushed? (`dvc push {rel}` in the workspace that trained)"
                     )
             tree = Tree()
             for name, md5 in tracked.file_md5.items():
                 tree.add(tuple(name.split("/")), None, HashInfo("md5", md5))
             tree.digest()
-            checkout(str(self.workspace / rel), repo.fs, tree, cache, relink=True, state=repo.state)
+            checkout(str(self.workspace / rel), repo.fs, tree, cache, relink=True, state=repo.state, force=force)
 
     def _tree(self, repo: Any, rel: str) -> tuple[Any, tuple[str, ...]]:
         from dvc.exceptions import OutputNotFoundError
@@ -379,8 +427,6 @@ class DvcWorkspace:
         )
 
     def _tracked_dir(self, repo: Any, rel: str) -> TrackedDir:
-        from dvc_data.hashfile.tree import Tree
-
         tree, prefix = self._tree(repo, rel)
         files = {}
         for key, _meta, hash_info in tree or []:
@@ -388,13 +434,7 @@ class DvcWorkspace:
                 files["/".join(key[len(prefix) :])] = hash_info.value
         if not files:
             raise VersioningError(f"{self.workspace / rel} is not recorded in its .dvc file")
-        sub = Tree()
-        for name, md5 in files.items():
-            from dvc_data.hashfile.hash_info import HashInfo
-
-            sub.add(tuple(name.split("/")), None, HashInfo("md5", md5))
-        sub.digest()
-        return TrackedDir(rel, sub.hash_info.value, len(files), files)
+        return TrackedDir(rel, tree_md5(files), len(files), files)
 
     def tracked_children(self, parent: Path) -> dict[str, TrackedDir]:
         """Folders directly under `parent` recorded in the tracking .dvc file (needs no local data)."""

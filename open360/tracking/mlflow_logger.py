@@ -75,11 +75,21 @@ class MlflowLogger(Callback):
 
     # --- trainer hooks -------------------------------------------------------------------------------
     def on_run_start(self, info: RunInfo) -> None:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
+        from open360.train.trainer import TrainingError
+
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        self.experiment_id = self._experiment_id()
-        self.run_id = self._start_or_resume(info)
+        try:
+            self.experiment_id = self._experiment_id()
+            self.run_id = self._start_or_resume(info)
+        except (MlflowException, OSError) as err:  # a server that is down, a store that cannot be opened
+            raise TrainingError(
+                f"MLflow tracking store {mask_value(self.tracking_uri)} is not reachable "
+                f"({type(err).__name__}: {mask_value(str(err)).splitlines()[0][:300]}); start it, fix "
+                "tracking.mlflow_uri, or run with tracking=off"
+            ) from None
         self._last_flush_step = info.start_step
         self._worker = BackgroundWorker(f"mlflow[{self.run_name}]")
         self._worker.submit(self._log_config, info)

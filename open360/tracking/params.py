@@ -20,8 +20,9 @@ _SECRET_KEY = re.compile(
     r"api[_\-]?key|access[_\-]?key|private[_\-]?key|secret[_\-]?key|session[_\-]?key)($|[_\-.])",
     re.IGNORECASE,
 )
-# user:password@ inside URIs (database and tracking-server URLs).
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+:)(?P<pw>[^@/\s]+)@")
+# [user]:password@ inside URIs (database and tracking-server URLs); the password runs to the last '@'
+# before the host, so that one holding '@' is hidden whole.
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/\s]+)@")
 
 
 def is_secret_key(key: str) -> bool:

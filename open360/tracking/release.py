@@ -33,7 +33,9 @@ def publishable(obj: Any, workspace: Path) -> Any:
 
 
 def ckpt_names(n: int) -> list[str]:
-    """LLM360's revision names: ckpt_000 … ckpt_<n-1>, zero-padded to at least 3 digits."""
+    """LLM360's revision names: ckpt_000 … ckpt_<n-1>, zero-padded to at least 3 digits. A release names
+    each checkpoint by its place among all the run's checkpoints, so that a partial export and a full
+    one give a step the same revision."""
     width = max(3, len(str(max(n - 1, 0))))
     return [f"ckpt_{i:0{width}d}" for i in range(n)]
 
@@ -59,12 +61,11 @@ def _metrics_table(workspace: Path, run: str, mlflow_uri: str | None, out: Path)
         return None
     import pandas as pd
 
-    rows = []
-    for key in client.get_run(run_id).data.metrics:
-        rows += [
-            {"key": key, "step": m.step, "value": m.value, "timestamp": m.timestamp}
-            for m in client.get_metric_history(run_id, key)
-        ]
+    rows = [  # one value per step: where a resumed run logged a step twice, the latest write
+        {"key": key, "step": m.step, "value": m.value, "timestamp": m.timestamp}
+        for key, steps in mr.latest_metrics(client, run_id).items()
+        for m in steps.values()
+    ]
     frame = pd.DataFrame(rows, columns=["key", "step", "value", "timestamp"]).sort_values(
         ["key", "step", "timestamp"]
     )
@@ -104,12 +105,15 @@ def export_release(
     """Write the release folder of `run` to `out` and return it (refuses a non-empty `out`)."""
     from open360.checkpoint import CheckpointError, load_model_from_checkpoint, verify_checkpoint
     from open360.models.hf import export_hf
+    from open360.tracking.dvc_versioning import dvc_mismatches
 
     workspace = Path(workspace).expanduser().resolve()
     out = Path(out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        raise ReleaseError(f"{out} exists and is not empty; choose a new --out folder")
-    chosen = _choose(run_checkpoints(workspace, run), steps, run)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReleaseError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    entries = run_checkpoints(workspace, run)
+    revision = dict(zip((e.step for e in entries), ckpt_names(len(entries)), strict=True))
+    chosen = _choose(entries, steps, run)
     absent = [e for e in chosen if not e.local]
     if absent and pull:
         for entry in absent:
@@ -122,15 +126,26 @@ def export_release(
         )
     out.mkdir(parents=True, exist_ok=True)
     index, lineages = [], []
-    for name, entry in zip(ckpt_names(len(chosen)), chosen, strict=True):
+    for entry in chosen:
+        name = revision[entry.step]
         try:
             lineage = verify_checkpoint(entry.path)
         except CheckpointError as err:
             raise ReleaseError(f"checkpoint step {entry.step} failed verification: {err}") from err
+        if entry.tracked is not None:  # the files must be the versioned ones the release names by DVC md5
+            bad = dvc_mismatches(entry.path, entry.tracked.file_md5)
+            if bad:
+                raise ReleaseError(f"checkpoint step {entry.step} differs from checkpoints.dvc: {bad[0]}"
+                                   f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}")
         model, cfg = load_model_from_checkpoint(entry.path, device="cpu")
         shard_dir = (lineage.get("data") or {}).get("shard_dir")
         tokenizer = workspace / shard_dir / "tokenizer.json" if shard_dir else None
-        export_hf(model, cfg.model, tokenizer if tokenizer and tokenizer.is_file() else None, out / name)
+        if tokenizer is not None and not tokenizer.is_file():
+            raise ReleaseError(
+                f"{tokenizer}: the tokenizer step {entry.step} was trained with is not in this workspace; fetch "
+                f"the shards (`dvc pull {shard_dir}`) or build them (`open360 data build`), then export again"
+            )
+        export_hf(model, cfg.model, tokenizer, out / name)
         published = publishable(json.loads((entry.path / "lineage.json").read_text()), workspace)
         (out / name / "open360_lineage.json").write_text(json.dumps(published, indent=2, sort_keys=True) + "\n")
         index.append(
@@ -201,7 +216,8 @@ Load one: `AutoModelForCausalLM.from_pretrained("<repo>", revision="{index[-1]["
 ## Provenance
 - code revision: `{code.get("revision")}`{" (dirty working tree)" if code.get("dirty") else ""}
 - config sha256: `{lineage.get("config_hash")}` (full config in `configs/config.yaml`)
-- MLflow run: `{run_id}`; all metrics per step in `metrics.parquet` (key, step, value, timestamp)
+- {f"MLflow run: `{run_id}`; all metrics per step in `metrics.parquet` (key, step, value, timestamp)"
+   if run_id else "MLflow: no tracked run was found when this release was exported; no `metrics.parquet`"}
 - every checkpoint folder carries `open360_lineage.json` (sha256 of each original file)
 """
 

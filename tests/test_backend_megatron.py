@@ -217,6 +217,11 @@ def test_optimizer_groups_mirror_native_decay_and_mup_lr(megatron_cpu) -> None:
     qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
     assert merged(qkv, params[qkv]) == {"lr_mult": 0.5, "eps_mult": 0.5}  # muP: 1 / width_mult (64 / 32)
     assert _optimizer_overrides(AMBER) and all("lr_mult" not in v for v in _optimizer_overrides(AMBER).values())
+    # tied embeddings under pipeline parallelism: the last stage's copy (output_layer) is undecayed too
+    copy = torch.nn.Parameter(torch.zeros(4, 4))
+    assert CRYSTAL.tie_embeddings and merged("output_layer.weight", copy) == {"wd_mult": 0.0}
+    untied = [k for k in _optimizer_overrides(AMBER) if k.matches(copy, "module.module.output_layer.weight")]
+    assert not AMBER.tie_embeddings and not untied  # an untied head decays, as in native training
 
 
 def test_biases_megatron_cannot_express_are_refused(megatron_cpu) -> None:

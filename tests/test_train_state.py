@@ -53,6 +53,9 @@ def test_find_resume(tmp_path: Path) -> None:
         find_resume_checkpoint("7", pub, rec)
     with pytest.raises(CheckpointError, match="not a complete checkpoint directory"):
         find_resume_checkpoint(str(tmp_path / "nope"), pub, rec)
+    # a fresh start would overwrite the run's checkpoints one by one: refused, with the ways on
+    with pytest.raises(CheckpointError, match=r"run 'r' already has checkpoints \(steps \[5, 10, 15\]\).*resume=auto"):
+        find_resume_checkpoint("none", pub, rec)
 
 
 def test_resume_refuses_other_manifest_or_tokenizer(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,59 @@ def test_checkpoint_start_comes_before_the_folder_and_saved_after(tmp_path: Path
     model = ScriptedLoss([2.0, 1.9, 1.8, 1.7], accum=2)
     _trainer(model, model, steps=4, settings=_settings(), tmp_path=tmp_path, callbacks=[Order()], every=2).train()
     assert events == [("start", 2, False), ("saved", 2, True), ("start", 4, False), ("saved", 4, True)]
+
+
+def test_a_step_0_checkpoint_and_changed_hyperparameters_on_resume() -> None:
+    """Saving before the first step leaves training as it would have been (torch's state-dict helpers
+    would otherwise run a zero-gradient step that starts Adam's step count at 1), a resume from it is
+    identical too, and a resume keeps the optimizer moments but takes this config's hyperparameters."""
+    cfg = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"])
+
+    def fresh(steps: int, optim: Any = None) -> Trainer:
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        t = _trainer(model, parallelize(model, DistEnv(), "ddp"), steps, _settings(seq_len=16))
+        t.optimizer = build_optimizer(model, optim or cfg.optim)
+        return t
+
+    full = fresh(6)
+    full.train()
+    zero = fresh(6)
+    at_zero = copy.deepcopy(zero.state_dict())  # what a checkpoint at step 0 saves (not live tensors)
+    assert at_zero["optimizer"]["state"] == {} and not zero.optimizer.state
+    zero.train()
+    resumed = fresh(6)
+    resumed.load_state_dict(at_zero)
+    assert not resumed.optimizer.state
+    resumed.train()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, zero.model.state_dict()[k]) and torch.equal(v, resumed.model.state_dict()[k]), k
+
+    first = fresh(6)
+    first.final_step = 3
+    first.train()
+    changed = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16",
+                       "optim.weight_decay=0.0", "optim.eps=1e-6", "optim.betas=[0.8,0.9]"]).optim
+    other = fresh(6, changed)
+    other.load_state_dict(first.state_dict())
+    assert all(g["weight_decay"] == 0.0 or g["name"] in ("embedding", "norms_biases") for g in other.optimizer.param_groups)
+    assert {g["betas"] for g in other.optimizer.param_groups} == {(0.8, 0.9)}
+    assert all(g["eps"] == 1e-6 for g in other.optimizer.param_groups)
+    assert other.optimizer.state  # the moments came along
+
+
+def test_grad_clip_0_is_no_clipping() -> None:
+    cfg = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"])
+    runs = []
+    for clip in (0.0, 1e9):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        recorder = Recorder()
+        t = _trainer(model, parallelize(model, DistEnv(), "ddp"), 3, _settings(seq_len=16, grad_clip=clip),
+                     callbacks=[recorder])
+        t.optimizer = build_optimizer(model, cfg.optim)
+        t.train()
+        runs.append((model.state_dict(), recorder.metrics))
+    (a, ma), (b, mb) = runs
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["grad_norm"] for m in ma.values()] == [m["grad_norm"] for m in mb.values()]

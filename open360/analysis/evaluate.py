@@ -338,6 +338,18 @@ def held_out_counts(df: pd.DataFrame, seq_len: int | None, asked: int) -> str:
         f" (val_sequences={asked})"
 
 
+def check_trained_tokenizer(lineage: dict[str, Any], tokenizer_hash: str, data: Any, ckpt: Any, hint: str) -> None:
+    """Raise TokenizerMismatchError unless `data` (shards) was tokenized as the checkpoint was trained."""
+    from open360.data import TokenizerMismatchError
+
+    trained_with = (lineage.get("data") or {}).get("tokenizer_hash")
+    if trained_with and trained_with != tokenizer_hash:
+        raise TokenizerMismatchError(
+            f"{data}: tokenized with tokenizer {tokenizer_hash[:12]}…, but {ckpt} was trained with "
+            f"{trained_with[:12]}…; {hint}"
+        )
+
+
 def check_device(device: str) -> None:
     """Refuse a device this machine cannot run on, before any checkpoint is read."""
     try:
@@ -397,7 +409,7 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
 def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     """Evaluate the selected checkpoints of `cfg.run`; write eval.parquet, eval_curves.png, eval.md."""
     from open360.checkpoint.io import MODEL_FILE, list_checkpoints, load_model_from_checkpoint, read_lineage
-    from open360.data import ShardSet, TokenizerMismatchError
+    from open360.data import ShardSet
 
     for key in ("batch_size", "val_sequences"):
         if getattr(cfg, key) < 1:
@@ -436,13 +448,8 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
             val_cache[shard_dir] = (load_validation_sets(shard_dir, cfg.sources, cfg.val_sequences),
                                     shard_dir / "tokenizer.json", ShardSet.open(shard_dir).tokenizer_hash)
         val_sets, tokenizer_file, shards_tokenizer = val_cache[shard_dir]
-        trained_with = (lineage.get("data") or {}).get("tokenizer_hash")
-        if trained_with and trained_with != shards_tokenizer:
-            raise TokenizerMismatchError(
-                f"{shard_dir}: tokenized with tokenizer {shards_tokenizer[:12]}, but "
-                f"{ckpt} was trained with {trained_with[:12]}; its losses there would mean nothing — give "
-                "recipe= a recipe with the run's tokenizer"
-            )
+        check_trained_tokenizer(lineage, shards_tokenizer, shard_dir, ckpt,
+                                "its losses there would mean nothing — give recipe= a recipe with the run's tokenizer")
         for source, metrics in validation_metrics(model, val_sets, cfg.batch_size, cfg.device).items():
             rows += _rows(cfg.run, step, tokens, "val", source, metrics, weights[step])
         if cfg.tasks:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from open360.analysis.eval_cli import report_errors, run_cli
-from open360.analysis.evaluate import check_device, sequence_nll, shard_dir_for
+from open360.analysis.evaluate import check_device, check_trained_tokenizer, sequence_nll, shard_dir_for
 
 LONG_CONTEXT_PARQUET = "long_context.parquet"
 LONG_CONTEXT_REPORT = "long_context.md"
@@ -396,14 +396,9 @@ def finetune_pi(cfg: DictConfig, init_checkpoint: Path | str, device: str = "cpu
     base_cfg = OmegaConf.create((init / "config.yaml").read_text())
     check_pi_compatible(base_cfg.model, cfg.model, f"init checkpoint {init}")
     workspace = Path(cfg.workspace).expanduser().resolve()
-    tokenizer_hash = ShardSet.open(shard_dir_for(cfg, workspace)).tokenizer_hash
-    base_tokenizer = (lineage.get("data") or {}).get("tokenizer_hash")
-    if base_tokenizer and base_tokenizer != tokenizer_hash:
-        raise ValueError(
-            f"{cfg.data.recipe}: its tokenizer (sha256 {tokenizer_hash[:12]}…) is not the one {init} was "
-            f"trained with ({base_tokenizer[:12]}…); fine-tune on a recipe with the base run's tokenizer spec "
-            "(see data_recipes/embedded_tiny_long.yaml)"
-        )
+    check_trained_tokenizer(lineage, ShardSet.open(shard_dir_for(cfg, workspace)).tokenizer_hash, cfg.data.recipe,
+                            init, "fine-tune on a recipe with the base run's tokenizer spec "
+                            "(see data_recipes/embedded_tiny_long.yaml)")
     return run_training(cfg, device, init_from=init)
 
 

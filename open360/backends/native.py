@@ -144,8 +144,17 @@ def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
-    """Unsharded optimizer state keyed by parameter name (portable across world sizes)."""
-    return get_optimizer_state_dict(model, optimizer, options=_options(env))
+    """Unsharded optimizer state keyed by parameter name (portable across world sizes).
+
+    An optimizer that has not stepped yet (a checkpoint at step 0) is saved with an empty state, and left
+    without one: torch's state-dict helpers fill an empty optimizer by running one zero-gradient step,
+    which would set Adam's step count to 1 before the first real step and shift every later update."""
+    fresh = not optimizer.state
+    state = get_optimizer_state_dict(model, optimizer, options=_options(env))
+    if fresh:
+        optimizer.state.clear()
+        state = {**state, "state": {}}
+    return state
 
 
 def load_full_state(
@@ -155,10 +164,17 @@ def load_full_state(
     optimizer_state: dict[str, Any],
     env: DistEnv,
 ) -> None:
-    """Load unsharded model and optimizer state (every rank passes the full dicts)."""
+    """Load unsharded model and optimizer state (every rank passes the full dicts). The optimizer's
+    moments and step counts come from the checkpoint; its hyperparameters (betas, eps, weight decay, the
+    muP lr scale) stay those of this run's config, which is what its checkpoints record."""
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)
+    if not optimizer_state.get("state"):  # saved before the first step: no zero-gradient step's state
+        optimizer.state.clear()
 
 
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:

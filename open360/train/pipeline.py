@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from open360.checkpoint.io import (
     check_writable,
     load_checkpoint,
     load_model_weights,
+    read_lineage,
     remove_stale_temp_dirs,
     verify_checkpoint,
 )
@@ -106,6 +108,15 @@ class ShardProvider:
             )
         order = DataOrder(shards, shards.seed, int(self.cfg.trainer.global_batch_size))
         chunk_ends = [stage.start + s for s in order.chunk_end_steps() if 0 < s <= stage.steps]
+        ragged = [k for k, n in enumerate(shards.chunk_sizes) if n % order.global_batch_size]
+        if ragged and self.cfg.checkpoint.policy == "per_chunk" and self.env.is_main:
+            print(
+                f"open360.train: warning: stage {stage.name!r}: chunks {ragged[:5]}{'...' if len(ragged) > 5 else ''} "
+                f"of {shard_dir.name} are not a multiple of the global batch ({order.global_batch_size}), so a "
+                "per-chunk checkpoint also holds the first sequences of the next chunk (its lineage records "
+                "exactly which); set the recipe's chunk_multiple to the global batch size to align them",
+                file=sys.stderr,
+            )
         lineage = {
             "stage": stage.name,
             "recipe": str(stage.recipe),
@@ -205,6 +216,13 @@ def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSetting
     for key in ("micro_batch_size", "log_every"):
         if int(cfg.trainer[key]) < 1:
             raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
+    if float(cfg.optim.grad_clip) < 0:
+        raise ValueError(f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 = no clipping, as in megatron)")
+    if seq_len > int(cfg.model.max_seq_len):
+        raise ValueError(
+            f"trainer.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}: the model (and its "
+            "HF export) would claim a shorter context than it was trained on; raise model.max_seq_len"
+        )
     return TrainerSettings(
         global_batch_size=int(cfg.trainer.global_batch_size),
         micro_batch_size=int(cfg.trainer.micro_batch_size),
@@ -289,6 +307,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         for d in (published_dir, recovery_dir):
             check_writable(d)
             remove_stale_temp_dirs(d)
+    resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
 
     seed_everything(int(cfg.trainer.seed))
     from open360.models import build_model
@@ -334,10 +353,16 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         trainer = Trainer(model=model, module=module, optimizer=optimizer, **common)
     lineage_base["backend"] = trainer.backend  # what resume() checks a checkpoint against
 
-    resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
     branch: dict[str, Any] | None = None
     if resume_from is not None:
         resumed_metadata = resume(trainer, resume_from)
+        resumed_lineage = read_lineage(resume_from)
+        lineage_base["resumed_from"] = {  # where this run's optimizer, data position and RNG came from
+            "checkpoint": str(Path(resume_from).resolve()),
+            "run_name": resumed_lineage.get("run_name"),
+            "step": resumed_lineage.get("step"),
+            "model_sha256": (resumed_lineage.get("files") or {}).get(MODEL_FILE),
+        }
         if env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit earlier step: a new branch
             branch = {"from_step": trainer.progress.step, "superseded": branch_folder(trainer.progress.step)}
             moved = supersede_later_checkpoints(

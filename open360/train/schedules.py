@@ -40,7 +40,11 @@ class Schedule:
             return 1.0
         floor = self.min_lr_ratio
         if self.kind == "wsd":
-            decay_steps = max(1, round(self.decay_fraction * self.total_steps))
+            decay_steps = round(self.decay_fraction * self.total_steps)
+            if self.decay_fraction > 0:
+                decay_steps = max(1, decay_steps)  # a decay phase asked for is at least one step
+            if decay_steps == 0:  # decay_fraction 0: warmup-stable, no decay
+                return 1.0
             decay_start = max(self.warmup_steps, self.total_steps - decay_steps)
             if step < decay_start:
                 return 1.0

@@ -88,9 +88,16 @@ def supersede_later_checkpoints(step: int, published_dir: Path, recovery_dir: Pa
 def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path) -> Path | None:
     """Resolve `trainer.resume`: none, auto (newest complete checkpoint, published or recovery), a step, a path."""
     resume = str(resume).strip()
-    if resume in ("", "none", "None", "null"):
-        return None
     candidates = list_checkpoints(published_dir) + list_checkpoints(recovery_dir)
+    if resume in ("", "none", "None", "null"):
+        if candidates:  # a fresh start would overwrite them step by step and mix two runs in one folder
+            raise CheckpointError(
+                f"{published_dir.parent}: run '{published_dir.name}' already has checkpoints (steps "
+                f"{sorted({s for s, _ in candidates})}); trainer.resume=none would start it over on top of "
+                "them. Continue it with trainer.resume=auto, branch from a step with trainer.resume=<step>, "
+                "or give this run another run_name"
+            )
+        return None
     if resume == "auto":
         if not candidates:
             return None

@@ -219,7 +219,8 @@ class Trainer:
                     loss = self.module(micro[:, :-1], micro[:, 1:])
                 (loss / self.accum).backward()
             total += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        max_norm = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf  # 0: norm only
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: DTensor norm
             grad_norm = grad_norm.full_tensor()
         mean_loss = all_reduce_mean(total / self.accum, self.env)

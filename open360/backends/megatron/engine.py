@@ -67,6 +67,8 @@ def _optimizer_overrides(cfg: ModelConfig) -> dict[ParamKey, dict[str, float]]:
         ParamKey(name="*.bias", predicate=ParamPredicate(name="vector", fn=lambda p: p.ndim == 1)): {"wd_mult": 0.0},
         ParamKey(name="*word_embeddings.weight"): {"wd_mult": 0.0},
     }
+    if cfg.tie_embeddings:  # with pipeline stages the last one holds its own copy of the tied embedding
+        overrides[ParamKey(name="*output_layer.weight")] = {"wd_mult": 0.0}
     scale = 1.0 / width_mult(cfg)
     if scale != 1.0:
         hidden = ParamWithNamePredicate(name="mup_hidden", fn=lambda p, n: p.ndim == 2 and ".layers." in n)

@@ -64,6 +64,12 @@ def test_layout_checks_name_the_offending_setting() -> None:
     assert layout.microbatches(16, 4) == 2
     with pytest.raises(LayoutError, match="global_batch_size=10 must be a multiple"):
         layout.microbatches(10, 4)
+    from open360.backends.megatron.layout import layout_for_run  # what the pipeline checks before building
+    from open360.config import compose
+
+    cfg = compose(["+experiment=amber_tiny", "trainer=megatron", "trainer.tensor_parallel=3"])
+    with pytest.raises(LayoutError, match="trainer.tensor_parallel=3"):
+        layout_for_run(cfg, 3, 16, 4)
 
 
 # -- conversion ----------------------------------------------------------------------------------

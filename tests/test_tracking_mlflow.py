@@ -72,12 +72,12 @@ def test_params_masking_and_limits() -> None:
 def test_an_unreachable_tracking_server_is_one_error_without_its_password(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from open360.train.trainer import TrainingError
+    from open360.tracking.mlflow_logger import TrackingError
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     logger = MlflowLogger("http://alice:s3cr3tPW@127.0.0.1:9", "exp", "r", tmp_path)
-    with pytest.raises(TrainingError, match=r"MLflow tracking store http://alice:\*\*\*@127.0.0.1:9 is not reachable") as err:
+    with pytest.raises(TrackingError, match=r"MLflow tracking store http://alice:\*\*\*@127.0.0.1:9 is not reachable") as err:
         logger.on_run_start(info(tmp_path))
     assert "s3cr3tPW" not in str(err.value) and err.value.__cause__ is None
 

@@ -55,6 +55,9 @@ def check_schema(cfg: DictConfig) -> None:
             f"config key '{key}': {str(err).splitlines()[0]} (a key added with '+' must still exist in the "
             "schema, open360/config/schema.py; check its spelling)"
         ) from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigKeyError(f"config keys {missing} have no value (???); set them, e.g. {missing[0]}=<value>")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

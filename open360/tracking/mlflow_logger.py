@@ -42,6 +42,10 @@ def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (a server that is down); the message has the URI masked."""
+
+
 class MlflowLogger(Callback):
     """Logs one run to MLflow from rank 0; every MLflow call after the run starts is on a background thread."""
 
@@ -78,14 +82,12 @@ class MlflowLogger(Callback):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        from open360.train.trainer import TrainingError
-
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
         try:
             self.experiment_id = self._experiment_id()
             self.run_id = self._start_or_resume(info)
         except (MlflowException, OSError) as err:  # a server that is down, a store that cannot be opened
-            raise TrainingError(
+            raise TrackingError(
                 f"MLflow tracking store {mask_value(self.tracking_uri)} is not reachable "
                 f"({type(err).__name__}: {mask_value(str(err)).splitlines()[0][:300]}); start it, fix "
                 "tracking.mlflow_uri, or run with tracking=off"

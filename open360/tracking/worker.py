@@ -1,4 +1,5 @@
-"""One background thread per tracking concern: jobs run in order, off the training loop, errors kept."""
+"""Background workers for tracking, off the training loop: a thread per concern (MLflow), or one
+low-priority process (DVC); jobs run in order, errors kept."""
 
 from __future__ import annotations
 

@@ -108,6 +108,13 @@ class ShardProvider:
             )
         order = DataOrder(shards, shards.seed, int(self.cfg.trainer.global_batch_size))
         chunk_ends = [stage.start + s for s in order.chunk_end_steps() if 0 < s <= stage.steps]
+        if stage.steps > order.steps_per_epoch and self.env.is_main:
+            print(
+                f"open360.train: warning: stage {stage.name!r} trains {stage.steps} steps, more than one epoch of "
+                f"{shard_dir.name} ({order.steps_per_epoch} steps of {order.global_batch_size}); the steps after "
+                "that see its sequences again, in a seeded reshuffle",
+                file=sys.stderr,
+            )
         ragged = [k for k, n in enumerate(shards.chunk_sizes) if n % order.global_batch_size]
         if ragged and self.cfg.checkpoint.policy == "per_chunk" and self.env.is_main:
             print(
@@ -308,13 +315,17 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             check_writable(d)
             remove_stale_temp_dirs(d)
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
+    settings = build_settings(cfg, device, env)
+    if cfg.trainer.backend == "megatron":  # a layout that cannot work fails before the model is built
+        from open360.backends.megatron.layout import layout_for_run
+
+        layout_for_run(cfg, env.world_size, settings.global_batch_size, settings.micro_batch_size)
 
     seed_everything(int(cfg.trainer.seed))
     from open360.models import build_model
 
     model = build_model(cfg.model)
     init_record = _load_initial_weights(model, init_from, cfg.model) if init_from is not None else None
-    settings = build_settings(cfg, device, env)
     shards = ShardProvider(cfg, workspace, env)
     writer = CheckpointWriter(
         published_dir, recovery_dir, int(cfg.checkpoint.keep_ephemeral), background=env.device.type == "cuda"

@@ -7,7 +7,9 @@
 
 Each (checkpoint, chunk) cell is written atomically to
 ``<workspace>/analysis/<run>/memorization/<tag>/cells/step_<N>-chunk_<C>.parquet`` (one row per scored
-sequence); a cell whose file exists is skipped, so an interrupted job continues where it stopped.
+sequence); a cell that reads whole and was scored with this job's settings, shards, dtype and the
+checkpoint's current weights is reused, so an interrupted job continues where it stopped (a damaged
+cell, or one of replaced weights, is scored again; one of other settings stops the job).
 ``<tag>`` names the mode and the parameters (``greedy-k32-l32-sample1000-seed42``), so a
 teacher-forced screen never mixes with exact greedy scores.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -241,3 +242,15 @@ def merge_shards(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], cfg: Mo
                 name = f"decoder.layers.{i}." + local.split(".", 3)[3]
             out[name] = full
     return out
+
+
+def layout_for_run(cfg: Any, world_size: int, global_batch_size: int, micro_batch_size: int) -> ParallelLayout:
+    """The run's parallel layout, validated against the model, the process count and the batch geometry
+    (a mismatch names the setting before any model is built)."""
+    from open360.models.decoder import as_model_config
+
+    layout = ParallelLayout.for_run(
+        as_model_config(cfg.model), int(cfg.trainer.tensor_parallel), int(cfg.trainer.pipeline_parallel), world_size
+    )
+    layout.microbatches(global_batch_size, micro_batch_size)
+    return layout

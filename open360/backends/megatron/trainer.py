@@ -74,15 +74,12 @@ def create_megatron_trainer(
 ) -> MegatronTrainer:
     """Parallel groups, engine (weights from `initial_state`, a native state dict) and trainer of a run."""
     from open360.backends.megatron.engine import initialize_parallel
-    from open360.backends.megatron.layout import ParallelLayout
+    from open360.backends.megatron.layout import layout_for_run
     from open360.models.decoder import as_model_config
 
     env, settings = trainer_kwargs["env"], trainer_kwargs["settings"]
     model_cfg = as_model_config(cfg.model)
-    layout = ParallelLayout.for_run(
-        model_cfg, int(cfg.trainer.tensor_parallel), int(cfg.trainer.pipeline_parallel), env.world_size
-    )
-    layout.microbatches(settings.global_batch_size, settings.micro_batch_size)  # fail before building
+    layout = layout_for_run(cfg, env.world_size, settings.global_batch_size, settings.micro_batch_size)
     initialize_parallel(layout, int(cfg.trainer.seed))
     engine = MegatronEngine(
         model_cfg,

@@ -317,9 +317,9 @@ def test_a_checkpoint_of_another_architecture_is_refused_by_name(tmp_path: Path,
     shorter = compose([*base, f"workspace={ws}", "trainer.max_steps=1", "trainer.resume=2"])
     with pytest.raises(TrainingError, match="checkpoint of step 2, beyond the 1 steps this config trains"):
         run_training(shorter, "cpu")
-    bad = _train("amber_tiny", ws, shards_root, "trainer.max_steps=2", "schedule.kind=foo")
+    bad = _train("amber_tiny", ws, shards_root, "run_name=other", "trainer.max_steps=2", "schedule.kind=foo")
     assert bad.returncode == 2 and "schedule.kind='foo'" in bad.stderr and "Traceback" not in bad.stderr
-    zero = _train("amber_tiny", ws, shards_root, "trainer.max_steps=2", "trainer.micro_batch_size=0")
+    zero = _train("amber_tiny", ws, shards_root, "run_name=other", "trainer.max_steps=2", "trainer.micro_batch_size=0")
     assert zero.returncode == 2 and "trainer.micro_batch_size=0 must be >= 1" in zero.stderr
     assert "Traceback" not in zero.stderr
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,9 @@ def test_bad_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     assert s["docs_after"] == {
         "read": 41,
         "exact_dedup": 41,
+        "near_dedup": 41,
         "heuristics": 40,
         "classifier": 40,
-        "near_dedup": 40,
     }
     assert s["chars_read"] > 10_000_000 > s["chars_kept"] > 0
 
@@ -103,8 +104,7 @@ def test_planted_exact_and_near_duplicates_removed(tmp_path: Path) -> None:
         "sources"
     ]["web"]
     assert s["dropped"] == {"exact_dup": 2, "near_dup": 1}
-    assert s["docs_after"]["exact_dedup"] == 31 == s["docs_after"]["classifier"]  # near-dup runs last
-    assert s["docs_kept"] == 30 == s["docs_after"]["near_dedup"]
+    assert s["docs_kept"] == 30 == s["docs_after"]["classifier"] and s["docs_after"]["exact_dedup"] == 31
 
 
 def test_text_and_dir_sources_and_invalid_utf8_file(tmp_path: Path) -> None:
@@ -404,7 +404,8 @@ def test_hf_sources_take_pattern_lists_and_repository_relative_local_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`hf_data_files` of a packaged builder resolve against the repository root (like `path`), whatever
-    the working directory, and a list of patterns reads every file (datasets does not expand {a,b})."""
+    the working directory; a list of patterns reads every file (datasets does not expand {a,b}); URLs
+    pass through untouched."""
     corpus = "data_recipes/corpus/shakespeare.jsonl.gz"
     jsonl = _recipe(tmp_path, f"  - name: s\n    type: jsonl\n    path: {corpus}\n    max_docs: 60\n")
     first = ShardSet.open(build_shards(jsonl, tmp_path / "s1"))
@@ -419,6 +420,15 @@ def test_hf_sources_take_pattern_lists_and_repository_relative_local_files(
     assert np.array_equal(
         second.sequences(np.arange(second.num_sequences)), first.sequences(np.arange(first.num_sequences))
     )
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import hub_arguments, read_source
+
+    two = ["data_recipes/corpus/pydoc_topics.jsonl.gz", "data_recipes/corpus/python_stdlib.jsonl.gz"]
+    each = [len(list(read_source(SourceSpec(name="x", type="jsonl", path=f), Counter()))) for f in two]
+    both = SourceSpec(name="x", type="hf", hf_name="json", hf_data_files=two)
+    assert len(list(read_source(both, Counter()))) == sum(each) > max(each)
+    url = SourceSpec(name="x", type="hf", hf_name="json", hf_data_files=["hf://datasets/o/n/a.jsonl"])
+    assert hub_arguments(url) == ("json", ["hf://datasets/o/n/a.jsonl"])
 
 
 def test_an_input_edited_under_the_same_recipe_is_read_again(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -345,6 +346,8 @@ def test_resuming_an_earlier_step_branches_and_auto_follows_the_branch(tmp_path:
     aside = sorted(p.name for p in (published / "superseded").glob("from_step_2-*/step_*"))
     assert aside == ["step_4", "step_6", "step_8"]
     assert [p.name for p in (recovery / "superseded").glob("from_step_2-*/step_*")] == ["step_3"]
+    resumed_from = json.loads((published / "step_4" / "lineage.json").read_text())["resumed_from"]
+    assert (resumed_from["run_name"], resumed_from["step"]) == ("amber_tiny", 2) and len(resumed_from["model_sha256"]) == 64
     summary = run_training(compose([*base, "trainer.max_steps=6", "optim.lr=1e-4", "trainer.resume=auto"]), "cpu")
     assert summary["start_step"] == 4 and summary["steps"] == 6  # the branch's step 4, not the superseded 8
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -70,3 +71,24 @@ def test_max_steps_cuts_stages_keeping_schedule() -> None:
     assert [(s.start, s.end) for s in stages] == [(0, 100), (100, 150)]
     assert stages[1].schedule.total_steps == 100  # the cut stage keeps its configured length
     assert math.isclose(lr_at(stages, 149), cfg.optim.lr * stages[1].schedule.factor(49))
+
+
+def test_wsd_without_a_decay_phase_stays_at_peak() -> None:
+    flat = Schedule("wsd", 100, 0, 0.0, 0.0)
+    assert [flat.factor(i) for i in (0, 50, 98, 99)] == [1.0, 1.0, 1.0, 1.0]
+    assert Schedule("wsd", 100, 0, 0.0, 0.2).factor(99) == 0.0  # with one, it still ends at the floor
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0"),
+        ("trainer.seq_len=256", "trainer.seq_len=256 exceeds model.max_seq_len=128"),
+    ],
+)
+def test_settings_refuse_values_that_would_train_wrongly(override: str, says: str) -> None:
+    from open360.backends.native import DistEnv
+    from open360.train.pipeline import build_settings
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        build_settings(compose(["+experiment=amber_tiny", override]), "cpu", DistEnv())

@@ -412,7 +412,9 @@ Fine-tune a checkpoint with Position Interpolation, e.g.
 def finetune_main(argv: Sequence[str]) -> int:
     """`finetune init=<ckpt> <overrides>`: compose the config and run `finetune_pi`."""
     from open360.config import compose
+    from open360.tracking.mlflow_logger import TrackingError
     from open360.train.resources import ResourceError, check_resources
+    from open360.train.trainer import TrainingError
 
     inits = [a for a in argv if a.startswith("init=")]
     if len(inits) != 1 or any(a in ("-h", "--help") for a in argv):
@@ -429,7 +431,10 @@ def finetune_main(argv: Sequence[str]) -> int:
             raise ValueError(str(err).strip()) from err
         workspace = Path(cfg.workspace).expanduser().resolve()
         init = resolve_checkpoint(inits[0].split("=", 1)[1], workspace)
-        finetune_pi(cfg, init, device)
+        try:
+            finetune_pi(cfg, init, device)
+        except (TrainingError, TrackingError) as err:  # what open360.train reports in one line too
+            raise ValueError(str(err)) from err
         return 0
 
     return report_errors("open360.analysis.long_context finetune", job)

@@ -9,6 +9,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -221,8 +222,11 @@ def _build_locked(
     # temporary files carry the worker's slot, so that a worker starting late on a shared filesystem
     # removes only what an earlier run of its own slot left, never another worker's file in progress
     tmp_prefix = f".tmp-w{worker_index}of{num_workers}"
-    for stale in out.glob(f"{tmp_prefix}-*"):
-        stale.unlink()
+    stale = list(out.glob(f"{tmp_prefix}-*"))
+    if num_workers == 1:  # a one-machine build also owns temp files of older builds and of merges
+        stale += [f for f in out.glob(".tmp-*") if re.match(r"\.tmp-(\d+|merge)-", f.name)]
+    for f in stale:
+        f.unlink(missing_ok=True)
 
     tok_json = obtain_tokenizer(recipe, root / ".tokenizers")
     # intermediates are keyed by the tokenizer's hash and the local input files as they are now: a

@@ -196,16 +196,19 @@ class _SourcePipeline:
         out["docs_kept"] = out["docs_train"] + out["docs_validation"]
         d, left = self.dropped, out["docs_read"] - self.bad["empty"] - self.bad["token_out_of_range"]
         after = {"read": left}
+        # Counted in this (the manifest's historical) order, although near-dup now runs last: a manifest of
+        # shards whose kept documents are unchanged stays byte-identical across the pipeline change, so its
+        # hash (which checkpoints record) does too. `dropped` gives each filter's own count.
         for stage, n in (
             ("exact_dedup", d["exact_dup"]),
+            ("near_dedup", d["near_dup"]),
             ("heuristics", sum(v for k, v in d.items() if k.startswith("quality:"))),
             ("classifier", d["classifier"]),
-            ("near_dedup", d["near_dup"]),
         ):
             left -= n
             after[stage] = left
         out["docs_after"] = (
-            after  # documents left after each stage (read, exact, heuristics, classifier, near)
+            after  # documents left after subtracting each filter's drops, in the order read, exact, near, heuristics, classifier
         )
         return out
 

@@ -16,6 +16,7 @@ from typing import IO, Any
 from open360.data.recipe import SourceSpec
 from open360.paths import resolve_repo_path
 
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://")
 # `datasets` builders that read local files named by data_files (type hf, hf_name: json, ...)
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 
@@ -236,7 +237,9 @@ def hub_arguments(source: SourceSpec) -> tuple[str, str | list[str] | None]:
     folder = _local_dir(source.hf_name)
     files = source.hf_data_files
     if folder is None and source.hf_name in PACKAGED_BUILDERS and files is not None:
-        files = [str(resolve_repo_path(f)) for f in ([files] if isinstance(files, str) else files)]
+        files = [  # URLs (https://, hf://, s3://, ...) go to datasets as they are
+            f if _URL.match(f) else str(resolve_repo_path(f)) for f in ([files] if isinstance(files, str) else files)
+        ]
     return (str(folder) if folder is not None else str(source.hf_name)), files
 
 
@@ -245,8 +248,12 @@ def input_fingerprint(source: SourceSpec) -> list[list[Any]]:
     that an input changed under the same recipe is read again. Hub datasets give [] (named by revision)."""
     if source.path is not None and source.type != "hf":
         files = resolve_files(source)
-    elif (folder := _local_dir(source.hf_name)) is not None:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    elif (folder := _local_dir(source.hf_name)) is not None:  # its files, less hidden ones (.git, .cache)
+        files = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
     else:
         _, data_files = hub_arguments(source)
         patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +209,8 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
     except (VersioningError, FileNotFoundError) as err:
         lines.append(f"dvc md5: - ({err})")
         workspace = None
-    on_disk = None if dvc_md5 else folder_md5(path)  # no DVC record: what the files on disk hash to
-    lines += _mlflow_lines(lineage, step, dvc_md5 or on_disk, workspace, mlflow_uri, errors)
+    # no DVC record: the MLflow record is checked against what the files on disk hash to (computed only then)
+    lines += _mlflow_lines(lineage, step, dvc_md5 or (lambda: folder_md5(path)), workspace, mlflow_uri, errors)
     anchored = anchored or any(line.startswith("mlflow checkpoint record:") for line in lines) and not errors
     return lines, errors, anchored
 
@@ -218,7 +218,7 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
 def _mlflow_lines(
     lineage: dict[str, Any],
     step: Any,
-    dvc_md5: str | None,
+    dvc_md5: str | Callable[[], str] | None,
     workspace: Path | None,
     uri: str | None,
     errors: list[str],
@@ -251,6 +251,7 @@ def _mlflow_lines(
     ]
     if record and record.get("dvc_md5"):
         lines.append(f"mlflow checkpoint record: {record}")
+        dvc_md5 = dvc_md5() if callable(dvc_md5) else dvc_md5
         if dvc_md5 and record["dvc_md5"] != dvc_md5:
             errors.append(
                 f"MLflow run {run_id} records dvc_md5 {record['dvc_md5']} for step {step}, but the folder's "

@@ -314,12 +314,12 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         for d in (published_dir, recovery_dir):
             check_writable(d)
             remove_stale_temp_dirs(d)
-    resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
     settings = build_settings(cfg, device, env)
     if cfg.trainer.backend == "megatron":  # a layout that cannot work fails before the model is built
         from open360.backends.megatron.layout import layout_for_run
 
         layout_for_run(cfg, env.world_size, settings.global_batch_size, settings.micro_batch_size)
+    resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
 
     seed_everything(int(cfg.trainer.seed))
     from open360.models import build_model

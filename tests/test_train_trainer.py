@@ -103,6 +103,19 @@ def _settings(**kw: Any) -> TrainerSettings:
     return TrainerSettings(**{**base, **kw})
 
 
+TINY = ["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"]
+
+
+def _decoder_trainer(steps: int, optim: Any = None, callbacks: list[Callback] | None = None, **kw: Any) -> Trainer:
+    """A seeded 1-layer amber_tiny Trainer over FakeOrder batches (`optim`: another optim config)."""
+    cfg = compose(TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    t = _trainer(model, parallelize(model, DistEnv(), "ddp"), steps, _settings(seq_len=16, **kw), callbacks=callbacks)
+    t.optimizer = build_optimizer(model, optim or cfg.optim)
+    return t
+
+
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     values = [2.0, 1.9, 1.8, 1.7, float("nan"), 1.5]
     model = ScriptedLoss(values, accum=2)
@@ -156,14 +169,7 @@ def test_grad_accumulation_matches_one_big_micro_batch() -> None:
 
 
 def test_state_dict_round_trip_continues_identically() -> None:
-    cfg = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"])
-
-    def fresh(steps: int) -> Trainer:
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
-        t = _trainer(model, parallelize(model, DistEnv(), "ddp"), steps, _settings(seq_len=16))
-        t.optimizer = build_optimizer(model, cfg.optim)
-        return t
+    fresh = _decoder_trainer
 
     full = fresh(6)
     full.train()
@@ -201,15 +207,7 @@ def test_a_step_0_checkpoint_and_changed_hyperparameters_on_resume() -> None:
     """Saving before the first step leaves training as it would have been (torch's state-dict helpers
     would otherwise run a zero-gradient step that starts Adam's step count at 1), a resume from it is
     identical too, and a resume keeps the optimizer moments but takes this config's hyperparameters."""
-    cfg = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"])
-
-    def fresh(steps: int, optim: Any = None) -> Trainer:
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
-        t = _trainer(model, parallelize(model, DistEnv(), "ddp"), steps, _settings(seq_len=16))
-        t.optimizer = build_optimizer(model, optim or cfg.optim)
-        return t
-
+    fresh = _decoder_trainer
     full = fresh(6)
     full.train()
     zero = fresh(6)
@@ -226,8 +224,7 @@ def test_a_step_0_checkpoint_and_changed_hyperparameters_on_resume() -> None:
     first = fresh(6)
     first.final_step = 3
     first.train()
-    changed = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16",
-                       "optim.weight_decay=0.0", "optim.eps=1e-6", "optim.betas=[0.8,0.9]"]).optim
+    changed = compose([*TINY, "optim.weight_decay=0.0", "optim.eps=1e-6", "optim.betas=[0.8,0.9]"]).optim
     other = fresh(6, changed)
     other.load_state_dict(first.state_dict())
     assert all(g["weight_decay"] == 0.0 or g["name"] in ("embedding", "norms_biases") for g in other.optimizer.param_groups)
@@ -237,17 +234,12 @@ def test_a_step_0_checkpoint_and_changed_hyperparameters_on_resume() -> None:
 
 
 def test_grad_clip_0_is_no_clipping() -> None:
-    cfg = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"])
     runs = []
     for clip in (0.0, 1e9):
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
         recorder = Recorder()
-        t = _trainer(model, parallelize(model, DistEnv(), "ddp"), 3, _settings(seq_len=16, grad_clip=clip),
-                     callbacks=[recorder])
-        t.optimizer = build_optimizer(model, cfg.optim)
+        t = _decoder_trainer(3, callbacks=[recorder], grad_clip=clip)
         t.train()
-        runs.append((model.state_dict(), recorder.metrics))
+        runs.append((t.model.state_dict(), recorder.metrics))
     (a, ma), (b, mb) = runs
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["grad_norm"] for m in ma.values()] == [m["grad_norm"] for m in mb.values()]

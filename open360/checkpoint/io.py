@@ -344,17 +344,18 @@ def check_architecture(path: Path, model_cfg: Any, use: str) -> None:
         )
 
 
-def load_model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[Any, Any]:
+def load_model_from_checkpoint(path: Path, device: str = "cpu", verify: bool = True) -> tuple[Any, Any]:
     """Build the checkpoint's model from its `config.yaml` and load its weights: `(Decoder, DictConfig)`.
     Both files are checked against the sha256 that lineage.json records first (the optimizer state is
-    not read, so not hashed)."""
+    not read, so not hashed); `verify=False` for a caller that has just verified the whole folder."""
     path = Path(path)
     if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"{path}: expected {MODEL_FILE} and {CONFIG_FILE} in a checkpoint directory "
             "(checkpoints/<run>/step_<N>); is the step pulled (open360 ckpt pull)?"
         )
-    verify_checkpoint(path, only=(MODEL_FILE, CONFIG_FILE))
+    if verify:
+        verify_checkpoint(path, only=(MODEL_FILE, CONFIG_FILE))
     cfg = read_config(path)
     return model_with_weights(cfg.model, load_model_weights(path / MODEL_FILE)).to(device), cfg
 

@@ -33,16 +33,20 @@ class Doc:
     token_ids: list[int] | None = None
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files under `folder`, sorted; hidden files and everything under hidden folders (.git, .cache)
+    are not data."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 def resolve_files(source: SourceSpec) -> list[Path]:
     """The local files of a source, sorted; a missing path is an error naming the source."""
     assert source.path is not None
     base = resolve_repo_path(source.path)
     if base.is_dir():
-        files = sorted(
-            p
-            for p in base.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)
-        )  # hidden files and everything under hidden folders (.git, .cache) are not documents
+        files = visible_files(base)
     elif any(c in source.path for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(base), recursive=True) if Path(p).is_file())
     else:
@@ -248,12 +252,8 @@ def input_fingerprint(source: SourceSpec) -> list[list[Any]]:
     that an input changed under the same recipe is read again. Hub datasets give [] (named by revision)."""
     if source.path is not None and source.type != "hf":
         files = resolve_files(source)
-    elif (folder := _local_dir(source.hf_name)) is not None:  # its files, less hidden ones (.git, .cache)
-        files = sorted(
-            p
-            for p in folder.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        )
+    elif (folder := _local_dir(source.hf_name)) is not None:
+        files = visible_files(folder)
     else:
         _, data_files = hub_arguments(source)
         patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,9 @@ def list_main(argv: Sequence[str]) -> int:
     except (VersioningError, ValueError, FileNotFoundError) as err:
         return _fail("open360 ckpt list", err)
     rows = [("step", "tokens_seen", "loss", "size", "on_disk", "dvc", "pushed")]
+    states = {e.step: trainer_state(e.path) if e.local else {} for e in entries}
     for e in entries:
-        state = trainer_state(e.path) if e.local else {}
+        state = states[e.step]
         tokens = state.get("tokens_seen", metrics.get("tokens_seen", {}).get(e.step))
         loss = state.get("loss", metrics.get("loss", {}).get(e.step))
         if e.tracked is None:
@@ -106,10 +107,9 @@ def list_main(argv: Sequence[str]) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-    for e in entries:
-        damaged = trainer_state(e.path).get("unreadable") if e.local else None
-        if damaged:
-            print(f"step {e.step} is damaged ({damaged}); check it with open360 ckpt lineage", file=sys.stderr)
+    for step, state in states.items():
+        if "unreadable" in state:
+            print(f"step {step} is damaged ({state['unreadable']}); check it with open360 ckpt lineage", file=sys.stderr)
     if remote_note:
         print(remote_note, file=sys.stderr)
     return 0
@@ -209,32 +209,37 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
     except (VersioningError, FileNotFoundError) as err:
         lines.append(f"dvc md5: - ({err})")
         workspace = None
-    # no DVC record: the MLflow record is checked against what the files on disk hash to (computed only then)
-    lines += _mlflow_lines(lineage, step, dvc_md5 or (lambda: folder_md5(path)), workspace, mlflow_uri, errors)
-    anchored = anchored or any(line.startswith("mlflow checkpoint record:") for line in lines) and not errors
+    mlflow_lines, recorded = _mlflow_lines(lineage, step, workspace, mlflow_uri)
+    lines += mlflow_lines
+    if recorded:  # without a DVC record, what the files on disk hash to (computed only when needed)
+        actual = dvc_md5 or folder_md5(path)
+        if actual == recorded:
+            anchored = anchored or not errors
+        else:
+            errors.append(
+                f"the MLflow run records dvc_md5 {recorded} for step {step}, but the folder's files "
+                f"(checkpoints.dvc, or the files on disk where it has no record) give {actual}: the "
+                "checkpoint was re-saved or modified (lineage.json included) since it was logged"
+            )
     return lines, errors, anchored
 
 
 def _mlflow_lines(
-    lineage: dict[str, Any],
-    step: Any,
-    dvc_md5: str | Callable[[], str] | None,
-    workspace: Path | None,
-    uri: str | None,
-    errors: list[str],
-) -> list[str]:
+    lineage: dict[str, Any], step: Any, workspace: Path | None, uri: str | None
+) -> tuple[list[str], str | None]:
+    """(lines on the checkpoint's MLflow run, the DVC md5 its checkpoint record holds, if any)."""
     from open360.tracking import mlflow_records as mr
 
     run_id = lineage.get("mlflow_run_id") or lineage.get("callbacks", {}).get("mlflow_run_id")
     if not isinstance(step, int):
-        return [f"mlflow: - (lineage.json records no step: {step!r})"]
+        return [f"mlflow: - (lineage.json records no step: {step!r})"], None
     if not run_id:
-        return ["mlflow: - (no mlflow_run_id in lineage.json; the run was not tracked)"]
+        return ["mlflow: - (no mlflow_run_id in lineage.json; the run was not tracked)"], None
     recorded_uri = lineage.get("callbacks", {}).get("mlflow_tracking_uri")
     resolved = mr.workspace_uri(workspace, uri) if workspace is not None else uri
     resolved = resolved or (recorded_uri if recorded_uri and "***" not in recorded_uri else None)
     if resolved is None:
-        return [f"mlflow: run {run_id} (no tracking store found; pass --mlflow-uri)"]
+        return [f"mlflow: run {run_id} (no tracking store found; pass --mlflow-uri)"], None
     from mlflow.exceptions import MlflowException
 
     try:
@@ -243,24 +248,15 @@ def _mlflow_lines(
         metrics = mr.metrics_at(client, run_id, int(step))
         record = mr.checkpoint_record(client, run_id, int(step))
     except MlflowException as err:
-        return [f"mlflow: run {run_id} not readable in {resolved} ({err}); pass --mlflow-uri"]
+        return [f"mlflow: run {run_id} not readable in {resolved} ({err}); pass --mlflow-uri"], None
     shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
     lines = [
         f"mlflow: run {run_id} ({run.info.run_name}, experiment {run.info.experiment_id}) in {resolved}",
         f"metrics at step {step}: {shown or '-'}",
     ]
-    if record and record.get("dvc_md5"):
+    if record:
         lines.append(f"mlflow checkpoint record: {record}")
-        dvc_md5 = dvc_md5() if callable(dvc_md5) else dvc_md5
-        if dvc_md5 and record["dvc_md5"] != dvc_md5:
-            errors.append(
-                f"MLflow run {run_id} records dvc_md5 {record['dvc_md5']} for step {step}, but the folder's "
-                f"files (checkpoints.dvc, or the files on disk where it has no record) give {dvc_md5}: the "
-                "checkpoint was re-saved or modified (lineage.json included) since it was logged"
-            )
-    elif record:
-        lines.append(f"mlflow checkpoint record (no dvc_md5): {record}")
-    return lines
+    return lines, (record or {}).get("dvc_md5")
 
 
 def lineage_main(argv: Sequence[str]) -> int:

@@ -137,7 +137,7 @@ def export_release(
             if bad:
                 raise ReleaseError(f"checkpoint step {entry.step} differs from checkpoints.dvc: {bad[0]}"
                                    f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}")
-        model, cfg = load_model_from_checkpoint(entry.path, device="cpu")
+        model, cfg = load_model_from_checkpoint(entry.path, device="cpu", verify=False)  # verified above
         shard_dir = (lineage.get("data") or {}).get("shard_dir")
         tokenizer = workspace / shard_dir / "tokenizer.json" if shard_dir else None
         if tokenizer is not None and not tokenizer.is_file():

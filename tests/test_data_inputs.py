@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -492,3 +493,74 @@ def test_data_verbs_print_one_line_on_bad_input(tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stderr.startswith("open360 data batch:") and "no manifest.json" in r.stderr
     r = run("seen", "--shards", str(tmp_path), "--step", "-1", "--global-batch-size", "4")
     assert r.returncode == 2 and "--step -1: steps count from 0" in r.stderr
+
+
+def test_hub_inputs_are_pinned_by_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hf_revision` / `tokenizer.revision` reach the hub loaders and the recipe hash; unset, they leave
+    older recipes' hashes alone, and a build of a hub input no commit pins warns."""
+    import datasets
+
+    import open360.data.tokenizer as tokenizer_module
+    from open360.data.recipe import recipe_hash, recipe_to_dict, unpinned_hub_inputs
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    hub = "  - name: web\n    type: hf\n    hf_name: org/web\n"
+    unpinned = load_recipe(_recipe(tmp_path, hub))
+    pinned = load_recipe(_recipe(tmp_path, hub + f"    hf_revision: '{sha}'\n"))
+    assert "hf_revision" not in recipe_to_dict(unpinned)["sources"][0]
+    assert "revision" not in recipe_to_dict(unpinned)["tokenizer"]
+    assert recipe_hash(unpinned) != recipe_hash(pinned)
+    assert unpinned_hub_inputs(unpinned) == ["source 'web' (org/web)"]
+    assert unpinned_hub_inputs(pinned) == []
+    assert unpinned_hub_inputs(load_recipe(_recipe(tmp_path, hub + "    hf_revision: main\n"))) != []
+
+    docs = [json.loads(line) for line in _small_corpus(tmp_path).read_text().splitlines()]
+    calls: list[dict] = []
+
+    def fake_load_dataset(path: str, name: str | None = None, **kwargs: object) -> list[dict]:
+        calls.append({"path": path, **kwargs})
+        return docs
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    with pytest.warns(UserWarning, match=r"source 'web' \(org/web\) not pinned to a hub commit"):
+        build_shards(_recipe(tmp_path, hub), tmp_path / "s1")
+    assert "revision" not in calls[-1]
+    tokenizer_file = ShardSet.open(
+        build_shards(_recipe(tmp_path, hub + f"    hf_revision: '{sha}'\n"), tmp_path / "s2")
+    ).tokenizer_path
+    assert calls[-1]["path"] == "org/web" and calls[-1]["revision"] == sha
+    asked: list[tuple[str, str]] = []
+
+    real_tokenizer = tokenizer_module.Tokenizer
+
+    class HubTokenizer:  # the hub's loader, on a local tokenizer.json
+        @staticmethod
+        def from_pretrained(name: str, revision: str = "main") -> object:
+            asked.append((name, revision))
+            return real_tokenizer.from_file(str(tokenizer_file))
+
+    monkeypatch.setattr(tokenizer_module, "Tokenizer", HubTokenizer)
+    p = _recipe(tmp_path, hub + f"    hf_revision: '{sha}'\n")
+    p.write_text(
+        p.read_text().replace(
+            "tokenizer: {kind: train, vocab_size: 300, train_max_chars: 200000}",
+            f"tokenizer: {{kind: hub, name: org/tok, revision: '{sha}'}}",
+        )
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every hub input pinned: no warning
+        ShardSet.open(build_shards(p, tmp_path / "s3"))
+    assert asked == [("org/tok", sha)]
+
+    local = tmp_path / "x.jsonl"
+    with pytest.raises(RecipeError, match="'hf_revision' pins a hub dataset"):
+        load_recipe(_recipe(tmp_path, _src("web", local) + "    hf_revision: main\n"))
+    json_builder = f"  - name: web\n    type: hf\n    hf_name: json\n    hf_data_files: '{local}'\n    hf_revision: main\n"
+    with pytest.raises(RecipeError, match="'hf_revision' pins a hub repository, and 'json' reads local files"):
+        load_recipe(_recipe(tmp_path, json_builder))
+    trained_with_revision = _recipe(tmp_path, _src("web", local), "")
+    trained_with_revision.write_text(
+        trained_with_revision.read_text().replace("train_max_chars: 200000}", "train_max_chars: 200000, revision: main}")
+    )
+    with pytest.raises(RecipeError, match="key 'tokenizer.revision': only kind hub has a revision"):
+        load_recipe(trained_with_revision)

@@ -244,3 +244,23 @@ def test_finetune_bad_input_exits_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("open360.analysis.long_context finetune: ") and says in err, err
         assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", ["training", "tracking"])
+def test_finetune_training_and_tracking_errors_exit_with_one_line(tmp_path, capsys, monkeypatch, error):
+    """What `open360.train` reports in one line (a TrainingError, a TrackingError) is one line here too."""
+    import open360.analysis.long_context as long_context
+    from open360.tracking.mlflow_logger import TrackingError
+    from open360.train.trainer import TrainingError
+
+    raised = {"training": TrainingError, "tracking": TrackingError}[error](f"the {error} stage says no")
+
+    def fail(cfg, init, device):
+        assert init == tmp_path / "base" / "step_4"
+        raise raised
+
+    monkeypatch.setattr(long_context, "resolve_checkpoint", lambda spec, workspace: tmp_path / spec)
+    monkeypatch.setattr(long_context, "finetune_pi", fail)
+    assert long_context.main(["finetune", "init=base/step_4", "+experiment=amber_tiny_pi", f"workspace={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"open360.analysis.long_context finetune: the {error} stage says no", err

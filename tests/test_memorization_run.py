@@ -479,3 +479,23 @@ def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str
     from open360.analysis.memorization.job import job_tag
 
     assert job_tag(parse_args(_job(root, "shards=shards/stage_b"))).endswith("-seed42-stage_b")
+
+
+def test_a_damaged_checkpoint_is_named_not_scored(trained_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    """A weights file that no longer matches its lineage.json (one flipped byte) stops the job before
+    it is scored, naming the file; no cell is written for it."""
+    from open360.analysis.memorization.job import main
+
+    root, _ = trained_run
+    weights = root / "checkpoints" / RUN / "step_20" / "model.safetensors"
+    original = weights.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01
+    try:
+        weights.write_bytes(bytes(damaged))
+        assert main(_job(root, "checkpoints=20", "chunks=0", f"out_dir={tmp_path}", "report=false")) == 2
+    finally:
+        weights.write_bytes(original)
+    err = capsys.readouterr().err
+    assert f"{weights}: sha256" in err and "does not match lineage.json" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("**/*.parquet"))

@@ -243,3 +243,43 @@ def test_grad_clip_0_is_no_clipping() -> None:
     (a, ma), (b, mb) = runs
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["grad_norm"] for m in ma.values()] == [m["grad_norm"] for m in mb.values()]
+
+
+@pytest.mark.parametrize(
+    ("batch", "max_steps", "warned"),
+    [(7, 100_000, ("more than one epoch", "not a multiple of the global batch (7)")), (4, 1, ())],
+)
+def test_stage_data_warns_of_a_second_epoch_and_ragged_per_chunk_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], batch: int, max_steps: int, warned: tuple[str, ...]
+) -> None:
+    """A stage longer than its shards' epoch, and per-chunk checkpoints over chunks that are not batch
+    multiples (a checkpoint would hold the next chunk's first sequences), are said before training."""
+    from open360.train.pipeline import ShardProvider
+    from open360.train.schedules import build_stages
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: small\nsources:\n  - {name: s, type: jsonl, path: data_recipes/corpus/shakespeare.jsonl.gz, "
+        "max_docs: 60}\ntokenizer: {kind: train, vocab_size: 300}\nseq_len: 16\nnum_chunks: 2\n"
+        "chunk_multiple: 4\nvalidation: {fraction: 0.0, max_sequences: 0}\n"
+    )
+    cfg = compose(
+        [
+            "+experiment=amber_tiny",
+            f"workspace={tmp_path}",
+            "tracking=off",
+            f"data.recipe={recipe}",
+            "trainer.seq_len=16",
+            "model.max_seq_len=16",
+            f"trainer.global_batch_size={batch}",
+            f"trainer.micro_batch_size={batch}",
+            f"trainer.max_steps={max_steps}",
+        ]
+    )
+    stage = build_stages(cfg)[0]
+    data = ShardProvider(cfg, tmp_path, DistEnv()).open(stage)
+    assert data.order.batch(0).shape == (batch, 17)
+    err = capsys.readouterr().err
+    assert [w for w in ("more than one epoch", f"not a multiple of the global batch ({batch})") if w in err] == list(
+        warned
+    )

@@ -27,6 +27,7 @@ from open360.data.recipe import (
     load_recipe,
     recipe_hash,
     recipe_to_dict,
+    unpinned_hub_inputs,
 )
 from open360.data.shards import (
     MANIFEST,
@@ -228,6 +229,12 @@ def _build_locked(
     for f in stale:
         f.unlink(missing_ok=True)
 
+    if unpinned := unpinned_hub_inputs(recipe):
+        warnings.warn(
+            f"recipe '{recipe.name}': {', '.join(unpinned)} not pinned to a hub commit (set a 40-hex "
+            "sha as hf_revision / tokenizer.revision): a later build of this recipe may read other data",
+            stacklevel=3,
+        )
     tok_json = obtain_tokenizer(recipe, root / ".tokenizers")
     # intermediates are keyed by the tokenizer's hash and the local input files as they are now: a
     # tokenizer file (kind file / hub) or an input changed under the same recipe is read again, never

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from open360.paths import resolve_repo_path
 SOURCE_TYPES = ("jsonl", "parquet", "text", "dir", "hf", "llm360_chunks")
 TOKENIZER_KINDS = ("train", "file", "hub")
 FORMAT_VERSION = "open360-shards/1"
+# `datasets` builders that read the data files they are given (type hf, hf_name: json, ...)
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 FIM_TOKENS = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>")
 
 
@@ -41,6 +45,8 @@ class SourceSpec:
     path: str | None = None  # file, glob or folder (relative to the repository root) for local types
     hf_name: str | None = None  # hub dataset name (type hf, or llm360_chunks read from the hub)
     hf_config: str | None = None
+    # hub commit (40-hex sha), tag or branch of hf_name; only a commit sha pins what is read
+    hf_revision: str | None = None
     # a pattern or a list of them, e.g. "train/train_00*.jsonl" for LLM360 chunk repositories; relative
     # to the dataset repository, or (hf_name: json, parquet, ...) to the repository root
     hf_data_files: Any = None
@@ -125,6 +131,7 @@ class TokenizerSpec:
     vocab_size: int = 4096
     path: str | None = None  # kind=file: a tokenizer.json
     name: str | None = None  # kind=hub: a hub repository with tokenizer.json (contacted at build time)
+    revision: str | None = None  # kind=hub: commit sha, tag or branch of `name` (a sha pins it)
     eos_token: str = "<|endoftext|>"
     special_tokens: list[str] = field(default_factory=list)  # added after eos (e.g. FIM tokens)
     train_sources: list[str] = field(default_factory=list)  # empty = every source of the recipe
@@ -210,6 +217,19 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
             _check(bool(s.path or s.hf_name), key, "type llm360_chunks needs 'path' or 'hf_name'")
         else:
             _check(bool(s.path), key, f"type {s.type} needs 'path'")
+        if s.hf_revision is not None:
+            _check(
+                s.type == "hf" or (s.type == "llm360_chunks" and not s.path),
+                key,
+                "'hf_revision' pins a hub dataset ('hf_name'); a local source has no revision — pin its "
+                "file with 'sha256'",
+            )
+            _check(
+                s.hf_name not in PACKAGED_BUILDERS and not resolve_repo_path(s.hf_name).is_dir(),
+                key,
+                f"'hf_revision' pins a hub repository, and '{s.hf_name}' reads local files or a local "
+                "folder; drop it, or read local files with type jsonl/parquet and pin them with 'sha256'",
+            )
         _check(0 <= s.fim.rate <= 1 and 0 <= s.fim.spm_rate <= 1, key, "fim rates must lie in [0, 1]")
         _check(s.max_docs is None or s.max_docs > 0, key, "max_docs must be positive")
         _check(
@@ -230,6 +250,8 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
         _check(bool(tok.path), f"{where}: key 'tokenizer.path'", "kind file needs a path to tokenizer.json")
     if tok.kind == "hub":
         _check(bool(tok.name), f"{where}: key 'tokenizer.name'", "kind hub needs a hub repository name")
+    else:
+        _check(tok.revision is None, f"{where}: key 'tokenizer.revision'", "only kind hub has a revision")
     if tok.kind == "train":
         _check(
             tok.vocab_size >= 260,
@@ -273,6 +295,20 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     _check(m is None or m > 0, f"{where}: key 'mix.total_sequences'", "must be positive or null")
     _check(recipe.row_group_size >= 1, f"{where}: key 'row_group_size'", "must be >= 1")
     _check(recipe.doc_batch_size >= 1, f"{where}: key 'doc_batch_size'", "must be >= 1")
+
+
+def unpinned_hub_inputs(recipe: RecipeSpec) -> list[str]:
+    """Names of the recipe's hub inputs that no commit sha pins (a branch or tag can move): a build
+    records the recipe, not what the hub served, so these make shards that a rebuild may not repeat."""
+    out = []
+    for s in recipe.sources:
+        on_hub = s.hf_name and not (s.type == "llm360_chunks" and s.path) and s.hf_name not in PACKAGED_BUILDERS
+        if on_hub and not resolve_repo_path(s.hf_name).is_dir() and not _COMMIT.fullmatch(s.hf_revision or ""):
+            out.append(f"source '{s.name}' ({s.hf_name})")
+    tok = recipe.tokenizer
+    if tok.kind == "hub" and not _COMMIT.fullmatch(tok.revision or ""):
+        out.append(f"tokenizer ({tok.name})")
+    return out
 
 
 def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
@@ -329,8 +365,15 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
 
 
 def recipe_to_dict(recipe: RecipeSpec) -> dict[str, Any]:
-    """Plain, JSON-serializable form of a recipe (the form recorded in the manifest)."""
-    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)  # type: ignore[return-value]
+    """Plain, JSON-serializable form of a recipe (the form recorded in the manifest and hashed). Keys
+    added after the format's first release are left out while unset, so older recipes keep their hash."""
+    d: dict[str, Any] = OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)  # type: ignore[assignment]
+    for src in d["sources"]:
+        if src["hf_revision"] is None:
+            del src["hf_revision"]
+    if d["tokenizer"]["revision"] is None:
+        del d["tokenizer"]["revision"]
+    return d
 
 
 def canonical_json(obj: Any) -> str:

@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from open360.data.recipe import SourceSpec
+from open360.data.recipe import PACKAGED_BUILDERS, SourceSpec
 from open360.paths import resolve_repo_path
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://")
-# `datasets` builders that read local files named by data_files (type hf, hf_name: json, ...)
-PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 
 
 class SourceError(ValueError):
@@ -199,7 +197,9 @@ def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
         where = source.path
     else:
         name, data_files = hub_arguments(source)
-        kwargs = {"data_files": data_files} if data_files else {}
+        kwargs: dict[str, Any] = {"data_files": data_files} if data_files else {}
+        if source.hf_revision is not None:
+            kwargs["revision"] = source.hf_revision
         ds = datasets.load_dataset(
             name, source.hf_config, split=source.split, streaming=source.streaming, **kwargs
         )
@@ -249,7 +249,7 @@ def hub_arguments(source: SourceSpec) -> tuple[str, str | list[str] | None]:
 
 def input_fingerprint(source: SourceSpec) -> list[list[Any]]:
     """(path, size, mtime) of a source's local input files: what caches of its reading are keyed by, so
-    that an input changed under the same recipe is read again. Hub datasets give [] (named by revision)."""
+    that an input changed under the same recipe is read again. Hub datasets give [] (`hf_revision` names them)."""
     if source.path is not None and source.type != "hf":
         files = resolve_files(source)
     elif (folder := _local_dir(source.hf_name)) is not None:

@@ -20,6 +20,7 @@ _SOURCE_READ_KEYS = (
     "path",
     "hf_name",
     "hf_config",
+    "hf_revision",
     "hf_data_files",
     "split",
     "text_field",
@@ -46,7 +47,7 @@ def training_key(recipe: RecipeSpec) -> str:
     d = recipe_to_dict(recipe)
     tok = d["tokenizer"]
     names = tok["train_sources"] or [s["name"] for s in d["sources"]]
-    srcs = [{k: s[k] for k in _SOURCE_READ_KEYS} for s in d["sources"] if s["name"] in names]
+    srcs = [{k: s[k] for k in _SOURCE_READ_KEYS if k in s} for s in d["sources"] if s["name"] in names]
     payload = {
         "trainer": TRAINER_VERSION,
         "tokenizer": tok,
@@ -110,7 +111,7 @@ def obtain_tokenizer(recipe: RecipeSpec, cache_dir: Path) -> bytes:
                 f"tokenizer.path: {path} is not a tokenizer.json the tokenizers library can load ({err})"
             ) from err
     elif spec.kind == "hub":
-        tok = Tokenizer.from_pretrained(spec.name)
+        tok = Tokenizer.from_pretrained(spec.name, revision=spec.revision or "main")
     else:
         cached = cache_dir / f"bpe-{training_key(recipe)[:16]}.json"
         if cached.is_file():

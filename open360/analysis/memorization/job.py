@@ -606,13 +606,23 @@ def _scorer_for(
 ) -> tuple[Any, dict[str, Any]]:
     """A scorer holding checkpoint `path`'s weights, with its model config. The current scorer when the
     architecture is unchanged (the usual case within a run), its weights swapped in place: no model
-    build, compile or CUDA graph capture per checkpoint. Else a new scorer (the old one is released)."""
+    build, compile or CUDA graph capture per checkpoint. Else a new scorer (the old one is released).
+    The weights and config are checked against the sha256 lineage.json records before they are read:
+    a damaged file must not score silently."""
     from omegaconf import OmegaConf
 
     from open360.analysis.memorization.engine import MemorizationScorer
-    from open360.checkpoint.io import CONFIG_FILE, MODEL_FILE, load_model_weights, model_with_weights
+    from open360.checkpoint.io import (
+        CONFIG_FILE,
+        MODEL_FILE,
+        load_model_weights,
+        model_with_weights,
+        read_config,
+        verify_checkpoint,
+    )
 
-    model_cfg = OmegaConf.to_container(OmegaConf.create((path / CONFIG_FILE).read_text()).model, resolve=True)
+    verify_checkpoint(path, only=(MODEL_FILE, CONFIG_FILE))
+    model_cfg = OmegaConf.to_container(read_config(path).model, resolve=True)
     weights = load_model_weights(path / MODEL_FILE)
     if current is not None and current[1] == model_cfg:
         current[0].load_weights(weights)

@@ -143,6 +143,9 @@ def test_cfg_job_prints_amber_without_touching_data_or_devices(tmp_path):
         assert needle in out
     assert "- 0.9\n" in out and "- 0.95\n" in out
     assert list(tmp_path.iterdir()) == []  # nothing was built or written
+    for bad, says in (("+trainer.max_stepz=5", "trainer.max_stepz"), ("model.n_heads=5", "n_heads=5")):
+        proc = run_train("+experiment=amber_tiny", bad, f"workspace={tmp_path}", "--cfg", "job")
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_cli_typo_fails_at_composition_before_any_work(tmp_path):
@@ -158,6 +161,13 @@ def test_cli_typo_fails_at_composition_before_any_work(tmp_path):
 
     with pytest.raises(ConfigKeyError, match="trainer.max_stepz"):
         compose(["+experiment=amber_tiny", "+trainer.max_stepz=3"])
+
+
+def test_model_values_out_of_range_fail_in_one_line_before_any_work(tmp_path):
+    proc = run_train("+experiment=amber_tiny", "model.n_heads=0", f"workspace={tmp_path}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "open360.train: model config 'amber_tiny': n_heads=0 must be a positive integer"
+    assert not (tmp_path / "shards").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -190,3 +190,18 @@ def test_lm_eval_local_task_on_exported_checkpoint(tiny_run, tmp_path):
     assert "acc_norm" in results["open360_python_cloze"]
     with pytest.raises(ValueError, match="not found"):
         lm_eval_tasks(hf_dir, ["open360_no_such_task"], limit=1)
+
+
+def test_lm_eval_loads_the_remote_code_export_of_crystalcoder(tiny_run, tmp_path):
+    """CrystalCoder exports as a remote-code folder (muP multipliers, LayerNorm, partial rotary): lm-eval
+    loads the folder open360 itself just wrote, with its modeling file."""
+    from open360.config import compose
+    from open360.models import build_model
+
+    cfg = compose(["+experiment=crystalcoder_tiny"])
+    torch.manual_seed(0)
+    tokenizer = next((tiny_run.parent / "eval_shared_shards").glob("embedded_tiny-*/tokenizer.json"))
+    hf_dir = export_for_lm_eval(build_model(cfg.model), cfg, tokenizer, tmp_path / "hf")
+    assert "auto_map" in json.loads((hf_dir / "config.json").read_text())
+    results = lm_eval_tasks(hf_dir, ["open360_python_cloze"], limit=4, batch_size=4)
+    assert 0.0 <= results["open360_python_cloze"]["acc"] <= 1.0

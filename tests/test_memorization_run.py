@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from open360.analysis.memorization import MemorizationScorer, parse_args, run_job
 from open360.analysis.memorization.job import MemorizationJobError, cell_path, main
+from open360.checkpoint import list_checkpoints
 
 SEQ_LEN = 64
 STEPS = 160  # 8 chunks x 20 steps of 16 sequences: one published checkpoint per chunk
@@ -221,18 +223,25 @@ def test_bad_arguments_fail_with_the_key(
     assert "no checkpoint at steps [12345]" in capsys.readouterr().err
 
 
-def test_missing_checkpoints_are_pulled_and_released(
-    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _copy_workspace(trained_run: tuple[Path, str], tmp_path: Path) -> Path:
     import shutil
-
-    import open360.tracking
 
     root = tmp_path / "ws"
     shutil.copytree(trained_run[0], root, ignore=shutil.ignore_patterns("analysis"))
-    stash = tmp_path / "remote"
-    for step in (40, 80):  # "only in the DVC remote"
+    return root
+
+
+def _only_in_remote(root: Path, stash: Path, steps: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Move `steps` out of the workspace into a stand-in DVC remote; the job's pulls (recorded in the list
+    returned) copy them back."""
+    import shutil
+
+    import open360.analysis.memorization.job as job_module
+    import open360.tracking
+
+    for step in steps:
         shutil.move(root / "checkpoints" / RUN / f"step_{step}", stash / f"step_{step}")
+    tracked = sorted({s for s, _ in list_checkpoints(root / "checkpoints" / RUN)} | set(steps))
     pulled: list[int] = []
 
     def fake_pull(workspace: Path, run: str, step: int) -> Path:
@@ -242,10 +251,30 @@ def test_missing_checkpoints_are_pulled_and_released(
         shutil.copytree(stash / f"step_{step}", dest)
         return dest
 
-    import open360.analysis.memorization.job as job_module
-
     monkeypatch.setattr(open360.tracking, "pull_checkpoint", fake_pull)
-    monkeypatch.setattr(job_module, "_tracked_steps", lambda ws, run: [20, 40, 60, 80])  # what DVC lists
+    monkeypatch.setattr(job_module, "_tracked_steps", lambda ws, run: tracked)  # what DVC lists
+    return pulled
+
+
+def _with_mlflow_run(root: Path) -> tuple[Any, str]:
+    """(client, run id) of an MLflow run in the workspace's store that every checkpoint's lineage names,
+    as the MLflow callback records it."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment("open360", artifact_location=(root / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    for _, path in list_checkpoints(root / "checkpoints" / RUN):
+        lineage = json.loads((path / "lineage.json").read_text())
+        (path / "lineage.json").write_text(json.dumps({**lineage, "mlflow_run_id": run_id}))
+    return client, run_id
+
+
+def test_missing_checkpoints_are_pulled_and_released(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _copy_workspace(trained_run, tmp_path)
+    pulled = _only_in_remote(root, tmp_path / "remote", (40, 80), monkeypatch)
     args = _job(root, "checkpoints=20,40,80", "chunks=0-1", "sample=8", "report=false")
     with pytest.raises(MemorizationJobError, match="pull=false"):
         run_job(parse_args([*args, "pull=false"]))
@@ -341,19 +370,8 @@ def test_teacher_forced_screen_is_labelled_and_exact_on_full_match(trained_run: 
 
 
 def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], tmp_path: Path) -> None:
-    import shutil
-
-    mlflow = pytest.importorskip("mlflow")
-    from open360.checkpoint import list_checkpoints
-
-    root = tmp_path / "ws"
-    shutil.copytree(trained_run[0], root, ignore=shutil.ignore_patterns("analysis"))
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.create_experiment("open360", artifact_location=(root / "mlartifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    for _, path in list_checkpoints(root / "checkpoints" / RUN):  # as the MLflow callback records it
-        lineage = json.loads((path / "lineage.json").read_text())
-        (path / "lineage.json").write_text(json.dumps({**lineage, "mlflow_run_id": run_id}))
+    root = _copy_workspace(trained_run, tmp_path)
+    client, run_id = _with_mlflow_run(root)
     part = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=8")))
     tag = part.out_dir.name
     assert part.report is not None
@@ -442,10 +460,12 @@ def test_resume_reuses_only_cells_of_this_job_and_these_weights(
     assert only.report is not None and "1 checkpoints x 2 chunks" in only.report.read_text()
     with pytest.raises(MemorizationJobError, match=r"scored with other settings .*'sample': \(4, 5\)"):
         run_job(parse_args([*args, "sample=5"]))
-    lineage = root / "checkpoints" / RUN / "step_40" / "lineage.json"  # as if the run was retrained
-    record = json.loads(lineage.read_text())
-    record["files"]["model.safetensors"] = "0" * 64
-    lineage.write_text(json.dumps(record))
+    for chunk in (0, 1):  # as if scored before the run was retrained (other weights at step 40)
+        stale = cell_path(out, 40, chunk)
+        table = pq.read_table(stale)
+        meta = json.loads(table.schema.metadata[b"open360.memorization"])
+        pq.write_table(table.replace_schema_metadata(
+            {"open360.memorization": json.dumps({**meta, "model_sha256": "0" * 64})}), stale)
     with pytest.warns(UserWarning, match="other weights than checkpoint step 40"):
         retrained = run_job(parse_args(args))
     assert sorted(retrained.computed) == [(40, 0), (40, 1)]
@@ -455,7 +475,7 @@ def test_resume_reuses_only_cells_of_this_job_and_these_weights(
 
     assert main(_job(root, "checkpoints=20", "chunks=0", f"out_dir={tmp_path / 'fresh'}", "report=false")) == 2
     err = capsys.readouterr().err
-    assert "model.safetensors: unreadable weights" in err and "Traceback" not in err
+    assert "model.safetensors: sha256" in err and "does not match lineage.json" in err and "Traceback" not in err
 
 
 def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str], capsys) -> None:
@@ -470,6 +490,7 @@ def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str
         ("shards=nope", "shards='nope': no folder"),
         ("checkpoints=", "selects nothing"),
         ("checkpoints=40-20", "the range 40-20 runs backwards"),
+        ("chunks=[0,1", "bad memorization argument"),
     ):
         assert main(_job(root, extra, "chunks=0", "report=false")) == 2
         err = capsys.readouterr().err
@@ -499,3 +520,118 @@ def test_a_damaged_checkpoint_is_named_not_scored(trained_run: tuple[Path, str],
     err = capsys.readouterr().err
     assert f"{weights}: sha256" in err and "does not match lineage.json" in err and "Traceback" not in err
     assert not list(tmp_path.glob("**/*.parquet"))
+
+
+def test_stale_cells_left_by_max_cells_are_not_complete_nor_merged(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    """A time slice (max_cells) leaves damaged cells damaged: the matrix is incomplete, the summary skips
+    them; save_tokens=true scores again cells written without continuations."""
+    import pandas as pd
+
+    root, _ = trained_run
+    out = tmp_path / "slice"
+    args = _job(root, "checkpoints=20", "chunks=0-2", "sample=2", f"out_dir={out}", "report=false")
+    run_job(parse_args(args))
+    for chunk in (0, 1):
+        cell = cell_path(out, 20, chunk)
+        cell.write_bytes(cell.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="unreadable cell"):
+        part = run_job(parse_args([*args, "max_cells=1"]))
+    assert part.computed == [(20, 0)] and not part.complete
+    assert sorted(pd.read_parquet(out / "summary.parquet").chunk) == [0, 2]
+    with pytest.warns(UserWarning, match="without continuations"):
+        tokens = run_job(parse_args([*args, "save_tokens=true"]))
+    assert len(tokens.computed) == 3 and tokens.complete
+
+
+def test_released_checkpoints_still_log_the_report_to_their_run(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every checkpoint pulled, scored and released, the report still reaches the run's MLflow run
+    (found while a checkpoint was on disk)."""
+    pytest.importorskip("mlflow")
+    root = _copy_workspace(trained_run, tmp_path)
+    client, run_id = _with_mlflow_run(root)
+    pulled = _only_in_remote(root, tmp_path / "remote", (20, 160), monkeypatch)
+    result = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=4", "release_local=true")))
+    assert result.report is not None and sorted(pulled) == [20, 160]
+    assert not (root / "checkpoints" / RUN / "step_20").exists() and not (root / "checkpoints" / RUN / "step_160").exists()
+    tag = result.out_dir.name
+    assert f"memorization/{tag}/report.md" in {a.path for a in client.list_artifacts(run_id, f"memorization/{tag}")}
+
+
+def test_a_full_disk_and_an_interrupt_keep_the_cells_written(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A cell that cannot be written (ENOSPC) is one line naming it; the cells before it stay, no temp
+    file is left, and the same command finishes the matrix. Ctrl-C is one line too."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    root, _ = trained_run
+    args = _job(root, "checkpoints=20", "chunks=0-2", "sample=2", f"out_dir={tmp_path}", "report=false")
+    write_table, writes = pq.write_table, []
+
+    def disk_fills_up(table: Any, where: Any, **kwargs: Any) -> None:
+        writes.append(where)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_table(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", disk_fills_up)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "could not write the cell" in err and "No space left on device" in err and "Traceback" not in err
+    assert [p.name for p in (tmp_path / "cells").iterdir()] == ["step_20-chunk_00000.parquet"]
+    monkeypatch.setattr(pq, "write_table", write_table)
+    assert main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == [f"step_20-chunk_0000{c}.parquet" for c in range(3)]
+
+    import open360.analysis.memorization.job as job_module
+
+    def interrupted(job: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_module, "run_job", interrupted)
+    assert main(args) == 130
+    assert "interrupted; the cells written so far are kept" in capsys.readouterr().err
+
+
+def test_shards_are_matched_by_content_and_tokenizer(trained_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    """A copy of the run's shards elsewhere (a clone) is the run's data: what a checkpoint saw is found by
+    manifest hash, not folder path. Shards of another tokenizer are refused. Two stages over the same
+    shards replay one order from its start: a checkpoint has seen the longest of them, not their sum."""
+    import shutil
+
+    import pandas as pd
+
+    from open360.analysis.memorization.job import DataView
+    from open360.checkpoint import read_lineage
+    from open360.data import build_shards
+
+    root, _ = trained_run
+    shards = next((root / "shards").glob("mem_tiny-*"))
+    copy = tmp_path / "elsewhere" / shards.name
+    shutil.copytree(shards, copy)
+    args = _job(root, "checkpoints=40", "chunks=0-3", "selection=seen", "sample=8", "report=false")
+    run_job(parse_args([*args, f"out_dir={tmp_path / 'here'}"]))
+    run_job(parse_args([*args, f"out_dir={tmp_path / 'copy'}", f"shards={copy}"]))
+    here, there = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in ("here", "copy"))
+    assert len(there) == 16 and there.seq_id.tolist() == here.seq_id.tolist()
+
+    recipe = tmp_path / "other.yaml"
+    recipe.write_text(
+        "name: other\nsources:\n  - {name: s, type: jsonl, path: data_recipes/corpus/shakespeare.jsonl.gz, "
+        "max_docs: 200}\ntokenizer: {kind: train, vocab_size: 300}\nseq_len: 64\nnum_chunks: 2\n"
+        "validation: {fraction: 0.0, max_sequences: 0}\n"
+    )
+    other = build_shards(recipe, tmp_path / "other_shards")
+    assert main(_job(root, "checkpoints=40", "chunks=0", f"shards={other}", f"out_dir={tmp_path / 'o'}")) == 2
+    err = capsys.readouterr().err
+    assert "tokenized with" in err and "pass shards= of this run" in err
+
+    _, path = list_checkpoints(root / "checkpoints" / RUN)[0]
+    lineage = read_lineage(path)
+    view = DataView(parse_args(_job(root)), root, None, lineage)
+    entry = lineage["data_history"][0]
+    assert view.steps_in_these_shards({"data_history": [{**entry, "steps": 30}, {**entry, "steps": 20}]}) == 30

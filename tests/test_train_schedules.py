@@ -92,3 +92,17 @@ def test_settings_refuse_values_that_would_train_wrongly(override: str, says: st
 
     with pytest.raises(ValueError, match=re.escape(says)):
         build_settings(compose(["+experiment=amber_tiny", override]), "cpu", DistEnv())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["+experiment=crystalcoder_tiny", "stages.0.lr=-0.01"], "stages.0.lr=-0.01 (stage 'stage1_text')"),
+        (["+experiment=amber_tiny", "optim.lr=-0.001"], "optim.lr=-0.001: the peak learning rate must be >= 0"),
+        (["+experiment=crystalcoder_tiny", "trainer.max_steps=1000"], "trainer.max_steps=1000 exceeds the 240 steps"),
+    ],
+)
+def test_stages_refuse_a_negative_peak_and_a_run_longer_than_its_stages(overrides: list[str], says: str) -> None:
+    """A negative learning rate trains by gradient ascent; max_steps past the stages' end stopped early."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        build_stages(compose(overrides))

@@ -247,13 +247,18 @@ def test_grad_clip_0_is_no_clipping() -> None:
 
 @pytest.mark.parametrize(
     ("batch", "max_steps", "warned"),
-    [(7, 100_000, ("more than one epoch", "not a multiple of the global batch (7)")), (4, 1, ())],
+    [
+        (7, 100_000, ("more than one epoch", "not a multiple of the global batch (7)")),
+        (4, 1, ("within its 20 warmup steps",)),
+        (4, 30, ()),
+    ],
 )
-def test_stage_data_warns_of_a_second_epoch_and_ragged_per_chunk_checkpoints(
+def test_stage_data_warns_of_a_second_epoch_ragged_chunks_and_an_endless_warmup(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], batch: int, max_steps: int, warned: tuple[str, ...]
 ) -> None:
     """A stage longer than its shards' epoch, and per-chunk checkpoints over chunks that are not batch
-    multiples (a checkpoint would hold the next chunk's first sequences), are said before training."""
+    multiples (a checkpoint would hold the next chunk's first sequences), and a stage that ends inside
+    its warmup (its peak learning rate never reached) are said before training."""
     from open360.train.pipeline import ShardProvider
     from open360.train.schedules import build_stages
 
@@ -280,6 +285,5 @@ def test_stage_data_warns_of_a_second_epoch_and_ragged_per_chunk_checkpoints(
     data = ShardProvider(cfg, tmp_path, DistEnv()).open(stage)
     assert data.order.batch(0).shape == (batch, 17)
     err = capsys.readouterr().err
-    assert [w for w in ("more than one epoch", f"not a multiple of the global batch ({batch})") if w in err] == list(
-        warned
-    )
+    warnings = ("more than one epoch", f"not a multiple of the global batch ({batch})", "within its 20 warmup steps")
+    assert [w for w in warnings if w in err] == list(warned), err

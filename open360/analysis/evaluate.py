@@ -158,7 +158,7 @@ def _simple_evaluate(lm_eval: Any, hf_dir: Path | str, tasks: Sequence[str], man
                      limit: int | None, batch_size: int, device: str) -> dict[str, Any]:
     return lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(hf_dir), "dtype": "float32"},
+        model_args={"pretrained": str(hf_dir), "dtype": "float32", "trust_remote_code": True},
         tasks=list(tasks),
         task_manager=manager,
         num_fewshot=num_fewshot,

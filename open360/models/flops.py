@@ -23,7 +23,12 @@ def count_parameters(cfg: Any) -> int:
 
 
 def training_flops_per_token(cfg: Any, seq_len: int) -> float:
-    """Forward+backward FLOPs per token: 6N for the weights plus 12*L*D*S for attention (PaLM's count)."""
+    """Forward+backward FLOPs per token: 6N for the weights plus 12*L*D*S for attention (PaLM's count).
+
+    N is every parameter, an untied input embedding included, as the MFU of `../shared/BENCHMARKS.md`
+    defines it and as Chinchilla counts the embedding (a one-hot matmul); the kernels do a lookup, so for
+    an untied model the executed FLOPs are 6*vocab*d_model per token fewer (1.8% for AMBER 7B, ~36% for
+    the CPU-sized tiny models) — the same for every run of a model, so comparisons within a size hold."""
     return 6.0 * count_parameters(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 

@@ -31,8 +31,11 @@ def _stop_on_sigterm() -> None:
 def main(cfg: DictConfig) -> None:
     try:
         check_schema(cfg)
+        from open360.models.decoder import as_model_config
+
+        as_model_config(cfg.model)  # model values out of range fail here, before the memory estimate divides by them
         device = check_resources(cfg)
-    except (ResourceError, ConfigKeyError) as err:
+    except (ResourceError, ConfigKeyError, ValueError) as err:
         print(f"open360.train: {err}", file=sys.stderr)
         sys.exit(2)
     from open360.checkpoint import CheckpointError
@@ -59,5 +62,29 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def check_before_printing(argv: list[str]) -> None:
+    """`--cfg job|all` prints the composed config without running the job, so without its checks: run
+    them first, so that a misspelt key or an out-of-range value fails here as it would in a run."""
+    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
+        return
+    from hydra.errors import HydraException
+
+    from open360.config import compose
+    from open360.models.decoder import as_model_config
+
+    takes_value = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp"}
+    overrides = [
+        a
+        for i, a in enumerate(argv)
+        if not a.startswith("-") and (i == 0 or argv[i - 1] not in takes_value) and not a.startswith("hydra")
+    ]
+    try:
+        as_model_config(compose(overrides).model)
+    except (HydraException, ConfigKeyError, ValueError) as err:
+        print(f"open360.train: {str(err).strip()}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_before_printing(sys.argv[1:])
     main()

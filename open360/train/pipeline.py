@@ -115,6 +115,13 @@ class ShardProvider:
                 "that see its sequences again, in a seeded reshuffle",
                 file=sys.stderr,
             )
+        if stage.schedule.warmup_steps >= stage.steps and self.env.is_main:
+            print(
+                f"open360.train: warning: stage {stage.name!r} trains {stage.steps} steps, within its "
+                f"{stage.schedule.warmup_steps} warmup steps: its learning rate never reaches the peak "
+                f"{stage.lr:g} and never decays",
+                file=sys.stderr,
+            )
         ragged = [k for k, n in enumerate(shards.chunk_sizes) if n % order.global_batch_size]
         if ragged and self.cfg.checkpoint.policy == "per_chunk" and self.env.is_main:
             print(

@@ -89,8 +89,19 @@ def build_stages(cfg: object) -> list[Stage]:
             if int(st.steps) <= 0:
                 raise ValueError(f"stages[{i}] ({st.name}): steps={st.steps} must be > 0")
             lr = float(cfg.optim.lr if st.lr is None else st.lr)
+            if lr < 0:
+                key = "optim.lr" if st.lr is None else f"stages.{i}.lr"
+                raise ValueError(f"{key}={lr} (stage {st.name!r}): the peak learning rate must be >= 0")
             specs.append((st.name, st.recipe, int(st.steps), lr, st.schedule))
+        total = sum(spec[2] for spec in specs)
+        if max_steps > total:
+            raise ValueError(
+                f"trainer.max_steps={max_steps} exceeds the {total} steps of `stages`; the run would stop at "
+                f"{total}: set trainer.max_steps<={total} or lengthen a stage"
+            )
     else:
+        if float(cfg.optim.lr) < 0:
+            raise ValueError(f"optim.lr={cfg.optim.lr}: the peak learning rate must be >= 0")
         specs.append(("main", cfg.data.recipe, max_steps, float(cfg.optim.lr), cfg.schedule))
     stages, start = [], 0
     for i, (name, recipe, steps, lr, sched) in enumerate(specs):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -115,14 +116,14 @@ def parse_args(argv: Sequence[str]) -> MemorizationJobConfig:
                 raise MemorizationJobError(f"config={value}: no such file (relative paths: cwd or repo root)")
             try:
                 schema = OmegaConf.merge(schema, OmegaConf.load(path))
-            except OmegaConfBaseException as err:
-                raise MemorizationJobError(f"{path}: {err}") from err
+            except (OmegaConfBaseException, yaml.YAMLError) as err:
+                raise MemorizationJobError(f"{path}: " + " ".join(str(err).split())) from err
         else:
             overrides.append(f"{key.lstrip('+')}={value}")
     try:
         cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(overrides))
         job = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise MemorizationJobError("bad memorization argument: " + " ".join(str(err).split())) from err
     assert isinstance(job, MemorizationJobConfig)
     validate(job)
@@ -299,6 +300,11 @@ def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) ->
 # ----------------------------------------------------------------------------------------------
 
 
+def data_history(lineage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data entries of a checkpoint's lineage, one per stage it trained (older lineages: `data`)."""
+    return lineage.get("data_history") or ([lineage["data"]] if lineage.get("data") else [])
+
+
 class DataView:
     """The run's shards and data order, as the cells need them (cached across checkpoints).
 
@@ -359,12 +365,13 @@ class DataView:
 
     def steps_in_these_shards(self, lineage: dict[str, Any]) -> int:
         """Optimizer steps a checkpoint took on these shards (0 when its stages never used them)."""
-        history = lineage.get("data_history") or ([lineage["data"]] if lineage.get("data") else [])
         done = 0
-        for entry in history:
-            path = entry.get("shard_dir")
-            if path and Path(self.shard_dir).resolve() == (self.workspace / path).resolve():
-                done += int(entry.get("steps", 0))
+        for entry in data_history(lineage):
+            path, digest = entry.get("shard_dir"), entry.get("manifest_hash")
+            same = digest == self.shards.manifest_hash if digest else (
+                bool(path) and Path(self.shard_dir).resolve() == (self.workspace / path).resolve())
+            if same:  # each stage replays the order from its step 0: the union is the longest prefix
+                done = max(done, int(entry.get("steps", 0)))
         return done
 
     def order(self) -> Any:
@@ -438,13 +445,20 @@ def write_cell(path: Path, table: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        pq.write_table(table, tmp, compression="zstd")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise MemorizationJobError(
+            f"{path}: could not write the cell ({err}); the cells already written are kept - free disk "
+            "space and run the same command again"
+        ) from err
 
 
 def cell_table(
@@ -510,6 +524,9 @@ def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path, scored
         return False
     want = {key: getattr(job, key) for key in JOB_FIELDS} | scored_on
     got = {key: meta.get(key) for key in JOB_FIELDS} | {key: meta.get(key) for key in scored_on}
+    if job.save_tokens and "continuation" not in table.column_names:
+        warnings.warn(f"{path}: written without continuations (save_tokens=false); scoring it again", stacklevel=2)
+        return False
     unrecorded = [key for key in scored_on if got[key] is None]
     if unrecorded:
         warnings.warn(f"{path}: written without {unrecorded} recorded; scoring it again", stacklevel=2)
@@ -678,17 +695,24 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
 
     # The data view comes from the first checkpoint's config and lineage (all of a run share them).
     first_path, first_pulled = ensure_checkpoint(job, workspace, steps[0])
-    from omegaconf import OmegaConf
+    from open360.checkpoint.io import read_config
 
-    from open360.checkpoint.io import CONFIG_FILE
+    lineage = read_lineage(first_path)
+    data = DataView(job, workspace, read_config(first_path), lineage)
+    from open360.analysis.memorization.report import mlflow_target
 
-    run_cfg = OmegaConf.create((first_path / CONFIG_FILE).read_text())
-    data = DataView(job, workspace, run_cfg, read_lineage(first_path))
-    seq_len = int(run_cfg.trainer.seq_len)
+    mlflow_run = mlflow_target(workspace, job.run) if job.mlflow else None  # before release_local
+    seq_len = int(data.shards.seq_len)
     if job.k + job.l > seq_len + 1:
         raise MemorizationJobError(
-            f"k + l = {job.k + job.l} exceeds the run's sequence length {seq_len} (+1 target token); "
-            "lower k or l"
+            f"k + l = {job.k + job.l} exceeds the sequence length {seq_len} of {data.shard_dir} "
+            "(+1 target token); lower k or l"
+        )
+    trained_with = {entry.get("tokenizer_hash") for entry in data_history(lineage)} - {None}
+    if trained_with and data.shards.tokenizer_hash not in trained_with:
+        raise MemorizationJobError(
+            f"{data.shard_dir}: tokenized with {data.shards.tokenizer_hash[:12]}, but run {job.run!r} was "
+            f"trained with {sorted(h[:12] for h in trained_with)}; pass shards= of this run"
         )
     chunks = _int_list(job.chunks, "chunks")
     chunks = list(range(data.num_chunks)) if chunks is None else chunks
@@ -708,6 +732,10 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     done = [cell for cell in cells if cell_is_done(job, cell_path(out_dir, *cell), workspace, scored_on)]
     done_set = set(done)
     pending = [cell for cell in cells if cell not in done_set]
+    if world > 1:  # the split below needs the same `pending` on every rank: nothing is written before this
+        torch.distributed.barrier(
+            device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None
+        )
     mine = _assign(pending, rank, world)
     shared_steps = {s for s, _ in pending} - _whole_steps(pending, set(mine))
     if job.max_cells:
@@ -786,14 +814,22 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
 
         for step in sorted(pulled_here):
             shutil.rmtree(run_checkpoint_dir(workspace, job.run) / step_dir_name(step), ignore_errors=True)
-    complete = all(cell_path(out_dir, *cell).is_file() for cell in cells)
+    # Cells left damaged or stale (max_cells, another rank's failure) are neither complete nor merged.
+    valid = set(done) | set(computed)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, sorted(valid))
+        valid = {tuple(c) for part in gathered for c in part}
+    valid_cells = [cell for cell in cells if cell in valid]
+    complete = len(valid_cells) == len(cells)
     report = None
     if rank == 0:
         from open360.analysis.memorization.report import merge_cells, render_report
 
-        merge_cells(out_dir, cells)  # this job's matrix only: other cells in out_dir may be stale
+        merge_cells(out_dir, valid_cells)  # this job's matrix only: other cells in out_dir may be stale
         if complete and job.report:
-            report = render_report(out_dir, run=job.run, workspace=workspace, log_mlflow=job.mlflow, cells=cells)
+            report = render_report(out_dir, run=job.run, workspace=workspace, log_mlflow=job.mlflow, cells=cells,
+                                   mlflow_run=mlflow_run)
     return JobResult(out_dir, steps, chunks, computed, done, complete, report)
 
 
@@ -827,9 +863,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = parse_args(args)
         started = time.perf_counter()
         result = run_job(job)
-    except (MemorizationJobError, ShardError, VersioningError, CheckpointError, FileNotFoundError) as err:
+    except (MemorizationJobError, ShardError, VersioningError, CheckpointError, OSError) as err:
         print(f"open360 analysis memorization: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("open360 analysis memorization: interrupted; the cells written so far are kept - run the same "
+              "command again to continue", file=sys.stderr)
+        return 130
     rank = _dist_info()[0]
     if rank == 0:
         state = "complete" if result.complete else "incomplete (run again to continue)"

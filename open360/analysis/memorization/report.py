@@ -280,6 +280,7 @@ def render_report(
     workspace: Path | None = None,
     log_mlflow: bool = True,
     cells: list[tuple[int, int]] | None = None,
+    mlflow_run: tuple[str, str] | None = None,
 ) -> Path:
     """Render the figures and `report.md` of `cells` (a job's matrix; None: every cell) into `out_dir`.
 
@@ -361,7 +362,7 @@ def render_report(
     report = out_dir / "report.md"
     report.write_text("\n".join(md))
     if log_mlflow:
-        _log_mlflow(out_dir, run, workspace, progress, summary, meta)
+        _log_mlflow(out_dir, run, workspace, progress, summary, meta, mlflow_run)
     return report
 
 
@@ -388,7 +389,8 @@ def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
 
 
 def _log_mlflow(
-    out_dir: Path, run: str, workspace: Path | None, progress: Any, summary: Any, meta: dict[str, Any]
+    out_dir: Path, run: str, workspace: Path | None, progress: Any, summary: Any, meta: dict[str, Any],
+    target: tuple[str, str] | None = None,
 ) -> None:
     """Log figures, report and the per-checkpoint scores (as `memorization/<tag>/token_match|full_match`,
     only when every chunk was scored) to the run's MLflow run; skipped, with a note, without one."""
@@ -398,7 +400,7 @@ def _log_mlflow(
         import mlflow
     except ImportError:
         return
-    target = mlflow_target(workspace, run)
+    target = target or mlflow_target(workspace, run)
     if target is None:
         return
     uri, run_id = target

@@ -281,6 +281,11 @@ def test_pull_refuses_a_remote_missing_a_file_and_force_repairs_a_damaged_one(
     assert "open360 ckpt pull <run> <step> --force" in capsys.readouterr().err
     assert pull_main([RUN, "4", "--workspace", str(fresh), "--force"]) == 0
     assert weights.read_bytes() == good
+    with open(weights, "r+b") as f:  # damaged in place: through the hardlink, DVC's cache object too
+        f.seek(100)
+        f.write(b"\0" * 64)
+    assert pull_main([RUN, "4", "--workspace", str(fresh), "--force"]) == 0
+    assert weights.read_bytes() == good
     capsys.readouterr()
 
     state = fresh / "checkpoints" / RUN / "step_4" / "trainer_state.json"
@@ -317,6 +322,22 @@ def test_resume_continues_mlflow_run_and_reversions(trained: dict, tmp_path: Pat
     assert sorted(mr.metric_history(client, run_id)["loss"]) == list(range(1, 13))
     record = mr.checkpoint_records(client, run_id)[12]
     assert record["pushed"] and DvcWorkspace(ws).tracked(ws / record["path"]).md5 == record["dvc_md5"]
+
+
+def test_resuming_the_newest_step_by_number_continues_the_run(trained: dict, tmp_path: Path) -> None:
+    """trainer.resume=<newest step> (what the divergence message suggests) replaces nothing: the same
+    MLflow run goes on, no branch is made, nothing moves aside."""
+    from open360.train.pipeline import run_training
+
+    ws = tmp_path / "ws"
+    subprocess.run(["cp", "-a", str(trained["ws"]), str(ws)], check=True)
+    run_dir = ws / "checkpoints" / RUN
+    old_id = json.loads((run_dir / "step_12" / "lineage.json").read_text())["mlflow_run_id"]
+    run_training(_run_config(ws, "trainer.resume=12", "trainer.max_steps=16"), device="cpu")
+    assert json.loads((run_dir / "step_16" / "lineage.json").read_text())["mlflow_run_id"] == old_id
+    assert not (run_dir / "superseded").exists()
+    client = mr.client(mr.workspace_uri(ws))
+    assert len(client.search_runs([client.get_run(old_id).info.experiment_id])) == 1
 
 
 def test_a_branch_gets_its_own_mlflow_run_and_moves_the_replaced_dvc_records(trained: dict, tmp_path: Path) -> None:

@@ -82,6 +82,15 @@ def test_an_unreachable_tracking_server_is_one_error_without_its_password(
     assert "s3cr3tPW" not in str(err.value) and err.value.__cause__ is None
 
 
+def test_a_damaged_sqlite_store_is_one_error(tmp_path: Path) -> None:
+    from open360.tracking.mlflow_logger import TrackingError
+
+    (tmp_path / "mlflow.db").write_text("garbage, not a database\n")
+    logger = MlflowLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "r", tmp_path)
+    with pytest.raises(TrackingError, match=r"mlflow.db is not reachable \(DatabaseError: .*not a database"):
+        logger.on_run_start(info(tmp_path))
+
+
 def test_tracking_uri_resolves_inside_workspace(tmp_path: Path) -> None:
     assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
     assert resolve_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"

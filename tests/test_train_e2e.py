@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from open360.checkpoint import (
+    CheckpointError,
     list_checkpoints,
     load_checkpoint,
     load_model_from_checkpoint,
@@ -325,7 +326,9 @@ def test_a_checkpoint_of_another_architecture_is_refused_by_name(tmp_path: Path,
     assert "Traceback" not in zero.stderr
 
 
-def test_resuming_an_earlier_step_branches_and_auto_follows_the_branch(tmp_path: Path, shards_root: Path) -> None:
+def test_resuming_an_earlier_step_branches_and_auto_follows_the_branch(
+    tmp_path: Path, shards_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from open360.config import compose
     from open360.train.pipeline import run_training
 
@@ -340,7 +343,10 @@ def test_resuming_an_earlier_step_branches_and_auto_follows_the_branch(tmp_path:
     assert [s for s, _ in list_checkpoints(recovery)] == [3]  # (6 is a published step)
     # Back to step 2 with another learning rate (what the divergence message advises), stopped at step 5.
     branch = compose([*base, "trainer.max_steps=5", "optim.lr=1e-4", "trainer.resume=2", "checkpoint.save_final=false"])
+    capsys.readouterr()
     run_training(branch, "cpu")
+    err = capsys.readouterr().err
+    assert "warning: at step 3 the learning rate is" in err and "under this config" in err, err
     assert [s for s, _ in list_checkpoints(published)] == [2, 4]  # the new step 4; the old 4..8 kept aside
     assert [s for s, _ in list_checkpoints(recovery)] == [3]  # the branch's own recovery point
     aside = sorted(p.name for p in (published / "superseded").glob("from_step_2-*/step_*"))
@@ -350,6 +356,11 @@ def test_resuming_an_earlier_step_branches_and_auto_follows_the_branch(tmp_path:
     assert (resumed_from["run_name"], resumed_from["step"]) == ("amber_tiny", 2) and len(resumed_from["model_sha256"]) == 64
     summary = run_training(compose([*base, "trainer.max_steps=6", "optim.lr=1e-4", "trainer.resume=auto"]), "cpu")
     assert summary["start_step"] == 4 and summary["steps"] == 6  # the branch's step 4, not the superseded 8
+    replaced = next(published.glob("superseded/from_step_2-*/step_6"))  # its history is not this folder's
+    with pytest.raises(CheckpointError, match=r"from outside .*continue it under another run_name"):
+        run_training(compose([*base, "trainer.max_steps=8", f"trainer.resume={replaced}"]), "cpu")
+    revived = run_training(compose([*base, "trainer.max_steps=7", f"trainer.resume={replaced}", "run_name=revived"]), "cpu")
+    assert revived["start_step"] == 6 and [s for s, _ in list_checkpoints(ws / "checkpoints" / "revived")] == [7]
 
 
 def test_sigterm_ends_the_mlflow_run_as_killed_with_its_metrics(tmp_path: Path, shards_root: Path) -> None:
@@ -382,3 +393,12 @@ def test_sigterm_ends_the_mlflow_run_as_killed_with_its_metrics(tmp_path: Path, 
     logged = sorted(mr.metric_history(client, run_id)["loss"])
     saved = max(s for s, _ in list_checkpoints(ws / "checkpoints" / "amber_tiny"))
     assert logged[0] == 1 and logged == list(range(1, len(logged) + 1)) and len(logged) >= saved >= 4
+
+
+def test_a_workspace_without_dvc_is_one_line(tmp_path: Path, shards_root: Path) -> None:
+    """tracking=local versions shards and checkpoints with DVC: in a folder that is no DVC repository the
+    run stops with one line saying so, not a traceback."""
+    cmd = [c if c != "tracking=off" else "tracking=local" for c in _cmd("amber_tiny", tmp_path, shards_root)]
+    proc = subprocess.run([*cmd, "trainer.max_steps=1"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "not a DVC repository" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -287,3 +287,31 @@ def test_stage_data_warns_of_a_second_epoch_ragged_chunks_and_an_endless_warmup(
     err = capsys.readouterr().err
     warnings = ("more than one epoch", f"not a multiple of the global batch ({batch})", "within its 20 warmup steps")
     assert [w for w in warnings if w in err] == list(warned), err
+
+
+def test_a_resume_from_step_0_leaves_that_checkpoint_as_it_was(tmp_path: Path) -> None:
+    """A log-spaced cadence publishes step 0; a run resumed from it must not write step 0 again (its
+    lineage would name itself as what it resumed from, and a published record would change)."""
+    from open360.checkpoint import load_checkpoint
+
+    def trainer(steps: int) -> Trainer:
+        model = ScriptedLoss([2.0, 1.9, 1.8, 1.7], accum=2)
+        t = _trainer(model, model, steps=steps, settings=_settings(), tmp_path=tmp_path)
+        t.cadence = CadencePolicy("log_spaced", every=2, save_final=False)
+        t.lineage_base = {"resumed_from": "previous run"} if steps > 1 else {}
+        return t
+
+    first = trainer(1)
+    first.final_step = 0
+    first.train()
+    step0 = tmp_path / "pub" / "step_0"
+    before = {p.name: p.read_bytes() for p in step0.iterdir()}
+    contents = load_checkpoint(step0)
+    resumed = trainer(2)
+    resumed.load_state_dict(
+        {"model": contents.model, "optimizer": contents.optimizer, "trainer": contents.trainer_state,
+         "rng": contents.rng, "checkpoint_dir": step0}
+    )
+    resumed.train()
+    assert {p.name: p.read_bytes() for p in step0.iterdir()} == before
+    assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [0, 1, 2]

@@ -370,6 +370,14 @@ class DvcWorkspace:
             cache = repo.cache.local
             wanted = {HashInfo("md5", md5) for md5 in tracked.file_md5.values()}
             missing = {h for h in wanted if not cache.exists(h.value)}
+            if force:  # re-hash, not through DVC's state db (it keys on inode/mtime/size, which a damaged
+                # file may keep): a damaged workspace file goes, and so does its cache object when it was the
+                # same file (DVC hardlinks a checkpoint's files into the cache)
+                for h in wanted - missing:
+                    obj = Path(cache.oid_to_path(h.value))
+                    if file_md5(obj) != h.value:
+                        obj.unlink()
+                        missing.add(h)
             if missing:
                 remote = repo.cloud.get_remote_odb(self.remote, "pull")
                 transfer(remote, cache, missing, verify=True)
@@ -382,6 +390,11 @@ class DvcWorkspace:
                         f"from {_remote_description(repo, self.remote)}; nothing was checked out. Were they "
                         f"pushed? (`dvc push {rel}` in the workspace that trained)"
                     )
+            if force:  # every file is in the cache now: drop the damaged local copies the state db may vouch for
+                for name, md5 in tracked.file_md5.items():
+                    local = self.workspace / rel / name
+                    if local.is_file() and file_md5(local) != md5:
+                        local.unlink()
             tree = Tree()
             for name, md5 in tracked.file_md5.items():
                 tree.add(tuple(name.split("/")), None, HashInfo("md5", md5))

@@ -81,12 +81,13 @@ class MlflowLogger(Callback):
     def on_run_start(self, info: RunInfo) -> None:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+        from sqlalchemy.exc import SQLAlchemyError
 
-        self._client = MlflowClient(tracking_uri=self.tracking_uri)
         try:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)  # a sqlite store is opened here
             self.experiment_id = self._experiment_id()
             self.run_id = self._start_or_resume(info)
-        except (MlflowException, OSError) as err:  # a server that is down, a store that cannot be opened
+        except (MlflowException, OSError, SQLAlchemyError) as err:  # a server down, a store that cannot be opened
             raise TrackingError(
                 f"MLflow tracking store {mask_value(self.tracking_uri)} is not reachable "
                 f"({type(err).__name__}: {mask_value(str(err)).splitlines()[0][:300]}); start it, fix "

@@ -95,6 +95,11 @@ def _next_job(jobs: Any, poll_s: float = 1.0) -> Any:
 
 
 def _process_main(factory: Callable[..., Any], init_args: tuple, jobs: Any, results: Any) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the trainer handles it (and then drains this queue); an
+    # add/push cut in the middle would only have to be redone
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _lower_priority()
     handler = factory(*init_args)
     while (job := _next_job(jobs)) is not None:

@@ -39,6 +39,7 @@ def main(cfg: DictConfig) -> None:
         print(f"open360.train: {err}", file=sys.stderr)
         sys.exit(2)
     from open360.checkpoint import CheckpointError
+    from open360.tracking.dvc_versioning import VersioningError
     from open360.tracking.mlflow_logger import TrackingError
     from open360.train.pipeline import run_training
     from open360.train.trainer import TrainingError
@@ -54,7 +55,7 @@ def main(cfg: DictConfig) -> None:
             file=sys.stderr,
         )
         sys.exit(143 if why == "SIGTERM" else 130)
-    except (TrainingError, CheckpointError, TrackingError) as err:
+    except (TrainingError, CheckpointError, TrackingError, VersioningError) as err:
         print(f"open360.train: {err}", file=sys.stderr)
         sys.exit(1)
     except ValueError as err:  # a config value out of range (checkpoint.every=0, schedule.kind=foo, ...)

@@ -307,6 +307,37 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
     return dict(contents.lineage.get("callbacks", {}))
 
 
+def warn_if_schedule_changed(checkpoint: Path, stages: list[Stage], step: int) -> None:
+    """A resume takes its hyperparameters from the config: say so when that changes the learning rate the
+    checkpoint's own config gives at the next step (a longer max_steps stretches a cosine, say)."""
+    from open360.checkpoint.io import read_config
+    from open360.train.schedules import lr_at
+
+    try:
+        before = build_stages(read_config(checkpoint))
+    except Exception:  # noqa: BLE001 - an older or partial config: nothing to compare against
+        return
+    if step >= before[-1].end or step >= stages[-1].end:
+        return
+    old, new = lr_at(before, step), lr_at(stages, step)
+    if abs(old - new) > 1e-9 * max(abs(old), abs(new), 1e-30):
+        print(
+            f"open360.train: warning: at step {step + 1} the learning rate is {new:.3e} under this config, "
+            f"{old:.3e} under {checkpoint}'s config.yaml: the run goes on along another schedule "
+            "(the checkpoints it saves record this config)",
+            file=sys.stderr,
+        )
+
+
+def _recorded_after(cfg: DictConfig, workspace: Path, run_name: str, step: int) -> bool:
+    """Whether checkpoints.dvc records checkpoints of this run after `step` (a clone may not hold them)."""
+    if not cfg.tracking.dvc:
+        return False
+    from open360.tracking.checkpoints import run_checkpoints
+
+    return any(entry.step > step for entry in run_checkpoints(workspace, run_name))
+
+
 def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> dict[str, Any]:
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_name = str(cfg.run_name)
@@ -381,11 +412,13 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             "step": resumed_lineage.get("step"),
             "model_sha256": (resumed_lineage.get("files") or {}).get(MODEL_FILE),
         }
-        if env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit earlier step: a new branch
-            branch = {"from_step": trainer.progress.step, "superseded": branch_folder(trainer.progress.step)}
-            moved = supersede_later_checkpoints(
-                trainer.progress.step, published_dir, recovery_dir, branch["superseded"]
-            )
+        if env.is_main:
+            warn_if_schedule_changed(resume_from, stages, trainer.progress.step)
+        if env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit step: maybe a new branch
+            step, folder = trainer.progress.step, branch_folder(trainer.progress.step)
+            moved = supersede_later_checkpoints(step, published_dir, recovery_dir, folder)
+            if moved or _recorded_after(cfg, workspace, run_name, step):  # else it simply continues the run
+                branch = {"from_step": step, "superseded": folder}
             if moved:
                 print(
                     f"open360.train: resuming from step {trainer.progress.step}: this run's later checkpoints "
@@ -411,7 +444,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         extra={
             **resumed_metadata,
             "resumed_from": str(resume_from) if resume_from else None,
-            "branch": branch,  # {from_step, superseded: folder under superseded/} when resume named a step
+            "branch": branch,  # {from_step, superseded: folder under superseded/} when resume replaces later steps
             "shard_dirs": {k: str(v) for k, v in shards.shard_dirs.items()},
             "world_size": env.world_size,
             "device": str(env.device),

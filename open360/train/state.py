@@ -120,6 +120,13 @@ def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path)
             f"trainer.resume={resume}: {path} is not a complete checkpoint directory (no lineage.json); "
             "pass auto, a step number, or a checkpoints/<run>/step_<N> path"
         )
+    own = path.resolve().parent in (Path(published_dir).resolve(), Path(recovery_dir).resolve())
+    if candidates and not own:  # its history is not this folder's: one folder, one chain of checkpoints
+        raise CheckpointError(
+            f"trainer.resume={resume}: a checkpoint from outside {published_dir} (a superseded branch, another "
+            f"run), while this run's folder holds checkpoints (steps {sorted({s for s, _ in candidates})}) of "
+            "its own history; continue it under another run_name, or resume this run by step"
+        )
     return path
 
 

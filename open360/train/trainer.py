@@ -137,6 +137,7 @@ class Trainer:
         self._prefetch_pool: ThreadPoolExecutor | None = None  # lives while train() runs
         self._prefetched: tuple[int, int, Future[torch.Tensor]] | None = None
         self.saved: list[SavedCheckpoint] = []
+        self._resumed = False  # a resumed run never re-saves the step it resumed from
 
     # -- backend hooks (overridden by the megatron-core trainer) --------------------------------
 
@@ -323,6 +324,7 @@ class Trainer:
         }
         ranks = state["rng"]["ranks"]
         restore_rng_state(ranks[self.env.rank] if self.env.rank < len(ranks) else ranks[0])
+        self._resumed = True
 
     def _data_history(self) -> list[dict[str, Any]]:
         """Per stage up to the current one: its data provenance, steps trained and sequence ids seen.
@@ -397,7 +399,7 @@ class Trainer:
         tokens_per_step = self.settings.global_batch_size * self.settings.seq_len
         first_loss: float | None = None
         t_start = time.perf_counter()
-        if p.step == 0 and self.cadence.is_published(0, self.final_step):
+        if p.step == 0 and not self._resumed and self.cadence.is_published(0, self.final_step):
             self.stage_data(self.stages[0])
             self.save(published=True)
         self.model.train()

@@ -202,7 +202,8 @@ def test_resumed_run_catches_up_unversioned_checkpoints(ws: Path) -> None:
 
 
 def test_a_branch_moves_the_replaced_checkpoints_records_with_their_folders(ws: Path, tmp_path: Path) -> None:
-    from open360.train.state import supersede_later_checkpoints
+    from open360.checkpoint.branches import supersede_later_checkpoints, write_pending_branch
+    from open360.tracking.checkpoints import finish_pending_branches
 
     run_dir = ws / "checkpoints" / "r"
     versioner = DvcVersioner(ws)
@@ -217,11 +218,16 @@ def test_a_branch_moves_the_replaced_checkpoints_records_with_their_folders(ws: 
     commit(ws)
     subprocess.run(["git", "-C", str(ws), "add", "-A"], check=True)
 
-    # Resume at step 2 (trainer.resume=2): the run moves the later folders aside, then its versioner moves
+    # Resume at step 2 (trainer.resume=2): the branch is journaled, the later folders move aside, and so do
     # their records, also of a step recorded in checkpoints.dvc but not on this disk (as in a partial clone).
+    # Killed halfway (the folders moved, not the records), the next look at the run finishes it.
     shutil.rmtree(old[4])
     folder = "from_step_2-20261126T000000Z"
+    write_pending_branch(ws / "recovery" / "r", 2, folder)
     assert sorted(supersede_later_checkpoints(2, run_dir, ws / "recovery" / "r", folder)) == [3]
+    assert sorted(store.tracked_children(run_dir)) == ["step_1", "step_2", "step_3", "step_4"]  # the kill
+    assert [e.step for e in run_checkpoints(ws, "r")] == [1, 2]  # listing the run finishes the branch
+    assert not list((ws / "recovery" / "r").glob(".branch-pending-*")) and finish_pending_branches(ws, "r") == {}
     branch = DvcVersioner(ws)
     branch.on_run_start(RunInfo("r", ws, run_dir, {}, "", 2, extra={"branch": {"from_step": 2, "superseded": folder}}))
     new3 = write_checkpoint(ws, "r", 3, size=2048)  # the branch's own step 3

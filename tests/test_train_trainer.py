@@ -315,3 +315,24 @@ def test_a_resume_from_step_0_leaves_that_checkpoint_as_it_was(tmp_path: Path) -
     resumed.train()
     assert {p.name: p.read_bytes() for p in step0.iterdir()} == before
     assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [0, 1, 2]
+
+
+def test_every_callback_ends_even_when_a_signal_interrupts_one() -> None:
+    """A SIGTERM while one callback drains its queue (DVC) still lets the others end (MLflow closes its
+    run); the interrupt is raised after them."""
+    from open360.train.pipeline import end_callbacks
+
+    ended: list[str] = []
+
+    class Draining(Callback):
+        def on_run_end(self, summary: dict[str, Any]) -> None:
+            ended.append("dvc")
+            raise KeyboardInterrupt("signal 15")
+
+    class Closing(Callback):
+        def on_run_end(self, summary: dict[str, Any]) -> None:
+            ended.append(f"mlflow:{summary['status']}")
+
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        end_callbacks([Draining(), Closing()], {"status": "finished"})
+    assert ended == ["dvc", "mlflow:finished"]

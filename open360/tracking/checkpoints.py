@@ -9,6 +9,7 @@ from pathlib import Path
 from open360.tracking.dvc_versioning import DvcWorkspace, TrackedDir, VersioningError, local_steps, step_of
 
 CHECKPOINTS_DIR = "checkpoints"
+RECOVERY_DIR = "recovery"
 
 
 @dataclass
@@ -38,9 +39,29 @@ def is_dvc_workspace(workspace: Path) -> bool:
     return (workspace / ".dvc").is_dir() and (workspace / f"{CHECKPOINTS_DIR}.dvc").is_file()
 
 
-def run_checkpoints(workspace: Path, run: str, store: DvcWorkspace | None = None) -> list[CheckpointEntry]:
-    """Every checkpoint of `run`, on disk or recorded in checkpoints.dvc, sorted by step."""
+def finish_pending_branches(workspace: Path, run: str) -> dict[int, Path]:
+    """Finish the branches of `run` that a crash interrupted (journaled by `write_pending_branch`): the
+    checkpoints after the branch step, their folders and their checkpoints.dvc records, move to
+    `superseded/<folder>/`, then the journal entry goes. Returns {step: new path} of the folders moved."""
+    from open360.checkpoint.branches import pending_branches, supersede_later_checkpoints
+
     workspace = Path(workspace).expanduser().resolve()
+    run_dir, recovery_dir = workspace / CHECKPOINTS_DIR / run, workspace / RECOVERY_DIR / run
+    moved: dict[int, Path] = {}
+    for marker, entry in pending_branches(recovery_dir):
+        step, folder = int(entry["from_step"]), str(entry["superseded"])
+        moved |= supersede_later_checkpoints(step, run_dir, recovery_dir, folder)
+        if is_dvc_workspace(workspace):  # only a tree rewrite: nothing is hashed or pushed
+            DvcWorkspace(workspace).supersede(run_dir, step, run_dir / "superseded" / folder)
+        marker.unlink(missing_ok=True)
+    return moved
+
+
+def run_checkpoints(workspace: Path, run: str, store: DvcWorkspace | None = None) -> list[CheckpointEntry]:
+    """Every checkpoint of `run`, on disk or recorded in checkpoints.dvc, sorted by step (a branch that a
+    crash interrupted is finished first, so that the replaced checkpoints are not listed as the run's)."""
+    workspace = Path(workspace).expanduser().resolve()
+    finish_pending_branches(workspace, run)
     run_dir = workspace / CHECKPOINTS_DIR / run
     local = {s: p for s, p in local_steps(run_dir).items() if (p / "lineage.json").is_file()}
     tracked: dict[int, TrackedDir] = {}

@@ -295,7 +295,7 @@ class DvcWorkspace:
 
     def supersede(self, run_dir: Path, after_step: int, target: Path) -> list[int]:
         """Move the records of `run_dir`'s checkpoints after `after_step` to `target` (a folder inside
-        `run_dir`) in the tracking .dvc file: a new branch replaces them (see `supersede_later_checkpoints`,
+        `run_dir`) in the tracking .dvc file: a new branch replaces them (see `open360.checkpoint.branches`,
         which moves the folders on disk the same way). Only the tree is rewritten — every file keeps its
         md5, so nothing is hashed, copied or pushed again, and steps recorded but never pulled move too.
         Returns the steps moved."""
@@ -491,8 +491,6 @@ class VersionJobs:
         self.push = push
 
     def __call__(self, kind: str, step: int, path: str, revisions: dict[str, str | None]) -> dict[str, Any]:
-        if kind == "supersede":  # `path`: <run folder>/superseded/<folder>, where the branch put the replaced ones
-            return {"superseded": self.store.supersede(Path(path).parent.parent, step, Path(path))}
         if kind == "catch_up":  # a resumed run: checkpoints up to `step` that a killed run never versioned
             added = push_pending(self.store, Path(path), push=self.push, max_step=step)
             records = {}
@@ -555,10 +553,6 @@ class DvcVersioner(Callback):
             (str(self.store.workspace), self.store.remote, self.push_enabled),
             self._on_result,
         )
-        branch = info.extra.get("branch")
-        if branch:  # resumed at an earlier step: the replaced checkpoints' records move as their folders did
-            target = info.checkpoint_dir / "superseded" / branch["superseded"]
-            self._worker.submit("supersede", int(branch["from_step"]), str(target), {})
         if info.start_step > 0:  # a resumed run: earlier checkpoints whose add/push never finished
             self._worker.submit("catch_up", info.start_step, str(info.checkpoint_dir), self._revisions)
 

@@ -10,11 +10,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from open360.backends.native import DistEnv, barrier, init_distributed, parallelize, shutdown_distributed
+from open360.checkpoint.branches import branch_folder, supersede_later_checkpoints, write_pending_branch
 from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import (
     MODEL_FILE,
     check_architecture,
     check_writable,
+    list_checkpoints,
     load_checkpoint,
     load_model_weights,
     read_lineage,
@@ -30,11 +32,9 @@ from open360.train.optim import build_optimizer
 from open360.train.progress import format_summary, peak_flops
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import (
-    branch_folder,
     check_resume_compatible,
     find_resume_checkpoint,
     seed_everything,
-    supersede_later_checkpoints,
 )
 from open360.train.trainer import (
     StageData,
@@ -357,6 +357,11 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         from open360.backends.megatron.layout import layout_for_run
 
         layout_for_run(cfg, env.world_size, settings.global_batch_size, settings.micro_batch_size)
+    if env.is_main and cfg.tracking.dvc:  # a branch a crash interrupted is finished before anything else
+        from open360.tracking.checkpoints import finish_pending_branches
+
+        finish_pending_branches(workspace, run_name)
+    barrier(env)
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
 
     seed_everything(int(cfg.trainer.seed))
@@ -415,10 +420,17 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         if env.is_main:
             warn_if_schedule_changed(resume_from, stages, trainer.progress.step)
         if env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit step: maybe a new branch
-            step, folder = trainer.progress.step, branch_folder(trainer.progress.step)
-            moved = supersede_later_checkpoints(step, published_dir, recovery_dir, folder)
-            if moved or _recorded_after(cfg, workspace, run_name, step):  # else it simply continues the run
-                branch = {"from_step": step, "superseded": folder}
+            step, moved = trainer.progress.step, {}
+            on_disk = list_checkpoints(published_dir) + list_checkpoints(recovery_dir)
+            if any(s > step for s, _ in on_disk) or _recorded_after(cfg, workspace, run_name, step):
+                branch = {"from_step": step, "superseded": branch_folder(step)}  # else it continues the run
+                if cfg.tracking.dvc:  # journaled: a crash halfway is finished by the next look at the run
+                    from open360.tracking.checkpoints import finish_pending_branches
+
+                    write_pending_branch(recovery_dir, step, branch["superseded"])
+                    moved = finish_pending_branches(workspace, run_name)
+                else:
+                    moved = supersede_later_checkpoints(step, published_dir, recovery_dir, branch["superseded"])
             if moved:
                 print(
                     f"open360.train: resuming from step {trainer.progress.step}: this run's later checkpoints "
@@ -464,11 +476,23 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         summary = {"status": "interrupted", "run_name": run_name, "steps": trainer.progress.step}
         raise
     finally:
-        for cb in callbacks:
-            cb.on_run_end(summary)
+        end_callbacks(callbacks, summary)
     if env.is_main:
         print_summary(summary)
     return summary
+
+
+def end_callbacks(callbacks: list[Callback], summary: dict[str, Any]) -> None:
+    """Every callback's `on_run_end`, also when a signal interrupts one of them (a second Ctrl-C or a
+    SIGTERM while DVC's queue drains must not leave the MLflow run open); the interrupt is raised after."""
+    interrupted: KeyboardInterrupt | None = None
+    for cb in callbacks:
+        try:
+            cb.on_run_end(summary)
+        except KeyboardInterrupt as err:
+            interrupted = interrupted or err
+    if interrupted is not None:
+        raise interrupted
 
 
 def checkpoint_dirs(workspace: Path, run_name: str) -> tuple[Path, Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,28 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def branch_folder(step: int) -> str:
-    """Where a branch from `step` puts the checkpoints it replaces: `superseded/<this>/` (timestamped)."""
-    return f"from_step_{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-
-
-def supersede_later_checkpoints(step: int, published_dir: Path, recovery_dir: Path, folder: str) -> dict[int, Path]:
-    """Move this run's checkpoints after `step` (published and recovery) into `superseded/<folder>/` beside
-    them: resuming from an earlier step starts a new branch, and those belong to the one it replaces. Kept,
-    not deleted; out of the way of `resume=auto` and of recovery pruning, which both go by step number.
-    Returns {step: new path}. (DVC's record of the published ones is moved by `DvcVersioner`.)"""
-    moved: dict[int, Path] = {}
-    for parent in (published_dir, recovery_dir):
-        later = [(s, path) for s, path in list_checkpoints(parent) if s > step]
-        if not later:
-            continue
-        target = Path(parent) / "superseded" / folder
-        target.mkdir(parents=True, exist_ok=True)
-        for s, path in later:
-            moved[s] = Path(path).rename(target / Path(path).name)
-    return moved
 
 
 def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path) -> Path | None:

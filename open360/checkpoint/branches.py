@@ -1,0 +1,61 @@
+"""Branches of a run: resuming an earlier step moves the later checkpoints aside, journaled so that an
+interrupted move is finished by whoever next looks at the run (a resume, `ckpt list`, `ckpt pull`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from open360.checkpoint.io import list_checkpoints
+
+PENDING_GLOB = ".branch-pending-*.json"
+
+
+def branch_folder(step: int) -> str:
+    """Where a branch from `step` puts the checkpoints it replaces: `superseded/<this>/` (timestamped)."""
+    return f"from_step_{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def supersede_later_checkpoints(step: int, published_dir: Path, recovery_dir: Path, folder: str) -> dict[int, Path]:
+    """Move this run's checkpoints after `step` (published and recovery) into `superseded/<folder>/` beside
+    them: resuming from an earlier step starts a new branch, and those belong to the one it replaces. Kept,
+    not deleted; out of the way of `resume=auto` and of recovery pruning, which both go by step number.
+    Idempotent (what is already moved stays). Returns {step: new path} of what this call moved."""
+    moved: dict[int, Path] = {}
+    for parent in (published_dir, recovery_dir):
+        later = [(s, path) for s, path in list_checkpoints(parent) if s > step]
+        if not later:
+            continue
+        target = Path(parent) / "superseded" / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for s, path in later:
+            try:
+                moved[s] = Path(path).rename(target / Path(path).name)
+            except FileNotFoundError:  # moved meanwhile by another process finishing the same branch
+                continue
+    return moved
+
+
+def write_pending_branch(recovery_dir: Path, step: int, folder: str) -> Path:
+    """Journal a branch before anything moves (in the recovery folder, which DVC does not track)."""
+    recovery_dir = Path(recovery_dir)
+    recovery_dir.mkdir(parents=True, exist_ok=True)
+    marker = recovery_dir / PENDING_GLOB.replace("*", folder)
+    tmp = marker.with_name(f".tmp-{os.getpid()}-{marker.name}")
+    tmp.write_text(json.dumps({"from_step": int(step), "superseded": folder}))
+    os.replace(tmp, marker)
+    return marker
+
+
+def pending_branches(recovery_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The journaled branches of a run not yet finished, oldest first: (marker, {from_step, superseded})."""
+    out = []
+    for marker in sorted(Path(recovery_dir).glob(PENDING_GLOB)) if Path(recovery_dir).is_dir() else []:
+        try:
+            out.append((marker, json.loads(marker.read_text())))
+        except (OSError, ValueError):  # a marker cut by a crash before its rename cannot exist; skip junk
+            continue
+    return out

@@ -163,6 +163,17 @@ def test_cli_typo_fails_at_composition_before_any_work(tmp_path):
         compose(["+experiment=amber_tiny", "+trainer.max_stepz=3"])
 
 
+def test_overrides_that_stages_would_ignore_are_refused(tmp_path):
+    for override in ("schedule.warmup_steps=500", "schedule=constant", "data.recipe=data_recipes/embedded_tiny.yaml"):
+        proc = run_train("+experiment=crystalcoder_tiny", override, f"workspace={tmp_path}")
+        key = override.split("=")[0]
+        assert proc.returncode == 2 and f"{key} would be ignored; override stages.<i>" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "shards").exists()
+    printed = run_train("+experiment=crystalcoder_tiny", "schedule.kind=wsd", f"workspace={tmp_path}", "--cfg", "job")
+    assert printed.returncode == 2 and "schedule.kind would be ignored" in printed.stderr
+
+
 def test_model_values_out_of_range_fail_in_one_line_before_any_work(tmp_path):
     proc = run_train("+experiment=amber_tiny", "model.n_heads=0", f"workspace={tmp_path}")
     assert proc.returncode == 2, proc.stderr

@@ -27,10 +27,27 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def check_stage_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+    """With `stages`, each stage names its own recipe and schedule: a command-line `schedule...` or
+    `data.recipe` override would be ignored without a word, so it is refused, naming the stage keys."""
+    if not cfg.stages:
+        return
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in ("schedule", "data.recipe") or key.startswith("schedule."):
+            raise ValueError(
+                f"{override}: this experiment trains in `stages`, each with its own recipe and schedule, so "
+                f"{key} would be ignored; override stages.<i>.recipe / stages.<i>.schedule.* instead"
+            )
+
+
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     try:
         check_schema(cfg)
+        check_stage_overrides(cfg, list(HydraConfig.get().overrides.task))
         from open360.models.decoder import as_model_config
 
         as_model_config(cfg.model)  # model values out of range fail here, before the memory estimate divides by them
@@ -80,7 +97,9 @@ def check_before_printing(argv: list[str]) -> None:
         if not a.startswith("-") and (i == 0 or argv[i - 1] not in takes_value) and not a.startswith("hydra")
     ]
     try:
-        as_model_config(compose(overrides).model)
+        cfg = compose(overrides)
+        check_stage_overrides(cfg, overrides)
+        as_model_config(cfg.model)
     except (HydraException, ConfigKeyError, ValueError) as err:
         print(f"open360.train: {str(err).strip()}", file=sys.stderr)
         sys.exit(2)

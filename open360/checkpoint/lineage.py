@@ -45,3 +45,8 @@ def config_hash(config: dict[str, Any]) -> str:
         if isinstance(cfg.get(group), dict):
             cfg[group].pop(key, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def data_history(lineage: dict[str, Any]) -> list[dict[str, Any]]:
+    """A checkpoint lineage's data entries, one per stage it trained (older lineages hold one `data`)."""
+    return lineage.get("data_history") or ([lineage["data"]] if lineage.get("data") else [])

@@ -225,7 +225,7 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
                 "file with 'sha256'",
             )
             _check(
-                s.hf_name not in PACKAGED_BUILDERS and not resolve_repo_path(s.hf_name).is_dir(),
+                reads_hub(s),
                 key,
                 f"'hf_revision' pins a hub repository, and '{s.hf_name}' reads local files or a local "
                 "folder; drop it, or read local files with type jsonl/parquet and pin them with 'sha256'",
@@ -297,13 +297,18 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     _check(recipe.doc_batch_size >= 1, f"{where}: key 'doc_batch_size'", "must be >= 1")
 
 
+def reads_hub(s: SourceSpec) -> bool:
+    """Whether a source reads a hub repository (not a builder over local files, not a local folder)."""
+    by_name = s.type == "hf" or (s.type == "llm360_chunks" and not s.path)
+    return by_name and bool(s.hf_name) and s.hf_name not in PACKAGED_BUILDERS and not resolve_repo_path(s.hf_name).is_dir()
+
+
 def unpinned_hub_inputs(recipe: RecipeSpec) -> list[str]:
     """Names of the recipe's hub inputs that no commit sha pins (a branch or tag can move): a build
     records the recipe, not what the hub served, so these make shards that a rebuild may not repeat."""
     out = []
     for s in recipe.sources:
-        on_hub = s.hf_name and not (s.type == "llm360_chunks" and s.path) and s.hf_name not in PACKAGED_BUILDERS
-        if on_hub and not resolve_repo_path(s.hf_name).is_dir() and not _COMMIT.fullmatch(s.hf_revision or ""):
+        if reads_hub(s) and not _COMMIT.fullmatch(s.hf_revision or ""):
             out.append(f"source '{s.name}' ({s.hf_name})")
     tok = recipe.tokenizer
     if tok.kind == "hub" and not _COMMIT.fullmatch(tok.revision or ""):

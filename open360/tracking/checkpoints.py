@@ -39,6 +39,11 @@ def is_dvc_workspace(workspace: Path) -> bool:
     return (workspace / ".dvc").is_dir() and (workspace / f"{CHECKPOINTS_DIR}.dvc").is_file()
 
 
+def run_dirs(workspace: Path, run: str) -> tuple[Path, Path]:
+    """(published, recovery) folders of a run: checkpoints/<run>, recovery/<run>."""
+    return Path(workspace) / CHECKPOINTS_DIR / run, Path(workspace) / RECOVERY_DIR / run
+
+
 def finish_pending_branches(workspace: Path, run: str) -> dict[int, Path]:
     """Finish the branches of `run` that a crash interrupted (journaled by `write_pending_branch`): the
     checkpoints after the branch step, their folders and their checkpoints.dvc records, move to
@@ -46,7 +51,7 @@ def finish_pending_branches(workspace: Path, run: str) -> dict[int, Path]:
     from open360.checkpoint.branches import pending_branches, supersede_later_checkpoints
 
     workspace = Path(workspace).expanduser().resolve()
-    run_dir, recovery_dir = workspace / CHECKPOINTS_DIR / run, workspace / RECOVERY_DIR / run
+    run_dir, recovery_dir = run_dirs(workspace, run)
     moved: dict[int, Path] = {}
     for marker, entry in pending_branches(recovery_dir):
         step, folder = int(entry["from_step"]), str(entry["superseded"])

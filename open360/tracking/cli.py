@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from open360.checkpoint.lineage import data_history
 from open360.tracking.checkpoints import (
     find_workspace,
     folder_size,
@@ -186,7 +187,7 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
         f"code revision: {code.get('revision')}{' (dirty)' if code.get('dirty') else ''}",
         f"config sha256: {lineage.get('config_hash')}   torch: {lineage.get('torch_version')}",
     ]
-    for data in lineage.get("data_history") or [lineage.get("data") or {}]:
+    for data in data_history(lineage) or [{}]:
         lines.append(
             f"data [{data.get('stage')}]: shards {data.get('shard_dir')}  manifest {data.get('manifest_hash')}  "
             f"tokenizer {data.get('tokenizer_hash')}  steps {data.get('steps')}"

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from open360.checkpoint.lineage import data_history
 from open360.tracking.checkpoints import CheckpointEntry, pull_checkpoints, run_checkpoints, select_steps
 from open360.tracking.params import mask_secrets
 
@@ -76,7 +77,7 @@ def _metrics_table(workspace: Path, run: str, mlflow_uri: str | None, out: Path)
 def _copy_data(workspace: Path, lineages: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for lineage in lineages:
-        for data in lineage.get("data_history") or [lineage.get("data") or {}]:
+        for data in data_history(lineage):
             shard_dir = data.get("shard_dir")
             if not shard_dir or shard_dir in seen:
                 continue

@@ -26,6 +26,7 @@ from open360.checkpoint.io import (
 from open360.checkpoint.lineage import config_hash, git_revision
 from open360.checkpoint.writer import CheckpointWriter
 from open360.paths import resolve_workspace_path
+from open360.tracking.checkpoints import finish_pending_branches, run_checkpoints, run_dirs
 from open360.tracking.params import mask_secrets
 from open360.train.callbacks import Callback, RunInfo
 from open360.train.optim import build_optimizer
@@ -333,15 +334,13 @@ def _recorded_after(cfg: DictConfig, workspace: Path, run_name: str, step: int) 
     """Whether checkpoints.dvc records checkpoints of this run after `step` (a clone may not hold them)."""
     if not cfg.tracking.dvc:
         return False
-    from open360.tracking.checkpoints import run_checkpoints
-
     return any(entry.step > step for entry in run_checkpoints(workspace, run_name))
 
 
 def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> dict[str, Any]:
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_name = str(cfg.run_name)
-    published_dir, recovery_dir = checkpoint_dirs(workspace, run_name)
+    published_dir, recovery_dir = run_dirs(workspace, run_name)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     # What every checkpoint records (config.yaml, its hash) has secrets masked: it is published.
     recorded_config = mask_secrets(config_dict)
@@ -358,8 +357,6 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
 
         layout_for_run(cfg, env.world_size, settings.global_batch_size, settings.micro_batch_size)
     if env.is_main and cfg.tracking.dvc:  # a branch a crash interrupted is finished before anything else
-        from open360.tracking.checkpoints import finish_pending_branches
-
         finish_pending_branches(workspace, run_name)
     barrier(env)
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
@@ -425,8 +422,6 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             if any(s > step for s, _ in on_disk) or _recorded_after(cfg, workspace, run_name, step):
                 branch = {"from_step": step, "superseded": branch_folder(step)}  # else it continues the run
                 if cfg.tracking.dvc:  # journaled: a crash halfway is finished by the next look at the run
-                    from open360.tracking.checkpoints import finish_pending_branches
-
                     write_pending_branch(recovery_dir, step, branch["superseded"])
                     moved = finish_pending_branches(workspace, run_name)
                 else:
@@ -493,11 +488,6 @@ def end_callbacks(callbacks: list[Callback], summary: dict[str, Any]) -> None:
             interrupted = interrupted or err
     if interrupted is not None:
         raise interrupted
-
-
-def checkpoint_dirs(workspace: Path, run_name: str) -> tuple[Path, Path]:
-    """(published, recovery) directories of a run: checkpoints/<run>, recovery/<run>."""
-    return workspace / "checkpoints" / run_name, workspace / "recovery" / run_name
 
 
 def print_summary(summary: dict[str, Any]) -> None:

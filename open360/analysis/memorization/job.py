@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from open360.analysis.memorization.engine import DTYPES, MODES
 from open360.analysis.memorization.sampling import chunk_offsets, sample_rows, seen_rows
+from open360.checkpoint.lineage import data_history
 
 SELECTIONS = ("sample", "seen")
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -298,11 +299,6 @@ def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) ->
 # ----------------------------------------------------------------------------------------------
 # Data: shards, sampled rows, seen ids
 # ----------------------------------------------------------------------------------------------
-
-
-def data_history(lineage: dict[str, Any]) -> list[dict[str, Any]]:
-    """The data entries of a checkpoint's lineage, one per stage it trained (older lineages: `data`)."""
-    return lineage.get("data_history") or ([lineage["data"]] if lineage.get("data") else [])
 
 
 class DataView:

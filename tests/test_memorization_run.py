@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from open360.analysis.memorization import MemorizationScorer, parse_args, run_job
-from open360.analysis.memorization.job import MemorizationJobError, cell_path, main
+from open360.analysis.memorization.cells import cell_path
+from open360.analysis.memorization.job import MemorizationJobError, main
 from open360.checkpoint import list_checkpoints
 
 SEQ_LEN = 64
@@ -236,7 +237,7 @@ def _only_in_remote(root: Path, stash: Path, steps: tuple[int, ...], monkeypatch
     returned) copy them back."""
     import shutil
 
-    import open360.analysis.memorization.job as job_module
+    import open360.analysis.memorization.checkpoints as checkpoints_module
     import open360.tracking
 
     for step in steps:
@@ -252,7 +253,7 @@ def _only_in_remote(root: Path, stash: Path, steps: tuple[int, ...], monkeypatch
         return dest
 
     monkeypatch.setattr(open360.tracking, "pull_checkpoint", fake_pull)
-    monkeypatch.setattr(job_module, "_tracked_steps", lambda ws, run: tracked)  # what DVC lists
+    monkeypatch.setattr(checkpoints_module, "_tracked_steps", lambda ws, run: tracked)  # what DVC lists
     return pulled
 
 
@@ -397,7 +398,7 @@ def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], 
 def test_seen_fast_path_equals_data_order(trained_run: tuple[Path, str]) -> None:
     from omegaconf import OmegaConf
 
-    from open360.analysis.memorization.job import DataView
+    from open360.analysis.memorization.data_view import DataView
     from open360.checkpoint import list_checkpoints, read_lineage
 
     root, _ = trained_run
@@ -497,7 +498,7 @@ def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str
         assert says in err and "Traceback" not in err
     within = run_job(parse_args(_job(root, "checkpoints=15-25", "chunks=0", "sample=2", "report=false")))
     assert within.steps == [20]  # a range picks the run's checkpoints inside it
-    from open360.analysis.memorization.job import job_tag
+    from open360.analysis.memorization.job_config import job_tag
 
     assert job_tag(parse_args(_job(root, "shards=shards/stage_b"))).endswith("-seed42-stage_b")
 
@@ -605,7 +606,7 @@ def test_shards_are_matched_by_content_and_tokenizer(trained_run: tuple[Path, st
 
     import pandas as pd
 
-    from open360.analysis.memorization.job import DataView
+    from open360.analysis.memorization.data_view import DataView
     from open360.checkpoint import read_lineage
     from open360.data import build_shards
 

@@ -33,7 +33,7 @@ def cell_files(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> lis
     """The cell files of `cells` ((step, chunk) pairs) that exist under `out_dir/cells`; None: every one."""
     if cells is None:
         return sorted((Path(out_dir) / "cells").glob("step_*-chunk_*.parquet"))
-    from open360.analysis.memorization.job import cell_path
+    from open360.analysis.memorization.cells import cell_path
 
     return [p for p in (cell_path(Path(out_dir), s, c) for s, c in sorted(cells)) if p.is_file()]
 

@@ -1,0 +1,141 @@
+"""The cells of the checkpoints x chunks matrix: one parquet per cell, written atomically, reused when valid."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from open360.analysis.memorization.checkpoints import run_checkpoint_dir
+from open360.analysis.memorization.engine import DTYPES
+from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError
+
+CELL_RE_FMT = "step_{step}-chunk_{chunk:05d}.parquet"
+
+
+def cell_path(out_dir: Path, step: int, chunk: int) -> Path:
+    """`<out_dir>/cells/step_<N>-chunk_<C>.parquet`."""
+    return out_dir / "cells" / CELL_RE_FMT.format(step=step, chunk=chunk)
+
+
+def write_cell(path: Path, table: Any) -> None:
+    """Write a pyarrow table atomically: temp file in the same folder, fsync, rename."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise MemorizationJobError(
+            f"{path}: could not write the cell ({err}); the cells already written are kept - free disk "
+            "space and run the same command again"
+        ) from err
+
+
+def cell_table(
+    job: MemorizationJobConfig,
+    step: int,
+    chunk: int,
+    rows: np.ndarray,
+    offset: int,
+    seen: np.ndarray,
+    result: Any,
+    meta: dict[str, Any],
+) -> Any:
+    """One row per scored sequence, with the cell's parameters in the schema metadata."""
+    import pyarrow as pa
+
+    n = len(rows)
+    columns = {
+        "step": pa.array(np.full(n, step, dtype=np.int64)),
+        "chunk": pa.array(np.full(n, chunk, dtype=np.int32)),
+        "row": pa.array(rows.astype(np.int64)),
+        "seq_id": pa.array((rows + offset).astype(np.int64)),
+        "matched": pa.array(result.matched.astype(np.int16)),
+        "score": pa.array(result.score.astype(np.float32)),
+        "prefix_match": pa.array(result.prefix_match.astype(np.int16)),
+        "seen": pa.array(seen.astype(bool)),
+    }
+    if job.save_tokens:
+        columns["continuation"] = pa.array(list(result.predicted), type=pa.list_(pa.int32()))
+    table = pa.table(columns)
+    return table.replace_schema_metadata({"open360.memorization": json.dumps(meta, sort_keys=True)})
+
+
+# What a cell's metadata must hold for this job to reuse it (the job's tag, field by field).
+JOB_FIELDS = ("run", "mode", "k", "l", "sample", "seed", "selection")
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_sha256(lineage_file: str, mtime_ns: int) -> str | None:
+    """The weights' sha256 a checkpoint's lineage.json records (cached: one read per checkpoint)."""
+    from open360.checkpoint.io import MODEL_FILE
+
+    return (json.loads(Path(lineage_file).read_text()).get("files") or {}).get(MODEL_FILE)
+
+
+def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path, scored_on: dict[str, Any]) -> bool:
+    """Whether the cell file at `path` can be reused: it exists, reads whole, was scored with this job's
+    settings, on the shards (`scored_on["manifest_hash"]`) and in the dtype (`scored_on["dtype"]`) this
+    job uses, and (when the checkpoint is on disk) with the weights the checkpoint holds now. A damaged
+    cell, one of a retrained checkpoint or one written before its shards/dtype were recorded is scored
+    again (with a warning); cells of other settings, shards or dtype in the same out_dir are an error,
+    since the job would mix two analyses."""
+    if not path.is_file():
+        return False
+    import pyarrow.parquet as pq
+
+    from open360.checkpoint.io import LINEAGE_FILE, step_dir_name
+
+    try:
+        table = pq.read_table(path)  # every page: a damaged cell must not pass for a done one
+        meta = json.loads((table.schema.metadata or {})[b"open360.memorization"])
+    except Exception as err:  # truncated, damaged, emptied or foreign file
+        warnings.warn(f"{path}: unreadable cell ({type(err).__name__}: {err}); scoring it again", stacklevel=2)
+        return False
+    want = {key: getattr(job, key) for key in JOB_FIELDS} | scored_on
+    got = {key: meta.get(key) for key in JOB_FIELDS} | {key: meta.get(key) for key in scored_on}
+    if job.save_tokens and "continuation" not in table.column_names:
+        warnings.warn(f"{path}: written without continuations (save_tokens=false); scoring it again", stacklevel=2)
+        return False
+    unrecorded = [key for key in scored_on if got[key] is None]
+    if unrecorded:
+        warnings.warn(f"{path}: written without {unrecorded} recorded; scoring it again", stacklevel=2)
+        return False
+    if got != want:
+        differ = {key: (got[key], want[key]) for key in want if got[key] != want[key]}
+        short = next((name for name, dt in DTYPES.items() if str(dt) == f"torch.{got['dtype']}"), got["dtype"])
+        same_dtype = f", or pass dtype={short}" if "dtype" in differ else ""
+        raise MemorizationJobError(
+            f"{path}: scored with other settings (cell, job: {differ}); give this job its own out_dir= "
+            f"or remove {path.parent} to score again{same_dtype}"
+        )
+    lineage = run_checkpoint_dir(workspace, job.run) / step_dir_name(int(meta["step"])) / LINEAGE_FILE
+    retrained = (
+        meta.get("model_sha256")
+        and lineage.is_file()
+        and _model_sha256(str(lineage), lineage.stat().st_mtime_ns) != meta["model_sha256"]
+    )
+    if retrained:
+        warnings.warn(
+            f"{path}: scored on other weights than checkpoint step {meta['step']} now holds (the run was "
+            "retrained?); scoring it again",
+            stacklevel=2,
+        )
+        return False
+    return True
+
+

@@ -1,0 +1,120 @@
+"""The run's checkpoints a memorization job scores: which steps, and a local copy of each (DVC pull)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError, int_list
+
+
+def run_checkpoint_dir(workspace: Path, run: str) -> Path:
+    """`<workspace>/checkpoints/<run>`."""
+    return workspace / "checkpoints" / run
+
+
+def _tracked_steps(workspace: Path, run: str) -> list[int]:
+    """Steps of `run` on disk or recorded in checkpoints.dvc (maybe not pulled); [] without tracking."""
+    try:
+        from open360.tracking.checkpoints import run_checkpoints
+    except ImportError:
+        return []
+    try:
+        return [entry.step for entry in run_checkpoints(workspace, run)]
+    except Exception as err:  # a broken DVC setup must not hide the local checkpoints
+        print(f"memorization: could not list DVC-tracked steps of {run}: {err}", file=sys.stderr)
+        return []
+
+
+def resolve_steps(job: MemorizationJobConfig, workspace: Path) -> list[int]:
+    """Steps to analyse: all / latest / explicit list, from local checkpoints plus DVC-tracked ones."""
+    from open360.checkpoint import list_checkpoints
+
+    local = [step for step, _ in list_checkpoints(run_checkpoint_dir(workspace, job.run))]
+    known = sorted(set(local) | set(_tracked_steps(workspace, job.run)))  # tracked: listed, not pulled
+    value = job.checkpoints
+    if isinstance(value, str) and value.strip().lower() == "latest":
+        if not known:
+            raise MemorizationJobError(
+                f"checkpoints=latest: run {job.run!r} has no checkpoints in {workspace}"
+            )
+        return [known[-1]]
+    if int_list(value, "checkpoints") is None:
+        if not known:
+            raise MemorizationJobError(
+                f"run {job.run!r}: no checkpoints under {run_checkpoint_dir(workspace, job.run)} and none "
+                "tracked by DVC; check run= and workspace="
+            )
+        return known
+    return _select_steps(value, known, job.run)
+
+
+def _select_steps(value: Any, known: list[int], run: str) -> list[int]:
+    """Steps named one by one must exist; a range a-b selects the existing steps inside it."""
+    items = list(value) if isinstance(value, list | tuple) else str(value).split(",")
+    chosen: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        steps = int_list(text, "checkpoints") or []  # a range expands to every integer in it
+        if "-" in text.lstrip("-"):
+            inside = set(steps) & set(known)
+            if not inside:
+                raise MemorizationJobError(f"checkpoints={value!r}: run {run!r} has no checkpoint in {text}; "
+                                           f"its steps: {known}")
+            chosen.update(inside)
+        else:
+            chosen.update(steps)
+    missing = sorted(chosen - set(known))
+    if missing:
+        raise MemorizationJobError(
+            f"checkpoints={value!r}: run {run!r} has no checkpoint at steps {missing} (on disk or tracked by "
+            f"DVC); its steps: {known}"
+        )
+    return sorted(chosen)
+
+
+@contextlib.contextmanager
+def pull_lock(workspace: Path) -> Iterator[None]:
+    """Serialize DVC pulls of several ranks/jobs on one workspace (DVC holds a repository lock)."""
+    import fcntl
+
+    lock_dir = workspace / ".dvc" / "tmp" if (workspace / ".dvc").is_dir() else workspace
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "open360-memorization-pull.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) -> tuple[Path, bool]:
+    """Local path of checkpoint `step`, pulling it through DVC when absent: (path, pulled_by_us)."""
+    from open360.checkpoint.io import MODEL_FILE, step_dir_name
+
+    path = run_checkpoint_dir(workspace, job.run) / step_dir_name(step)
+    if (path / MODEL_FILE).is_file():
+        return path, False
+    if not job.pull:
+        raise MemorizationJobError(
+            f"{path}: checkpoint not present locally and pull=false; pull it or set pull=true"
+        )
+    try:
+        from open360.tracking import pull_checkpoint
+    except ImportError as err:
+        raise MemorizationJobError(
+            f"{path}: checkpoint not present locally and open360.tracking.pull_checkpoint "
+            f"is unavailable ({err})"
+        ) from err
+    with pull_lock(workspace):
+        if (path / MODEL_FILE).is_file():
+            return path, False
+        pulled = Path(pull_checkpoint(workspace, job.run, step))
+    if not (pulled / MODEL_FILE).is_file():
+        raise MemorizationJobError(f"{pulled}: DVC pull finished but {MODEL_FILE} is missing")
+    return pulled, True
+
+

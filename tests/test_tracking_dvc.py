@@ -15,7 +15,8 @@ import torch
 from open360.checkpoint import CheckpointContents, save_checkpoint, verify_checkpoint
 from open360.tracking import build_callbacks, pull_checkpoint
 from open360.tracking.checkpoints import run_checkpoints
-from open360.tracking.dvc_versioning import DvcVersioner, DvcWorkspace, VersioningError, push_pending
+from open360.tracking.dvc_callback import DvcVersioner
+from open360.tracking.dvc_versioning import DvcWorkspace, VersioningError, push_pending
 from open360.tracking.workspace import init_workspace
 from open360.train.callbacks import RunInfo
 

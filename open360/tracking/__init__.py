@@ -35,7 +35,7 @@ def build_callbacks(cfg: DictConfig, workspace: Path, is_main: bool) -> list[Cal
         )
         logger.record_local_checkpoints = not tracking.dvc
     if tracking.dvc:
-        from open360.tracking.dvc_versioning import DvcVersioner
+        from open360.tracking.dvc_callback import DvcVersioner
 
         versioner = DvcVersioner(Path(workspace), remote=tracking.dvc_remote, push=bool(tracking.dvc_push))
         if logger is not None:

@@ -102,6 +102,58 @@ def test_fresh_clone_pulls_exactly_one_checkpoint_with_equal_logits(
     assert sorted(p.name for p in (fresh / "checkpoints" / RUN).iterdir()) == ["step_12", "step_8"]
 
 
+def test_a_fresh_clone_resumes_a_pulled_checkpoint_on_the_pulled_shards_bitwise(
+    trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The published workspace is all a clone needs: `ckpt pull` one checkpoint, resume from it, and the run
+    pulls the versioned shards (no rebuild) and reaches the original run's next checkpoint bit for bit."""
+    import open360.data.build
+    from open360.checkpoint import load_checkpoint
+    from open360.train.pipeline import run_training
+
+    ws = trained["ws"]
+    fresh = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(fresh)], check=True)
+    subprocess.run(
+        ["dvc", "remote", "modify", "--local", "local", "url", str(ws / ".dvc-storage")], cwd=fresh, check=True
+    )
+    assert pull_main([RUN, "8", "--workspace", str(fresh)]) == 0
+    assert not (fresh / "shards").exists()
+
+    def no_build(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the shards were rebuilt instead of pulled")
+
+    monkeypatch.setattr(open360.data.build, "_build_locked", no_build)
+    run_training(_run_config(fresh, "trainer.resume=auto"), device="cpu")
+    assert "pulled the versioned shards" in capsys.readouterr().err
+    (shard_dir,) = (fresh / "shards").iterdir()
+    assert (shard_dir / "manifest.json").read_bytes() == (ws / "shards" / shard_dir.name / "manifest.json").read_bytes()
+    resumed = load_checkpoint(fresh / "checkpoints" / RUN / "step_12")
+    original = load_checkpoint(ws / "checkpoints" / RUN / "step_12")
+    assert resumed.model.keys() == original.model.keys()
+    assert all(torch.equal(resumed.model[k], original.model[k]) for k in original.model)
+    moments, original_moments = resumed.optimizer["state"], original.optimizer["state"]
+    assert all(torch.equal(moments[i][n], original_moments[i][n]) for i in original_moments for n in original_moments[i])
+
+
+def test_shards_that_cannot_be_pulled_are_built_instead(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A clone whose remote is not reachable says so and falls back to the build (the same shards)."""
+    ws = trained["ws"]
+    fresh = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(fresh)], check=True)
+    subprocess.run(["dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "nowhere")], cwd=fresh, check=True)
+    (shard_dir,) = (ws / "shards").glob("embedded_tiny-*")
+    cfg = _run_config(fresh)
+    assert open360.tracking.pull_shards(fresh / "shards" / shard_dir.name, fresh, cfg) is False
+    err = capsys.readouterr().err
+    assert f"could not pull {fresh / 'shards' / shard_dir.name}" in err and "building it from the recipe instead" in err
+    assert "does not exist on this machine" in err
+    assert open360.tracking.pull_shards(fresh / "shards" / "other-000000000000", fresh, cfg) is False  # not recorded
+    off = _run_config(fresh, "tracking.dvc=false")
+    assert open360.tracking.pull_shards(fresh / "shards" / shard_dir.name, fresh, off) is False
+    assert not (fresh / "shards" / shard_dir.name).exists()
+
+
 def test_mlflow_history_equals_trainer_and_records_resolve(trained: dict) -> None:
     ws, recorder = trained["ws"], trained["recorder"]
     client = mr.client(mr.workspace_uri(ws))

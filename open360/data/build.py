@@ -49,6 +49,11 @@ def shard_dir_name(recipe: RecipeSpec) -> str:
     return f"{recipe.name}-{recipe_hash(recipe)[:12]}"
 
 
+def shard_dir_for(recipe_path: str | Path, shards_root: str | Path, seed: int | None = None) -> Path:
+    """The folder `build_shards` writes (or finds) for a recipe, known without building anything."""
+    return Path(shards_root).expanduser().resolve() / shard_dir_name(load_recipe(recipe_path, seed))
+
+
 def mix_counts(recipe: RecipeSpec, available: list[int]) -> tuple[list[int], int]:
     """Training sequences taken from each source (largest-remainder rounding of the weights) and the total;
     every weighted source has sequences (checked by the caller, which knows why one has none).

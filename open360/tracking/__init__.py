@@ -56,6 +56,27 @@ def version_shards(shard_dir: Path, workspace: Path, cfg: Any) -> None:
     _version_shards(shard_dir, workspace, cfg)
 
 
+def pull_shards(shard_dir: Path, workspace: Path, cfg: Any) -> bool:
+    """Fetch a shard folder that the workspace's `shards.dvc` records but this machine lacks (a fresh clone
+    of a published workspace), so that a run reads the published shards instead of rebuilding them. When
+    the pull fails, say so and return False: the build that follows writes the same shards."""
+    if not cfg.tracking.dvc:
+        return False
+    import sys
+
+    from open360.tracking.dvc_versioning import VersioningError, pull_recorded
+
+    try:
+        pulled = pull_recorded(shard_dir, workspace, cfg.tracking.dvc_remote)
+    except VersioningError as err:
+        print(f"open360.tracking: could not pull {shard_dir} ({err}); building it from the recipe instead",
+              file=sys.stderr)
+        return False
+    if pulled:
+        print(f"open360.tracking: pulled the versioned shards {shard_dir} through DVC", file=sys.stderr)
+    return pulled
+
+
 def pull_checkpoint(workspace: Path, run: str, step: int | str) -> Path:
     """Fetch one checkpoint of `run` through DVC (step number, "latest" or "~N" nearest) and return its path."""
     from open360.tracking.checkpoints import pull_checkpoints

@@ -523,3 +523,23 @@ def version_shards(shard_dir: Path, workspace: Path, cfg: Any) -> None:
     store.add(shard_dir)
     if tracking.dvc_push:
         store.push([shard_dir])
+
+
+def pull_recorded(folder: Path, workspace: Path, remote: str | None = None) -> bool:
+    """Fetch `folder` when this machine lacks it (absent or empty) but its parent's .dvc file records it —
+    a fresh clone of a published workspace. True when pulled; False when there is nothing to pull."""
+    folder = Path(folder).expanduser().resolve()
+    if folder.is_dir() and any(folder.iterdir()):
+        return False
+    ws = Path(workspace).expanduser().resolve()
+    try:
+        parent = folder.parent.relative_to(ws).as_posix()
+    except ValueError:
+        return False
+    if not (ws / ".dvc").is_dir() or not (ws / f"{parent}.dvc").is_file():
+        return False
+    store = DvcWorkspace(ws, remote=remote)
+    if folder.name not in store.tracked_children(folder.parent):
+        return False
+    store.pull([folder])
+    return True

@@ -60,7 +60,7 @@ def resolve_precision(precision: str, device: str) -> torch.dtype | None:
 
 
 class ShardProvider:
-    """Builds (or reuses) each stage's shards on first use and opens its deterministic data order."""
+    """Builds (or pulls, or reuses) each stage's shards on first use and opens its deterministic data order."""
 
     def __init__(self, cfg: DictConfig, workspace: Path, env: DistEnv) -> None:
         self.cfg = cfg
@@ -70,16 +70,19 @@ class ShardProvider:
         self.shard_dirs: dict[str, Path] = {}
 
     def build(self, stage: Stage) -> Path:
-        """The shard folder of a stage's recipe (rank 0 builds, the others wait)."""
+        """The shard folder of a stage's recipe: rank 0 pulls it when the workspace's DVC records it and this
+        machine lacks it (a clone of a published workspace), else builds or reuses it; the others wait."""
         from open360.data import build_shards
 
         recipe = str(stage.recipe)  # build_shards resolves it (working directory, then repository root)
         if self.env.is_main:
+            from open360.data.build import shard_dir_for
+            from open360.tracking import pull_shards, version_shards
+
+            pull_shards(shard_dir_for(recipe, self.shards_root, self.cfg.data.seed), self.workspace, self.cfg)
             shard_dir = build_shards(
                 recipe, self.shards_root, self.cfg.data.seed, int(self.cfg.data.build_workers)
             )
-            from open360.tracking import version_shards
-
             version_shards(shard_dir, self.workspace, self.cfg)
         barrier(self.env)
         if not self.env.is_main:

@@ -19,3 +19,13 @@ def resolve_workspace_path(workspace: str | Path, path: str | Path) -> Path:
     """Resolve a path inside the run's workspace (shards/, checkpoints/, mlflow.db)."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(workspace).expanduser().resolve() / p
+
+
+def temp_sibling(path: Path, prefix: str = ".tmp") -> Path:
+    """A temporary name next to `path` that no other process writes, also on a filesystem that several
+    hosts or PID namespaces (containers, SLURM jobs) share: host, pid and a random part."""
+    import os
+    import secrets
+    import socket
+
+    return path.with_name(f"{prefix}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")

@@ -22,7 +22,9 @@ def tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def _hf_ids(tokenizer_json: bytes, texts: list[str]) -> list[list[int]]:
+    """HF `tokenizers` with special tokens' text encoded as text (the tokenize stage's rule)."""
     tok = Tokenizer.from_str(tokenizer_json.decode())
+    tok.encode_special_tokens = True
     return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
 
 
@@ -36,8 +38,23 @@ def test_tiktoken_path_is_used_and_matches_hf_on_the_whole_embedded_corpus(token
     fast = batch_encoder(tokenizer_json)
     assert fast(texts) == _hf_ids(tokenizer_json, texts)
     assert batch_encoder(tokenizer_json, prefer_tiktoken=False)(texts[:50]) == _hf_ids(tokenizer_json, texts[:50])
-    eot = Tokenizer.from_str(tokenizer_json.decode()).token_to_id("<|endoftext|>")
-    assert eot in fast(["a<|endoftext|>b"])[0]  # an added token in running text is split out, as HF does
+    tok = Tokenizer.from_str(tokenizer_json.decode())
+    (ids,) = fast(["see <|endoftext|> here"])  # a document that mentions the EOS token: no document boundary
+    assert tok.token_to_id("<|endoftext|>") not in ids and tok.decode(ids) == "see <|endoftext|> here"
+
+
+def test_special_tokens_in_text_stay_text_and_other_added_tokens_match() -> None:
+    tok = Tokenizer.from_str(_trained(pre_tokenizers.ByteLevel(add_prefix_space=False)).decode())
+    tok.add_special_tokens(["<fim_middle>"])
+    tok.add_tokens(["<custom>"])  # not special: HF matches it in text, and so must the fast encoder
+    data = tok.to_str().encode()
+    assert tiktoken_encoding(data)[0] is not None
+    texts = ["print('<fim_middle>') and <|endoftext|> then <custom> end"]
+    for encode in (batch_encoder(data), batch_encoder(data, prefer_tiktoken=False)):
+        (ids,) = encode(texts)
+        assert tok.token_to_id("<custom>") in ids
+        assert tok.token_to_id("<fim_middle>") not in ids and tok.token_to_id("<|endoftext|>") not in ids
+    assert batch_encoder(data)(texts) == _hf_ids(data, texts)
 
 
 def _trained(pre: object, normalizer: object | None = None) -> bytes:
@@ -72,3 +89,27 @@ def test_a_plain_byte_level_bpe_trained_here_is_eligible_and_exact() -> None:
     assert tiktoken_encoding(data)[0] is not None
     texts = [*PROBES, "the quick brown fox jumps over the lazy dog 123 hello world"]
     assert batch_encoder(data)(texts) == _hf_ids(data, texts)
+
+
+def test_fim_sentinels_are_inserted_by_id_and_sentinel_text_stays_text() -> None:
+    import numpy as np
+
+    from open360.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, fim_pieces, join_encoded
+
+    tok = Tokenizer.from_str(_trained(pre_tokenizers.ByteLevel(add_prefix_space=False)).decode())
+    tok.add_special_tokens([FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX])
+    data = tok.to_str().encode()
+    ids = {t: tok.token_to_id(t) for t in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)}
+    encode = batch_encoder(data)
+    text = "def f():\n    print('<fim_middle>')  # the sentinel's name in code\n    return 1\n"
+    for spm_rate in (0.0, 1.0):
+        pieces = fim_pieces(text, np.random.default_rng(3), spm_rate, ids)
+        (got,) = join_encoded([pieces], encode)
+        # one sentinel of each, in the order of both layouts; SPM puts the suffix right after <fim_prefix>
+        assert [t for t in got if t in ids.values()] == [ids[FIM_PREFIX], ids[FIM_SUFFIX], ids[FIM_MIDDLE]]
+        assert (got[1] == ids[FIM_SUFFIX]) == bool(spm_rate) and pieces[0] == ids[FIM_PREFIX]
+        assert sorted("".join(p for p in pieces if isinstance(p, str))) == sorted(text)  # every character, once
+        expected = [t for p in pieces for t in ([p] if isinstance(p, int) else encode([p])[0])]
+        assert got == expected
+    (plain,) = join_encoded([[text]], encode)
+    assert not set(plain) & set(ids.values())

@@ -105,6 +105,31 @@ def test_build_writes_missing_files_again(tiny: Path, tmp_path: Path) -> None:
     assert _files(out) == _files(tiny)
 
 
+def test_an_edited_manifest_is_rebuilt_not_returned(tiny: Path, tmp_path: Path) -> None:
+    """Every reader refuses a manifest whose manifest_hash no longer matches: the build must not return it."""
+    out = Path(shutil.copytree(tiny, tmp_path / tiny.name))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["sources"]["code"]["license"] = "edited"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="the manifest was edited"):
+        ShardSet.open(out)
+    with pytest.warns(UserWarning, match="rebuilding .*manifest_hash does not match its content"):
+        assert build_shards(RECIPE, tmp_path, seed=1234) == out
+    assert _files(out) == _files(tiny)
+    assert ShardSet.open(out).manifest_hash == ShardSet.open(tiny).manifest_hash
+
+
+def test_temporary_names_differ_between_workers_with_the_same_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scale-out workers in separate PID namespaces (containers, SLURM) share `.work` and may share a pid:
+    their temporary files must still not collide."""
+    from open360.paths import temp_sibling
+
+    monkeypatch.setattr(os, "getpid", lambda: 2)
+    target = Path("/shared/.work/x/code.train.bin")
+    names = {temp_sibling(target) for _ in range(100)}
+    assert len(names) == 100 and all(n.parent == target.parent and n.name.endswith("-code.train.bin") for n in names)
+
+
 def test_interrupted_build_is_never_referenced_and_resumes(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -127,15 +128,35 @@ def test_text_and_dir_sources_and_invalid_utf8_file(tmp_path: Path) -> None:
     assert m["paras"]["docs_kept"] == 20
 
 
-def test_parquet_source_through_datasets(tmp_path: Path) -> None:
+def test_parquet_source_file_by_file_like_the_hub_reader(tmp_path: Path) -> None:
+    """Local parquet parts are read file by file: a part with no rows (as Spark writes) is no error, a
+    damaged one is named, and the documents are those `datasets` reads from the same files (hub path)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    f = tmp_path / "d.parquet"
-    pq.write_table(pa.table({"content": [_doc(i) for i in range(30)]}), f)
-    recipe = _recipe(tmp_path, _src("pq", f, "parquet") + "    text_field: content\n")
-    m = ShardSet.open(build_shards(recipe, tmp_path / "shards")).manifest["sources"]["pq"]
-    assert m["docs_kept"] == 30 and m["sequences_selected"] > 0
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"content": [_doc(i) for i in range(30)]}), parts / "part-0.parquet")
+    pq.write_table(pa.table({"content": pa.array([], pa.string())}), parts / "part-1.parquet")
+    pq.write_table(pa.table({"content": [_doc(100 + i) for i in range(10)] + [None]}), parts / "part-2.parquet")
+    (tmp_path / "local").mkdir()
+    (tmp_path / "hub").mkdir()
+    local = _recipe(tmp_path / "local", _src("pq", parts / "*.parquet", "parquet") + "    text_field: content\n")
+    hub = _recipe(
+        tmp_path / "hub",
+        "  - name: pq\n    type: hf\n    hf_name: parquet\n"
+        f"    hf_data_files: ['{parts / 'part-0.parquet'}', '{parts / 'part-2.parquet'}']\n    text_field: content\n",
+    )
+    built = [ShardSet.open(build_shards(r, tmp_path / "shards" / r.parent.name)) for r in (local, hub)]
+    assert built[0].manifest["sources"]["pq"]["docs_kept"] == 40
+    assert built[0].manifest["sources"]["pq"]["bad"] == built[1].manifest["sources"]["pq"]["bad"] == {"missing_field": 1}
+    assert [c["content_sha256"] for c in built[0].manifest["chunks"]] == [c["content_sha256"] for c in built[1].manifest["chunks"]]
+
+    (parts / "part-2.parquet").write_bytes((parts / "part-2.parquet").read_bytes()[:100])
+    with pytest.raises(SourceError, match=r"source 'pq': cannot read .*part-2\.parquet .*damaged or truncated"):
+        build_shards(local, tmp_path / "shards" / "again")
+    with pytest.raises(SourceError, match=r"part-0\.parquet has no field 'text'"):
+        build_shards(_recipe(tmp_path / "local", _src("pq", parts / "part-0.parquet", "parquet")), tmp_path / "s2")
 
 
 def test_llm360_pretokenized_chunks_bypass_tokenizer(tmp_path: Path) -> None:
@@ -157,6 +178,26 @@ def test_llm360_pretokenized_chunks_bypass_tokenizer(tmp_path: Path) -> None:
     assert m["docs_kept"] == 20  # only the c4 rows
     got = {tuple(r) for r in s.sequences(np.arange(s.num_sequences)).tolist()}
     assert got <= {tuple(r["token_ids"]) for r in rows[:40] if r["source"] == "c4"}
+
+
+def test_llm360_chunks_read_from_the_hub_are_checked_as_local_ones(tmp_path: Path) -> None:
+    """The same chunk file read as a local jsonl and through `datasets` (the hub path, on local files):
+    a row with a null id is bad input in both, and both give the same shards."""
+    f = tmp_path / "train_000.jsonl"
+    rows = [{"token_ids": [(i * 7 + j) % 250 + 5 for j in range(17)], "source": "c4"} for i in range(40)]
+    rows.append({"token_ids": [5, None, 7], "source": "c4"})
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    no_filters = "filters: {heuristics: {enabled: false}}\n"
+    (tmp_path / "local").mkdir()
+    (tmp_path / "hub").mkdir()
+    local = _recipe(tmp_path / "local", _src("amber", f, "llm360_chunks"), no_filters)
+    hub_src = f"  - name: amber\n    type: llm360_chunks\n    hf_name: json\n    hf_data_files: '{f}'\n    weight: 1.0\n"
+    hub = _recipe(tmp_path / "hub", hub_src, no_filters)
+    built = [ShardSet.open(build_shards(r, tmp_path / "shards" / r.parent.name)) for r in (local, hub)]
+    for s in built:
+        assert s.manifest["sources"]["amber"]["bad"] == {"missing_field": 1}
+        assert s.manifest["sources"]["amber"]["docs_kept"] == 40
+    assert [c["content_sha256"] for c in built[0].manifest["chunks"]] == [c["content_sha256"] for c in built[1].manifest["chunks"]]
 
 
 def test_recipe_errors_name_file_and_key(tmp_path: Path) -> None:
@@ -298,6 +339,52 @@ def test_custom_scorer_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     bad = "filters:\n  classifier: {enabled: true, scorer: 'no_such_module:score'}\n"
     with pytest.raises(ValueError, match="cannot be imported"):
         build_shards(_recipe(tmp_path, _src("web", f), bad), tmp_path / "s2")
+
+
+def test_a_changed_classifier_sample_is_not_resumed_from_older_intermediates(tmp_path: Path) -> None:
+    """A scale-out build keeps its per-source intermediates; after the labelled sample changes (same
+    recipe, not pinned) and the folder is removed, the rebuild equals a clean build with the new labels."""
+    rng = np.random.default_rng(0)
+    kinds = {"greek": WORDS[:12], "earth": WORDS[-5:]}
+    docs = {k: [" ".join(rng.choice(w, size=80)) + f". Document {k} {i}." for i in range(30)] for k, w in kinds.items()}
+    corpus = tmp_path / "d.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs["greek"] + docs["earth"]))
+    labels = tmp_path / "labels.jsonl"
+
+    def label(keep: str) -> None:
+        rows = [{"text": " ".join(rng.choice(w, size=80)), "label": int(k == keep)} for k, w in kinds.items() for _ in range(20)]
+        labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    extra = f"filters:\n  classifier: {{enabled: true, labels: '{labels}', threshold: 0.5}}\n"
+    recipe = _recipe(tmp_path, _src("web", corpus), extra)
+    label("greek")
+    for worker in (0, 1):  # two workers on one filesystem: the intermediates stay in shards/.work
+        out = build_shards(recipe, tmp_path / "shards", worker_index=worker, num_workers=2)
+    kept_greek = ShardSet.open(out).manifest["chunks"]
+    label("earth")
+    shutil.rmtree(out)
+    rebuilt = ShardSet.open(build_shards(recipe, tmp_path / "shards")).manifest
+    clean = ShardSet.open(build_shards(recipe, tmp_path / "clean")).manifest
+    assert rebuilt["chunks"] == clean["chunks"] != kept_greek
+    assert rebuilt["sources"]["web"]["dropped"] == clean["sources"]["web"]["dropped"] == {"classifier": 30}
+
+
+def test_the_trained_tokenizer_does_not_depend_on_what_was_built_before(tmp_path: Path) -> None:
+    """`quality` decides whether over-long documents train the tokenizer: two recipes differing only in it
+    must not share a cached tokenizer, so a build gives the same shards after the other or alone."""
+    f = tmp_path / "d.jsonl"
+    long_doc = " ".join(f"zq{i}x{i % 7}" for i in range(400))  # over max_chars, with words of its own
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*(_doc(i) for i in range(40)), long_doc]))
+    extra = "filters: {heuristics: {max_chars: 2000}}\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    filtered = _recipe(tmp_path / "a", _src("web", f), extra)
+    unfiltered = _recipe(tmp_path / "b", _src("web", f) + "    quality: false\n", extra)
+    build_shards(filtered, tmp_path / "shared")
+    after = ShardSet.open(build_shards(unfiltered, tmp_path / "shared"))
+    alone = ShardSet.open(build_shards(unfiltered, tmp_path / "alone"))
+    assert after.tokenizer_hash == alone.tokenizer_hash
+    assert after.manifest_hash == alone.manifest_hash
 
 
 def test_held_out_documents_never_train_whatever_the_cap_or_batching(tmp_path: Path) -> None:

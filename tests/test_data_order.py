@@ -126,6 +126,9 @@ def test_the_recipe_seed_rules_unless_data_seed_is_set(
     (tmp_path / "data" / "s7.yaml").write_text(f"recipe: {recipe}\nseed: 7\n")
     monkeypatch.setattr(cli, "CONFIGS_DIR", tmp_path)
     assert cli._recipe_from_data_arg("data=s7") == (str(recipe), 7)
+    (tmp_path / "data" / "typo.yaml").write_text(f"recipe: {recipe}\nseeed: 7\n")
+    with pytest.raises(SystemExit, match=r"typo.yaml: Key 'seeed' not in 'DataConfig'"):
+        cli._recipe_from_data_arg("data=typo")
     assert cli.build_main(["data=s42", "--shards-root", str(tmp_path / "shards"), "--no-progress"]) == 0
     built = ShardSet.open(capsys.readouterr().out.strip().splitlines()[-1])
     assert built.seed == 42 and built.manifest["recipe"]["seed"] == 42

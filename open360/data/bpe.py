@@ -95,11 +95,15 @@ def tiktoken_encoding(tokenizer_json: bytes) -> tuple[Any | None, str]:
     return encoding, ""
 
 
-def batch_encoder(tokenizer_json: bytes, hf: Tokenizer | None = None, prefer_tiktoken: bool = True) -> Encoder:
+def batch_encoder(tokenizer_json: bytes, prefer_tiktoken: bool = True) -> Encoder:
     """texts -> token ids (no added BOS/EOS), identical whichever encoder runs; tiktoken when it is
-    installed, can express the tokenizer, and agrees with HF `tokenizers` on PROBES. `hf`: the same
-    tokenizer already loaded (else it is loaded from `tokenizer_json`)."""
-    hf = hf or Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    installed, can express the tokenizer, and agrees with HF `tokenizers` on PROBES.
+
+    A special token's text inside a document (a page that mentions `<|endoftext|>`, code that prints
+    `<fim_middle>`) is encoded as text, never as the special id: EOS between documents and FIM sentinels
+    are inserted by id only. Added tokens that are not special match in text, as in HF `tokenizers`."""
+    hf = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    hf.encode_special_tokens = True
 
     def hf_encode(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]
@@ -110,9 +114,10 @@ def batch_encoder(tokenizer_json: bytes, hf: Tokenizer | None = None, prefer_tik
     if encoding is None:
         return hf_encode
     threads = max(1, len(os.sched_getaffinity(0)))
+    in_text = {t["content"] for t in json.loads(tokenizer_json).get("added_tokens") or [] if not t.get("special")}
 
     def fast_encode(texts: list[str]) -> list[list[int]]:
-        return encoding.encode_batch(texts, num_threads=threads, allowed_special="all")
+        return encoding.encode_batch(texts, num_threads=threads, allowed_special=in_text, disallowed_special=())
 
     if fast_encode(list(PROBES)) != hf_encode(list(PROBES)):
         warnings.warn("tiktoken and HF tokenizers disagree on this tokenizer; using HF tokenizers", stacklevel=2)

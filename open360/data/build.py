@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from open360.data.prepare import load_rows, prepare_source, work_paths
+from open360.data.quality import labels_source
 from open360.data.recipe import (
     FORMAT_VERSION,
     RecipeError,
@@ -34,6 +35,7 @@ from open360.data.shards import (
     TOKENIZER,
     ShardError,
     check_files,
+    check_manifest,
     chunk_file,
     manifest_hash_of,
     validation_file,
@@ -241,12 +243,13 @@ def _build_locked(
             stacklevel=3,
         )
     tok_json = obtain_tokenizer(recipe, root / ".tokenizers")
-    # intermediates are keyed by the tokenizer's hash and the local input files as they are now: a
-    # tokenizer file (kind file / hub) or an input changed under the same recipe is read again, never
-    # resumed from rows of the old one
-    inputs = hashlib.sha256(
-        canonical_json([input_fingerprint(s) for s in recipe.sources]).encode()
-    ).hexdigest()
+    # intermediates are keyed by the tokenizer's hash and the local input files as they are now (the
+    # classifier's labelled sample included): a tokenizer file (kind file / hub) or an input changed under
+    # the same recipe is read again, never resumed from rows of the old one
+    fingerprints = [input_fingerprint(s) for s in recipe.sources]
+    if recipe.filters.classifier.enabled:
+        fingerprints.append(input_fingerprint(labels_source(recipe.filters.classifier)))
+    inputs = hashlib.sha256(canonical_json(fingerprints).encode()).hexdigest()
     work = work / f"{tokenizer_bytes_hash(tok_json)[:12]}-{inputs[:12]}"
     n_src = len(recipe.sources)
     mine = [i for i in range(n_src) if _owned(i, worker_index, num_workers)]
@@ -358,7 +361,8 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
 def _reusable(recipe: RecipeSpec, root: Path, out: Path, manifest: dict[str, Any]) -> bool:
     """True if a finished folder of this recipe can be returned as is; False (with a warning) if a file
     it lists is missing or damaged, so that the build writes it again. A tokenizer file (`kind: file`)
-    changed since the build is an error: the recipe would no longer give these shards."""
+    changed since the build is an error: the recipe would no longer give these shards. An edited manifest
+    (its manifest_hash no longer matches) is rebuilt too: every reader would refuse it."""
     if recipe.tokenizer.kind == "file":
         now = tokenizer_bytes_hash(obtain_tokenizer(recipe, root / ".tokenizers"))
         if now != manifest["tokenizer"]["sha256"]:
@@ -368,6 +372,7 @@ def _reusable(recipe: RecipeSpec, root: Path, out: Path, manifest: dict[str, Any
                 f"remove {out} to rebuild the shards with the new tokenizer"
             )
     try:
+        check_manifest(out / MANIFEST, manifest)
         check_files(out, manifest)
     except (ShardError, TokenizerMismatchError) as err:
         warnings.warn(f"rebuilding {out}: {err}", stacklevel=3)

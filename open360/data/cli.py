@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from open360.paths import CONFIGS_DIR
 
@@ -25,9 +27,12 @@ def _recipe_from_data_arg(arg: str) -> tuple[str, int | None]:
     if not path.is_file():
         names = sorted(p.stem for p in (CONFIGS_DIR / "data").glob("*.yaml"))
         raise SystemExit(f"open360 data build: no data config '{name}' ({path}); choose one of {names}")
-    raw = OmegaConf.load(path)
-    raw.pop("defaults", None)
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
+    try:
+        raw = OmegaConf.load(path)
+        raw.pop("defaults", None)
+        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise SystemExit(f"open360 data build: {path}: " + " ".join(str(err).split())) from err
     return str(cfg.recipe), cfg.seed
 
 

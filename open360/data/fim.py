@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<fim_prefix>", "<fim_middle>", "<fim_suffix>"
 
 
-def fim_transform(text: str, rng: np.random.Generator, spm_rate: float) -> str:
-    """Cut the document at two random character positions and move the middle to the end.
+def fim_pieces(text: str, rng: np.random.Generator, spm_rate: float, sentinel_ids: dict[str, int]) -> list[str | int]:
+    """Cut the document at two random character positions and move the middle to the end: the pieces in
+    order, each text piece to be encoded on its own and each sentinel as its id (never parsed from text,
+    so a document that mentions `<fim_middle>` gets no sentinel of its own).
 
     PSM: <fim_prefix>prefix<fim_suffix>suffix<fim_middle>middle; SPM puts the suffix first.
     """
     lo, hi = sorted(int(v) for v in rng.integers(0, len(text) + 1, size=2))
     prefix, middle, suffix = text[:lo], text[lo:hi], text[hi:]
+    pre, mid, suf = (sentinel_ids[t] for t in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX))
     if rng.random() < spm_rate:
-        return f"{FIM_PREFIX}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{prefix}{middle}"
-    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}{middle}"
+        return [pre, suf, suffix, mid, prefix + middle]
+    return [pre, prefix, suf, suffix, mid, middle]
+
+
+def join_encoded(docs: list[list[str | int]], encode: Callable[[list[str]], list[list[int]]]) -> list[list[int]]:
+    """Token ids of documents given as pieces (text, or a token id inserted as is): the text pieces of all
+    documents are encoded in one batch call of `encode` (texts -> ids)."""
+    texts = [p for pieces in docs for p in pieces if isinstance(p, str)]
+    encoded = iter(encode(texts))
+    return [[t for p in pieces for t in ([p] if isinstance(p, int) else next(encoded))] for pieces in docs]

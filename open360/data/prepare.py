@@ -22,11 +22,12 @@ from open360.data.filters import (
     normalize,
     validation_draw,
 )
-from open360.data.fim import fim_transform
+from open360.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, fim_pieces, join_encoded
 from open360.data.pack import Packer
 from open360.data.quality import Scorer, build_scorer
 from open360.data.recipe import RecipeSpec
 from open360.data.sources import read_source
+from open360.paths import temp_sibling
 
 
 def work_paths(work_dir: Path, source_name: str) -> dict[str, Path]:
@@ -71,6 +72,7 @@ class _SourcePipeline:
         self.train_packer = Packer(row_len, None if pre_tokenized else eos)
         self.val_packer = Packer(row_len, None if pre_tokenized else eos)
         self.vocab_size = tokenizer.get_vocab_size()
+        self.fim_ids = {t: tokenizer.token_to_id(t) for t in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)}
         self.train_out, self.val_out = train_out, val_out
         self.bad: Counter = Counter()
         self.dropped: Counter = Counter()
@@ -162,16 +164,17 @@ class _SourcePipeline:
                 self.dropped["near_dup"] += len(batch) - len(unique)
             batch = unique
         fim = self.source.fim
-        texts = []
+        docs: list[list[str | int]] = []
         for text, digest in batch:
             self.c["chars_kept"] += len(text)
+            pieces: list[str | int] = [text]
             if fim.rate > 0:
                 rng = doc_rng(self.recipe.seed, digest, b"fim")
                 if rng.random() < fim.rate:
-                    text = fim_transform(text, rng, fim.spm_rate)
+                    pieces = fim_pieces(text, rng, fim.spm_rate, self.fim_ids)
                     self.c["fim_docs"] += 1
-            texts.append(text)
-        ids = self.encode(texts)
+            docs.append(pieces)
+        ids = join_encoded(docs, self.encode)
         self._emit(*self._split([(x, digest) for x, (_, digest) in zip(ids, batch, strict=True)]))
 
     def stats(self) -> dict[str, Any]:
@@ -223,11 +226,11 @@ def prepare_source(
         return json.loads(paths["stats"].read_text())
     work_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-    encode = batch_encoder(tokenizer_json, tok) if source.type != "llm360_chunks" else None
+    encode = batch_encoder(tokenizer_json) if source.type != "llm360_chunks" else None
     clf = recipe.filters.classifier
     use_clf = clf.enabled and source.quality and (not clf.sources or source.name in clf.sources)
     scorer = build_scorer(clf) if use_clf else None
-    tmp = {k: p.with_name(f".tmp-{os.getpid()}-{p.name}") for k, p in paths.items()}
+    tmp = {k: temp_sibling(p) for k, p in paths.items()}  # workers of a scale-out build may share this folder
     with open(tmp["train"], "wb") as train_out, open(tmp["val"], "wb") as val_out:
         pipe = _SourcePipeline(recipe, index, tok, encode, scorer, train_out, val_out)
         docs = read_source(source, pipe.bad)

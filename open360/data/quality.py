@@ -56,9 +56,14 @@ class LogisticQualityModel:
         return (1.0 / (1.0 + np.exp(-(x @ self.w + self.b)))).tolist()
 
 
+def labels_source(spec: ClassifierSpec) -> SourceSpec:
+    """The classifier's labelled sample as a source (so that it is resolved, pinned and fingerprinted as one)."""
+    return SourceSpec(name="classifier_labels", type="jsonl", path=spec.labels, sha256=spec.labels_sha256)
+
+
 def load_labels(spec: ClassifierSpec) -> tuple[list[str], list[int]]:
     """Read the labelled sample (jsonl(.gz), `text` and `label` in {0, 1}); a bad line is an error."""
-    src = SourceSpec(name="classifier_labels", type="jsonl", path=spec.labels, sha256=spec.labels_sha256)
+    src = labels_source(spec)
     check_pinned_hash(src, resolve_files(src))
     texts, labels = [], []
     bad: Counter = Counter()

@@ -137,6 +137,14 @@ def manifest_hash_of(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
 
 
+def check_manifest(mpath: Path, manifest: dict[str, Any]) -> None:
+    """Raise unless the manifest is of this format and its `manifest_hash` matches its content."""
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}; rebuild")
+    if manifest_hash_of(manifest) != manifest.get("manifest_hash"):
+        raise ShardError(f"{mpath}: manifest_hash does not match its content — the manifest was edited; rebuild the shards")
+
+
 def check_files(path: Path, manifest: dict[str, Any]) -> None:
     """Raise unless the folder holds the manifest's tokenizer (same hash) and every file it lists, each
     readable with the recorded number of rows and, where its footer records them (every build since
@@ -199,15 +207,7 @@ class ShardSet:
             raise ShardError(
                 f"{mpath}: not valid JSON ({err}); rebuild the shards or `dvc pull` them"
             ) from err
-        if manifest.get("format") != FORMAT_VERSION:
-            raise ShardError(
-                f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}; rebuild"
-            )
-        if manifest_hash_of(manifest) != manifest.get("manifest_hash"):
-            raise ShardError(
-                f"{mpath}: manifest_hash does not match its content — the manifest was edited; "
-                "rebuild the shards"
-            )
+        check_manifest(mpath, manifest)
         check_files(path, manifest)
         actual = manifest["tokenizer"]["sha256"]
         if expected_tokenizer_hash is not None and expected_tokenizer_hash != actual:

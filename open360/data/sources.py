@@ -170,49 +170,62 @@ def _read_llm360_local(source: SourceSpec, files: list[Path], bad: Counter) -> I
 
 def _llm360_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
     for _, row in iter_jsonl(path, bad):
-        ids = row.get("token_ids")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            bad["missing_field"] += 1
-            continue
-        if source.select_source is not None and row.get("source") != source.select_source:
-            continue
-        yield Doc(None, token_ids=ids)
+        if (doc := _chunk_doc(source, row, bad)) is not None:
+            yield doc
+
+
+def _chunk_doc(source: SourceSpec, row: dict[str, Any], bad: Counter) -> Doc | None:
+    """One row of LLM360's pre-tokenized chunks (local jsonl or hub): a list of int token ids, else bad input."""
+    ids = row.get("token_ids")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        bad["missing_field"] += 1
+        return None
+    if source.select_source is not None and row.get("source") != source.select_source:
+        return None
+    return Doc(None, token_ids=ids)
+
+
+def _read_parquet(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[Doc]:
+    """Local parquet files, file by file (an error names the file; a part with no rows is no error)."""
+    for path in files:
+        yield from _readable(_parquet_docs(source, path, bad), source, path)
+
+
+def _parquet_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if source.text_field not in pf.schema_arrow.names:
+        raise SourceError(
+            f"source '{source.name}': {path} has no field '{source.text_field}' (fields: "
+            f"{sorted(pf.schema_arrow.names)}); set 'text_field' in the recipe"
+        )
+    for batch in pf.iter_batches(batch_size=1024, columns=[source.text_field]):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str):
+                yield Doc(text)
+            else:
+                bad["missing_field"] += 1
 
 
 def _read_datasets(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
-    """Parquet files and hub datasets go through `datasets.load_dataset` (streamed)."""
-    where = source.path if source.type == "parquet" else f"hub:{source.hf_name}"
-    return _readable(_datasets_docs(source, bad), source, where)
+    """Hub datasets (and local folders or files in their formats) go through `datasets.load_dataset`."""
+    return _readable(_datasets_docs(source, bad), source, f"hub:{source.hf_name}")
 
 
 def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
     import datasets
 
-    if source.type == "parquet":
-        files = resolve_files(source)
-        check_pinned_hash(source, files)
-        ds = datasets.load_dataset(
-            "parquet", data_files=[str(p) for p in files], split="train", streaming=True
-        )
-        where = source.path
-    else:
-        name, data_files = hub_arguments(source)
-        kwargs: dict[str, Any] = {"data_files": data_files} if data_files else {}
-        if source.hf_revision is not None:
-            kwargs["revision"] = source.hf_revision
-        ds = datasets.load_dataset(
-            name, source.hf_config, split=source.split, streaming=source.streaming, **kwargs
-        )
-        where = f"hub:{source.hf_name}"
+    name, data_files = hub_arguments(source)
+    kwargs: dict[str, Any] = {"data_files": data_files} if data_files else {}
+    if source.hf_revision is not None:
+        kwargs["revision"] = source.hf_revision
+    ds = datasets.load_dataset(name, source.hf_config, split=source.split, streaming=source.streaming, **kwargs)
+    where = f"hub:{source.hf_name}"
     for i, row in enumerate(ds):
         if source.type == "llm360_chunks":
-            ids = row.get("token_ids")
-            if not isinstance(ids, list):
-                bad["missing_field"] += 1
-                continue
-            if source.select_source is not None and row.get("source") != source.select_source:
-                continue
-            yield Doc(None, token_ids=ids)
+            if (doc := _chunk_doc(source, row, bad)) is not None:
+                yield doc
             continue
         text = row.get(source.text_field)
         if not isinstance(text, str):
@@ -268,12 +281,14 @@ def input_fingerprint(source: SourceSpec) -> list[list[Any]]:
 
 def read_source(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
     """Stream the documents of a source in a fixed order, up to `max_docs`; bad input goes to `bad`."""
-    if source.type in ("parquet", "hf") or (source.type == "llm360_chunks" and source.path is None):
+    if source.type == "hf" or (source.type == "llm360_chunks" and source.path is None):
         docs = _read_datasets(source, bad)
     else:
         files = resolve_files(source)
         check_pinned_hash(source, files)
-        if source.type == "jsonl":
+        if source.type == "parquet":
+            docs = _read_parquet(source, files, bad)
+        elif source.type == "jsonl":
             docs = _read_jsonl(source, files, bad)
         elif source.type == "llm360_chunks":
             docs = _read_llm360_local(source, files, bad)

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from open360.data.filters import normalize
 from open360.data.recipe import RecipeSpec, canonical_json, recipe_to_dict
 from open360.data.sources import input_fingerprint, read_source
-from open360.paths import resolve_repo_path
+from open360.paths import resolve_repo_path, temp_sibling
 
 _SOURCE_READ_KEYS = (
     "type",
@@ -28,6 +28,7 @@ _SOURCE_READ_KEYS = (
     "select_source",
     "sha256",
     "max_docs",
+    "quality",  # the length rule skips a quality source's over-long documents in training too
 )
 
 TRAINER_VERSION = 2  # bump when train_bpe's behaviour changes, so cached tokenizers are not reused
@@ -111,14 +112,20 @@ def obtain_tokenizer(recipe: RecipeSpec, cache_dir: Path) -> bytes:
                 f"tokenizer.path: {path} is not a tokenizer.json the tokenizers library can load ({err})"
             ) from err
     elif spec.kind == "hub":
-        tok = Tokenizer.from_pretrained(spec.name, revision=spec.revision or "main")
+        try:
+            tok = Tokenizer.from_pretrained(spec.name, revision=spec.revision or "main")
+        except Exception as err:  # huggingface_hub's HTTP/offline errors, or a repo without tokenizer.json
+            raise ValueError(
+                f"tokenizer.name {spec.name!r} (revision {spec.revision or 'main'}): cannot load its "
+                f"tokenizer.json from the Hugging Face hub ({type(err).__name__}: {' '.join(str(err).split())})"
+            ) from err
     else:
         cached = cache_dir / f"bpe-{training_key(recipe)[:16]}.json"
         if cached.is_file():
             return cached.read_bytes()
         data = train_bpe(recipe).to_str().encode("utf-8")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".tmp-{os.getpid()}-{cached.name}")
+        tmp = temp_sibling(cached)
         tmp.write_bytes(data)
         os.replace(tmp, cached)
         return data

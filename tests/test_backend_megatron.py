@@ -274,7 +274,9 @@ def test_checkpoint_resumes_only_on_the_backend_that_wrote_it(tmp_path: Path) ->
             lineage={"backend": "native"},
         ),
     )
-    trainer = SimpleNamespace(backend="megatron", stages=[SimpleNamespace(index=0, name="main")])
+    from open360.backends.native import DistEnv
+
+    trainer = SimpleNamespace(backend="megatron", stages=[SimpleNamespace(index=0, name="main")], env=DistEnv())
     with pytest.raises(TrainingError, match="written by the native backend.*trainer.init_from="):
         resume(trainer, path)
 

@@ -147,6 +147,24 @@ def _close(a: dict[int, float], b: dict[int, float], steps: range, tol: float) -
         assert abs(a[s] - b[s]) / a[s] < tol, (s, a[s], b[s])
 
 
+def test_a_resumed_megatron_run_continues_exactly_also_from_step_0(tmp_path: Path) -> None:
+    """Pythia's cadence saves step 0 (before the optimizer has state); a resume from it or from a later
+    step continues as the uninterrupted run does (AdamW's step count per parameter, bias correction)."""
+    import torch.distributed.checkpoint  # noqa: F401 - megatron's loader needs it imported
+
+    ws = tmp_path / "ws"
+    cadence = ("checkpoint.policy=log_spaced", "checkpoint.every=1000", "trainer.max_steps=8")
+    _train(ws, "full", 1, *cadence)
+    full = _losses(ws, "full")
+    assert sorted(p.name for p in (ws / "checkpoints" / "full").glob("step_*")) == [f"step_{s}" for s in (0, 1, 2, 4, 8)]
+    for start in (0, 2):
+        run = f"from_{start}"
+        _train(ws, run, 1, *cadence, f"trainer.resume={ws / 'checkpoints' / 'full' / f'step_{start}'}")
+        resumed = _losses(ws, run)
+        for step in (4, 8):
+            assert abs(resumed[step] - full[step]) <= 1e-5 * abs(full[step]), (start, step, resumed[step], full[step])
+
+
 @needs_two
 def test_tp2_dp2_match_one_gpu_and_tp2_checkpoint_resumes_at_dp2_and_exports(tmp_path: Path) -> None:
     ws = tmp_path / "ws"

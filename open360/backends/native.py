@@ -70,6 +70,16 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def first_error(env: DistEnv, error: str | None) -> str | None:
+    """The first rank's error message of those that have one, on every rank (so that all raise together
+    instead of the others waiting forever for a rank that failed alone)."""
+    if not env.distributed:
+        return error
+    gathered: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(gathered, error)
+    return next((e for e in gathered if e), None)
+
+
 class LossModule(nn.Module):
     """`forward(input_ids, targets) -> loss` around a model with `.loss`, so DDP/FSDP hooks see the call."""
 

@@ -304,12 +304,13 @@ def verify_checkpoint(path: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
     return lineage
 
 
-def load_checkpoint(path: Path, verify: bool = True) -> CheckpointContents:
-    """Read every file of a checkpoint directory onto the CPU (optimizer/RNG with weights_only=True)."""
+def load_checkpoint(path: Path, verify: bool = True, weights: bool = True) -> CheckpointContents:
+    """Read every file of a checkpoint directory onto the CPU (optimizer/RNG with weights_only=True);
+    `weights=False` leaves `model.safetensors` unread (a backend that loads its own sharded state)."""
     path = Path(path)
     lineage = verify_checkpoint(path) if verify else read_lineage(path)
     return CheckpointContents(
-        model=load_model_weights(path / MODEL_FILE),
+        model=load_model_weights(path / MODEL_FILE) if weights else {},
         optimizer=torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
         trainer_state=json.loads((path / TRAINER_STATE_FILE).read_text()),
         rng=torch.load(path / RNG_FILE, map_location="cpu", weights_only=True),

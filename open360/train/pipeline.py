@@ -9,11 +9,19 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from open360.backends.native import DistEnv, barrier, init_distributed, parallelize, shutdown_distributed
+from open360.backends.native import (
+    DistEnv,
+    barrier,
+    first_error,
+    init_distributed,
+    parallelize,
+    shutdown_distributed,
+)
 from open360.checkpoint.branches import branch_folder, supersede_later_checkpoints, write_pending_branch
 from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import (
     MODEL_FILE,
+    CheckpointError,
     check_architecture,
     check_writable,
     list_checkpoints,
@@ -273,7 +281,17 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
 
     Returns the callbacks' run metadata recorded in the checkpoint (e.g. the MLflow run id to continue).
     """
-    contents = load_checkpoint(checkpoint)
+    # Hashed once per node (every file lineage.json lists, megatron/ shards included), not once per rank;
+    # the megatron backend reads its own sharded weights, so model.safetensors is not loaded for it.
+    error = None
+    if trainer.env.local_rank == 0:
+        try:
+            verify_checkpoint(checkpoint)
+        except CheckpointError as err:
+            error = str(err)
+    if error := first_error(trainer.env, error):
+        raise CheckpointError(error)
+    contents = load_checkpoint(checkpoint, verify=False, weights=trainer.backend != "megatron")
     stage_state = contents.trainer_state["stage"]
     stage = next((s for s in trainer.stages if s.index == stage_state["index"]), None)
     if stage is None or stage.name != stage_state["name"]:

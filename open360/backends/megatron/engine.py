@@ -230,12 +230,27 @@ class MegatronEngine:
         }
 
     def save_distributed(self, directory: Path) -> None:
-        """Every rank writes its shards of model + optimizer into `directory` (megatron dist_checkpointing)."""
+        """Every rank writes its shards of model + optimizer into `directory` (megatron dist_checkpointing).
+        Before the first step (a step-0 checkpoint) the optimizer has no state, which megatron's state_dict
+        cannot read: it is given the state a fresh AdamW starts from (step 0, zero moments)."""
+        if not any(self._inner_states()):  # before the first step: no parameter has state yet
+            self._materialize_optimizer_state()
+            for states in self._inner_states():
+                for state in states:
+                    state["step"] = torch.zeros_like(state["step"])
+                    state["exp_avg"].zero_()
+                    state["exp_avg_sq"].zero_()
         if dist.get_rank() == 0:
             Path(directory).mkdir(parents=True, exist_ok=False)
         dist.barrier()
         dist_checkpointing.save(self._sharded_state(is_loading=False), str(directory))
         dist.barrier()
+
+    def _inner_states(self) -> list[list[dict[str, Any]]]:
+        """Per inner torch optimizer, its per-parameter states (empty lists before the first step)."""
+        return [
+            list(opt.optimizer.state.values()) for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        ]
 
     @torch.no_grad()
     def _materialize_optimizer_state(self) -> None:
@@ -281,3 +296,9 @@ class MegatronEngine:
         loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(directory))
         self._load_gpt_state(loaded["model"], f"distributed checkpoint {directory}")
         self.optimizer.load_state_dict(loaded["optimizer"])
+        # megatron sets one "step" tensor into every parameter's state (torch's AdamW, no apex/TE); AdamW
+        # then adds 1 to it once per parameter per step, and the bias correction goes wrong: own copies.
+        for states in self._inner_states():
+            for state in states:
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()

@@ -159,6 +159,38 @@ def test_replaced_weights_are_evaluated_again_and_damaged_ones_refused(tiny_run,
     assert "but " in (err := capsys.readouterr().err) and "was trained with" in err and "recipe=" in err
 
 
+def test_the_held_out_split_is_the_one_the_run_trained_with(tmp_path, capsys):
+    """The recipe file edited after training: evaluation still reads the run's own shards (the lineage's
+    folder), builds nothing; without that folder it refuses instead of scoring another held-out split."""
+    import shutil
+
+    from open360.analysis.evaluate import main
+    from open360.paths import resolve_repo_path
+    from open360.train.pipeline import run_training
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(resolve_repo_path("data_recipes/embedded_tiny.yaml").read_text())
+    ws = tmp_path / "ws"
+    run_training(compose([
+        "+experiment=amber_tiny", "run_name=edited", f"workspace={ws}", f"data.recipe={recipe}", "model.d_model=64",
+        "model.n_layers=2", "model.ffn_dim=128", "trainer.max_steps=2", "checkpoint=every_n", "checkpoint.every=2",
+        "tracking.dvc=false", "tracking.mlflow=false", "trainer.progress_bar=false",
+    ]), device="cpu")
+    args = ["run=edited", f"workspace={ws}", "tasks=[]", "mlflow=false", "val_sequences=4"]
+    assert main([*args, f"out_dir={tmp_path / 'before'}"]) == 0
+    (trained,) = (ws / "shards").glob("embedded_tiny-*")
+    recipe.write_text(recipe.read_text().replace("fraction: 0.06", "fraction: 0.07"))
+    assert main([*args, f"out_dir={tmp_path / 'after'}"]) == 0
+    assert list((ws / "shards").glob("embedded_tiny-*")) == [trained]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "before" / "eval.parquet"),
+                                  pd.read_parquet(tmp_path / "after" / "eval.parquet"))
+    shutil.rmtree(trained)
+    capsys.readouterr()
+    assert main([*args, f"out_dir={tmp_path / 'gone'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint trained on shards/{trained.name}" in err and "recipe=" in err and "Traceback" not in err
+
+
 def test_bad_input_exits_with_one_line(tiny_run, capsys):
     from open360.analysis.evaluate import main
 

@@ -154,6 +154,31 @@ def test_shards_that_cannot_be_pulled_are_built_instead(trained: dict, tmp_path:
     assert not (fresh / "shards" / shard_dir.name).exists()
 
 
+def test_evaluate_in_a_fresh_clone_pulls_the_checkpoints_and_shards_it_needs(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`evaluate` selects among the steps checkpoints.dvc records (not only those on disk), pulls them and
+    the run's shards, and gives the numbers the trained workspace gives."""
+    import pandas as pd
+
+    from open360.analysis.evaluate import main
+
+    ws = trained["ws"]
+    fresh = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(fresh)], check=True)
+    subprocess.run(
+        ["dvc", "remote", "modify", "--local", "local", "url", str(ws / ".dvc-storage")], cwd=fresh, check=True
+    )
+    args = [f"run={RUN}", "tasks=[]", "mlflow=false", "val_sequences=4"]
+    assert main([*args, f"workspace={fresh}", "checkpoints=[8]", "pull=false"]) == 2
+    assert "checkpoints [8] of run 'amber_tiny' are recorded in checkpoints.dvc but not on this machine" in capsys.readouterr().err
+    assert main([*args, f"workspace={fresh}"]) == 0
+    assert {p.name for p in (fresh / "checkpoints" / RUN).iterdir()} == {f"step_{s}" for s in STEPS}
+    assert main([*args, f"workspace={ws}", f"out_dir={tmp_path / 'here'}"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(fresh / "analysis" / RUN / "eval.parquet"),
+                                  pd.read_parquet(tmp_path / "here" / "eval.parquet"))
+
+
 def test_mlflow_history_equals_trainer_and_records_resolve(trained: dict) -> None:
     ws, recorder = trained["ws"], trained["recorder"]
     client = mr.client(mr.workspace_uri(ws))

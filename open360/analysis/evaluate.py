@@ -48,6 +48,7 @@ class EvaluateConfig:
     mlflow: bool = True  # log eval/* metrics at each checkpoint's step (into the training run)
     out_dir: str | None = None  # default <workspace>/analysis/<run>
     recompute: bool = False  # False: steps already in eval.parquet are kept, not evaluated again
+    pull: bool = True  # fetch selected checkpoints that checkpoints.dvc records but this machine lacks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +105,36 @@ def shard_dir_for(full_cfg: DictConfig, workspace: Path, recipe: str | None = No
     shards_root = resolve_workspace_path(workspace, full_cfg.data.get("shards_dir", "shards"))
     return Path(build_shards(recipe_path, shards_root, seed=full_cfg.data.get("seed"),
                              workers=int(full_cfg.data.get("build_workers", 1))))
+
+
+def trained_shard_dir(lineage: dict[str, Any], full_cfg: DictConfig, workspace: Path, recipe: str | None = None) -> Path:
+    """The shard folder a checkpoint's held-out split comes from: with `recipe=`, that recipe's (built or
+    reused); else the one the run trained on with its `data.recipe` (the lineage's entry for it: its folder,
+    pulled through DVC when this machine lacks it, else rebuilt), which must be the very shards the lineage
+    records — a recipe edited since the training would give another held-out split under the run's name."""
+    from open360.checkpoint.lineage import data_history
+    from open360.data import ShardSet
+
+    if recipe:
+        return shard_dir_for(full_cfg, workspace, recipe)
+    entry = next((e for e in data_history(lineage) if e.get("recipe") == str(full_cfg.data.recipe)), None)
+    if entry is None or not entry.get("shard_dir") or not entry.get("manifest_hash"):
+        return shard_dir_for(full_cfg, workspace)  # a lineage that does not record its shards
+    recorded = resolve_workspace_path(workspace, entry["shard_dir"])
+    if not (recorded / "manifest.json").is_file():
+        from open360.tracking.dvc_versioning import pull_recorded
+
+        pull_recorded(recorded, workspace)
+    shard_dir = recorded if (recorded / "manifest.json").is_file() else shard_dir_for(full_cfg, workspace)
+    found = ShardSet.open(shard_dir).manifest_hash
+    if found != entry["manifest_hash"]:
+        raise ValueError(
+            f"{shard_dir}: shards {found[:12]}…, but the checkpoint trained on {entry['shard_dir']} "
+            f"({entry['manifest_hash'][:12]}…), which is not on this machine and not pulled; the recipe "
+            f"{full_cfg.data.recipe} changed since the training? Restore or `dvc pull` that folder, or pass "
+            "recipe= to evaluate on another recipe's held-out split"
+        )
+    return shard_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +228,23 @@ def select_checkpoints(available: Sequence[tuple[int, Path]], steps: Sequence[in
         idx = np.unique(np.linspace(0, len(chosen) - 1, max_checkpoints).round().astype(int))
         chosen = [chosen[i] for i in idx]
     return [(s, by_step[s]) for s in chosen]
+
+
+def known_checkpoints(workspace: Path, run: str) -> list[tuple[int, Path]]:
+    """`(step, folder)` of every checkpoint of `run`: complete on disk, or recorded in checkpoints.dvc (to
+    be pulled). A DVC setup that cannot be read leaves the ones on disk, with a warning."""
+    from open360.checkpoint.io import list_checkpoints
+    from open360.tracking.checkpoints import run_checkpoints
+    from open360.tracking.dvc_versioning import VersioningError
+
+    local = list_checkpoints(workspace / "checkpoints" / run)
+    try:
+        tracked = [(e.step, e.path) for e in run_checkpoints(workspace, run) if e.tracked is not None]
+    except VersioningError as err:
+        print(f"open360.evaluate: could not list the DVC-recorded checkpoints of {run} ({err}); using those on disk",
+              file=sys.stderr)
+        tracked = []
+    return sorted((dict(tracked) | dict(local)).items())
 
 
 def tokens_seen(ckpt: Path, full_cfg: DictConfig, step: int) -> int:
@@ -408,7 +456,7 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
 
 def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     """Evaluate the selected checkpoints of `cfg.run`; write eval.parquet, eval_curves.png, eval.md."""
-    from open360.checkpoint.io import MODEL_FILE, list_checkpoints, load_model_from_checkpoint, read_lineage
+    from open360.checkpoint.io import MODEL_FILE, load_model_from_checkpoint, read_lineage
     from open360.data import ShardSet
 
     for key in ("batch_size", "val_sequences"):
@@ -417,13 +465,22 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_dir = workspace / "checkpoints" / cfg.run
-    available = list_checkpoints(run_dir)
+    available = known_checkpoints(workspace, cfg.run)
     if not available:
         raise FileNotFoundError(
             f"{run_dir}: no complete checkpoints of run '{cfg.run}'; train it first "
             f"(python -m open360.train ... run_name={cfg.run} workspace={workspace}) or pull them (open360 ckpt pull)"
         )
     selected = select_checkpoints(available, cfg.checkpoints, cfg.max_checkpoints)
+    absent = [step for step, ckpt in selected if not (ckpt / "lineage.json").is_file()]
+    if absent and not cfg.pull:
+        raise FileNotFoundError(f"checkpoints {absent} of run '{cfg.run}' are recorded in checkpoints.dvc but not "
+                                "on this machine and pull=false; set pull=true or choose other checkpoints=")
+    if absent:
+        from open360.tracking import pull_checkpoint
+
+        for step in absent:
+            pull_checkpoint(workspace, cfg.run, step)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / cfg.run
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / EVAL_PARQUET
@@ -443,7 +500,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         lineage = lineages[step]
         run_id = lineage.get("mlflow_run_id") or run_id
         tokens = tokens_seen(ckpt, full_cfg, step)
-        shard_dir = shard_dir_for(full_cfg, workspace, cfg.recipe)
+        shard_dir = trained_shard_dir(lineage, full_cfg, workspace, cfg.recipe)
         if shard_dir not in val_cache:
             val_cache[shard_dir] = (load_validation_sets(shard_dir, cfg.sources, cfg.val_sequences),
                                     shard_dir / "tokenizer.json", ShardSet.open(shard_dir).tokenizer_hash)

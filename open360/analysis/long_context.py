@@ -16,7 +16,13 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from open360.analysis.eval_cli import report_errors, run_cli
-from open360.analysis.evaluate import check_device, check_trained_tokenizer, sequence_nll, shard_dir_for
+from open360.analysis.evaluate import (
+    check_device,
+    check_trained_tokenizer,
+    sequence_nll,
+    shard_dir_for,
+    trained_shard_dir,
+)
 
 LONG_CONTEXT_PARQUET = "long_context.parquet"
 LONG_CONTEXT_REPORT = "long_context.md"
@@ -305,7 +311,7 @@ def plot_ppl_by_position(df: pd.DataFrame, out_png: Path, base_context: int) -> 
 
 def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
     """Load both checkpoints, compare (a)/(b)/(c) at L', write parquet, markdown table and plot."""
-    from open360.checkpoint.io import load_model_from_checkpoint
+    from open360.checkpoint.io import load_model_from_checkpoint, read_lineage
 
     check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
@@ -323,7 +329,7 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
         print(f"open360.analysis.long_context: warning: {ft_ckpt} was fine-tuned with "
               f"rope_interpolation_factor {ft_factor:g}, not L'/L x the base's = {expected:g}; (b) uses "
               f"{expected:g}", file=sys.stderr)
-    shard_dir = shard_dir_for(ft_cfg, workspace, cfg.recipe)
+    shard_dir = trained_shard_dir(read_lineage(ft_ckpt), ft_cfg, workspace, cfg.recipe)
     sequences = held_out_sequences(shard_dir, cfg.sequences, context + 1)
     from tokenizers import Tokenizer
 

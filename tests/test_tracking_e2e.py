@@ -276,6 +276,68 @@ def test_export_release_folder(trained: dict, tmp_path: Path) -> None:
     assert [(c["revision"], c["step"]) for c in part] == [("ckpt_001", 8)]  # its place among all the run's
 
 
+def test_export_records_the_sha256_of_every_released_file(trained: dict, tmp_path: Path) -> None:
+    from open360.checkpoint.io import sha256_file
+
+    out = export_release(trained["ws"], RUN, tmp_path / "release", steps="4,12")
+    index = json.loads((out / "checkpoints.json").read_text())
+    for c in index:
+        assert {"revision", "step", "tokens_seen", "dvc_md5", "source"} <= set(c)
+        folder = out / c["revision"]
+        on_disk = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
+        assert sorted(c["export_files"]) == on_disk  # every file of the folder, nothing else
+        assert {"model.safetensors", "config.json", "open360_lineage.json"} <= set(on_disk)
+        assert all(sha256_file(folder / name) == digest for name, digest in c["export_files"].items())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def _release_leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".tmp-") or p.name == "release")
+
+
+def test_export_is_all_or_nothing(
+    trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A checkpoint that fails verification is found before anything is written: no release folder, no
+    temporary one, and once it is repaired the same command succeeds; an interrupted write leaves none."""
+    from open360.tracking import release
+    from open360.tracking.cli import export_main
+
+    ws = tmp_path / "ws"
+    subprocess.run(["cp", "-a", str(trained["ws"]), str(ws)], check=True)
+    parent = tmp_path / "out"
+    parent.mkdir()
+    argv = [RUN, "--out", str(parent / "release"), "--workspace", str(ws)]
+    weights = ws / "checkpoints" / RUN / "step_12" / "model.safetensors"  # the last: the others come first
+    good = weights.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))  # in place: the cache's hardlink is repaired with it below
+    assert export_main(argv) == 1
+    assert "checkpoint step 12 failed verification" in capsys.readouterr().err
+    assert _release_leftovers(parent) == []
+    weights.write_bytes(good)
+    assert export_main(argv) == 0
+    index = json.loads((parent / "release" / "checkpoints.json").read_text())
+    assert [c["step"] for c in index] == list(STEPS) and (parent / "release" / "README.md").is_file()
+    assert _release_leftovers(parent) == ["release"]
+
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    empty = parent / "again"
+    empty.mkdir()  # an empty --out is allowed, and stays as it was
+    monkeypatch.setattr(release, "_metrics_table", interrupted)  # after every checkpoint was written
+    with pytest.raises(KeyboardInterrupt):
+        export_release(ws, RUN, empty)
+    assert empty.is_dir() and not any(empty.iterdir())
+    assert not [p for p in parent.iterdir() if p.name.startswith(".tmp-")]
+    (parent / ".tmp-deadhost-1-0000-again").mkdir()  # a killed export's leftover does not block a retry
+    monkeypatch.undo()
+    assert (export_release(ws, RUN, empty, steps="8") / "ckpt_001" / "model.safetensors").is_file()
+
+
 def _tamper(ckpt: Path) -> None:
     """Rewrite a checkpoint's weights and the sha256 lineage.json records for them (self-consistent)."""
     from open360.checkpoint.io import load_model_weights, save_model_weights, sha256_file

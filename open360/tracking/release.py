@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from open360.checkpoint.lineage import data_history
+from open360.paths import temp_sibling
 from open360.tracking.checkpoints import CheckpointEntry, pull_checkpoints, run_checkpoints, select_steps
 from open360.tracking.params import mask_secrets
 
@@ -95,6 +97,92 @@ def _copy_data(workspace: Path, lineages: list[dict[str, Any]], out: Path) -> li
     return list(seen.values())
 
 
+def _verify(workspace: Path, entry: CheckpointEntry) -> tuple[dict[str, Any], Path | None]:
+    """Check one checkpoint before anything is written; return its lineage and its shards' tokenizer file."""
+    from open360.checkpoint import CheckpointError, verify_checkpoint
+    from open360.tracking.dvc_versioning import dvc_mismatches
+
+    try:
+        lineage = verify_checkpoint(entry.path)
+    except CheckpointError as err:
+        raise ReleaseError(f"checkpoint step {entry.step} failed verification: {err}") from err
+    if entry.tracked is not None:  # the files must be the versioned ones the release names by DVC md5
+        bad = dvc_mismatches(entry.path, entry.tracked.file_md5)
+        if bad:
+            raise ReleaseError(f"checkpoint step {entry.step} differs from checkpoints.dvc: {bad[0]}"
+                               f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}")
+    shard_dir = (lineage.get("data") or {}).get("shard_dir")
+    tokenizer = workspace / shard_dir / "tokenizer.json" if shard_dir else None
+    if tokenizer is not None and not tokenizer.is_file():
+        raise ReleaseError(
+            f"{tokenizer}: the tokenizer step {entry.step} was trained with is not in this workspace; fetch "
+            f"the shards (`dvc pull {shard_dir}`) or build them (`open360 data build`), then export again"
+        )
+    return lineage, tokenizer
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, keyed by its path relative to it (what a user re-checks)."""
+    from open360.checkpoint.io import sha256_file
+
+    files = sorted(f for f in Path(folder).rglob("*") if f.is_file())
+    return {f.relative_to(folder).as_posix(): sha256_file(f) for f in files}
+
+
+def _export_checkpoint(
+    workspace: Path, entry: CheckpointEntry, tokenizer: Path | None, folder: Path
+) -> tuple[dict[str, str], Any]:
+    """Write one verified checkpoint as an HF folder plus its published lineage; return the written files'
+    sha256 and the checkpoint's config."""
+    from open360.checkpoint import load_model_from_checkpoint
+    from open360.models.hf import export_hf
+
+    model, cfg = load_model_from_checkpoint(entry.path, device="cpu", verify=False)  # verified by _verify
+    export_hf(model, cfg.model, tokenizer, folder)
+    published = publishable(json.loads((entry.path / "lineage.json").read_text()), workspace)
+    (folder / "open360_lineage.json").write_text(json.dumps(published, indent=2, sort_keys=True) + "\n")
+    return file_hashes(folder), cfg
+
+
+def _write_release(
+    workspace: Path,
+    run: str,
+    checked: list[tuple[CheckpointEntry, dict[str, Any], Path | None]],
+    revision: dict[int, str],
+    mlflow_uri: str | None,
+    out: Path,
+) -> None:
+    """Write the release of the verified checkpoints `checked` into the (empty, temporary) folder `out`."""
+    index, lineages = [], []
+    for entry, lineage, tokenizer in checked:
+        name = revision[entry.step]
+        export_files, cfg = _export_checkpoint(workspace, entry, tokenizer, out / name)
+        index.append(
+            {
+                "revision": name,
+                "step": entry.step,
+                "tokens_seen": lineage.get("tokens_seen"),
+                "dvc_md5": entry.tracked.md5 if entry.tracked else None,
+                "source": f"checkpoints/{run}/step_{entry.step}",
+                "export_files": export_files,
+            }
+        )
+        lineages.append(lineage)
+    (out / "configs").mkdir(exist_ok=True)
+    config = OmegaConf.to_container(OmegaConf.load(checked[-1][0].path / "config.yaml"), resolve=False)
+    (out / "configs" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(publishable(config, workspace))))
+    data = _copy_data(workspace, lineages, out)
+    run_id = _metrics_table(workspace, run, mlflow_uri, out)
+    (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg))
+
+
+def _refuse_nonempty(out: Path) -> None:
+    """Raise unless `out` is absent or an empty folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReleaseError(f"{out} exists and is not an empty folder; choose a new --out folder")
+
+
 def export_release(
     workspace: Path,
     run: str,
@@ -103,15 +191,13 @@ def export_release(
     pull: bool = False,
     mlflow_uri: str | None = None,
 ) -> Path:
-    """Write the release folder of `run` to `out` and return it (refuses a non-empty `out`)."""
-    from open360.checkpoint import CheckpointError, load_model_from_checkpoint, verify_checkpoint
-    from open360.models.hf import export_hf
-    from open360.tracking.dvc_versioning import dvc_mismatches
+    """Write the release folder of `run` to `out` and return it (refuses a non-empty `out`).
 
+    All or nothing: every checkpoint is verified before anything is written, and the release is built in
+    a temporary sibling folder renamed to `out` when complete; on any failure (Ctrl-C too) it is removed."""
     workspace = Path(workspace).expanduser().resolve()
     out = Path(out).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ReleaseError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    _refuse_nonempty(out)
     entries = run_checkpoints(workspace, run)
     revision = dict(zip((e.step for e in entries), ckpt_names(len(entries)), strict=True))
     chosen = _choose(entries, steps, run)
@@ -125,47 +211,20 @@ def export_release(
             f"steps {[e.step for e in absent]} of run {run!r} are not on disk; pass --pull "
             f"(or run `open360 ckpt pull {run} all`)"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    index, lineages = [], []
-    for entry in chosen:
-        name = revision[entry.step]
-        try:
-            lineage = verify_checkpoint(entry.path)
-        except CheckpointError as err:
-            raise ReleaseError(f"checkpoint step {entry.step} failed verification: {err}") from err
-        if entry.tracked is not None:  # the files must be the versioned ones the release names by DVC md5
-            bad = dvc_mismatches(entry.path, entry.tracked.file_md5)
-            if bad:
-                raise ReleaseError(f"checkpoint step {entry.step} differs from checkpoints.dvc: {bad[0]}"
-                                   f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}")
-        model, cfg = load_model_from_checkpoint(entry.path, device="cpu", verify=False)  # verified above
-        shard_dir = (lineage.get("data") or {}).get("shard_dir")
-        tokenizer = workspace / shard_dir / "tokenizer.json" if shard_dir else None
-        if tokenizer is not None and not tokenizer.is_file():
-            raise ReleaseError(
-                f"{tokenizer}: the tokenizer step {entry.step} was trained with is not in this workspace; fetch "
-                f"the shards (`dvc pull {shard_dir}`) or build them (`open360 data build`), then export again"
-            )
-        export_hf(model, cfg.model, tokenizer, out / name)
-        published = publishable(json.loads((entry.path / "lineage.json").read_text()), workspace)
-        (out / name / "open360_lineage.json").write_text(json.dumps(published, indent=2, sort_keys=True) + "\n")
-        index.append(
-            {
-                "revision": name,
-                "step": entry.step,
-                "tokens_seen": lineage.get("tokens_seen"),
-                "dvc_md5": entry.tracked.md5 if entry.tracked else None,
-                "source": f"checkpoints/{run}/step_{entry.step}",
-            }
-        )
-        lineages.append(lineage)
-    (out / "configs").mkdir(exist_ok=True)
-    config = OmegaConf.to_container(OmegaConf.load(chosen[-1].path / "config.yaml"), resolve=False)
-    (out / "configs" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(publishable(config, workspace))))
-    data = _copy_data(workspace, lineages, out)
-    run_id = _metrics_table(workspace, run, mlflow_uri, out)
-    (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg))
+    checked = [(entry, *_verify(workspace, entry)) for entry in chosen]  # before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out)  # unique per host and process: a killed export's leftover never blocks a retry
+    try:
+        tmp.mkdir()
+        _write_release(workspace, run, checked, revision, mlflow_uri, tmp)
+        _refuse_nonempty(out)  # filled while this export ran
+        os.replace(tmp, out)  # atomic; replaces `out` only if it is an empty folder
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ReleaseError(f"{out}: the release could not be written ({err}); nothing was left there") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -219,7 +278,8 @@ Load one: `AutoModelForCausalLM.from_pretrained("<repo>", revision="{index[-1]["
 - config sha256: `{lineage.get("config_hash")}` (full config in `configs/config.yaml`)
 - {f"MLflow run: `{run_id}`; all metrics per step in `metrics.parquet` (key, step, value, timestamp)"
    if run_id else "MLflow: no tracked run was found when this release was exported; no `metrics.parquet`"}
-- every checkpoint folder carries `open360_lineage.json` (sha256 of each original file)
+- every checkpoint folder carries `open360_lineage.json` (sha256 of each original file), and
+  `checkpoints.json` lists under `export_files` the sha256 of every file in each folder as released
 """
 
 

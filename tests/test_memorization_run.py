@@ -396,25 +396,74 @@ def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], 
 
 
 def test_seen_fast_path_equals_data_order(trained_run: tuple[Path, str]) -> None:
+    """The seen set of every consumption — one order within or past its first epoch, or several orders of
+    other batch sizes (a warm start's base and the fine-tune) — equals the union of `DataOrder.seen_ids`."""
     from omegaconf import OmegaConf
 
     from open360.analysis.memorization.data_view import DataView
     from open360.checkpoint import list_checkpoints, read_lineage
+    from open360.data import DataOrder
 
     root, _ = trained_run
     _, path = list_checkpoints(root / "checkpoints" / RUN)[0]
     job = parse_args(_job(root, "selection=seen", "sample=0"))
     data = DataView(job, root, OmegaConf.load(path / "config.yaml"), read_lineage(path))
-    order = data.order()
-    for steps in (0, 7, 40, STEPS, order.steps_per_epoch + 5):  # the last one is in epoch 1: slow path
-        truth = set(order.seen_ids(steps).tolist())
+    epoch = DataOrder(data.shards, data.shards.seed, 16).steps_per_epoch
+    # the last two are in epoch 1: slow path; the mixed ones join a prefix and ids of another batch size
+    for consumption in ((), ((16, 7),), ((16, 40),), ((16, STEPS),), ((16, epoch + 5),), ((8, 30), (16, 7)),
+                        ((8, 2 * epoch + 3), (16, 20))):
+        truth = set()
+        for batch, steps in consumption:
+            truth |= set(DataOrder(data.shards, data.shards.seed, batch).seen_ids(steps).tolist())
         for chunk in (0, 3, 7):
             rows = np.arange(data.chunk_sizes[chunk])
             ids = rows + data.offsets[chunk]
-            assert data.seen_mask(steps, chunk, rows).tolist() == [int(i) in truth for i in ids]
-            assert sorted(data.rows(steps, chunk).tolist()) == [
+            assert data.seen_mask(consumption, chunk, rows).tolist() == [int(i) in truth for i in ids]
+            assert sorted(data.rows(consumption, chunk).tolist()) == [
                 int(r) for r in rows if int(r + data.offsets[chunk]) in truth
             ]
+
+
+def test_a_warm_started_run_has_seen_what_its_base_saw(trained_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    """A fine-tune (trainer.init_from) records its base's data history; its memorization cells flag as seen
+    what the base had trained on, as the base's own cells of that checkpoint do."""
+    import pandas as pd
+
+    from open360.checkpoint import list_checkpoints, read_lineage
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    root, _ = trained_run
+    step, base = list_checkpoints(root / "checkpoints" / RUN)[-1]
+    lineage = read_lineage(base)
+    cfg = compose([
+        "+experiment=amber_tiny", "run_name=warm", f"workspace={root}", "tracking=off",
+        f"data.recipe={lineage['data']['recipe']}", "model.vocab_size=512", "model.d_model=128", "model.n_layers=2",
+        "model.n_heads=4", "model.ffn_dim=256", f"model.max_seq_len={SEQ_LEN}", f"trainer.seq_len={SEQ_LEN}",
+        "trainer.global_batch_size=8", "trainer.micro_batch_size=8", "trainer.max_steps=2",
+        "trainer.progress_bar=false", "schedule.warmup_steps=1", "checkpoint=every_n", "checkpoint.every=2",
+    ])
+    run_training(cfg, device="cpu", init_from=base)
+    warm = read_lineage(root / "checkpoints" / "warm" / "step_2")
+    inherited = warm["init_from"]["data_history"]
+    assert [(e["manifest_hash"], e["steps"], e["global_batch_size"]) for e in inherited] == [
+        (lineage["data"]["manifest_hash"], step, 16)
+    ]
+    args = ["sample=24", "batch_size=32", "progress=false", "report=false", "mlflow=false", "chunks=0-3"]
+    run_job(parse_args([f"run={RUN}", f"workspace={root}", f"checkpoints={step}", f"out_dir={tmp_path / 'base'}", *args]))
+    run_job(parse_args(["run=warm", f"workspace={root}", "checkpoints=2", f"out_dir={tmp_path / 'warm'}", *args]))
+    base_cells, warm_cells = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in ("base", "warm"))
+    assert warm_cells.seq_id.tolist() == base_cells.seq_id.tolist()
+    assert warm_cells.seen.tolist() == base_cells.seen.tolist() and warm_cells.seen.any()
+
+    from open360.tracking.cli import lineage_main
+    from open360.tracking.release import export_release
+
+    lineage_main([str(root / "checkpoints" / "warm" / "step_2")])
+    shown = capsys.readouterr().out
+    assert f"warm-started from: {base}" in shown and f"data [main, base]: shards {lineage['data']['shard_dir']}" in shown
+    card = (export_release(root, "warm", tmp_path / "release") / "README.md").read_text()
+    assert f"Warm-started from `{RUN}/step_{step}`" in card and "| main (base) |" in card
 
 
 def test_resume_reuses_only_cells_of_this_job_and_these_weights(
@@ -605,6 +654,7 @@ def test_shards_are_matched_by_content_and_tokenizer(trained_run: tuple[Path, st
     import shutil
 
     import pandas as pd
+    from omegaconf import OmegaConf
 
     from open360.analysis.memorization.data_view import DataView
     from open360.checkpoint import read_lineage
@@ -633,6 +683,9 @@ def test_shards_are_matched_by_content_and_tokenizer(trained_run: tuple[Path, st
 
     _, path = list_checkpoints(root / "checkpoints" / RUN)[0]
     lineage = read_lineage(path)
-    view = DataView(parse_args(_job(root)), root, None, lineage)
+    view = DataView(parse_args(_job(root)), root, OmegaConf.load(path / "config.yaml"), lineage)
     entry = lineage["data_history"][0]
-    assert view.steps_in_these_shards({"data_history": [{**entry, "steps": 30}, {**entry, "steps": 20}]}) == 30
+    twice = view.consumption({"data_history": [{**entry, "steps": 30}, {**entry, "steps": 20}]})
+    assert twice == ((16, 20), (16, 30))
+    rows = np.arange(view.chunk_sizes[0])
+    assert view.seen_mask(twice, 0, rows).tolist() == (rows < 30 * 16).tolist()

@@ -50,3 +50,21 @@ def config_hash(config: dict[str, Any]) -> str:
 def data_history(lineage: dict[str, Any]) -> list[dict[str, Any]]:
     """A checkpoint lineage's data entries, one per stage it trained (older lineages hold one `data`)."""
     return lineage.get("data_history") or ([lineage["data"]] if lineage.get("data") else [])
+
+
+def inherited_data_history(lineage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data entries of the checkpoint a warm-started run began from (`init_from`), its own warm start's
+    first: what the weights had trained on before this run. Each entry carries its run's global batch size."""
+    return list((lineage.get("init_from") or {}).get("data_history") or [])
+
+
+def trained_data_history(lineage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every data entry the checkpoint's weights trained on: inherited through warm starts, then its own."""
+    return [*inherited_data_history(lineage), *data_history(lineage)]
+
+
+def history_to_inherit(lineage: dict[str, Any], global_batch_size: int) -> list[dict[str, Any]]:
+    """What a run warm-started from a checkpoint with this lineage records as inherited: the checkpoint's
+    inherited entries and its own, each with the global batch size its order was replayed with."""
+    own = [{"global_batch_size": int(global_batch_size), **entry} for entry in data_history(lineage)]
+    return [*inherited_data_history(lineage), *own]

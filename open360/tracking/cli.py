@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from open360.checkpoint.lineage import data_history
+from open360.checkpoint.lineage import data_history, inherited_data_history
 from open360.tracking.checkpoints import (
     find_workspace,
     folder_size,
@@ -187,6 +187,15 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
         f"code revision: {code.get('revision')}{' (dirty)' if code.get('dirty') else ''}",
         f"config sha256: {lineage.get('config_hash')}   torch: {lineage.get('torch_version')}",
     ]
+    init = lineage.get("init_from") or {}
+    if init:
+        lines.append(f"warm-started from: {init.get('checkpoint')} (step {init.get('step')}, weights "
+                     f"sha256 {init.get('model_sha256')})")
+    for data in inherited_data_history(lineage):
+        lines.append(
+            f"data [{data.get('stage')}, base]: shards {data.get('shard_dir')}  manifest {data.get('manifest_hash')}  "
+            f"steps {data.get('steps')} x batch {data.get('global_batch_size')}"
+        )
     for data in data_history(lineage) or [{}]:
         lines.append(
             f"data [{data.get('stage')}]: shards {data.get('shard_dir')}  manifest {data.get('manifest_hash')}  "

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from open360.checkpoint.lineage import data_history
+from open360.checkpoint.lineage import data_history, inherited_data_history
 from open360.paths import temp_sibling
 from open360.tracking.checkpoints import CheckpointEntry, pull_checkpoints, run_checkpoints, select_steps
 from open360.tracking.params import mask_secrets
@@ -79,7 +79,8 @@ def _metrics_table(workspace: Path, run: str, mlflow_uri: str | None, out: Path)
 def _copy_data(workspace: Path, lineages: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for lineage in lineages:
-        for data in data_history(lineage):
+        entries = [(d, True) for d in inherited_data_history(lineage)] + [(d, False) for d in data_history(lineage)]
+        for data, inherited in entries:
             shard_dir = data.get("shard_dir")
             if not shard_dir or shard_dir in seen:
                 continue
@@ -90,7 +91,8 @@ def _copy_data(workspace: Path, lineages: list[dict[str, Any]], out: Path) -> li
                 if (src / name).is_file():
                     shutil.copy2(src / name, dst / name)
             seen[shard_dir] = {
-                **{k: data.get(k) for k in ("stage", "recipe", "manifest_hash", "tokenizer_hash")},
+                **{k: data.get(k) for k in ("recipe", "manifest_hash", "tokenizer_hash")},
+                "stage": f"{data.get('stage')} (base)" if inherited else data.get("stage"),
                 "folder": f"data/{dst.name}",
                 "manifest_copied": (dst / "manifest.json").is_file(),
             }
@@ -228,6 +230,17 @@ def export_release(
     return out
 
 
+def _warm_start(lineage: dict[str, Any], m: Any) -> str:
+    """The model card's note on where a warm-started run's weights came from (and its rotary scaling)."""
+    init = lineage.get("init_from") or {}
+    factor = float(m.get("rope_interpolation_factor", 1.0) or 1.0)
+    text = f", rotary positions scaled by 1/{factor:g} (position interpolation)" if factor != 1.0 else ""
+    if init:
+        text += (f". Warm-started from `{Path(str(init.get('checkpoint'))).parent.name}/step_{init.get('step')}` "
+                 f"(weights sha256 `{init.get('model_sha256')}`): its data is listed below as (base)")
+    return text
+
+
 def model_card(
     run: str,
     index: list[dict[str, Any]],
@@ -258,7 +271,7 @@ revisions; on the Hub each one is the branch of the same name.
 
 ## Model
 {m.name}: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, FFN {m.ffn_dim}, vocab {m.vocab_size},
-{m.norm}, {m.mlp}, max sequence length {m.max_seq_len}.
+{m.norm}, {m.mlp}, max sequence length {m.max_seq_len}{_warm_start(lineage, m)}.
 
 ## Checkpoints
 | revision | step | tokens seen | DVC md5 |

@@ -31,7 +31,7 @@ from open360.checkpoint.io import (
     remove_stale_temp_dirs,
     verify_checkpoint,
 )
-from open360.checkpoint.lineage import config_hash, git_revision
+from open360.checkpoint.lineage import config_hash, git_revision, history_to_inherit
 from open360.checkpoint.writer import CheckpointWriter
 from open360.paths import resolve_workspace_path
 from open360.tracking.checkpoints import finish_pending_branches, run_checkpoints, run_dirs
@@ -269,10 +269,14 @@ def _load_initial_weights(model: torch.nn.Module, checkpoint: Path, model_cfg: A
     lineage = verify_checkpoint(init)
     check_architecture(init, model_cfg, "trainer.init_from")
     model.load_state_dict(load_model_weights(init / MODEL_FILE))
+    from open360.checkpoint.io import read_config
+
     return {
         "checkpoint": str(init),
         "step": lineage.get("step"),
         "model_sha256": lineage["files"][MODEL_FILE],
+        # which sequences the weights had seen before this run (memorization's `seen`, the release card)
+        "data_history": history_to_inherit(lineage, int(read_config(init).trainer.global_batch_size)),
     }
 
 

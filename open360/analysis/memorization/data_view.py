@@ -10,15 +10,16 @@ import numpy as np
 from open360.analysis.memorization.checkpoints import pull_lock
 from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError
 from open360.analysis.memorization.sampling import chunk_offsets, sample_rows, seen_rows
-from open360.checkpoint.lineage import data_history
+from open360.checkpoint.lineage import trained_data_history
 
 
 class DataView:
     """The run's shards and data order, as the cells need them (cached across checkpoints).
 
     The shard folder is the one the first checkpoint's lineage names (`data.shard_dir`), or `shards=`.
-    Which sequences a checkpoint had seen comes from its lineage: the steps it completed in the stage
-    that trained on these shards (`data_history[*].steps`), replayed through `DataOrder.seen_ids`.
+    Which sequences a checkpoint had seen comes from its lineage: the steps it completed in the stages
+    that trained on these shards (`data_history[*].steps`, and those of a warm start's base), replayed
+    through the data order.
     """
 
     def __init__(
@@ -35,9 +36,9 @@ class DataView:
         self.chunk_sizes = np.asarray(self.shards.chunk_sizes, dtype=np.int64)
         self.offsets = chunk_offsets(self.chunk_sizes)
         self.run_cfg = run_cfg
-        self._order: Any = None
+        self._orders: dict[int, Any] = {}
         self._rows: dict[int, np.ndarray] = {}
-        self._seen: dict[int, np.ndarray] = {}
+        self._seen_cache: dict[tuple[tuple[int, int], ...], tuple[int, np.ndarray]] = {}
 
     @staticmethod
     def _pull_shards(workspace: Path, shard_dir: Path) -> None:
@@ -71,66 +72,60 @@ class DataView:
     def num_chunks(self) -> int:
         return len(self.chunk_sizes)
 
-    def steps_in_these_shards(self, lineage: dict[str, Any]) -> int:
-        """Optimizer steps a checkpoint took on these shards (0 when its stages never used them)."""
-        done = 0
-        for entry in data_history(lineage):
+    def consumption(self, lineage: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+        """How a checkpoint's weights consumed these shards: (global batch size, steps) per order replayed
+        over them — its own stages (the run's batch size) and those inherited through a warm start
+        (`init_from`: a fine-tune's base saw its data too). Empty when they never trained on them."""
+        own_batch = int(self.run_cfg.trainer.global_batch_size)
+        used: set[tuple[int, int]] = set()
+        for entry in trained_data_history(lineage):
             path, digest = entry.get("shard_dir"), entry.get("manifest_hash")
             same = digest == self.shards.manifest_hash if digest else (
                 bool(path) and Path(self.shard_dir).resolve() == (self.workspace / path).resolve())
-            if same:  # each stage replays the order from its step 0: the union is the longest prefix
-                done = max(done, int(entry.get("steps", 0)))
-        return done
+            if same and int(entry.get("steps", 0)) > 0:
+                used.add((int(entry.get("global_batch_size", own_batch)), int(entry["steps"])))
+        return tuple(sorted(used))
 
-    def order(self) -> Any:
-        """The run's DataOrder over these shards (seed and global batch size from the run config)."""
-        if self._order is None:
+    def _order(self, global_batch_size: int) -> Any:
+        if global_batch_size not in self._orders:
             from open360.data import DataOrder
 
-            self._order = DataOrder(
-                self.shards, self.shards.seed, int(self.run_cfg.trainer.global_batch_size)
-            )
-        return self._order
+            self._orders[global_batch_size] = DataOrder(self.shards, self.shards.seed, global_batch_size)
+        return self._orders[global_batch_size]
 
-    def _epoch0_prefix(self, steps_done: int) -> int | None:
-        """Within epoch 0 the order is the id order (batch s = ids [s*B, (s+1)*B)), so the seen set is
-        ids < steps_done*B: no need to materialize hundreds of millions of ids per checkpoint."""
-        order = self.order()
-        if steps_done <= order.steps_per_epoch:
-            return steps_done * order.global_batch_size
-        return None
+    def _seen(self, consumption: tuple[tuple[int, int], ...]) -> tuple[int, np.ndarray]:
+        """The seen set as (prefix, extra): ids < prefix, plus the sorted ids `extra`. Each order replays
+        from its step 0 and, within its epoch 0, in id order (batch s = ids [s*B, (s+1)*B)): a prefix, with
+        no need to materialize hundreds of millions of ids per checkpoint; beyond it, `DataOrder.seen_ids`."""
+        if consumption not in self._seen_cache:
+            prefix, extra = 0, np.empty(0, dtype=np.int64)
+            for batch, steps in consumption:
+                order = self._order(batch)
+                if steps <= order.steps_per_epoch:
+                    prefix = max(prefix, steps * batch)
+                else:
+                    extra = np.union1d(extra, np.asarray(order.seen_ids(steps), dtype=np.int64))
+            self._seen_cache = {consumption: (prefix, extra[extra >= prefix])}
+        return self._seen_cache[consumption]
 
-    def seen_ids(self, steps_done: int) -> np.ndarray:
-        """Sorted unique ids consumed by the first `steps_done` steps here (`DataOrder.seen_ids`)."""
-        if steps_done not in self._seen:
-            self._seen = {steps_done: np.asarray(self.order().seen_ids(steps_done), dtype=np.int64)}
-        return self._seen[steps_done]
-
-    def rows(self, steps_done: int, chunk: int) -> np.ndarray:
+    def rows(self, consumption: tuple[tuple[int, int], ...], chunk: int) -> np.ndarray:
         """Rows (within `chunk`) scored for this cell, in scoring order."""
         size = int(self.chunk_sizes[chunk])
         if self.job.selection == "sample":
             if chunk not in self._rows:
                 self._rows[chunk] = sample_rows(size, self.job.sample, self.job.seed)
             return self._rows[chunk]
-        prefix = self._epoch0_prefix(steps_done)
-        if prefix is not None:
-            seen = np.arange(min(size, max(0, prefix - int(self.offsets[chunk]))), dtype=np.int64)
-        else:
-            seen = seen_rows(self.seen_ids(steps_done), self.chunk_sizes, chunk)
+        prefix, extra = self._seen(consumption)
+        seen = np.arange(min(size, max(0, prefix - int(self.offsets[chunk]))), dtype=np.int64)
+        if len(extra):
+            seen = np.union1d(seen, seen_rows(extra, self.chunk_sizes, chunk))
         return seen[sample_rows(len(seen), self.job.sample, self.job.seed)]
 
-    def seen_mask(self, steps_done: int, chunk: int, rows: np.ndarray) -> np.ndarray:
-        """Whether each row had been trained on by a checkpoint that took `steps_done` steps here."""
+    def seen_mask(self, consumption: tuple[tuple[int, int], ...], chunk: int, rows: np.ndarray) -> np.ndarray:
+        """Whether each row had been trained on by a checkpoint that consumed these shards so."""
         ids = rows + self.offsets[chunk]
-        prefix = self._epoch0_prefix(steps_done)
-        if prefix is not None:
-            return ids < prefix
-        seen = self.seen_ids(steps_done)
-        if not len(seen):
-            return np.zeros(len(rows), dtype=bool)
-        pos = np.minimum(np.searchsorted(seen, ids), len(seen) - 1)
-        return seen[pos] == ids
+        prefix, extra = self._seen(consumption)
+        return (ids < prefix) | np.isin(ids, extra)
 
     def sequences(self, chunk: int, rows: np.ndarray) -> np.ndarray:
         """Token sequences [n, seq_len+1] of the given rows of `chunk`."""

@@ -163,12 +163,12 @@ def _scorer_for(
 
 
 def _chunk_sequences(
-    data: DataView, steps_done: int, chunks: list[int]
+    data: DataView, consumption: tuple[tuple[int, int], ...], chunks: list[int]
 ) -> Iterator[tuple[tuple[int, np.ndarray], np.ndarray]]:
     """((chunk, selected rows), their sequences) per chunk, read only when the scorer asks for them
     (about one batch is held at a time)."""
     for chunk in chunks:
-        rows = data.rows(steps_done, chunk)
+        rows = data.rows(consumption, chunk)
         yield (chunk, rows), data.sequences(chunk, rows)
 
 
@@ -268,9 +268,9 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
             scorer = scoring[0]
             lineage = read_lineage(path)
             trainer_state = _trainer_state(path)
-            steps_done = data.steps_in_these_shards(lineage)
+            consumption = data.consumption(lineage)
             # The chunks of one checkpoint share batches (score_groups): only its last batch is padded.
-            for (chunk, rows), result in scorer.score_groups(_chunk_sequences(data, steps_done, step_chunks)):
+            for (chunk, rows), result in scorer.score_groups(_chunk_sequences(data, consumption, step_chunks)):
                 bar.set_postfix_str(f"step {step} chunk {chunk}")
                 meta = {
                     "run": job.run,
@@ -293,7 +293,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                     "rank": rank,
                     "world_size": world,
                 }
-                seen = data.seen_mask(steps_done, chunk, rows)
+                seen = data.seen_mask(consumption, chunk, rows)
                 write_cell(
                     cell_path(out_dir, step, chunk),
                     cell_table(job, step, chunk, rows, int(data.offsets[chunk]), seen, result, meta),

@@ -129,6 +129,12 @@ def test_the_recipe_seed_rules_unless_data_seed_is_set(
     (tmp_path / "data" / "typo.yaml").write_text(f"recipe: {recipe}\nseeed: 7\n")
     with pytest.raises(SystemExit, match=r"typo.yaml: Key 'seeed' not in 'DataConfig'"):
         cli._recipe_from_data_arg("data=typo")
+    (tmp_path / "data" / "norecipe.yaml").write_text("seed: 7\n")
+    with pytest.raises(SystemExit, match=r"norecipe.yaml: Missing mandatory value: recipe"):
+        cli._recipe_from_data_arg("data=norecipe")
+    (tmp_path / "data" / "alist.yaml").write_text("- recipe\n")
+    with pytest.raises(SystemExit, match=r"alist.yaml: a mapping of data keys"):
+        cli._recipe_from_data_arg("data=alist")
     assert cli.build_main(["data=s42", "--shards-root", str(tmp_path / "shards"), "--no-progress"]) == 0
     built = ShardSet.open(capsys.readouterr().out.strip().splitlines()[-1])
     assert built.seed == 42 and built.manifest["recipe"]["seed"] == 42

@@ -463,7 +463,7 @@ def test_a_warm_started_run_has_seen_what_its_base_saw(trained_run: tuple[Path, 
     shown = capsys.readouterr().out
     assert f"warm-started from: {base}" in shown and f"data [main, base]: shards {lineage['data']['shard_dir']}" in shown
     card = (export_release(root, "warm", tmp_path / "release") / "README.md").read_text()
-    assert f"Warm-started from `{RUN}/step_{step}`" in card and "| main (base) |" in card
+    assert f"Warm-started from `{RUN}/step_{step}`" in card and "| main (base) | `" in card and "| main | `" in card
 
 
 def test_resume_reuses_only_cells_of_this_job_and_these_weights(

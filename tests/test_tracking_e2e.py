@@ -152,6 +152,11 @@ def test_shards_that_cannot_be_pulled_are_built_instead(trained: dict, tmp_path:
     off = _run_config(fresh, "tracking.dvc=false")
     assert open360.tracking.pull_shards(fresh / "shards" / shard_dir.name, fresh, off) is False
     assert not (fresh / "shards" / shard_dir.name).exists()
+    from open360.data import ShardSet, build_shards
+
+    built = build_shards(cfg.data.recipe, fresh / "shards", cfg.data.seed)  # what the run does next
+    assert built == fresh / "shards" / shard_dir.name
+    assert ShardSet.open(built).manifest_hash == ShardSet.open(shard_dir).manifest_hash
 
 
 def test_evaluate_in_a_fresh_clone_pulls_the_checkpoints_and_shards_it_needs(

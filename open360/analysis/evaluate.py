@@ -122,9 +122,9 @@ def trained_shard_dir(lineage: dict[str, Any], full_cfg: DictConfig, workspace: 
         return shard_dir_for(full_cfg, workspace)  # a lineage that does not record its shards
     recorded = resolve_workspace_path(workspace, entry["shard_dir"])
     if not (recorded / "manifest.json").is_file():
-        from open360.tracking.dvc_versioning import pull_recorded
+        from open360.tracking import pull_shards
 
-        pull_recorded(recorded, workspace)
+        pull_shards(recorded, workspace, full_cfg)  # a failed pull says so; the build below is checked
     shard_dir = recorded if (recorded / "manifest.json").is_file() else shard_dir_for(full_cfg, workspace)
     found = ShardSet.open(shard_dir).manifest_hash
     if found != entry["manifest_hash"]:
@@ -472,22 +472,24 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
             f"(python -m open360.train ... run_name={cfg.run} workspace={workspace}) or pull them (open360 ckpt pull)"
         )
     selected = select_checkpoints(available, cfg.checkpoints, cfg.max_checkpoints)
-    absent = [step for step, ckpt in selected if not (ckpt / "lineage.json").is_file()]
-    if absent and not cfg.pull:
-        raise FileNotFoundError(f"checkpoints {absent} of run '{cfg.run}' are recorded in checkpoints.dvc but not "
-                                "on this machine and pull=false; set pull=true or choose other checkpoints=")
-    if absent:
-        from open360.tracking import pull_checkpoint
-
-        for step in absent:
-            pull_checkpoint(workspace, cfg.run, step)
+    absent = {step for step, ckpt in selected if not (ckpt / "lineage.json").is_file()}  # recorded in DVC only
     out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / cfg.run
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / EVAL_PARQUET
-    lineages = {step: read_lineage(ckpt) for step, ckpt in selected}
+    lineages = {step: read_lineage(ckpt) for step, ckpt in selected if step not in absent}
     weights = {step: (lin.get("files") or {}).get(MODEL_FILE) for step, lin in lineages.items()}
     previous = previous_results(parquet, cfg, [step for step, _ in selected], weights)
     done = set(previous["step"].astype(int)) if not previous.empty else set()
+    to_pull = sorted(absent - done)  # a step evaluated before is not fetched again to be skipped
+    if to_pull and not cfg.pull:
+        raise FileNotFoundError(f"checkpoints {to_pull} of run '{cfg.run}' are recorded in checkpoints.dvc but not "
+                                "on this machine and pull=false; set pull=true or choose other checkpoints=")
+    if to_pull:
+        from open360.tracking import pull_checkpoint
+
+        for step in to_pull:
+            lineages[step] = read_lineage(pull_checkpoint(workspace, cfg.run, step))
+            weights[step] = (lineages[step].get("files") or {}).get(MODEL_FILE)
 
     rows: list[dict] = []
     val_cache: dict[Path, tuple[dict[str, np.ndarray], Path, str]] = {}

@@ -451,7 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["finetune"]:
         return finetune_main(args[1:])
-    cfg = run_cli(LongContextConfig, args, "open360.analysis.long_context", __doc__ or "")
+    doc = (f"{__doc__}\n\nFine-tune first: python -m open360.analysis.long_context finetune init=<checkpoint> "
+           "[hydra overrides] (`finetune --help`); then compare base and fine-tuned run:")
+    cfg = run_cli(LongContextConfig, args, "open360.analysis.long_context", doc)
     if cfg is None:
         return 0
 

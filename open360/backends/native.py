@@ -73,11 +73,7 @@ def barrier(env: DistEnv) -> None:
 def first_error(env: DistEnv, error: str | None) -> str | None:
     """The first rank's error message of those that have one, on every rank (so that all raise together
     instead of the others waiting forever for a rank that failed alone)."""
-    if not env.distributed:
-        return error
-    gathered: list[str | None] = [None] * env.world_size
-    dist.all_gather_object(gathered, error)
-    return next((e for e in gathered if e), None)
+    return next((e for e in gather_objects(error, env) if e), None)
 
 
 class LossModule(nn.Module):

@@ -47,11 +47,16 @@ from open360.data.tokenizer import TokenizerMismatchError, obtain_tokenizer, tok
 PARTS_DIR = ".parts"
 
 
+# Bumped when the per-source pipeline changes what it writes for the same inputs, so that the intermediates
+# of an interrupted build of an older version are not resumed (2: special-token text in documents is text).
+PIPELINE_VERSION = 2
+
+
 def shard_dir_name(recipe: RecipeSpec) -> str:
     return f"{recipe.name}-{recipe_hash(recipe)[:12]}"
 
 
-def shard_dir_for(recipe_path: str | Path, shards_root: str | Path, seed: int | None = None) -> Path:
+def planned_shard_dir(recipe_path: str | Path, shards_root: str | Path, seed: int | None = None) -> Path:
     """The folder `build_shards` writes (or finds) for a recipe, known without building anything."""
     return Path(shards_root).expanduser().resolve() / shard_dir_name(load_recipe(recipe_path, seed))
 
@@ -249,7 +254,7 @@ def _build_locked(
     fingerprints = [input_fingerprint(s) for s in recipe.sources]
     if recipe.filters.classifier.enabled:
         fingerprints.append(input_fingerprint(labels_source(recipe.filters.classifier)))
-    inputs = hashlib.sha256(canonical_json(fingerprints).encode()).hexdigest()
+    inputs = hashlib.sha256(canonical_json([PIPELINE_VERSION, fingerprints]).encode()).hexdigest()
     work = work / f"{tokenizer_bytes_hash(tok_json)[:12]}-{inputs[:12]}"
     n_src = len(recipe.sources)
     mine = [i for i in range(n_src) if _owned(i, worker_index, num_workers)]

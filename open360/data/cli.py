@@ -29,11 +29,13 @@ def _recipe_from_data_arg(arg: str) -> tuple[str, int | None]:
         raise SystemExit(f"open360 data build: no data config '{name}' ({path}); choose one of {names}")
     try:
         raw = OmegaConf.load(path)
+        if not OmegaConf.is_dict(raw):
+            raise SystemExit(f"open360 data build: {path}: a mapping of data keys (recipe, seed, ...) is expected")
         raw.pop("defaults", None)
         cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
+        return str(cfg.recipe), cfg.seed
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise SystemExit(f"open360 data build: {path}: " + " ".join(str(err).split())) from err
-    return str(cfg.recipe), cfg.seed
 
 
 def summary_table(manifest: dict[str, Any]) -> str:

@@ -59,7 +59,8 @@ def version_shards(shard_dir: Path, workspace: Path, cfg: Any) -> None:
 def pull_shards(shard_dir: Path, workspace: Path, cfg: Any) -> bool:
     """Fetch a shard folder that the workspace's `shards.dvc` records but this machine lacks (a fresh clone
     of a published workspace), so that a run reads the published shards instead of rebuilding them. When
-    the pull fails, say so and return False: the build that follows writes the same shards."""
+    the pull fails, say so and return False: the build that follows writes the same shards from the same
+    inputs (a checkpoint's recorded manifest hash tells, and a resume checks it)."""
     if not cfg.tracking.dvc:
         return False
     import sys

@@ -77,26 +77,29 @@ def _metrics_table(workspace: Path, run: str, mlflow_uri: str | None, out: Path)
 
 
 def _copy_data(workspace: Path, lineages: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    seen: dict[str, dict[str, Any]] = {}
+    """Copy each shard folder's manifest and tokenizer into `data/` once; one row per (folder, whose):
+    the run's own stages, and a warm start's base (marked "(base)"), also when both used one folder."""
+    rows: dict[tuple[str, bool], dict[str, Any]] = {}
     for lineage in lineages:
         entries = [(d, True) for d in inherited_data_history(lineage)] + [(d, False) for d in data_history(lineage)]
         for data, inherited in entries:
             shard_dir = data.get("shard_dir")
-            if not shard_dir or shard_dir in seen:
+            if not shard_dir or (shard_dir, inherited) in rows:
                 continue
             src = workspace / shard_dir
             dst = out / "data" / Path(shard_dir).name
-            dst.mkdir(parents=True, exist_ok=True)
-            for name in ("manifest.json", "tokenizer.json"):
-                if (src / name).is_file():
-                    shutil.copy2(src / name, dst / name)
-            seen[shard_dir] = {
+            if not dst.is_dir():
+                dst.mkdir(parents=True)
+                for name in ("manifest.json", "tokenizer.json"):
+                    if (src / name).is_file():
+                        shutil.copy2(src / name, dst / name)
+            rows[(shard_dir, inherited)] = {
                 **{k: data.get(k) for k in ("recipe", "manifest_hash", "tokenizer_hash")},
                 "stage": f"{data.get('stage')} (base)" if inherited else data.get("stage"),
                 "folder": f"data/{dst.name}",
                 "manifest_copied": (dst / "manifest.json").is_file(),
             }
-    return list(seen.values())
+    return list(rows.values())
 
 
 def _verify(workspace: Path, entry: CheckpointEntry) -> tuple[dict[str, Any], Path | None]:

@@ -84,10 +84,10 @@ class ShardProvider:
 
         recipe = str(stage.recipe)  # build_shards resolves it (working directory, then repository root)
         if self.env.is_main:
-            from open360.data.build import shard_dir_for
+            from open360.data.build import planned_shard_dir
             from open360.tracking import pull_shards, version_shards
 
-            pull_shards(shard_dir_for(recipe, self.shards_root, self.cfg.data.seed), self.workspace, self.cfg)
+            pull_shards(planned_shard_dir(recipe, self.shards_root, self.cfg.data.seed), self.workspace, self.cfg)
             shard_dir = build_shards(
                 recipe, self.shards_root, self.cfg.data.seed, int(self.cfg.data.build_workers)
             )

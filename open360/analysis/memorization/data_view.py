@@ -44,12 +44,12 @@ class DataView:
     def _pull_shards(workspace: Path, shard_dir: Path) -> None:
         """Fetch the run's shard folder through DVC (a fresh clone of a published workspace has none)."""
         from open360.tracking.checkpoints import is_dvc_workspace
-        from open360.tracking.dvc_versioning import DvcWorkspace
+        from open360.tracking.dvc_versioning import pull_recorded
 
         if not is_dvc_workspace(workspace):
             return  # ShardSet.open says what is missing
         with pull_lock(workspace):
-            DvcWorkspace(workspace).pull([shard_dir])
+            pull_recorded(shard_dir, workspace)
 
     @staticmethod
     def _shard_path(job: MemorizationJobConfig, workspace: Path, lineage: dict[str, Any]) -> Path:

@@ -53,7 +53,7 @@ class DataConfig:
 
     recipe: str = MISSING  # path to a recipe YAML, relative to the repository root or absolute
     shards_dir: str = "shards"  # relative to the workspace
-    seed: int | None = None  # shuffle seed of the build and of later epochs; None = the recipe's `seed`
+    seed: int | None = None  # shuffle seed of the build, its held-out draw and later epochs; None = the recipe's `seed`
     build_workers: int = 2
 
 

@@ -456,6 +456,21 @@ def test_a_warm_started_run_has_seen_what_its_base_saw(trained_run: tuple[Path, 
     assert warm_cells.seq_id.tolist() == base_cells.seq_id.tolist()
     assert warm_cells.seen.tolist() == base_cells.seen.tolist() and warm_cells.seen.any()
 
+    # A cell an older open360 wrote (no seen_basis: the base's data not counted) is scored again.
+    import json
+
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "warm" / "cells" / "step_2-chunk_00001.parquet"
+    table = pq.read_table(old)
+    meta = json.loads(table.schema.metadata[b"open360.memorization"])
+    del meta["seen_basis"]
+    pq.write_table(table.replace_schema_metadata({"open360.memorization": json.dumps(meta)}), old)
+    warm_args = ["run=warm", f"workspace={root}", "checkpoints=2", f"out_dir={tmp_path / 'warm'}", *args]
+    with pytest.warns(UserWarning, match="leave out what the warm start's base trained on"):
+        again = run_job(parse_args(warm_args))
+    assert again.computed == [(2, 1)]
+
     from open360.tracking.cli import lineage_main
     from open360.tracking.release import export_release
 

@@ -79,12 +79,20 @@ def cell_table(
 JOB_FIELDS = ("run", "mode", "k", "l", "sample", "seed", "selection")
 
 
-@functools.lru_cache(maxsize=1024)
-def _model_sha256(lineage_file: str, mtime_ns: int) -> str | None:
-    """The weights' sha256 a checkpoint's lineage.json records (cached: one read per checkpoint)."""
-    from open360.checkpoint.io import MODEL_FILE
+# What `seen` of a cell was computed from: 2 = the checkpoint's own stages and those it inherited through a
+# warm start (`init_from`); cells without it counted only its own.
+SEEN_BASIS = 2
 
-    return (json.loads(Path(lineage_file).read_text()).get("files") or {}).get(MODEL_FILE)
+
+@functools.lru_cache(maxsize=1024)
+def _lineage_facts(lineage_file: str, mtime_ns: int) -> tuple[str | None, bool]:
+    """(weights' sha256, whether it inherits a base's data history) from a checkpoint's lineage.json
+    (cached: one read per checkpoint)."""
+    from open360.checkpoint.io import MODEL_FILE
+    from open360.checkpoint.lineage import inherited_data_history
+
+    lineage = json.loads(Path(lineage_file).read_text())
+    return (lineage.get("files") or {}).get(MODEL_FILE), bool(inherited_data_history(lineage))
 
 
 def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path, scored_on: dict[str, Any]) -> bool:
@@ -124,15 +132,20 @@ def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path, scored
             f"or remove {path.parent} to score again{same_dtype}"
         )
     lineage = run_checkpoint_dir(workspace, job.run) / step_dir_name(int(meta["step"])) / LINEAGE_FILE
-    retrained = (
-        meta.get("model_sha256")
-        and lineage.is_file()
-        and _model_sha256(str(lineage), lineage.stat().st_mtime_ns) != meta["model_sha256"]
-    )
-    if retrained:
+    if not lineage.is_file():
+        return True
+    weights, inherits = _lineage_facts(str(lineage), lineage.stat().st_mtime_ns)
+    if meta.get("model_sha256") and weights != meta["model_sha256"]:
         warnings.warn(
             f"{path}: scored on other weights than checkpoint step {meta['step']} now holds (the run was "
             "retrained?); scoring it again",
+            stacklevel=2,
+        )
+        return False
+    if inherits and meta.get("seen_basis", 1) < SEEN_BASIS:
+        warnings.warn(
+            f"{path}: its `seen` flags leave out what the warm start's base trained on (written by an older "
+            "open360); scoring it again",
             stacklevel=2,
         )
         return False

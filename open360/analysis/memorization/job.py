@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
-from open360.analysis.memorization.cells import cell_is_done, cell_path, cell_table, write_cell
+from open360.analysis.memorization.cells import SEEN_BASIS, cell_is_done, cell_path, cell_table, write_cell
 from open360.analysis.memorization.checkpoints import ensure_checkpoint, resolve_steps, run_checkpoint_dir
 from open360.analysis.memorization.data_view import DataView
 from open360.analysis.memorization.job_config import (
@@ -288,6 +288,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                     "tokens_seen": trainer_state.get("tokens_seen"),
                     **scored_on,  # the shards actually read (shards= may name another folder), the dtype
                     "model_sha256": (lineage.get("files") or {}).get(MODEL_FILE),
+                    "seen_basis": SEEN_BASIS,
                     "chunk_size": int(data.chunk_sizes[chunk]),
                     "num_chunks": data.num_chunks,
                     "rank": rank,

@@ -237,8 +237,8 @@ def _only_in_remote(root: Path, stash: Path, steps: tuple[int, ...], monkeypatch
     returned) copy them back."""
     import shutil
 
-    import open360.analysis.memorization.checkpoints as checkpoints_module
     import open360.tracking
+    import open360.tracking.checkpoints as tracking_checkpoints
 
     for step in steps:
         shutil.move(root / "checkpoints" / RUN / f"step_{step}", stash / f"step_{step}")
@@ -253,7 +253,8 @@ def _only_in_remote(root: Path, stash: Path, steps: tuple[int, ...], monkeypatch
         return dest
 
     monkeypatch.setattr(open360.tracking, "pull_checkpoint", fake_pull)
-    monkeypatch.setattr(checkpoints_module, "_tracked_steps", lambda ws, run: tracked)  # what DVC lists
+    listed = [(s, root / "checkpoints" / RUN / f"step_{s}") for s in tracked]  # what DVC lists
+    monkeypatch.setattr(tracking_checkpoints, "known_checkpoints", lambda ws, run, who="": listed)
     return pulled
 
 

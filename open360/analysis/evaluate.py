@@ -88,12 +88,16 @@ def load_validation_sets(shard_dir: Path, sources: Sequence[str] = (), max_seque
     """First `max_sequences` held-out sequences [N, seq_len+1] of each source of a shard folder."""
     from open360.data import ShardSet
 
-    shards = ShardSet.open(shard_dir)
+    return validation_sets(ShardSet.open(shard_dir), sources, max_sequences)
+
+
+def validation_sets(shards: Any, sources: Sequence[str] = (), max_sequences: int = 64) -> dict[str, np.ndarray]:
+    """`load_validation_sets` of an opened (verified) ShardSet."""
     available = sorted(shards.manifest["validation"])
     wanted = list(sources) or available
     unknown = sorted(set(wanted) - set(available))
     if unknown:
-        raise ValueError(f"sources={unknown}: no held-out split in {shard_dir}; available: {available}")
+        raise ValueError(f"sources={unknown}: no held-out split in {shards.path}; available: {available}")
     return {s: np.asarray(shards.validation(s))[:max_sequences] for s in wanted}
 
 
@@ -228,23 +232,6 @@ def select_checkpoints(available: Sequence[tuple[int, Path]], steps: Sequence[in
         idx = np.unique(np.linspace(0, len(chosen) - 1, max_checkpoints).round().astype(int))
         chosen = [chosen[i] for i in idx]
     return [(s, by_step[s]) for s in chosen]
-
-
-def known_checkpoints(workspace: Path, run: str) -> list[tuple[int, Path]]:
-    """`(step, folder)` of every checkpoint of `run`: complete on disk, or recorded in checkpoints.dvc (to
-    be pulled). A DVC setup that cannot be read leaves the ones on disk, with a warning."""
-    from open360.checkpoint.io import list_checkpoints
-    from open360.tracking.checkpoints import run_checkpoints
-    from open360.tracking.dvc_versioning import VersioningError
-
-    local = list_checkpoints(workspace / "checkpoints" / run)
-    try:
-        tracked = [(e.step, e.path) for e in run_checkpoints(workspace, run) if e.tracked is not None]
-    except VersioningError as err:
-        print(f"open360.evaluate: could not list the DVC-recorded checkpoints of {run} ({err}); using those on disk",
-              file=sys.stderr)
-        tracked = []
-    return sorted((dict(tracked) | dict(local)).items())
 
 
 def tokens_seen(ckpt: Path, full_cfg: DictConfig, step: int) -> int:
@@ -457,6 +444,7 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
 def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     """Evaluate the selected checkpoints of `cfg.run`; write eval.parquet, eval_curves.png, eval.md."""
     from open360.checkpoint.io import MODEL_FILE, load_model_from_checkpoint, read_lineage
+    from open360.checkpoint.lineage import data_history
     from open360.data import ShardSet
 
     for key in ("batch_size", "val_sequences"):
@@ -465,7 +453,9 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
     run_dir = workspace / "checkpoints" / cfg.run
-    available = known_checkpoints(workspace, cfg.run)
+    from open360.tracking.checkpoints import known_checkpoints
+
+    available = known_checkpoints(workspace, cfg.run, "open360.evaluate")
     if not available:
         raise FileNotFoundError(
             f"{run_dir}: no complete checkpoints of run '{cfg.run}'; train it first "
@@ -493,6 +483,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
 
     rows: list[dict] = []
     val_cache: dict[Path, tuple[dict[str, np.ndarray], Path, str]] = {}
+    shard_dirs: dict[tuple[str, ...], Path] = {}  # one resolution (pull, build, verify) per data history
     full_cfg = None
     run_id = None
     for step, ckpt in selected:
@@ -502,10 +493,14 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         lineage = lineages[step]
         run_id = lineage.get("mlflow_run_id") or run_id
         tokens = tokens_seen(ckpt, full_cfg, step)
-        shard_dir = trained_shard_dir(lineage, full_cfg, workspace, cfg.recipe)
+        data_key = (str(full_cfg.data.recipe), *(str(e.get("manifest_hash")) for e in data_history(lineage)))
+        if data_key not in shard_dirs:
+            shard_dirs[data_key] = trained_shard_dir(lineage, full_cfg, workspace, cfg.recipe)
+        shard_dir = shard_dirs[data_key]
         if shard_dir not in val_cache:
-            val_cache[shard_dir] = (load_validation_sets(shard_dir, cfg.sources, cfg.val_sequences),
-                                    shard_dir / "tokenizer.json", ShardSet.open(shard_dir).tokenizer_hash)
+            shards = ShardSet.open(shard_dir)
+            val_cache[shard_dir] = (validation_sets(shards, cfg.sources, cfg.val_sequences),
+                                    shard_dir / "tokenizer.json", shards.tokenizer_hash)
         val_sets, tokenizer_file, shards_tokenizer = val_cache[shard_dir]
         check_trained_tokenizer(lineage, shards_tokenizer, shard_dir, ckpt,
                                 "its losses there would mean nothing — give recipe= a recipe with the run's tokenizer")

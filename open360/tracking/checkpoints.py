@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,22 @@ def run_checkpoints(workspace: Path, run: str, store: DvcWorkspace | None = None
         tracked = {step: d for name, d in children.items() if (step := step_of(name)) is not None}
     steps = sorted(set(local) | set(tracked))
     return [CheckpointEntry(s, run_dir / f"step_{s}", s in local, tracked.get(s)) for s in steps]
+
+
+def known_checkpoints(workspace: Path, run: str, who: str = "open360") -> list[tuple[int, Path]]:
+    """`(step, folder)` of every checkpoint of `run`: complete on disk, or recorded in checkpoints.dvc (to be
+    pulled). A DVC setup that cannot be read must not hide the ones on disk: `who` warns, and they remain."""
+    from open360.checkpoint.io import list_checkpoints
+
+    workspace = Path(workspace).expanduser().resolve()
+    local = list_checkpoints(workspace / CHECKPOINTS_DIR / run)
+    try:
+        tracked = [(e.step, e.path) for e in run_checkpoints(workspace, run) if e.tracked is not None]
+    except Exception as err:  # noqa: BLE001 - DVC raises more than VersioningError on a broken setup
+        print(f"{who}: could not list the DVC-recorded checkpoints of {run} ({err}); using those on disk",
+              file=sys.stderr)
+        tracked = []
+    return sorted((dict(tracked) | dict(local)).items())
 
 
 def select_steps(entries: list[CheckpointEntry], which: str, run: str = "") -> list[CheckpointEntry]:

@@ -27,6 +27,7 @@ from open360.checkpoint.io import (
     list_checkpoints,
     load_checkpoint,
     load_model_weights,
+    read_config,
     read_lineage,
     remove_stale_temp_dirs,
     verify_checkpoint,
@@ -269,8 +270,6 @@ def _load_initial_weights(model: torch.nn.Module, checkpoint: Path, model_cfg: A
     lineage = verify_checkpoint(init)
     check_architecture(init, model_cfg, "trainer.init_from")
     model.load_state_dict(load_model_weights(init / MODEL_FILE))
-    from open360.checkpoint.io import read_config
-
     return {
         "checkpoint": str(init),
         "step": lineage.get("step"),
@@ -336,7 +335,6 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
 def warn_if_schedule_changed(checkpoint: Path, stages: list[Stage], step: int) -> None:
     """A resume takes its hyperparameters from the config: say so when that changes the learning rate the
     checkpoint's own config gives at the next step (a longer max_steps stretches a cosine, say)."""
-    from open360.checkpoint.io import read_config
     from open360.train.schedules import lr_at
 
     try:

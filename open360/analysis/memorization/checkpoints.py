@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,25 +15,11 @@ def run_checkpoint_dir(workspace: Path, run: str) -> Path:
     return workspace / "checkpoints" / run
 
 
-def _tracked_steps(workspace: Path, run: str) -> list[int]:
-    """Steps of `run` on disk or recorded in checkpoints.dvc (maybe not pulled); [] without tracking."""
-    try:
-        from open360.tracking.checkpoints import run_checkpoints
-    except ImportError:
-        return []
-    try:
-        return [entry.step for entry in run_checkpoints(workspace, run)]
-    except Exception as err:  # a broken DVC setup must not hide the local checkpoints
-        print(f"memorization: could not list DVC-tracked steps of {run}: {err}", file=sys.stderr)
-        return []
-
-
 def resolve_steps(job: MemorizationJobConfig, workspace: Path) -> list[int]:
     """Steps to analyse: all / latest / explicit list, from local checkpoints plus DVC-tracked ones."""
-    from open360.checkpoint import list_checkpoints
+    from open360.tracking.checkpoints import known_checkpoints
 
-    local = [step for step, _ in list_checkpoints(run_checkpoint_dir(workspace, job.run))]
-    known = sorted(set(local) | set(_tracked_steps(workspace, job.run)))  # tracked: listed, not pulled
+    known = [step for step, _ in known_checkpoints(workspace, job.run, "memorization")]  # DVC-recorded: pulled later
     value = job.checkpoints
     if isinstance(value, str) and value.strip().lower() == "latest":
         if not known:

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 RECIPES_DIR = REPO_ROOT / "data_recipes"
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(run: str) -> str:
+    """`run` when it is one plain folder name (it names checkpoints/<run> and recovery/<run>), else ValueError:
+    `../x` would write outside the workspace, '' into checkpoints/ itself, and an absolute path would make
+    the published and recovery folders one, where pruning recovery checkpoints deletes published ones."""
+    if not RUN_NAME.fullmatch(str(run)):
+        raise ValueError(
+            f"run_name={run!r}: expected one folder name of letters, digits, '.', '_' or '-' (it names "
+            "checkpoints/<run_name> and recovery/<run_name> inside the workspace; set workspace=<dir> to "
+            "write elsewhere)"
+        )
+    return str(run)
 
 
 def resolve_repo_path(path: str | Path) -> Path:

@@ -164,7 +164,8 @@ def test_cli_typo_fails_at_composition_before_any_work(tmp_path):
 
 
 def test_overrides_that_stages_would_ignore_are_refused(tmp_path):
-    for override in ("schedule.warmup_steps=500", "schedule=constant", "data.recipe=data_recipes/embedded_tiny.yaml"):
+    for override in ("schedule.warmup_steps=500", "schedule=constant", "data.recipe=data_recipes/embedded_tiny.yaml",
+                     "data=phi15_tiny"):
         proc = run_train("+experiment=crystalcoder_tiny", override, f"workspace={tmp_path}")
         key = override.split("=")[0]
         assert proc.returncode == 2 and f"{key} would be ignored; override stages.<i>" in proc.stderr, proc.stderr
@@ -179,6 +180,60 @@ def test_model_values_out_of_range_fail_in_one_line_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "open360.train: model config 'amber_tiny': n_heads=0 must be a positive integer"
     assert not (tmp_path / "shards").exists()
+
+
+BAD_TRAINING_VALUES = [
+    ("trainer.global_batch_size=0", "trainer.global_batch_size=0: must be >= 1"),
+    ("trainer.micro_batch_size=3", "trainer.global_batch_size=16 is not a multiple of trainer.micro_batch_size=3"),
+    ("trainer.tensor_parallel=0", "trainer.tensor_parallel=0: must be >= 1"),
+    ("data.build_workers=0", "data.build_workers=0: must be >= 1"),
+    ("trainer.loss_spike_factor=-1", "trainer.loss_spike_factor=-1.0: must be > 1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("trainer.precision=fp16", "trainer.precision='fp16'"),
+    ("checkpoint.log_spaced_until=-1", "checkpoint.log_spaced_until=-1"),
+    ("checkpoint.steps=[-5,1]", "checkpoint.steps=[-5, 1]"),
+    ("optim.lr=-1", "optim.lr=-1.0"),
+    ("optim.eps=0", "optim.eps=0.0: must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1: must be >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("override,says", BAD_TRAINING_VALUES, ids=[b[0] for b in BAD_TRAINING_VALUES])
+def test_training_values_out_of_range_name_the_key(override, says):
+    from open360.train.validate import check_training_config
+
+    with pytest.raises(ValueError) as err:
+        check_training_config(compose(["+experiment=amber_tiny", override]))
+    assert says in str(err.value)
+
+
+def test_out_of_range_values_fail_under_cfg_job_and_before_a_run_writes_anything(tmp_path):
+    for args in (("trainer.global_batch_size=0", "--cfg", "job"), ("optim.eps=0",)):
+        proc = run_train("+experiment=amber_tiny", f"workspace={tmp_path}", "run_name=bad", *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert args[0].split("=")[0] in proc.stderr
+    for left in ("checkpoints", "recovery", "shards"):  # (Hydra's own outputs/ log is there: it starts first)
+        assert not (tmp_path / left).exists()
+    sweep = run_train("-m", "+experiment=scaling_tiny", "model.d_model=64,96", f"workspace={tmp_path}", "--cfg", "job")
+    assert sweep.returncode == 2 and "drop -m" in sweep.stderr and "Traceback" not in sweep.stderr, sweep.stderr
+
+
+@pytest.mark.parametrize("name", ["/tmp/abs_run", "../../escaped", "", "a/b"])
+def test_run_name_must_be_one_folder_name(name, tmp_path):
+    from open360.tracking.checkpoints import run_dirs
+
+    with pytest.raises(ConfigKeyError, match="expected one folder name"):
+        compose(["+experiment=amber_tiny", f"run_name='{name}'"])
+    with pytest.raises(ValueError, match="expected one folder name"):
+        run_dirs(tmp_path, name)
+
+
+def test_an_absolute_run_name_is_refused_before_anything_is_written(tmp_path):
+    target = tmp_path / "elsewhere"
+    proc = run_train("+experiment=amber_tiny", f"workspace={tmp_path / 'ws'}", f"run_name={target}")
+    assert proc.returncode == 2 and "expected one folder name" in proc.stderr, proc.stderr
+    assert not target.exists() and not (tmp_path / "ws" / "checkpoints").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

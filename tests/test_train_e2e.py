@@ -322,7 +322,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_by_name(tmp_path: Path,
     bad = _train("amber_tiny", ws, shards_root, "run_name=other", "trainer.max_steps=2", "schedule.kind=foo")
     assert bad.returncode == 2 and "schedule.kind='foo'" in bad.stderr and "Traceback" not in bad.stderr
     zero = _train("amber_tiny", ws, shards_root, "run_name=other", "trainer.max_steps=2", "trainer.micro_batch_size=0")
-    assert zero.returncode == 2 and "trainer.micro_batch_size=0 must be >= 1" in zero.stderr
+    assert zero.returncode == 2 and "trainer.micro_batch_size=0: must be >= 1" in zero.stderr
     assert "Traceback" not in zero.stderr
 
 

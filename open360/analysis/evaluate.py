@@ -452,9 +452,9 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
             raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
     check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
-    run_dir = workspace / "checkpoints" / cfg.run
-    from open360.tracking.checkpoints import known_checkpoints
+    from open360.tracking.checkpoints import known_checkpoints, run_dirs
 
+    run_dir = run_dirs(workspace, cfg.run)[0]
     available = known_checkpoints(workspace, cfg.run, "open360.evaluate")
     if not available:
         raise FileNotFoundError(

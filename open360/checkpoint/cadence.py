@@ -35,6 +35,11 @@ class CadencePolicy:
             raise ValueError(f"checkpoint.policy={self.policy!r}: expected one of {', '.join(POLICIES)}")
         if self.policy in ("every_n", "log_spaced") and self.every <= 0:
             raise ValueError(f"checkpoint.every={self.every}: must be > 0 for policy={self.policy}")
+        if self.log_spaced_until < 0 or any(s < 0 for s in self.steps):
+            raise ValueError(
+                f"checkpoint.log_spaced_until={self.log_spaced_until}, checkpoint.steps={sorted(self.steps)}: "
+                "steps are counts of completed optimizer steps, >= 0"
+            )
         if self.ephemeral_every < 0 or self.keep_ephemeral < 1:
             raise ValueError(
                 f"checkpoint.ephemeral_every={self.ephemeral_every}, keep_ephemeral={self.keep_ephemeral}: "

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from open360.config import schema
-from open360.paths import CONFIGS_DIR
+from open360.paths import CONFIGS_DIR, check_run_name
 
 GROUP_SCHEMAS = {
     "model": schema.ModelConfig,
@@ -58,6 +58,10 @@ def check_schema(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigKeyError(f"config keys {missing} have no value (???); set them, e.g. {missing[0]}=<value>")
+    try:
+        check_run_name(cfg.run_name)
+    except ValueError as err:
+        raise ConfigKeyError(str(err)) from err
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from open360.paths import check_run_name
 from open360.tracking.dvc_versioning import DvcWorkspace, TrackedDir, VersioningError, local_steps, step_of
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -42,6 +43,7 @@ def is_dvc_workspace(workspace: Path) -> bool:
 
 def run_dirs(workspace: Path, run: str) -> tuple[Path, Path]:
     """(published, recovery) folders of a run: checkpoints/<run>, recovery/<run>."""
+    run = check_run_name(run)
     return Path(workspace) / CHECKPOINTS_DIR / run, Path(workspace) / RECOVERY_DIR / run
 
 
@@ -68,7 +70,7 @@ def run_checkpoints(workspace: Path, run: str, store: DvcWorkspace | None = None
     crash interrupted is finished first, so that the replaced checkpoints are not listed as the run's)."""
     workspace = Path(workspace).expanduser().resolve()
     finish_pending_branches(workspace, run)
-    run_dir = workspace / CHECKPOINTS_DIR / run
+    run_dir = run_dirs(workspace, run)[0]
     local = {s: p for s, p in local_steps(run_dir).items() if (p / "lineage.json").is_file()}
     tracked: dict[int, TrackedDir] = {}
     if is_dvc_workspace(workspace):
@@ -90,7 +92,7 @@ def known_checkpoints(workspace: Path, run: str, who: str = "open360") -> list[t
     from open360.checkpoint.io import list_checkpoints
 
     workspace = Path(workspace).expanduser().resolve()
-    local = list_checkpoints(workspace / CHECKPOINTS_DIR / run)
+    local = list_checkpoints(run_dirs(workspace, run)[0])
     try:
         tracked = [(e.step, e.path) for e in run_checkpoints(workspace, run) if e.tracked is not None]
     except Exception as err:  # noqa: BLE001 - DVC raises more than VersioningError on a broken setup

@@ -15,6 +15,7 @@ from open360.tracking.checkpoints import (
     is_dvc_workspace,
     pull_checkpoints,
     run_checkpoints,
+    run_dirs,
     trainer_state,
 )
 from open360.tracking.dvc_versioning import (
@@ -146,7 +147,10 @@ def push_main(argv: Sequence[str]) -> int:
     parser.add_argument("--remote", default=None, help="DVC remote (default: the default remote)")
     args = parser.parse_args(list(argv))
     workspace = Path(args.workspace).expanduser().resolve()
-    run_dir = workspace / "checkpoints" / args.run
+    try:
+        run_dir = run_dirs(workspace, args.run)[0]
+    except ValueError as err:
+        return _fail("open360 ckpt push", str(err))
     if not run_dir.is_dir():
         runs = sorted(p.name for p in (workspace / "checkpoints").iterdir() if p.is_dir()) \
             if (workspace / "checkpoints").is_dir() else []

@@ -13,6 +13,7 @@ from open360.config import register_configs
 from open360.config.store import ConfigKeyError, check_schema
 from open360.paths import CONFIGS_DIR
 from open360.train.resources import ResourceError, check_resources
+from open360.train.validate import check_training_config
 
 register_configs()
 
@@ -29,12 +30,13 @@ def _stop_on_sigterm() -> None:
 
 def check_stage_overrides(cfg: DictConfig, overrides: list[str]) -> None:
     """With `stages`, each stage names its own recipe and schedule: a command-line `schedule...` or
-    `data.recipe` override would be ignored without a word, so it is refused, naming the stage keys."""
+    `data`/`data.recipe` override would be ignored without a word (and the published config.yaml would name
+    the wrong data), so it is refused, naming the stage keys."""
     if not cfg.stages:
         return
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
-        if key in ("schedule", "data.recipe") or key.startswith("schedule."):
+        if key in ("schedule", "data", "data.recipe") or key.startswith("schedule."):
             raise ValueError(
                 f"{override}: this experiment trains in `stages`, each with its own recipe and schedule, so "
                 f"{key} would be ignored; override stages.<i>.recipe / stages.<i>.schedule.* instead"
@@ -51,6 +53,7 @@ def main(cfg: DictConfig) -> None:
         from open360.models.decoder import as_model_config
 
         as_model_config(cfg.model)  # model values out of range fail here, before the memory estimate divides by them
+        check_training_config(cfg)
         device = check_resources(cfg)
     except (ResourceError, ConfigKeyError, ValueError) as err:
         print(f"open360.train: {err}", file=sys.stderr)
@@ -85,6 +88,10 @@ def check_before_printing(argv: list[str]) -> None:
     them first, so that a misspelt key or an out-of-range value fails here as it would in a run."""
     if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
         return
+    if any(a in ("-m", "--multirun") for a in argv):
+        print("open360.train: --cfg prints one job's config and Hydra takes one of --multirun and --cfg: drop -m "
+              "and give one value per key", file=sys.stderr)
+        sys.exit(2)
     from hydra.errors import HydraException
 
     from open360.config import compose
@@ -100,6 +107,7 @@ def check_before_printing(argv: list[str]) -> None:
         cfg = compose(overrides)
         check_stage_overrides(cfg, overrides)
         as_model_config(cfg.model)
+        check_training_config(cfg)
     except (HydraException, ConfigKeyError, ValueError) as err:
         print(f"open360.train: {str(err).strip()}", file=sys.stderr)
         sys.exit(2)

@@ -17,13 +17,26 @@ def adam_betas(optim_cfg: Any) -> tuple[float, float]:
     return betas[0], betas[1]
 
 
+def check_optimizer_values(optim_cfg: Any) -> None:
+    """ValueError naming the `optim.*` key whose value AdamW cannot take (eps 0 gives 0/0 = NaN on a
+    parameter without gradient at its first step)."""
+    if optim_cfg.name != "adamw":
+        raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is implemented")
+    adam_betas(optim_cfg)
+    if not float(optim_cfg.eps) > 0:
+        raise ValueError(f"optim.eps={optim_cfg.eps}: must be > 0 (e.g. 1e-8)")
+    if float(optim_cfg.weight_decay) < 0:
+        raise ValueError(f"optim.weight_decay={optim_cfg.weight_decay}: must be >= 0")
+    if float(optim_cfg.grad_clip) < 0:
+        raise ValueError(f"optim.grad_clip={optim_cfg.grad_clip}: must be >= 0 (0 = no clipping, as in megatron)")
+
+
 def build_optimizer(model: Any, optim_cfg: Any) -> torch.optim.AdamW:
     """AdamW over `model.param_groups(optim_cfg)`; each group remembers its LR relative to optim.lr.
 
     Build it after parallelizing the model: FSDP2 replaces the parameters with sharded ones.
     """
-    if optim_cfg.name != "adamw":
-        raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is implemented")
+    check_optimizer_values(optim_cfg)
     base_lr = float(optim_cfg.lr)
     groups = model.param_groups(optim_cfg)
     prepared = []

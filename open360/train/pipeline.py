@@ -53,6 +53,7 @@ from open360.train.trainer import (
     TrainingDiverged,
     TrainingError,
 )
+from open360.train.validate import check_training_config
 
 BACKENDS = ("native", "megatron")
 
@@ -198,6 +199,7 @@ def run_training(cfg: DictConfig, device: str, init_from: Path | None = None) ->
     `init_from`: a checkpoint directory whose weights start the model (fine-tuning; a fresh optimizer
     and step 0). A resumed run takes its weights from the resume checkpoint instead.
     """
+    check_training_config(cfg)
     backend = str(cfg.trainer.backend)
     if backend not in BACKENDS:
         raise TrainingError(f"trainer.backend={backend!r}: expected one of {BACKENDS}")
@@ -240,16 +242,6 @@ def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSetting
     from open360.models import training_flops_per_token
 
     seq_len = int(cfg.trainer.seq_len)
-    for key in ("micro_batch_size", "log_every"):
-        if int(cfg.trainer[key]) < 1:
-            raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
-    if float(cfg.optim.grad_clip) < 0:
-        raise ValueError(f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 = no clipping, as in megatron)")
-    if seq_len > int(cfg.model.max_seq_len):
-        raise ValueError(
-            f"trainer.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}: the model (and its "
-            "HF export) would claim a shorter context than it was trained on; raise model.max_seq_len"
-        )
     return TrainerSettings(
         global_batch_size=int(cfg.trainer.global_batch_size),
         micro_batch_size=int(cfg.trainer.micro_batch_size),

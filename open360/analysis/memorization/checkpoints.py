@@ -12,7 +12,9 @@ from open360.analysis.memorization.job_config import MemorizationJobConfig, Memo
 
 def run_checkpoint_dir(workspace: Path, run: str) -> Path:
     """`<workspace>/checkpoints/<run>`."""
-    return workspace / "checkpoints" / run
+    from open360.tracking.checkpoints import run_dirs
+
+    return run_dirs(workspace, run)[0]
 
 
 def resolve_steps(job: MemorizationJobConfig, workspace: Path) -> list[int]:

@@ -1,0 +1,58 @@
+"""Range checks of a training config, made before a run writes anything (and under `--cfg job`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+POSITIVE_INTS = (
+    "trainer.global_batch_size",
+    "trainer.micro_batch_size",
+    "trainer.seq_len",
+    "trainer.log_every",
+    "trainer.tensor_parallel",
+    "trainer.pipeline_parallel",
+    "data.build_workers",
+)
+
+
+def _value(cfg: DictConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_training_config(cfg: DictConfig) -> None:
+    """ValueError naming the key for any value a run would refuse later, after folders or shards exist:
+    the schedule (stages, steps, LR), the cadence, the batch geometry, the precision and the optimizer."""
+    from open360.checkpoint.cadence import CadencePolicy
+    from open360.train.optim import check_optimizer_values
+    from open360.train.pipeline import resolve_precision
+    from open360.train.schedules import build_stages
+
+    for key in POSITIVE_INTS:
+        if int(_value(cfg, key)) < 1:
+            raise ValueError(f"{key}={_value(cfg, key)}: must be >= 1")
+    gbs, mbs = int(cfg.trainer.global_batch_size), int(cfg.trainer.micro_batch_size)
+    if gbs % mbs:
+        raise ValueError(
+            f"trainer.global_batch_size={gbs} is not a multiple of trainer.micro_batch_size={mbs} "
+            "(a step accumulates whole micro-batches on every data-parallel rank)"
+        )
+    seq_len = int(cfg.trainer.seq_len)
+    if seq_len > int(cfg.model.max_seq_len):
+        raise ValueError(
+            f"trainer.seq_len={seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}: the model (and its "
+            "HF export) would claim a shorter context than it was trained on; raise model.max_seq_len"
+        )
+    if not float(cfg.trainer.loss_spike_factor) > 1:
+        raise ValueError(
+            f"trainer.loss_spike_factor={cfg.trainer.loss_spike_factor}: must be > 1 (a loss above factor x its "
+            "running mean is logged as a spike)"
+        )
+    check_optimizer_values(cfg.optim)
+    resolve_precision(str(cfg.trainer.precision), "cpu")
+    build_stages(cfg)
+    CadencePolicy.from_config(cfg.checkpoint)

@@ -289,3 +289,37 @@ def test_failed_save_and_crash_during_replace_lose_nothing(tmp_path: Path, monke
     (tmp_path / "step_7" / "lineage.json").write_text(json.dumps(lineage))
     with pytest.raises(CheckpointError, match=r"does not list \['optimizer.pt'\]"):
         verify_checkpoint(tmp_path / "step_7")
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling would create the marker file
+        return (Path.touch, (Path(self.marker),))
+
+
+def _rehash(path: Path, name: str) -> None:
+    lineage = json.loads((path / "lineage.json").read_text())
+    lineage["files"][name] = sha256_file(path / name)
+    (path / "lineage.json").write_text(json.dumps(lineage))
+
+
+def test_a_non_utf8_lineage_or_a_foreign_pickle_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:
+    ck = save_checkpoint(tmp_path, 1, _contents())
+    marker = tmp_path / "ran"
+    torch.save({"state": {}, "x": _RunsCode(str(marker))}, ck / "optimizer.pt")
+    _rehash(ck, "optimizer.pt")  # the hashes match: a foreign checkpoint, not a damaged one
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: not loadable .*weights_only=True") as err:
+        load_checkpoint(ck)
+    assert "weights_only=False (a pickle can run code)" in str(err.value) and not marker.exists()
+    (ck / "rng.pt").write_bytes((ck / "rng.pt").read_bytes()[:100])
+    _rehash(ck, "rng.pt")
+    ck2 = save_checkpoint(tmp_path, 2, _contents())
+    (ck2 / "rng.pt").write_bytes(b"\x00" * 10)
+    _rehash(ck2, "rng.pt")
+    with pytest.raises(CheckpointError, match=r"rng\.pt: not loadable"):
+        load_checkpoint(ck2)
+    (ck2 / "lineage.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(CheckpointError, match=r"lineage\.json: not valid JSON"):
+        read_lineage(ck2)

@@ -253,3 +253,13 @@ def test_open360_cli_help_lists_verbs():
     assert bad.returncode == 2 and "unknown command" in bad.stderr
     group = subprocess.run(["open360", "data", "--help"], capture_output=True, text=True, timeout=60)
     assert group.returncode == 0 and "data build" in group.stdout and "ckpt pull" not in group.stdout
+
+
+def test_amber_on_cpu_fails_fast_naming_ram(tmp_path):
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    if ram_gib >= 100:
+        pytest.skip("this machine could hold AMBER's training state in RAM")
+    proc = run_train("+experiment=amber", "trainer.device=cpu", f"workspace={tmp_path}")
+    assert proc.returncode == 2
+    assert "GiB of RAM" in proc.stderr and "amber_tiny" in proc.stderr and "6.74B" in proc.stderr
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "checkpoints").exists()

@@ -105,3 +105,20 @@ def test_stages_refuse_a_negative_peak_and_a_run_longer_than_its_stages(override
     """A negative learning rate trains by gradient ascent; max_steps past the stages' end stopped early."""
     with pytest.raises(ValueError, match=re.escape(says)):
         build_stages(compose(overrides))
+
+
+def test_extending_a_finished_run_warns_of_the_lr_jump(tmp_path, capsys) -> None:
+    from omegaconf import OmegaConf
+
+    from open360.config import compose
+    from open360.train.pipeline import warn_if_schedule_changed
+    from open360.train.schedules import build_stages
+
+    done = compose(["+experiment=amber_tiny", "trainer.max_steps=12", "schedule.warmup_steps=3"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(done))
+    longer = compose(["+experiment=amber_tiny", "trainer.max_steps=24", "schedule.warmup_steps=3"])
+    warn_if_schedule_changed(tmp_path, build_stages(longer), 12)  # resumed from the finished run's last step
+    err = capsys.readouterr().err
+    assert "at step 13 the learning rate is" in err and "ended its schedule at step 12" in err
+    warn_if_schedule_changed(tmp_path, build_stages(done), 12)  # nothing left to train: no warning
+    assert capsys.readouterr().err == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -263,7 +264,7 @@ def read_lineage(path: Path) -> dict[str, Any]:
         )
     try:
         lineage = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a binary or non-UTF-8 file as well
         raise CheckpointError(f"{file}: not valid JSON ({err}); the checkpoint is corrupted") from err
     if not isinstance(lineage, dict):
         raise CheckpointError(f"{file}: a JSON object is expected, found {type(lineage).__name__}; the checkpoint is corrupted")
@@ -311,12 +312,36 @@ def load_checkpoint(path: Path, verify: bool = True, weights: bool = True) -> Ch
     lineage = verify_checkpoint(path) if verify else read_lineage(path)
     return CheckpointContents(
         model=load_model_weights(path / MODEL_FILE) if weights else {},
-        optimizer=torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
-        trainer_state=json.loads((path / TRAINER_STATE_FILE).read_text()),
-        rng=torch.load(path / RNG_FILE, map_location="cpu", weights_only=True),
+        optimizer=_load_tensors_file(path / OPTIMIZER_FILE),
+        trainer_state=_load_json_file(path / TRAINER_STATE_FILE),
+        rng=_load_tensors_file(path / RNG_FILE),
         config_yaml=(path / CONFIG_FILE).read_text(),
         lineage=lineage,
     )
+
+
+def _load_tensors_file(file: Path) -> Any:
+    """torch.load with weights_only=True; a damaged file, or one holding anything but tensors and plain
+    containers (a pickle that could run code), is a CheckpointError naming it — never retried unsafely."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # torch's message for a refused pickle starts by advising weights_only=False: keep only the reason
+        reasons = [ln.split(". ")[0] for ln in lines if "GLOBAL" in ln or "WeightsUnpickler" in ln]
+        first = reasons[0] if reasons else lines[0] if lines else type(err).__name__
+        raise CheckpointError(
+            f"{file}: not loadable as tensors with weights_only=True ({first}); the file is damaged or was not "
+            "written by open360 — do not load it with weights_only=False (a pickle can run code); re-fetch the "
+            "checkpoint or use another step"
+        ) from err
+
+
+def _load_json_file(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}); the checkpoint is corrupted") from err
 
 
 # The model.* keys that decide the parameters' names and shapes (rotary and muP settings may change

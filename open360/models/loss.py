@@ -85,6 +85,10 @@ def fused_linear_cross_entropy(
         raise ValueError(f"hidden must be [N, d] and targets [N]; got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    if not torch.is_grad_enabled():  # eval: needs_input_grad stays True for parameters under no_grad,
+        # which would build the [N, V] gradient of the logits for nothing
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     return _FusedLinearCrossEntropy.apply(
         hidden, weight, bias, targets, float(multiplier), ignore_index, chunk_rows, compute_dtype
     )

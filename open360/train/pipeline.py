@@ -333,14 +333,19 @@ def warn_if_schedule_changed(checkpoint: Path, stages: list[Stage], step: int) -
         before = build_stages(read_config(checkpoint))
     except Exception:  # noqa: BLE001 - an older or partial config: nothing to compare against
         return
-    if step >= before[-1].end or step >= stages[-1].end:
+    if step >= stages[-1].end:
         return
-    old, new = lr_at(before, step), lr_at(stages, step)
+    ended = step >= before[-1].end  # extending a finished run: compare with where its schedule ended
+    old, new = lr_at(before, min(step, before[-1].end - 1)), lr_at(stages, step)
     if abs(old - new) > 1e-9 * max(abs(old), abs(new), 1e-30):
+        where = (
+            f"{checkpoint}'s config.yaml ended its schedule at step {before[-1].end} with {old:.3e}"
+            if ended
+            else f"{old:.3e} under {checkpoint}'s config.yaml"
+        )
         print(
             f"open360.train: warning: at step {step + 1} the learning rate is {new:.3e} under this config, "
-            f"{old:.3e} under {checkpoint}'s config.yaml: the run goes on along another schedule "
-            "(the checkpoints it saves record this config)",
+            f"{where}: the run goes on along another schedule (the checkpoints it saves record this config)",
             file=sys.stderr,
         )
 

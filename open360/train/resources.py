@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig
 
 from open360.models.flops import count_parameters
@@ -50,11 +52,30 @@ def check_resources(cfg: DictConfig) -> str:
                 "For a CPU run of the same family use +experiment=amber_tiny "
                 "(or crystalcoder_tiny / phi15_tiny)."
             )
-        world = torch.cuda.device_count()
-        have = sum(torch.cuda.get_device_properties(i).total_memory for i in range(world)) / GIB
+        # One process per GPU: a run without torchrun uses one GPU; DDP keeps a full replica on each;
+        # FSDP (and megatron-core: TP x PP plus its distributed optimizer) shard over at most the world.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        sharded = str(cfg.trainer.backend) == "megatron" or str(cfg.trainer.distributed) == "fsdp"
+        shards = world if sharded else 1
+        per_gpu = min(
+            torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())
+        ) / GIB
+        have = per_gpu * shards
         if have < need:
             raise ResourceError(
-                f"{hint}; the {world} visible GPU(s) have {have:.0f} GiB in all. "
+                f"{hint}; it is sharded over {shards} GPU(s) of {per_gpu:.0f} GiB ({have:.0f} GiB in all; "
+                f"WORLD_SIZE={world}, trainer.distributed={cfg.trainer.distributed}). "
                 "Run on more GPUs (torchrun, trainer.distributed=fsdp) or use +experiment=amber_tiny."
+            )
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        except (ValueError, OSError, AttributeError):  # a platform without these: not checked
+            have = float("inf")
+        if have < need:
+            raise ResourceError(
+                f"'{cfg.run_name}' ({params_b:.2f}B parameters) needs about {need:.0f} GiB of memory for weights, "
+                f"gradients and AdamW states on the CPU, but this machine has {have:.0f} GiB of RAM. "
+                "Use +experiment=amber_tiny (or crystalcoder_tiny / phi15_tiny) or trainer.device=cuda."
             )
     return device

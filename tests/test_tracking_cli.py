@@ -65,6 +65,10 @@ def test_list_shows_tracked_untracked_and_pushed(tmp_path: Path, capsys: pytest.
     assert pull_main(["r", "7", "--workspace", str(ws)]) == 1
     assert "no checkpoint at step 7" in capsys.readouterr().err
     assert [e.step for e in run_checkpoints(ws, "r")] == [1, 2, 3]
+    (ws / "mlflow.db").write_text("garbage, not a database\n" * 50)  # the listing needs no MLflow for these
+    assert list_main(["r", "--workspace", str(ws)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 4 and "is unreadable" in err and "Traceback" not in err
 
 
 def test_lineage_without_dvc_or_mlflow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -81,7 +85,7 @@ def test_lineage_without_dvc_or_mlflow(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no lineage.json" in capsys.readouterr().err
 
 
-def test_version_shards(tmp_path: Path) -> None:
+def test_version_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ws = init_workspace(tmp_path / "ws")
     shard_dir = ws / "shards" / "tiny-abc"
     shard_dir.mkdir(parents=True)
@@ -100,6 +104,16 @@ def test_version_shards(tmp_path: Path) -> None:
     nested.mkdir(parents=True)
     with pytest.raises(VersioningError, match="top of the workspace"):
         version_shards(nested, ws, cfg)
+    # a remote that is down warns (the push is retried by hand) but does not stop the run that builds them
+    from dvc.repo import Repo
+
+    (tmp_path / "not_a_dir").write_text("")
+    with Repo(str(ws)) as repo, repo.config.edit("local") as conf:
+        conf["remote"]["local"] = {"url": str(tmp_path / "not_a_dir" / "store")}
+    (shard_dir / "val_x.parquet").write_bytes(os.urandom(512))
+    version_shards(shard_dir, ws, cfg)
+    assert "retry with `dvc push shards/tiny-abc`" in capsys.readouterr().err
+    assert store.tracked(shard_dir).nfiles == 3
     with pytest.raises(VersioningError, match="git init && dvc init"):
         version_shards(tmp_path / "plain" / "shards" / "x", tmp_path / "plain", cfg)
 

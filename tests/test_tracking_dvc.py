@@ -188,6 +188,7 @@ def test_concurrent_runs_in_one_workspace(ws: Path) -> None:
 def test_resumed_run_catches_up_unversioned_checkpoints(ws: Path) -> None:
     early = [write_checkpoint(ws, "r", s) for s in (1, 2)]  # saved by a run that died before versioning
     later = write_checkpoint(ws, "r", 3)  # newer than the resume point: not the catch-up's business
+    DvcWorkspace(ws).add(early[0])  # versioned by the killed run, but its record never reached MLflow
     versioner = DvcVersioner(ws)
     versioner.on_run_start(RunInfo("r", ws, ws / "checkpoints" / "r", {}, "", start_step=2))
     versioner.on_run_end({"status": "finished"})
@@ -197,7 +198,8 @@ def test_resumed_run_catches_up_unversioned_checkpoints(ws: Path) -> None:
     assert sorted(tracked) == ["step_1", "step_2"]
     assert store.missing_on_remote(list(tracked.values())) == {d.path: 0 for d in tracked.values()}
     assert later.is_dir() and all(p.is_dir() for p in early)
-    # their records reach the listeners (the MLflow run's checkpoint tags), as a live run's would
+    # their records reach the listeners (the MLflow run's checkpoint tags), as a live run's would; also the
+    # record of step 1, which the killed run had added already
     assert sorted(versioner.records) == [1, 2]
     assert versioner.records[2]["dvc_md5"] == tracked["step_2"].md5 and versioner.records[2]["pushed"]
 

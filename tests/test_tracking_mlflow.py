@@ -65,6 +65,9 @@ def test_params_masking_and_limits() -> None:
         ("https://:tok123@host/x", "https://:***@host/x"),  # a token with no user name
         ("postgresql://alice:p@ss@db/x", "postgresql://alice:***@db/x"),  # a password holding '@'
         ("http://host:5000/api", "http://host:5000/api"),
+        ("https://hf_TOKEN123@host/x", "https://***@host/x"),  # a token as the user name
+        ("http://h/api?token=abc&run=1", "http://h/api?token=***&run=1"),
+        ("s3://b/k?X-Amz-Signature=abc123#f", "s3://b/k?X-Amz-Signature=***#f"),
     ):
         assert mask_value(uri) == masked
 
@@ -80,6 +83,23 @@ def test_an_unreachable_tracking_server_is_one_error_without_its_password(
     with pytest.raises(TrackingError, match=r"MLflow tracking store http://alice:\*\*\*@127.0.0.1:9 is not reachable") as err:
         logger.on_run_start(info(tmp_path))
     assert "s3cr3tPW" not in str(err.value) and err.value.__cause__ is None
+
+
+def test_preflight_fails_fast_on_a_server_that_is_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's default HTTP back-off takes minutes; the run's preflight (before shards and model) does not."""
+    import time
+
+    from open360.tracking.mlflow_logger import TrackingError
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    logger = MlflowLogger("http://alice:s3cr3tPW@127.0.0.1:9", "exp", "r", tmp_path)
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="is not reachable") as err:
+        logger.preflight()
+    assert time.monotonic() - start < 60 and "s3cr3tPW" not in str(err.value)
+    import os
+
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the run's later writes keep MLflow's retries
 
 
 def test_a_damaged_sqlite_store_is_one_error(tmp_path: Path) -> None:
@@ -165,6 +185,53 @@ def test_metrics_are_in_the_store_before_a_checkpoint_is_written(ws: Path) -> No
     client = mr.client(logger.tracking_uri)  # read at once, the logger neither waited on nor ended
     assert sorted(m.step for m in client.get_metric_history(logger.run_id, "loss")) == list(range(1, 31))
     logger.on_run_end({"status": "finished"})
+
+
+def test_a_store_failing_mid_run_is_reported_without_its_password_and_a_lock_is_waited_out(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    original, calls = MlflowClient.log_batch, []
+
+    def failing(self, run_id, metrics=(), **kw):  # noqa: ANN001, ANN202
+        calls.append(len(metrics))
+        if len(calls) <= 2:  # another writer holds the sqlite lock for a while: retried, nothing lost
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        if len(calls) == 4:  # then (the next batch) a server error whose text names the URI with its password
+            raise MlflowException("API request to http://alice:s3cr3tPW@host:5000/api/2.0/mlflow/runs/log-batch failed")
+        return original(self, run_id, metrics=metrics, **kw)
+
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, buffer_steps=2)
+    logger.preflight()
+    logger.on_run_start(info(ws))
+    assert logger.wait(60)  # params and config logged
+    monkeypatch.setattr(MlflowClient, "log_batch", failing)
+    for step in range(1, 5):
+        logger.on_step_end(step, {"loss": 1.0 / step})
+    logger.on_run_end({"status": "finished"})
+    err = capsys.readouterr().err
+    assert "s3cr3tPW" not in err and "Traceback" not in err and "alice:***@host" in err
+    assert len(logger.errors) == 1 and "s3cr3tPW" not in logger.errors[0]
+    history = mr.client(logger.tracking_uri).get_metric_history(logger.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2]  # the locked batch landed; the failed one is reported
+
+
+def test_the_run_records_its_code_commit_and_data_hashes(ws: Path) -> None:
+    shard_dir = ws / "shards" / "tiny-0123"
+    shard_dir.mkdir(parents=True)
+    (shard_dir / "manifest.json").write_text(json.dumps({"manifest_hash": "m" * 64, "tokenizer": {"sha256": "t" * 64}}))
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    logger.on_run_start(info(ws, extra={"shard_dirs": {"main": str(shard_dir)}}))
+    logger.on_run_end({"status": "finished"})
+    assert logger.errors == []
+    tags = mr.client(logger.tracking_uri).get_run(logger.run_id).data.tags
+    assert tags["open360.data.main.manifest_hash"] == "m" * 64 and tags["open360.data.main.shard_dir"] == "tiny-0123"
+    assert tags["open360.data.main.tokenizer_sha256"] == "t" * 64
+    from open360.checkpoint.lineage import git_revision
+
+    assert tags.get("mlflow.source.git.commit") == git_revision()["revision"] and "open360.code_dirty" in tags
 
 
 def test_resume_with_unknown_run_id_starts_new_run(ws: Path) -> None:

@@ -51,9 +51,16 @@ def _mlflow_metrics(workspace: Path, run: str, uri: str | None) -> dict[str, dic
     resolved = mr.workspace_uri(workspace, uri)
     if resolved is None:
         return {}
-    client = mr.client(resolved)
-    run_id = mr.find_run_id(client, run)
-    return mr.metric_history(client, run_id) if run_id else {}
+
+    def read(client: Any) -> dict[str, dict[int, float]]:
+        run_id = mr.find_run_id(client, run)
+        return mr.metric_history(client, run_id) if run_id else {}
+
+    try:
+        return mr.read_store(resolved, read)
+    except mr.StoreUnreadable as err:  # the listing needs MLflow only for steps not on disk
+        print(f"open360 ckpt list: {err}; tokens/loss shown from trainer_state.json only", file=sys.stderr)
+        return {}
 
 
 def list_main(argv: Sequence[str]) -> int:
@@ -254,15 +261,13 @@ def _mlflow_lines(
     resolved = resolved or (recorded_uri if recorded_uri and "***" not in recorded_uri else None)
     if resolved is None:
         return [f"mlflow: run {run_id} (no tracking store found; pass --mlflow-uri)"], None
-    from mlflow.exceptions import MlflowException
-
     try:
-        client = mr.client(resolved)
-        run = client.get_run(run_id)
-        metrics = mr.metrics_at(client, run_id, int(step))
-        record = mr.checkpoint_record(client, run_id, int(step))
-    except MlflowException as err:
-        return [f"mlflow: run {run_id} not readable in {resolved} ({err}); pass --mlflow-uri"], None
+        run, metrics, record = mr.read_store(
+            resolved,
+            lambda c: (c.get_run(run_id), mr.metrics_at(c, run_id, int(step)), mr.checkpoint_record(c, run_id, int(step))),
+        )
+    except mr.StoreUnreadable as err:
+        return [f"mlflow: run {run_id} not readable: {err}"], None
     shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
     lines = [
         f"mlflow: run {run_id} ({run.info.run_name}, experiment {run.info.experiment_id}) in {resolved}",

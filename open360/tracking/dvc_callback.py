@@ -7,7 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from open360.tracking.dvc_versioning import RETRY_HINT, DvcWorkspace, VersioningError, push_pending
+from open360.tracking.dvc_versioning import (
+    RETRY_HINT,
+    DvcWorkspace,
+    VersioningError,
+    local_steps,
+    push_pending,
+)
 from open360.tracking.worker import ProcessWorker
 from open360.train.callbacks import Callback, RunInfo
 
@@ -22,13 +28,17 @@ class VersionJobs:
     def __call__(self, kind: str, step: int, path: str, revisions: dict[str, str | None]) -> dict[str, Any]:
         if kind == "catch_up":  # a resumed run: checkpoints up to `step` that a killed run never versioned
             added = push_pending(self.store, Path(path), push=self.push, max_step=step)
+            # every checkpoint up to `step` gets its record again, not only those added now: a killed run
+            # may have versioned a step (or pushed it later) without its record reaching MLflow
+            on_disk = [s for s in local_steps(Path(path)) if s <= step]
             records = {}
-            for done in added:
+            for done in on_disk:
                 folder = Path(path) / f"step_{done}"
                 records[done] = {
                     "path": self.store.relpath(folder),
                     "dvc_md5": self.store.tracked(folder).md5,
                     **revisions,
+                    **_trained_by(folder),
                     "pushed": self.push,
                 }
             return {"added": added, "records": records}
@@ -137,6 +147,17 @@ class DvcVersioner(Callback):
                     f"open360.tracking: checkpoint record of step {step} not delivered: {err}",
                     file=sys.stderr,
                 )
+
+
+def _trained_by(folder: Path) -> dict[str, str | None]:
+    """`code_revision` of the code that wrote the checkpoint (its lineage), for a record sent again later."""
+    import json
+
+    try:
+        code = json.loads((folder / "lineage.json").read_text())["code"]
+        return {"code_revision": _rev_text(code)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _rev_text(rev: dict[str, Any]) -> str | None:

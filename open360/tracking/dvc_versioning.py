@@ -522,7 +522,13 @@ def version_shards(shard_dir: Path, workspace: Path, cfg: Any) -> None:
     store.ensure_tracked_root(shard_dir.parent)
     store.add(shard_dir)
     if tracking.dvc_push:
-        store.push([shard_dir])
+        try:
+            store.push([shard_dir])
+        except VersioningError as err:  # as for checkpoints: a remote that is down must not stop the run
+            import sys
+
+            print(f"open360.tracking: {err}; the shards are intact and recorded in {shard_dir.parent.name}.dvc: "
+                  f"retry with `dvc push {store.relpath(shard_dir)}` in {store.workspace}", file=sys.stderr)
 
 
 def pull_recorded(folder: Path, workspace: Path, remote: str | None = None) -> bool:

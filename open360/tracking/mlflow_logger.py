@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,53 @@ def checkpoint_tag(step: int) -> str:
 
 def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def _retry_locked(fn: Any, timeout_s: float = 600.0) -> Any:
+    """`fn()`, retried with back-off while a sqlite store reports "database is locked" (another writer, a
+    reader holding a transaction): a transient lock must not drop a batch of metrics."""
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - MlflowException or SQLAlchemy OperationalError
+            if "database is locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+@contextmanager
+def _startup_retries() -> Iterator[None]:
+    """MLflow's HTTP retries cut to one with a 15 s timeout (unless the user set them) while the run starts."""
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+    added = [key for key in limits if key not in os.environ]
+    os.environ.update({key: limits[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _provenance_tags(info: RunInfo) -> dict[str, str]:
+    """What the run trains with, as run tags: the code commit (MLflow's own `mlflow.source.git.commit`, and
+    whether the tree was dirty) and each stage's shard folder with its manifest and tokenizer hashes."""
+    from open360.checkpoint.lineage import git_revision
+
+    code = git_revision()
+    tags = {"open360.code_dirty": str(code["dirty"])}
+    if code["revision"]:
+        tags["mlflow.source.git.commit"] = code["revision"]
+    for stage, folder in sorted((info.extra.get("shard_dirs") or {}).items()):
+        try:
+            manifest = json.loads((Path(folder) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        tags[f"open360.data.{stage}.shard_dir"] = Path(folder).name
+        tags[f"open360.data.{stage}.manifest_hash"] = str(manifest.get("manifest_hash"))
+        tags[f"open360.data.{stage}.tokenizer_sha256"] = str((manifest.get("tokenizer") or {}).get("sha256"))
+    return tags
 
 
 class TrackingError(RuntimeError):
@@ -78,24 +128,17 @@ class MlflowLogger(Callback):
         self.record_local_checkpoints = False
 
     # --- trainer hooks -------------------------------------------------------------------------------
-    def on_run_start(self, info: RunInfo) -> None:
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-        from sqlalchemy.exc import SQLAlchemyError
+    def preflight(self) -> None:
+        """Open the store and its experiment before the run builds anything; a server that is down fails in
+        seconds (one retry) rather than after MLflow's default back-off of several minutes."""
+        with _startup_retries():
+            self._connect(lambda: None)
 
-        try:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)  # a sqlite store is opened here
-            self.experiment_id = self._experiment_id()
-            self.run_id = self._start_or_resume(info)
-        except (MlflowException, OSError, SQLAlchemyError) as err:  # a server down, a store that cannot be opened
-            raise TrackingError(
-                f"MLflow tracking store {mask_value(self.tracking_uri)} is not reachable "
-                f"({type(err).__name__}: {mask_value(str(err)).splitlines()[0][:300]}); start it, fix "
-                "tracking.mlflow_uri, or run with tracking=off"
-            ) from None
+    def on_run_start(self, info: RunInfo) -> None:
+        self._connect(lambda: setattr(self, "run_id", self._start_or_resume(info)))
         self._last_flush_step = info.start_step
         self._worker = BackgroundWorker(f"mlflow[{self.run_name}]")
-        self._worker.submit(self._log_config, info)
+        self._submit(self._log_config, info)
         if self.system_metrics:
             self._start_system_metrics()
 
@@ -136,7 +179,7 @@ class MlflowLogger(Callback):
             return
         self.flush(self._last_flush_step)
         status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(str(summary.get("status")), "FAILED")
-        self._worker.submit(self._finish, summary, status)
+        self._submit(self._finish, summary, status)
         if not self._worker.close(timeout=600):
             print(
                 f"open360.tracking: MLflow writes for run {self.run_id} did not finish in 600 s "
@@ -160,7 +203,7 @@ class MlflowLogger(Callback):
         if not self._buffer or self._worker is None:
             return
         batch, self._buffer = self._buffer, []
-        self._worker.submit(self._log_metrics, batch)
+        self._submit(self._log_metrics, batch)
 
     def record_checkpoint(self, step: int, record: dict[str, Any]) -> None:
         """Attach the record of a published checkpoint (path, DVC md5, git revision) to the run at `step`."""
@@ -168,7 +211,7 @@ class MlflowLogger(Callback):
             raise RuntimeError(
                 f"MLflow logger of run {self.run_name!r} not started; checkpoint {step} not recorded"
             )
-        self._worker.submit(self._log_checkpoint_record, step, dict(record))
+        self._submit(self._log_checkpoint_record, step, dict(record))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued MLflow write is done (tests, benchmarks)."""
@@ -179,7 +222,38 @@ class MlflowLogger(Callback):
         """Messages of MLflow writes that failed (also printed to stderr when they happened)."""
         return list(self._worker.errors) if self._worker is not None else []
 
+    def _connect(self, then: Any) -> None:
+        """Open the client and the experiment (once), then `then()`; a failure is one TrackingError, URI masked."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            if self._client is None:
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)  # a sqlite store is opened here
+                self.experiment_id = self._experiment_id()
+            then()
+        except (MlflowException, OSError, SQLAlchemyError) as err:  # a server down, a store that cannot be opened
+            self._client = None
+            raise TrackingError(
+                f"MLflow tracking store {mask_value(self.tracking_uri)} is not reachable "
+                f"({type(err).__name__}: {mask_value(str(err)).splitlines()[0][:300]}); start it, fix "
+                "tracking.mlflow_uri, or run with tracking=off"
+            ) from None
+
     # --- background work -----------------------------------------------------------------------------
+    def _submit(self, fn: Any, *args: Any) -> None:
+        """Queue an MLflow call; its error (whose text may hold the tracking URI) is reported masked."""
+
+        def job() -> None:
+            try:
+                fn(*args)
+            except Exception as err:  # noqa: BLE001 - the worker reports it; never the URI's password
+                raise RuntimeError(mask_value(f"{type(err).__name__}: {err}").splitlines()[0][:500]) from None
+
+        assert self._worker is not None
+        self._worker.submit(job)
+
     def _experiment_id(self) -> str:
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is not None:
@@ -244,7 +318,8 @@ class MlflowLogger(Callback):
         existing = self._client.get_run(self.run_id).data.params
         params = [Param(k, v) for k, v in config_params(info.config).items() if k not in existing]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
+            part = params[i : i + MAX_PARAMS_PER_BATCH]
+            _retry_locked(lambda part=part: self._client.log_batch(self.run_id, params=part))
         import yaml
 
         masked_yaml = yaml.safe_dump(mask_secrets(info.config), sort_keys=False)
@@ -252,13 +327,16 @@ class MlflowLogger(Callback):
         # a continued run adds the config it was resumed with beside it
         name = f"config/config_resume_step_{info.start_step}.yaml" if self._continued else CONFIG_ARTIFACT
         self._client.log_text(self.run_id, masked_yaml, name)
+        for key, value in _provenance_tags(info).items():
+            self._client.set_tag(self.run_id, key, value)
 
     def _log_metrics(self, batch: list[Any]) -> None:
         self._log_metrics_to(self.run_id, batch)
 
     def _log_metrics_to(self, run_id: str, batch: list[Any]) -> None:
         for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
+            part = batch[i : i + MAX_METRICS_PER_BATCH]
+            _retry_locked(lambda part=part: self._client.log_batch(run_id, metrics=part))
 
     def _log_checkpoint_record(self, step: int, record: dict[str, Any]) -> None:
         record = {"step": step, **record}

@@ -25,6 +25,24 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+class StoreUnreadable(RuntimeError):
+    """The MLflow store cannot be read (a corrupt or locked sqlite file, a server that is down)."""
+
+
+def read_store(uri: str, fn: Any) -> Any:
+    """`fn(client)` on the store at `uri`; any failure becomes one StoreUnreadable line (URI masked)."""
+    from open360.tracking.params import mask_value
+
+    try:
+        return fn(client(uri))
+    except Exception as err:  # noqa: BLE001 - MlflowException, SQLAlchemy errors, OSError
+        first = mask_value(str(err)).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise StoreUnreadable(
+            f"MLflow store {mask_value(uri)} is unreadable ({type(err).__name__}: {first}); repair or "
+            "unlock it, or pass --mlflow-uri"
+        ) from None
+
+
 def find_run_id(mlflow: Any, run_name: str) -> str | None:
     """The most recent run whose open360 run name is `run_name`, over all experiments."""
     experiments = [e.experiment_id for e in mlflow.search_experiments()]

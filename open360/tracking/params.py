@@ -23,6 +23,13 @@ _SECRET_KEY = re.compile(
 # [user]:password@ inside URIs (database and tracking-server URLs); the password runs to the last '@'
 # before the host, so that one holding '@' is hidden whole.
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/\s]+)@")
+# a token given as the user name alone (https://hf_xxx@host) and credentials in a query (?token=..., &sig=...)
+_URI_USER_TOKEN = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^:/@\s]+@")
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&][A-Za-z0-9_\-]*(?:token|key|secret|password|passwd|pwd|sig|signature|auth)[A-Za-z0-9_\-]*=)"
+    r"[^&#\s]+",
+    re.IGNORECASE,
+)
 
 
 def is_secret_key(key: str) -> bool:
@@ -31,8 +38,11 @@ def is_secret_key(key: str) -> bool:
 
 
 def mask_value(value: str) -> str:
-    """Hide the password of `scheme://user:password@host` URIs inside a string."""
-    return _URI_PASSWORD.sub(lambda m: f"{m.group('scheme')}{MASK}@", value)
+    """Hide the credentials of URIs inside a string: the password of `scheme://user:password@host`, a token
+    given as the user name (`scheme://token@host`) and secret-named query values (`?token=...`)."""
+    value = _URI_PASSWORD.sub(lambda m: f"{m.group('scheme')}{MASK}@", value)
+    value = _URI_USER_TOKEN.sub(lambda m: f"{m.group('scheme')}{MASK}@", value)
+    return _QUERY_SECRET.sub(lambda m: f"{m.group('key')}{MASK}", value)
 
 
 def mask_secrets(obj: Any, key: str = "") -> Any:

@@ -58,15 +58,19 @@ def _metrics_table(workspace: Path, run: str, mlflow_uri: str | None, out: Path)
     uri = mr.workspace_uri(workspace, mlflow_uri)
     if uri is None:
         return None
-    client = mr.client(uri)
-    run_id = mr.find_run_id(client, run)
+    try:
+        run_id, latest = mr.read_store(
+            uri, lambda c: (rid := mr.find_run_id(c, run), mr.latest_metrics(c, rid) if rid else {})
+        )
+    except mr.StoreUnreadable as err:
+        raise ReleaseError(f"metrics of run {run!r}: {err}") from None
     if run_id is None:
         return None
     import pandas as pd
 
     rows = [  # one value per step: where a resumed run logged a step twice, the latest write
         {"key": key, "step": m.step, "value": m.value, "timestamp": m.timestamp}
-        for key, steps in mr.latest_metrics(client, run_id).items()
+        for key, steps in latest.items()
         for m in steps.values()
     ]
     frame = pd.DataFrame(rows, columns=["key", "step", "value", "timestamp"]).sort_values(

@@ -24,6 +24,9 @@ class RunInfo:
 class Callback:
     """Base class: every hook is a no-op; override what you need."""
 
+    def preflight(self) -> None:
+        """Called before any data or model work: check the services the callback needs (raise if down)."""
+
     def on_run_start(self, info: RunInfo) -> None:
         """Called once before the first step (after a resume has been applied)."""
 

@@ -381,6 +381,9 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     barrier(env)
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
 
+    callbacks = _build_callbacks(cfg, workspace, env)
+    for cb in callbacks:  # a tracking server that is down fails now, not after the shards and model are built
+        cb.preflight()
     seed_everything(int(cfg.trainer.seed))
     from open360.models import build_model
 
@@ -390,7 +393,6 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     writer = CheckpointWriter(
         published_dir, recovery_dir, int(cfg.checkpoint.keep_ephemeral), background=env.device.type == "cuda"
     )
-    callbacks = _build_callbacks(cfg, workspace, env)
     lineage_base = {
         "run_name": run_name,
         "code": git_revision(),

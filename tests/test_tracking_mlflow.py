@@ -234,6 +234,22 @@ def test_the_run_records_its_code_commit_and_data_hashes(ws: Path) -> None:
     assert tags.get("mlflow.source.git.commit") == git_revision()["revision"] and "open360.code_dirty" in tags
 
 
+def test_a_backfilled_checkpoint_record_fills_a_gap_and_keeps_an_existing_one(ws: Path) -> None:
+    """After a kill, the resumed run's DVC catch-up sends every earlier checkpoint's record again, marked
+    backfill: it lands where the killed run's record never arrived, and leaves the others as they were."""
+    from open360.tracking.mlflow_logger import BACKFILL_KEY
+
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    logger.on_run_start(info(ws))
+    logger.record_checkpoint(8, {"dvc_md5": "first.dir", "git_revision": "aaa"})
+    logger.record_checkpoint(8, {"dvc_md5": "first.dir", "git_revision": "bbb", BACKFILL_KEY: True})
+    logger.record_checkpoint(4, {"dvc_md5": "late.dir", "git_revision": "bbb", BACKFILL_KEY: True})
+    logger.on_run_end({"status": "finished"})
+    client = mr.client(logger.tracking_uri)
+    assert mr.checkpoint_record(client, logger.run_id, 8)["git_revision"] == "aaa"
+    assert mr.checkpoint_record(client, logger.run_id, 4) == {"step": 4, "dvc_md5": "late.dir", "git_revision": "bbb"}
+
+
 def test_resume_with_unknown_run_id_starts_new_run(ws: Path) -> None:
     logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
     logger.on_run_start(info(ws, start=5, extra={RUN_ID_KEY: "0123456789abcdef"}))

@@ -14,6 +14,7 @@ from open360.tracking.dvc_versioning import (
     local_steps,
     push_pending,
 )
+from open360.tracking.mlflow_logger import BACKFILL_KEY
 from open360.tracking.worker import ProcessWorker
 from open360.train.callbacks import Callback, RunInfo
 
@@ -28,11 +29,10 @@ class VersionJobs:
     def __call__(self, kind: str, step: int, path: str, revisions: dict[str, str | None]) -> dict[str, Any]:
         if kind == "catch_up":  # a resumed run: checkpoints up to `step` that a killed run never versioned
             added = push_pending(self.store, Path(path), push=self.push, max_step=step)
-            # every checkpoint up to `step` gets its record again, not only those added now: a killed run
-            # may have versioned a step (or pushed it later) without its record reaching MLflow
-            on_disk = [s for s in local_steps(Path(path)) if s <= step]
+            # every checkpoint up to `step` gets its record, not only those added now: a killed run may have
+            # versioned a step without its record reaching MLflow (a record already there is kept: backfill)
             records = {}
-            for done in on_disk:
+            for done in (s for s in local_steps(Path(path)) if s <= step):
                 folder = Path(path) / f"step_{done}"
                 records[done] = {
                     "path": self.store.relpath(folder),
@@ -40,6 +40,7 @@ class VersionJobs:
                     **revisions,
                     **_trained_by(folder),
                     "pushed": self.push,
+                    **({} if done in added else {BACKFILL_KEY: True}),
                 }
             return {"added": added, "records": records}
         record: dict[str, Any] = {

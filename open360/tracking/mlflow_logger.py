@@ -23,6 +23,7 @@ from open360.train.callbacks import Callback, RunInfo
 
 RUN_ID_KEY = "mlflow_run_id"  # key in RunInfo.extra (resume) and in run_metadata() (checkpoint lineage)
 CHECKPOINT_TAG_PREFIX = "open360.checkpoint.step_"
+BACKFILL_KEY = "backfill"  # in a checkpoint record: set the run tag only where the run has none
 CONFIG_ARTIFACT = "config/config.yaml"
 
 
@@ -340,6 +341,8 @@ class MlflowLogger(Callback):
 
     def _log_checkpoint_record(self, step: int, record: dict[str, Any]) -> None:
         record = {"step": step, **record}
+        if record.pop(BACKFILL_KEY, False) and checkpoint_tag(step) in self._client.get_run(self.run_id).data.tags:
+            return  # sent again after a resume in case a killed run's record never arrived: this one did
         self._client.set_tag(self.run_id, checkpoint_tag(step), fit_tag(json.dumps(record, sort_keys=True)))
 
     def _finish(self, summary: dict[str, Any], status: str) -> None:

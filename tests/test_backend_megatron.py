@@ -222,6 +222,9 @@ def test_optimizer_groups_mirror_native_decay_and_mup_lr(megatron_cpu) -> None:
     assert merged(norm, params[norm]) == {"wd_mult": 0.0}
     qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
     assert merged(qkv, params[qkv]) == {"lr_mult": 0.5, "eps_mult": 0.5}  # muP: 1 / width_mult (64 / 32)
+    overrides = _optimizer_overrides(cfg, scale_weight_decay=True)  # optim.mup_scale_weight_decay
+    assert merged(qkv, params[qkv]) == {"lr_mult": 0.5, "eps_mult": 0.5, "wd_mult": 2.0}
+    overrides = _optimizer_overrides(cfg)
     assert _optimizer_overrides(AMBER) and all("lr_mult" not in v for v in _optimizer_overrides(AMBER).values())
     # tied embeddings under pipeline parallelism: the last stage's copy (output_layer) is undecayed too
     copy = torch.nn.Parameter(torch.zeros(4, 4))

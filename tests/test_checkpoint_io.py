@@ -323,3 +323,12 @@ def test_a_non_utf8_lineage_or_a_foreign_pickle_is_a_checkpoint_error_naming_the
     (ck2 / "lineage.json").write_bytes(b"\xff\xfe garbage")
     with pytest.raises(CheckpointError, match=r"lineage\.json: not valid JSON"):
         read_lineage(ck2)
+
+
+def test_config_hash_is_the_same_on_every_machine() -> None:
+    from open360.checkpoint.lineage import config_hash
+
+    base = {"workspace": "/home/alice/open360", "data": {"shards_dir": "shards", "seed": 1}, "trainer": {"resume": "none"}}
+    moved = {"workspace": "/scratch/bob/ws", "data": {"shards_dir": "/fast/shards", "seed": 1}, "trainer": {"resume": "auto"}}
+    assert config_hash(base) == config_hash(moved)
+    assert config_hash(base) != config_hash({**base, "data": {"shards_dir": "shards", "seed": 2}})

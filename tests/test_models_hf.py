@@ -94,6 +94,26 @@ def test_export_import_round_trip_is_identical(name: str, tmp_path: Path) -> Non
         assert torch.equal(model(ids), back(ids))
 
 
+def test_a_phi_without_biases_round_trips_without_them(tmp_path: Path) -> None:
+    """The stock Phi class has every bias, so the export writes zeros for those the config omits; the
+    import gives them back only when they were trained (non-zero) since."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = model_cfg("phi15_tiny", attn_bias=False, mlp_bias=False, lm_head_bias=False)
+    model = randomized(cfg, seed=5)
+    out = export_hf(model, cfg, None, tmp_path / "phi")
+    back, back_cfg = import_hf(out)
+    assert dataclasses.replace(back_cfg, name=cfg.name) == cfg
+    assert back.state_dict().keys() == model.state_dict().keys()
+    tensors = load_file(str(out / "model.safetensors"))
+    bias = next(k for k in tensors if k.endswith("dense.bias"))
+    tensors[bias] = tensors[bias] + 0.5  # fine-tuned in transformers after the export
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tuned, tuned_cfg = import_hf(out)
+    assert tuned_cfg.attn_bias and tuned_cfg.mlp_bias and tuned_cfg.lm_head_bias
+    assert sum(p.numel() for p in tuned.parameters()) > sum(p.numel() for p in model.parameters())
+
+
 def test_crystalcoder_uses_open360_format_with_loading_doc(tmp_path: Path) -> None:
     cfg = model_cfg("crystalcoder_tiny")
     assert hf_architecture(cfg) == "open360"

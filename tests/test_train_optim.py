@@ -28,6 +28,30 @@ def test_mup_groups_scale_lr_and_eps() -> None:
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_mup_weight_decay_per_step_across_widths(scaled: bool) -> None:
+    """One AdamW step with zero gradients: only weight decay moves the hidden matrices. With
+    optim.mup_scale_weight_decay the shrink (lr x wd) is the same at every width (the mup library's
+    MuAdamW); without, it follows the hidden LR down by 1/width_mult."""
+    import torch
+
+    shrink = {}
+    for d_model in (64, 256):
+        cfg = compose(["+experiment=crystalcoder_tiny", f"model.d_model={d_model}", "model.n_heads=4",
+                       f"optim.mup_scale_weight_decay={scaled}"])
+        model = build_model(cfg.model)
+        opt = build_optimizer(model, cfg.optim)
+        set_lr(opt, 0.01)
+        weight = next(p for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks."))
+        before = weight.detach().clone()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        shrink[d_model] = float(1 - (weight.detach() / before)[before != 0].mean())
+    ratio = shrink[256] / shrink[64]
+    assert ratio == pytest.approx(1.0 if scaled else 64 / 256, rel=1e-3)
+
+
 def test_standard_parametrization_has_unit_scales() -> None:
     cfg = compose(["+experiment=amber_tiny"])
     opt = build_optimizer(build_model(cfg.model), cfg.optim)

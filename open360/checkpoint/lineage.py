@@ -10,8 +10,9 @@ from typing import Any
 
 from open360.paths import REPO_ROOT
 
-# Keys that may differ between an original run and its resumption without changing what is trained.
-_CONFIG_HASH_EXCLUDED = (("trainer", "resume"), ("trainer", "progress_bar"))
+# Keys that may differ between an original run and its resumption, or between machines (where the workspace
+# and its shards live), without changing what is trained.
+_CONFIG_HASH_EXCLUDED = (("trainer", "resume"), ("trainer", "progress_bar"), ("workspace",), ("data", "shards_dir"))
 
 
 def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:
@@ -41,9 +42,12 @@ def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:
 def config_hash(config: dict[str, Any]) -> str:
     """sha256 of the resolved config as canonical JSON, ignoring keys that only steer resumption."""
     cfg = json.loads(json.dumps(config, sort_keys=True, default=str))
-    for group, key in _CONFIG_HASH_EXCLUDED:
-        if isinstance(cfg.get(group), dict):
-            cfg[group].pop(key, None)
+    for *groups, key in _CONFIG_HASH_EXCLUDED:
+        node = cfg
+        for group in groups:
+            node = node.get(group) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 

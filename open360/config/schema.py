@@ -67,6 +67,10 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
+    # muP only: false = the hidden matrices' decay per step (lr x wd) shrinks with their 1/width_mult LR, as
+    # torch's AdamW does on muP's groups; true = their wd is x width_mult, so lr x wd is the same at every width
+    # (the `mup` library's MuAdamW), which a weight decay tuned at the base width needs to transfer
+    mup_scale_weight_decay: bool = False
 
 
 @dataclass

@@ -471,15 +471,17 @@ class Decoder(nn.Module):
         """AdamW parameter groups: decay on matrices only; under muP hidden matrices get lr and eps / width_mult.
 
         Groups (empty ones dropped), each with "name", "params", "lr", "lr_scale", "eps", "weight_decay":
-        - hidden: 2-D weights inside the blocks — weight decay; muP lr x 1/width_mult, eps x 1/width_mult
+        - hidden: 2-D weights inside the blocks — weight decay (x width_mult under muP with
+          optim.mup_scale_weight_decay); muP lr x 1/width_mult, eps x 1/width_mult
         - lm_head: the untied output matrix — weight decay, base lr (muP puts 1/width_mult on the logits)
         - embedding: token embedding (and the tied head) — no decay, base lr
         - norms_biases: every norm weight/bias and every bias — no decay, base lr
         """
         lr, eps, wd = float(optim_cfg.lr), float(optim_cfg.eps), float(optim_cfg.weight_decay)
         hidden_scale = 1.0 / self.width_mult
+        hidden_wd = wd * (self.width_mult if bool(getattr(optim_cfg, "mup_scale_weight_decay", False)) else 1.0)
         groups = {
-            "hidden": dict(lr_scale=hidden_scale, eps=eps * hidden_scale, weight_decay=wd),
+            "hidden": dict(lr_scale=hidden_scale, eps=eps * hidden_scale, weight_decay=hidden_wd),
             "lm_head": dict(lr_scale=1.0, eps=eps, weight_decay=wd),
             "embedding": dict(lr_scale=1.0, eps=eps, weight_decay=0.0),
             "norms_biases": dict(lr_scale=1.0, eps=eps, weight_decay=0.0),

@@ -378,6 +378,26 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _drop_exported_zero_biases(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], exported: Any
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """`export_hf` writes zeros for the biases a config omits where the stock class has them (Phi has them
+    all): with the exported config's bias flags, and those tensors still all zero, the import gives back the
+    model without them. A non-zero one (trained in HF since the export) keeps the stock biases."""
+    if not isinstance(exported, dict):
+        return cfg, state
+    flags = {k: bool(exported.get(k, getattr(cfg, k))) for k in ("attn_bias", "mlp_bias", "lm_head_bias")}
+    if all(flags[k] == getattr(cfg, k) for k in flags):
+        return cfg, state
+    trimmed = dataclasses.replace(cfg, **flags)
+    with torch.device("meta"):
+        kept = set(Decoder(trimmed).state_dict())
+    dropped = [k for k in state if k not in kept]
+    if any(bool(state[k].any()) for k in dropped):
+        return cfg, state
+    return trimmed, {k: v for k, v in state.items() if k in kept}
+
+
 def import_hf(folder: Path | str) -> tuple[Decoder, ModelConfig]:
     """Load a Llama, Phi or open360-format HF folder into a Decoder (fp32) and its ModelConfig."""
     folder = Path(folder)
@@ -404,6 +424,7 @@ def import_hf(folder: Path | str) -> tuple[Decoder, ModelConfig]:
         leftovers = [k for k in tensors if not k.endswith("rotary_emb.inv_freq")]
         if leftovers:
             raise HFInteropError(f"{folder}: tensors {leftovers[:5]} have no place in open360's {arch} mapping")
+        cfg, state = _drop_exported_zero_biases(cfg, state, hf.get("open360_model_config"))
     model = Decoder(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model, cfg

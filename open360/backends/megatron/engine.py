@@ -60,9 +60,10 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
 
 
-def _optimizer_overrides(cfg: ModelConfig) -> dict[ParamKey, dict[str, float]]:
+def _optimizer_overrides(cfg: ModelConfig, scale_weight_decay: bool = False) -> dict[ParamKey, dict[str, float]]:
     """open360's parameter groups in megatron terms: no decay on norms, biases and the embedding; muP's
-    lr and eps x 1/width_mult on the hidden matrices inside the blocks."""
+    lr and eps x 1/width_mult on the hidden matrices inside the blocks (and wd x width_mult when
+    `scale_weight_decay`, optim.mup_scale_weight_decay)."""
     overrides: dict[ParamKey, dict[str, float]] = {
         ParamKey(name="*.bias", predicate=ParamPredicate(name="vector", fn=lambda p: p.ndim == 1)): {"wd_mult": 0.0},
         ParamKey(name="*word_embeddings.weight"): {"wd_mult": 0.0},
@@ -72,7 +73,9 @@ def _optimizer_overrides(cfg: ModelConfig) -> dict[ParamKey, dict[str, float]]:
     scale = 1.0 / width_mult(cfg)
     if scale != 1.0:
         hidden = ParamWithNamePredicate(name="mup_hidden", fn=lambda p, n: p.ndim == 2 and ".layers." in n)
-        overrides[ParamKey(with_name_predicate=hidden)] = {"lr_mult": scale, "eps_mult": scale}
+        overrides[ParamKey(with_name_predicate=hidden)] = {
+            "lr_mult": scale, "eps_mult": scale, **({"wd_mult": 1.0 / scale} if scale_weight_decay else {})
+        }
     return overrides
 
 
@@ -130,7 +133,7 @@ class MegatronEngine:
                 use_distributed_optimizer=True,
             ),
             [self.model],
-            config_overrides=_optimizer_overrides(model_cfg),
+            config_overrides=_optimizer_overrides(model_cfg, bool(optim_cfg.get("mup_scale_weight_decay", False))),
         )
         self._forward_backward = get_forward_backward_func()
         device = torch.device("cuda", torch.cuda.current_device())

@@ -13,17 +13,20 @@ RECIPES_DIR = REPO_ROOT / "data_recipes"
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def check_run_name(run: str) -> str:
-    """`run` when it is one plain folder name (it names checkpoints/<run> and recovery/<run>), else ValueError:
-    `../x` would write outside the workspace, '' into checkpoints/ itself, and an absolute path would make
-    the published and recovery folders one, where pruning recovery checkpoints deletes published ones."""
-    if not RUN_NAME.fullmatch(str(run)):
+def check_run_name(run: str, new: bool = True) -> str:
+    """`run` when it can name checkpoints/<run> and recovery/<run>, else ValueError: `../x` would reach outside
+    the workspace, '' would be checkpoints/ itself, and an absolute path would make the published and
+    recovery folders one, where pruning recovery checkpoints deletes published ones. A new run (`new`, the
+    training config) takes one plain folder name; reading an existing run takes any single folder name."""
+    run = str(run)
+    if new and not RUN_NAME.fullmatch(run):
         raise ValueError(
             f"run_name={run!r}: expected one folder name of letters, digits, '.', '_' or '-' (it names "
-            "checkpoints/<run_name> and recovery/<run_name> inside the workspace; set workspace=<dir> to "
-            "write elsewhere)"
+            "checkpoints/<run_name> and recovery/<run_name> inside the workspace)"
         )
-    return str(run)
+    if run in ("", ".", "..") or "/" in run or "\\" in run or Path(run).is_absolute():
+        raise ValueError(f"run {run!r}: expected the name of one folder under checkpoints/, not a path")
+    return run
 
 
 def resolve_repo_path(path: str | Path) -> Path:

@@ -186,7 +186,7 @@ BAD_TRAINING_VALUES = [
     ("trainer.global_batch_size=0", "trainer.global_batch_size=0: must be >= 1"),
     ("trainer.micro_batch_size=3", "trainer.global_batch_size=16 is not a multiple of trainer.micro_batch_size=3"),
     ("trainer.tensor_parallel=0", "trainer.tensor_parallel=0: must be >= 1"),
-    ("data.build_workers=0", "data.build_workers=0: must be >= 1"),
+    ("data.build_workers=-1", "data.build_workers=-1: must be >= 0"),
     ("trainer.loss_spike_factor=-1", "trainer.loss_spike_factor=-1.0: must be > 1"),
     ("trainer.max_steps=0", "trainer.max_steps=0"),
     ("trainer.precision=fp16", "trainer.precision='fp16'"),
@@ -225,8 +225,22 @@ def test_run_name_must_be_one_folder_name(name, tmp_path):
 
     with pytest.raises(ConfigKeyError, match="expected one folder name"):
         compose(["+experiment=amber_tiny", f"run_name='{name}'"])
-    with pytest.raises(ValueError, match="expected one folder name"):
+    with pytest.raises(ValueError, match="one folder"):
         run_dirs(tmp_path, name)
+
+
+def test_reading_a_run_takes_any_single_folder_name(tmp_path):
+    """A run trained before the rule (named `my run`, say) can still be listed, evaluated and exported."""
+    from open360.tracking.checkpoints import run_dirs
+
+    assert run_dirs(tmp_path, "my run")[0] == tmp_path / "checkpoints" / "my run"
+    with pytest.raises(ConfigKeyError, match="expected one folder name"):
+        compose(["+experiment=amber_tiny", "run_name='my run'"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "open360.analysis.memorization", "run=../x", f"workspace={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 2 and "not a path" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_an_absolute_run_name_is_refused_before_anything_is_written(tmp_path):

@@ -68,6 +68,9 @@ def test_params_masking_and_limits() -> None:
         ("https://hf_TOKEN123@host/x", "https://***@host/x"),  # a token as the user name
         ("http://h/api?token=abc&run=1", "http://h/api?token=***&run=1"),
         ("s3://b/k?X-Amz-Signature=abc123#f", "s3://b/k?X-Amz-Signature=***#f"),
+        ("ssh://git@github.com/org/repo.git", "ssh://git@github.com/org/repo.git"),  # not secrets
+        ("https://host/d.parquet?author=bob&keyword=x", "https://host/d.parquet?author=bob&keyword=x"),
+        ("postgresql://alice@db/x", "postgresql://alice@db/x"),
     ):
         assert mask_value(uri) == masked
 
@@ -224,14 +227,41 @@ def test_the_run_records_its_code_commit_and_data_hashes(ws: Path) -> None:
     (shard_dir / "manifest.json").write_text(json.dumps({"manifest_hash": "m" * 64, "tokenizer": {"sha256": "t" * 64}}))
     logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
     logger.on_run_start(info(ws, extra={"shard_dirs": {"main": str(shard_dir)}}))
+    later = ws / "shards" / "code-4567"  # a later stage, opened mid-run
+    later.mkdir()
+    (later / "manifest.json").write_text(json.dumps({"manifest_hash": "n" * 64, "tokenizer": {"sha256": "t" * 64}}))
+    logger.on_stage_open("stage2", later)
     logger.on_run_end({"status": "finished"})
     assert logger.errors == []
     tags = mr.client(logger.tracking_uri).get_run(logger.run_id).data.tags
     assert tags["open360.data.main.manifest_hash"] == "m" * 64 and tags["open360.data.main.shard_dir"] == "tiny-0123"
     assert tags["open360.data.main.tokenizer_sha256"] == "t" * 64
+    assert tags["open360.data.stage2.manifest_hash"] == "n" * 64 and tags["open360.data.stage2.shard_dir"] == "code-4567"
     from open360.checkpoint.lineage import git_revision
 
     assert tags.get("mlflow.source.git.commit") == git_revision()["revision"] and "open360.code_dirty" in tags
+
+
+def test_a_lock_that_persists_costs_one_budget_then_writes_fail_at_once() -> None:
+    import time
+
+    from open360.tracking.mlflow_logger import LockRetry
+
+    def locked() -> None:
+        raise RuntimeError("(sqlite3.OperationalError) database is locked")
+
+    retry = LockRetry(budget_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="locked"):
+        retry(locked)
+    assert 0.9 < time.monotonic() - start < 5
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="locked"):
+        retry(locked)  # the budget is spent: no second wait (training blocks on these at each checkpoint)
+    assert time.monotonic() - start < 0.5
+    assert retry(lambda: 7) == 7  # a write that succeeds gives the next lock a fresh budget
+    with pytest.raises(ValueError):
+        retry(lambda: int("x"))  # anything but a lock is not retried
 
 
 def test_a_backfilled_checkpoint_record_fills_a_gap_and_keeps_an_existing_one(ws: Path) -> None:

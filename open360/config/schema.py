@@ -112,7 +112,7 @@ class TrainerConfig:
     distributed: str = "ddp"  # ddp | fsdp (native backend under torchrun)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    loss_spike_factor: float = 3.0  # a loss above factor x running mean is logged as a spike
+    loss_spike_factor: float = 3.0  # (> 1) a loss above factor x running mean is logged as a spike
     progress_bar: bool = True
 
 

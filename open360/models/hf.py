@@ -386,7 +386,7 @@ def _drop_exported_zero_biases(
     model without them. A non-zero one (trained in HF since the export) keeps the stock biases."""
     if not isinstance(exported, dict):
         return cfg, state
-    flags = {k: bool(exported.get(k, getattr(cfg, k))) for k in ("attn_bias", "mlp_bias", "lm_head_bias")}
+    flags = {k: getattr(cfg, k) and bool(exported.get(k, True)) for k in ("attn_bias", "mlp_bias", "lm_head_bias")}
     if all(flags[k] == getattr(cfg, k) for k in flags):
         return cfg, state
     trimmed = dataclasses.replace(cfg, **flags)

@@ -43,7 +43,7 @@ def is_dvc_workspace(workspace: Path) -> bool:
 
 def run_dirs(workspace: Path, run: str) -> tuple[Path, Path]:
     """(published, recovery) folders of a run: checkpoints/<run>, recovery/<run>."""
-    run = check_run_name(run)
+    run = check_run_name(run, new=False)  # training checked the stricter rule on its config
     return Path(workspace) / CHECKPOINTS_DIR / run, Path(workspace) / RECOVERY_DIR / run
 
 

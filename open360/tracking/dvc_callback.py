@@ -32,11 +32,13 @@ class VersionJobs:
             # every checkpoint up to `step` gets its record, not only those added now: a killed run may have
             # versioned a step without its record reaching MLflow (a record already there is kept: backfill)
             records = {}
-            for done in (s for s in local_steps(Path(path)) if s <= step):
+            steps = [s for s in local_steps(Path(path)) if s <= step]
+            tracked = self.store.tracked_children(Path(path)) if steps else {}  # one read for all steps
+            for done in (s for s in steps if f"step_{s}" in tracked):
                 folder = Path(path) / f"step_{done}"
                 records[done] = {
                     "path": self.store.relpath(folder),
-                    "dvc_md5": self.store.tracked(folder).md5,
+                    "dvc_md5": tracked[f"step_{done}"].md5,
                     **revisions,
                     **_trained_by(folder),
                     "pushed": self.push,

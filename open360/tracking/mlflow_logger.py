@@ -46,18 +46,34 @@ def _is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
-def _retry_locked(fn: Any, timeout_s: float = 600.0) -> Any:
-    """`fn()`, retried with back-off while a sqlite store reports "database is locked" (another writer, a
-    reader holding a transaction): a transient lock must not drop a batch of metrics."""
-    deadline, delay = time.monotonic() + timeout_s, 0.5
-    while True:
-        try:
-            return fn()
-        except Exception as err:  # noqa: BLE001 - MlflowException or SQLAlchemy OperationalError
-            if "database is locked" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+class LockRetry:
+    """Runs MLflow writes, retrying while a sqlite store reports "database is locked" (another writer, a
+    reader holding a transaction): a lock that clears costs a wait, not the metrics. One budget for all
+    writes: a lock that persists costs the run at most `budget_s` once; after that each write fails at once
+    (reported) until one succeeds."""
+
+    def __init__(self, budget_s: float = 60.0) -> None:
+        self.budget_s = budget_s
+        self._deadline: float | None = None
+
+    def __call__(self, fn: Any) -> Any:
+        delay = 0.5
+        while True:
+            try:
+                result = fn()
+            except Exception as err:  # noqa: BLE001 - MlflowException or SQLAlchemy OperationalError
+                now = time.monotonic()
+                if "database is locked" not in str(err):
+                    raise
+                if self._deadline is None:
+                    self._deadline = now + self.budget_s
+                if now >= self._deadline:
+                    raise
+                time.sleep(min(delay, self._deadline - now))
+                delay = min(delay * 2, 10.0)
+            else:
+                self._deadline = None
+                return result
 
 
 @contextmanager
@@ -73,24 +89,28 @@ def _startup_retries() -> Iterator[None]:
             os.environ.pop(key, None)
 
 
-def _provenance_tags(info: RunInfo) -> dict[str, str]:
-    """What the run trains with, as run tags: the code commit (MLflow's own `mlflow.source.git.commit`, and
-    whether the tree was dirty) and each stage's shard folder with its manifest and tokenizer hashes."""
+def _code_tags() -> dict[str, str]:
+    """The code commit (MLflow's own `mlflow.source.git.commit`) and whether the tree was dirty."""
     from open360.checkpoint.lineage import git_revision
 
     code = git_revision()
     tags = {"open360.code_dirty": str(code["dirty"])}
     if code["revision"]:
         tags["mlflow.source.git.commit"] = code["revision"]
-    for stage, folder in sorted((info.extra.get("shard_dirs") or {}).items()):
-        try:
-            manifest = json.loads((Path(folder) / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        tags[f"open360.data.{stage}.shard_dir"] = Path(folder).name
-        tags[f"open360.data.{stage}.manifest_hash"] = str(manifest.get("manifest_hash"))
-        tags[f"open360.data.{stage}.tokenizer_sha256"] = str((manifest.get("tokenizer") or {}).get("sha256"))
     return tags
+
+
+def _stage_tags(stage: str, folder: str | Path) -> dict[str, str]:
+    """A stage's shard folder with its manifest and tokenizer hashes (none if its manifest is unreadable)."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        f"open360.data.{stage}.shard_dir": Path(folder).name,
+        f"open360.data.{stage}.manifest_hash": str(manifest.get("manifest_hash")),
+        f"open360.data.{stage}.tokenizer_sha256": str((manifest.get("tokenizer") or {}).get("sha256")),
+    }
 
 
 class TrackingError(RuntimeError):
@@ -125,6 +145,7 @@ class MlflowLogger(Callback):
         self._worker: BackgroundWorker | None = None
         self._monitor: Any = None
         self._continued = False  # True once _start_or_resume continues an existing run
+        self._lock_retry = LockRetry()
         # Without DVC, published checkpoints are recorded here (no md5); with DVC, the versioner records them.
         self.record_local_checkpoints = False
 
@@ -142,6 +163,11 @@ class MlflowLogger(Callback):
         self._submit(self._log_config, info)
         if self.system_metrics:
             self._start_system_metrics()
+
+    def on_stage_open(self, stage: str, shard_dir: Path) -> None:
+        """A later stage's shards as run tags (those open at the start are tagged by on_run_start)."""
+        if self._worker is not None:
+            self._submit(self._set_tags, _stage_tags(stage, shard_dir))
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -248,7 +274,8 @@ class MlflowLogger(Callback):
 
         def job() -> None:
             try:
-                fn(*args)
+                # retried whole; each job is idempotent (params not yet logged, tags, the same metric values)
+                self._lock_retry(lambda: fn(*args))
             except Exception as err:  # noqa: BLE001 - the worker reports it; never the URI's password
                 raise RuntimeError(mask_value(f"{type(err).__name__}: {err}").splitlines()[0][:500]) from None
 
@@ -319,8 +346,7 @@ class MlflowLogger(Callback):
         existing = self._client.get_run(self.run_id).data.params
         params = [Param(k, v) for k, v in config_params(info.config).items() if k not in existing]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            part = params[i : i + MAX_PARAMS_PER_BATCH]
-            _retry_locked(lambda part=part: self._client.log_batch(self.run_id, params=part))
+            self._client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
         import yaml
 
         masked_yaml = yaml.safe_dump(mask_secrets(info.config), sort_keys=False)
@@ -328,7 +354,13 @@ class MlflowLogger(Callback):
         # a continued run adds the config it was resumed with beside it
         name = f"config/config_resume_step_{info.start_step}.yaml" if self._continued else CONFIG_ARTIFACT
         self._client.log_text(self.run_id, masked_yaml, name)
-        for key, value in _provenance_tags(info).items():
+        tags = _code_tags()
+        for stage, folder in sorted((info.extra.get("shard_dirs") or {}).items()):  # the stages open so far
+            tags.update(_stage_tags(stage, folder))
+        self._set_tags(tags)
+
+    def _set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
             self._client.set_tag(self.run_id, key, value)
 
     def _log_metrics(self, batch: list[Any]) -> None:
@@ -336,8 +368,7 @@ class MlflowLogger(Callback):
 
     def _log_metrics_to(self, run_id: str, batch: list[Any]) -> None:
         for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-            part = batch[i : i + MAX_METRICS_PER_BATCH]
-            _retry_locked(lambda part=part: self._client.log_batch(run_id, metrics=part))
+            self._client.log_batch(run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH])
 
     def _log_checkpoint_record(self, step: int, record: dict[str, Any]) -> None:
         record = {"step": step, **record}

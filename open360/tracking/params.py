@@ -23,11 +23,16 @@ _SECRET_KEY = re.compile(
 # [user]:password@ inside URIs (database and tracking-server URLs); the password runs to the last '@'
 # before the host, so that one holding '@' is hidden whole.
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/\s]+)@")
-# a token given as the user name alone (https://hf_xxx@host) and credentials in a query (?token=..., &sig=...)
-_URI_USER_TOKEN = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^:/@\s]+@")
+# a token given as the user name alone (https://hf_xxx@host: a known token prefix, or 20+ token characters;
+# `git@` or `alice@` stay) and credentials in a query (?token=..., &X-Amz-Signature=...), by whole name
+_URI_USER_TOKEN = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?:(?:hf_|ghp_|gho_|ghs_|github_pat_|glpat-|sk-|xox[abp]-)[^:/@\s]+"
+    r"|[A-Za-z0-9_\-]{20,})@"
+)
 _QUERY_SECRET = re.compile(
-    r"(?P<key>[?&][A-Za-z0-9_\-]*(?:token|key|secret|password|passwd|pwd|sig|signature|auth)[A-Za-z0-9_\-]*=)"
-    r"[^&#\s]+",
+    r"(?P<key>[?&](?:token|access_token|auth_token|id_token|refresh_token|api_key|apikey|key|secret|"
+    r"client_secret|password|passwd|pwd|sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|"
+    r"x-goog-signature|x-goog-credential)=)[^&#\s]+",
     re.IGNORECASE,
 )
 

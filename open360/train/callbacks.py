@@ -27,6 +27,10 @@ class Callback:
     def preflight(self) -> None:
         """Called before any data or model work: check the services the callback needs (raise if down)."""
 
+    def on_stage_open(self, stage: str, shard_dir: Path) -> None:
+        """Called when a stage's shards open: the first (or resumed) stage before `on_run_start`, later
+        stages mid-run as training reaches them."""
+
     def on_run_start(self, info: RunInfo) -> None:
         """Called once before the first step (after a resume has been applied)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ class ShardProvider:
         self.env = env
         self.shards_root = resolve_workspace_path(workspace, cfg.data.shards_dir)
         self.shard_dirs: dict[str, Path] = {}
+        self.listeners: list[Callable[[str, Path], None]] = []  # told (stage name, shard folder) as each opens
 
     def build(self, stage: Stage) -> Path:
         """The shard folder of a stage's recipe: rank 0 pulls it when the workspace's DVC records it and this
@@ -156,6 +158,8 @@ class ShardProvider:
         def seen_range(steps_done: int) -> dict[str, Any]:
             return _seen_summary(order, steps_done)
 
+        for listener in self.listeners:
+            listener(stage.name, shard_dir)
         return StageData(order=order, chunk_end_steps=chunk_ends, lineage=lineage, seen_range=seen_range)
 
 
@@ -390,6 +394,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     model = build_model(cfg.model)
     init_record = _load_initial_weights(model, init_from, cfg.model) if init_from is not None else None
     shards = ShardProvider(cfg, workspace, env)
+    shards.listeners = [cb.on_stage_open for cb in callbacks]
     writer = CheckpointWriter(
         published_dir, recovery_dir, int(cfg.checkpoint.keep_ephemeral), background=env.device.type == "cuda"
     )

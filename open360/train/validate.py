@@ -13,7 +13,6 @@ POSITIVE_INTS = (
     "trainer.log_every",
     "trainer.tensor_parallel",
     "trainer.pipeline_parallel",
-    "data.build_workers",
 )
 
 
@@ -52,6 +51,8 @@ def check_training_config(cfg: DictConfig) -> None:
             f"trainer.loss_spike_factor={cfg.trainer.loss_spike_factor}: must be > 1 (a loss above factor x its "
             "running mean is logged as a spike)"
         )
+    if int(cfg.data.build_workers) < 0:
+        raise ValueError(f"data.build_workers={cfg.data.build_workers}: must be >= 0 (0 or 1 = build in this process)")
     check_optimizer_values(cfg.optim)
     resolve_precision(str(cfg.trainer.precision), "cpu")
     build_stages(cfg)

@@ -91,6 +91,12 @@ def parse_args(argv: Sequence[str]) -> MemorizationJobConfig:
 
 def validate(job: MemorizationJobConfig) -> None:
     """Raise MemorizationJobError naming the key when a value is out of range."""
+    from open360.paths import check_run_name
+
+    try:
+        check_run_name(job.run, new=False)
+    except ValueError as err:
+        raise MemorizationJobError(str(err)) from None
     if job.mode not in MODES:
         raise MemorizationJobError(f"mode={job.mode!r}: expected one of {MODES}")
     if job.selection not in SELECTIONS:

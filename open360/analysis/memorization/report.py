@@ -372,8 +372,9 @@ def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
 
     from open360.checkpoint import list_checkpoints, read_lineage
     from open360.checkpoint.io import CONFIG_FILE
+    from open360.tracking.checkpoints import run_dirs
 
-    for _, path in reversed(list_checkpoints(workspace / "checkpoints" / run)):
+    for _, path in reversed(list_checkpoints(run_dirs(workspace, run)[0])):
         lineage = read_lineage(path)
         run_id = lineage.get("mlflow_run_id") or (lineage.get("mlflow") or {}).get("run_id")
         if not (isinstance(run_id, str) and run_id):

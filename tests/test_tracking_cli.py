@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from open360.tracking import version_shards
 from open360.tracking.checkpoints import CheckpointEntry, run_checkpoints, select_steps
-from open360.tracking.cli import lineage_main, list_main, pull_main
+from open360.tracking.cli import lineage_main, list_main, pull_main, push_main
 from open360.tracking.dvc_versioning import DvcWorkspace, VersioningError
 from open360.tracking.release import ckpt_names, hub_upload_plan
 from open360.tracking.workspace import init_workspace
@@ -116,6 +116,29 @@ def test_version_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert store.tracked(shard_dir).nfiles == 3
     with pytest.raises(VersioningError, match="git init && dvc init"):
         version_shards(tmp_path / "plain" / "shards" / "x", tmp_path / "plain", cfg)
+
+
+def test_ckpt_push_also_pushes_the_shards_the_run_trained_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run start whose shard push failed (remote down) only warned: `ckpt push <run>` completes it."""
+    import torch
+
+    from open360.checkpoint import CheckpointContents, save_checkpoint
+
+    ws = init_workspace(tmp_path / "ws")
+    shard_dir = ws / "shards" / "tiny-abc"
+    shard_dir.mkdir(parents=True)
+    (shard_dir / "manifest.json").write_text(json.dumps({"chunks": 1}))
+    version_shards(shard_dir, ws, OmegaConf.create({"tracking": {"dvc": True, "dvc_push": False, "dvc_remote": None}}))
+    lineage = {"run_name": "r", "data_history": [{"stage": "main", "shard_dir": "shards/tiny-abc"}]}
+    save_checkpoint(ws / "checkpoints" / "r", 2, CheckpointContents(
+        model={"w": torch.zeros(4)}, optimizer={"state": {}, "param_groups": []}, trainer_state={"step": 2},
+        rng={"seed": 0}, config_yaml="run_name: r\n", lineage=lineage,
+    ))
+    store = DvcWorkspace(ws)
+    assert store.missing_on_remote([store.tracked(shard_dir)]) == {"shards/tiny-abc": 1}
+    assert push_main(["r", "--workspace", str(ws)]) == 0
+    assert "shards ['shards/tiny-abc']" in capsys.readouterr().out
+    assert store.missing_on_remote([store.tracked(shard_dir)]) == {"shards/tiny-abc": 0}
 
 
 def test_hub_upload_plan(tmp_path: Path) -> None:

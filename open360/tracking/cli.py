@@ -23,6 +23,7 @@ from open360.tracking.dvc_versioning import (
     VersioningError,
     dvc_mismatches,
     folder_md5,
+    local_steps,
     push_pending,
     step_of,
 )
@@ -165,10 +166,40 @@ def push_main(argv: Sequence[str]) -> int:
     try:
         store = DvcWorkspace(workspace, remote=args.remote)
         added = push_pending(store, run_dir)
+        shards = _recorded_shard_dirs(store, run_dir)
+        if shards:  # a run start whose shard push failed (remote down) only warned
+            store.push(shards)
     except VersioningError as err:
         return _fail("open360 ckpt push", err)
-    print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added}; remote up to date")
+    names = [store.relpath(p) for p in shards]
+    print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added}; pushed them and the shards {names}; "
+          "remote up to date")
     return 0
+
+
+def _recorded_shard_dirs(store: DvcWorkspace, run_dir: Path) -> list[Path]:
+    """The shard folders the run's local checkpoints trained on (a warm start's base included) that are on
+    this machine and recorded in DVC."""
+    from open360.checkpoint import CheckpointError, read_lineage
+
+    folders: set[Path] = set()
+    for path in local_steps(run_dir).values():
+        try:
+            lineage = read_lineage(path)
+        except CheckpointError:  # a damaged checkpoint names no shards; `ckpt lineage` reports it
+            continue
+        for entry in data_history(lineage) + inherited_data_history(lineage):
+            if entry.get("shard_dir"):
+                folders.add(store.workspace / entry["shard_dir"])
+    recorded = []
+    for folder in sorted(folders):
+        try:
+            store.tracked(folder)
+        except VersioningError:  # not versioned (tracking.dvc was off, or another workspace's folder)
+            continue
+        if folder.is_dir():
+            recorded.append(folder)
+    return recorded
 
 
 def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str], list[str], bool]:

@@ -141,6 +141,31 @@ def test_ckpt_push_also_pushes_the_shards_the_run_trained_on(tmp_path: Path, cap
     assert store.missing_on_remote([store.tracked(shard_dir)]) == {"shards/tiny-abc": 0}
 
 
+
+def test_ckpt_push_marks_the_mlflow_records_a_failed_push_left_false(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from open360.checkpoint import CheckpointContents, save_checkpoint
+    from open360.tracking import mlflow_records as mr
+    from open360.tracking.mlflow_logger import MlflowLogger
+    from open360.train.callbacks import RunInfo
+
+    ws = init_workspace(tmp_path / "ws")
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    logger.on_run_start(RunInfo("r", ws, ws / "checkpoints" / "r", {}, "", 0))
+    logger.record_checkpoint(1, {"path": "checkpoints/r/step_1", "dvc_md5": "x.dir", "pushed": False})
+    meta = logger.run_metadata()
+    logger.on_run_end({"status": "finished"})
+    save_checkpoint(ws / "checkpoints" / "r", 1, CheckpointContents(
+        model={"w": torch.zeros(4)}, optimizer={"state": {}, "param_groups": []}, trainer_state={"step": 1},
+        rng={"seed": 0}, config_yaml="run_name: r\n", lineage={"run_name": "r", "callbacks": meta},
+    ))
+    assert push_main(["r", "--workspace", str(ws)]) == 0
+    assert "steps [1] now say pushed" in capsys.readouterr().out
+    client = mr.client(logger.tracking_uri)
+    assert mr.checkpoint_record(client, logger.run_id, 1)["pushed"] is True
+
+
 def test_hub_upload_plan(tmp_path: Path) -> None:
     (tmp_path / "ckpt_000").mkdir()
     (tmp_path / "ckpt_001").mkdir()

@@ -174,7 +174,52 @@ def push_main(argv: Sequence[str]) -> int:
     names = [store.relpath(p) for p in shards]
     print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added}; pushed them and the shards {names}; "
           "remote up to date")
+    marked = _mark_pushed(workspace, run_dir)
+    if marked:
+        print(f"MLflow checkpoint records of steps {marked} now say pushed")
     return 0
+
+
+def _mark_pushed(workspace: Path, run_dir: Path) -> list[int]:
+    """Set `pushed` in the run's MLflow checkpoint records that a failed push left false, for the checkpoints
+    just pushed (the MLflow run named by their lineage, in the workspace's store); a store that cannot be read
+    is a warning: DVC, not the record, holds the truth (`ckpt list`)."""
+    import json
+
+    from open360.checkpoint import CheckpointError, read_lineage
+    from open360.tracking import mlflow_records as mr
+    from open360.tracking.mlflow_logger import RUN_ID_KEY, checkpoint_tag
+    from open360.tracking.params import fit_tag
+
+    uri = mr.workspace_uri(workspace)
+    steps = local_steps(run_dir)
+    run_ids = set()
+    for path in steps.values():
+        try:
+            run_id = (read_lineage(path).get("callbacks") or {}).get(RUN_ID_KEY)
+        except CheckpointError:
+            continue
+        if run_id:
+            run_ids.add(str(run_id))
+    if uri is None or not run_ids:
+        return []
+
+    def update(client: Any) -> list[int]:
+        marked = []
+        for run_id in sorted(run_ids):
+            for step, record in sorted(mr.checkpoint_records(client, run_id).items()):
+                if record.get("pushed") is False and step in steps:
+                    value = fit_tag(json.dumps({**record, "pushed": True}, sort_keys=True))
+                    client.set_tag(run_id, checkpoint_tag(step), value)
+                    marked.append(step)
+        return marked
+
+    try:
+        return mr.read_store(uri, update)
+    except mr.StoreUnreadable as err:
+        print(f"open360 ckpt push: warning: {err}; the records of a failed push still say pushed: false",
+              file=sys.stderr)
+        return []
 
 
 def _recorded_shard_dirs(store: DvcWorkspace, run_dir: Path) -> list[Path]:

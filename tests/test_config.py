@@ -250,6 +250,19 @@ def test_an_absolute_run_name_is_refused_before_anything_is_written(tmp_path):
     assert not target.exists() and not (tmp_path / "ws" / "checkpoints").exists()
 
 
+def test_a_relative_workspace_stays_where_the_command_ran_under_hydra_chdir(tmp_path):
+    """hydra.job.chdir=true moves the process into Hydra's run folder; `workspace=.` must not follow it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "open360.train", "+experiment=amber_tiny", "workspace=.", "tracking=off",
+         "hydra.job.chdir=true", "trainer.resume=5"],  # fails (no step 5) once the run's folders exist
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (tmp_path / "checkpoints" / "amber_tiny").is_dir()
+    assert not list((tmp_path / "outputs").rglob("checkpoints"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_amber_without_gpu_fails_fast_naming_memory(tmp_path):
     proc = run_train("+experiment=amber", f"workspace={tmp_path}")

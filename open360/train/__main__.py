@@ -47,6 +47,10 @@ def check_stage_overrides(cfg: DictConfig, overrides: list[str]) -> None:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    if HydraConfig.get().job.chdir and not Path(cfg.workspace).expanduser().is_absolute():
+        from hydra.utils import get_original_cwd
+
+        cfg.workspace = str(Path(get_original_cwd()) / cfg.workspace)  # not Hydra's run folder it moved into
     try:
         check_schema(cfg)
         check_stage_overrides(cfg, list(HydraConfig.get().overrides.task))

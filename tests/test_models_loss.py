@@ -52,3 +52,21 @@ def test_all_targets_ignored_gives_zero_not_nan() -> None:
     out = fused_linear_cross_entropy(hidden, weight, bias, torch.full_like(targets, -100))
     out.backward()
     assert out.item() == 0.0 and torch.count_nonzero(hidden.grad) == 0
+
+
+def test_no_grad_builds_no_logit_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under no_grad (evaluation), the [N, V] gradient buffer of the logits is never allocated."""
+    sizes = []
+    real_empty = torch.empty
+
+    def spy(*shape, **kw):  # noqa: ANN002, ANN003, ANN202
+        sizes.append(tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+        return real_empty(*shape, **kw)
+
+    hidden, weight, bias, targets = inputs(2)
+    monkeypatch.setattr(torch, "empty", spy)
+    with torch.no_grad():
+        fused_linear_cross_entropy(hidden, weight, bias, targets, 1.0, chunk_rows=8)
+    assert (37, 53) not in sizes
+    fused_linear_cross_entropy(hidden, weight, bias, targets, 1.0, chunk_rows=8)  # with grad: it is built
+    assert (37, 53) in sizes

@@ -166,7 +166,8 @@ def push_main(argv: Sequence[str]) -> int:
     try:
         store = DvcWorkspace(workspace, remote=args.remote)
         added = push_pending(store, run_dir)
-        shards = _recorded_shard_dirs(store, run_dir)
+        lineages = _local_lineages(run_dir)
+        shards = _recorded_shard_dirs(store, lineages)
         if shards:  # a run start whose shard push failed (remote down) only warned
             store.push(shards)
     except VersioningError as err:
@@ -174,33 +175,25 @@ def push_main(argv: Sequence[str]) -> int:
     names = [store.relpath(p) for p in shards]
     print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added}; pushed them and the shards {names}; "
           "remote up to date")
-    marked = _mark_pushed(workspace, run_dir)
+    marked = _mark_pushed(workspace, lineages)
     if marked:
         print(f"MLflow checkpoint records of steps {marked} now say pushed")
     return 0
 
 
-def _mark_pushed(workspace: Path, run_dir: Path) -> list[int]:
+def _mark_pushed(workspace: Path, lineages: dict[int, dict[str, Any]]) -> list[int]:
     """Set `pushed` in the run's MLflow checkpoint records that a failed push left false, for the checkpoints
     just pushed (the MLflow run named by their lineage, in the workspace's store); a store that cannot be read
     is a warning: DVC, not the record, holds the truth (`ckpt list`)."""
     import json
 
-    from open360.checkpoint import CheckpointError, read_lineage
     from open360.tracking import mlflow_records as mr
     from open360.tracking.mlflow_logger import RUN_ID_KEY, checkpoint_tag
     from open360.tracking.params import fit_tag
 
     uri = mr.workspace_uri(workspace)
-    steps = local_steps(run_dir)
-    run_ids = set()
-    for path in steps.values():
-        try:
-            run_id = (read_lineage(path).get("callbacks") or {}).get(RUN_ID_KEY)
-        except CheckpointError:
-            continue
-        if run_id:
-            run_ids.add(str(run_id))
+    steps = set(lineages)
+    run_ids = {str(i) for lin in lineages.values() if (i := (lin.get("callbacks") or {}).get(RUN_ID_KEY))}
     if uri is None or not run_ids:
         return []
 
@@ -222,17 +215,24 @@ def _mark_pushed(workspace: Path, run_dir: Path) -> list[int]:
         return []
 
 
-def _recorded_shard_dirs(store: DvcWorkspace, run_dir: Path) -> list[Path]:
-    """The shard folders the run's local checkpoints trained on (a warm start's base included) that are on
-    this machine and recorded in DVC."""
+def _local_lineages(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """step -> lineage of the run's local checkpoints (a damaged one is left out; `ckpt lineage` reports it)."""
     from open360.checkpoint import CheckpointError, read_lineage
 
-    folders: set[Path] = set()
-    for path in local_steps(run_dir).values():
+    lineages = {}
+    for step, path in local_steps(run_dir).items():
         try:
-            lineage = read_lineage(path)
-        except CheckpointError:  # a damaged checkpoint names no shards; `ckpt lineage` reports it
+            lineages[step] = read_lineage(path)
+        except CheckpointError:
             continue
+    return lineages
+
+
+def _recorded_shard_dirs(store: DvcWorkspace, lineages: dict[int, dict[str, Any]]) -> list[Path]:
+    """The shard folders the run's local checkpoints trained on (a warm start's base included) that are on
+    this machine and recorded in DVC."""
+    folders: set[Path] = set()
+    for lineage in lineages.values():
         for entry in data_history(lineage) + inherited_data_history(lineage):
             if entry.get("shard_dir"):
                 folders.add(store.workspace / entry["shard_dir"])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 POSITIVE_INTS = (
     "trainer.global_batch_size",
@@ -16,13 +14,6 @@ POSITIVE_INTS = (
 )
 
 
-def _value(cfg: DictConfig, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def check_training_config(cfg: DictConfig) -> None:
     """ValueError naming the key for any value a run would refuse later, after folders or shards exist:
     the schedule (stages, steps, LR), the cadence, the batch geometry, the precision and the optimizer."""
@@ -32,8 +23,8 @@ def check_training_config(cfg: DictConfig) -> None:
     from open360.train.schedules import build_stages
 
     for key in POSITIVE_INTS:
-        if int(_value(cfg, key)) < 1:
-            raise ValueError(f"{key}={_value(cfg, key)}: must be >= 1")
+        if int(OmegaConf.select(cfg, key)) < 1:
+            raise ValueError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
     gbs, mbs = int(cfg.trainer.global_batch_size), int(cfg.trainer.micro_batch_size)
     if gbs % mbs:
         raise ValueError(

@@ -8,6 +8,7 @@ open360 ckpt list amber_tiny
 open360 ckpt lineage checkpoints/amber_tiny/step_240
 dvc status checkpoints.dvc
 open360 data batch --shards "$(ls -d shards/embedded_tiny-*)" --step 7 --global-batch-size 16 --decode > "${TMPDIR:-/tmp}/open360_batch_step7.txt"
+open360 data verify --shards "$(ls -d shards/embedded_tiny-*)"
 python -m open360.analysis.memorization run=amber_tiny sample=100
 python -m open360.analysis.evaluate run=amber_tiny
 open360 ckpt export amber_tiny --out release/amber_tiny --steps latest

@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data build": ("open360.data.cli", "build_main", "build the token shards of a data recipe"),
     "data batch": ("open360.data.cli", "batch_main", "print the exact token batch of a training step"),
     "data seen": ("open360.data.cli", "seen_main", "sequence ids seen up to a training step"),
+    "data verify": ("open360.data.cli", "verify_main", "re-hash a shard folder against its manifest"),
     "ckpt list": ("open360.tracking.cli", "list_main", "list the checkpoints of a run"),
     "ckpt pull": ("open360.tracking.cli", "pull_main", "fetch checkpoints of a run through DVC"),
     "ckpt push": ("open360.tracking.cli", "push_main", "add and push checkpoints missing from the DVC remote"),

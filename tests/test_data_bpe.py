@@ -57,6 +57,18 @@ def test_special_tokens_in_text_stay_text_and_other_added_tokens_match() -> None
     assert batch_encoder(data)(texts) == _hf_ids(data, texts)
 
 
+def test_added_tokens_that_prefix_one_another_fall_back_to_hf() -> None:
+    tok = Tokenizer.from_str(_trained(pre_tokenizers.ByteLevel(add_prefix_space=False)).decode())
+    tok.add_tokens(["ab", "abcd", "abcdefgh"])  # HF matches the longest; tiktoken the first alternative it tries
+    data = tok.to_str().encode()
+    encoding, reason = tiktoken_encoding(data)
+    assert encoding is None and "'ab' and 'abcd' overlap" in reason
+    texts = ["x abcdefgh y", "abcd abc ab"]
+    fast = batch_encoder(data)
+    assert fast(texts) == _hf_ids(data, texts)
+    assert tok.token_to_id("abcdefgh") in fast(texts)[0]
+
+
 def _trained(pre: object, normalizer: object | None = None) -> bytes:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre

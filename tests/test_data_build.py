@@ -105,6 +105,27 @@ def test_build_writes_missing_files_again(tiny: Path, tmp_path: Path) -> None:
     assert _files(out) == _files(tiny)
 
 
+def test_a_repair_that_fails_keeps_the_manifest(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder missing one file is repaired by a rebuild; if that rebuild cannot read its inputs, the
+    intact files keep their manifest (nothing already saved is lost) and the next build repairs it."""
+    out = Path(shutil.copytree(tiny, tmp_path / tiny.name))
+    (out / "val_code.parquet").unlink()
+
+    def inputs_gone(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise FileNotFoundError("no file at path corpus/python_stdlib.jsonl.gz")
+
+    monkeypatch.setattr(build_mod, "_prepare_all", inputs_gone)
+    with pytest.warns(UserWarning, match="rebuilding"), pytest.raises(FileNotFoundError):
+        build_shards(RECIPE, tmp_path, seed=1234)
+    assert (out / "manifest.json").read_bytes() == (tiny / "manifest.json").read_bytes()
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="rebuilding"):
+        assert build_shards(RECIPE, tmp_path, seed=1234) == out
+    assert _files(out) == _files(tiny)
+
+
 def test_an_edited_manifest_is_rebuilt_not_returned(tiny: Path, tmp_path: Path) -> None:
     """Every reader refuses a manifest whose manifest_hash no longer matches: the build must not return it."""
     out = Path(shutil.copytree(tiny, tmp_path / tiny.name))
@@ -184,7 +205,7 @@ def test_crystalcoder_stages_share_tokenizer_and_fim(tmp_path: Path) -> None:
 # The manifest hash covers the recipe, the tokenizer hash, every per-source count and every shard's content
 # hash (not file bytes), so a different value on another machine means the build is not reproducible there.
 # Update both only when the recipe or the pipeline changes on purpose.
-GOLDEN_MANIFEST = "5e70b6e1c260a01a02543fc3f389e48a567d001309505c665cab3097eb81ebf6"
+GOLDEN_MANIFEST = "297732db1a98e341b31609e07546120eeacf5f8d1768e6802b87d00dfac2d8e6"
 GOLDEN_TOKENIZER = "d67bb3ef40fb0b452528bb809a40fea68628a2abb3f7aa822aebf890a0bf08ae"
 
 
@@ -234,3 +255,55 @@ def test_swapped_or_damaged_shard_files_are_refused_not_read(tiny: Path, tmp_pat
     (truncated / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="manifest.json: not valid JSON"):
         ShardSet.open(truncated)
+
+
+def _rewrite_chunk(folder: Path, name: str, edit) -> None:  # noqa: ANN001
+    """Write a shard file again through open360's own writer (same ids, footer and file name), its rows
+    changed by `edit`: what a tampered or silently corrupted copy looks like to every cheap check."""
+    from open360.data.shards import read_rows, write_rows
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = next(e for e in manifest["chunks"] if e["file"] == name)
+    tokens, sources = read_rows(folder / name, entry)
+    tokens = edit(tokens.copy())
+    size = manifest["row_group_size"]
+    blocks = [(tokens[b : b + size], sources[b : b + size]) for b in range(0, len(tokens), size)]
+    write_rows(folder / name, blocks, entry["first_id"], tokens.shape[1], size, manifest["recipe_hash"])
+
+
+def test_shard_content_rewritten_under_its_ids_is_refused_when_read(tiny: Path, tmp_path: Path) -> None:
+    from open360.data.cli import batch_main, verify_main
+
+    def sevens(tokens: np.ndarray) -> np.ndarray:
+        tokens[0] = 7
+        return tokens
+
+    out = Path(shutil.copytree(tiny, tmp_path / "tampered"))
+    _rewrite_chunk(out, "train_00000.parquet", sevens)
+    shards = ShardSet.open(out)  # ids, rows, row groups and footer all as the manifest says
+    in_chunk_1 = [shards.chunk_sizes[0] + 3]  # other files are read as before
+    assert np.array_equal(shards.sequences(in_chunk_1), ShardSet.open(tiny).sequences(in_chunk_1))
+    with pytest.raises(ShardError, match=r"train_00000\.parquet: row group 0 differs from the manifest's hash"):
+        shards.sequences([0])
+    with pytest.raises(ShardError, match=r"train_00000\.parquet: row group 0 differs"):
+        shards.verify_content()
+    assert verify_main(["--shards", str(tiny)]) == 0
+    assert verify_main(["--shards", str(out)]) == 1
+    assert batch_main(["--shards", str(out), "--step", "0", "--global-batch-size", str(shards.num_sequences)]) == 1
+
+
+def test_a_damaged_token_column_type_is_a_shard_error(tiny: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(shutil.copytree(tiny, tmp_path / "listtype"))
+    path = out / "train_00001.parquet"
+    table = pq.read_table(path)
+    as_list = table.set_column(2, "token_ids", table.column("token_ids").cast(pa.list_(pa.int32())))
+    pq.write_table(as_list.replace_schema_metadata(table.schema.metadata), path)
+    first = ShardSet.open(tiny).chunk_sizes[0]
+    with pytest.raises(ShardError, match=r"train_00001\.parquet: column token_ids has type list<"):
+        ShardSet.open(out).sequences([first])
+    pq.write_table(as_list.replace_schema_metadata(None), path)
+    with pytest.raises(ShardError, match=r"train_00001\.parquet: no open360 footer"):
+        ShardSet.open(out)

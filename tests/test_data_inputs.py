@@ -214,6 +214,9 @@ def test_recipe_errors_name_file_and_key(tmp_path: Path) -> None:
         )
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(RecipeError, match=r"edited\.yaml: not valid YAML: ") as err:  # a duplicated key
+        load_recipe(_write(tmp_path, _recipe(tmp_path, good).read_text() + "seq_len: 32\n"))
+    assert "\n" not in str(err.value)
 
 
 def _write(tmp: Path, text: str) -> Path:
@@ -461,6 +464,7 @@ def _write_named(tmp: Path, name: str, text: str) -> Path:
         ("filters: {near_dedup: {shingle_words: 0}}", "filters.near_dedup.shingle_words"),
         ("filters: {near_dedup: {num_perm: 1}}", "filters.near_dedup.num_perm"),
         ("seed: -1", "seed"),
+        ("seed: 9223372036854775808", "seed"),  # 2**63: the seed is hashed as a signed 64-bit integer
         ("doc_batch_size: 0", "doc_batch_size"),
         ("validation: {fraction: 0.0, max_sequences: -5}", "validation.max_sequences"),
     ],
@@ -562,6 +566,17 @@ def test_paragraphs_split_on_crlf_blank_lines(tmp_path: Path) -> None:
     f.write_bytes(b"one para\r\nstill one\r\n\r\ntwo\r\n \r\nthree\n\nfour")
     docs = list(read_source(SourceSpec(name="p", type="text", path=str(f), sample_by="paragraph"), Counter()))
     assert [d.text.strip() for d in docs] == ["one para\r\nstill one", "two", "three", "four"]
+
+
+def test_malformed_json_read_through_datasets_names_its_file(tmp_path: Path) -> None:
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(40)) + "{not json\n")
+    hf = f"  - name: web\n    type: hf\n    hf_name: json\n    hf_data_files: '{data}'\n    weight: 1.0\n"
+    with pytest.raises(SourceError, match=r"source 'web': cannot read hub:json \(data files \[.*docs\.jsonl'\]\) "
+                       r".*one of its data files is malformed or unreadable") as err:
+        build_shards(_recipe(tmp_path, hf), tmp_path / "s")
+    assert "network" not in str(err.value)
+    assert build_shards(_recipe(tmp_path, _src("web", data)), tmp_path / "s2")  # type: jsonl skips the line
 
 
 def test_data_verbs_print_one_line_on_bad_input(tmp_path: Path) -> None:

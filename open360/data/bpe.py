@@ -59,6 +59,12 @@ def _ineligible(spec: dict[str, Any]) -> str | None:
     for tok in spec.get("added_tokens") or []:
         if tok.get("single_word") or tok.get("lstrip") or tok.get("rstrip"):
             return f"added token {tok['content']!r} with single_word/lstrip/rstrip"
+    # added tokens matched in text: at one position tiktoken takes the first alternative of its (arbitrary)
+    # order, HF the longest token, so no such token may be a prefix of another
+    in_text = sorted(t["content"] for t in spec.get("added_tokens") or [] if not t.get("special"))
+    for a, b in zip(in_text, in_text[1:], strict=False):
+        if b.startswith(a):
+            return f"added tokens {a!r} and {b!r} overlap"
     return None
 
 

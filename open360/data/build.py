@@ -185,10 +185,10 @@ def build_shards(
     if existing is not None and existing.get("recipe_hash") == rhash and existing.get("seed") == recipe.seed:
         if _reusable(recipe, root, out, existing):
             return out
-        (out / MANIFEST).unlink(
-            missing_ok=True
-        )  # rebuilt below (deterministic: the same files); readers wait for it
+        repair = True  # the manifest goes only once the inputs have been read again (nothing lost on failure)
         existing = None
+    else:
+        repair = False
     if existing is not None:
         raise ShardError(
             f"{out / MANIFEST}: records recipe hash {existing.get('recipe_hash')} but the recipe "
@@ -197,10 +197,10 @@ def build_shards(
     work = root / ".work" / out.name
     work.mkdir(parents=True, exist_ok=True)
     with _file_lock(work.with_name(f"{out.name}.w{worker_index}-of-{num_workers}.lock")):
-        if _existing_manifest(out) is not None:  # a concurrent build of the same recipe finished first
+        if not repair and _existing_manifest(out) is not None:  # a concurrent build finished first
             return out
         _build_locked(
-            recipe, str(recipe_path), seed, root, out, work, workers, worker_index, num_workers, progress
+            recipe, str(recipe_path), seed, root, out, work, workers, worker_index, num_workers, progress, repair
         )
     if num_workers == 1 and (out / MANIFEST).is_file():
         shutil.rmtree(work, ignore_errors=True)
@@ -229,6 +229,7 @@ def _build_locked(
     worker_index: int,
     num_workers: int,
     progress: bool,
+    repair: bool = False,
 ) -> None:
     rhash = recipe_hash(recipe)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +270,8 @@ def _build_locked(
                 f"kept {stats[i]['docs_kept']}); check its path, text_field and filters, or set its weight to 0"
             )
     counts, total = mix_counts(recipe, available)
+    if repair:  # every input was read again: the files below are rewritten, readers wait for the new manifest
+        (out / MANIFEST).unlink(missing_ok=True)
     src_of, row_of = global_order(recipe, available, counts)
     rows = [load_rows(work_paths(work, s.name)["train"], recipe.seq_len + 1) for s in recipe.sources]
     names = [s.name for s in recipe.sources]
@@ -284,7 +287,7 @@ def _build_locked(
         if not _owned(k, worker_index, num_workers):
             continue
         s_k, r_k = src_of[k * per_chunk : (k + 1) * per_chunk], row_of[k * per_chunk : (k + 1) * per_chunk]
-        digest, _ = write_rows(
+        digest, group_hashes, _ = write_rows(
             out / chunk_file(k),
             _gather_blocks(rows, names, s_k, r_k, recipe.row_group_size),
             k * per_chunk,
@@ -298,6 +301,7 @@ def _build_locked(
             "rows": per_chunk,
             "first_id": k * per_chunk,
             "content_sha256": digest,
+            "row_group_sha256": group_hashes,
             "sources": {names[i]: int((s_k == i).sum()) for i in np.unique(s_k)},
         }
     for i in mine:
@@ -311,7 +315,7 @@ def _build_locked(
             )
             for b in range(0, len(val), recipe.row_group_size)
         )
-        digest, _ = write_rows(
+        digest, group_hashes, _ = write_rows(
             out / validation_file(names[i]),
             blocks,
             0,
@@ -324,6 +328,7 @@ def _build_locked(
             "file": validation_file(names[i]),
             "rows": len(val),
             "content_sha256": digest,
+            "row_group_sha256": group_hashes,
         }
 
     part["common"] = _common_manifest(recipe, rhash, tok_json, stats, counts, available, total)

@@ -17,7 +17,7 @@ from open360.paths import resolve_repo_path
 
 SOURCE_TYPES = ("jsonl", "parquet", "text", "dir", "hf", "llm360_chunks")
 TOKENIZER_KINDS = ("train", "file", "hub")
-FORMAT_VERSION = "open360-shards/1"
+FORMAT_VERSION = "open360-shards/2"  # 2: a content hash per row group
 # `datasets` builders that read the data files they are given (type hf, hf_name: json, ...)
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -290,7 +290,7 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     _check(recipe.chunk_multiple >= 1, f"{where}: key 'chunk_multiple'", "must be >= 1")
     _check(0 <= recipe.validation.fraction < 1, f"{where}: key 'validation.fraction'", "must lie in [0, 1)")
     _check(recipe.validation.max_sequences >= 0, f"{where}: key 'validation.max_sequences'", "must be >= 0")
-    _check(recipe.seed >= 0, f"{where}: key 'seed'", f"{recipe.seed} must be >= 0 (a numpy seed)")
+    _check(0 <= recipe.seed < 2**63, f"{where}: key 'seed'", f"{recipe.seed} must lie in [0, 2**63)")
     m = recipe.mix.total_sequences
     _check(m is None or m > 0, f"{where}: key 'mix.total_sequences'", "must be positive or null")
     _check(recipe.row_group_size >= 1, f"{where}: key 'row_group_size'", "must be >= 1")
@@ -331,7 +331,7 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
     try:
         raw = OmegaConf.load(p)
     except Exception as e:  # yaml syntax errors carry the line
-        raise RecipeError(f"{p}: not valid YAML: {e}") from e
+        raise RecipeError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from e
     if not OmegaConf.is_dict(raw):
         raise RecipeError(f"{p}: a recipe is a mapping of keys (name, sources, tokenizer, ...), not a "
                           f"{type(raw).__name__}")

@@ -38,7 +38,7 @@ def validation_file(source: str) -> str:
 
 
 def content_sha256(tokens: np.ndarray, sources: list[str]) -> str:
-    """Hash of a shard's content (tokens as little-endian int32, then source names), not file bytes."""
+    """Hash of a shard's (or one row group's) content: tokens as little-endian int32, then source names."""
     h = hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
     h.update("\n".join(sources).encode("utf-8"))
     return h.hexdigest()
@@ -52,11 +52,13 @@ def write_rows(
     row_group_size: int,
     recipe_hash: str,
     tmp_prefix: str = ".tmp",
-) -> tuple[str, int]:
-    """Stream row blocks (at most row_group_size rows each) into a zstd parquet file, atomically.
+) -> tuple[str, list[str], int]:
+    """Stream row blocks (at most row_group_size rows each, one row group each) into a zstd parquet file,
+    atomically.
 
-    Returns (content hash, rows). Memory stays at one block, whatever the shard size. The footer records
-    the recipe hash and the file name, so that `check_files` knows a file of another build or seed.
+    Returns (content hash of the file, content hash of each row group, rows). Memory stays at one block,
+    whatever the shard size. The footer records the recipe hash and the file name, so that `check_files`
+    knows a file of another build or seed; the row-group hashes let a reader check each row group it reads.
     """
     schema = pa.schema(
         [
@@ -69,6 +71,7 @@ def write_rows(
     tmp = path.with_name(f"{tmp_prefix}-{os.getpid()}-{path.name}")
     h = hashlib.sha256()
     all_sources: list[str] = []
+    group_hashes: list[str] = []
     n = 0
     with pq.ParquetWriter(
         tmp, schema, compression="zstd", write_statistics=False, write_page_checksum=True
@@ -87,12 +90,13 @@ def write_rows(
                 schema=schema,
             )
             writer.write_table(table, row_group_size=row_group_size)
+            group_hashes.append(content_sha256(tokens, sources))
             h.update(tokens.tobytes())
             all_sources.extend(sources)
             n += k
     h.update("\n".join(all_sources).encode("utf-8"))
     os.replace(tmp, path)
-    return h.hexdigest(), n
+    return h.hexdigest(), group_hashes, n
 
 
 @contextlib.contextmanager
@@ -114,20 +118,52 @@ def open_shard_file(path: Path) -> pq.ParquetFile:
         return pq.ParquetFile(path, page_checksum_verification=True)
 
 
-def read_rows(path: Path, row_groups: list[int] | None = None) -> tuple[np.ndarray, list[str]]:
-    """Read token rows [n, seq_len+1] and their sources from a shard file (all, or some row groups)."""
+def read_rows(path: Path, entry: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """Read every token row [n, seq_len+1] and its source from the shard file of a manifest entry, each
+    row group checked against the entry's hash of it."""
     pf = open_shard_file(path)
+    tokens, sources = [], []
+    for rg in range(pf.metadata.num_row_groups):
+        t, src = _checked_row_group(pf, path, rg, entry)
+        tokens.append(t)
+        sources.extend(src)
+    return np.concatenate(tokens) if tokens else np.empty((0, 0), np.int32), sources
+
+
+def _checked_row_group(
+    pf: pq.ParquetFile, path: Path, rg: int, entry: dict[str, Any], first_id: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Row group `rg` of a shard file: its tokens and sources, refused unless they hash to what the
+    manifest entry records for it (and, given `first_id`, unless it holds the ids first_id, first_id+1, ...)."""
+    columns = ["token_ids", "source"] + (["seq_id"] if first_id is not None else [])
     with _reading(path):
-        table = (
-            pf.read_row_groups(row_groups, columns=["token_ids", "source"])
-            if row_groups is not None
-            else pf.read(columns=["token_ids", "source"])
+        table = pf.read_row_group(rg, columns=columns)
+        if first_id is not None:
+            ids = table.column("seq_id").to_numpy()
+            if len(ids) == 0 or not np.array_equal(ids, np.arange(first_id, first_id + len(ids))):
+                raise ShardError(
+                    f"{path}: row group {rg} holds sequence ids from {ids[0] if len(ids) else 'none'}, expected "
+                    f"{first_id}..{first_id + len(ids) - 1} — the file was swapped or replaced; `dvc pull` it "
+                    "again or rebuild the shards"
+                )
+        tokens = _tokens_of(table, path)
+        sources = table.column("source").cast(pa.string()).to_pylist()
+    expected = entry["row_group_sha256"]
+    if rg >= len(expected) or content_sha256(tokens, sources) != expected[rg]:
+        raise ShardError(
+            f"{path}: row group {rg} differs from the manifest's hash of it — the file was altered; "
+            "`dvc pull` it again, or delete it and run `open360 data build` (it writes the file again)"
         )
-    return _tokens_of(table), table.column("source").cast(pa.string()).to_pylist()
+    return tokens, sources
 
 
-def _tokens_of(table: pa.Table) -> np.ndarray:
+def _tokens_of(table: pa.Table, path: Path) -> np.ndarray:
     col = table.column("token_ids").combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):  # a damaged footer, or a file not written by write_rows
+        raise ShardError(
+            f"{path}: column token_ids has type {col.type}, not fixed_size_list<int32> — the file is damaged "
+            "or was not written by open360; `dvc pull` it again or rebuild the shards"
+        )
     row_len = col.type.list_size
     return col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False).reshape(-1, row_len)
 
@@ -147,8 +183,8 @@ def check_manifest(mpath: Path, manifest: dict[str, Any]) -> None:
 
 def check_files(path: Path, manifest: dict[str, Any]) -> None:
     """Raise unless the folder holds the manifest's tokenizer (same hash) and every file it lists, each
-    readable with the recorded number of rows and, where its footer records them (every build since
-    footers did), this build's recipe hash and its own file name (contents are checked as they are read)."""
+    readable with the recorded numbers of rows and row groups, and a footer naming this build's recipe hash
+    and the file itself. Contents are checked as they are read: each row group against its hash."""
     tok_path = path / TOKENIZER
     if not tok_path.is_file():
         raise ShardError(f"{tok_path}: missing; copy it from the build (or `dvc pull` it) or rebuild")
@@ -163,16 +199,20 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
         if not f.is_file():
             raise ShardError(f"{f}: listed in the manifest but missing; `dvc pull` it or rebuild")
         meta = open_shard_file(f).metadata
-        if meta.num_rows != entry["rows"]:
-            raise ShardError(f"{f}: {meta.num_rows} rows, the manifest records {entry['rows']}; rebuild")
+        if meta.num_rows != entry["rows"] or meta.num_row_groups != len(entry["row_group_sha256"]):
+            raise ShardError(
+                f"{f}: {meta.num_rows} rows in {meta.num_row_groups} row groups, the manifest records "
+                f"{entry['rows']} in {len(entry['row_group_sha256'])}; `dvc pull` it again or rebuild"
+            )
         footer = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
-        for key, expected in ((RECIPE_HASH_KEY, manifest["recipe_hash"]), (FILE_KEY, entry["file"])):
-            if footer.get(key, expected) != expected:
-                raise ShardError(
-                    f"{f}: written as {footer.get(FILE_KEY)} of recipe hash {footer.get(RECIPE_HASH_KEY, '')[:12]}, "
-                    f"but this folder's manifest lists it as {entry['file']} of {manifest['recipe_hash'][:12]} "
-                    "— the file was swapped in from another build or seed; `dvc pull` it again or rebuild"
-                )
+        if RECIPE_HASH_KEY not in footer or FILE_KEY not in footer:
+            raise ShardError(f"{f}: no open360 footer — not a file of an open360 build; `dvc pull` it again or rebuild")
+        if (footer[RECIPE_HASH_KEY], footer[FILE_KEY]) != (manifest["recipe_hash"], entry["file"]):
+            raise ShardError(
+                f"{f}: written as {footer[FILE_KEY]} of recipe hash {footer[RECIPE_HASH_KEY][:12]}, "
+                f"but this folder's manifest lists it as {entry['file']} of {manifest['recipe_hash'][:12]} "
+                "— the file was swapped in from another build or seed; `dvc pull` it again or rebuild"
+            )
 
 
 class ShardSet:
@@ -263,20 +303,12 @@ class ShardSet:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        path = self.path / self.manifest["chunks"][chunk]["file"]
+        entry = self.manifest["chunks"][chunk]
+        path = self.path / entry["file"]
         if chunk not in self._files:
             self._files[chunk] = open_shard_file(path)
-        with _reading(path):
-            table = self._files[chunk].read_row_group(rg, columns=["seq_id", "token_ids"])
         first = int(self._starts[chunk]) + rg * self.row_group_size
-        ids = table.column("seq_id").to_numpy()
-        if len(ids) == 0 or ids[0] != first or not np.array_equal(ids, np.arange(first, first + len(ids))):
-            raise ShardError(
-                f"{path}: row group {rg} holds sequence ids from {ids[0] if len(ids) else 'none'}, expected "
-                f"{first}..{first + len(ids) - 1} — the file was swapped or replaced; `dvc pull` it again "
-                "or rebuild the shards"
-            )
-        arr = _tokens_of(table)
+        arr, _ = _checked_row_group(self._files[chunk], path, rg, entry, first)
         self._cache[key] = arr
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -303,12 +335,14 @@ class ShardSet:
                 f"no validation split for source '{source}' in {self.path}; "
                 f"sources: {sorted(self.manifest['validation'])}"
             )
-        tokens, _ = read_rows(self.path / self.manifest["validation"][source]["file"])
+        entry = self.manifest["validation"][source]
+        tokens, _ = read_rows(self.path / entry["file"], entry)
         return tokens.astype(np.int64)
 
     def verify_content(self) -> None:
-        """Re-hash every shard's content against the manifest (reads everything; cheap for small sets)."""
+        """Re-hash every shard's content against the manifest: each row group, then each whole file (reads
+        everything; the loader checks only the row groups it reads)."""
         for entry in [*self.manifest["chunks"], *self.manifest["validation"].values()]:
-            tokens, sources = read_rows(self.path / entry["file"])
+            tokens, sources = read_rows(self.path / entry["file"], entry)
             if content_sha256(tokens, sources) != entry["content_sha256"]:
                 raise ShardError(f"{self.path / entry['file']}: content differs from the manifest; rebuild")

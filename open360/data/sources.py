@@ -92,11 +92,15 @@ def _readable(docs: Iterator[Doc], source: SourceSpec, where: str | Path) -> Ite
     except SourceError:
         raise
     except Exception as err:
-        hint = (
-            "check the dataset name, config and split (and network access)"
-            if str(where).startswith("hub:")
-            else "the file is damaged or truncated — restore it, or remove it from the source"
-        )
+        if str(where).startswith("hub:") and source.hf_data_files:  # a builder (json, parquet, ...) on files
+            hint = (
+                "one of its data files is malformed or unreadable — `datasets` stops at the first bad record "
+                "(a `type: jsonl` source skips malformed lines and counts them)"
+            )
+        elif str(where).startswith("hub:"):
+            hint = "check the dataset name, config and split (and network access)"
+        else:
+            hint = "the file is damaged or truncated — restore it, or remove it from the source"
         raise SourceError(
             f"source '{source.name}': cannot read {where} ({type(err).__name__}: {err}); {hint}"
         ) from err
@@ -210,7 +214,13 @@ def _parquet_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]
 
 def _read_datasets(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
     """Hub datasets (and local folders or files in their formats) go through `datasets.load_dataset`."""
-    return _readable(_datasets_docs(source, bad), source, f"hub:{source.hf_name}")
+    return _readable(_datasets_docs(source, bad), source, _hub_where(source))
+
+
+def _hub_where(source: SourceSpec) -> str:
+    """How errors name a `datasets` source: hub:<name>, with its data files where the recipe gives them."""
+    _, files = hub_arguments(source)
+    return f"hub:{source.hf_name}" + (f" (data files {files})" if files else "")
 
 
 def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
@@ -221,7 +231,7 @@ def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
     if source.hf_revision is not None:
         kwargs["revision"] = source.hf_revision
     ds = datasets.load_dataset(name, source.hf_config, split=source.split, streaming=source.streaming, **kwargs)
-    where = f"hub:{source.hf_name}"
+    where = _hub_where(source)
     for i, row in enumerate(ds):
         if source.type == "llm360_chunks":
             if (doc := _chunk_doc(source, row, bad)) is not None:

@@ -196,6 +196,11 @@ BAD_TRAINING_VALUES = [
     ("optim.eps=0", "optim.eps=0.0: must be > 0"),
     ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1: must be >= 0"),
     ("optim.grad_clip=-1", "optim.grad_clip=-1.0: must be >= 0"),
+    ("trainer.device=gpu", "trainer.device='gpu': expected one of auto, cpu, cuda"),
+    ("trainer.backend=megatorn", "trainer.backend='megatorn': expected one of native, megatron"),
+    ("trainer.distributed=fdsp", "trainer.distributed='fdsp': expected one of ddp, fsdp"),
+    ("tracking.metric_buffer_steps=0", "tracking.metric_buffer_steps=0: must be >= 1"),
+    ("trainer.init_from=/nowhere/step_4", "trainer.init_from=/nowhere/step_4: not a checkpoint folder"),
 ]
 
 
@@ -227,6 +232,34 @@ def test_run_name_must_be_one_folder_name(name, tmp_path):
         compose(["+experiment=amber_tiny", f"run_name='{name}'"])
     with pytest.raises(ValueError, match="one folder"):
         run_dirs(tmp_path, name)
+
+
+def test_an_existing_run_named_before_the_rule_can_be_resumed(tmp_path):
+    with pytest.raises(ConfigKeyError, match="expected one folder name"):
+        compose(["+experiment=amber_tiny", f"workspace={tmp_path}", "run_name='my run'", "trainer.resume=auto"])
+    (tmp_path / "checkpoints" / "my run").mkdir(parents=True)
+    cfg = compose(["+experiment=amber_tiny", f"workspace={tmp_path}", "run_name='my run'", "trainer.resume=auto"])
+    assert cfg.run_name == "my run"
+    with pytest.raises(ConfigKeyError, match="expected one folder name"):  # a new run under it is still refused
+        compose(["+experiment=amber_tiny", f"workspace={tmp_path}", "run_name='my run'"])
+
+
+def test_hydra_chdir_anchors_every_relative_path_of_the_command_line(tmp_path, monkeypatch):
+    import hydra.utils
+
+    from open360.train.__main__ import anchor_relative_paths
+
+    monkeypatch.setattr(hydra.utils, "get_original_cwd", lambda: str(tmp_path))
+    cfg = compose(["+experiment=amber_tiny", "workspace=.", "trainer.init_from=checkpoints/base/step_12",
+                   "trainer.resume=checkpoints/x/step_4"])
+    anchor_relative_paths(cfg)
+    assert (cfg.workspace, cfg.trainer.init_from, cfg.trainer.resume) == (
+        str(tmp_path / "."), str(tmp_path / "checkpoints/base/step_12"), str(tmp_path / "checkpoints/x/step_4")
+    )
+    for kept in ("auto", "12", "none"):
+        cfg = compose(["+experiment=amber_tiny", f"trainer.resume={kept}", "workspace=/abs/ws"])
+        anchor_relative_paths(cfg)
+        assert (str(cfg.trainer.resume), cfg.workspace) == (kept, "/abs/ws")
 
 
 def test_reading_a_run_takes_any_single_folder_name(tmp_path):

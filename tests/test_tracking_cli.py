@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import dvc.repo  # noqa: F401 - binds DVC's log handlers to pytest's session streams, not a test's capsys
@@ -119,51 +120,77 @@ def test_version_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_ckpt_push_also_pushes_the_shards_the_run_trained_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A run start whose shard push failed (remote down) only warned: `ckpt push <run>` completes it."""
+    """A run start whose shard push failed (remote down) only warned: `ckpt push <run>` completes it, from
+    DVC's cache when the folder is gone, and says which shards neither the folder nor the cache can supply."""
     import torch
 
     from open360.checkpoint import CheckpointContents, save_checkpoint
 
     ws = init_workspace(tmp_path / "ws")
-    shard_dir = ws / "shards" / "tiny-abc"
-    shard_dir.mkdir(parents=True)
-    (shard_dir / "manifest.json").write_text(json.dumps({"chunks": 1}))
-    version_shards(shard_dir, ws, OmegaConf.create({"tracking": {"dvc": True, "dvc_push": False, "dvc_remote": None}}))
-    lineage = {"run_name": "r", "data_history": [{"stage": "main", "shard_dir": "shards/tiny-abc"}]}
+    off = OmegaConf.create({"tracking": {"dvc": True, "dvc_push": False, "dvc_remote": None}})
+    for name in ("tiny-abc", "tiny-def"):
+        shard_dir = ws / "shards" / name
+        shard_dir.mkdir(parents=True)
+        (shard_dir / "manifest.json").write_text(json.dumps({"chunks": name}))
+        version_shards(shard_dir, ws, off)
+    history = [{"stage": "main", "shard_dir": "shards/tiny-abc"}]
     save_checkpoint(ws / "checkpoints" / "r", 2, CheckpointContents(
         model={"w": torch.zeros(4)}, optimizer={"state": {}, "param_groups": []}, trainer_state={"step": 2},
-        rng={"seed": 0}, config_yaml="run_name: r\n", lineage=lineage,
+        rng={"seed": 0}, config_yaml="run_name: r\n", lineage={"run_name": "r", "data_history": history},
     ))
     store = DvcWorkspace(ws)
-    assert store.missing_on_remote([store.tracked(shard_dir)]) == {"shards/tiny-abc": 1}
+    abc, other = store.tracked(ws / "shards" / "tiny-abc"), store.tracked(ws / "shards" / "tiny-def")
+    assert store.missing_on_remote([abc]) == {"shards/tiny-abc": 1}
+    shutil.rmtree(ws / "shards" / "tiny-abc")  # gone from the folder, still in DVC's cache
     assert push_main(["r", "--workspace", str(ws)]) == 0
-    assert "shards ['shards/tiny-abc']" in capsys.readouterr().out
-    assert store.missing_on_remote([store.tracked(shard_dir)]) == {"shards/tiny-abc": 0}
+    assert "pushed the shards ['shards/tiny-abc']; remote up to date" in capsys.readouterr().out
+    assert store.missing_on_remote([abc]) == {"shards/tiny-abc": 0}
 
+    history.append({"stage": "anneal", "shard_dir": "shards/tiny-def"})  # a later stage, in neither place
+    save_checkpoint(ws / "checkpoints" / "r", 4, CheckpointContents(
+        model={"w": torch.zeros(4)}, optimizer={"state": {}, "param_groups": []}, trainer_state={"step": 4},
+        rng={"seed": 0}, config_yaml="run_name: r\n", lineage={"run_name": "r", "data_history": history},
+    ))
+    shutil.rmtree(ws / "shards" / "tiny-def")
+    for md5 in other.file_md5.values():
+        (ws / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).unlink()
+    assert push_main(["r", "--workspace", str(ws)]) == 1
+    captured = capsys.readouterr()
+    assert "added 1 checkpoint(s) to checkpoints.dvc [4] and pushed them" in captured.out
+    assert "shard folders ['shards/tiny-def'] lack 1 file(s) on the remote" in captured.err
+    assert "Traceback" not in captured.err
 
 
 def test_ckpt_push_marks_the_mlflow_records_a_failed_push_left_false(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Only the record of the folder just pushed (same DVC md5): a record of that step number for another
+    folder (a branch's superseded checkpoint) stays `pushed: false`."""
     import torch
 
     from open360.checkpoint import CheckpointContents, save_checkpoint
     from open360.tracking import mlflow_records as mr
+    from open360.tracking.dvc_versioning import folder_md5
     from open360.tracking.mlflow_logger import MlflowLogger
     from open360.train.callbacks import RunInfo
 
     ws = init_workspace(tmp_path / "ws")
     logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
     logger.on_run_start(RunInfo("r", ws, ws / "checkpoints" / "r", {}, "", 0))
-    logger.record_checkpoint(1, {"path": "checkpoints/r/step_1", "dvc_md5": "x.dir", "pushed": False})
     meta = logger.run_metadata()
+    for step in (1, 2):
+        save_checkpoint(ws / "checkpoints" / "r", step, CheckpointContents(
+            model={"w": torch.full((4,), float(step))}, optimizer={"state": {}, "param_groups": []},
+            trainer_state={"step": step}, rng={"seed": 0}, config_yaml="run_name: r\n",
+            lineage={"run_name": "r", "callbacks": meta},
+        ))
+    md5 = folder_md5(ws / "checkpoints" / "r" / "step_1")
+    logger.record_checkpoint(1, {"path": "checkpoints/r/step_1", "dvc_md5": md5, "pushed": False})
+    logger.record_checkpoint(2, {"path": "checkpoints/r/step_2", "dvc_md5": "superseded.dir", "pushed": False})
     logger.on_run_end({"status": "finished"})
-    save_checkpoint(ws / "checkpoints" / "r", 1, CheckpointContents(
-        model={"w": torch.zeros(4)}, optimizer={"state": {}, "param_groups": []}, trainer_state={"step": 1},
-        rng={"seed": 0}, config_yaml="run_name: r\n", lineage={"run_name": "r", "callbacks": meta},
-    ))
     assert push_main(["r", "--workspace", str(ws)]) == 0
     assert "steps [1] now say pushed" in capsys.readouterr().out
     client = mr.client(logger.tracking_uri)
     assert mr.checkpoint_record(client, logger.run_id, 1)["pushed"] is True
+    assert mr.checkpoint_record(client, logger.run_id, 2)["pushed"] is False
 
 
 def test_hub_upload_plan(tmp_path: Path) -> None:

@@ -274,10 +274,20 @@ def test_a_backfilled_checkpoint_record_fills_a_gap_and_keeps_an_existing_one(ws
     logger.record_checkpoint(8, {"dvc_md5": "first.dir", "git_revision": "aaa"})
     logger.record_checkpoint(8, {"dvc_md5": "first.dir", "git_revision": "bbb", BACKFILL_KEY: True})
     logger.record_checkpoint(4, {"dvc_md5": "late.dir", "git_revision": "bbb", BACKFILL_KEY: True})
+    # a push that failed, then the catch-up of a resume pushed that same folder: the record now says so
+    logger.record_checkpoint(12, {"dvc_md5": "m.dir", "git_revision": "aaa", "pushed": False})
+    logger.record_checkpoint(12, {"dvc_md5": "m.dir", "git_revision": "bbb", "pushed": True, BACKFILL_KEY: True})
+    # a step number now holding another folder (a branch): the record of the old one stays as it was
+    logger.record_checkpoint(16, {"dvc_md5": "old.dir", "pushed": False})
+    logger.record_checkpoint(16, {"dvc_md5": "new.dir", "pushed": True, BACKFILL_KEY: True})
     logger.on_run_end({"status": "finished"})
     client = mr.client(logger.tracking_uri)
     assert mr.checkpoint_record(client, logger.run_id, 8)["git_revision"] == "aaa"
     assert mr.checkpoint_record(client, logger.run_id, 4) == {"step": 4, "dvc_md5": "late.dir", "git_revision": "bbb"}
+    assert mr.checkpoint_record(client, logger.run_id, 12) == {
+        "step": 12, "dvc_md5": "m.dir", "git_revision": "aaa", "pushed": True
+    }
+    assert mr.checkpoint_record(client, logger.run_id, 16) == {"step": 16, "dvc_md5": "old.dir", "pushed": False}
 
 
 def test_resume_with_unknown_run_id_starts_new_run(ws: Path) -> None:
@@ -325,3 +335,35 @@ def test_release_trees_are_published_without_secrets_or_local_paths(tmp_path: Pa
         "callbacks": {"mlflow_tracking_uri": "sqlite:///./mlflow.db"},
         "steps": [1, 2],
     }
+
+
+def test_the_run_link_printed_at_the_end_hides_the_password(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """MLflow prints "View run ... at: <tracking URI>" when an HTTP store's run ends; open360 turns that off
+    and prints the link masked (the training log is published)."""
+    import os
+
+    from open360.tracking.cli import _mlflow_lines
+
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    seen = {}
+
+    class Client:
+        def set_terminated(self, run_id: str, status: str) -> None:
+            seen["suppressed"] = os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    logger._client, logger.run_id, logger.experiment_id = Client(), "abc", "7"
+    logger.tracking_uri = "http://alice:S3cr3tPW@127.0.0.1:5055"
+    logger._finish({}, "FINISHED")
+    out = capsys.readouterr().out
+    assert seen["suppressed"] == "true" and "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
+    assert "MLflow run at http://alice:***@127.0.0.1:5055/#/experiments/7/runs/abc" in out and "S3cr3t" not in out
+
+    class Run:
+        info = type("Info", (), {"run_name": "r", "experiment_id": "7"})
+
+    monkeypatch.setattr(mr, "read_store", lambda uri, read: (Run(), {}, None))
+    lines, _ = _mlflow_lines({"mlflow_run_id": "abc"}, 4, None, "http://alice:S3cr3tPW@127.0.0.1:5055")
+    assert "in http://alice:***@127.0.0.1:5055" in lines[0] and "S3cr3t" not in "\n".join(lines)

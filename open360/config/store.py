@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from open360.config import schema
-from open360.paths import CONFIGS_DIR, check_run_name
+from open360.paths import CONFIGS_DIR, check_run_name, resolve_workspace_path
 
 GROUP_SCHEMAS = {
     "model": schema.ModelConfig,
@@ -58,8 +58,10 @@ def check_schema(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigKeyError(f"config keys {missing} have no value (???); set them, e.g. {missing[0]}=<value>")
-    try:
-        check_run_name(cfg.run_name)
+    try:  # a new run's name follows the strict rule; an existing run named before it can still be resumed
+        resuming = str(OmegaConf.select(cfg, "trainer.resume", default="none")).strip() not in ("", "none", "None", "null")
+        existing = resuming and (resolve_workspace_path(cfg.workspace, "checkpoints") / str(cfg.run_name)).is_dir()
+        check_run_name(cfg.run_name, new=not existing)
     except ValueError as err:
         raise ConfigKeyError(str(err)) from err
 

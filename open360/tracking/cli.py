@@ -168,20 +168,35 @@ def push_main(argv: Sequence[str]) -> int:
         added = push_pending(store, run_dir)
         lineages = _local_lineages(run_dir)
         shards = _recorded_shard_dirs(store, lineages)
-        if shards:  # a run start whose shard push failed (remote down) only warned
-            store.push(shards)
     except VersioningError as err:
         return _fail("open360 ckpt push", err)
-    names = [store.relpath(p) for p in shards]
-    print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added}; pushed them and the shards {names}; "
-          "remote up to date")
-    marked = _mark_pushed(workspace, lineages)
+    shard_error = ""
+    try:  # a run start whose shard push failed (remote down) only warned; DVC pushes them from its cache
+        store.push([folder for folder, _ in shards])
+    except VersioningError as err:
+        shard_error = f" ({err})"
+    try:
+        missing = store.missing_on_remote([tracked for _, tracked in shards]) if shards else {}
+    except VersioningError as err:
+        return _fail("open360 ckpt push", f"checkpoints pushed, but the shards could not be checked: {err}")
+    names = [tracked.path for _, tracked in shards]
+    print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added} and pushed them")
+    incomplete = {path: n for path, n in missing.items() if n}
+    if incomplete:
+        return _fail(
+            "open360 ckpt push",
+            f"the run's shard folders {sorted(incomplete)} lack {sum(incomplete.values())} file(s) on the remote, "
+            f"which neither the folders nor this workspace's DVC cache hold{shard_error}; push them from the "
+            "workspace that built them (`dvc push shards/<folder>`)",
+        )
+    print(f"pushed the shards {names}; remote up to date")
+    marked = _mark_pushed(workspace, lineages, {n: d.md5 for n, d in store.tracked_children(run_dir).items()})
     if marked:
-        print(f"MLflow checkpoint records of steps {marked} now say pushed")
+        print(f"MLflow checkpoint records of steps {sorted(set(marked))} now say pushed")
     return 0
 
 
-def _mark_pushed(workspace: Path, lineages: dict[int, dict[str, Any]]) -> list[int]:
+def _mark_pushed(workspace: Path, lineages: dict[int, dict[str, Any]], pushed_md5: dict[str, str]) -> list[int]:
     """Set `pushed` in the run's MLflow checkpoint records that a failed push left false, for the checkpoints
     just pushed (the MLflow run named by their lineage, in the workspace's store); a store that cannot be read
     is a warning: DVC, not the record, holds the truth (`ckpt list`)."""
@@ -201,7 +216,13 @@ def _mark_pushed(workspace: Path, lineages: dict[int, dict[str, Any]]) -> list[i
         marked = []
         for run_id in sorted(run_ids):
             for step, record in sorted(mr.checkpoint_records(client, run_id).items()):
-                if record.get("pushed") is False and step in steps:
+                # only the record of the checkpoint just pushed: a superseded branch's record of the same
+                # step number (another md5) stays as it was
+                if (
+                    record.get("pushed") is False
+                    and step in steps
+                    and record.get("dvc_md5") == pushed_md5.get(f"step_{step}")
+                ):
                     value = fit_tag(json.dumps({**record, "pushed": True}, sort_keys=True))
                     client.set_tag(run_id, checkpoint_tag(step), value)
                     marked.append(step)
@@ -228,9 +249,9 @@ def _local_lineages(run_dir: Path) -> dict[int, dict[str, Any]]:
     return lineages
 
 
-def _recorded_shard_dirs(store: DvcWorkspace, lineages: dict[int, dict[str, Any]]) -> list[Path]:
-    """The shard folders the run's local checkpoints trained on (a warm start's base included) that are on
-    this machine and recorded in DVC."""
+def _recorded_shard_dirs(store: DvcWorkspace, lineages: dict[int, dict[str, Any]]) -> list[tuple[Path, Any]]:
+    """(folder, DVC record) of the shard folders the run's local checkpoints trained on (a warm start's base
+    included) that DVC records, whether or not they are still on this machine (DVC pushes from its cache)."""
     folders: set[Path] = set()
     for lineage in lineages.values():
         for entry in data_history(lineage) + inherited_data_history(lineage):
@@ -239,11 +260,9 @@ def _recorded_shard_dirs(store: DvcWorkspace, lineages: dict[int, dict[str, Any]
     recorded = []
     for folder in sorted(folders):
         try:
-            store.tracked(folder)
+            recorded.append((folder, store.tracked(folder)))
         except VersioningError:  # not versioned (tracking.dvc was off, or another workspace's folder)
             continue
-        if folder.is_dir():
-            recorded.append(folder)
     return recorded
 
 
@@ -326,6 +345,7 @@ def _mlflow_lines(
 ) -> tuple[list[str], str | None]:
     """(lines on the checkpoint's MLflow run, the DVC md5 its checkpoint record holds, if any)."""
     from open360.tracking import mlflow_records as mr
+    from open360.tracking.params import mask_value
 
     run_id = lineage.get("mlflow_run_id") or lineage.get("callbacks", {}).get("mlflow_run_id")
     if not isinstance(step, int):
@@ -346,7 +366,7 @@ def _mlflow_lines(
         return [f"mlflow: run {run_id} not readable: {err}"], None
     shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
     lines = [
-        f"mlflow: run {run_id} ({run.info.run_name}, experiment {run.info.experiment_id}) in {resolved}",
+        f"mlflow: run {run_id} ({run.info.run_name}, experiment {run.info.experiment_id}) in {mask_value(resolved)}",
         f"metrics at step {step}: {shown or '-'}",
     ]
     if record:

@@ -77,16 +77,21 @@ class LockRetry:
 
 
 @contextmanager
-def _startup_retries() -> Iterator[None]:
-    """MLflow's HTTP retries cut to one with a 15 s timeout (unless the user set them) while the run starts."""
-    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-    added = [key for key in limits if key not in os.environ]
-    os.environ.update({key: limits[key] for key in added})
+def _env_defaults(values: dict[str, str]) -> Iterator[None]:
+    """MLflow environment settings for the duration of a block, each only where the user has not set it."""
+    added = [key for key in values if key not in os.environ]
+    os.environ.update({key: values[key] for key in added})
     try:
         yield
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+# while the run starts, MLflow's HTTP retries are cut to one with a 15 s timeout (a server that is down fails fast)
+STARTUP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+# MLflow prints "View run ... at: <tracking URI>/..." when a run ends, password and all; open360 prints it masked
+NO_URL_PRINT = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def _code_tags() -> dict[str, str]:
@@ -153,7 +158,7 @@ class MlflowLogger(Callback):
     def preflight(self) -> None:
         """Open the store and its experiment before the run builds anything; a server that is down fails in
         seconds (one retry) rather than after MLflow's default back-off of several minutes."""
-        with _startup_retries():
+        with _env_defaults(STARTUP_RETRIES):
             self._connect(lambda: None)
 
     def on_run_start(self, info: RunInfo) -> None:
@@ -372,14 +377,27 @@ class MlflowLogger(Callback):
 
     def _log_checkpoint_record(self, step: int, record: dict[str, Any]) -> None:
         record = {"step": step, **record}
-        if record.pop(BACKFILL_KEY, False) and checkpoint_tag(step) in self._client.get_run(self.run_id).data.tags:
-            return  # sent again after a resume in case a killed run's record never arrived: this one did
+        if record.pop(BACKFILL_KEY, False):  # sent again after a resume, in case a killed run's never arrived
+            existing = self._client.get_run(self.run_id).data.tags.get(checkpoint_tag(step))
+            if existing is not None:  # it did; keep it, unless the catch-up has since pushed that same folder
+                try:
+                    kept = json.loads(existing)
+                except json.JSONDecodeError:
+                    return
+                same_folder = kept.get("dvc_md5") == record.get("dvc_md5")
+                if not (record.get("pushed") and kept.get("pushed") is False and same_folder):
+                    return
+                record = {**kept, "pushed": True}
         self._client.set_tag(self.run_id, checkpoint_tag(step), fit_tag(json.dumps(record, sort_keys=True)))
 
     def _finish(self, summary: dict[str, Any], status: str) -> None:
         if self._monitor is not None:
             self._monitor.finish()
-        self._client.set_terminated(self.run_id, status=status)
+        with _env_defaults(NO_URL_PRINT):
+            self._client.set_terminated(self.run_id, status=status)
+        if self.tracking_uri.startswith(("http://", "https://")) and self.experiment_id is not None:
+            url = f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            print(f"open360.tracking: MLflow run at {mask_value(url)}")
 
     def _start_system_metrics(self) -> None:
         try:

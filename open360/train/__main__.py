@@ -43,14 +43,29 @@ def check_stage_overrides(cfg: DictConfig, overrides: list[str]) -> None:
             )
 
 
+def anchor_relative_paths(cfg: DictConfig) -> None:
+    """Under `hydra.job.chdir=true` the job runs in Hydra's output folder: the relative paths of the command
+    line (workspace, trainer.init_from, a trainer.resume path) are made absolute against where it was typed."""
+    from hydra.utils import get_original_cwd
+
+    def anchored(value: str) -> str:
+        path = Path(value).expanduser()
+        return value if path.is_absolute() else str(Path(get_original_cwd()) / path)
+
+    cfg.workspace = anchored(str(cfg.workspace))
+    if cfg.trainer.init_from:
+        cfg.trainer.init_from = anchored(str(cfg.trainer.init_from))
+    resume = str(cfg.trainer.resume).strip()
+    if resume not in ("", "none", "None", "null", "auto") and not resume.isdigit():
+        cfg.trainer.resume = anchored(resume)
+
+
 @hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.get().job.chdir and not Path(cfg.workspace).expanduser().is_absolute():
-        from hydra.utils import get_original_cwd
-
-        cfg.workspace = str(Path(get_original_cwd()) / cfg.workspace)  # not Hydra's run folder it moved into
+    if HydraConfig.get().job.chdir:
+        anchor_relative_paths(cfg)
     try:
         check_schema(cfg)
         check_stage_overrides(cfg, list(HydraConfig.get().overrides.task))

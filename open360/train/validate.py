@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 POSITIVE_INTS = (
@@ -44,7 +46,31 @@ def check_training_config(cfg: DictConfig) -> None:
         )
     if int(cfg.data.build_workers) < 0:
         raise ValueError(f"data.build_workers={cfg.data.build_workers}: must be >= 0 (0 or 1 = build in this process)")
+    _check_choices(cfg)
+    if int(cfg.tracking.metric_buffer_steps) < 1:
+        raise ValueError(f"tracking.metric_buffer_steps={cfg.tracking.metric_buffer_steps}: must be >= 1")
+    init_from = cfg.trainer.init_from
+    if init_from and not (Path(str(init_from)).expanduser() / "lineage.json").is_file():
+        raise ValueError(
+            f"trainer.init_from={init_from}: not a checkpoint folder (no lineage.json); give a "
+            "checkpoints/<run>/step_<N> path (relative to where the command runs, or absolute)"
+        )
     check_optimizer_values(cfg.optim)
     resolve_precision(str(cfg.trainer.precision), "cpu")
     build_stages(cfg)
     CadencePolicy.from_config(cfg.checkpoint)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """Keys that take one of a few words: a misspelling fails here, not after the run's folders exist."""
+    from open360.backends.native import DISTRIBUTED_MODES
+    from open360.train.pipeline import BACKENDS
+
+    for key, choices in (
+        ("trainer.device", ("auto", "cpu", "cuda")),
+        ("trainer.backend", BACKENDS),
+        ("trainer.distributed", DISTRIBUTED_MODES),
+    ):
+        value = str(OmegaConf.select(cfg, key))
+        if value not in choices:
+            raise ValueError(f"{key}={value!r}: expected one of {', '.join(choices)}")

@@ -204,9 +204,7 @@ def run_training(cfg: DictConfig, device: str, init_from: Path | None = None) ->
     and step 0). A resumed run takes its weights from the resume checkpoint instead.
     """
     check_training_config(cfg)
-    backend = str(cfg.trainer.backend)
-    if backend not in BACKENDS:
-        raise TrainingError(f"trainer.backend={backend!r}: expected one of {BACKENDS}")
+    backend = str(cfg.trainer.backend)  # one of BACKENDS (check_training_config)
     if backend == "megatron":
         _check_megatron_available(device)
     elif int(cfg.trainer.tensor_parallel) > 1 or int(cfg.trainer.pipeline_parallel) > 1:

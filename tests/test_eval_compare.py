@@ -86,6 +86,13 @@ def test_unknown_run_is_named(sweep, capsys):
     assert err.startswith("open360.analysis.compare: ") and "no_such_run" in err and "Traceback" not in err
 
 
+def test_devices_out_of_range_is_named(sweep, capsys):
+    from open360.analysis.compare import main
+
+    assert main(["runs=[a]", "devices=-1", f"workspace={sweep}", f"out_dir={sweep / 'neg'}"]) == 2
+    assert "devices=-1: must be >= 1" in capsys.readouterr().err and not (sweep / "neg").exists()
+
+
 def test_a_wrong_workspace_or_run_name_is_named_and_creates_nothing(sweep, tmp_path, capsys):
     from open360.analysis.compare import main, run_config
 

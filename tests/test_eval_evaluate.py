@@ -159,6 +159,60 @@ def test_replaced_weights_are_evaluated_again_and_damaged_ones_refused(tiny_run,
     assert "but " in (err := capsys.readouterr().err) and "was trained with" in err and "recipe=" in err
 
 
+def test_steps_done_before_a_failure_or_ctrl_c_are_kept(tiny_run, tmp_path, capsys, monkeypatch):
+    """eval.parquet is written after every checkpoint: a damaged later checkpoint or a Ctrl-C loses none of
+    the steps already evaluated, and the next run evaluates only the rest."""
+    import shutil
+
+    from open360.analysis import evaluate as ev
+
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny_run / "checkpoints" / RUN, ws / "checkpoints" / RUN)
+    args = [f"run={RUN}", f"workspace={ws}", "checkpoints=[10,20,30]", "tasks=[]", "mlflow=false", "val_sequences=4"]
+    weights = ws / "checkpoints" / RUN / "step_20" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-100] + bytes([good[-100] ^ 1]) + good[-99:])
+    assert ev.main(args) == 2
+    assert "step_20/model.safetensors: sha256" in capsys.readouterr().err
+    table = ws / "analysis" / RUN / "eval.parquet"
+    assert set(pd.read_parquet(table).step) == {10}
+    weights.write_bytes(good)
+
+    real = ev.validation_metrics
+
+    def interrupted(model, val_sets, *rest):  # noqa: ANN001, ANN002, ANN202
+        if len(interrupted.seen) == 1:
+            raise KeyboardInterrupt
+        interrupted.seen.append(1)
+        return real(model, val_sets, *rest)
+
+    interrupted.seen = []
+    monkeypatch.setattr(ev, "validation_metrics", interrupted)
+    assert ev.main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the results written so far are kept" in err and "Traceback" not in err
+    assert set(pd.read_parquet(table).step) == {10, 20}  # step 20 was done, step 30 interrupted
+    monkeypatch.setattr(ev, "validation_metrics", real)
+    assert ev.main(args) == 0
+    assert "step 10" not in capsys.readouterr().out  # only step 30 was left
+    assert set(pd.read_parquet(table).step) == {10, 20, 30}
+
+
+def test_checkpoints_a_resume_branch_superseded_leave_the_table(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from open360.analysis.evaluate import main
+
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny_run / "checkpoints" / RUN, ws / "checkpoints" / RUN)
+    args = [f"run={RUN}", f"workspace={ws}", "tasks=[]", "mlflow=false", "val_sequences=4"]
+    assert main([*args, "checkpoints=[30,40]"]) == 0
+    shutil.move(ws / "checkpoints" / RUN / "step_40", tmp_path / "superseded_step_40")  # what a branch does
+    assert main([*args, "checkpoints=[10]"]) == 0
+    assert "no longer has checkpoints [40]" in capsys.readouterr().err
+    assert set(pd.read_parquet(ws / "analysis" / RUN / "eval.parquet").step) == {10, 30}
+
+
 def test_the_held_out_split_is_the_one_the_run_trained_with(tmp_path, capsys):
     """The recipe file edited after training: evaluation still reads the run's own shards (the lineage's
     folder), builds nothing; without that folder it refuses instead of scoring another held-out split."""

@@ -211,6 +211,20 @@ def test_unknown_run_exits_with_one_line(tmp_path, capsys):
     assert err.startswith("open360.analysis.long_context: ") and "no_such_run" in err
 
 
+@pytest.mark.parametrize("arg,says", [
+    ("sequences=-3", "sequences=-3: must be >= 1"),
+    ("passkey_trials=0", "passkey_trials=0: must be >= 1"),
+    ("passkey_candidates=1", "passkey_candidates=1: must be >= 2"),
+    ("batch_size=0", "batch_size=0: must be >= 1"),
+])
+def test_counts_out_of_range_name_their_key(tmp_path, capsys, arg, says):
+    from open360.analysis.long_context import main
+
+    assert main(["base=a", "finetuned=b", f"workspace={tmp_path}", arg]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("open360.analysis.long_context: ") and says in err and "Traceback" not in err
+
+
 def test_the_variants_must_come_from_one_base(tmp_path):
     """(a)/(b)/(c) compare one model before and after PI fine-tuning: a fine-tuned run started from other
     weights, or tokenizing otherwise, is refused before any model is loaded."""

@@ -372,24 +372,32 @@ def test_teacher_forced_screen_is_labelled_and_exact_on_full_match(trained_run: 
 
 
 def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    """Keys hold the settings and the dtype; a job over part of the run's matrix logs its report beside the
+    whole matrix's, never over it."""
     root = _copy_workspace(trained_run, tmp_path)
     client, run_id = _with_mlflow_run(root)
-    part = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=8")))
-    tag = part.out_dir.name
-    assert part.report is not None
-    logged = {a.path for a in client.list_artifacts(run_id, f"memorization/{tag}")}
-    assert f"memorization/{tag}/report.md" in logged and f"memorization/{tag}/chunk_heatmap.png" in logged
-    # Two of the chunks are not a checkpoint's score: no metric is logged for them.
-    assert client.get_metric_history(run_id, f"memorization/{tag}/full_match") == []
-    whole = run_job(parse_args(_job(root, "checkpoints=20,160", "sample=8", "report=true")))
-    history = client.get_metric_history(run_id, f"memorization/{whole.out_dir.name}/full_match")
-    assert sorted(m.step for m in history) == [20, 160]
+    whole = run_job(parse_args(_job(root, "sample=8")))  # every checkpoint x every chunk
+    key = f"{whole.out_dir.name}-float32"
+    logged = {a.path for a in client.list_artifacts(run_id, f"memorization/{key}")}
+    assert f"memorization/{key}/report.md" in logged and f"memorization/{key}/chunk_heatmap.png" in logged
+    history = client.get_metric_history(run_id, f"memorization/{key}/full_match")
+    assert sorted(m.step for m in history) == whole.steps
+    report = client.download_artifacts(run_id, f"memorization/{key}/report.md", str(tmp_path / "dl1"))
+    whole_report = Path(report).read_text()
+
+    part = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=8", f"out_dir={tmp_path / 'p'}")))
+    assert part.report is not None and f"{part.out_dir.name}-float32" == key
+    parts = [a.path for a in client.list_artifacts(run_id, f"memorization/{key}") if "/part-" in a.path]
+    assert len(parts) == 1 and f"{parts[0]}/report.md" in {a.path for a in client.list_artifacts(run_id, parts[0])}
+    report = client.download_artifacts(run_id, f"memorization/{key}/report.md", str(tmp_path / "dl2"))
+    assert Path(report).read_text() == whole_report  # the whole matrix's report is still the one there
+    # Two of the chunks are not a checkpoint's score: no metric value is added for them.
+    assert len(client.get_metric_history(run_id, f"memorization/{key}/full_match")) == len(whole.steps)
     other = run_job(parse_args(_job(root, "checkpoints=20", "sample=4")))  # another sample: its own key
     assert other.out_dir.name != whole.out_dir.name
-    assert len(client.get_metric_history(run_id, f"memorization/{whole.out_dir.name}/full_match")) == 2
-    run_job(parse_args(_job(root, "checkpoints=20,160", "sample=8")))  # a re-run repeats no value
-    assert len(client.get_metric_history(run_id, f"memorization/{whole.out_dir.name}/full_match")) == 2
-    assert len(client.get_metric_history(run_id, f"memorization/{other.out_dir.name}/full_match")) == 1
+    run_job(parse_args(_job(root, "sample=8")))  # a re-run repeats no value
+    assert len(client.get_metric_history(run_id, f"memorization/{key}/full_match")) == len(whole.steps)
+    assert len(client.get_metric_history(run_id, f"memorization/{other.out_dir.name}-float32/full_match")) == 1
     # A clone without the run's mlflow.db: the report is written, logging is skipped, no store is made.
     (root / "mlflow.db").unlink()
     clone = run_job(parse_args(_job(root, "checkpoints=20", "sample=2")))
@@ -621,8 +629,9 @@ def test_released_checkpoints_still_log_the_report_to_their_run(
     result = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=4", "release_local=true")))
     assert result.report is not None and sorted(pulled) == [20, 160]
     assert not (root / "checkpoints" / RUN / "step_20").exists() and not (root / "checkpoints" / RUN / "step_160").exists()
-    tag = result.out_dir.name
-    assert f"memorization/{tag}/report.md" in {a.path for a in client.list_artifacts(run_id, f"memorization/{tag}")}
+    key = f"memorization/{result.out_dir.name}-float32"
+    (part,) = [a.path for a in client.list_artifacts(run_id, key) if "/part-" in a.path]  # 2 chunks of the run's
+    assert f"{part}/report.md" in {a.path for a in client.list_artifacts(run_id, part)}
 
 
 def test_a_full_disk_and_an_interrupt_keep_the_cells_written(

@@ -238,6 +238,9 @@ def compare_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the runs from MLflow, write compare.parquet, compare.png and compare.md; (curves, summaries)."""
     if not cfg.runs:
         raise ValueError("runs=[...]: name at least one MLflow run")
+    for key in ("devices", "smooth"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)}: must be >= 1")
     workspace = Path(cfg.workspace).expanduser().resolve()
     client = _client(cfg.tracking_uri, workspace)
     parts, rows = [], []

@@ -68,9 +68,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def report_errors(prog: str, job: Callable[[], int]) -> int:
-    """Run `job`; a user error (see `user_errors`) prints `prog: message` on stderr and returns 2."""
+    """Run `job`; a user error (see `user_errors`) prints `prog: message` on stderr and returns 2, Ctrl-C one
+    line and 130 (what a job had finished is on disk: each writes its results as it goes)."""
     try:
         return job()
     except user_errors() as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the results written so far are kept — run it again to go on", file=sys.stderr)
+        return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -407,12 +408,13 @@ def settings_file(parquet: Path) -> Path:
 
 
 def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
-                     weights: dict[int, str | None] | None = None) -> pd.DataFrame:
+                     weights: dict[int, str | None] | None = None, steps: set[int] | None = None) -> pd.DataFrame:
     """The rows of eval.parquet this evaluation keeps: all of them, less the selected steps when
-    `recompute`, and less the steps whose checkpoint now holds other weights than the rows were computed
-    from (`weights`: step -> model sha256; a resumed branch replaced it); none when `recompute` and the
-    settings changed. Other settings without `recompute` are an error (one table must not mix two
-    evaluations, and nothing is dropped unasked)."""
+    `recompute`, less the steps whose checkpoint now holds other weights than the rows were computed
+    from (`weights`: step -> model sha256; a resumed branch replaced it), and less the steps the run no
+    longer has (`steps`: its checkpoints now; a branch moved the later ones to superseded/); none when
+    `recompute` and the settings changed. Other settings without `recompute` are an error (one table must
+    not mix two evaluations, and nothing is dropped unasked)."""
     if not parquet.is_file():
         return pd.DataFrame(columns=COLUMNS)
     file = settings_file(parquet)
@@ -437,8 +439,28 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
         print(f"open360.evaluate: {parquet}: the checkpoints of steps {replaced} hold other weights than "
               "their rows were computed from (a resumed branch replaced them); evaluating them again",
               file=sys.stderr)
-    drop = set(replaced) | (set(selected) if cfg.recompute else set())
+    gone = sorted({int(step) for step in previous["step"]} - steps) if steps is not None else []
+    if gone:
+        print(f"open360.evaluate: {parquet}: the run no longer has checkpoints {gone} (a resume branched before "
+              "them: they are in superseded/); their rows are dropped", file=sys.stderr)
+    drop = set(replaced) | set(gone) | (set(selected) if cfg.recompute else set())
     return previous[~previous["step"].isin(drop)]
+
+
+def write_table(previous: pd.DataFrame, rows: list[dict], parquet: Path, cfg: EvaluateConfig) -> pd.DataFrame:
+    """eval.parquet (and its settings) as `previous` plus the new `rows`, replaced atomically: written after
+    every checkpoint, so that a later failure or Ctrl-C loses none that were done."""
+    new = pd.DataFrame(rows, columns=COLUMNS)
+    frames = [f for f in (previous, new) if not f.empty]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else new)
+    df = df.sort_values(["step", "kind", "name", "metric"]).reset_index(drop=True)
+    settings = settings_file(parquet)
+    tmp_settings, tmp_table = (p.with_name(f".tmp-{os.getpid()}-{p.name}") for p in (settings, parquet))
+    tmp_settings.write_text(json.dumps(eval_settings(cfg), indent=1, sort_keys=True) + "\n")
+    df.to_parquet(tmp_table, index=False)
+    os.replace(tmp_settings, settings)
+    os.replace(tmp_table, parquet)
+    return df
 
 
 def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
@@ -468,7 +490,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     parquet = out_dir / EVAL_PARQUET
     lineages = {step: read_lineage(ckpt) for step, ckpt in selected if step not in absent}
     weights = {step: (lin.get("files") or {}).get(MODEL_FILE) for step, lin in lineages.items()}
-    previous = previous_results(parquet, cfg, [step for step, _ in selected], weights)
+    previous = previous_results(parquet, cfg, [step for step, _ in selected], weights, {step for step, _ in available})
     done = set(previous["step"].astype(int)) if not previous.empty else set()
     to_pull = sorted(absent - done)  # a step evaluated before is not fetched again to be skipped
     if to_pull and not cfg.pull:
@@ -516,13 +538,10 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         print(f"open360.evaluate: {cfg.run} step {step}: " + ", ".join(
             f"{r['name']}/{r['metric']}={r['value']:.4g}" for r in rows if r["step"] == step and r["metric"] != "tokens"))
         del model
+        write_table(previous, rows, parquet, cfg)
 
     new = pd.DataFrame(rows, columns=COLUMNS)
-    frames = [f for f in (previous, new) if not f.empty]
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else new)
-    df = df.sort_values(["step", "kind", "name", "metric"]).reset_index(drop=True)
-    df.to_parquet(parquet, index=False)
-    settings_file(parquet).write_text(json.dumps(eval_settings(cfg), indent=1, sort_keys=True) + "\n")
+    df = write_table(previous, rows, parquet, cfg)
     if df.empty:
         return df
     plot_eval_curves(df, out_dir / EVAL_PLOT, title=f"{cfg.run}: evaluation across checkpoints")

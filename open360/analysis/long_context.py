@@ -313,6 +313,13 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
     """Load both checkpoints, compare (a)/(b)/(c) at L', write parquet, markdown table and plot."""
     from open360.checkpoint.io import load_model_from_checkpoint, read_lineage
 
+    for key in ("sequences", "buckets", "passkey_trials", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)}: must be >= 1")
+    if cfg.passkey_candidates < 2:
+        raise ValueError(f"passkey_candidates={cfg.passkey_candidates}: must be >= 2 (the true key and a decoy)")
+    if cfg.stride < 0:
+        raise ValueError(f"stride={cfg.stride}: must be >= 0 (0 = the base's context L)")
     check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
     base_ckpt, ft_ckpt = resolve_checkpoint(cfg.base, workspace), resolve_checkpoint(cfg.finetuned, workspace)

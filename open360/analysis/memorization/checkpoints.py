@@ -17,11 +17,9 @@ def run_checkpoint_dir(workspace: Path, run: str) -> Path:
     return run_dirs(workspace, run)[0]
 
 
-def resolve_steps(job: MemorizationJobConfig, workspace: Path) -> list[int]:
-    """Steps to analyse: all / latest / explicit list, from local checkpoints plus DVC-tracked ones."""
-    from open360.tracking.checkpoints import known_checkpoints
-
-    known = [step for step, _ in known_checkpoints(workspace, job.run, "memorization")]  # DVC-recorded: pulled later
+def resolve_steps(job: MemorizationJobConfig, workspace: Path, known: list[int]) -> list[int]:
+    """Steps to analyse: all / latest / explicit list, of the run's `known` steps (local checkpoints plus
+    DVC-recorded ones, pulled later)."""
     value = job.checkpoints
     if isinstance(value, str) and value.strip().lower() == "latest":
         if not known:

@@ -183,7 +183,10 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     out_dir = (
         Path(job.out_dir) if job.out_dir else workspace / "analysis" / job.run / "memorization" / job_tag(job)
     )
-    steps = resolve_steps(job, workspace)
+    from open360.tracking.checkpoints import known_checkpoints
+
+    known_steps = [step for step, _ in known_checkpoints(workspace, job.run, "memorization")]  # DVC-recorded too
+    steps = resolve_steps(job, workspace, known_steps)
     if not job.pull:
         from open360.checkpoint.io import MODEL_FILE, step_dir_name
 
@@ -331,8 +334,9 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
 
         merge_cells(out_dir, valid_cells)  # this job's matrix only: other cells in out_dir may be stale
         if complete and job.report:
+            whole = set(steps) == set(known_steps) and len(chunks) == data.num_chunks
             report = render_report(out_dir, run=job.run, workspace=workspace, log_mlflow=job.mlflow, cells=cells,
-                                   mlflow_run=mlflow_run)
+                                   mlflow_run=mlflow_run, part=None if whole else (steps, chunks))
     return JobResult(out_dir, steps, chunks, computed, done, complete, report)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -281,12 +282,14 @@ def render_report(
     log_mlflow: bool = True,
     cells: list[tuple[int, int]] | None = None,
     mlflow_run: tuple[str, str] | None = None,
+    part: tuple[list[int], list[int]] | None = None,
 ) -> Path:
     """Render the figures and `report.md` of `cells` (a job's matrix; None: every cell) into `out_dir`.
 
     Returns the path of report.md. When `log_mlflow` and a checkpoint's lineage names an MLflow run
-    (and mlflow is importable), the figures, report and summary are logged to that run as artifacts
-    under `memorization/<tag>` and the per-checkpoint token_match/full_match as metrics at each step.
+    (and mlflow is importable), the per-checkpoint token_match/full_match are logged to that run as metrics
+    at each step under `memorization/<tag>-<dtype>`, with the figures, report and summary as artifacts
+    there — or, for a `part` of the run's matrix (its steps, chunks), under `.../part-<hash of the part>`.
     """
     import matplotlib
 
@@ -362,7 +365,7 @@ def render_report(
     report = out_dir / "report.md"
     report.write_text("\n".join(md))
     if log_mlflow:
-        _log_mlflow(out_dir, run, workspace, progress, summary, meta, mlflow_run)
+        _log_mlflow(out_dir, run, workspace, progress, summary, meta, mlflow_run, part)
     return report
 
 
@@ -392,9 +395,13 @@ def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
 def _log_mlflow(
     out_dir: Path, run: str, workspace: Path | None, progress: Any, summary: Any, meta: dict[str, Any],
     target: tuple[str, str] | None = None,
+    part: tuple[list[int], list[int]] | None = None,
 ) -> None:
-    """Log figures, report and the per-checkpoint scores (as `memorization/<tag>/token_match|full_match`,
-    only when every chunk was scored) to the run's MLflow run; skipped, with a note, without one."""
+    """Log the per-checkpoint scores (as `memorization/<tag>-<dtype>/token_match|full_match`, only for
+    checkpoints with every chunk scored) and figures, report and summary (there, or for a `part` of the
+    run's matrix in `part-<hash>/` under it) to the run's MLflow run; skipped, with a note, without one.
+    The key holds every setting the numbers depend on, so jobs of other settings or dtypes never overwrite
+    each other, and a job over part of the matrix never replaces the whole one's report."""
     if workspace is None:
         return
     try:
@@ -414,11 +421,18 @@ def _log_mlflow(
 
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     tag = meta.get("tag") or out_dir.name
+    tag = f"{tag}-{meta['dtype']}" if meta.get("dtype") else tag
+    artifacts = f"memorization/{tag}"
+    if part is not None:
+        digest = hashlib.sha256(json.dumps([sorted(part[0]), sorted(part[1])]).encode()).hexdigest()[:8]
+        artifacts += f"/part-{digest}"
+        print(f"memorization: this job scored part of the run's checkpoints x chunks: its report is logged to "
+              f"MLflow under {artifacts}/ (memorization/{tag}/ holds the whole matrix's)")
     try:
         client.get_run(run_id)
         for name in (*FIGURES.values(), "report.md", SUMMARY_FILE, "progress.csv"):
             if (out_dir / name).is_file():
-                client.log_artifact(run_id, str(out_dir / name), artifact_path=f"memorization/{tag}")
+                client.log_artifact(run_id, str(out_dir / name), artifact_path=artifacts)
         # A checkpoint's score is its mean over every chunk: steps scored on some chunks only are not logged.
         every = set(range(int(meta["num_chunks"]))) if meta.get("num_chunks") is not None else None
         whole = {int(s) for s, g in summary.groupby("step") if every is None or set(g.chunk.astype(int)) == every}

@@ -386,7 +386,7 @@ def test_report_is_logged_to_the_runs_mlflow_run(trained_run: tuple[Path, str], 
     whole_report = Path(report).read_text()
 
     part = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=8", f"out_dir={tmp_path / 'p'}")))
-    assert part.report is not None and f"{part.out_dir.name}-float32" == key
+    assert part.report is not None  # same settings and dtype as the whole job: the same key
     parts = [a.path for a in client.list_artifacts(run_id, f"memorization/{key}") if "/part-" in a.path]
     assert len(parts) == 1 and f"{parts[0]}/report.md" in {a.path for a in client.list_artifacts(run_id, parts[0])}
     report = client.download_artifacts(run_id, f"memorization/{key}/report.md", str(tmp_path / "dl2"))

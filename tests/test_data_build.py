@@ -205,7 +205,7 @@ def test_crystalcoder_stages_share_tokenizer_and_fim(tmp_path: Path) -> None:
 # The manifest hash covers the recipe, the tokenizer hash, every per-source count and every shard's content
 # hash (not file bytes), so a different value on another machine means the build is not reproducible there.
 # Update both only when the recipe or the pipeline changes on purpose.
-GOLDEN_MANIFEST = "297732db1a98e341b31609e07546120eeacf5f8d1768e6802b87d00dfac2d8e6"
+GOLDEN_MANIFEST = "0d853787e5637463ba87dc864d6f559cebb56b9cda50967fa7fbbfaf4f6e9291"
 GOLDEN_TOKENIZER = "d67bb3ef40fb0b452528bb809a40fea68628a2abb3f7aa822aebf890a0bf08ae"
 
 
@@ -307,3 +307,25 @@ def test_a_damaged_token_column_type_is_a_shard_error(tiny: Path, tmp_path: Path
     pq.write_table(as_list.replace_schema_metadata(None), path)
     with pytest.raises(ShardError, match=r"train_00001\.parquet: no open360 footer"):
         ShardSet.open(out)
+
+
+def test_a_folder_of_format_1_is_still_read_and_reused(tiny: Path, tmp_path: Path) -> None:
+    """Folders built before row-group hashes (format 1) keep their name, open with a warning (their
+    contents are checked by `data verify`, per file) and are reused by a build: runs trained on them resume."""
+    from open360.data.recipe import READABLE_FORMATS
+    from open360.data.shards import manifest_hash_of
+
+    out = Path(shutil.copytree(tiny, tmp_path / tiny.name))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format"] = READABLE_FORMATS[0]
+    for entry in [*manifest["chunks"], *manifest["validation"].values()]:
+        del entry["row_group_sha256"]
+    manifest["manifest_hash"] = manifest_hash_of(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest, sort_keys=True, indent=1))
+    with pytest.warns(UserWarning, match="built by an older open360 .*`open360 data verify` checks whole files"):
+        old = ShardSet.open(out)
+    assert np.array_equal(old.sequences(np.arange(40)), ShardSet.open(tiny).sequences(np.arange(40)))
+    old.verify_content()
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    assert build_shards(RECIPE, tmp_path, seed=1234) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime

@@ -262,8 +262,8 @@ def _verify(args: argparse.Namespace) -> int:
     shards = ShardSet.open(args.shards)
     shards.verify_content()
     entries = [*shards.manifest["chunks"], *shards.manifest["validation"].values()]
-    groups = sum(len(e["row_group_sha256"]) for e in entries)
-    print(f"{shards.path}: {len(entries)} files, {groups} row groups, every hash matches the manifest")
+    groups = sum(len(e.get("row_group_sha256", [])) for e in entries)
+    print(f"{shards.path}: {len(entries)} files, {groups} hashed row groups, every hash matches the manifest")
     return 0
 
 

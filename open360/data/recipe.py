@@ -17,7 +17,12 @@ from open360.paths import resolve_repo_path
 
 SOURCE_TYPES = ("jsonl", "parquet", "text", "dir", "hf", "llm360_chunks")
 TOKENIZER_KINDS = ("train", "file", "hub")
-FORMAT_VERSION = "open360-shards/2"  # 2: a content hash per row group
+FORMAT_VERSION = "open360-shards/2"  # what a build writes; 2: a content hash per row group
+READABLE_FORMATS = ("open360-shards/1", FORMAT_VERSION)  # 1: a content hash per file only
+# The recipe hash (and so the shard folder's name) is taken with the format the folder layout first had:
+# format 2 added a manifest field, not a new layout, so folders built by format 1 keep their names and runs
+# trained on them resume.
+RECIPE_HASH_FORMAT = "open360-shards/1"
 # `datasets` builders that read the data files they are given (type hf, hf_name: json, ...)
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -387,6 +392,6 @@ def canonical_json(obj: Any) -> str:
 
 
 def recipe_hash(recipe: RecipeSpec) -> str:
-    """sha256 of the format version and the resolved recipe (seed included)."""
-    payload = canonical_json({"format": FORMAT_VERSION, "recipe": recipe_to_dict(recipe)})
+    """sha256 of the layout's format version and the resolved recipe (seed included)."""
+    payload = canonical_json({"format": RECIPE_HASH_FORMAT, "recipe": recipe_to_dict(recipe)})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()

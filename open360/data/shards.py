@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from open360.data.recipe import FORMAT_VERSION, canonical_json
+from open360.data.recipe import READABLE_FORMATS, canonical_json
 from open360.data.tokenizer import TokenizerMismatchError, tokenizer_bytes_hash
 
 MANIFEST = "manifest.json"
@@ -148,8 +149,8 @@ def _checked_row_group(
                 )
         tokens = _tokens_of(table, path)
         sources = table.column("source").cast(pa.string()).to_pylist()
-    expected = entry["row_group_sha256"]
-    if rg >= len(expected) or content_sha256(tokens, sources) != expected[rg]:
+    expected = entry.get("row_group_sha256")  # absent from format-1 manifests (ShardSet.open warns)
+    if expected is not None and (rg >= len(expected) or content_sha256(tokens, sources) != expected[rg]):
         raise ShardError(
             f"{path}: row group {rg} differs from the manifest's hash of it — the file was altered; "
             "`dvc pull` it again, or delete it and run `open360 data build` (it writes the file again)"
@@ -175,8 +176,8 @@ def manifest_hash_of(manifest: dict[str, Any]) -> str:
 
 def check_manifest(mpath: Path, manifest: dict[str, Any]) -> None:
     """Raise unless the manifest is of this format and its `manifest_hash` matches its content."""
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}; rebuild")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS}; rebuild")
     if manifest_hash_of(manifest) != manifest.get("manifest_hash"):
         raise ShardError(f"{mpath}: manifest_hash does not match its content — the manifest was edited; rebuild the shards")
 
@@ -199,12 +200,15 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
         if not f.is_file():
             raise ShardError(f"{f}: listed in the manifest but missing; `dvc pull` it or rebuild")
         meta = open_shard_file(f).metadata
-        if meta.num_rows != entry["rows"] or meta.num_row_groups != len(entry["row_group_sha256"]):
+        groups = len(entry["row_group_sha256"]) if "row_group_sha256" in entry else meta.num_row_groups
+        if meta.num_rows != entry["rows"] or meta.num_row_groups != groups:
             raise ShardError(
                 f"{f}: {meta.num_rows} rows in {meta.num_row_groups} row groups, the manifest records "
-                f"{entry['rows']} in {len(entry['row_group_sha256'])}; `dvc pull` it again or rebuild"
+                f"{entry['rows']} in {groups}; `dvc pull` it again or rebuild"
             )
         footer = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+        if not footer and manifest["format"] == READABLE_FORMATS[0]:  # format 1 built before footers existed
+            continue
         if RECIPE_HASH_KEY not in footer or FILE_KEY not in footer:
             raise ShardError(f"{f}: no open360 footer — not a file of an open360 build; `dvc pull` it again or rebuild")
         if (footer[RECIPE_HASH_KEY], footer[FILE_KEY]) != (manifest["recipe_hash"], entry["file"]):
@@ -249,6 +253,12 @@ class ShardSet:
             ) from err
         check_manifest(mpath, manifest)
         check_files(path, manifest)
+        if manifest["format"] == READABLE_FORMATS[0]:
+            warnings.warn(
+                f"{path}: built by an older open360 (format {READABLE_FORMATS[0]}): its row groups carry no "
+                "hashes, so a rewritten file is not found as it is read — `open360 data verify` checks whole "
+                "files", stacklevel=2,
+            )
         actual = manifest["tokenizer"]["sha256"]
         if expected_tokenizer_hash is not None and expected_tokenizer_hash != actual:
             raise TokenizerMismatchError(

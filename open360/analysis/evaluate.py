@@ -504,6 +504,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
             weights[step] = (lineages[step].get("files") or {}).get(MODEL_FILE)
 
     rows: list[dict] = []
+    df = None  # the table as last written
     val_cache: dict[Path, tuple[dict[str, np.ndarray], Path, str]] = {}
     shard_dirs: dict[tuple[str, ...], Path] = {}  # one resolution (pull, build, verify) per data history
     full_cfg = None
@@ -538,10 +539,11 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         print(f"open360.evaluate: {cfg.run} step {step}: " + ", ".join(
             f"{r['name']}/{r['metric']}={r['value']:.4g}" for r in rows if r["step"] == step and r["metric"] != "tokens"))
         del model
-        write_table(previous, rows, parquet, cfg)
+        df = write_table(previous, rows, parquet, cfg)
 
+    if df is None:  # nothing evaluated now: the table may still lose rows (superseded or replaced steps)
+        df = write_table(previous, rows, parquet, cfg)
     new = pd.DataFrame(rows, columns=COLUMNS)
-    df = write_table(previous, rows, parquet, cfg)
     if df.empty:
         return df
     plot_eval_curves(df, out_dir / EVAL_PLOT, title=f"{cfg.run}: evaluation across checkpoints")

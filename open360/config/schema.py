@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+RESUME_OFF = ("", "none", "None", "null")  # trainer.resume values that start a run afresh
+
+
+def resume_is_off(resume: object) -> bool:
+    return str(resume).strip() in RESUME_OFF
+
 
 @dataclass
 class MupConfig:

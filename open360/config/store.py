@@ -59,7 +59,7 @@ def check_schema(cfg: DictConfig) -> None:
     if missing:
         raise ConfigKeyError(f"config keys {missing} have no value (???); set them, e.g. {missing[0]}=<value>")
     try:  # a new run's name follows the strict rule; an existing run named before it can still be resumed
-        resuming = str(OmegaConf.select(cfg, "trainer.resume", default="none")).strip() not in ("", "none", "None", "null")
+        resuming = not schema.resume_is_off(OmegaConf.select(cfg, "trainer.resume", default="none"))
         existing = resuming and (resolve_workspace_path(cfg.workspace, "checkpoints") / str(cfg.run_name)).is_dir()
         check_run_name(cfg.run_name, new=not existing)
     except ValueError as err:

@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from open360.config import register_configs
+from open360.config.schema import resume_is_off
 from open360.config.store import ConfigKeyError, check_schema
 from open360.paths import CONFIGS_DIR
 from open360.train.resources import ResourceError, check_resources
@@ -56,7 +57,7 @@ def anchor_relative_paths(cfg: DictConfig) -> None:
     if cfg.trainer.init_from:
         cfg.trainer.init_from = anchored(str(cfg.trainer.init_from))
     resume = str(cfg.trainer.resume).strip()
-    if resume not in ("", "none", "None", "null", "auto") and not resume.isdigit():
+    if not resume_is_off(resume) and resume != "auto" and not resume.isdigit():
         cfg.trainer.resume = anchored(resume)
 
 

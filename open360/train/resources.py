@@ -22,14 +22,17 @@ def training_memory_gib(cfg: DictConfig) -> float:
     return count_parameters(cfg.model) * BYTES_PER_PARAM_TRAINING / GIB
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def resolve_device(requested: str) -> str:
     """`auto` means CUDA when available, else CPU."""
     import torch
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested not in ("cpu", "cuda"):
-        raise ResourceError(f"trainer.device={requested!r}: expected one of auto, cpu, cuda")
+    if requested not in DEVICES:
+        raise ResourceError(f"trainer.device={requested!r}: expected one of {', '.join(DEVICES)}")
     return requested
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from open360.checkpoint.io import CheckpointError, list_checkpoints, read_lineage
+from open360.config.schema import resume_is_off
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -66,7 +67,7 @@ def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path)
     """Resolve `trainer.resume`: none, auto (newest complete checkpoint, published or recovery), a step, a path."""
     resume = str(resume).strip()
     candidates = list_checkpoints(published_dir) + list_checkpoints(recovery_dir)
-    if resume in ("", "none", "None", "null"):
+    if resume_is_off(resume):
         if candidates:  # a fresh start would overwrite them step by step and mix two runs in one folder
             raise CheckpointError(
                 f"{published_dir.parent}: run '{published_dir.name}' already has checkpoints (steps "

@@ -65,9 +65,10 @@ def _check_choices(cfg: DictConfig) -> None:
     """Keys that take one of a few words: a misspelling fails here, not after the run's folders exist."""
     from open360.backends.native import DISTRIBUTED_MODES
     from open360.train.pipeline import BACKENDS
+    from open360.train.resources import DEVICES
 
     for key, choices in (
-        ("trainer.device", ("auto", "cpu", "cuda")),
+        ("trainer.device", DEVICES),
         ("trainer.backend", BACKENDS),
         ("trainer.distributed", DISTRIBUTED_MODES),
     ):

@@ -314,4 +314,27 @@ def test_distributed_checkpoint_with_code_in_its_pickles_is_refused(tmp_path) ->
         dcp.save({"w": torch.zeros(4), "extra": Payload()}, checkpoint_id=evil_entry, no_dist=True)
         with pytest.raises(CheckpointError, match="entry 'extra' is not plain data"):
             check_distributed_checkpoint(evil_entry)
-    assert not marker.exists()
+
+    def stack_global(module: str, name: str, args: tuple) -> bytes:
+        """A protocol-4 pickle calling module.name(*args): names may be dotted attribute paths there."""
+        text = b"".join(b"\x8c" + bytes([len(s)]) + s.encode() for s in (module, name))
+        return b"\x80\x04" + text + b"\x93" + pickle.dumps(args, protocol=4)[2:-1] + b"R."
+
+    touch = ([f"touch {marker}"],)
+    forged = {
+        # a dotted name under an allowed module resolves, attribute by attribute, to subprocess.Popen
+        "dotted": stack_global("torch.distributed.checkpoint.metadata", "os.system", (f"touch {marker}",)),
+        "popen": stack_global(
+            "torch.distributed.checkpoint.metadata", "torch._strobelight.cli_function_profiler.subprocess.Popen", touch
+        ),
+        # a class of the DCP package that is not plain metadata (its constructor does more than assign)
+        "writer": stack_global("torch.distributed.checkpoint.filesystem", "FileSystemWriter", (str(tmp_path / "w"),)),
+        "not_metadata": pickle.dumps({"state_dict_metadata": {}}),
+        "truncated": (good / ".metadata").read_bytes()[:40],
+    }
+    for label, payload in forged.items():
+        folder = Path(shutil.copytree(good, tmp_path / label))
+        (folder / ".metadata").write_bytes(payload)
+        with pytest.raises(CheckpointError, match=r"\.metadata: refused"):
+            check_distributed_checkpoint(folder)
+    assert not marker.exists() and not (tmp_path / "w").exists()

@@ -166,6 +166,34 @@ def test_import_errors_are_explicit(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(HFInteropError, match="model_type='gpt2'"):
         import_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(HFInteropError, match="vocab_size, num_hidden_layers, num_attention_heads, intermediate_size "
+                       "missing or not an integer"):
+        import_hf(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(HFInteropError, match="config.json: not valid JSON"):
+        import_hf(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(HFInteropError, match="holds a JSON list"):
+        import_hf(tmp_path)
+
+
+def test_phi_config_without_rotary_fraction_uses_transformers_default(tmp_path: Path) -> None:
+    """A minimal phi config.json without partial_rotary_factor: transformers reads 0.5, so must open360."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.PhiConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64)
+    transformers.PhiForCausalLM(hf_cfg).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("partial_rotary_factor", None)
+    (config.get("rope_parameters") or {}).pop("partial_rotary_factor", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.PhiForCausalLM.from_pretrained(tmp_path).eval()
+    model, cfg = import_hf(tmp_path)
+    assert cfg.rotary_fraction == 0.5
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
 
 
 def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path) -> None:

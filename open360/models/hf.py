@@ -288,8 +288,9 @@ def _expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     raise HFInteropError(f"tensor {name!r} is missing from the model's state_dict and cannot be zero-filled")
 
 
-def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, float, float]:
-    """(rotary_base, interpolation factor, partial rotary factor) from v4 or v5 style rope fields."""
+def _rope_from_hf(hf: dict[str, Any], where: str, default_partial: float) -> tuple[float, float, float]:
+    """(rotary_base, interpolation factor, partial rotary factor) from v4 or v5 style rope fields; a missing
+    partial factor is the architecture's transformers default (`default_partial`)."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
     base = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -297,8 +298,12 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, float, float]:
     if rope_type not in ("default", "linear"):
         raise HFInteropError(f"{where}: rope type {rope_type!r} is not supported; open360 has default and linear (PI)")
     factor = float(params.get("factor", scaling.get("factor", 1.0))) if rope_type == "linear" else 1.0
-    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_partial)))
     return base, factor, partial
+
+
+# config.json keys that fix a Llama / Phi model's shape (transformers' defaults for them describe other models)
+_HF_SHAPE_KEYS = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 
 
 def _config_from_hf(hf: dict[str, Any], where: str, name: str) -> tuple[ModelConfig, str]:
@@ -312,10 +317,13 @@ def _config_from_hf(hf: dict[str, Any], where: str, name: str) -> tuple[ModelCon
         return inference_config(hf["open360_model_config"]), "open360"
     if model_type not in ("llama", "phi"):
         raise HFInteropError(f"{where}: model_type={model_type!r}; import_hf reads llama, phi and open360 folders")
+    missing = [key for key in _HF_SHAPE_KEYS if not isinstance(hf.get(key), int)]
+    if missing:
+        raise HFInteropError(f"{where}: {', '.join(missing)} missing or not an integer; the model's shape needs them")
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     if hf.get("head_dim", head_dim) != head_dim:
         raise HFInteropError(f"{where}: head_dim={hf['head_dim']} != hidden_size/num_attention_heads={head_dim}")
-    base, factor, partial = _rope_from_hf(hf, where)
+    base, factor, partial = _rope_from_hf(hf, where, default_partial=0.5 if model_type == "phi" else 1.0)
     n_kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
     common = dict(
         name=name,
@@ -404,7 +412,12 @@ def import_hf(folder: Path | str) -> tuple[Decoder, ModelConfig]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise HFInteropError(f"{folder}: no config.json; is this a Hugging Face model folder?")
-    hf = json.loads(config_path.read_text())
+    try:
+        hf = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HFInteropError(f"{config_path}: not valid JSON ({err})") from err
+    if not isinstance(hf, dict):
+        raise HFInteropError(f"{config_path}: holds a JSON {type(hf).__name__}, not a config object")
     cfg, arch = _config_from_hf(hf, str(config_path), name=folder.name)
     tensors = _load_tensors(folder)
     if arch == "open360":

@@ -41,6 +41,6 @@ def test_memorization_benchmark_tiny_matches_hf(tmp_path: Path) -> None:
     assert out["interleaved_rounds"]["ratio_min"] <= out["interleaved_rounds"]["ratio_median"]
 
 
-@pytest.mark.parametrize("script", ["bench_megatron.py", "bench_trainer_gpu.py", "bench_memorization_floors.py"])
+@pytest.mark.parametrize("script", ["bench_megatron.py", "bench_trainer_gpu.py", "bench_memorization_floors.py", "bench_decode_attention_sm.py"])
 def test_gpu_only_benchmarks_import(script: str) -> None:
     assert "usage:" in _run(script, "--help").stdout

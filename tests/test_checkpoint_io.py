@@ -332,3 +332,47 @@ def test_config_hash_is_the_same_on_every_machine() -> None:
     moved = {"workspace": "/scratch/bob/ws", "data": {"shards_dir": "/fast/shards", "seed": 1}, "trainer": {"resume": "auto"}}
     assert config_hash(base) == config_hash(moved)
     assert config_hash(base) != config_hash({**base, "data": {"shards_dir": "shards", "seed": 2}})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("data", None), ("data", "text"), ("callbacks", None), ("data_history", {}), ("step", "x"), ("init_from", 3)],
+)
+def test_a_hand_edited_lineage_key_of_the_wrong_type_is_one_error_naming_it(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    ck = save_checkpoint(tmp_path, 1, _contents())
+    lineage = read_lineage(ck)
+    (ck / "lineage.json").write_text(json.dumps({**lineage, key: value}))
+    with pytest.raises(CheckpointError, match=rf"lineage\.json: key '{key}' holds .* is expected"):
+        read_lineage(ck)
+
+
+def test_lineage_files_outside_the_folder_and_malformed_aliases_are_refused(tmp_path: Path) -> None:
+    ck = save_checkpoint(tmp_path, 1, _contents())
+    lineage = read_lineage(ck)
+    for name in ("../step_2/model.safetensors", "/etc/hostname"):
+        forged = {**lineage, "files": {**lineage["files"], name: "0" * 64}}
+        (ck / "lineage.json").write_text(json.dumps(forged))
+        with pytest.raises(CheckpointError, match="points outside the checkpoint folder"):
+            verify_checkpoint(ck)
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(weights), metadata={"aliases": "{not json"})
+    with pytest.raises(CheckpointError, match="'aliases' metadata is malformed"):
+        load_model_weights(weights)
+    save_file({"a": torch.zeros(2)}, str(weights), metadata={"aliases": '{"b": "missing"}'})
+    with pytest.raises(CheckpointError, match="'aliases' metadata is malformed"):
+        load_model_weights(weights)
+
+
+def test_n_kv_heads_unset_and_equal_to_n_heads_is_the_same_architecture(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from open360.checkpoint.io import check_architecture
+
+    (tmp_path / "config.yaml").write_text("model:\n  n_heads: 4\n  n_kv_heads: null\n  d_model: 64\n")
+    check_architecture(tmp_path, OmegaConf.create({"n_heads": 4, "n_kv_heads": 4, "d_model": 64}), "trainer.resume")
+    with pytest.raises(CheckpointError, match=r"'model.n_kv_heads': \(None, 2\)"):
+        check_architecture(tmp_path, OmegaConf.create({"n_heads": 4, "n_kv_heads": 2, "d_model": 64}), "x")

@@ -157,6 +157,14 @@ def test_crystalcoder_tiny_three_stages(tmp_path: Path, shards_root: Path) -> No
     history = read_lineage(ckpts[60])["data_history"]
     assert [h["steps"] for h in history] == [20, 20, 20]
     assert len({h["manifest_hash"] for h in history}) == 3  # each stage trains on its own shards
+    # a resume with an earlier stage made shorter would read stage 2 from the wrong offset: refused
+    moved = _train(
+        "crystalcoder_tiny", ws, shards_root, "stages.0.steps=10", "stages.1.steps=30", "stages.2.steps=20",
+        "trainer.max_steps=60", "checkpoint.every=20", "trainer.resume=40",
+    )
+    err = moved.stderr
+    assert moved.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "stage 'stage1_text' ran 20 steps, the config gives it 10 (stages.0.steps)" in err, err[-3000:]
 
 
 KILL_OVERRIDES = (
@@ -297,6 +305,22 @@ def test_init_from_checkpoint_starts_from_its_weights(tmp_path: Path, shards_roo
     before, after = load_checkpoint(init).model, load_checkpoint(ws / "checkpoints" / "ft" / "step_1").model
     for name in before:  # lr 0: one step leaves the initial weights as they were
         assert torch.equal(before[name], after[name]), name
+    # resuming the warm-started run keeps its warm start on record, without trainer.init_from and even with
+    # the base folder gone; an init_from naming other weights is refused
+    from open360.train.trainer import TrainingError
+
+    moved = init.rename(tmp_path / "base_step_2")
+    run_training(compose([*base, f"workspace={ws}", "run_name=ft", "trainer.max_steps=2", "trainer.resume=auto"]), "cpu")
+    resumed = read_lineage(ws / "checkpoints" / "ft" / "step_2")
+    assert resumed["init_from"] == lineage["init_from"]
+    assert resumed["init_from"]["data_history"]  # what the base weights saw, which memorization's `seen` reads
+    again = compose([*base, f"workspace={ws}", "run_name=ft", "trainer.max_steps=3", "trainer.resume=auto"])
+    run_training(again, "cpu", init_from=init)  # the recorded path: accepted though it is gone
+    assert read_lineage(ws / "checkpoints" / "ft" / "step_3")["init_from"] == lineage["init_from"]
+    further = compose([*base, f"workspace={ws}", "run_name=ft", "trainer.max_steps=4", "trainer.resume=auto"])
+    with pytest.raises(TrainingError, match=r"started from .*step_2 \(step 2\); resume it without trainer.init_from"):
+        run_training(further, "cpu", init_from=ws / "checkpoints" / "ft" / "step_3")  # trained on: other weights
+    run_training(further, "cpu", init_from=moved)  # the same weights elsewhere (same sha256): accepted
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_by_name(tmp_path: Path, shards_root: Path) -> None:
@@ -402,3 +426,20 @@ def test_a_workspace_without_dvc_is_one_line(tmp_path: Path, shards_root: Path) 
     proc = subprocess.run([*cmd, "trainer.max_steps=1"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "not a DVC repository" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_branch_journal_left_by_a_crash_is_finished_before_a_run_without_dvc(tmp_path: Path, shards_root: Path) -> None:
+    """A crash right after journaling a branch from step 2: the next run (tracking off) first moves the
+    replaced checkpoints aside, then resumes from step 2, not from the replaced step 6."""
+    from open360.checkpoint.branches import write_pending_branch
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
+            f"workspace={tmp_path}", "checkpoint.policy=every_n", "checkpoint.every=2"]
+    run_training(compose([*base, "trainer.max_steps=6"]), "cpu")
+    run_dir = tmp_path / "checkpoints" / "amber_tiny"
+    write_pending_branch(tmp_path / "recovery" / "amber_tiny", 2, "from_step_2-crash")
+    run_training(compose([*base, "trainer.max_steps=8", "trainer.resume=auto"]), "cpu")
+    assert sorted(p.name for p in (run_dir / "superseded" / "from_step_2-crash").iterdir()) == ["step_4", "step_6"]
+    assert read_lineage(run_dir / "step_8")["resumed_from"]["step"] == 2

@@ -122,3 +122,18 @@ def test_extending_a_finished_run_warns_of_the_lr_jump(tmp_path, capsys) -> None
     assert "at step 13 the learning rate is" in err and "ended its schedule at step 12" in err
     warn_if_schedule_changed(tmp_path, build_stages(done), 12)  # nothing left to train: no warning
     assert capsys.readouterr().err == ""
+
+
+def test_extending_a_run_cut_inside_its_stages_does_not_warn(tmp_path, capsys) -> None:
+    """A staged run stopped early by trainer.max_steps and extended: the same schedule goes on, no warning."""
+    from omegaconf import OmegaConf
+
+    from open360.train.pipeline import warn_if_schedule_changed
+
+    cut = compose(["+experiment=crystalcoder_tiny", "trainer.max_steps=150"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cut))
+    warn_if_schedule_changed(tmp_path, build_stages(compose(["+experiment=crystalcoder_tiny"])), 150)
+    assert capsys.readouterr().err == ""
+    other = compose(["+experiment=crystalcoder_tiny", "stages.1.lr=0.5"])
+    warn_if_schedule_changed(tmp_path, build_stages(other), 150)
+    assert "at step 151 the learning rate is" in capsys.readouterr().err

@@ -133,8 +133,15 @@ def load_model_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tenso
             f"{path}: unreadable weights ({err}); the file is damaged or truncated — pull the checkpoint "
             "again (open360 ckpt pull <run> <step> --force) or check it with open360 ckpt lineage"
         ) from err
-    for alias, target in json.loads(metadata.get("aliases", "{}")).items():
-        state[alias] = state[target]
+    try:
+        aliases = json.loads(metadata.get("aliases", "{}"))
+        for alias, target in aliases.items():
+            state[alias] = state[target]
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{path}: its 'aliases' metadata is malformed ({type(err).__name__}: {err}); the file was not written "
+            "by open360 or is damaged"
+        ) from err
     return state
 
 
@@ -254,6 +261,11 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# lineage.json keys that readers rely on, with their types (a hand-edited file fails here, in one line)
+_LINEAGE_TYPES = {"step": int, "files": dict, "data": dict, "data_history": list, "callbacks": dict, "init_from": dict}
+_LINEAGE_NULLABLE = ("init_from",)
+
+
 def read_lineage(path: Path) -> dict[str, Any]:
     """The parsed `lineage.json` of a checkpoint directory."""
     file = Path(path) / LINEAGE_FILE
@@ -268,6 +280,15 @@ def read_lineage(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: not valid JSON ({err}); the checkpoint is corrupted") from err
     if not isinstance(lineage, dict):
         raise CheckpointError(f"{file}: a JSON object is expected, found {type(lineage).__name__}; the checkpoint is corrupted")
+    for key, kind in _LINEAGE_TYPES.items():
+        value = lineage.get(key)
+        if key in lineage and not (isinstance(value, kind) and not isinstance(value, bool)) and (
+            value is not None or key not in _LINEAGE_NULLABLE
+        ):
+            raise CheckpointError(
+                f"{file}: key {key!r} holds {type(value).__name__} {str(value)[:40]!r}, a {kind.__name__} is "
+                "expected; the checkpoint is corrupted"
+            )
     return lineage
 
 
@@ -289,6 +310,11 @@ def verify_checkpoint(path: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
         if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
             raise CheckpointError(
                 f"{path / LINEAGE_FILE}: key files[{name!r}] is {expected!r}, not a sha256; the lineage is corrupted"
+            )
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(
+                f"{path / LINEAGE_FILE}: key files[{name!r}] points outside the checkpoint folder; the lineage "
+                "is corrupted or forged"
             )
         if only and name not in only:
             continue
@@ -358,10 +384,14 @@ def check_architecture(path: Path, model_cfg: Any, use: str) -> None:
     from omegaconf import OmegaConf
 
     saved = OmegaConf.create((Path(path) / CONFIG_FILE).read_text()).get("model") or {}
+
+    def value(cfg: Any, key: str) -> Any:  # n_kv_heads None means n_heads: the same architecture
+        return (cfg.get(key) or cfg.get("n_heads")) if key == "n_kv_heads" else cfg.get(key)
+
     differ = {
         f"model.{key}": (saved.get(key), model_cfg.get(key))
         for key in ARCHITECTURE_KEYS
-        if saved.get(key) != model_cfg.get(key)
+        if value(saved, key) != value(model_cfg, key)
     }
     if differ:
         raise CheckpointError(

@@ -273,6 +273,30 @@ def _load_initial_weights(model: torch.nn.Module, checkpoint: Path, model_cfg: A
     }
 
 
+def _recorded_init(checkpoint: Path, init_from: Path | None) -> dict[str, Any] | None:
+    """The warm start (`init_from`) the resumed checkpoint records; a trainer.init_from given now must name
+    that same checkpoint (by path or by its weights' sha256), and its folder need not exist any more."""
+    recorded = read_lineage(checkpoint).get("init_from")
+    if init_from is None:
+        return recorded
+    given = Path(init_from).expanduser().resolve()
+    if recorded is None:
+        raise TrainingError(
+            f"trainer.init_from={init_from}: the run resumed from {checkpoint} did not start from a checkpoint's "
+            "weights; drop trainer.init_from to resume it (or start a new run_name from those weights)"
+        )
+    try:
+        given_sha = read_lineage(given).get("files", {}).get(MODEL_FILE)
+    except CheckpointError:
+        given_sha = None
+    if str(given) != recorded.get("checkpoint") and given_sha != recorded.get("model_sha256"):
+        raise TrainingError(
+            f"trainer.init_from={init_from}: the run resumed from {checkpoint} started from "
+            f"{recorded.get('checkpoint')} (step {recorded.get('step')}); resume it without trainer.init_from"
+        )
+    return recorded
+
+
 def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
     """Load a checkpoint into the trainer after checking it fits the configured stages, data and tokenizer.
 
@@ -289,6 +313,12 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
     if error := first_error(trainer.env, error):
         raise CheckpointError(error)
     contents = load_checkpoint(checkpoint, verify=False, weights=trainer.backend != "megatron")
+    total = trainer.stages[-1].end
+    if int(contents.trainer_state["step"]) > total:
+        raise TrainingError(
+            f"{checkpoint}: checkpoint of step {contents.trainer_state['step']}, beyond the {total} steps this "
+            "config trains (trainer.max_steps / stages); raise trainer.max_steps or resume from an earlier step"
+        )
     stage_state = contents.trainer_state["stage"]
     stage = next((s for s in trainer.stages if s.index == stage_state["index"]), None)
     if stage is None or stage.name != stage_state["name"]:
@@ -304,12 +334,6 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
             f"trainer.init_from={checkpoint} (fresh optimizer) instead"
         )
     check_architecture(checkpoint, OmegaConf.create(trainer.config_yaml).model, "trainer.resume")
-    total = trainer.stages[-1].end
-    if int(contents.trainer_state["step"]) > total:
-        raise TrainingError(
-            f"{checkpoint}: checkpoint of step {contents.trainer_state['step']}, beyond the {total} steps this "
-            "config trains (trainer.max_steps / stages); raise trainer.max_steps or resume from an earlier step"
-        )
     data = trainer.stage_data(stage)
     check_resume_compatible(
         checkpoint, stage.name, data.lineage["manifest_hash"], data.lineage["tokenizer_hash"]
@@ -332,7 +356,11 @@ def warn_if_schedule_changed(checkpoint: Path, stages: list[Stage], step: int) -
     from open360.train.schedules import lr_at
 
     try:
-        before = build_stages(read_config(checkpoint))
+        old_cfg = read_config(checkpoint)
+        if old_cfg.stages:  # its stages uncut by its max_steps: a longer run goes on along the same schedule
+            total = sum(int(st.steps) for st in old_cfg.stages)
+            old_cfg = OmegaConf.merge(old_cfg, {"trainer": {"max_steps": total}})
+        before = build_stages(old_cfg)
     except Exception:  # noqa: BLE001 - an older or partial config: nothing to compare against
         return
     if step >= stages[-1].end:
@@ -378,7 +406,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         from open360.backends.megatron.layout import layout_for_run
 
         layout_for_run(cfg, env.world_size, settings.global_batch_size, settings.micro_batch_size)
-    if env.is_main and cfg.tracking.dvc:  # a branch a crash interrupted is finished before anything else
+    if env.is_main:  # a branch a crash interrupted is finished before anything else (DVC or not)
         finish_pending_branches(workspace, run_name)
     barrier(env)
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
@@ -390,7 +418,10 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     from open360.models import build_model
 
     model = build_model(cfg.model)
-    init_record = _load_initial_weights(model, init_from, cfg.model) if init_from is not None else None
+    if resume_from is not None:  # the weights come from the checkpoint; its warm start stays on record
+        init_record = _recorded_init(resume_from, init_from)
+    else:
+        init_record = _load_initial_weights(model, init_from, cfg.model) if init_from is not None else None
     shards = ShardProvider(cfg, workspace, env)
     shards.listeners = [cb.on_stage_open for cb in callbacks]
     writer = CheckpointWriter(

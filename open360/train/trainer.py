@@ -318,6 +318,7 @@ class Trainer:
                 f"checkpoint step {ts['step']} is in stage {ts['stage']['name']!r} but the config's stages put "
                 f"it in {stage.name!r}; resume with the original `stages`"
             )
+        self._check_stage_lengths(ts, stage)
         self.stage_data(stage).order.load_state_dict(ts["loader"])
         self._finished_stages = {
             h["stage_index"]: h for h in ts["data_history"] if h["stage_index"] < stage.index
@@ -325,6 +326,24 @@ class Trainer:
         ranks = state["rng"]["ranks"]
         restore_rng_state(ranks[self.env.rank] if self.env.rank < len(ranks) else ranks[0])
         self._resumed = True
+
+    def _check_stage_lengths(self, ts: dict[str, Any], stage: Any) -> None:
+        """The stages before the checkpoint's must keep their lengths: the batch of a step is read at its
+        offset within its stage, so a shorter or longer earlier stage would skip or repeat data silently."""
+        recorded = {h["stage_index"]: h.get("steps") for h in ts["data_history"] if h["stage_index"] < stage.index}
+        for st in self.stages[: stage.index]:
+            if st.index in recorded and recorded[st.index] != st.steps:
+                raise TrainingError(
+                    f"the checkpoint's stage {st.name!r} ran {recorded[st.index]} steps, the config gives it "
+                    f"{st.steps} (stages.{st.index}.steps); resume with the original `stages`"
+                )
+        in_stage = ts["stage"].get("step_in_stage")
+        if in_stage is not None and in_stage != self.progress.step - stage.start:
+            raise TrainingError(
+                f"checkpoint step {ts['step']} is step {in_stage} of stage {stage.name!r}, the config's stages put "
+                f"it at step {self.progress.step - stage.start} (an earlier stage's `steps` changed); resume with "
+                "the original `stages`"
+            )
 
     def _data_history(self) -> list[dict[str, Any]]:
         """Per stage up to the current one: its data provenance, steps trained and sequence ids seen.

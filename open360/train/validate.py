@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from open360.config.schema import resume_is_off
+
 POSITIVE_INTS = (
     "trainer.global_batch_size",
     "trainer.micro_batch_size",
@@ -50,7 +52,9 @@ def check_training_config(cfg: DictConfig) -> None:
     if int(cfg.tracking.metric_buffer_steps) < 1:
         raise ValueError(f"tracking.metric_buffer_steps={cfg.tracking.metric_buffer_steps}: must be >= 1")
     init_from = cfg.trainer.init_from
-    if init_from and not (Path(str(init_from)).expanduser() / "lineage.json").is_file():
+    # (a resumed run keeps the warm start its checkpoint records: the folder may be gone by then)
+    fresh = resume_is_off(cfg.trainer.resume)
+    if init_from and fresh and not (Path(str(init_from)).expanduser() / "lineage.json").is_file():
         raise ValueError(
             f"trainer.init_from={init_from}: not a checkpoint folder (no lineage.json); give a "
             "checkpoints/<run>/step_<N> path (relative to where the command runs, or absolute)"

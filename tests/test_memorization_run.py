@@ -565,6 +565,7 @@ def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str
         ("checkpoints=", "selects nothing"),
         ("checkpoints=40-20", "the range 40-20 runs backwards"),
         ("chunks=[0,1", "bad memorization argument"),
+        ("seed=-1", "seed=-1: must be >= 0"),
     ):
         assert main(_job(root, extra, "chunks=0", "report=false")) == 2
         err = capsys.readouterr().err
@@ -594,6 +595,18 @@ def test_a_damaged_checkpoint_is_named_not_scored(trained_run: tuple[Path, str],
     err = capsys.readouterr().err
     assert f"{weights}: sha256" in err and "does not match lineage.json" in err and "Traceback" not in err
     assert not list(tmp_path.glob("**/*.parquet"))
+    # a lineage.json damaged after its cells were scored: the re-run names it (it used to raise JSONDecodeError)
+    lineage = weights.parent / "lineage.json"
+    kept = lineage.read_bytes()
+    job = _job(root, "checkpoints=20", "chunks=0", "sample=2", f"out_dir={tmp_path / 'ok'}", "report=false")
+    assert main(job) == 0
+    try:
+        lineage.write_text("{bad")
+        assert main(job) == 2
+    finally:
+        lineage.write_bytes(kept)
+    err = capsys.readouterr().err
+    assert f"{lineage}: not valid JSON" in err and "Traceback" not in err
 
 
 def test_stale_cells_left_by_max_cells_are_not_complete_nor_merged(trained_run: tuple[Path, str], tmp_path: Path) -> None:

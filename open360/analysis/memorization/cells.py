@@ -88,10 +88,10 @@ SEEN_BASIS = 2
 def _lineage_facts(lineage_file: str, mtime_ns: int) -> tuple[str | None, bool]:
     """(weights' sha256, whether it inherits a base's data history) from a checkpoint's lineage.json
     (cached: one read per checkpoint)."""
-    from open360.checkpoint.io import MODEL_FILE
+    from open360.checkpoint.io import MODEL_FILE, read_lineage
     from open360.checkpoint.lineage import inherited_data_history
 
-    lineage = json.loads(Path(lineage_file).read_text())
+    lineage = read_lineage(Path(lineage_file).parent)  # damaged JSON: a CheckpointError naming the file
     return (lineage.get("files") or {}).get(MODEL_FILE), bool(inherited_data_history(lineage))
 
 

@@ -271,7 +271,7 @@ def test_checkpoint_resumes_only_on_the_backend_that_wrote_it(tmp_path: Path) ->
         CheckpointContents(
             model={"w": torch.zeros(2)},
             optimizer={},
-            trainer_state={"stage": {"index": 0, "name": "main"}},
+            trainer_state={"step": 3, "stage": {"index": 0, "name": "main"}},
             rng={},
             config_yaml="x: 1\n",
             lineage={"backend": "native"},
@@ -279,7 +279,7 @@ def test_checkpoint_resumes_only_on_the_backend_that_wrote_it(tmp_path: Path) ->
     )
     from open360.backends.native import DistEnv
 
-    trainer = SimpleNamespace(backend="megatron", stages=[SimpleNamespace(index=0, name="main")], env=DistEnv())
+    trainer = SimpleNamespace(backend="megatron", stages=[SimpleNamespace(index=0, name="main", end=10)], env=DistEnv())
     with pytest.raises(TrainingError, match="written by the native backend.*trainer.init_from="):
         resume(trainer, path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -321,20 +322,44 @@ def test_distributed_checkpoint_with_code_in_its_pickles_is_refused(tmp_path) ->
         return b"\x80\x04" + text + b"\x93" + pickle.dumps(args, protocol=4)[2:-1] + b"R."
 
     touch = ([f"touch {marker}"],)
+    valid = (good / ".metadata").read_bytes()
+    unimported = "torch.utils.show_pickle"  # a real module no test imports: naming it must not import it
+    assert unimported not in sys.modules
     forged = {
         # a dotted name under an allowed module resolves, attribute by attribute, to subprocess.Popen
-        "dotted": stack_global("torch.distributed.checkpoint.metadata", "os.system", (f"touch {marker}",)),
         "popen": stack_global(
             "torch.distributed.checkpoint.metadata", "torch._strobelight.cli_function_profiler.subprocess.Popen", touch
         ),
         # a class of the DCP package that is not plain metadata (its constructor does more than assign)
         "writer": stack_global("torch.distributed.checkpoint.filesystem", "FileSystemWriter", (str(tmp_path / "w"),)),
+        "import": stack_global(unimported, "main", ()),
+        "prefix": stack_global("torch.distributed.checkpointX", "Metadata", ()),
+        # BUILD on a class or function (not an instance) would change it for the whole process: every Path's
+        # string, or what a layout name means to later torch.load calls
+        "class_state": valid[:2] + b"cpathlib\nPurePath\n(N}V_str\nV" + str(marker).encode() + b"\nstb0" + valid[2:],
+        "function_state": b"\x80\x02ctorch.serialization\n_get_layout\n}(Vcache\n}(Vtorch.strided\nctorch\n"
+        b"sparse_coo\nuub.",
         "not_metadata": pickle.dumps({"state_dict_metadata": {}}),
-        "truncated": (good / ".metadata").read_bytes()[:40],
+        "truncated": valid[:40],
     }
     for label, payload in forged.items():
         folder = Path(shutil.copytree(good, tmp_path / label))
         (folder / ".metadata").write_bytes(payload)
         with pytest.raises(CheckpointError, match=r"\.metadata: refused"):
+            check_distributed_checkpoint(folder)
+    from torch.serialization import _get_layout
+
+    assert unimported not in sys.modules and str(Path("/x")) == "/x" and _get_layout("torch.strided") is torch.strided
+    # an entry whose bytes are read from outside the folder, or past the end of its file
+    metadata = pickle.loads(valid)
+    for label, change in (("outside", {"relative_path": "../good/" + next(iter(metadata.storage_data.values())).relative_path}),
+                          ("past_end", {"length": 10**9})):
+        forged_meta = pickle.loads(valid)
+        for info in forged_meta.storage_data.values():
+            for key, value in change.items():
+                setattr(info, key, value)
+        folder = Path(shutil.copytree(good, tmp_path / label))
+        (folder / ".metadata").write_bytes(pickle.dumps(forged_meta))
+        with pytest.raises(CheckpointError, match="outside the checkpoint folder|checkpoint is incomplete or forged"):
             check_distributed_checkpoint(folder)
     assert not marker.exists() and not (tmp_path / "w").exists()

@@ -171,11 +171,17 @@ def test_import_errors_are_explicit(tmp_path: Path) -> None:
                        "missing or not an integer"):
         import_hf(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama",')
-    with pytest.raises(HFInteropError, match="config.json: not valid JSON"):
+    with pytest.raises(HFInteropError, match="config.json: not readable JSON"):
         import_hf(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(HFInteropError, match="holds a JSON list"):
         import_hf(tmp_path)
+    for config in ({"model_type": "open360", "open360_format_version": 1},  # no open360_model_config
+                   {"model_type": "llama", "vocab_size": 8, "num_hidden_layers": 1, "hidden_size": 8,
+                    "num_attention_heads": 2, "intermediate_size": 8, "rope_scaling": {"type": "linear", "factor": "x"}}):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(HFInteropError, match="config.json: unusable config"):
+            import_hf(tmp_path)
 
 
 def test_phi_config_without_rotary_fraction_uses_transformers_default(tmp_path: Path) -> None:

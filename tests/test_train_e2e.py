@@ -443,3 +443,16 @@ def test_a_branch_journal_left_by_a_crash_is_finished_before_a_run_without_dvc(t
     run_training(compose([*base, "trainer.max_steps=8", "trainer.resume=auto"]), "cpu")
     assert sorted(p.name for p in (run_dir / "superseded" / "from_step_2-crash").iterdir()) == ["step_4", "step_6"]
     assert read_lineage(run_dir / "step_8")["resumed_from"]["step"] == 2
+
+
+def test_a_missing_init_from_is_named_at_a_fresh_start_under_resume_auto(tmp_path: Path, shards_root: Path) -> None:
+    """resume=auto with nothing to resume is a fresh start: the warm start's folder must exist, and the
+    error comes before any model is built (validate.py skips the check for resumes, which need not it)."""
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    missing = tmp_path / "nowhere" / "step_4"
+    cfg = compose(["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", f"workspace={tmp_path}",
+                   "trainer.resume=auto", f"trainer.init_from={missing}"])
+    with pytest.raises(ValueError, match=r"nowhere/step_4: not a checkpoint folder \(no lineage.json\)"):
+        run_training(cfg, "cpu", init_from=missing)

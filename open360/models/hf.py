@@ -414,11 +414,16 @@ def import_hf(folder: Path | str) -> tuple[Decoder, ModelConfig]:
         raise HFInteropError(f"{folder}: no config.json; is this a Hugging Face model folder?")
     try:
         hf = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HFInteropError(f"{config_path}: not valid JSON ({err})") from err
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HFInteropError(f"{config_path}: not readable JSON ({err})") from err
     if not isinstance(hf, dict):
         raise HFInteropError(f"{config_path}: holds a JSON {type(hf).__name__}, not a config object")
-    cfg, arch = _config_from_hf(hf, str(config_path), name=folder.name)
+    try:
+        cfg, arch = _config_from_hf(hf, str(config_path), name=folder.name)
+    except HFInteropError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a missing or mistyped value
+        raise HFInteropError(f"{config_path}: unusable config ({type(err).__name__}: {err})") from err
     tensors = _load_tensors(folder)
     if arch == "open360":
         foreign = [k for k in tensors if not k.startswith(OPEN360_PREFIX)]

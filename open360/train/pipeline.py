@@ -54,7 +54,7 @@ from open360.train.trainer import (
     TrainingDiverged,
     TrainingError,
 )
-from open360.train.validate import check_training_config
+from open360.train.validate import check_init_from, check_training_config
 
 BACKENDS = ("native", "megatron")
 
@@ -282,8 +282,9 @@ def _recorded_init(checkpoint: Path, init_from: Path | None) -> dict[str, Any] |
     given = Path(init_from).expanduser().resolve()
     if recorded is None:
         raise TrainingError(
-            f"trainer.init_from={init_from}: the run resumed from {checkpoint} did not start from a checkpoint's "
-            "weights; drop trainer.init_from to resume it (or start a new run_name from those weights)"
+            f"trainer.init_from={init_from}: {checkpoint} records no warm start (its run started from scratch, or "
+            "was resumed without trainer.init_from by an open360 from before 2026-11-27, which dropped the record); "
+            "drop trainer.init_from to resume it, or start a new run_name from those weights"
         )
     try:
         given_sha = read_lineage(given).get("files", {}).get(MODEL_FILE)
@@ -410,6 +411,8 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         finish_pending_branches(workspace, run_name)
     barrier(env)
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
+    if resume_from is None and init_from is not None:  # a fresh start (also under resume=auto) needs its base
+        check_init_from(init_from)
 
     callbacks = _build_callbacks(cfg, workspace, env)
     for cb in callbacks:  # a tracking server that is down fails now, not after the shards and model are built

@@ -18,6 +18,15 @@ POSITIVE_INTS = (
 )
 
 
+def check_init_from(init_from: object) -> None:
+    """trainer.init_from must be a checkpoint folder (it holds lineage.json)."""
+    if not (Path(str(init_from)).expanduser() / "lineage.json").is_file():
+        raise ValueError(
+            f"trainer.init_from={init_from}: not a checkpoint folder (no lineage.json); give a "
+            "checkpoints/<run>/step_<N> path (relative to where the command runs, or absolute)"
+        )
+
+
 def check_training_config(cfg: DictConfig) -> None:
     """ValueError naming the key for any value a run would refuse later, after folders or shards exist:
     the schedule (stages, steps, LR), the cadence, the batch geometry, the precision and the optimizer."""
@@ -51,14 +60,8 @@ def check_training_config(cfg: DictConfig) -> None:
     _check_choices(cfg)
     if int(cfg.tracking.metric_buffer_steps) < 1:
         raise ValueError(f"tracking.metric_buffer_steps={cfg.tracking.metric_buffer_steps}: must be >= 1")
-    init_from = cfg.trainer.init_from
-    # (a resumed run keeps the warm start its checkpoint records: the folder may be gone by then)
-    fresh = resume_is_off(cfg.trainer.resume)
-    if init_from and fresh and not (Path(str(init_from)).expanduser() / "lineage.json").is_file():
-        raise ValueError(
-            f"trainer.init_from={init_from}: not a checkpoint folder (no lineage.json); give a "
-            "checkpoints/<run>/step_<N> path (relative to where the command runs, or absolute)"
-        )
+    if cfg.trainer.init_from and resume_is_off(cfg.trainer.resume):  # a resume may not need it: see _run
+        check_init_from(cfg.trainer.init_from)
     check_optimizer_values(cfg.optim)
     resolve_precision(str(cfg.trainer.precision), "cpu")
     build_stages(cfg)

@@ -108,7 +108,7 @@ def validate(job: MemorizationJobConfig) -> None:
     if job.batch_size < 0:
         raise MemorizationJobError(f"batch_size={job.batch_size}: must be >= 0 (0 = auto)")
     if not 0 <= job.seed < 2**63:
-        raise MemorizationJobError(f"seed={job.seed}: must be >= 0 and < 2**63 (numpy's sampling seed)")
+        raise MemorizationJobError(f"seed={job.seed}: must be >= 0 and < 2**63")
     if job.device not in ("auto", "cpu", "cuda") and not job.device.startswith("cuda:"):
         raise MemorizationJobError(f"device={job.device!r}: expected auto, cpu or cuda")
     if job.dtype not in DTYPE_CHOICES:

@@ -7,6 +7,7 @@ import enum
 import io
 import pathlib
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from open360.checkpoint.io import CheckpointError
 # torch DCP keeps its `.metadata` as a pickle and non-tensor entries as torch.save() bytes, both
 # unpickled without restriction by torch's loader: a checkpoint pulled from elsewhere could run code.
 _METADATA_MODULES = ("torch.distributed.checkpoint", "megatron.core.dist_checkpointing")
-_ROOTS = ("torch", "megatron", "pathlib", "collections", "builtins")
+_PLAIN_MODULES = ("torch", "torch.serialization", "collections", "builtins")
 _METADATA_GLOBALS = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
@@ -27,23 +28,47 @@ _METADATA_GLOBALS = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Only the data classes of torch DCP / megatron metadata, dtypes, sizes and paths."""
+def _in_packages(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _module_allowed(module: str) -> bool:
+    return module in _PLAIN_MODULES or _in_packages(module, (*_METADATA_MODULES, "pathlib"))
+
+
+class _MetadataUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes can be restricted
+    """Only the data classes of torch DCP / megatron metadata, dtypes, sizes and paths. A global is looked up
+    in modules already imported (the pickle imports nothing), and BUILD sets fields only on instances of
+    those data classes (never on a class or function, which would change them for the whole process)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         refused = pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
-        if "." in name or module.split(".")[0] not in _ROOTS:  # a dotted name walks attributes to anywhere
+        if "." in name or not _module_allowed(module):  # a dotted name walks attributes to anywhere
             raise refused
-        obj = super().find_class(module, name)
+        obj = getattr(sys.modules.get(module), name, None)
         allowed = (
             (module, name) in _METADATA_GLOBALS
-            or (module.startswith(_METADATA_MODULES) and _is_metadata_class(obj))
-            or (module == "pathlib" and isinstance(obj, type) and issubclass(obj, pathlib.PurePath))
+            or (_in_packages(module, _METADATA_MODULES) and _is_metadata_class(obj))
+            or (module.split(".")[0] == "pathlib" and isinstance(obj, type) and issubclass(obj, pathlib.PurePath))
             or (module == "torch" and isinstance(obj, torch.dtype | torch.layout | torch.memory_format))
         )
-        if not allowed:
+        if obj is None or not allowed:
             raise refused
         return obj
+
+    def load_build(self) -> None:
+        target = self.stack[-2]  # BUILD applies the state on top to the object below it
+        if isinstance(target, type) or not _is_metadata_class(type(target)):
+            raise pickle.UnpicklingError(f"setting the state of {target!r:.60} is not allowed in checkpoint metadata")
+        pickle._Unpickler.load_build(self)
+
+    def refuse_extension(self) -> None:
+        raise pickle.UnpicklingError("copyreg extension codes are not allowed in checkpoint metadata")
+
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.EXT1[0]] = dispatch[pickle.EXT2[0]] = dispatch[pickle.EXT4[0]] = refuse_extension
 
 
 def _is_metadata_class(obj: Any) -> bool:
@@ -51,9 +76,23 @@ def _is_metadata_class(obj: Any) -> bool:
     building one only assigns its fields."""
     return (
         isinstance(obj, type)
-        and getattr(obj, "__module__", "").startswith(_METADATA_MODULES)
+        and _in_packages(getattr(obj, "__module__", ""), _METADATA_MODULES)
         and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
     )
+
+
+def _check_storage_range(directory: Path, meta_file: Path, fqn: Any, info: Any) -> None:
+    """An entry's bytes lie in a file of the checkpoint folder (no absolute or `..` path), within its size."""
+    rel, offset, length = (getattr(info, key, None) for key in ("relative_path", "offset", "length"))
+    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise CheckpointError(f"{meta_file}: entry {fqn!r} is stored at {rel!r}, outside the checkpoint folder; refused")
+    file = directory / rel
+    size = file.stat().st_size if file.is_file() else -1
+    if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0 and offset + length <= size):
+        raise CheckpointError(
+            f"{meta_file}: entry {fqn!r} is bytes {offset}..{offset}+{length} of {file} ({size} bytes); the "
+            "checkpoint is incomplete or forged"
+        )
 
 
 def check_distributed_checkpoint(directory: Path) -> None:
@@ -75,6 +114,7 @@ def check_distributed_checkpoint(directory: Path) -> None:
         raise CheckpointError(f"{meta_file}: refused (holds a {type(metadata).__name__}, not DCP metadata)")
 
     try:
+        storage = list(metadata.storage_data.items())
         entries = [
             (fqn, metadata.storage_data[MetadataIndex(fqn)])
             for fqn, item in metadata.state_dict_metadata.items()
@@ -82,6 +122,8 @@ def check_distributed_checkpoint(directory: Path) -> None:
         ]
     except (AttributeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{meta_file}: malformed DCP metadata ({type(err).__name__}: {err})") from err
+    for index, info in storage:
+        _check_storage_range(directory, meta_file, getattr(index, "fqn", index), info)
     for fqn, info in entries:
         if getattr(info, "transform_descriptors", None):
             raise CheckpointError(f"{directory}: entry {fqn!r} is stored transformed; it cannot be checked")

@@ -44,6 +44,32 @@ def test_recovery_checkpoints_are_pruned_to_keep_last(tmp_path: Path) -> None:
     assert [s for s, _ in list_checkpoints(tmp_path / "rec")] == [6, 8]
     assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [5]
     assert writer.poll() == []
+    assert not [p.name for p in (tmp_path / "rec").iterdir() if p.name.startswith(".")]
+
+
+def test_a_pruning_cut_short_leaves_no_half_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Killed while deleting an old recovery checkpoint: that step is no longer listed (resume=auto must not
+    pick a folder whose lineage.json survived its weights), and the next start clears the leftover."""
+    import shutil
+
+    from open360.checkpoint.io import remove_stale_temp_dirs
+
+    writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", keep_ephemeral=1, background=False)
+    writer.save(2, _contents(torch.ones(2), torch.tensor(2.0)), published=False)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):  # noqa: ANN001, ANN202
+        if Path(path).exists():
+            (Path(path) / "model.safetensors").unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr("open360.checkpoint.writer.shutil.rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        writer.save(4, _contents(torch.ones(2), torch.tensor(4.0)), published=False)
+    monkeypatch.undo()
+    assert [s for s, _ in list_checkpoints(tmp_path / "rec")] == [4]
+    assert remove_stale_temp_dirs(tmp_path / "rec") == [tmp_path / "rec" / ".tmp-step_2-pruned"]
 
 
 def test_host_snapshot_copies_nested_tensors() -> None:

@@ -79,7 +79,12 @@ class CheckpointWriter:
         path = save_checkpoint(parent, step, contents)
         if not published:
             for _, old in list_checkpoints(self.recovery_dir)[: -self.keep_ephemeral]:
-                shutil.rmtree(old, ignore_errors=True)
+                # out of the listing first: a deletion cut short leaves a .tmp- folder (cleared at the next
+                # start), never a step_N with its lineage.json and some files gone, which resume would pick
+                doomed = old.with_name(f".tmp-{old.name}-pruned")
+                shutil.rmtree(doomed, ignore_errors=True)
+                old.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
         return SavedCheckpoint(step, path, published)
 
     def save(self, step: int, contents: CheckpointContents, published: bool) -> None:

@@ -323,6 +323,7 @@ def test_distributed_checkpoint_with_code_in_its_pickles_is_refused(tmp_path) ->
 
     touch = ([f"touch {marker}"],)
     valid = (good / ".metadata").read_bytes()
+    valid2 = pickle.dumps(pickle.loads(valid), protocol=2)  # the same metadata in protocol 2: text globals
     unimported = "torch.utils.show_pickle"  # a real module no test imports: naming it must not import it
     assert unimported not in sys.modules
     forged = {
@@ -339,6 +340,14 @@ def test_distributed_checkpoint_with_code_in_its_pickles_is_refused(tmp_path) ->
         "class_state": valid[:2] + b"cpathlib\nPurePath\n(N}V_str\nV" + str(marker).encode() + b"\nstb0" + valid[2:],
         "function_state": b"\x80\x02ctorch.serialization\n_get_layout\n}(Vcache\n}(Vtorch.strided\nctorch\n"
         b"sparse_coo\nuub.",
+        # BUILD on an enum member (a process-wide singleton): the next read of the same bytes, by torch's own
+        # loader, would then see other metadata than the guard saw
+        "enum_state": valid2[:2] + b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\nK\x00\x85R}X"
+        b"\x07\x00\x00\x00_value_K\x07sb0" + valid2[2:],
+        # a data class's constructor is never called (genuine pickles use NEWOBJ); nor are dunder state keys set
+        "constructor": stack_global("torch.distributed.checkpoint.metadata", "StorageMeta", ()),
+        "dunder_state": valid2[:2] + b"ctorch.distributed.checkpoint.metadata\nStorageMeta\n)\x81}X\t\x00\x00\x00"
+        b"__class__ctorch.distributed.checkpoint.metadata\nMetadata\nsb0" + valid2[2:],
         "not_metadata": pickle.dumps({"state_dict_metadata": {}}),
         "truncated": valid[:40],
     }
@@ -347,9 +356,11 @@ def test_distributed_checkpoint_with_code_in_its_pickles_is_refused(tmp_path) ->
         (folder / ".metadata").write_bytes(payload)
         with pytest.raises(CheckpointError, match=r"\.metadata: refused"):
             check_distributed_checkpoint(folder)
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
     from torch.serialization import _get_layout
 
     assert unimported not in sys.modules and str(Path("/x")) == "/x" and _get_layout("torch.strided") is torch.strided
+    assert _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT.value == 0
     # an entry whose bytes are read from outside the folder, or past the end of its file
     metadata = pickle.loads(valid)
     for label, change in (("outside", {"relative_path": "../good/" + next(iter(metadata.storage_data.values())).relative_path}),

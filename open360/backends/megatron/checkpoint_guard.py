@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import io
@@ -37,17 +38,21 @@ def _module_allowed(module: str) -> bool:
 
 
 class _MetadataUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes can be restricted
-    """Only the data classes of torch DCP / megatron metadata, dtypes, sizes and paths. A global is looked up
-    in modules already imported (the pickle imports nothing), and BUILD sets fields only on instances of
-    those data classes (never on a class or function, which would change them for the whole process)."""
+    """Only the data classes of torch DCP / megatron metadata, dtypes, sizes and paths, read without side
+    effects, so that torch's own (unrestricted) read of the same bytes builds the same objects:
+    - a global is checked as a string, then looked up in a module already imported (nothing is imported);
+    - only plain values are called (REDUCE/INST/OBJ: sizes, paths, containers, enum lookups), never a
+      data class's constructor (genuine pickles create those with NEWOBJ, which runs no __init__);
+    - BUILD sets fields only on a data-class instance made by this pickle, never on a class, a function
+      or an enum member (process-wide objects: changing one would change what the next read means)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         refused = pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
-        if "." in name or not _module_allowed(module):  # a dotted name walks attributes to anywhere
-            raise refused
-        obj = getattr(sys.modules.get(module), name, None)
+        if "." in name or not _module_allowed(module) or module not in sys.modules:
+            raise refused  # (a dotted name walks attributes to anywhere)
+        obj = vars(sys.modules[module]).get(name)  # not getattr: a module __getattr__ may import
         allowed = (
             (module, name) in _METADATA_GLOBALS
             or (_in_packages(module, _METADATA_MODULES) and _is_metadata_class(obj))
@@ -58,17 +63,44 @@ class _MetadataUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
             raise refused
         return obj
 
+    def load_reduce(self) -> None:
+        _check_callable(self.stack[-2])  # REDUCE calls the object below its argument tuple
+        pickle._Unpickler.load_reduce(self)
+
+    def _instantiate(self, klass: Any, args: Any) -> None:  # INST and OBJ
+        _check_callable(klass)
+        pickle._Unpickler._instantiate(self, klass, args)
+
     def load_build(self) -> None:
-        target = self.stack[-2]  # BUILD applies the state on top to the object below it
-        if isinstance(target, type) or not _is_metadata_class(type(target)):
-            raise pickle.UnpicklingError(f"setting the state of {target!r:.60} is not allowed in checkpoint metadata")
+        target, state = self.stack[-2], self.stack[-1]  # BUILD applies the state on top to the object below
+        if isinstance(target, type | enum.Enum) or not dataclasses.is_dataclass(target) or not _is_metadata_class(
+            type(target)
+        ):
+            raise pickle.UnpicklingError(f"setting the state of a {type(target).__name__} is not allowed in checkpoint metadata")
+        parts = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
+        for part in parts:
+            if isinstance(part, dict) and any(not isinstance(k, str) or k.startswith("__") for k in part):
+                raise pickle.UnpicklingError("a state key that is not a plain field name is not allowed in checkpoint metadata")
         pickle._Unpickler.load_build(self)
 
     def refuse_extension(self) -> None:
         raise pickle.UnpicklingError("copyreg extension codes are not allowed in checkpoint metadata")
 
+    dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.BUILD[0]] = load_build
     dispatch[pickle.EXT1[0]] = dispatch[pickle.EXT2[0]] = dispatch[pickle.EXT4[0]] = refuse_extension
+
+
+def _check_callable(obj: Any) -> None:
+    """What metadata pickles call: sizes, paths, containers, layouts by name and enum lookups by value."""
+    from torch.serialization import _get_layout
+
+    plain = obj in (torch.Size, collections.OrderedDict, set, frozenset, _get_layout)
+    typed = isinstance(obj, type) and (
+        issubclass(obj, pathlib.PurePath) or (issubclass(obj, enum.Enum) and _is_metadata_class(obj))
+    )
+    if not (plain or typed):
+        raise pickle.UnpicklingError(f"calling {getattr(obj, '__qualname__', type(obj).__name__)} is not allowed in checkpoint metadata")
 
 
 def _is_metadata_class(obj: Any) -> bool:
@@ -84,14 +116,20 @@ def _is_metadata_class(obj: Any) -> bool:
 def _check_storage_range(directory: Path, meta_file: Path, fqn: Any, info: Any) -> None:
     """An entry's bytes lie in a file of the checkpoint folder (no absolute or `..` path), within its size."""
     rel, offset, length = (getattr(info, key, None) for key in ("relative_path", "offset", "length"))
-    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise CheckpointError(f"{meta_file}: entry {fqn!r} is stored at {rel!r}, outside the checkpoint folder; refused")
+    name = fqn[:200] if isinstance(fqn, str) else f"<{type(fqn).__name__}>"
+    if not isinstance(rel, str) or len(rel) > 1024 or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        where = rel[:200] if isinstance(rel, str) else f"<{type(rel).__name__}>"
+        raise CheckpointError(f"{meta_file}: entry {name!r} is stored at {where!r}, outside the checkpoint folder; refused")
     file = directory / rel
-    size = file.stat().st_size if file.is_file() else -1
-    if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0 and offset + length <= size):
+    try:
+        size = file.stat().st_size if file.is_file() else -1
+    except (OSError, ValueError):
+        size = -1
+    ints = isinstance(offset, int) and isinstance(length, int)
+    if not (ints and offset >= 0 and length >= 0 and offset + length <= size):
         raise CheckpointError(
-            f"{meta_file}: entry {fqn!r} is bytes {offset}..{offset}+{length} of {file} ({size} bytes); the "
-            "checkpoint is incomplete or forged"
+            f"{meta_file}: entry {name!r} does not lie within {rel!r} ({size} bytes); the checkpoint is incomplete "
+            "or forged"
         )
 
 

@@ -261,6 +261,11 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def is_inside_folder(name: str) -> bool:
+    """A relative path that stays inside the folder it is joined to (no absolute path, no `..`)."""
+    return not (Path(name).is_absolute() or ".." in Path(name).parts)
+
+
 # lineage.json keys that readers rely on, with their types (a hand-edited file fails here, in one line)
 _LINEAGE_TYPES = {"step": int, "files": dict, "data": dict, "data_history": list, "callbacks": dict, "init_from": dict}
 _LINEAGE_NULLABLE = ("init_from",)
@@ -281,10 +286,10 @@ def read_lineage(path: Path) -> dict[str, Any]:
     if not isinstance(lineage, dict):
         raise CheckpointError(f"{file}: a JSON object is expected, found {type(lineage).__name__}; the checkpoint is corrupted")
     for key, kind in _LINEAGE_TYPES.items():
-        value = lineage.get(key)
-        if key in lineage and not (isinstance(value, kind) and not isinstance(value, bool)) and (
-            value is not None or key not in _LINEAGE_NULLABLE
-        ):
+        if key not in lineage or (lineage[key] is None and key in _LINEAGE_NULLABLE):
+            continue
+        value = lineage[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(
                 f"{file}: key {key!r} holds {type(value).__name__} {str(value)[:40]!r}, a {kind.__name__} is "
                 "expected; the checkpoint is corrupted"
@@ -311,7 +316,7 @@ def verify_checkpoint(path: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path / LINEAGE_FILE}: key files[{name!r}] is {expected!r}, not a sha256; the lineage is corrupted"
             )
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if not is_inside_folder(name):
             raise CheckpointError(
                 f"{path / LINEAGE_FILE}: key files[{name!r}] points outside the checkpoint folder; the lineage "
                 "is corrupted or forged"

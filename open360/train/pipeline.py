@@ -273,10 +273,10 @@ def _load_initial_weights(model: torch.nn.Module, checkpoint: Path, model_cfg: A
     }
 
 
-def _recorded_init(checkpoint: Path, init_from: Path | None) -> dict[str, Any] | None:
+def _recorded_init(checkpoint: Path, lineage: dict[str, Any], init_from: Path | None) -> dict[str, Any] | None:
     """The warm start (`init_from`) the resumed checkpoint records; a trainer.init_from given now must name
     that same checkpoint (by path or by its weights' sha256), and its folder need not exist any more."""
-    recorded = read_lineage(checkpoint).get("init_from")
+    recorded = lineage.get("init_from")
     if init_from is None:
         return recorded
     given = Path(init_from).expanduser().resolve()
@@ -421,8 +421,9 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     from open360.models import build_model
 
     model = build_model(cfg.model)
+    resumed_lineage = read_lineage(resume_from) if resume_from is not None else {}
     if resume_from is not None:  # the weights come from the checkpoint; its warm start stays on record
-        init_record = _recorded_init(resume_from, init_from)
+        init_record = _recorded_init(resume_from, resumed_lineage, init_from)
     else:
         init_record = _load_initial_weights(model, init_from, cfg.model) if init_from is not None else None
     shards = ShardProvider(cfg, workspace, env)
@@ -466,7 +467,6 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     branch: dict[str, Any] | None = None
     if resume_from is not None:
         resumed_metadata = resume(trainer, resume_from)
-        resumed_lineage = read_lineage(resume_from)
         lineage_base["resumed_from"] = {  # where this run's optimizer, data position and RNG came from
             "checkpoint": str(Path(resume_from).resolve()),
             "run_name": resumed_lineage.get("run_name"),

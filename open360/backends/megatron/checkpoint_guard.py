@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import io
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from open360.checkpoint.io import CheckpointError
+from open360.checkpoint.io import CheckpointError, is_inside_folder
 
 # torch DCP keeps its `.metadata` as a pickle and non-tensor entries as torch.save() bytes, both
 # unpickled without restriction by torch's loader: a checkpoint pulled from elsewhere could run code.
@@ -92,10 +91,9 @@ class _MetadataUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its o
 
 
 def _check_callable(obj: Any) -> None:
-    """What metadata pickles call: sizes, paths, containers, layouts by name and enum lookups by value."""
-    from torch.serialization import _get_layout
-
-    plain = obj in (torch.Size, collections.OrderedDict, set, frozenset, _get_layout)
+    """What metadata pickles call: the plain globals (sizes, containers, layouts by name), paths and enum
+    lookups by value."""
+    plain = any(obj is vars(sys.modules[module]).get(name) for module, name in _METADATA_GLOBALS)
     typed = isinstance(obj, type) and (
         issubclass(obj, pathlib.PurePath) or (issubclass(obj, enum.Enum) and _is_metadata_class(obj))
     )
@@ -117,7 +115,7 @@ def _check_storage_range(directory: Path, meta_file: Path, fqn: Any, info: Any) 
     """An entry's bytes lie in a file of the checkpoint folder (no absolute or `..` path), within its size."""
     rel, offset, length = (getattr(info, key, None) for key in ("relative_path", "offset", "length"))
     name = fqn[:200] if isinstance(fqn, str) else f"<{type(fqn).__name__}>"
-    if not isinstance(rel, str) or len(rel) > 1024 or Path(rel).is_absolute() or ".." in Path(rel).parts:
+    if not isinstance(rel, str) or len(rel) > 1024 or not is_inside_folder(rel):
         where = rel[:200] if isinstance(rel, str) else f"<{type(rel).__name__}>"
         raise CheckpointError(f"{meta_file}: entry {name!r} is stored at {where!r}, outside the checkpoint folder; refused")
     file = directory / rel

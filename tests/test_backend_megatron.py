@@ -374,3 +374,71 @@ def test_distributed_checkpoint_with_code_in_its_pickles_is_refused(tmp_path) ->
         with pytest.raises(CheckpointError, match="outside the checkpoint folder|checkpoint is incomplete or forged"):
             check_distributed_checkpoint(folder)
     assert not marker.exists() and not (tmp_path / "w").exists()
+
+
+def test_megatron_loads_the_checked_metadata_even_if_the_files_change_after_the_check(
+    megatron_cpu, tmp_path, monkeypatch
+) -> None:
+    """torch's DCP loader would unpickle `.metadata` and non-tensor entries again, unrestricted: within
+    guarded_distributed_load megatron reads the metadata the guard checked, and entries as weights only."""
+    import io
+    import pickle
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    from open360.backends.megatron.checkpoint_guard import guarded_distributed_load
+    from open360.checkpoint import CheckpointError
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)  # megatron's save, on CPU
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __init__(self, command: str) -> None:
+            self.command = command
+
+        def __reduce__(self):  # noqa: ANN204
+            return (os.system, (self.command,))
+
+    def state(weight: torch.Tensor, obj: object) -> dict:
+        return {
+            "w": ShardedTensor.from_rank_offsets("w", weight, replica_id=0),
+            "o": ShardedObject("o", obj, (1,), (0,), replica_id=0),
+        }
+
+    saved = {"step": 3, "betas": [0.9, 0.95], "note": "x" * 300}
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    dist_checkpointing.save(state(torch.arange(6.0), saved), str(folder))
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    key = next(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    entry = metadata.storage_data[MetadataIndex(key)]
+
+    def evil_entry() -> bytes:  # a torch.save() payload exactly as long as the saved object's bytes
+        for pad in range(2000):
+            buffer = io.BytesIO()
+            torch.save(Payload(f"touch {marker}" + " " * pad), buffer)
+            if len(buffer.getvalue()) == entry.length:
+                return buffer.getvalue()
+        raise AssertionError("no payload of the entry's length")
+
+    good_meta, good_data = (folder / ".metadata").read_bytes(), (folder / entry.relative_path).read_bytes()
+    forged_data = good_data[: entry.offset] + evil_entry() + good_data[entry.offset + entry.length :]
+    with guarded_distributed_load(folder):  # checks the genuine files, then `.metadata` changes
+        (folder / ".metadata").write_bytes(pickle.dumps(Payload(f"touch {marker}")))
+        loaded = dist_checkpointing.load(state(torch.zeros(6), None), str(folder))
+    assert torch.equal(loaded["w"], torch.arange(6.0)) and loaded["o"] == saved
+    (folder / ".metadata").write_bytes(good_meta)
+    refused = pytest.raises(CheckpointError, match="entry 'o/shard_0_1' is not plain data any more")
+    with refused, guarded_distributed_load(folder):  # checks the genuine files, then the object's bytes change
+        (folder / entry.relative_path).write_bytes(forged_data)
+        dist_checkpointing.load(state(torch.zeros(6), None), str(folder))
+    assert not marker.exists()
+    # the same changed files without the guard's reader and planner run the payload: the test can fail
+    for forged_meta in (good_meta, pickle.dumps(Payload(f"touch {marker}"))):
+        (folder / ".metadata").write_bytes(forged_meta)
+        with pytest.raises(BaseException):  # noqa: B017,PT011 (torch's CheckpointException, or the payload's 0)
+            dist_checkpointing.load(state(torch.zeros(6), None), str(folder))
+        assert marker.exists()
+        marker.unlink()

@@ -1,4 +1,5 @@
-"""Refuse a distributed (torch DCP) checkpoint whose pickled parts could run code, before loading it."""
+"""Refuse a distributed (torch DCP) checkpoint whose pickled parts could run code, and load it through the
+checked metadata only."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import io
 import pathlib
 import pickle
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -131,9 +135,9 @@ def _check_storage_range(directory: Path, meta_file: Path, fqn: Any, info: Any) 
         )
 
 
-def check_distributed_checkpoint(directory: Path) -> None:
-    """Raise CheckpointError unless `directory/.metadata` unpickles with data classes only and every
-    non-tensor entry loads with `torch.load(weights_only=True)`; then torch's own loader runs nothing."""
+def check_distributed_checkpoint(directory: Path) -> Any:
+    """The DCP `Metadata` of `directory`; CheckpointError unless `.metadata` unpickles with data classes only,
+    every entry lies within its file and every non-tensor entry loads with `torch.load(weights_only=True)`."""
     directory = Path(directory)
     meta_file = directory / ".metadata"
     if not meta_file.is_file():
@@ -174,3 +178,54 @@ def check_distributed_checkpoint(directory: Path) -> None:
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); refused — load only "
                 "checkpoints you trust"
             ) from err
+    return metadata
+
+
+@contextmanager
+def guarded_distributed_load(directory: Path) -> Iterator[None]:
+    """Check `directory`, then let megatron load it with that checked metadata (torch never unpickles
+    `.metadata` itself) and its non-tensor entries with `weights_only=True`: a file changed after the check
+    is read as data, never run."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+    from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    directory = Path(directory)
+    metadata = check_distributed_checkpoint(directory)
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self) -> Any:  # what FileSystemReader.read_metadata does after its pickle.load
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class CheckedPlanner(mcore_torch.MCoreLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:  # DefaultLoadPlanner's, weights only
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as err:
+                raise CheckpointError(
+                    f"{directory}: entry {fqn!r} is not plain data any more ({type(err).__name__}); it changed "
+                    "after the check — refused"
+                ) from err
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    def reader(checkpoint_dir: Any, cache_metadata: bool = False) -> FileSystemReader:
+        if Path(checkpoint_dir) != directory:
+            raise CheckpointError(f"{checkpoint_dir}: not the checked distributed checkpoint {directory}")
+        return CheckedReader(checkpoint_dir)
+
+    with mock.patch.multiple(mcore_torch, _get_filesystem_reader=reader, MCoreLoadPlanner=CheckedPlanner):
+        try:
+            yield
+        except CheckpointException as err:  # torch gathers every rank's failure into one BaseException
+            ours = [exc for exc, _ in err.failures.values() if isinstance(exc, CheckpointError)]
+            if ours:
+                raise ours[0] from err
+            raise

@@ -22,7 +22,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate, P
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from open360.backends.megatron.checkpoint_guard import check_distributed_checkpoint
+from open360.backends.megatron.checkpoint_guard import guarded_distributed_load
 from open360.backends.megatron.layout import (
     ParallelLayout,
     megatron_to_native,
@@ -293,10 +293,10 @@ class MegatronEngine:
 
     def load_distributed(self, directory: Path) -> None:
         """Load model + optimizer shards saved at any parallel layout."""
-        check_distributed_checkpoint(directory)  # torch DCP unpickles parts of it: plain data only
-        self._materialize_optimizer_state()
-        self._patch_torch_adam_state_loading()
-        loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(directory))
+        with guarded_distributed_load(directory):  # torch DCP unpickles parts of it: plain data only
+            self._materialize_optimizer_state()
+            self._patch_torch_adam_state_loading()
+            loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(directory))
         self._load_gpt_state(loaded["model"], f"distributed checkpoint {directory}")
         self.optimizer.load_state_dict(loaded["optimizer"])
         # megatron sets one "step" tensor into every parameter's state (torch's AdamW, no apex/TE); AdamW

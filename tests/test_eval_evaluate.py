@@ -207,7 +207,9 @@ def test_checkpoints_a_resume_branch_superseded_leave_the_table(tiny_run, tmp_pa
     shutil.copytree(tiny_run / "checkpoints" / RUN, ws / "checkpoints" / RUN)
     args = [f"run={RUN}", f"workspace={ws}", "tasks=[]", "mlflow=false", "val_sequences=4"]
     assert main([*args, "checkpoints=[30,40]"]) == 0
-    shutil.move(ws / "checkpoints" / RUN / "step_40", tmp_path / "superseded_step_40")  # what a branch does
+    branch = ws / "checkpoints" / RUN / "superseded" / "from_step_30"
+    branch.mkdir(parents=True)
+    shutil.move(ws / "checkpoints" / RUN / "step_40", branch / "step_40")  # what a branch does
     assert main([*args, "checkpoints=[10]"]) == 0
     assert "no longer has checkpoints [40]" in capsys.readouterr().err
     assert set(pd.read_parquet(ws / "analysis" / RUN / "eval.parquet").step) == {10, 30}
@@ -291,3 +293,45 @@ def test_lm_eval_loads_the_remote_code_export_of_crystalcoder(tiny_run, tmp_path
     assert "auto_map" in json.loads((hf_dir / "config.json").read_text())
     results = lm_eval_tasks(hf_dir, ["open360_python_cloze"], limit=4, batch_size=4)
     assert 0.0 <= results["open360_python_cloze"]["acc"] <= 1.0
+
+
+def test_an_empty_held_out_split_is_an_error():
+    from open360.analysis.evaluate import validation_sets
+
+    class NoHeldOut:
+        path = Path("shards/x")
+        manifest = {"validation": {}}
+
+    with pytest.raises(ValueError, match=r"shards/x: no held-out split"):
+        validation_sets(NoHeldOut())
+
+
+def test_rows_of_a_removed_checkpoint_are_kept_unless_a_branch_superseded_it(tmp_path, capsys):
+    from open360.analysis.evaluate import COLUMNS, previous_results, write_table
+
+    cfg = EvaluateConfig(run="r", tasks=[])
+    parquet = tmp_path / "eval.parquet"
+    rows = [dict(zip(COLUMNS, ["r", s, s * 10, "val", "code", "loss", 1.0, None], strict=True)) for s in (10, 20, 30)]
+    write_table(pd.DataFrame(columns=COLUMNS), rows, parquet, cfg)
+    kept = previous_results(parquet, cfg, [], {}, {20}, superseded=lambda step: step == 30)
+    assert sorted(kept.step) == [10, 20]  # 10 removed by hand: kept; 30 moved by a branch: dropped
+    assert "checkpoints [10] are gone from the run but not superseded" in capsys.readouterr().err
+
+
+def test_mlflow_gets_the_steps_a_failed_sweep_never_logged(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from open360.analysis.evaluate import COLUMNS, log_to_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    full_cfg = OmegaConf.create({"tracking": {"mlflow_uri": uri, "experiment": "e"}})
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("e"), run_name="r").info.run_id
+    df = pd.DataFrame([dict(zip(COLUMNS, ["r", s, s, "val", "code", "loss", 5.0 - s / 10, None], strict=True))
+                       for s in (10, 20, 30)])
+    log_to_mlflow(df[df.step == 30], full_cfg, tmp_path, run_id, {"s": 1})  # only what a resumed sweep computed
+    log_to_mlflow(df, full_cfg, tmp_path, run_id, {"s": 1})
+    log_to_mlflow(df, full_cfg, tmp_path, run_id, {"s": 1})  # nothing new: nothing logged twice
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval/val/code/loss"))
+    assert hist == [(10, 4.0), (20, 3.0), (30, 2.0)]

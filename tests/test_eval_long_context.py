@@ -245,6 +245,9 @@ def test_the_variants_must_come_from_one_base(tmp_path):
     retok = ckpt("retok", {"init_from": {"model_sha256": "a" * 64}, "data": {"tokenizer_hash": "t2"}})
     with pytest.raises(ValueError, match="different tokenizers"):
         check_fine_tuned_from(base, retok)
+    scratch = ckpt("scratch", {"data": {"tokenizer_hash": "t1"}})  # trained at L' from scratch: no init_from
+    with pytest.raises(ValueError, match="records no init_from"):
+        check_fine_tuned_from(base, scratch)
 
 
 def test_finetune_bad_input_exits_with_one_line(tmp_path, capsys):

@@ -95,6 +95,9 @@ def load_validation_sets(shard_dir: Path, sources: Sequence[str] = (), max_seque
 def validation_sets(shards: Any, sources: Sequence[str] = (), max_sequences: int = 64) -> dict[str, np.ndarray]:
     """`load_validation_sets` of an opened (verified) ShardSet."""
     available = sorted(shards.manifest["validation"])
+    if not available:
+        raise ValueError(f"{shards.path}: no held-out split (its recipe's validation: gave no rows); raise "
+                         "validation.fraction/max_sequences there or pass recipe= with a held-out split")
     wanted = list(sources) or available
     unknown = sorted(set(wanted) - set(available))
     if unknown:
@@ -299,8 +302,14 @@ def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_i
             return None
         client.set_tag(run_id, EVAL_SETTINGS_TAG, wanted)
     now = int(pd.Timestamp.now().timestamp() * 1000)
-    metrics = [Metric(key=f"eval/{r.kind}/{r.name}/{r.metric}", value=float(r.value), timestamp=now, step=int(r.step))
-               for r in df.itertuples()]
+    logged: dict[str, dict[int, float]] = {}
+    metrics = []
+    for r in df.itertuples():
+        key = f"eval/{r.kind}/{r.name}/{r.metric}"
+        if key not in logged:  # what the run already holds: rows evaluated before a failure may be missing
+            logged[key] = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        if logged[key].get(int(r.step)) != float(r.value):
+            metrics.append(Metric(key=key, value=float(r.value), timestamp=now, step=int(r.step)))
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
     return run_id
@@ -408,7 +417,8 @@ def settings_file(parquet: Path) -> Path:
 
 
 def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
-                     weights: dict[int, str | None] | None = None, steps: set[int] | None = None) -> pd.DataFrame:
+                     weights: dict[int, str | None] | None = None, steps: set[int] | None = None,
+                     superseded: Any = None) -> pd.DataFrame:
     """The rows of eval.parquet this evaluation keeps: all of them, less the selected steps when
     `recompute`, less the steps whose checkpoint now holds other weights than the rows were computed
     from (`weights`: step -> model sha256; a resumed branch replaced it), and less the steps the run no
@@ -440,6 +450,11 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
               "their rows were computed from (a resumed branch replaced them); evaluating them again",
               file=sys.stderr)
     gone = sorted({int(step) for step in previous["step"]} - steps) if steps is not None else []
+    lost = [step for step in gone if superseded is not None and not superseded(step)]
+    if lost:  # removed by hand, not moved by a branch: the rows are the only record left; keep them
+        print(f"open360.evaluate: {parquet}: checkpoints {lost} are gone from the run but not superseded by a "
+              "branch; their rows are kept", file=sys.stderr)
+        gone = [step for step in gone if step not in lost]
     if gone:
         print(f"open360.evaluate: {parquet}: the run no longer has checkpoints {gone} (a resume branched before "
               "them: they are in superseded/); their rows are dropped", file=sys.stderr)
@@ -465,7 +480,14 @@ def write_table(previous: pd.DataFrame, rows: list[dict], parquet: Path, cfg: Ev
 
 def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     """Evaluate the selected checkpoints of `cfg.run`; write eval.parquet, eval_curves.png, eval.md."""
-    from open360.checkpoint.io import MODEL_FILE, load_model_from_checkpoint, read_lineage
+    from open360.checkpoint.io import (
+        CONFIG_FILE,
+        MODEL_FILE,
+        load_model_from_checkpoint,
+        read_config,
+        read_lineage,
+        step_dir_name,
+    )
     from open360.checkpoint.lineage import data_history
     from open360.data import ShardSet
 
@@ -490,7 +512,9 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     parquet = out_dir / EVAL_PARQUET
     lineages = {step: read_lineage(ckpt) for step, ckpt in selected if step not in absent}
     weights = {step: (lin.get("files") or {}).get(MODEL_FILE) for step, lin in lineages.items()}
-    previous = previous_results(parquet, cfg, [step for step, _ in selected], weights, {step for step, _ in available})
+    superseded_root = run_dir / "superseded"
+    previous = previous_results(parquet, cfg, [step for step, _ in selected], weights, {step for step, _ in available},
+                                lambda step: any(superseded_root.glob(f"*/{step_dir_name(step)}")))
     done = set(previous["step"].astype(int)) if not previous.empty else set()
     to_pull = sorted(absent - done)  # a step evaluated before is not fetched again to be skipped
     if to_pull and not cfg.pull:
@@ -508,6 +532,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     val_cache: dict[Path, tuple[dict[str, np.ndarray], Path, str]] = {}
     shard_dirs: dict[tuple[str, ...], Path] = {}  # one resolution (pull, build, verify) per data history
     full_cfg = None
+    row_len = None
     run_id = None
     for step, ckpt in selected:
         if step in done:
@@ -527,6 +552,11 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         val_sets, tokenizer_file, shards_tokenizer = val_cache[shard_dir]
         check_trained_tokenizer(lineage, shards_tokenizer, shard_dir, ckpt,
                                 "its losses there would mean nothing — give recipe= a recipe with the run's tokenizer")
+        row_len = next((v.shape[1] - 1 for v in val_sets.values()), None)
+        if row_len is not None and row_len > int(full_cfg.model.max_seq_len):
+            raise ValueError(f"{shard_dir}: held-out rows of {row_len} tokens, longer than the {ckpt} model's context "
+                             f"{int(full_cfg.model.max_seq_len)}; pass recipe= with seq_len <= it "
+                             "(long_context measures loss past the trained length)")
         for source, metrics in validation_metrics(model, val_sets, cfg.batch_size, cfg.device).items():
             rows += _rows(cfg.run, step, tokens, "val", source, metrics, weights[step])
         if cfg.tasks:
@@ -543,20 +573,24 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
 
     if df is None:  # nothing evaluated now: the table may still lose rows (superseded or replaced steps)
         df = write_table(previous, rows, parquet, cfg)
-    new = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:
         return df
     plot_eval_curves(df, out_dir / EVAL_PLOT, title=f"{cfg.run}: evaluation across checkpoints")
-    seq_len = int(full_cfg.trainer.seq_len) if full_cfg is not None else None
+    seq_len = row_len  # tokens per held-out row actually scored (recipe= may differ from trainer.seq_len)
     (out_dir / EVAL_REPORT).write_text(
         f"# Evaluation of `{cfg.run}` across checkpoints\n\n"
         f"Held-out sequences per source: {held_out_counts(df, seq_len, cfg.val_sequences)}; "
         f"lm-eval tasks: {', '.join(cfg.tasks) or 'none'}.\n\n"
         f"![eval curves]({EVAL_PLOT})\n\n{markdown_table(df)}\n"
     )
+    if full_cfg is None and selected and (selected[-1][1] / CONFIG_FILE).is_file():  # nothing new: backfill only
+        full_cfg = read_config(selected[-1][1])
+        run_id = next((lin.get("mlflow_run_id") for lin in lineages.values() if lin.get("mlflow_run_id")), None)
     tracked = full_cfg is not None and bool((full_cfg.get("tracking") or {}).get("mlflow", False))
-    if cfg.mlflow and tracked and not new.empty:  # only runs that were tracked in MLflow
-        log_to_mlflow(new, full_cfg, workspace, run_id, json.loads(json.dumps(eval_settings(cfg))))
+    if cfg.mlflow and tracked:  # only runs that were tracked in MLflow
+        # the whole table: steps evaluated before a failure or Ctrl-C were never logged (only missing or
+        # changed values are sent)
+        log_to_mlflow(df, full_cfg, workspace, run_id, json.loads(json.dumps(eval_settings(cfg))))
     return df
 
 

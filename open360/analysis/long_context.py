@@ -369,6 +369,11 @@ def check_fine_tuned_from(base_ckpt: Path, ft_ckpt: Path) -> None:
     base, ft = read_lineage(base_ckpt), read_lineage(ft_ckpt)
     started = (ft.get("init_from") or {}).get("model_sha256")
     weights = (base.get("files") or {}).get(MODEL_FILE)
+    if not started:
+        raise ValueError(
+            f"finetuned={ft_ckpt}: its lineage.json records no init_from (it was not started from a checkpoint's "
+            f"weights), so it is not base={base_ckpt} PI fine-tuned; fine-tune with `long_context finetune init=...`"
+        )
     if started and weights and started != weights:
         raise ValueError(
             f"finetuned={ft_ckpt} was fine-tuned from {(ft.get('init_from') or {}).get('checkpoint')} (weights "

@@ -292,6 +292,26 @@ def test_shard_content_rewritten_under_its_ids_is_refused_when_read(tiny: Path, 
     assert batch_main(["--shards", str(out), "--step", "0", "--global-batch-size", str(shards.num_sequences)]) == 1
 
 
+def test_verify_checks_the_sequence_ids_a_loader_checks(tiny: Path, tmp_path: Path) -> None:
+    """A shard whose seq_id column alone differs (tokens, sources and footer intact) fails `data verify`,
+    as it fails the loader: verify must not pass a folder that training then refuses."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from open360.data.cli import verify_main
+
+    for name in ("train_00001.parquet", "val_code.parquet"):
+        out = Path(shutil.copytree(tiny, tmp_path / name))
+        path = out / name
+        meta = pq.ParquetFile(path).schema_arrow.metadata
+        table = pq.read_table(path)
+        table = table.set_column(0, "seq_id", pc.add(table.column("seq_id"), 1000)).replace_schema_metadata(meta)
+        pq.write_table(table, path, compression="zstd", write_statistics=False, write_page_checksum=True)
+        with pytest.raises(ShardError, match=rf"{name}: row group 0 holds sequence ids from"):
+            ShardSet.open(out).verify_content()
+        assert verify_main(["--shards", str(out)]) == 1
+
+
 def test_a_damaged_token_column_type_is_a_shard_error(tiny: Path, tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

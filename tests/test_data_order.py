@@ -144,3 +144,24 @@ def test_the_recipe_seed_rules_unless_data_seed_is_set(
     assert cli.batch_main([*args, "--step", str(last_epoch_step)]) == 0
     ids = json.loads(capsys.readouterr().out)["ids"]
     assert ids == DataOrder(built, 42, 16).batch_ids(last_epoch_step).tolist()
+
+
+def _seen_by_union(o: DataOrder, step: int) -> np.ndarray:
+    """seen_ids by definition: the union of every batch of steps 0..step-1."""
+    if step == 0:
+        return np.empty(0, np.int64)
+    return np.unique(np.concatenate([o.batch_ids(s) for s in range(step)]))
+
+
+@pytest.mark.parametrize("n,b", [(10, 3), (12, 4), (7, 7), (50, 8)])
+def test_seen_ids_is_the_union_of_batches_and_fast_for_long_runs(n: int, b: int) -> None:
+    import time
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(num_sequences=n, path=Path("fake"))
+    o = DataOrder(fake, seed=5, global_batch_size=b)  # type: ignore[arg-type]
+    for step in range(0, 6 * o.steps_per_epoch + 2):
+        assert np.array_equal(o.seen_ids(step), _seen_by_union(o, step)), step
+    start = time.perf_counter()
+    assert len(o.seen_ids(10**12)) == n  # a step far in a multi-epoch run: not one permutation per epoch
+    assert time.perf_counter() - start < 5

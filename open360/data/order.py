@@ -69,13 +69,18 @@ class DataOrder:
         if step <= 0:
             return np.empty(0, dtype=np.int64)
         full_epochs, within = divmod(step, self.steps_per_epoch)
-        b = self.global_batch_size
-        if full_epochs >= 1:
-            parts = [np.arange(self.steps_per_epoch * b, dtype=np.int64)]
-            parts += [self.epoch_order(e)[: self.steps_per_epoch * b] for e in range(1, full_epochs)]
-            parts.append(self.epoch_order(full_epochs)[: within * b] if within else np.empty(0, np.int64))
-            return np.unique(np.concatenate(parts))
-        return np.arange(within * b, dtype=np.int64)
+        b, per_epoch = self.global_batch_size, self.steps_per_epoch * self.global_batch_size
+        if full_epochs == 0:
+            return np.arange(within * b, dtype=np.int64)
+        # epoch 0 sees all but the trailing partial batch; later epochs add ids until every one is seen, so
+        # the work is a few epochs at most, not one permutation per epoch of a long multi-epoch run
+        seen = np.zeros(self.shards.num_sequences, dtype=bool)
+        seen[:per_epoch] = True
+        for e in range(1, full_epochs + 1):
+            if seen.all():
+                break
+            seen[self.epoch_order(e)[: per_epoch if e < full_epochs else within * b]] = True
+        return np.flatnonzero(seen).astype(np.int64)
 
     def chunk_end_steps(self) -> list[int]:
         """For each chunk, the step count after which all of it has been consumed in epoch 0.

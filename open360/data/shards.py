@@ -119,13 +119,14 @@ def open_shard_file(path: Path) -> pq.ParquetFile:
         return pq.ParquetFile(path, page_checksum_verification=True)
 
 
-def read_rows(path: Path, entry: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+def read_rows(path: Path, entry: dict[str, Any], first_id: int | None = None) -> tuple[np.ndarray, list[str]]:
     """Read every token row [n, seq_len+1] and its source from the shard file of a manifest entry, each
-    row group checked against the entry's hash of it."""
+    row group checked against the entry's hash of it (and, given `first_id`, its sequence ids against
+    first_id, first_id+1, ... — the column a loader checks, so `data verify` covers it too)."""
     pf = open_shard_file(path)
     tokens, sources = [], []
     for rg in range(pf.metadata.num_row_groups):
-        t, src = _checked_row_group(pf, path, rg, entry)
+        t, src = _checked_row_group(pf, path, rg, entry, None if first_id is None else first_id + len(sources))
         tokens.append(t)
         sources.extend(src)
     return np.concatenate(tokens) if tokens else np.empty((0, 0), np.int32), sources
@@ -352,7 +353,9 @@ class ShardSet:
     def verify_content(self) -> None:
         """Re-hash every shard's content against the manifest: each row group, then each whole file (reads
         everything; the loader checks only the row groups it reads)."""
-        for entry in [*self.manifest["chunks"], *self.manifest["validation"].values()]:
-            tokens, sources = read_rows(self.path / entry["file"], entry)
+        entries = [(e, int(start)) for e, start in zip(self.manifest["chunks"], self._starts, strict=False)]
+        entries += [(e, 0) for e in self.manifest["validation"].values()]  # validation ids count from 0
+        for entry, first_id in entries:
+            tokens, sources = read_rows(self.path / entry["file"], entry, first_id)
             if content_sha256(tokens, sources) != entry["content_sha256"]:
                 raise ShardError(f"{self.path / entry['file']}: content differs from the manifest; rebuild")

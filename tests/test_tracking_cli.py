@@ -193,6 +193,27 @@ def test_ckpt_push_marks_the_mlflow_records_a_failed_push_left_false(tmp_path: P
     assert mr.checkpoint_record(client, logger.run_id, 2)["pushed"] is False
 
 
+def test_a_failed_hub_upload_is_one_line_and_keeps_the_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from open360.tracking.release import ReleaseError, push_release_to_hub
+
+    class Unauthorized:
+        def __init__(self, token: str | None = None) -> None:
+            pass
+
+        def create_repo(self, repo_id: str, exist_ok: bool) -> None:
+            raise ConnectionError("Max retries exceeded with url: /api/repos/create\n(more lines)")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Unauthorized)
+    (tmp_path / "README.md").write_text("card\n")
+    with pytest.raises(ReleaseError, match=r"to the Hub repo me/r failed at revision main \(ConnectionError: Max retries exceeded[^\n]*\)"):
+        push_release_to_hub(tmp_path, "me/r")
+    assert (tmp_path / "README.md").is_file()
+
+
 def test_hub_upload_plan(tmp_path: Path) -> None:
     (tmp_path / "ckpt_000").mkdir()
     (tmp_path / "ckpt_001").mkdir()
@@ -202,3 +223,110 @@ def test_hub_upload_plan(tmp_path: Path) -> None:
     plan = hub_upload_plan(tmp_path)
     assert plan[0] == ("main", tmp_path, ["ckpt_*/**", "ckpt_*"])
     assert plan[1:] == [("ckpt_000", tmp_path / "ckpt_000", None), ("ckpt_001", tmp_path / "ckpt_001", None)]
+
+
+def test_dvc_errors_mask_the_credentials_of_the_remote_url(tmp_path: Path) -> None:
+    from open360.tracking.dvc_versioning import push_pending
+
+    ws = init_workspace(tmp_path / "ws", remote_url="https://alice:S3cretPW@127.0.0.1:9/store")
+    write_checkpoint(ws, "r", 1)
+    with pytest.raises(VersioningError) as err:
+        push_pending(DvcWorkspace(ws), ws / "checkpoints" / "r")
+    assert "S3cretPW" not in str(err.value) and "alice:***@127.0.0.1" in str(err.value)
+
+
+def test_push_versions_no_step_folder_without_lineage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A `step_N` folder with no lineage.json (a copy, a checkout cut short, a release exported there) is not
+    the run's checkpoint: `ckpt push` must not record it in checkpoints.dvc."""
+    ws = init_workspace(tmp_path / "ws")
+    write_checkpoint(ws, "r", 1)
+    stray = ws / "checkpoints" / "r" / "step_50"
+    stray.mkdir()
+    (stray / "README.md").write_text("not a checkpoint\n")
+    assert push_main(["r", "--workspace", str(ws)]) == 0
+    assert "have no lineage.json" in capsys.readouterr().err
+    assert sorted(DvcWorkspace(ws).tracked_children(ws / "checkpoints" / "r")) == ["step_1"]
+
+
+def test_list_says_when_the_remote_lacks_the_tree_checkpoints_dvc_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every file pushed, but not the tree object (a branch's record move writes it locally only): a clone
+    can pull nothing, which the listing must say."""
+    ws = init_workspace(tmp_path / "ws")
+    store = DvcWorkspace(ws)
+    path = write_checkpoint(ws, "r", 1)
+    store.add(path)
+    store.push([path])
+    tree = (ws / "checkpoints.dvc").read_text().split("md5: ")[1].split()[0]
+    (ws / ".dvc-storage" / "files" / "md5" / tree[:2] / tree[2:]).unlink()
+    capsys.readouterr()
+    assert list_main(["r", "--workspace", str(ws)]) == 0
+    out, err = capsys.readouterr()
+    assert f"remote lacks tree {tree}" in err and "open360 ckpt push r" in err
+    assert push_main(["r", "--workspace", str(ws)]) == 0
+    capsys.readouterr()
+    assert list_main(["r", "--workspace", str(ws)]) == 0
+    assert "remote lacks tree" not in capsys.readouterr().err
+
+
+def _data_checkpoint(ws: Path, tokenizer: bytes, recorded: bytes) -> None:
+    """A checkpoint whose lineage names shards/x and the sha256 of `recorded` as its tokenizer."""
+    import hashlib
+
+    import torch
+
+    from open360.checkpoint import CheckpointContents, save_checkpoint
+
+    (ws / "shards" / "x").mkdir(parents=True)
+    (ws / "shards" / "x" / "tokenizer.json").write_bytes(tokenizer)
+    data = {"stage": "main", "shard_dir": "shards/x", "tokenizer_hash": hashlib.sha256(recorded).hexdigest()}
+    save_checkpoint(ws / "checkpoints" / "r", 1, CheckpointContents(
+        model={"w": torch.zeros(4)}, optimizer={"state": {}, "param_groups": []}, trainer_state={"step": 1},
+        rng={"seed": 0}, config_yaml="run_name: r\n", lineage={"run_name": "r", "data": data},
+    ))
+
+
+def test_export_refuses_an_out_folder_inside_checkpoints(tmp_path: Path) -> None:
+    from open360.tracking.release import ReleaseError, export_release
+
+    ws = init_workspace(tmp_path / "ws")
+    _data_checkpoint(ws, b"{}", b"{}")
+    for out in (ws / "checkpoints" / "r" / "step_1" / "release", ws / "checkpoints" / "r" / "step_9"):
+        with pytest.raises(ReleaseError, match="inside the workspace's checkpoints/"):
+            export_release(ws, "r", out)
+        assert not out.exists()
+    assert not (ws / "checkpoints" / "r" / "step_1" / "release").exists()
+
+
+def test_export_refuses_a_tokenizer_other_than_the_one_trained_with(tmp_path: Path) -> None:
+    from open360.tracking.release import ReleaseError, export_release
+
+    ws = init_workspace(tmp_path / "ws")
+    _data_checkpoint(ws, b'{"rebuilt": true}', b'{"original": true}')
+    with pytest.raises(ReleaseError, match="records tokenizer_hash"):
+        export_release(ws, "r", tmp_path / "release")
+    assert not (tmp_path / "release").exists()
+
+
+def test_release_metrics_come_from_the_run_the_lineage_names(tmp_path: Path) -> None:
+    """Another run of the same name (another workspace on a shared store) is not this release's."""
+    import pandas as pd
+
+    from open360.tracking import mlflow_records as mr
+    from open360.tracking.release import _metrics_table
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mr.client(uri)
+    ids = []
+    for name, loss in (("a", 1.0), ("b", 99.0)):  # "b" is the more recent
+        exp = client.create_experiment(name)
+        run = client.create_run(exp, run_name="r", tags={"open360.run_name": "r"})
+        client.log_metric(run.info.run_id, "loss", loss, step=1)
+        ids.append(run.info.run_id)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _metrics_table(tmp_path, "r", uri, out, recorded=ids[0]) == ids[0]
+    assert pd.read_parquet(out / "metrics.parquet").value.tolist() == [1.0]
+    assert _metrics_table(tmp_path, "r", uri, out, recorded="0" * 32) is None  # not another run's metrics
+    assert _metrics_table(tmp_path, "r", uri, out) == ids[1]  # a lineage naming no run: by name

@@ -84,11 +84,18 @@ def list_main(argv: Sequence[str]) -> int:
         missing: dict[str, int] = {}
         remote_note = ""
         tracked = [e.tracked for e in entries if e.tracked is not None]
+        tree_missing = None
         if store is not None and tracked:
             try:
                 missing = store.missing_on_remote(tracked)
+                tree_missing = store.tree_missing_on_remote(entries[0].path.parent)
             except VersioningError as err:
                 remote_note = f"(remote not checked: {err})"
+        if tree_missing:
+            remote_note = (
+                f"the remote lacks tree {tree_missing} that checkpoints.dvc names: a clone can pull none of "
+                f"these checkpoints; run `open360 ckpt push {args.run}`"
+            )
     except (VersioningError, ValueError, FileNotFoundError) as err:
         return _fail("open360 ckpt list", err)
     rows = [("step", "tokens_seen", "loss", "size", "on_disk", "dvc", "pushed")]
@@ -347,7 +354,7 @@ def _mlflow_lines(
     from open360.tracking import mlflow_records as mr
     from open360.tracking.params import mask_value
 
-    run_id = lineage.get("mlflow_run_id") or lineage.get("callbacks", {}).get("mlflow_run_id")
+    run_id = mr.lineage_run_id(lineage)
     if not isinstance(step, int):
         return [f"mlflow: - (lineage.json records no step: {step!r})"], None
     if not run_id:

@@ -138,7 +138,9 @@ def _remote_description(repo: Any, name: str | None) -> str:
         url = repo.config["remote"][name]["url"]
     except (KeyError, TypeError):
         return f"remote {name!r}"
-    return f"remote {name!r} ({url})"
+    from open360.tracking.params import mask_value
+
+    return f"remote {name!r} ({mask_value(str(url))})"  # a URL may carry user:password@
 
 
 def _explain(err: BaseException, action: str, path: Path, ws: Path, detail: str = "") -> VersioningError:
@@ -175,7 +177,9 @@ def _explain(err: BaseException, action: str, path: Path, ws: Path, detail: str 
         )
     else:
         msg = f"{where}: {type(err).__name__}: {err}"
-    return VersioningError(msg)
+    from open360.tracking.params import mask_value
+
+    return VersioningError(mask_value(msg))  # DVC's own text may quote the remote URL, credentials and all
 
 
 class DvcWorkspace:
@@ -478,6 +482,23 @@ class DvcWorkspace:
 
         return self._retry_locked(run, "checking the remote for", self.workspace)
 
+    def tree_missing_on_remote(self, path: Path) -> str | None:
+        """The tree object (`<md5>.dir`) the .dvc file tracking `path` names, when the remote lacks it (None
+        when it has it): without it a clone can read no entry of that .dvc file, so pulls nothing, even
+        of folders whose files are all pushed. A branch's record move (`supersede`) writes a new tree locally
+        only; the next push of any folder under it sends it."""
+        rel = self.relpath(path)
+
+        def run(repo: Any) -> str | None:
+            out = repo.find_outs_by_path(str(self.workspace / rel), strict=False)[0]
+            oid = out.hash_info.value if out.hash_info else None
+            if not oid or oid == EMPTY_TREE_MD5:
+                return None
+            odb = repo.cloud.get_remote_odb(self.remote, "push")
+            return None if list(odb.oids_exist([oid])) else oid
+
+        return self._retry_locked(run, "checking the remote for", self.workspace / rel)
+
 
 def local_steps(run_dir: Path) -> dict[int, Path]:
     """Published checkpoint folders present on disk, by step."""
@@ -498,6 +519,15 @@ def push_pending(
     Returns the steps that were added. Safe to repeat: DVC sends only what the remote lacks.
     """
     steps = {s: p for s, p in local_steps(run_dir).items() if max_step is None or s <= max_step}
+    # a checkpoint is complete once its lineage.json is there (written last, then renamed in): a `step_N`
+    # folder without one (a checkout cut short, a folder copied there) is not versioned as the run's
+    incomplete = sorted(s for s, p in steps.items() if not (p / "lineage.json").is_file())
+    if incomplete:
+        import sys
+
+        print(f"open360.tracking: {run_dir}: step folders {incomplete} have no lineage.json (incomplete, or not "
+              "checkpoints); not versioned", file=sys.stderr)
+        steps = {s: p for s, p in steps.items() if s not in incomplete}
     if not steps:
         return []
     store.ensure_tracked_root(store.workspace / store.relpath(run_dir).split("/")[0])

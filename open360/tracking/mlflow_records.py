@@ -43,6 +43,12 @@ def read_store(uri: str, fn: Any) -> Any:
         ) from None
 
 
+def lineage_run_id(lineage: dict[str, Any]) -> str | None:
+    """The MLflow run a checkpoint's lineage names (None for an untracked run)."""
+    run_id = lineage.get("mlflow_run_id") or (lineage.get("callbacks") or {}).get("mlflow_run_id")
+    return str(run_id) if run_id else None
+
+
 def find_run_id(mlflow: Any, run_name: str) -> str | None:
     """The most recent run whose open360 run name is `run_name`, over all experiments."""
     experiments = [e.experiment_id for e in mlflow.search_experiments()]

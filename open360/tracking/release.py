@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from open360.checkpoint.lineage import data_history, inherited_data_history
 from open360.paths import temp_sibling
 from open360.tracking.checkpoints import CheckpointEntry, pull_checkpoints, run_checkpoints, select_steps
+from open360.tracking.mlflow_records import lineage_run_id
 from open360.tracking.params import mask_secrets
 
 
@@ -52,16 +53,33 @@ def _choose(entries: list[CheckpointEntry], steps: str, run: str) -> list[Checkp
     return sorted({e.step: e for e in chosen}.values(), key=lambda e: e.step)
 
 
-def _metrics_table(workspace: Path, run: str, mlflow_uri: str | None, out: Path) -> str | None:
+def _metrics_table(
+    workspace: Path, run: str, mlflow_uri: str | None, out: Path, recorded: str | None = None
+) -> str | None:
+    """Write metrics.parquet from the MLflow run `recorded` (the one the checkpoints' lineage names); only
+    a lineage that names none falls back to the latest run tagged with the run name (another workspace on a
+    shared server may have trained a run of the same name: its metrics are not this release's)."""
     from open360.tracking import mlflow_records as mr
 
     uri = mr.workspace_uri(workspace, mlflow_uri)
     if uri is None:
         return None
+
+    def read(c: Any) -> tuple[str | None, dict[str, Any]]:
+        rid = recorded or mr.find_run_id(c, run)
+        if rid and recorded:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                c.get_run(rid)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                return None, {}  # not in this store: no metrics rather than another run's
+        return rid, mr.latest_metrics(c, rid) if rid else {}
+
     try:
-        run_id, latest = mr.read_store(
-            uri, lambda c: (rid := mr.find_run_id(c, run), mr.latest_metrics(c, rid) if rid else {})
-        )
+        run_id, latest = mr.read_store(uri, read)
     except mr.StoreUnreadable as err:
         raise ReleaseError(f"metrics of run {run!r}: {err}") from None
     if run_id is None:
@@ -127,7 +145,36 @@ def _verify(workspace: Path, entry: CheckpointEntry) -> tuple[dict[str, Any], Pa
             f"{tokenizer}: the tokenizer step {entry.step} was trained with is not in this workspace; fetch "
             f"the shards (`dvc pull {shard_dir}`) or build them (`open360 data build`), then export again"
         )
+    _check_data_files(workspace, entry.step, lineage)
     return lineage, tokenizer
+
+
+def _check_data_files(workspace: Path, step: int, lineage: dict[str, Any]) -> None:
+    """The manifest and tokenizer files a release copies from the workspace's shard folders must be the
+    ones the checkpoint's lineage names (its manifest and tokenizer sha256), not a rebuilt or damaged copy."""
+    from open360.data.shards import manifest_hash_of
+    from open360.data.tokenizer import tokenizer_bytes_hash
+
+    for data in inherited_data_history(lineage) + data_history(lineage):
+        shard_dir = data.get("shard_dir")
+        if not shard_dir:
+            continue
+        folder = workspace / shard_dir
+        checks = (("tokenizer.json", "tokenizer_hash", lambda f: tokenizer_bytes_hash(f.read_bytes())),
+                  ("manifest.json", "manifest_hash", lambda f: manifest_hash_of(json.loads(f.read_text()))))
+        for name, key, digest in checks:
+            file, expected = folder / name, data.get(key)
+            if not expected or not file.is_file():
+                continue
+            try:
+                actual = digest(file)
+            except (OSError, ValueError, AttributeError) as err:
+                actual = f"unreadable ({err})"
+            if actual != expected:
+                raise ReleaseError(
+                    f"{file}: {actual} but checkpoint step {step} records {key} {expected}; the shard folder "
+                    f"was rebuilt or damaged — restore it (`dvc pull {shard_dir} --force`), then export again"
+                )
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -181,7 +228,7 @@ def _write_release(
     config = OmegaConf.to_container(OmegaConf.load(checked[-1][0].path / "config.yaml"), resolve=False)
     (out / "configs" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(publishable(config, workspace))))
     data = _copy_data(workspace, lineages, out)
-    run_id = _metrics_table(workspace, run, mlflow_uri, out)
+    run_id = _metrics_table(workspace, run, mlflow_uri, out, lineage_run_id(lineages[-1]))
     (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg))
 
@@ -190,6 +237,23 @@ def _refuse_nonempty(out: Path) -> None:
     """Raise unless `out` is absent or an empty folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReleaseError(f"{out} exists and is not an empty folder; choose a new --out folder")
+
+
+def _refuse_inside_tracked(workspace: Path, out: Path) -> None:
+    """Raise when `out` lies in the workspace's checkpoints/, recovery/ or a DVC-tracked top-level folder
+    (shards/): a release written there would become part of a versioned checkpoint (which then fails its
+    checks) or look like one (`step_N`) that `ckpt push` versions."""
+    from open360.tracking.checkpoints import CHECKPOINTS_DIR, RECOVERY_DIR
+
+    try:
+        top = out.relative_to(workspace).parts[0]
+    except (ValueError, IndexError):
+        return  # outside the workspace, or the workspace itself (refused as not empty)
+    if top in (CHECKPOINTS_DIR, RECOVERY_DIR) or (workspace / f"{top}.dvc").is_file():
+        raise ReleaseError(
+            f"{out}: inside the workspace's {top}/, which holds versioned checkpoints or data; choose an --out "
+            "folder outside it (e.g. release/<run>)"
+        )
 
 
 def export_release(
@@ -207,6 +271,7 @@ def export_release(
     workspace = Path(workspace).expanduser().resolve()
     out = Path(out).expanduser().resolve()
     _refuse_nonempty(out)
+    _refuse_inside_tracked(workspace, out)
     entries = run_checkpoints(workspace, run)
     revision = dict(zip((e.step for e in entries), ckpt_names(len(entries)), strict=True))
     chosen = _choose(entries, steps, run)
@@ -317,14 +382,23 @@ def push_release_to_hub(folder: Path, repo_id: str, token: str | None = None) ->
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True)
-    for revision, local, ignore in hub_upload_plan(folder):
-        if revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(local),
-            revision=revision,
-            ignore_patterns=ignore,
-            commit_message=f"open360 release: {revision}",
-        )
+    revision = "main"
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        for revision, local, ignore in hub_upload_plan(folder):
+            if revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(local),
+                revision=revision,
+                ignore_patterns=ignore,
+                commit_message=f"open360 release: {revision}",
+            )
+    except Exception as err:  # network, authentication, quota: the hub's own errors, one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ReleaseError(
+            f"upload of {folder} to the Hub repo {repo_id} failed at revision {revision} ({type(err).__name__}: "
+            f"{first}); the release folder is kept — export again into a new --out with --push-to-hub (the Hub "
+            "skips files it already holds)"
+        ) from err

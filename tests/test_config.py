@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +203,14 @@ BAD_TRAINING_VALUES = [
     ("trainer.distributed=fdsp", "trainer.distributed='fdsp': expected one of ddp, fsdp"),
     ("tracking.metric_buffer_steps=0", "tracking.metric_buffer_steps=0: must be >= 1"),
     ("trainer.init_from=/nowhere/step_4", "trainer.init_from=/nowhere/step_4: not a checkpoint folder"),
+    ("optim.lr=nan", "optim.lr=nan: the peak learning rate must be >= 0 and finite"),
+    ("optim.lr=inf", "optim.lr=inf: the peak learning rate must be >= 0 and finite"),
+    ("optim.eps=inf", "optim.eps=inf: must be > 0 and finite"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan: must be >= 0 and finite"),
+    ("optim.grad_clip=nan", "optim.grad_clip=nan: must be >= 0 and finite"),
+    ("trainer.resume=/nowhere/step_4", "trainer.resume=/nowhere/step_4: /nowhere/step_4 is not a complete checkpoint directory"),
+    ("data.recipe=data_recipes/nope.yaml", "data.recipe=data_recipes/nope.yaml: recipe file not found"),
+    ("tracking.mlflow_uri=http://alice:pw@host:5000", "tracking.mlflow_uri=http://alice:***@host:5000: holds"),
 ]
 
 
@@ -218,10 +228,47 @@ def test_out_of_range_values_fail_under_cfg_job_and_before_a_run_writes_anything
         proc = run_train("+experiment=amber_tiny", f"workspace={tmp_path}", "run_name=bad", *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert args[0].split("=")[0] in proc.stderr
-    for left in ("checkpoints", "recovery", "shards"):  # (Hydra's own outputs/ log is there: it starts first)
+    for left in ("checkpoints", "recovery", "shards", "outputs"):  # checked before Hydra's outputs/ too
         assert not (tmp_path / left).exists()
     sweep = run_train("-m", "+experiment=scaling_tiny", "model.d_model=64,96", f"workspace={tmp_path}", "--cfg", "job")
     assert sweep.returncode == 2 and "drop -m" in sweep.stderr and "Traceback" not in sweep.stderr, sweep.stderr
+
+
+def test_nan_model_and_stage_values_are_refused():
+    from open360.models.decoder import as_model_config
+    from open360.train.validate import check_training_config
+
+    for override, says in (("model.rope_interpolation_factor=nan", "rope_interpolation_factor=nan must be > 0"),
+                           ("model.rotary_fraction=nan", "rotary_fraction=nan must lie in [0, 1]"),
+                           ("model.mup.output_multiplier=0", "mup.output_multiplier=0.0 must be > 0")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            as_model_config(compose(["+experiment=crystalcoder_tiny", override]).model)
+    for override, says in (("stages.0.lr=nan", "stages.0.lr=nan (stage 'stage1_text')"),
+                           ("stages.1.recipe=nope.yaml", "stages.1.recipe=nope.yaml: recipe file not found")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            check_training_config(compose(["+experiment=crystalcoder_tiny", override]))
+
+
+def test_bad_input_writes_nothing_not_even_hydras_outputs(tmp_path):
+    """Hydra writes outputs/<run_name>/<time>/.hydra/ before main(): run_name=../../x put it outside the
+    workspace, and a credential in tracking.mlflow_uri landed there in the clear."""
+    ws = tmp_path / "a" / "ws"
+    ws.mkdir(parents=True)
+    for bad, says in (("run_name=../../escaped", "expected one folder name"),
+                      ("tracking.mlflow_uri=http://alice:s3cr3t@127.0.0.1:9", "holds credentials"),
+                      ("trainer.resume=nowhere/step_4", "not a complete checkpoint directory"),
+                      ("data.recipe=nope.yaml", "recipe file not found"),
+                      ("optim.lr=nan", "optim.lr=nan")):
+        proc = run_train("+experiment=amber_tiny", f"workspace={ws}", "tracking=off", bad)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "s3cr3t" not in proc.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("a"), Path("a/ws")]
+
+
+def test_cfg_job_says_why_a_value_has_the_wrong_type(tmp_path):
+    proc = run_train("+experiment=amber_tiny", "trainer.max_steps=1.5", f"workspace={tmp_path}", "--cfg", "job")
+    assert proc.returncode == 2 and "trainer.max_steps=1.5" in proc.stderr, proc.stderr
+    assert "could not be converted to Integer" in proc.stderr
 
 
 @pytest.mark.parametrize("name", ["/tmp/abs_run", "../../escaped", "", "a/b"])

@@ -99,10 +99,12 @@ def test_settings_refuse_values_that_would_train_wrongly(override: str, says: st
         (["+experiment=crystalcoder_tiny", "stages.0.lr=-0.01"], "stages.0.lr=-0.01 (stage 'stage1_text')"),
         (["+experiment=amber_tiny", "optim.lr=-0.001"], "optim.lr=-0.001: the peak learning rate must be >= 0"),
         (["+experiment=crystalcoder_tiny", "trainer.max_steps=1000"], "trainer.max_steps=1000 exceeds the 240 steps"),
+        (["+experiment=crystalcoder_tiny", "stages.2.name=stage1_text"], "stages.2.name='stage1_text': stage 0 has"),
     ],
 )
 def test_stages_refuse_a_negative_peak_and_a_run_longer_than_its_stages(overrides: list[str], says: str) -> None:
-    """A negative learning rate trains by gradient ascent; max_steps past the stages' end stopped early."""
+    """A negative learning rate trains by gradient ascent; max_steps past the stages' end stopped early; two
+    stages of one name would be mixed up by the resume checks and the records that find a stage by name."""
     with pytest.raises(ValueError, match=re.escape(says)):
         build_stages(compose(overrides))
 

@@ -66,9 +66,15 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be a positive integer")
     if cfg.n_kv_heads is not None and (not isinstance(cfg.n_kv_heads, int) or cfg.n_kv_heads < 1):
         raise ValueError(f"{where}: n_kv_heads={cfg.n_kv_heads!r} must be a positive integer (or null: = n_heads)")
-    for key in ("norm_eps", "rotary_base", "init_std"):
-        if not getattr(cfg, key) > 0:
-            raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be > 0")
+    for key in ("norm_eps", "rotary_base", "init_std", "rope_interpolation_factor"):
+        if not 0 < getattr(cfg, key) < math.inf:
+            raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be > 0 and finite")
+    if not 0.0 <= cfg.rotary_fraction <= 1.0:  # NaN included: rotary_dim below would fail to convert it
+        raise ValueError(f"{where}: rotary_fraction={cfg.rotary_fraction!r} must lie in [0, 1]")
+    if cfg.mup.enabled:
+        for key in ("embedding_multiplier", "output_multiplier"):
+            if not 0 < getattr(cfg.mup, key) < math.inf:
+                raise ValueError(f"{where}: mup.{key}={getattr(cfg.mup, key)!r} must be > 0 and finite")
     if cfg.norm not in NORMS:
         raise ValueError(f"{where}: norm={cfg.norm!r}, expected one of {NORMS}")
     if cfg.mlp not in MLPS:
@@ -85,8 +91,6 @@ def validate_model_config(cfg: ModelConfig) -> None:
             f"{where}: rotary_fraction={cfg.rotary_fraction} gives {rot} rotary dims of head_dim {head_dim}; "
             "it must lie in [0, 1] and give an even number of dims"
         )
-    if cfg.rope_interpolation_factor <= 0:
-        raise ValueError(f"{where}: rope_interpolation_factor={cfg.rope_interpolation_factor} must be > 0")
     if cfg.mup.enabled and cfg.mup.base_width <= 0:
         raise ValueError(f"{where}: mup.base_width={cfg.mup.base_width} must be > 0")
 

@@ -103,21 +103,34 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def check_before_printing(argv: list[str]) -> None:
-    """`--cfg job|all` prints the composed config without running the job, so without its checks: run
-    them first, so that a misspelt key or an out-of-range value fails here as it would in a run."""
-    if not any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv):
+# Hydra flags that print or inspect without running the job: nothing of theirs is checked here.
+NO_RUN_FLAGS = ("-h", "--help", "--hydra-help", "--version", "-i", "--info", "-sc", "--shell-completion",
+                "--experimental-rerun")
+
+
+def check_before_hydra(argv: list[str]) -> None:
+    """Run the config checks before Hydra starts: `--cfg job|all` prints the composed config without running
+    the job (so without its checks), and a run's Hydra first writes outputs/<run_name>/<time>/ (its .hydra/
+    record of the overrides), where a run_name such as ../../x reaches outside the workspace and a
+    credential in tracking.mlflow_uri would be saved in the clear. A misspelt key, an out-of-range value or
+    a bad run_name fails here, before anything is written."""
+    if any(a in NO_RUN_FLAGS for a in argv):
         return
-    if any(a in ("-m", "--multirun") for a in argv):
+    printing = any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if printing and multirun:
         print("open360.train: --cfg prints one job's config and Hydra takes one of --multirun and --cfg: drop -m "
               "and give one value per key", file=sys.stderr)
         sys.exit(2)
+    if multirun:  # the sweep folder holds no run_name; each job is checked in main() before it writes
+        return
     from hydra.errors import HydraException
 
     from open360.config import compose
     from open360.models.decoder import as_model_config
 
-    takes_value = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp"}
+    takes_value = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
+                   "--config-dir", "-cd"}
     overrides = [
         a
         for i, a in enumerate(argv)
@@ -128,11 +141,17 @@ def check_before_printing(argv: list[str]) -> None:
         check_stage_overrides(cfg, overrides)
         as_model_config(cfg.model)
         check_training_config(cfg)
-    except (HydraException, ConfigKeyError, ValueError) as err:
-        print(f"open360.train: {str(err).strip()}", file=sys.stderr)
+        if not printing:  # `--cfg job` of a full-size experiment prints on any machine
+            check_resources(cfg)
+    except (HydraException, ConfigKeyError, ResourceError, ValueError) as err:
+        message = str(err).strip()
+        cause = err.__cause__
+        if isinstance(err, HydraException) and cause is not None and str(cause).strip():
+            message += f": {str(cause).strip().splitlines()[0]}"  # the why: "Value '1.5' ... to Integer"
+        print(f"open360.train: {message}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    check_before_printing(sys.argv[1:])
+    check_before_hydra(sys.argv[1:])
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,12 +24,16 @@ def check_optimizer_values(optim_cfg: Any) -> None:
     if optim_cfg.name != "adamw":
         raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is implemented")
     adam_betas(optim_cfg)
-    if not float(optim_cfg.eps) > 0:
-        raise ValueError(f"optim.eps={optim_cfg.eps}: must be > 0 (e.g. 1e-8)")
-    if float(optim_cfg.weight_decay) < 0:
-        raise ValueError(f"optim.weight_decay={optim_cfg.weight_decay}: must be >= 0")
-    if float(optim_cfg.grad_clip) < 0:
-        raise ValueError(f"optim.grad_clip={optim_cfg.grad_clip}: must be >= 0 (0 = no clipping, as in megatron)")
+    if not math.isfinite(float(optim_cfg.lr)) or float(optim_cfg.lr) < 0:
+        raise ValueError(f"optim.lr={optim_cfg.lr}: the peak learning rate must be >= 0 and finite")
+    if not (math.isfinite(float(optim_cfg.eps)) and float(optim_cfg.eps) > 0):
+        raise ValueError(f"optim.eps={optim_cfg.eps}: must be > 0 and finite (e.g. 1e-8)")
+    if not (math.isfinite(float(optim_cfg.weight_decay)) and float(optim_cfg.weight_decay) >= 0):
+        raise ValueError(f"optim.weight_decay={optim_cfg.weight_decay}: must be >= 0 and finite")
+    if not (math.isfinite(float(optim_cfg.grad_clip)) and float(optim_cfg.grad_clip) >= 0):
+        raise ValueError(
+            f"optim.grad_clip={optim_cfg.grad_clip}: must be >= 0 and finite (0 = no clipping, as in megatron)"
+        )
 
 
 def build_optimizer(model: Any, optim_cfg: Any) -> torch.optim.AdamW:

@@ -85,13 +85,17 @@ def build_stages(cfg: object) -> list[Stage]:
         raise ValueError(f"trainer.max_steps={max_steps}: must be > 0")
     specs = []
     if cfg.stages:
+        names = [str(st.name) for st in cfg.stages]
+        for i, name in enumerate(names):
+            if name in names[:i]:  # resume checks, lineage and MLflow stage tags find a stage by its name
+                raise ValueError(f"stages.{i}.name={name!r}: stage {names.index(name)} has that name too; names must differ")
         for i, st in enumerate(cfg.stages):
             if int(st.steps) <= 0:
                 raise ValueError(f"stages[{i}] ({st.name}): steps={st.steps} must be > 0")
             lr = float(cfg.optim.lr if st.lr is None else st.lr)
-            if lr < 0:
+            if not math.isfinite(lr) or lr < 0:
                 key = "optim.lr" if st.lr is None else f"stages.{i}.lr"
-                raise ValueError(f"{key}={lr} (stage {st.name!r}): the peak learning rate must be >= 0")
+                raise ValueError(f"{key}={lr} (stage {st.name!r}): the peak learning rate must be >= 0 and finite")
             specs.append((st.name, st.recipe, int(st.steps), lr, st.schedule))
         total = sum(spec[2] for spec in specs)
         if max_steps > total:
@@ -100,8 +104,8 @@ def build_stages(cfg: object) -> list[Stage]:
                 f"{total}: set trainer.max_steps<={total} or lengthen a stage"
             )
     else:
-        if float(cfg.optim.lr) < 0:
-            raise ValueError(f"optim.lr={cfg.optim.lr}: the peak learning rate must be >= 0")
+        if not math.isfinite(float(cfg.optim.lr)) or float(cfg.optim.lr) < 0:
+            raise ValueError(f"optim.lr={cfg.optim.lr}: the peak learning rate must be >= 0 and finite")
         specs.append(("main", cfg.data.recipe, max_steps, float(cfg.optim.lr), cfg.schedule))
     stages, start = [], 0
     for i, (name, recipe, steps, lr, sched) in enumerate(specs):

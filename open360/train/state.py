@@ -63,6 +63,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resume_path(resume: str) -> Path:
+    """`trainer.resume` given as a path: it must be a complete checkpoint folder (one holding lineage.json)."""
+    path = Path(resume).expanduser()
+    if not (path / "lineage.json").is_file():
+        raise CheckpointError(
+            f"trainer.resume={resume}: {path} is not a complete checkpoint directory (no lineage.json); "
+            "pass auto, a step number, or a checkpoints/<run>/step_<N> path"
+        )
+    return path
+
+
 def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path) -> Path | None:
     """Resolve `trainer.resume`: none, auto (newest complete checkpoint, published or recovery), a step, a path."""
     resume = str(resume).strip()
@@ -92,12 +103,7 @@ def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path)
             f"trainer.resume={resume}: no complete checkpoint for step {step} in {published_dir} "
             f"or {recovery_dir} (steps available: {have})"
         )
-    path = Path(resume).expanduser()
-    if not (path / "lineage.json").is_file():
-        raise CheckpointError(
-            f"trainer.resume={resume}: {path} is not a complete checkpoint directory (no lineage.json); "
-            "pass auto, a step number, or a checkpoints/<run>/step_<N> path"
-        )
+    path = resume_path(resume)
     own = path.resolve().parent in (Path(published_dir).resolve(), Path(recovery_dir).resolve())
     if candidates and not own:  # its history is not this folder's: one folder, one chain of checkpoints
         raise CheckpointError(

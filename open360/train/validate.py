@@ -27,6 +27,54 @@ def check_init_from(init_from: object) -> None:
         )
 
 
+def check_resume_path(resume: object) -> None:
+    """trainer.resume given as a path (not none/auto/<step>) must be a checkpoint folder: checked here, before
+    the run's checkpoint folders are created, as find_resume_checkpoint would later."""
+    from open360.checkpoint import CheckpointError
+    from open360.train.state import resume_path
+
+    value = str(resume).strip()
+    if resume_is_off(value) or value == "auto" or value.isdigit():
+        return
+    try:
+        resume_path(value)
+    except CheckpointError as err:
+        raise ValueError(str(err)) from err
+
+
+def check_recipes(cfg: DictConfig) -> None:
+    """The data recipe (or each stage's) loads and validates: a missing or malformed recipe fails here,
+    naming it, instead of after the run's folders exist."""
+    from open360.data.recipe import load_recipe
+
+    seed = cfg.data.seed
+    if cfg.stages:
+        for i, stage in enumerate(cfg.stages):
+            try:
+                load_recipe(str(stage.recipe), seed)
+            except ValueError as err:
+                raise ValueError(f"stages.{i}.recipe={stage.recipe}: {err}") from err
+    else:
+        try:
+            load_recipe(str(cfg.data.recipe), seed)
+        except ValueError as err:
+            raise ValueError(f"data.recipe={cfg.data.recipe}: {err}") from err
+
+
+def check_tracking_uri(cfg: DictConfig) -> None:
+    """No credentials in tracking.mlflow_uri: Hydra saves the command line and the composed config in the
+    clear under outputs/<run>/<time>/.hydra/; the MLflow client reads them from the environment."""
+    from open360.tracking.params import mask_value
+
+    uri = str(cfg.tracking.mlflow_uri)
+    if mask_value(uri) != uri:  # also with tracking=off: Hydra records it all the same
+        raise ValueError(
+            f"tracking.mlflow_uri={mask_value(uri)}: holds credentials, which Hydra would save in the clear under "
+            "outputs/; give the URI without them and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) in the environment"
+        )
+
+
 def check_training_config(cfg: DictConfig) -> None:
     """ValueError naming the key for any value a run would refuse later, after folders or shards exist:
     the schedule (stages, steps, LR), the cadence, the batch geometry, the precision and the optimizer."""
@@ -62,10 +110,13 @@ def check_training_config(cfg: DictConfig) -> None:
         raise ValueError(f"tracking.metric_buffer_steps={cfg.tracking.metric_buffer_steps}: must be >= 1")
     if cfg.trainer.init_from and resume_is_off(cfg.trainer.resume):  # a resume may not need it: see _run
         check_init_from(cfg.trainer.init_from)
+    check_resume_path(cfg.trainer.resume)
+    check_tracking_uri(cfg)
     check_optimizer_values(cfg.optim)
     resolve_precision(str(cfg.trainer.precision), "cpu")
     build_stages(cfg)
     CadencePolicy.from_config(cfg.checkpoint)
+    check_recipes(cfg)
 
 
 def _check_choices(cfg: DictConfig) -> None:

@@ -442,3 +442,31 @@ def test_megatron_loads_the_checked_metadata_even_if_the_files_change_after_the_
             dist_checkpointing.load(state(torch.zeros(6), None), str(folder))
         assert marker.exists()
         marker.unlink()
+
+
+def test_guarded_load_reads_common_pt_as_weights_only_even_when_torch_is_told_otherwise(
+    megatron_cpu, tmp_path, monkeypatch
+) -> None:
+    """megatron loads common.pt with a bare torch.load: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 makes that an
+    unrestricted unpickle. Within guarded_distributed_load it is read as weights only all the same."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from open360.backends.megatron.checkpoint_guard import guarded_distributed_load
+    from open360.checkpoint import CheckpointError
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", torch.arange(4.0), replica_id=0)}, str(folder))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="common.pt"), guarded_distributed_load(folder):
+        torch.save(Payload(), folder / "common.pt")  # changed after the check
+        dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4), replica_id=0)}, str(folder))
+    assert not marker.exists()

@@ -370,3 +370,26 @@ def test_amber_on_cpu_fails_fast_naming_ram(tmp_path):
     assert proc.returncode == 2
     assert "GiB of RAM" in proc.stderr and "amber_tiny" in proc.stderr and "6.74B" in proc.stderr
     assert not (tmp_path / "shards").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_checks_before_hydra_compose_with_the_config_dir_and_name_hydra_uses(tmp_path, capsys):
+    """`-cd DIR +experiment=mine` is a run Hydra composes from DIR too: the early checks must find it."""
+    from open360.train.__main__ import check_before_hydra
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text((REPO_ROOT / "configs/experiment/amber_tiny.yaml").read_text())
+    check_before_hydra(["-cd", str(tmp_path), "+experiment=mine", f"workspace={tmp_path}", "--cfg", "job"])
+    check_before_hydra([f"--config-dir={tmp_path}", "+experiment=mine", f"workspace={tmp_path}", "--cfg", "job"])
+    with pytest.raises(SystemExit):
+        check_before_hydra(["-cd", str(tmp_path), "+experiment=mine", "optim.lr=nan", "--cfg", "job"])
+    assert "optim.lr=nan" in capsys.readouterr().err
+
+
+def test_a_sweep_with_credentials_in_an_override_is_refused_before_hydra(capsys):
+    from open360.train.__main__ import check_before_hydra
+
+    with pytest.raises(SystemExit):
+        check_before_hydra(["-m", "+experiment=amber_tiny", "tracking.mlflow_uri=http://alice:s3cr3t@h:9,sqlite:///m.db"])
+    err = capsys.readouterr().err
+    assert "holds credentials" in err and "s3cr3t" not in err
+    check_before_hydra(["-m", "+experiment=amber_tiny", "model.d_model=64,96"])  # no credentials: Hydra's turn

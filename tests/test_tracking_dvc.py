@@ -206,7 +206,7 @@ def test_resumed_run_catches_up_unversioned_checkpoints(ws: Path) -> None:
 
 def test_a_branch_moves_the_replaced_checkpoints_records_with_their_folders(ws: Path, tmp_path: Path) -> None:
     from open360.checkpoint.branches import supersede_later_checkpoints, write_pending_branch
-    from open360.tracking.checkpoints import finish_pending_branches
+    from open360.tracking.checkpoints import finish_pending_branches, superseded_steps
 
     run_dir = ws / "checkpoints" / "r"
     versioner = DvcVersioner(ws)
@@ -242,6 +242,7 @@ def test_a_branch_moves_the_replaced_checkpoints_records_with_their_folders(ws: 
     assert tracked["step_3"].md5 == store.tracked(new3).md5 != old_md5[3]
     aside = run_dir / "superseded" / folder
     assert {n: d.md5 for n, d in store.tracked_children(aside).items()} == {"step_3": old_md5[3], "step_4": old_md5[4]}
+    assert not (aside / "step_4").exists() and superseded_steps(ws, "r") == {3, 4}  # 4: in checkpoints.dvc alone
     store.pull([aside / "step_4"])  # the step that was not on disk comes back at its new place
     assert (aside / "step_4" / "model.safetensors").read_bytes() == old_bytes[4]
     status = subprocess.run(["dvc", "status"], cwd=ws, capture_output=True, text=True)

@@ -73,6 +73,14 @@ def test_params_masking_and_limits() -> None:
         ("postgresql://alice@db/x", "postgresql://alice@db/x"),
     ):
         assert mask_value(uri) == masked
+    from open360.tracking.params import holds_credentials
+
+    # refused as a tracking URI: a password, a token of a known kind, a secret query value; a long user name
+    # is masked in logs (it may be a token) but is no reason to refuse a run
+    for uri, held in (("http://alice:pw@h:5000", True), ("https://hf_TOKEN123@host/x", True),
+                      ("http://h/api?token=abc", True), ("postgresql://mlflow_tracking_service@db.internal/m", False),
+                      ("databricks://profile", False), ("file:./mlruns", False), ("sqlite:///mlflow.db", False)):
+        assert holds_credentials(uri) is held, uri
 
 
 def test_an_unreachable_tracking_server_is_one_error_without_its_password(

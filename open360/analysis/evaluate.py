@@ -486,7 +486,6 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         load_model_from_checkpoint,
         read_config,
         read_lineage,
-        step_dir_name,
     )
     from open360.checkpoint.lineage import data_history
     from open360.data import ShardSet
@@ -496,7 +495,9 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
             raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
     check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
-    from open360.tracking.checkpoints import known_checkpoints, run_dirs
+    from open360.tracking.checkpoints import known_checkpoints, run_dirs, superseded_steps
+    from open360.tracking.mlflow_records import lineage_run_id
+    from open360.tracking.params import mask_value
 
     run_dir = run_dirs(workspace, cfg.run)[0]
     available = known_checkpoints(workspace, cfg.run, "open360.evaluate")
@@ -512,9 +513,14 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     parquet = out_dir / EVAL_PARQUET
     lineages = {step: read_lineage(ckpt) for step, ckpt in selected if step not in absent}
     weights = {step: (lin.get("files") or {}).get(MODEL_FILE) for step, lin in lineages.items()}
-    superseded_root = run_dir / "superseded"
+    aside: list[set[int]] = []  # read once, and only if a step of the table is gone
+
+    def superseded(step: int) -> bool:
+        aside[:] = aside or [superseded_steps(workspace, cfg.run)]
+        return step in aside[0]
+
     previous = previous_results(parquet, cfg, [step for step, _ in selected], weights, {step for step, _ in available},
-                                lambda step: any(superseded_root.glob(f"*/{step_dir_name(step)}")))
+                                superseded)
     done = set(previous["step"].astype(int)) if not previous.empty else set()
     to_pull = sorted(absent - done)  # a step evaluated before is not fetched again to be skipped
     if to_pull and not cfg.pull:
@@ -539,7 +545,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
             continue
         model, full_cfg = load_model_from_checkpoint(ckpt, cfg.device)
         lineage = lineages[step]
-        run_id = lineage.get("mlflow_run_id") or run_id
+        run_id = lineage_run_id(lineage) or run_id
         tokens = tokens_seen(ckpt, full_cfg, step)
         data_key = (str(full_cfg.data.recipe), *(str(e.get("manifest_hash")) for e in data_history(lineage)))
         if data_key not in shard_dirs:
@@ -585,12 +591,19 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     )
     if full_cfg is None and selected and (selected[-1][1] / CONFIG_FILE).is_file():  # nothing new: backfill only
         full_cfg = read_config(selected[-1][1])
-        run_id = next((lin.get("mlflow_run_id") for lin in lineages.values() if lin.get("mlflow_run_id")), None)
+        run_id = next((rid for lin in lineages.values() if (rid := lineage_run_id(lin))), None)
     tracked = full_cfg is not None and bool((full_cfg.get("tracking") or {}).get("mlflow", False))
     if cfg.mlflow and tracked:  # only runs that were tracked in MLflow
         # the whole table: steps evaluated before a failure or Ctrl-C were never logged (only missing or
         # changed values are sent)
-        log_to_mlflow(df, full_cfg, workspace, run_id, json.loads(json.dumps(eval_settings(cfg))))
+        try:
+            log_to_mlflow(df, full_cfg, workspace, run_id, json.loads(json.dumps(eval_settings(cfg))))
+        except Exception as err:  # noqa: BLE001 - nothing new computed: the table is complete, MLflow can wait
+            if rows:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"open360.evaluate: MLflow not updated ({type(err).__name__}: {mask_value(first)}); "
+                  f"{parquet} is complete — run again to send its rows", file=sys.stderr)
     return df
 
 

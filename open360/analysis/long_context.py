@@ -371,8 +371,9 @@ def check_fine_tuned_from(base_ckpt: Path, ft_ckpt: Path) -> None:
     weights = (base.get("files") or {}).get(MODEL_FILE)
     if not started:
         raise ValueError(
-            f"finetuned={ft_ckpt}: its lineage.json records no init_from (it was not started from a checkpoint's "
-            f"weights), so it is not base={base_ckpt} PI fine-tuned; fine-tune with `long_context finetune init=...`"
+            f"finetuned={ft_ckpt}: its lineage.json records no init_from — a run trained from scratch, or a "
+            "fine-tune resumed by an open360 older than 2026-11-27, which dropped that record — so it cannot be "
+            f"shown to be base={base_ckpt} PI fine-tuned; fine-tune with `long_context finetune init=...`"
         )
     if started and weights and started != weights:
         raise ValueError(

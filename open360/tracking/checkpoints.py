@@ -86,6 +86,23 @@ def run_checkpoints(workspace: Path, run: str, store: DvcWorkspace | None = None
     return [CheckpointEntry(s, run_dir / f"step_{s}", s in local, tracked.get(s)) for s in steps]
 
 
+def superseded_steps(workspace: Path, run: str) -> set[int]:
+    """Steps of `run` that a resume branch moved aside: `superseded/<branch>/step_N`, on disk or recorded in
+    checkpoints.dvc (a clone has the record, not the folders)."""
+    workspace = Path(workspace).expanduser().resolve()
+    root = run_dirs(workspace, run)[0] / "superseded"
+    names = [p.name for p in root.glob("*/step_*")]
+    if is_dvc_workspace(workspace):
+        store = DvcWorkspace(workspace)
+        try:
+            for branch in store.tracked_children(root):
+                names += list(store.tracked_children(root / branch))
+        except VersioningError as err:
+            if "not recorded" not in str(err):
+                raise
+    return {step for name in names if (step := step_of(name)) is not None}
+
+
 def known_checkpoints(workspace: Path, run: str, who: str = "open360") -> list[tuple[int, Path]]:
     """`(step, folder)` of every checkpoint of `run`: complete on disk, or recorded in checkpoints.dvc (to be
     pulled). A DVC setup that cannot be read must not hide the ones on disk: `who` warns, and they remain."""

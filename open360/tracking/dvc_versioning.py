@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -518,16 +519,15 @@ def push_pending(
 
     Returns the steps that were added. Safe to repeat: DVC sends only what the remote lacks.
     """
-    steps = {s: p for s, p in local_steps(run_dir).items() if max_step is None or s <= max_step}
-    # a checkpoint is complete once its lineage.json is there (written last, then renamed in): a `step_N`
-    # folder without one (a checkout cut short, a folder copied there) is not versioned as the run's
-    incomplete = sorted(s for s, p in steps.items() if not (p / "lineage.json").is_file())
-    if incomplete:
-        import sys
+    from open360.checkpoint.io import list_checkpoints
 
+    # a `step_N` folder without lineage.json (a checkout cut short, a folder copied there) is not versioned
+    # as one of the run's checkpoints
+    steps = {s: p for s, p in list_checkpoints(run_dir) if max_step is None or s <= max_step}
+    incomplete = sorted(s for s in local_steps(run_dir) if s not in steps and (max_step is None or s <= max_step))
+    if incomplete:
         print(f"open360.tracking: {run_dir}: step folders {incomplete} have no lineage.json (incomplete, or not "
               "checkpoints); not versioned", file=sys.stderr)
-        steps = {s: p for s, p in steps.items() if s not in incomplete}
     if not steps:
         return []
     store.ensure_tracked_root(store.workspace / store.relpath(run_dir).split("/")[0])
@@ -555,8 +555,6 @@ def version_shards(shard_dir: Path, workspace: Path, cfg: Any) -> None:
         try:
             store.push([shard_dir])
         except VersioningError as err:  # as for checkpoints: a remote that is down must not stop the run
-            import sys
-
             print(f"open360.tracking: {err}; the shards are intact and recorded in {shard_dir.parent.name}.dvc: "
                   f"retry with `dvc push {store.relpath(shard_dir)}` in {store.workspace}", file=sys.stderr)
 

@@ -25,10 +25,11 @@ _SECRET_KEY = re.compile(
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/\s]+)@")
 # a token given as the user name alone (https://hf_xxx@host: a known token prefix, or 20+ token characters;
 # `git@` or `alice@` stay) and credentials in a query (?token=..., &X-Amz-Signature=...), by whole name
+_TOKEN_PREFIXES = r"(?:hf_|ghp_|gho_|ghs_|github_pat_|glpat-|sk-|xox[abp]-)"
 _URI_USER_TOKEN = re.compile(
-    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?:(?:hf_|ghp_|gho_|ghs_|github_pat_|glpat-|sk-|xox[abp]-)[^:/@\s]+"
-    r"|[A-Za-z0-9_\-]{20,})@"
+    rf"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?:{_TOKEN_PREFIXES}[^:/@\s]+|[A-Za-z0-9_\-]{{20,}})@"
 )
+_URI_KNOWN_TOKEN = re.compile(rf"[a-zA-Z][a-zA-Z0-9+.\-]*://{_TOKEN_PREFIXES}[^:/@\s]+@")
 _QUERY_SECRET = re.compile(
     r"(?P<key>[?&](?:token|access_token|auth_token|id_token|refresh_token|api_key|apikey|key|secret|"
     r"client_secret|password|passwd|pwd|sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|"
@@ -40,6 +41,12 @@ _QUERY_SECRET = re.compile(
 def is_secret_key(key: str) -> bool:
     """True when any component of a dotted key names a credential (password, token, api_key, ...)."""
     return any(_SECRET_KEY.search(part) for part in key.split("."))
+
+
+def holds_credentials(value: str) -> bool:
+    """A URI password, a token of a known kind as the user name, or a secret query value (a long user name
+    alone may be a token: `mask_value` hides it in logs, but it is not taken for a credential here)."""
+    return any(p.search(value) for p in (_URI_PASSWORD, _URI_KNOWN_TOKEN, _QUERY_SECRET))
 
 
 def mask_value(value: str) -> str:

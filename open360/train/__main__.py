@@ -122,7 +122,15 @@ def check_before_hydra(argv: list[str]) -> None:
         print("open360.train: --cfg prints one job's config and Hydra takes one of --multirun and --cfg: drop -m "
               "and give one value per key", file=sys.stderr)
         sys.exit(2)
-    if multirun:  # the sweep folder holds no run_name; each job is checked in main() before it writes
+    if multirun:  # the sweep folder holds no run_name; each job is checked in main() — but Hydra writes
+        # each job's .hydra/ (overrides and config) before main() runs: no credential may reach it
+        from open360.tracking.params import holds_credentials, mask_value
+
+        secret = next((a for a in argv if holds_credentials(a)), None)
+        if secret is not None:
+            print(f"open360.train: {mask_value(secret)}: holds credentials, which Hydra would save in the clear "
+                  "under multirun/; give the URI without them and set them in the environment", file=sys.stderr)
+            sys.exit(2)
         return
     from hydra.errors import HydraException
 
@@ -136,8 +144,23 @@ def check_before_hydra(argv: list[str]) -> None:
         for i, a in enumerate(argv)
         if not a.startswith("-") and (i == 0 or argv[i - 1] not in takes_value) and not a.startswith("hydra")
     ]
+
+    def flag(*names: str) -> str | None:  # the value of `-cn x` / `--config-name=x` (the last one given)
+        found = None
+        for i, a in enumerate(argv):
+            for name in names:
+                if a == name and i + 1 < len(argv):
+                    found = argv[i + 1]
+                elif a.startswith(name + "="):
+                    found = a.split("=", 1)[1]
+        return found
+
+    if flag("--config-path", "-cp") is not None or any(a.startswith("hydra.searchpath") for a in argv):
+        return  # a primary config or search path composed only by Hydra itself: main() checks it
+    config_dir = flag("--config-dir", "-cd")
+    search = [f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]"] if config_dir else []
     try:
-        cfg = compose(overrides)
+        cfg = compose(search + overrides, config_name=flag("--config-name", "-cn") or "config")
         check_stage_overrides(cfg, overrides)
         as_model_config(cfg.model)
         check_training_config(cfg)

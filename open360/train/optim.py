@@ -24,8 +24,6 @@ def check_optimizer_values(optim_cfg: Any) -> None:
     if optim_cfg.name != "adamw":
         raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is implemented")
     adam_betas(optim_cfg)
-    if not math.isfinite(float(optim_cfg.lr)) or float(optim_cfg.lr) < 0:
-        raise ValueError(f"optim.lr={optim_cfg.lr}: the peak learning rate must be >= 0 and finite")
     if not (math.isfinite(float(optim_cfg.eps)) and float(optim_cfg.eps) > 0):
         raise ValueError(f"optim.eps={optim_cfg.eps}: must be > 0 and finite (e.g. 1e-8)")
     if not (math.isfinite(float(optim_cfg.weight_decay)) and float(optim_cfg.weight_decay) >= 0):

@@ -64,10 +64,10 @@ def check_recipes(cfg: DictConfig) -> None:
 def check_tracking_uri(cfg: DictConfig) -> None:
     """No credentials in tracking.mlflow_uri: Hydra saves the command line and the composed config in the
     clear under outputs/<run>/<time>/.hydra/; the MLflow client reads them from the environment."""
-    from open360.tracking.params import mask_value
+    from open360.tracking.params import holds_credentials, mask_value
 
     uri = str(cfg.tracking.mlflow_uri)
-    if mask_value(uri) != uri:  # also with tracking=off: Hydra records it all the same
+    if holds_credentials(uri):  # also with tracking=off: Hydra records it all the same
         raise ValueError(
             f"tracking.mlflow_uri={mask_value(uri)}: holds credentials, which Hydra would save in the clear under "
             "outputs/; give the URI without them and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "

@@ -184,8 +184,9 @@ def check_distributed_checkpoint(directory: Path) -> Any:
 @contextmanager
 def guarded_distributed_load(directory: Path) -> Iterator[None]:
     """Check `directory`, then let megatron load it with that checked metadata (torch never unpickles
-    `.metadata` itself) and its non-tensor entries with `weights_only=True`: a file changed after the check
-    is read as data, never run."""
+    `.metadata` itself), and its non-tensor entries and `common.pt` with `weights_only=True`: a file changed
+    after the check is read as data, never run."""
+    from megatron.core.dist_checkpointing.strategies import common as mcore_common
     from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
     from torch.distributed.checkpoint import CheckpointException, FileSystemReader
     from torch.distributed.checkpoint._traverse import set_element
@@ -221,7 +222,22 @@ def guarded_distributed_load(directory: Path) -> Iterator[None]:
             raise CheckpointError(f"{checkpoint_dir}: not the checked distributed checkpoint {directory}")
         return CheckedReader(checkpoint_dir)
 
-    with mock.patch.multiple(mcore_torch, _get_filesystem_reader=reader, MCoreLoadPlanner=CheckedPlanner):
+    def load_common(self: Any, checkpoint_dir: Any) -> Any:  # megatron's bare torch.load follows
+        # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD; an explicit weights_only=True does not
+        file = Path(checkpoint_dir) / mcore_common.COMMON_STATE_FNAME
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{file}: missing — not a complete distributed checkpoint") from err
+        except Exception as err:
+            raise CheckpointError(
+                f"{file}: not plain data ({type(err).__name__}); refused — load only checkpoints you trust"
+            ) from err
+
+    with (
+        mock.patch.multiple(mcore_torch, _get_filesystem_reader=reader, MCoreLoadPlanner=CheckedPlanner),
+        mock.patch.object(mcore_common.TorchCommonLoadStrategy, "load_common", load_common),
+    ):
         try:
             yield
         except CheckpointException as err:  # torch gathers every rank's failure into one BaseException

@@ -335,3 +335,27 @@ def test_mlflow_gets_the_steps_a_failed_sweep_never_logged(tmp_path):
     log_to_mlflow(df, full_cfg, tmp_path, run_id, {"s": 1})  # nothing new: nothing logged twice
     hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval/val/code/loss"))
     assert hist == [(10, 4.0), (20, 3.0), (30, 2.0)]
+
+
+def test_an_edited_task_file_is_another_evaluation(tmp_path):
+    """Task definitions and items are part of the settings (other files beside them are not); a table
+    written before they were recorded counts as made with the files as they are now."""
+    from open360.analysis.evaluate import COLUMNS, previous_results, settings_file, write_table
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: t\n")
+    (tasks / "README.md").write_text("about t\n")
+    cfg = EvaluateConfig(run="r", tasks=["t"], task_paths=[str(tasks)])
+    parquet = tmp_path / "eval.parquet"
+    row = dict(zip(COLUMNS, ["r", 10, 100, "task", "t", "acc", 0.5, None], strict=True))
+    write_table(pd.DataFrame(columns=COLUMNS), [row], parquet, cfg)
+    (tasks / "README.md").write_text("about t, reworded\n")
+    assert len(previous_results(parquet, cfg, [])) == 1
+    (tasks / "t.yaml").write_text("task: t\nnum_fewshot: 1\n")
+    with pytest.raises(ValueError, match="other settings.*task_files"):
+        previous_results(parquet, cfg, [])
+    older = json.loads(settings_file(parquet).read_text())
+    del older["task_files"]
+    settings_file(parquet).write_text(json.dumps(older))
+    assert len(previous_results(parquet, cfg, [])) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -294,10 +295,14 @@ def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_i
             exp_id, run_name=run_name, tags={"open360.run_name": run_name, "open360.kind": "eval"}).info.run_id
     if settings is not None:
         wanted = json.dumps(settings, sort_keys=True)
-        logged = client.get_run(run_id).data.tags.get(EVAL_SETTINGS_TAG)
-        if logged is not None and logged != wanted:
+        tagged = client.get_run(run_id).data.tags.get(EVAL_SETTINGS_TAG)
+        try:  # an older tag lacks the keys added since: those count as now
+            then = {**settings, **json.loads(tagged)} if tagged is not None else settings
+        except (ValueError, TypeError):
+            then = {"unreadable": tagged}
+        if json.dumps(then, sort_keys=True) != wanted:
             print(f"open360.evaluate: MLflow run {run_id} holds eval/* metrics computed with other settings "
-                  f"({logged}); these ({wanted}) are not logged there, so that no curve mixes two evaluations "
+                  f"({tagged}); these ({wanted}) are not logged there, so that no curve mixes two evaluations "
                   "— they are in eval.parquet", file=sys.stderr)
             return None
         client.set_tag(run_id, EVAL_SETTINGS_TAG, wanted)
@@ -405,10 +410,29 @@ def check_device(device: str) -> None:
         raise ValueError(f"device={device}: no CUDA GPU is visible on this machine; use device=cpu")
 
 
+TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".py")  # what defines a task and its items
+
+
+def task_files_sha256(task_paths: Sequence[str]) -> str:
+    """sha256 over the task definitions and items under `task_paths` (names and contents): an edited task
+    is another evaluation."""
+    digest = hashlib.sha256()
+    for task_path in task_paths:
+        root = resolve_repo_path(task_path)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TASK_FILE_SUFFIXES) if root.is_dir() else []
+        for file in files:
+            digest.update(f"{task_path}/{file.relative_to(root).as_posix()}\0".encode())
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def eval_settings(cfg: EvaluateConfig) -> dict[str, Any]:
-    """What makes two evaluations comparable: the data, the sources, the sample and the tasks."""
+    """What makes two evaluations comparable: the data, the sources, the sample and the tasks (named, and
+    their files' contents)."""
     keys = ("recipe", "sources", "val_sequences", "tasks", "task_limit", "num_fewshot")
-    return {key: getattr(cfg, key) for key in keys}
+    settings = {key: getattr(cfg, key) for key in keys}
+    settings["task_files"] = task_files_sha256(cfg.task_paths) if cfg.tasks else None
+    return settings
 
 
 def settings_file(parquet: Path) -> Path:
@@ -428,8 +452,8 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
     if not parquet.is_file():
         return pd.DataFrame(columns=COLUMNS)
     file = settings_file(parquet)
-    before = json.loads(file.read_text()) if file.is_file() else eval_settings(cfg)  # older tables: as now
     now = json.loads(json.dumps(eval_settings(cfg)))
+    before = {**now, **json.loads(file.read_text())} if file.is_file() else now  # older tables: what they lack, as now
     if before != now:
         if not cfg.recompute:
             differ = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -537,14 +538,9 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     parquet = out_dir / EVAL_PARQUET
     lineages = {step: read_lineage(ckpt) for step, ckpt in selected if step not in absent}
     weights = {step: (lin.get("files") or {}).get(MODEL_FILE) for step, lin in lineages.items()}
-    aside: list[set[int]] = []  # read once, and only if a step of the table is gone
-
-    def superseded(step: int) -> bool:
-        aside[:] = aside or [superseded_steps(workspace, cfg.run)]
-        return step in aside[0]
-
+    aside = functools.cache(lambda: superseded_steps(workspace, cfg.run))  # read once, only if a step is gone
     previous = previous_results(parquet, cfg, [step for step, _ in selected], weights, {step for step, _ in available},
-                                superseded)
+                                lambda step: step in aside())
     done = set(previous["step"].astype(int)) if not previous.empty else set()
     to_pull = sorted(absent - done)  # a step evaluated before is not fetched again to be skipped
     if to_pull and not cfg.pull:

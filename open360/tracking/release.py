@@ -145,36 +145,37 @@ def _verify(workspace: Path, entry: CheckpointEntry) -> tuple[dict[str, Any], Pa
             f"{tokenizer}: the tokenizer step {entry.step} was trained with is not in this workspace; fetch "
             f"the shards (`dvc pull {shard_dir}`) or build them (`open360 data build`), then export again"
         )
-    _check_data_files(workspace, entry.step, lineage)
     return lineage, tokenizer
 
 
-def _check_data_files(workspace: Path, step: int, lineage: dict[str, Any]) -> None:
+def _check_data_files(workspace: Path, lineages: list[tuple[int, dict[str, Any]]]) -> None:
     """The manifest and tokenizer files a release copies from the workspace's shard folders must be the
-    ones the checkpoint's lineage names (its manifest and tokenizer sha256), not a rebuilt or damaged copy."""
+    ones each checkpoint's lineage names (its manifest and tokenizer sha256), not a rebuilt or damaged copy.
+    Each file is hashed once, however many checkpoints share it."""
     from open360.data.shards import manifest_hash_of
     from open360.data.tokenizer import tokenizer_bytes_hash
 
-    for data in inherited_data_history(lineage) + data_history(lineage):
-        shard_dir = data.get("shard_dir")
-        if not shard_dir:
-            continue
-        folder = workspace / shard_dir
-        checks = (("tokenizer.json", "tokenizer_hash", lambda f: tokenizer_bytes_hash(f.read_bytes())),
-                  ("manifest.json", "manifest_hash", lambda f: manifest_hash_of(json.loads(f.read_text()))))
-        for name, key, digest in checks:
-            file, expected = folder / name, data.get(key)
-            if not expected or not file.is_file():
-                continue
-            try:
-                actual = digest(file)
-            except (OSError, ValueError, AttributeError) as err:
-                actual = f"unreadable ({err})"
-            if actual != expected:
-                raise ReleaseError(
-                    f"{file}: {actual} but checkpoint step {step} records {key} {expected}; the shard folder "
-                    f"was rebuilt or damaged — restore it (`dvc pull {shard_dir} --force`), then export again"
-                )
+    checks = (("tokenizer.json", "tokenizer_hash", lambda f: tokenizer_bytes_hash(f.read_bytes())),
+              ("manifest.json", "manifest_hash", lambda f: manifest_hash_of(json.loads(f.read_text()))))
+    digests: dict[Path, str] = {}
+    for step, lineage in lineages:
+        for data in inherited_data_history(lineage) + data_history(lineage):
+            shard_dir = data.get("shard_dir")
+            for name, key, digest in checks if shard_dir else ():
+                file, expected = workspace / shard_dir / name, data.get(key)
+                if not expected or not file.is_file():
+                    continue
+                if file not in digests:
+                    try:
+                        digests[file] = digest(file)
+                    except (OSError, ValueError, AttributeError) as err:
+                        digests[file] = f"unreadable ({err})"
+                actual = digests[file]
+                if actual != expected:
+                    raise ReleaseError(
+                        f"{file}: {actual} but checkpoint step {step} records {key} {expected}; the shard folder "
+                        f"was rebuilt or damaged — restore it (`dvc pull {shard_dir} --force`), then export again"
+                    )
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -286,6 +287,7 @@ def export_release(
             f"(or run `open360 ckpt pull {run} all`)"
         )
     checked = [(entry, *_verify(workspace, entry)) for entry in chosen]  # before anything is written
+    _check_data_files(workspace, [(entry.step, lineage) for entry, lineage, _ in checked])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out)  # unique per host and process: a killed export's leftover never blocks a retry
     try:

@@ -666,3 +666,20 @@ def test_hub_inputs_are_pinned_by_revision(tmp_path: Path, monkeypatch: pytest.M
     )
     with pytest.raises(RecipeError, match="key 'tokenizer.revision': only kind hub has a revision"):
         load_recipe(trained_with_revision)
+
+
+def test_a_byte_order_mark_opening_a_file_is_no_part_of_its_first_document(tmp_path: Path) -> None:
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import read_source
+
+    rows = [{"text": "first row"}, {"text": "second row"}]
+    plain = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    for typ, data, want in (
+        ("jsonl", plain, ["first row", "second row"]),
+        ("text", b"first para\n\nsecond para", ["first para", "second para"]),
+    ):
+        f = tmp_path / f"bom.{typ}"
+        f.write_bytes(b"\xef\xbb\xbf" + data)  # as Notepad and Excel write UTF-8
+        bad: Counter = Counter()
+        spec = SourceSpec(name="b", type=typ, path=str(f), sample_by="paragraph")
+        assert [d.text for d in read_source(spec, bad)] == want and not bad

@@ -48,8 +48,9 @@ PARTS_DIR = ".parts"
 
 
 # Bumped when the per-source pipeline changes what it writes for the same inputs, so that the intermediates
-# of an interrupted build of an older version are not resumed (2: special-token text in documents is text).
-PIPELINE_VERSION = 2
+# of an interrupted build of an older version are not resumed (2: special-token text in documents is text;
+# 3: a UTF-8 byte-order mark opening a jsonl or text file is dropped, no longer a malformed first row).
+PIPELINE_VERSION = 3
 
 
 def shard_dir_name(recipe: RecipeSpec) -> str:

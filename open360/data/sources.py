@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -109,6 +110,8 @@ def _readable(docs: Iterator[Doc], source: SourceSpec, where: str | Path) -> Ite
 def iter_jsonl(path: Path, bad: Counter) -> Iterator[tuple[int, dict]]:
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:  # a byte-order mark (Windows editors write one) is no part of the first row
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -157,7 +160,7 @@ def _read_text(source: SourceSpec, files: list[Path], bad: Counter) -> Iterator[
 
 def _text_docs(source: SourceSpec, path: Path, bad: Counter) -> Iterator[Doc]:
     with _open_binary(path) as f:
-        data = f.read()
+        data = f.read().removeprefix(codecs.BOM_UTF8)
     for part in _split_bytes(data, source.sample_by):
         try:
             text = part.decode("utf-8")

@@ -219,3 +219,69 @@ def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path) -> None:
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tok.token_to_id("<|endoftext|>")
     assert hf_tok.pad_token == "<|pad|>"
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.token_to_id("<|endoftext|>")
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_nothing_half_written(tmp_path: Path) -> None:
+    """Re-exporting into a used folder would mix old files in (a stale tokenizer, README, remote code);
+    a failed export leaves neither the folder nor a temporary one behind."""
+    cfg = model_cfg("amber_tiny")
+    out = export_hf(build_model(cfg), cfg, None, tmp_path / "hf")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    phi = model_cfg("phi15_tiny")
+    with pytest.raises(HFInteropError, match="not empty"):
+        export_hf(build_model(phi), phi, None, out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    (tmp_path / "empty").mkdir()
+    assert (export_hf(build_model(cfg), cfg, None, tmp_path / "empty") / "config.json").is_file()
+    with pytest.raises(HFInteropError, match="tokenizer_file"):
+        export_hf(build_model(cfg), cfg, tmp_path / "no_such_tokenizer.json", tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf"]
+
+
+def test_export_refuses_a_config_that_is_not_the_models(tmp_path: Path) -> None:
+    """The config written must be the one the weights were trained with: a muP model exported with a
+    config without muP would silently lose its multipliers (a LlamaForCausalLM with other logits)."""
+    mup_cfg = model_cfg("amber_tiny", mup=model_cfg("crystalcoder_tiny").mup)
+    model = build_model(mup_cfg)
+    cfg = model_cfg("amber_tiny")
+    with pytest.raises(HFInteropError, match=r"own model.cfg in \['mup'\]"):
+        export_hf(model, cfg, None, tmp_path / "hf")
+    with pytest.raises(HFInteropError, match="rotary_base"):
+        export_hf(build_model(cfg), dataclasses.replace(cfg, rotary_base=500.0), None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    export_hf(build_model(cfg), dataclasses.replace(cfg, name="renamed", compile=True), None, tmp_path / "hf")
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = model_cfg("amber_tiny", vocab_size=tok.get_vocab_size() - 1)
+    with pytest.raises(HFInteropError, match=f"{tok.get_vocab_size()} tokens.*vocab_size={cfg.vocab_size}"):
+        export_hf(build_model(cfg), cfg, tmp_path / "tokenizer.json", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("name", ["amber_tiny", "phi15_tiny", "crystalcoder_tiny"])
+def test_import_names_the_tensor_whose_shape_does_not_fit(name: str, tmp_path: Path) -> None:
+    """A tensor of the wrong shape (or a q/k/v piece that does not fit the heads) is an HFInteropError naming
+    the tensor as the file stores it, on one line — not torch's load_state_dict report."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = model_cfg(name, n_kv_heads=2)
+    out = export_hf(build_model(cfg), cfg, None, tmp_path / "hf")
+    tensors = load_file(str(out / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith(("k_proj.weight", "qkv.weight")))
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HFInteropError) as err:
+        import_hf(out)
+    message = str(err.value)
+    assert key in message and "shape" in message and "\n" not in message
+    if name == "crystalcoder_tiny":  # open360 format: a missing or foreign tensor is named too
+        del tensors[key]
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(HFInteropError, match=rf"\['{key}'\] missing"):
+            import_hf(out)

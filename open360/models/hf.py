@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from open360.config.schema import ModelConfig
+from open360.config.schema import ModelConfig, MupConfig
 from open360.models.decoder import Decoder, as_model_config, inference_config
 
 OPEN360_FORMAT_VERSION = 1
@@ -170,7 +171,7 @@ def _hf_config(cfg: ModelConfig, arch: str, dtype: torch.dtype, special_ids: dic
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_tokenizer(tokenizer_file: Path, out_dir: Path, max_len: int) -> dict[str, int]:
+def _write_tokenizer(tokenizer_file: Path, out_dir: Path, cfg: ModelConfig) -> dict[str, int]:
     """Copy a tokenizers JSON file and write the tokenizer_config.json AutoTokenizer needs; return special ids."""
     from tokenizers import Tokenizer
 
@@ -181,11 +182,16 @@ def _write_tokenizer(tokenizer_file: Path, out_dir: Path, max_len: int) -> dict[
         tok = Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:
         raise HFInteropError(f"{tokenizer_file} is not a Hugging Face tokenizers JSON file: {e}") from e
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise HFInteropError(
+            f"{tokenizer_file}: {tok.get_vocab_size()} tokens, more than the model's vocab_size={cfg.vocab_size}; "
+            "pass the tokenizer the model was trained with"
+        )
     shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_len,
+        "model_max_length": cfg.max_seq_len,
         "clean_up_tokenization_spaces": False,
     }
     ids: dict[str, int] = {}
@@ -218,7 +224,8 @@ def _loading_readme(cfg: ModelConfig) -> str:
 
 
 def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path | None, out_dir: Path | str) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer) to out_dir; return out_dir.
+    """Write config.json + model.safetensors (+ tokenizer) to out_dir (new or empty; filled all at once, by a
+    rename); return out_dir. `model_cfg` must be the config the model was built with (its name aside).
 
     Amber-like configs become `LlamaForCausalLM`, phi-like ones `PhiForCausalLM` (both load with
     `AutoModelForCausalLM.from_pretrained(out_dir)` unmodified). Anything else (CrystalCoder: muP,
@@ -227,9 +234,48 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
     """
     cfg = inference_config(model_cfg)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    arch = hf_architecture(cfg)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise HFInteropError(f"export_hf: {out_dir} exists and is not empty; export into a new or empty folder")
     model = getattr(model, "_orig_mod", model)  # a torch.compile(model) wrapper exports its module
+    _check_model_config(model, cfg)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.resolve().with_name(f".{out_dir.resolve().name}.partial-{uuid.uuid4().hex[:8]}")
+    partial.mkdir()
+    try:  # written beside out_dir and renamed into place: out_dir never holds half an export
+        _write_export(model, cfg, tokenizer_file, partial)
+        if out_dir.exists():
+            out_dir.rmdir()
+        partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_model_config(model: Any, cfg: ModelConfig) -> None:
+    """The config to write must describe the model's weights: a Decoder's own config may differ only in name."""
+    own = getattr(model, "cfg", None)
+    if not isinstance(own, ModelConfig):
+        return
+    ours, given = _architecture(own), _architecture(cfg)
+    differ = [k for k in given if given[k] != ours[k]]
+    if differ:
+        raise HFInteropError(
+            f"export_hf: model_cfg differs from the model's own model.cfg in {differ} "
+            f"({', '.join(f'{k}={given[k]!r} vs {ours[k]!r}' for k in differ)}); pass the config it was built with"
+        )
+
+
+def _architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields an export writes that describe the weights (no name, training switches or unused muP fields)."""
+    cfg = inference_config(cfg)
+    mup = cfg.mup if cfg.mup.enabled else MupConfig()
+    return dataclasses.asdict(dataclasses.replace(cfg, name="", n_kv_heads=cfg.n_kv_heads or cfg.n_heads, mup=mup))
+
+
+def _write_export(model: Decoder, cfg: ModelConfig, tokenizer_file: Path | None, out_dir: Path) -> None:
+    """Write the export's files into the (empty) folder out_dir."""
+    arch = hf_architecture(cfg)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if "embed.weight" not in state:
         raise HFInteropError(
@@ -237,7 +283,7 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
             f"{list(state)[:3]}...; pass the plain Decoder, not a DDP/FSDP wrapper"
         )
     dtype = state["embed.weight"].dtype
-    special_ids = _write_tokenizer(Path(tokenizer_file), out_dir, cfg.max_seq_len) if tokenizer_file else {}
+    special_ids = _write_tokenizer(Path(tokenizer_file), out_dir, cfg) if tokenizer_file else {}
     if arch == "open360":
         tensors = {OPEN360_PREFIX + k: v.contiguous() for k, v in state.items()}
         config = {
@@ -272,7 +318,6 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
     generation = {k: v for k, v in special_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if arch != "open360":
         (out_dir / "generation_config.json").write_text(json.dumps({"do_sample": False, **generation}, indent=2) + "\n")
-    return out_dir
 
 
 def _expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
@@ -406,6 +451,19 @@ def _drop_exported_zero_biases(
     return trimmed, {k: v for k, v in state.items() if k in kept}
 
 
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Decoder.state_dict() shapes for `cfg` (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
+
+
+def _check_shape(folder: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise HFInteropError(
+            f"{folder}: tensor {name} has shape {list(tensor.shape)} but config.json describes {list(shape)}"
+        )
+
+
 def import_hf(folder: Path | str) -> tuple[Decoder, ModelConfig]:
     """Load a Llama, Phi or open360-format HF folder into a Decoder (fp32) and its ModelConfig."""
     folder = Path(folder)
@@ -430,14 +488,27 @@ def import_hf(folder: Path | str) -> tuple[Decoder, ModelConfig]:
         if foreign:
             raise HFInteropError(f"{folder}: tensors {foreign[:5]} lack the {OPEN360_PREFIX!r} prefix of the open360 format")
         state = {k.removeprefix(OPEN360_PREFIX): v for k, v in tensors.items()}
+        expected = _expected_shapes(cfg)
+        missing = [OPEN360_PREFIX + k for k in expected if k not in state]
+        foreign = [OPEN360_PREFIX + k for k in state if k not in expected]
+        if missing:
+            raise HFInteropError(f"{folder}: tensors {missing[:5]} missing from the safetensors weights")
+        if foreign:
+            raise HFInteropError(f"{folder}: tensors {foreign[:5]} are not in the model open360_model_config describes")
+        for k, v in state.items():
+            _check_shape(folder, OPEN360_PREFIX + k, v, expected[k])
     else:
         if cfg.tie_embeddings:
             tensors.pop("lm_head.weight", None)
+        expected = _expected_shapes(cfg)
         state = {}
-        for ours, hf_names, _split in _name_rules(cfg, arch):
+        for ours, hf_names, split in _name_rules(cfg, arch):
             missing = [n for n in hf_names if n not in tensors]
             if missing:
                 raise HFInteropError(f"{folder}: tensors {missing} missing from the safetensors weights")
+            shape = expected[ours]
+            for n, part in zip(hf_names, [(size, *shape[1:]) for size in split] if split else [shape], strict=True):
+                _check_shape(folder, n, tensors[n], part)
             state[ours] = torch.cat([tensors.pop(n) for n in hf_names], dim=0)
         leftovers = [k for k in tensors if not k.endswith("rotary_emb.inv_freq")]
         if leftovers:

@@ -287,6 +287,48 @@ def test_missing_checkpoints_are_pulled_and_released(
     assert (root / "checkpoints" / RUN / "step_20").is_dir()  # was local: never deleted
 
 
+def test_release_local_frees_the_dvc_cache_files_its_pulls_added(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    """In a clone of a DVC workspace, release_local=true deletes what the job pulled: the folders and the
+    cache files their pulls added (DVC links or copies every pulled file into .dvc/cache, so deleting the
+    folder alone freed no disk). Cache files that were there before the job are kept."""
+    import shutil
+    import subprocess
+
+    from dvc.repo import Repo
+
+    from open360.tracking import pull_checkpoint
+    from open360.tracking.dvc_versioning import DvcWorkspace
+    from open360.tracking.workspace import init_workspace
+
+    root, _ = trained_run
+    ws = init_workspace(tmp_path / "ws")
+    paths = [ws / "checkpoints" / RUN / f"step_{s}" for s in (20, 40, 60)]
+    for path in paths:
+        shutil.copytree(root / "checkpoints" / RUN / path.name, path)
+        DvcWorkspace(ws).add(path)
+    DvcWorkspace(ws).push(paths)
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "checkpoints"], check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    with Repo(str(clone)) as repo, repo.config.edit("local") as conf:
+        conf["remote"]["local"] = {"url": str(ws / ".dvc-storage")}
+    shutil.copytree(root / "shards", clone / "shards")
+    shutil.rmtree(pull_checkpoint(clone, RUN, 40))  # its files stay in the clone's cache: not the job's
+    objects = clone / ".dvc" / "cache" / "files" / "md5"
+    cache = {
+        step: [objects / md5[:2] / md5[2:] for md5 in DvcWorkspace(clone).tracked(path).file_md5.values()]
+        for step, path in ((s, clone / "checkpoints" / RUN / f"step_{s}") for s in (20, 40, 60))
+    }
+    others = set(cache[20] + cache[60]) - set(cache[40])  # config.yaml is one file for all three
+    assert all(f.is_file() for f in cache[40]) and others and not any(f.exists() for f in others)
+    job = [f"run={RUN}", f"workspace={clone}", "checkpoints=20,40,60", "chunks=0", "sample=4", "batch_size=32",
+           "progress=false", "report=false", "release_local=true"]
+    assert run_job(parse_args(job)).complete
+    assert not list((clone / "checkpoints" / RUN).glob("step_*"))
+    assert not any(f.exists() for f in others)  # freed: the remote holds them
+    assert all(f.is_file() for f in cache[40])
+
+
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 
@@ -577,6 +619,21 @@ def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str
     assert job_tag(parse_args(_job(root, "shards=shards/stage_b"))).endswith("-seed42-stage_b")
 
 
+def test_wide_ranges_are_not_expanded(trained_run: tuple[Path, str], capsys) -> None:
+    """checkpoints=100000-999999999 ("from 100000 on") picks the run's steps inside it without listing every
+    integer of it (that took gigabytes); a range of chunks far past the shards is one short line."""
+    from open360.analysis.memorization.checkpoints import resolve_steps
+
+    root, _ = trained_run
+    job = parse_args(_job(root, "checkpoints=100-999999999999,20"))
+    assert resolve_steps(job, root, [20, 40, 100, 160]) == [20, 100, 160]
+    for chunks, says in (("0-999999999999", "holds more than 1000000 values"),
+                         ("0-99", "[8, 9, 10, 11, 12, 13, 14, 15] ... out of range; the shards have 8 (0-7)")):
+        assert main(_job(root, "checkpoints=20", f"chunks={chunks}", "report=false")) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err) < 300 and "Traceback" not in err
+
+
 def test_a_damaged_checkpoint_is_named_not_scored(trained_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
     """A weights file that no longer matches its lineage.json (one flipped byte) stops the job before
     it is scored, naming the file; no cell is written for it."""
@@ -607,6 +664,20 @@ def test_a_damaged_checkpoint_is_named_not_scored(trained_run: tuple[Path, str],
         lineage.write_bytes(kept)
     err = capsys.readouterr().err
     assert f"{lineage}: not valid JSON" in err and "Traceback" not in err
+
+
+def test_a_damaged_checkpoint_the_job_does_not_score_does_not_stop_it(
+    trained_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The MLflow run is looked up in the newest checkpoints: a damaged lineage.json or config.yaml there
+    (steps 160, 140) is skipped, not an error of a job over step 20; the report still reaches the run."""
+    root = _copy_workspace(trained_run, tmp_path)
+    client, run_id = _with_mlflow_run(root)
+    (root / "checkpoints" / RUN / "step_160" / "lineage.json").write_text("{bad")
+    (root / "checkpoints" / RUN / "step_140" / "config.yaml").write_text("tracking: [unclosed\n")
+    assert main(_job(root, "checkpoints=20", "chunks=0", "sample=2")) == 0
+    key = "memorization/greedy-k32-l32-sample2-seed42-float32"
+    assert any("/part-" in a.path for a in client.list_artifacts(run_id, key))
 
 
 def test_stale_cells_left_by_max_cells_are_not_complete_nor_merged(trained_run: tuple[Path, str], tmp_path: Path) -> None:

@@ -472,6 +472,16 @@ class DvcWorkspace:
         rel = self.relpath(path)
         return self._retry_locked(lambda repo: self._tracked_dir(repo, rel), "reading", self.workspace / rel)
 
+    def cache_files(self, path: Path) -> list[Path]:
+        """Where the local DVC cache keeps each file of the tracked folder `path` (present or not)."""
+        rel = self.relpath(path)
+
+        def run(repo: Any) -> list[Path]:
+            cache = repo.cache.local
+            return [Path(cache.oid_to_path(md5)) for md5 in self._tracked_dir(repo, rel).file_md5.values()]
+
+        return self._retry_locked(run, "reading", self.workspace / rel)
+
     def missing_on_remote(self, dirs: Sequence[TrackedDir]) -> dict[str, int]:
         """For each tracked folder, how many of its files the remote lacks (0 = fully pushed)."""
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError, int_list
+from open360.analysis.memorization.job_config import (
+    MemorizationJobConfig,
+    MemorizationJobError,
+    int_list,
+    is_all,
+    range_bounds,
+)
 
 
 def run_checkpoint_dir(workspace: Path, run: str) -> Path:
@@ -27,7 +34,7 @@ def resolve_steps(job: MemorizationJobConfig, workspace: Path, known: list[int])
                 f"checkpoints=latest: run {job.run!r} has no checkpoints in {workspace}"
             )
         return [known[-1]]
-    if int_list(value, "checkpoints") is None:
+    if is_all(value):
         if not known:
             raise MemorizationJobError(
                 f"run {job.run!r}: no checkpoints under {run_checkpoint_dir(workspace, job.run)} and none "
@@ -43,15 +50,17 @@ def _select_steps(value: Any, known: list[int], run: str) -> list[int]:
     chosen: set[int] = set()
     for item in items:
         text = str(item).strip()
-        steps = int_list(text, "checkpoints") or []  # a range expands to every integer in it
-        if "-" in text.lstrip("-"):
-            inside = set(steps) & set(known)
+        if "-" in text.lstrip("-"):  # the run's steps inside it (not every integer: 100000-999999999 is fine)
+            lo, hi = range_bounds(text, "checkpoints", value)
+            inside = {s for s in known if lo <= s <= hi}
             if not inside:
                 raise MemorizationJobError(f"checkpoints={value!r}: run {run!r} has no checkpoint in {text}; "
                                            f"its steps: {known}")
             chosen.update(inside)
         else:
-            chosen.update(steps)
+            chosen.update(int_list(text, "checkpoints") or [])
+    if not chosen:
+        raise MemorizationJobError(f"checkpoints={value!r} selects nothing; use all, latest, 3, 0-7 or 1,5,9")
     missing = sorted(chosen - set(known))
     if missing:
         raise MemorizationJobError(
@@ -76,13 +85,14 @@ def pull_lock(workspace: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) -> tuple[Path, bool]:
-    """Local path of checkpoint `step`, pulling it through DVC when absent: (path, pulled_by_us)."""
+def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) -> tuple[Path, list[Path] | None]:
+    """Local path of checkpoint `step`, pulling it through DVC when absent: (path, None) when it was local,
+    else (path, the DVC cache files this pull added: `release_checkpoint` deletes them with the folder)."""
     from open360.checkpoint.io import MODEL_FILE, step_dir_name
 
     path = run_checkpoint_dir(workspace, job.run) / step_dir_name(step)
     if (path / MODEL_FILE).is_file():
-        return path, False
+        return path, None
     if not job.pull:
         raise MemorizationJobError(
             f"{path}: checkpoint not present locally and pull=false; pull it or set pull=true"
@@ -96,10 +106,26 @@ def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) ->
         ) from err
     with pull_lock(workspace):
         if (path / MODEL_FILE).is_file():
-            return path, False
+            return path, None
+        cached = {f for f in _cache_files(workspace, path) if f.is_file()}  # not ours to delete
         pulled = Path(pull_checkpoint(workspace, job.run, step))
+        fetched = [f for f in _cache_files(workspace, pulled) if f not in cached and f.is_file()]
     if not (pulled / MODEL_FILE).is_file():
         raise MemorizationJobError(f"{pulled}: DVC pull finished but {MODEL_FILE} is missing")
-    return pulled, True
+    return pulled, fetched
 
 
+def _cache_files(workspace: Path, path: Path) -> list[Path]:
+    """The DVC cache files of checkpoint folder `path` (none outside a DVC workspace)."""
+    from open360.tracking.checkpoints import is_dvc_workspace
+    from open360.tracking.dvc_versioning import DvcWorkspace
+
+    return DvcWorkspace(workspace).cache_files(path) if is_dvc_workspace(workspace) else []
+
+
+def release_checkpoint(path: Path, fetched: list[Path]) -> None:
+    """Delete a checkpoint the job pulled: its folder and the cache files its pull added (DVC links or copies
+    every pulled file into its cache, so the folder alone frees nothing; the remote still holds them)."""
+    shutil.rmtree(path, ignore_errors=True)
+    for file in fetched:
+        file.unlink(missing_ok=True)

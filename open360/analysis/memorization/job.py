@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -31,7 +30,12 @@ import numpy as np
 from omegaconf import MISSING
 
 from open360.analysis.memorization.cells import SEEN_BASIS, cell_is_done, cell_path, cell_table, write_cell
-from open360.analysis.memorization.checkpoints import ensure_checkpoint, resolve_steps, run_checkpoint_dir
+from open360.analysis.memorization.checkpoints import (
+    ensure_checkpoint,
+    release_checkpoint,
+    resolve_steps,
+    run_checkpoint_dir,
+)
 from open360.analysis.memorization.data_view import DataView
 from open360.analysis.memorization.job_config import (
     MemorizationJobConfig,
@@ -199,7 +203,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
             )
 
     # The data view comes from the first checkpoint's config and lineage (all of a run share them).
-    first_path, first_pulled = ensure_checkpoint(job, workspace, steps[0])
+    first_path, first_fetched = ensure_checkpoint(job, workspace, steps[0])
     from open360.checkpoint.io import read_config
 
     lineage = read_lineage(first_path)
@@ -224,7 +228,8 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     bad = [c for c in chunks if not 0 <= c < data.num_chunks]
     if bad:
         raise MemorizationJobError(
-            f"chunks={job.chunks!r}: {bad} out of range; the shards have {data.num_chunks}"
+            f"chunks={job.chunks!r}: {bad[:8]}{' ...' if len(bad) > 8 else ''} out of range; the shards have "
+            f"{data.num_chunks} (0-{data.num_chunks - 1})"
         )
     cells = [(s, c) for s in steps for c in chunks]
     # What the numbers depend on besides the job's keys: the shards read and the dtype scored in.
@@ -250,7 +255,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
         (out_dir / "job.json").write_text(json.dumps(dataclasses.asdict(job), indent=2, default=str) + "\n")
 
     computed: list[tuple[int, int]] = []
-    pulled_here = {steps[0]} if first_pulled else set()
+    pulled_here = {} if first_fetched is None else {steps[0]: first_fetched}  # step -> its pull's cache files
     by_step: dict[int, list[int]] = {}
     for s, c in mine:
         by_step.setdefault(s, []).append(c)
@@ -264,9 +269,9 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     scoring: tuple[Any, dict[str, Any]] | None = None  # the scorer and its model config, kept across steps
     try:
         for step, step_chunks in by_step.items():
-            path, pulled = ensure_checkpoint(job, workspace, step)
-            if pulled:
-                pulled_here.add(step)
+            path, fetched = ensure_checkpoint(job, workspace, step)
+            if fetched is not None:
+                pulled_here[step] = fetched
             scoring = _scorer_for(job, path, device, scoring)
             scorer = scoring[0]
             lineage = read_lineage(path)
@@ -305,7 +310,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                 computed.append((step, chunk))
                 bar.update(1)
             if job.release_local and step in pulled_here and step not in shared_steps:
-                shutil.rmtree(path, ignore_errors=True)
+                release_checkpoint(path, pulled_here[step])
     finally:
         bar.close()
         if scoring is not None:
@@ -319,7 +324,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
         from open360.checkpoint.io import step_dir_name
 
         for step in sorted(pulled_here):
-            shutil.rmtree(run_checkpoint_dir(workspace, job.run) / step_dir_name(step), ignore_errors=True)
+            release_checkpoint(run_checkpoint_dir(workspace, job.run) / step_dir_name(step), pulled_here[step])
     # Cells left damaged or stale (max_cells, another rank's failure) are neither complete nor merged.
     valid = set(done) | set(computed)
     if world > 1:

@@ -123,9 +123,31 @@ def job_tag(job: MemorizationJobConfig) -> str:
     return f"{tag}-{Path(job.shards).name}" if job.shards else tag  # one stage's shards of several
 
 
+# A range of chunks (or of checkpoints named one by one) longer than this is a typo, not a selection.
+MAX_RANGE = 1_000_000
+
+
+def is_all(value: Any) -> bool:
+    """Whether a checkpoints= / chunks= value selects everything."""
+    return value is None or (isinstance(value, str) and value.strip().lower() == "all")
+
+
+def range_bounds(text: str, key: str, value: Any) -> tuple[int, int]:
+    """(lo, hi) of the item "a-b" (inclusive) or "a" (a, a) of `key` (as given in `value`), checked."""
+    try:
+        lo, hi = (int(x) for x in text.split("-", 1)) if "-" in text.lstrip("-") else (int(text), int(text))
+    except ValueError as err:
+        raise MemorizationJobError(
+            f"{key}={value!r}: {text!r} is not an integer or a range a-b; use all, 3, 0-7 or 1,5,9"
+        ) from err
+    if hi < lo:
+        raise MemorizationJobError(f"{key}={value!r}: the range {text} runs backwards; write {hi}-{lo}")
+    return lo, hi
+
+
 def int_list(value: Any, key: str) -> list[int] | None:
     """None for "all"; otherwise a list of ints from an int, a list, "a,b,c" or "a-b" (inclusive)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+    if is_all(value):
         return None
     if isinstance(value, int):
         return [value]
@@ -133,18 +155,11 @@ def int_list(value: Any, key: str) -> list[int] | None:
     out: list[int] = []
     for item in items:
         text = str(item).strip()
-        try:
-            if "-" in text.lstrip("-"):
-                lo, hi = (int(x) for x in text.split("-", 1))
-                if hi < lo:
-                    raise MemorizationJobError(f"{key}={value!r}: the range {text} runs backwards; write {hi}-{lo}")
-                out.extend(range(lo, hi + 1))
-            elif text:
-                out.append(int(text))
-        except ValueError as err:
-            raise MemorizationJobError(
-                f"{key}={value!r}: {text!r} is not an integer or a range a-b; use all, 3, 0-7 or 1,5,9"
-            ) from err
+        if text:
+            lo, hi = range_bounds(text, key, value)
+            if hi - lo >= MAX_RANGE:
+                raise MemorizationJobError(f"{key}={value!r}: the range {text} holds more than {MAX_RANGE} values")
+            out.extend(range(lo, hi + 1))
     if not out:
         raise MemorizationJobError(f"{key}={value!r} selects nothing; use all, 3, 0-7 or 1,5,9")
     return sorted(set(out))

@@ -371,20 +371,28 @@ def render_report(
 
 def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
     """(tracking URI, MLflow run id) named by the newest local checkpoint's lineage, or None."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from open360.checkpoint import list_checkpoints, read_lineage
-    from open360.checkpoint.io import CONFIG_FILE
+    from open360.checkpoint.io import CONFIG_FILE, CheckpointError
     from open360.tracking.checkpoints import run_dirs
 
     for _, path in reversed(list_checkpoints(run_dirs(workspace, run)[0])):
-        lineage = read_lineage(path)
+        try:
+            lineage = read_lineage(path)
+        except CheckpointError:  # another checkpoint's damage is not this job's: the next one names the run
+            continue
         run_id = lineage.get("mlflow_run_id") or (lineage.get("mlflow") or {}).get("run_id")
         if not (isinstance(run_id, str) and run_id):
             continue
         uri = "sqlite:///mlflow.db"
         if (path / CONFIG_FILE).is_file():
-            uri = OmegaConf.select(OmegaConf.load(path / CONFIG_FILE), "tracking.mlflow_uri", default=uri)
+            try:
+                uri = OmegaConf.select(OmegaConf.load(path / CONFIG_FILE), "tracking.mlflow_uri", default=uri)
+            except (OSError, yaml.YAMLError, OmegaConfBaseException):
+                continue
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
             uri = prefix + str(workspace / uri[len(prefix) :])

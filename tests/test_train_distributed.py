@@ -76,3 +76,23 @@ def test_two_process_data_parallel_matches_one_process(
     # the optimizer state is keyed by parameter name, so it is portable across world sizes
     assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
     assert len(b.rng["ranks"]) == 2
+
+
+@pytest.mark.parametrize(("dtype", "param_dtype"), [(torch.bfloat16, torch.bfloat16), (None, None)])
+def test_fsdp_on_gpu_computes_in_the_configured_precision(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype | None, param_dtype: torch.dtype | None
+) -> None:
+    """FSDP2's mixed-precision policy follows trainer.precision: an fp32 run is not cast to bf16 (DDP is not)."""
+    import torch.distributed.fsdp as fsdp
+
+    from open360.backends.native import DistEnv, parallelize
+    from open360.config import compose
+    from open360.models import build_model
+
+    policies = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: policies.append(kw.get("mp_policy")))
+    model = build_model(compose(["+experiment=amber_tiny", "model.n_layers=1"]).model)
+    parallelize(model, DistEnv(rank=0, world_size=2, device=torch.device("cuda", 0)), "fsdp", dtype)
+    assert len(policies) == 2
+    assert all((p.param_dtype if p else None) == param_dtype for p in policies)
+    assert all(p.reduce_dtype == torch.float32 for p in policies if p)

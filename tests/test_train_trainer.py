@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,26 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert trainer.progress.step == 4
 
 
+def test_the_divergence_message_names_a_runnable_batch_command(tmp_path: Path) -> None:
+    """The `open360 data batch` command the message suggests carries the arguments that command requires."""
+    import argparse
+    import re
+    from types import SimpleNamespace
+
+    from open360.data.cli import _order_args, _parse_order_args
+
+    model = ScriptedLoss([2.0, float("inf")], accum=2)
+    trainer = _trainer(model, model, steps=2, settings=_settings())
+    trainer.stage_data(trainer.stages[0]).order.shards = SimpleNamespace(path=tmp_path / "shards" / "r-abc")
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.train()
+    command = re.search(r"open360 data batch ([^)]*)\)", str(err.value)).group(1).split()
+    ap = argparse.ArgumentParser()
+    _order_args(ap)
+    args = _parse_order_args(ap, command)
+    assert (args.shards, args.global_batch_size, args.step) == (str(tmp_path / "shards" / "r-abc"), 4, 1)
+
+
 def test_loss_spike_is_logged_not_fatal(capsys: pytest.CaptureFixture[str]) -> None:
     values = [2.0] * 14 + [9.0] + [2.0] * 5
     model = ScriptedLoss(values, accum=2)
@@ -138,6 +159,20 @@ def test_loss_spike_is_logged_not_fatal(capsys: pytest.CaptureFixture[str]) -> N
     assert [s for s, m in rec.metrics.items() if m["loss_spike"]] == [15]
     assert "loss spike at step 15" in capsys.readouterr().out
     assert set(rec.metrics[1]) >= {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "step_time_s"}
+
+
+def test_a_checkpoint_save_is_not_counted_in_the_next_steps_time(tmp_path: Path) -> None:
+    """step_time_s / tokens_per_s (and MFU) of the step after a checkpoint measure that step, not the save."""
+
+    class SlowSave(Recorder):
+        def on_checkpoint_start(self, step: int, published: bool) -> None:
+            time.sleep(0.5)
+
+    rec = SlowSave()
+    model = ScriptedLoss([2.0] * 4, accum=2)
+    _trainer(model, model, steps=4, settings=_settings(), tmp_path=tmp_path, callbacks=[rec], every=2).train()
+    assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [2, 4]
+    assert rec.metrics[3]["step_time_s"] < 0.25, rec.metrics[3]
 
 
 def test_batch_geometry_error() -> None:

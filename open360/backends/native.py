@@ -87,11 +87,14 @@ class LossModule(nn.Module):
         return self.model.loss(input_ids, targets)
 
 
-def parallelize(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
+def parallelize(
+    model: nn.Module, env: DistEnv, mode: str, compute_dtype: torch.dtype | None = None
+) -> nn.Module:
     """The module to train through: `forward(input_ids, targets) -> loss`, data-parallel when under torchrun.
 
     `model` stays the plain module owning the parameters (optimizer groups and checkpoints use it).
     DDP wraps it; FSDP2 (`fully_shard`) shards each transformer block and then the root, in place.
+    `compute_dtype`: the autocast dtype (None = fp32), which FSDP2 on GPU gathers the parameters in.
     """
     if mode not in DISTRIBUTED_MODES:
         raise ValueError(f"trainer.distributed={mode!r}: expected one of {', '.join(DISTRIBUTED_MODES)}")
@@ -105,10 +108,10 @@ def parallelize(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
         return DistributedDataParallel(module, device_ids=device_ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    on_gpu = env.device.type == "cuda"
+    mixed = env.device.type == "cuda" and compute_dtype is not None  # fp32 (trainer.precision) stays fp32
     kwargs = (
-        {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
-        if on_gpu
+        {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
+        if mixed
         else {}
     )
     for block in getattr(model, "blocks", []):

@@ -459,7 +459,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         lineage_base["parallel_layout"] = vars(trainer.engine.layout)
     else:
         model = model.to(env.device)
-        module = parallelize(model, env, str(cfg.trainer.distributed))
+        module = parallelize(model, env, str(cfg.trainer.distributed), settings.autocast_dtype)
         optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 swaps in sharded parameters
         trainer = Trainer(model=model, module=module, optimizer=optimizer, **common)
     lineage_base["backend"] = trainer.backend  # what resume() checks a checkpoint against

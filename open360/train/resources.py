@@ -75,10 +75,15 @@ def check_resources(cfg: DictConfig) -> str:
             have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
         except (ValueError, OSError, AttributeError):  # a platform without these: not checked
             have = float("inf")
+        # torchrun's processes on this machine share its RAM: DDP keeps a full replica in each, FSDP a 1/world shard
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        need *= local / world if str(cfg.trainer.distributed) == "fsdp" else local
         if have < need:
             raise ResourceError(
                 f"'{cfg.run_name}' ({params_b:.2f}B parameters) needs about {need:.0f} GiB of memory for weights, "
-                f"gradients and AdamW states on the CPU, but this machine has {have:.0f} GiB of RAM. "
+                f"gradients and AdamW states on the CPU ({local} process(es) on this machine, "
+                f"trainer.distributed={cfg.trainer.distributed}), but this machine has {have:.0f} GiB of RAM. "
                 "Use +experiment=amber_tiny (or crystalcoder_tiny / phi15_tiny) or trainer.device=cuda."
             )
     return device

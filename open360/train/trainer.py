@@ -243,10 +243,12 @@ class Trainer:
         kept = (
             f"the last good checkpoint is {last[1]} (step {last[0]})" if last else "no checkpoint was saved"
         )
+        shards = getattr(getattr(self.stage_data(stage).order, "shards", None), "path", "<shard folder>")
+        batch = f"--shards {shards} --global-batch-size {self.settings.global_batch_size} --step {step - 1 - stage.start}"
         return (
             f"training diverged at step {step} (stage {stage.name!r}): loss={loss}, grad_norm={grad_norm}. "
             f"Stopped without saving; {kept}. Lower optim.lr, lengthen the warmup, or check the data of this "
-            f"step (open360 data batch --step {step - 1 - stage.start}), then resume with trainer.resume=<step>."
+            f"step (open360 data batch {batch}), then resume with trainer.resume=<step>."
         )
 
     def _spike(self, loss: float) -> bool:
@@ -461,10 +463,10 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_end(p.step, metrics)
                 progress.update(p.step, metrics)
-                if self.cadence.is_published(p.step, self.final_step):
-                    self.save(published=True)
-                elif self.cadence.is_ephemeral(p.step):
-                    self.save(published=False)
+                published = self.cadence.is_published(p.step, self.final_step)
+                if published or self.cadence.is_ephemeral(p.step):
+                    self.save(published=published)
+                    t_last = time.perf_counter()  # the next step's time (tokens/s, MFU) leaves the save out
                 if self.writer is not None:
                     self._report_saves(self.writer.poll())
         finally:

@@ -1,0 +1,28 @@
+"""The memory check before a run: what every process on this machine holds, against its RAM."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from open360.config import compose
+from open360.train.resources import GIB, ResourceError, check_resources, training_memory_gib
+
+
+@pytest.mark.parametrize(("mode", "fits"), [("ddp", False), ("fsdp", True)])
+def test_cpu_check_counts_every_local_process(monkeypatch: pytest.MonkeyPatch, mode: str, fits: bool) -> None:
+    """Two DDP processes on one CPU host hold two full replicas; FSDP's two hold one between them."""
+    cfg = compose(["+experiment=amber_tiny", "trainer.device=cpu", f"trainer.distributed={mode}"])
+    ram = 1.5 * training_memory_gib(cfg) * GIB  # one replica fits, two do not
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": ram}[name])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    if fits:
+        assert check_resources(cfg) == "cpu"
+    else:
+        with pytest.raises(ResourceError, match=r"2 process\(es\)"):
+            check_resources(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert check_resources(cfg) == "cpu"

@@ -90,3 +90,29 @@ def test_host_snapshot_reuses_pinned_buffers_for_cuda_tensors() -> None:
     t += 1
     second = snapshot({"w": t})["w"]
     assert second.data_ptr() == first.data_ptr() and torch.equal(second, torch.arange(6.0) + 1)
+
+
+def test_a_failed_background_save_is_raised_once_and_the_saves_before_it_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 1 finishes while step 2 (started before any poll) fails on a full disk: poll raises the error, and
+    close still reports step 1 (the trainer's callbacks version it) and stops the worker, without raising again."""
+    import open360.checkpoint.writer as writer_module
+    from open360.checkpoint import CheckpointError
+
+    real = writer_module.save_checkpoint
+
+    def full_disk_at_step_2(parent: Path, step: int, contents: CheckpointContents) -> Path:
+        if step == 2:
+            raise CheckpointError("step_2: could not be written (No space left on device)")
+        return real(parent, step, contents)
+
+    monkeypatch.setattr(writer_module, "save_checkpoint", full_disk_at_step_2)
+    writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", keep_ephemeral=1, background=True)
+    writer.save(1, _contents(torch.zeros(2), torch.tensor(1.0)), published=True)
+    writer.save(2, _contents(torch.zeros(2), torch.tensor(2.0)), published=True)
+    writer._pending[0].exception()  # step 2 is over
+    with pytest.raises(CheckpointError, match="step_2"):
+        writer.poll()
+    assert [(d.step, d.published) for d in writer.close()] == [(1, True)]
+    assert writer._pool is not None and writer._pool._shutdown

@@ -442,6 +442,35 @@ def test_a_branch_journal_left_by_a_crash_is_finished_before_a_run_without_dvc(t
     assert read_lineage(run_dir / "step_8")["resumed_from"]["step"] == 2
 
 
+def test_a_branch_cut_short_without_dvc_is_finished_before_resume_auto(
+    tmp_path: Path, shards_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the branch moved the published checkpoints aside but before the recovery ones (tracking
+    off): the next resume=auto finishes the move and follows the branch, not the replaced recovery step 5."""
+    import open360.train.pipeline as pipeline
+    from open360.checkpoint.branches import supersede_later_checkpoints
+    from open360.config import compose
+
+    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
+            f"workspace={tmp_path}", "checkpoint.policy=every_n", "checkpoint.every=2",
+            "checkpoint.ephemeral_every=1", "trainer.max_steps=6"]
+    pipeline.run_training(compose(base), "cpu")
+    published, recovery = tmp_path / "checkpoints" / "amber_tiny", tmp_path / "recovery" / "amber_tiny"
+    assert [s for s, _ in list_checkpoints(recovery)] == [5]
+
+    def killed(step: int, pub: Path, rec: Path, folder: str) -> dict:
+        supersede_later_checkpoints(step, pub, tmp_path / "elsewhere", folder)  # the published ones only
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "supersede_later_checkpoints", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_training(compose([*base, "trainer.resume=2"]), "cpu")
+    monkeypatch.undo()
+    summary = pipeline.run_training(compose([*base, "trainer.resume=auto"]), "cpu")
+    assert summary["start_step"] == 2 and read_lineage(published / "step_6")["resumed_from"]["step"] == 2
+    assert [p.name for p in (recovery / "superseded").glob("from_step_2-*/step_*")] == ["step_5"]
+
+
 def test_a_missing_init_from_is_named_at_a_fresh_start_under_resume_auto(tmp_path: Path, shards_root: Path) -> None:
     """resume=auto with nothing to resume is a fresh start: the warm start's folder must exist, and the
     error comes before any model is built (validate.py skips the check for resumes, which need not it)."""

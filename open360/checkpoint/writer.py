@@ -104,28 +104,41 @@ class CheckpointWriter:
         )
         self._pending.append(self._pool.submit(self._write, step, snapshot, published))
 
+    def _collect(self, futures: list[Future[SavedCheckpoint]]) -> None:
+        """Record finished saves; a failed one's error is raised once, after the others are recorded (they
+        stay to be reported by `close`, and the failed save is not raised again)."""
+        error: BaseException | None = None
+        for future in futures:
+            try:
+                self._done.append(future.result())
+            except BaseException as err:  # noqa: BLE001 - re-raised below
+                error = error or err
+        if error is not None:
+            raise error
+
     def wait_pending(self) -> None:
         """Block until every started save is complete (re-raising a failed save's error)."""
         for future in self._pending:
-            self._done.append(future.result())
-        self._pending.clear()
+            future.exception()  # waits; an interrupt (SIGTERM) here leaves the save pending for close to wait on
+        finished, self._pending = self._pending, []
+        self._collect(finished)
 
     def poll(self) -> list[SavedCheckpoint]:
         """Saves completed since the last poll (raises if a background save failed)."""
-        still = []
+        finished, still = [], []
         for future in self._pending:
-            if future.done():
-                self._done.append(future.result())
-            else:
-                still.append(future)
+            (finished if future.done() else still).append(future)
         self._pending = still
+        self._collect(finished)
         done, self._done = self._done, []
         return done
 
     def close(self) -> list[SavedCheckpoint]:
         """Finish every save and stop the worker; returns the saves not yet reported by `poll`."""
-        self.wait_pending()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        try:
+            self.wait_pending()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
         done, self._done = self._done, []
         return done

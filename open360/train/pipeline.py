@@ -480,11 +480,14 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             on_disk = list_checkpoints(published_dir) + list_checkpoints(recovery_dir)
             if any(s > step for s, _ in on_disk) or _recorded_after(cfg, workspace, run_name, step):
                 branch = {"from_step": step, "superseded": branch_folder(step)}  # else it continues the run
-                if cfg.tracking.dvc:  # journaled: a crash halfway is finished by the next look at the run
-                    write_pending_branch(recovery_dir, step, branch["superseded"])
+                # journaled, DVC or not: a crash halfway (published moved, recovery not) is finished by the next
+                # start, whose resume=auto would otherwise continue the replaced branch from its recovery step
+                marker = write_pending_branch(recovery_dir, step, branch["superseded"])
+                if cfg.tracking.dvc:
                     moved = finish_pending_branches(workspace, run_name)
                 else:
                     moved = supersede_later_checkpoints(step, published_dir, recovery_dir, branch["superseded"])
+                    marker.unlink()
             if moved:
                 print(
                     f"open360.train: resuming from step {trainer.progress.step}: this run's later checkpoints "

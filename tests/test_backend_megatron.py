@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -174,6 +175,18 @@ def test_megatron_model_from_converted_weights_matches_native_logits(megatron_cp
         assert torch.allclose(per_token.mean(), native.loss(ids[:, :-1], ids[:, 1:]), atol=1e-5)
 
 
+def test_a_fractional_rotary_base_reaches_megatron_unrounded(megatron_cpu) -> None:
+    from dataclasses import replace
+
+    from open360.backends.megatron.spec import build_gpt_model, transformer_config
+
+    cfg = replace(AMBER, rotary_base=10000.5)
+    model = build_gpt_model(cfg, transformer_config(cfg, 1, 1, bf16=False), True, True)
+    head_dim = cfg.d_model // cfg.n_heads
+    expected = 1.0 / cfg.rotary_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    assert torch.equal(model.rotary_pos_emb.inv_freq.cpu(), expected)
+
+
 def test_engine_weight_loads_refuse_a_partial_state(megatron_cpu) -> None:
     """Both engine loads (native weights, distributed checkpoint) go through one checked loader."""
     from open360.backends.megatron.engine import MegatronEngine
@@ -189,6 +202,49 @@ def test_engine_weight_loads_refuse_a_partial_state(megatron_cpu) -> None:
         MegatronEngine._load_gpt_state(engine, {k: v for k, v in state.items() if k != dropped}, "ckpt/step_9")
     with pytest.raises(KeyError, match="unexpected \\['decoder.layers.99.extra'\\]"):
         MegatronEngine._load_gpt_state(engine, {**state, "decoder.layers.99.extra": torch.zeros(1)}, "x")
+
+
+def test_resume_keeps_the_runs_optimizer_hyperparameters_and_names_a_group_mismatch(monkeypatch, tmp_path) -> None:
+    """megatron's optimizer load puts the checkpoint's param groups back (its betas, eps multipliers, ...):
+    this run's hyperparameters stay, as on the native backend; a group the checkpoint lacks (muP width or
+    optim.mup_scale_weight_decay changed) is named instead of megatron's bare KeyError."""
+    pytest.importorskip("megatron.core")
+    import contextlib
+
+    from open360.backends.megatron import engine as megatron_engine
+    from open360.checkpoint import CheckpointError
+
+    class MegatronLikeOptimizer:  # DistributedOptimizer.load_state_dict: saved groups replace the run's
+        def __init__(self, groups: list[dict]) -> None:
+            self.param_groups = groups
+
+        def load_state_dict(self, state: dict) -> None:
+            saved = state["optimizer"]["param_groups"]
+            self.param_groups = [{**g, "params": own["params"]} for g, own in zip(saved, self.param_groups, strict=True)]
+
+    ids = {"wd_mult": 1.0, "lr_mult": 0.5, "is_expert_parallel": False, "is_decoupled_lr": False}
+    saved_group = {**ids, "params": [0], "betas": (0.9, 0.95), "eps_mult": 0.5, "step": 7.0}
+    saved = {"optimizer": {"param_groups": [saved_group]}}
+    monkeypatch.setattr(megatron_engine, "guarded_distributed_load", lambda _d: contextlib.nullcontext())
+    monkeypatch.setattr(megatron_engine.dist_checkpointing, "load", lambda *_a, **_k: {"model": {}, "optimizer": saved})
+
+    def engine(**group: Any) -> megatron_engine.MegatronEngine:
+        eng = object.__new__(megatron_engine.MegatronEngine)  # its loading logic, without a model
+        params = [torch.nn.Parameter(torch.zeros(2))]
+        eng.optimizer = MegatronLikeOptimizer([{**ids, "params": params, **group}])
+        for name in ("_materialize_optimizer_state", "_patch_torch_adam_state_loading", "_inner_states"):
+            setattr(eng, name, lambda: [])
+        eng._sharded_state = lambda is_loading: {}
+        eng._load_gpt_state = lambda state, source: None
+        return eng
+
+    eng = engine(betas=(0.8, 0.99), eps_mult=0.25)
+    eng.load_distributed(tmp_path)
+    (group,) = eng.optimizer.param_groups
+    assert group["betas"] == (0.8, 0.99) and group["eps_mult"] == 0.25 and group["step"] == 7.0
+    eng = engine(betas=(0.9, 0.95), wd_mult=2.0)  # optim.mup_scale_weight_decay=true on resume
+    with pytest.raises(CheckpointError, match="no parameter group with .*'wd_mult': 2.0.*mup_scale_weight_decay"):
+        eng.load_distributed(tmp_path)
 
 
 def test_stock_local_attention_spec_is_available_for_comparison(megatron_cpu) -> None:

@@ -18,6 +18,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate, ParamWithNamePredicate
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
@@ -31,6 +32,7 @@ from open360.backends.megatron.layout import (
     shard_for_rank,
 )
 from open360.backends.megatron.spec import build_gpt_model, transformer_config
+from open360.checkpoint.io import CheckpointError
 from open360.config.schema import ModelConfig
 from open360.models.decoder import width_mult
 from open360.train.optim import adam_betas
@@ -291,14 +293,39 @@ class MegatronEngine:
 
             opt._set_main_param_and_optimizer_states = set_states
 
+    def _check_saved_param_groups(self, saved: Any, directory: Path) -> None:
+        """CheckpointError naming the cause when the checkpoint lacks one of this run's parameter groups
+        (megatron matches groups by their lr/wd multipliers and would raise a bare KeyError)."""
+        groups = saved.get("optimizer", {}).get("param_groups") if isinstance(saved, Mapping) else None
+        if groups is None:
+            return
+
+        def keys(gs: Any) -> set[tuple]:
+            return {tuple(g.get(k) for k in param_group_identifier_keys) for g in gs}
+
+        missing = keys(self.optimizer.param_groups) - keys(groups)
+        if missing:
+            group = dict(zip(param_group_identifier_keys, min(missing), strict=True))
+            raise CheckpointError(
+                f"{directory}: the optimizer state has no parameter group with {group} "
+                "(this run's muP width or optim.mup_scale_weight_decay differ from the checkpoint's); resume with "
+                "the checkpoint's values, or start from its weights with trainer.init_from (fresh optimizer)"
+            )
+
     def load_distributed(self, directory: Path) -> None:
-        """Load model + optimizer shards saved at any parallel layout."""
+        """Load model + optimizer shards saved at any parallel layout. The moments and step counts come from
+        the checkpoint; the hyperparameters (betas, eps, weight decay, muP multipliers) stay this run's, as on
+        the native backend (megatron's load would put back the checkpoint's)."""
         with guarded_distributed_load(directory):  # torch DCP unpickles parts of it: plain data only
             self._materialize_optimizer_state()
             self._patch_torch_adam_state_loading()
             loaded = dist_checkpointing.load(self._sharded_state(is_loading=True), str(directory))
         self._load_gpt_state(loaded["model"], f"distributed checkpoint {directory}")
+        self._check_saved_param_groups(loaded["optimizer"], directory)
+        configured = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(loaded["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(settings)
         # megatron sets one "step" tensor into every parameter's state (torch's AdamW, no apex/TE); AdamW
         # then adds 1 to it once per parameter per step, and the bias correction goes wrong: own copies.
         for states in self._inner_states():

@@ -204,7 +204,7 @@ def build_gpt_model(
         share_embeddings_and_output_weights=cfg.tie_embeddings,
         position_embedding_type="rope",
         rotary_percent=cfg.rotary_fraction,
-        rotary_base=int(cfg.rotary_base),
+        rotary_base=cfg.rotary_base,  # a float: int() would truncate a fractional base
         seq_len_interpolation_factor=cfg.rope_interpolation_factor if cfg.rope_interpolation_factor != 1.0 else None,
     )
     if post_process and cfg.lm_head_bias:

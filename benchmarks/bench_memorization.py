@@ -120,8 +120,7 @@ def checkpoint_swaps(args: Any, shape: dict, seqs: torch.Tensor, device: torch.d
     moved, compiled from the warm cache, graph captured) against one scorer whose weights are swapped in
     place (`load_weights`, what the job does). Weights start in memory: reading them from disk is extra."""
     from open360.analysis.memorization import MemorizationScorer
-    from open360.checkpoint.io import model_with_weights
-    from open360.models import build_model
+    from open360.models import build_model, model_with_weights
 
     batch, cuda = args.rounds_batch, device.type == "cuda"
     states = []

@@ -147,7 +147,7 @@ def test_crystalcoder_loads_through_automodel_remote_code(tmp_path: Path) -> Non
 
 def test_training_switches_are_not_exported(tmp_path: Path) -> None:
     """A run trained with model.compile / activation_checkpointing exports (and loads) a plain model."""
-    from open360.checkpoint.io import model_with_weights
+    from open360.models import model_with_weights
 
     cfg = model_cfg("crystalcoder_tiny", compile=True, activation_checkpointing=True)
     model = build_model(dataclasses.replace(cfg, compile=False))

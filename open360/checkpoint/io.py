@@ -418,6 +418,8 @@ def load_model_from_checkpoint(path: Path, device: str = "cpu", verify: bool = T
     if verify:
         verify_checkpoint(path, only=(MODEL_FILE, CONFIG_FILE))
     cfg = read_config(path)
+    from open360.models import model_with_weights
+
     return model_with_weights(cfg.model, load_model_weights(path / MODEL_FILE)).to(device), cfg
 
 
@@ -434,17 +436,3 @@ def read_config(path: Path) -> Any:
         raise CheckpointError(f"{file}: no 'model' section; the checkpoint is corrupted or not open360's")
     return cfg
 
-
-def model_with_weights(model_cfg: Any, weights: dict[str, torch.Tensor]) -> Any:
-    """A Decoder on the CPU holding `weights`, built without initializing (a 1.4B model's random init
-    takes ~20 s on 2 cores): the strict load overwrites every parameter (a missing one raises), and the
-    rotary tables, the only non-persistent buffers, are recomputed. Built for inference: training-only
-    switches of the config (`compile`, `activation_checkpointing`) are off; callers compile as they need."""
-    from open360.models import build_model, inference_config
-
-    with torch.device("meta"):
-        model = build_model(inference_config(model_cfg))
-    model = model.to_empty(device="cpu")
-    model.rotary.reset_tables()
-    model.load_state_dict(weights)
-    return model

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from open360.config.schema import ModelConfig, MupConfig
-from open360.models.decoder import Decoder, as_model_config, inference_config
+from open360.models.decoder import Decoder, as_model_config, inference_config, model_with_weights
 
 OPEN360_FORMAT_VERSION = 1
 OPEN360_PREFIX = "model."  # open360-format tensors: "model." + Decoder.state_dict() names (the remote-code layout)
@@ -514,6 +514,4 @@ def import_hf(folder: Path | str) -> tuple[Decoder, ModelConfig]:
         if leftovers:
             raise HFInteropError(f"{folder}: tensors {leftovers[:5]} have no place in open360's {arch} mapping")
         cfg, state = _drop_exported_zero_biases(cfg, state, hf.get("open360_model_config"))
-    model = Decoder(cfg)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model, cfg
+    return model_with_weights(cfg, state), cfg

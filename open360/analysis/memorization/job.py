@@ -139,10 +139,10 @@ def _scorer_for(
         CONFIG_FILE,
         MODEL_FILE,
         load_model_weights,
-        model_with_weights,
         read_config,
         verify_checkpoint,
     )
+    from open360.models import model_with_weights
 
     verify_checkpoint(path, only=(MODEL_FILE, CONFIG_FILE))
     model_cfg = OmegaConf.to_container(read_config(path).model, resolve=True)

@@ -170,7 +170,12 @@ def test_crash_mid_save_leaves_no_complete_looking_dir(tmp_path: Path) -> None:
     assert list_checkpoints(tmp_path) == []
 
 
-def test_extra_dirs_move_into_the_checkpoint_and_are_verified(tmp_path: Path) -> None:
+def test_extra_dirs_move_into_the_checkpoint_and_are_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import open360.checkpoint.io as io
+
+    synced: list[str] = []
+    real_fsync_dir = io._fsync_dir
+    monkeypatch.setattr(io, "_fsync_dir", lambda p: (synced.append(Path(p).name), real_fsync_dir(p)))
     staging = tmp_path / "run" / ".tmp-step_5-megatron"
     (staging / "shards").mkdir(parents=True)
     (staging / "shards" / "0.distcp").write_bytes(b"rank0")
@@ -179,6 +184,7 @@ def test_extra_dirs_move_into_the_checkpoint_and_are_verified(tmp_path: Path) ->
     contents.extra_dirs = {"megatron": staging}
     path = save_checkpoint(tmp_path / "run", 5, contents)
     assert not staging.exists()
+    assert {"megatron", "shards"} <= set(synced)  # the nested folders' entries are on disk before the rename
     lineage = verify_checkpoint(path)
     assert {"megatron/shards/0.distcp", "megatron/metadata.json"} <= set(lineage["files"])
     (path / "megatron" / "shards" / "0.distcp").write_bytes(b"rank1")

@@ -191,6 +191,9 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
         for name in (*PAYLOAD_FILES, *extra_files, LINEAGE_FILE):
             _fsync_file(tmp / name)
+        for name in contents.extra_dirs:  # the entries of nested folders (megatron's shards) are durable too
+            for folder in [tmp / name, *sorted(p for p in (tmp / name).rglob("*") if p.is_dir())]:
+                _fsync_dir(folder)
         _fsync_dir(tmp)
     except BaseException as err:  # a failed save leaves nothing half-written behind, and no earlier step changes
         shutil.rmtree(tmp, ignore_errors=True)

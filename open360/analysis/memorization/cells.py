@@ -19,7 +19,7 @@ CELL_RE_FMT = "step_{step}-chunk_{chunk:05d}.parquet"
 
 
 def cell_path(out_dir: Path, step: int, chunk: int) -> Path:
-    """`<out_dir>/cells/step_<N>-chunk_<C>.parquet`."""
+    """`<out_dir>/cells/step_<N>-chunk_<C:05d>.parquet`."""
     return out_dir / "cells" / CELL_RE_FMT.format(step=step, chunk=chunk)
 
 

@@ -1,12 +1,12 @@
 """Run-level job: the checkpoints x chunks memorization matrix of a run, resumable, one parquet per cell.
 
-    python -m open360.analysis.memorization run=<run> [checkpoints=all|latest|<s1>,<s2>] [chunks=all|0-7|0,3]
+    python -m open360.analysis.memorization run=<run> [checkpoints=all|latest|<s1>,<s2>|<a>-<b>] [chunks=all|0-7|0,3]
         [workspace=.] [k=32] [l=32] [sample=1000] [selection=sample|seen] [mode=greedy|teacher_forced]
         [release_local=true] [config=analysis/memorization/<job>.yaml]
     torchrun --nproc-per-node 8 -m open360.analysis.memorization run=<run>   # cells split over ranks
 
 Each (checkpoint, chunk) cell is written atomically to
-``<workspace>/analysis/<run>/memorization/<tag>/cells/step_<N>-chunk_<C>.parquet`` (one row per scored
+``<workspace>/analysis/<run>/memorization/<tag>/cells/step_<N>-chunk_<C:05d>.parquet`` (one row per scored
 sequence); a cell that reads whole and was scored with this job's settings, shards, dtype and the
 checkpoint's current weights is reused, so an interrupted job continues where it stopped (a damaged
 cell, or one of replaced weights, is scored again; one of other settings stops the job).

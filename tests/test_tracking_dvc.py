@@ -204,6 +204,28 @@ def test_resumed_run_catches_up_unversioned_checkpoints(ws: Path) -> None:
     assert versioner.records[2]["dvc_md5"] == tracked["step_2"].md5 and versioner.records[2]["pushed"]
 
 
+def test_a_dead_worker_process_is_replaced_and_catches_up(ws: Path, capsys: pytest.CaptureFixture) -> None:
+    """The DVC worker process killed mid-run (OOM killer, SIGKILL): the next checkpoint starts a new one, which
+    versions what checkpoints.dvc lacks; training never sees an exception."""
+    import signal
+
+    versioner = DvcVersioner(ws)
+    versioner.on_run_start(RunInfo("r", ws, ws / "checkpoints" / "r", {}, "", 0))
+    versioner.on_checkpoint_saved(1, write_checkpoint(ws, "r", 1), published=True)
+    assert versioner.wait(120)
+    dead = versioner._worker._process
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.join(30)
+    versioner.on_checkpoint_saved(2, write_checkpoint(ws, "r", 2), published=True)  # raised before
+    versioner.on_run_end({"status": "finished"})
+    assert versioner.errors == []
+    assert sorted(versioner.records) == [1, 2] and versioner.records[2]["pushed"] is True
+    tracked = DvcWorkspace(ws).tracked_children(ws / "checkpoints" / "r")
+    assert sorted(tracked) == ["step_1", "step_2"]
+    assert DvcWorkspace(ws).missing_on_remote(list(tracked.values())) == {d.path: 0 for d in tracked.values()}
+    assert "caught up: steps [2] added to checkpoints.dvc" in capsys.readouterr().err
+
+
 def test_a_branch_moves_the_replaced_checkpoints_records_with_their_folders(ws: Path, tmp_path: Path) -> None:
     from open360.checkpoint.branches import supersede_later_checkpoints, write_pending_branch
     from open360.tracking.checkpoints import finish_pending_branches, superseded_steps

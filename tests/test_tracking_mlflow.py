@@ -198,6 +198,46 @@ def test_metrics_are_in_the_store_before_a_checkpoint_is_written(ws: Path) -> No
     logger.on_run_end({"status": "finished"})
 
 
+def test_a_store_that_hangs_mid_run_costs_one_checkpoint_wait_not_one_per_checkpoint(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that goes down mid-run makes each write take minutes (MLflow's HTTP retries): the checkpoint
+    after it waits its time once; later ones go on at once while the writes are still behind."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    original, server_up = MlflowClient.log_batch, threading.Event()
+    threading.Timer(20, server_up.set).start()  # never hang the suite
+
+    def hanging(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        server_up.wait()
+        return original(self, *args, **kw)
+
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, buffer_steps=100)
+    logger.on_run_start(info(ws))
+    assert logger.wait(60)
+    logger.checkpoint_wait_s = 0.5
+    monkeypatch.setattr(MlflowClient, "log_batch", hanging)
+    waits = []
+    for step in range(1, 31):
+        logger.on_step_end(step, {"loss": 1.0 / step})
+        if step % 10 == 0:
+            start = time.monotonic()
+            logger.on_checkpoint_start(step, published=True)
+            waits.append(time.monotonic() - start)
+    assert 0.4 < waits[0] < 5 and max(waits[1:]) < 0.3, waits
+    assert "do not wait for them until" in capsys.readouterr().err
+    server_up.set()
+    assert logger.wait(60)
+    logger.on_checkpoint_start(40, published=True)  # caught up: the checkpoints wait again
+    assert not logger._stalled
+    logger.on_run_end({"status": "finished"})
+    history = mr.client(logger.tracking_uri).get_metric_history(logger.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 31))
+
+
 def test_a_store_failing_mid_run_is_reported_without_its_password_and_a_lock_is_waited_out(
     ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -296,6 +336,66 @@ def test_a_backfilled_checkpoint_record_fills_a_gap_and_keeps_an_existing_one(ws
         "step": 12, "dvc_md5": "m.dir", "git_revision": "aaa", "pushed": True
     }
     assert mr.checkpoint_record(client, logger.run_id, 16) == {"step": 16, "dvc_md5": "old.dir", "pushed": False}
+
+
+def _ten_steps(ws: Path, run_name: str = "r", start: int = 0, extra: dict | None = None, loss: float = 1.0) -> str:
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", run_name, ws)
+    logger.on_run_start(RunInfo(run_name, ws, ws / "checkpoints" / run_name, CONFIG, "", start, extra=extra or {}))
+    for step in range(start + 1, 11):
+        logger.on_step_end(step, {"loss": loss})
+    logger.on_run_end({"status": "finished"})
+    assert logger.errors == []
+    return str(logger.run_id)
+
+
+def test_a_branch_killed_before_its_first_checkpoint_is_continued_not_the_run_it_replaced(ws: Path) -> None:
+    """Branch from step 5, killed before it saves: resume=auto finds checkpoint 5 again, whose lineage names
+    the replaced run. The branch's run goes on; the replaced run's steps 6..10 stay as they were."""
+    old = _ten_steps(ws)
+    branch = _ten_steps(ws, start=5, extra={RUN_ID_KEY: old, "branch": {"from_step": 5, "superseded": "x"}}, loss=2.0)
+    resumed = _ten_steps(ws, start=5, extra={RUN_ID_KEY: old}, loss=3.0)
+    assert resumed == branch != old
+    client = mr.client(resolve_tracking_uri("sqlite:///mlflow.db", ws))
+    assert mr.metric_history(client, old)["loss"] == {s: 1.0 for s in range(1, 11)}
+    assert mr.metric_history(client, branch)["loss"] == {s: 1.0 if s <= 5 else 3.0 for s in range(1, 11)}
+    assert _ten_steps(ws, start=7, extra={RUN_ID_KEY: old}) == old  # a resume from another step: the run itself
+    moved = MlflowLogger("sqlite:///mlflow.db", "renamed_exp", "r", ws)  # tracking.experiment changed since
+    moved.on_run_start(info(ws, 10, {RUN_ID_KEY: old}))
+    moved.on_run_end({"status": "finished"})
+    assert moved.run_metadata()["mlflow_experiment_id"] == client.get_run(old).info.experiment_id
+
+
+def test_a_checkpoint_resumed_under_another_run_name_gets_a_run_of_its_own(ws: Path) -> None:
+    old = _ten_steps(ws)
+    other = _ten_steps(ws, "other", start=5, extra={RUN_ID_KEY: old}, loss=2.0)
+    assert other != old
+    client = mr.client(resolve_tracking_uri("sqlite:///mlflow.db", ws))
+    assert mr.find_run_id(client, "other") == other and mr.find_run_id(client, "r") == old
+    assert mr.metric_history(client, old)["loss"] == {s: 1.0 for s in range(1, 11)}
+    assert mr.metric_history(client, other)["loss"] == {s: 1.0 if s <= 5 else 2.0 for s in range(1, 11)}
+    tags = client.get_run(other).data.tags
+    assert tags["open360.resumed_from_run_id"] == old and tags["open360.resumed_from_step"] == "5"
+
+
+def test_a_continued_run_appends_its_system_metrics(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """System metrics count samples from step 0: a resumed segment must go on after the first one's samples,
+    not write the same steps again (the latest write per step would hide the first segment's)."""
+    import time
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    key, run_id = "system/cpu_utilization_percentage", None
+    client = mr.client(resolve_tracking_uri("sqlite:///mlflow.db", ws))
+    for start in (0, 5):
+        logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, system_metrics=True)
+        logger.on_run_start(info(ws, start, {RUN_ID_KEY: run_id} if run_id else None))
+        run_id = logger.run_id
+        before = len(client.get_metric_history(run_id, key))
+        deadline = time.monotonic() + 30
+        while len(client.get_metric_history(run_id, key)) <= before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        logger.on_run_end({"status": "finished"})
+    steps = [m.step for m in client.get_metric_history(run_id, key)]
+    assert len(steps) >= 2 and len(set(steps)) == len(steps), steps
 
 
 def test_resume_with_unknown_run_id_starts_new_run(ws: Path) -> None:

@@ -75,13 +75,16 @@ class DvcVersioner(Callback):
         self.records: dict[int, dict[str, Any]] = {}
         self._worker: ProcessWorker | None = None
         self._job_errors: list[str] = []
+        self._lost_errors: list[str] = []  # jobs of a worker process that died, until a new one catches up
         self._run = ""
+        self._checkpoint_dir = Path()
         self._revisions: dict[str, str | None] = {}
 
     def on_run_start(self, info: RunInfo) -> None:
         from open360.checkpoint.lineage import git_revision  # imports torch: only here, not in the worker
 
         self._run = info.run_name
+        self._checkpoint_dir = info.checkpoint_dir
         self._revisions = {
             # the workspace commit holding checkpoints.dvc
             "git_revision": _rev_text(git_revision(self.store.workspace)),
@@ -89,18 +92,32 @@ class DvcVersioner(Callback):
         }
         root = self.store.workspace / self.store.relpath(info.checkpoint_dir).split("/")[0]
         self.store.ensure_tracked_root(root)
-        self._worker = ProcessWorker(
-            f"dvc[{info.run_name}]",
-            VersionJobs,
-            (str(self.store.workspace), self.store.remote, self.push_enabled),
-            self._on_result,
-        )
+        self._worker = self._start_worker()
         if info.start_step > 0:  # a resumed run: earlier checkpoints whose add/push never finished
             self._worker.submit("catch_up", info.start_step, str(info.checkpoint_dir), self._revisions)
 
     def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
-        if published and self._worker is not None:
+        if not published or self._worker is None:
+            return
+        try:
             self._worker.submit("version", step, str(path), self._revisions)
+        except RuntimeError as err:  # the worker process died (killed, out of memory): never fail training
+            print(
+                f"open360.tracking: {err}; a new DVC worker versions the checkpoints up to step {step} that "
+                "checkpoints.dvc lacks",
+                file=sys.stderr,
+            )
+            self._lost_errors += self._worker.errors  # resolved when the catch-up succeeds
+            self._worker = self._start_worker()
+            self._worker.submit("catch_up", step, str(self._checkpoint_dir), self._revisions)
+
+    def _start_worker(self) -> ProcessWorker:
+        return ProcessWorker(
+            f"dvc[{self._run}]",
+            VersionJobs,
+            (str(self.store.workspace), self.store.remote, self.push_enabled),
+            self._on_result,
+        )
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self._worker is None:
@@ -125,11 +142,21 @@ class DvcVersioner(Callback):
     @property
     def errors(self) -> list[str]:
         """Messages of DVC jobs that failed (also printed to stderr when they happened)."""
-        return (list(self._worker.errors) if self._worker is not None else []) + self._job_errors
+        return (
+            self._lost_errors + (list(self._worker.errors) if self._worker is not None else []) + self._job_errors
+        )
 
     def _on_result(self, args: tuple, result: dict[str, Any] | None, error: str | None) -> None:
         if not result:
             return
+        if args[0] == "catch_up":
+            self._lost_errors = []
+        if result.get("added"):  # a catch-up that versioned checkpoints an earlier run (or a dead worker) left
+            print(
+                f"open360.tracking: dvc[{self._run}]: caught up: steps {result['added']} added to checkpoints.dvc"
+                + (f", every checkpoint up to step {args[1]} pushed" if self.push_enabled else ""),
+                file=sys.stderr,
+            )
         for step, record in sorted((result.get("records") or {}).items()):  # caught up after a resume
             self._deliver(int(step), record)
         if "record" not in result:

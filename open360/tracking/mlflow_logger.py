@@ -25,6 +25,7 @@ RUN_ID_KEY = "mlflow_run_id"  # key in RunInfo.extra (resume) and in run_metadat
 CHECKPOINT_TAG_PREFIX = "open360.checkpoint.step_"
 BACKFILL_KEY = "backfill"  # in a checkpoint record: set the run tag only where the run has none
 CONFIG_ARTIFACT = "config/config.yaml"
+BRANCH_RUN_TAG = "open360.branch_run"  # on a run a branch replaced after a step: {"run_id", "step"} (JSON)
 
 
 def resolve_tracking_uri(uri: str, workspace: Path) -> str:
@@ -151,6 +152,8 @@ class MlflowLogger(Callback):
         self._monitor: Any = None
         self._continued = False  # True once _start_or_resume continues an existing run
         self._lock_retry = LockRetry()
+        self.checkpoint_wait_s = 600.0  # the most a checkpoint waits for the writes before it
+        self._stalled = False  # the last such wait ran out: the store hangs (a server that went down)
         # Without DVC, published checkpoints are recorded here (no md5); with DVC, the versioner records them.
         self.record_local_checkpoints = False
 
@@ -188,10 +191,16 @@ class MlflowLogger(Callback):
         # A run resumed from this checkpoint logs from step + 1 on: steps up to here must be in the store
         # before the checkpoint can exist (a kill right after the save would otherwise lose them).
         self.flush(step)
-        if self._worker is not None and not self._worker.drain(timeout=600):
+        if self._worker is None:
+            return
+        if self._stalled and self._worker.pending():  # a store that hangs costs one wait, not one per checkpoint
+            return
+        self._stalled = not self._worker.drain(timeout=self.checkpoint_wait_s)
+        if self._stalled:
             print(
-                f"open360.tracking: MLflow writes up to step {step} did not finish in 600 s before the "
-                "checkpoint; a kill now may lose them",
+                f"open360.tracking: MLflow writes up to step {step} did not finish in {self.checkpoint_wait_s:g} s "
+                "before the checkpoint; a kill now may lose them. Later checkpoints do not wait for them until "
+                f"the store {mask_value(self.tracking_uri)} catches up",
                 file=sys.stderr,
             )
 
@@ -319,29 +328,60 @@ class MlflowLogger(Callback):
                 )
                 tags["open360.resumed_from_run_id"] = str(previous)
             else:
+                if run.data.tags.get("open360.run_name", info.run_name) != info.run_name:
+                    # another run's checkpoint resumed under this run_name: a run of its own, which holds the
+                    # metrics up to here (its weights' history), not the other run's checkpoint records
+                    tags |= {
+                        "open360.resumed_from_run_id": run.info.run_id,
+                        "open360.resumed_from_step": str(info.start_step),
+                    }
+                    return self._start_branch(run.info.run_id, info.start_step, tags, branch=False)
                 if info.extra.get("branch"):
+                    tags |= {
+                        "open360.branched_from_run_id": run.info.run_id,
+                        "open360.branched_at_step": str(info.start_step),
+                    }
                     return self._start_branch(run.info.run_id, info.start_step, tags)
+                run = self._branch_of(run, info.start_step)
                 self._continued = True
+                self.experiment_id = run.info.experiment_id  # where the run is, whatever tracking.experiment says now
                 self._client.update_run(run.info.run_id, status="RUNNING")
                 self._client.set_tag(run.info.run_id, "open360.resumed_at_step", str(info.start_step))
                 return run.info.run_id
         run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         return run.info.run_id
 
-    def _start_branch(self, previous: str, step: int, tags: dict[str, str]) -> str:
+    def _start_branch(self, previous: str, step: int, tags: dict[str, str], branch: bool = True) -> str:
         """A resume at an earlier step (a new branch) gets its own MLflow run: tagged with the run it branches
         from, holding that run's metrics and checkpoint records up to `step`, so the branch's history is
-        complete and the replaced run's later steps stay as they were, in their own run."""
+        complete and the replaced run's later steps stay as they were, in their own run. The replaced run
+        names the branch (`BRANCH_RUN_TAG`): a resume from `step` before the branch's first checkpoint
+        (whose lineage names the replaced run) continues the branch, not the replaced run. `branch=False`:
+        another run_name resumed from `previous` (neither its checkpoint records nor that mark)."""
         from open360.tracking.mlflow_records import latest_metrics
 
-        tags = {**tags, "open360.branched_from_run_id": previous, "open360.branched_at_step": str(step)}
         run_id = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
         inherited = [m for steps in latest_metrics(self._client, previous).values() for s, m in steps.items() if s <= step]
         self._log_metrics_to(run_id, inherited)
-        for key, value in self._client.get_run(previous).data.tags.items():
+        for key, value in self._client.get_run(previous).data.tags.items() if branch else ():
             if key.startswith(CHECKPOINT_TAG_PREFIX) and int(key[len(CHECKPOINT_TAG_PREFIX) :]) <= step:
                 self._client.set_tag(run_id, key, value)
+        if branch:
+            self._client.set_tag(previous, BRANCH_RUN_TAG, json.dumps({"run_id": run_id, "step": step}))
         return run_id
+
+    def _branch_of(self, run: Any, step: int) -> Any:
+        """The run to continue from `step`: the branch made at `step` from `run` when there is one (see
+        `_start_branch`), else `run`."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            branch = json.loads(run.data.tags[BRANCH_RUN_TAG])
+            if int(branch["step"]) == step:
+                return self._client.get_run(str(branch["run_id"]))
+        except (KeyError, TypeError, ValueError, MlflowException):
+            pass
+        return run
 
     def _log_config(self, info: RunInfo) -> None:
         from mlflow.entities import Param
@@ -403,7 +443,9 @@ class MlflowLogger(Callback):
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri)
+            # resume_logging: a continued run's samples go on after the earlier segments' (their steps count
+            # samples from 0), rather than writing over them
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.tracking_uri)
             self._monitor.start()
         except Exception as err:  # noqa: BLE001 - optional feature; the run goes on without it
             print(f"open360.tracking: system metrics unavailable ({err}); install psutil", file=sys.stderr)

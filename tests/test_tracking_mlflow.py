@@ -113,6 +113,20 @@ def test_preflight_fails_fast_on_a_server_that_is_down(tmp_path: Path, monkeypat
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the run's later writes keep MLflow's retries
 
 
+def test_a_database_store_without_its_driver_is_one_error(tmp_path: Path) -> None:
+    """postgresql:// with no driver installed: a TrackingError naming what to install, password masked."""
+    import importlib.util
+
+    from open360.tracking.mlflow_logger import TrackingError
+
+    if importlib.util.find_spec("psycopg") or importlib.util.find_spec("psycopg2"):
+        pytest.skip("a postgresql driver is installed here")
+    logger = MlflowLogger("postgresql://alice:s3cr3tPW@127.0.0.1:9/db", "exp", "r", tmp_path)
+    with pytest.raises(TrackingError, match="needs a database driver.*psycopg") as err:
+        logger.preflight()
+    assert "s3cr3tPW" not in str(err.value) and "\n" not in str(err.value) and err.value.__cause__ is None
+
+
 def test_a_damaged_sqlite_store_is_one_error(tmp_path: Path) -> None:
     from open360.tracking.mlflow_logger import TrackingError
 

@@ -274,6 +274,13 @@ class MlflowLogger(Callback):
                 self._client = MlflowClient(tracking_uri=self.tracking_uri)  # a sqlite store is opened here
                 self.experiment_id = self._experiment_id()
             then()
+        except ImportError as err:  # a database store whose driver is not installed (postgresql://, mysql://)
+            self._client = None
+            raise TrackingError(
+                f"MLflow tracking store {mask_value(self.tracking_uri)} needs a database driver that is not "
+                f"installed ({type(err).__name__}: {err}); install it (e.g. `pip install psycopg` for "
+                "postgresql://, `pip install pymysql` for mysql://), or run with tracking=off"
+            ) from None
         except (MlflowException, OSError, SQLAlchemyError) as err:  # a server down, a store that cannot be opened
             self._client = None
             raise TrackingError(

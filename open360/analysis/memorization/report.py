@@ -324,11 +324,12 @@ def render_report(
     adjacent = [
         float(corr.loc[a, b]) for a, b in zip(steps, steps[1:], strict=False) if a in corr and b in corr
     ]
+    sampled = f"a sample of up to {meta['sample']} per chunk" if meta.get("sample") else "every sequence of each chunk"
     md = [
         f"# Memorization — {run}",
         "",
         f"{mode_note} Prompt k={meta.get('k')} tokens, continuation l={l_val} tokens; "
-        f"selection `{meta.get('selection')}`, sample {meta.get('sample') or 'all'} per chunk, "
+        f"selection `{meta.get('selection')}`, {sampled}, "
         f"seed {meta.get('seed')} "
         "(`numpy.random.default_rng(seed).permutation(chunk_size)[:sample]`).",
         "",

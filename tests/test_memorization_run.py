@@ -287,22 +287,18 @@ def test_missing_checkpoints_are_pulled_and_released(
     assert (root / "checkpoints" / RUN / "step_20").is_dir()  # was local: never deleted
 
 
-def test_release_local_frees_the_dvc_cache_files_its_pulls_added(trained_run: tuple[Path, str], tmp_path: Path) -> None:
-    """In a clone of a DVC workspace, release_local=true deletes what the job pulled: the folders and the
-    cache files their pulls added (DVC links or copies every pulled file into .dvc/cache, so deleting the
-    folder alone freed no disk). Cache files that were there before the job are kept."""
+def _dvc_clone(root: Path, tmp_path: Path, steps: tuple[int, ...]) -> Path:
+    """A git clone of a DVC workspace holding (and having pushed) checkpoints `steps`: none of them local."""
     import shutil
     import subprocess
 
     from dvc.repo import Repo
 
-    from open360.tracking import pull_checkpoint
     from open360.tracking.dvc_versioning import DvcWorkspace
     from open360.tracking.workspace import init_workspace
 
-    root, _ = trained_run
     ws = init_workspace(tmp_path / "ws")
-    paths = [ws / "checkpoints" / RUN / f"step_{s}" for s in (20, 40, 60)]
+    paths = [ws / "checkpoints" / RUN / f"step_{s}" for s in steps]
     for path in paths:
         shutil.copytree(root / "checkpoints" / RUN / path.name, path)
         DvcWorkspace(ws).add(path)
@@ -313,6 +309,20 @@ def test_release_local_frees_the_dvc_cache_files_its_pulls_added(trained_run: tu
     with Repo(str(clone)) as repo, repo.config.edit("local") as conf:
         conf["remote"]["local"] = {"url": str(ws / ".dvc-storage")}
     shutil.copytree(root / "shards", clone / "shards")
+    return clone
+
+
+def test_release_local_frees_the_dvc_cache_files_its_pulls_added(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    """In a clone of a DVC workspace, release_local=true deletes what the job pulled: the folders and the
+    cache files their pulls added (DVC links or copies every pulled file into .dvc/cache, so deleting the
+    folder alone freed no disk). Cache files that were there before the job are kept."""
+    import shutil
+
+    from open360.tracking import pull_checkpoint
+    from open360.tracking.dvc_versioning import DvcWorkspace
+
+    root, _ = trained_run
+    clone = _dvc_clone(root, tmp_path, (20, 40, 60))
     shutil.rmtree(pull_checkpoint(clone, RUN, 40))  # its files stay in the clone's cache: not the job's
     objects = clone / ".dvc" / "cache" / "files" / "md5"
     cache = {
@@ -327,6 +337,41 @@ def test_release_local_frees_the_dvc_cache_files_its_pulls_added(trained_run: tu
     assert not list((clone / "checkpoints" / RUN).glob("step_*"))
     assert not any(f.exists() for f in others)  # freed: the remote holds them
     assert all(f.is_file() for f in cache[40])
+
+
+def test_a_release_waits_for_a_pull_beside_it_that_found_a_shared_file_cached(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 pulls step 40 while rank 0 releases step 20: 40's config.yaml is 20's, already in the cache, so
+    the pull checks it out only after transferring the rest. The release must not delete it in between."""
+    import threading
+
+    from dvc_data.hashfile import transfer as dvc_transfer
+
+    from open360.analysis.memorization.checkpoints import ensure_checkpoint, release_checkpoint
+
+    root, _ = trained_run
+    clone = _dvc_clone(root, tmp_path, (20, 40))
+    job = parse_args([f"run={RUN}", f"workspace={clone}", "checkpoints=20,40"])
+    path20, fetched20 = ensure_checkpoint(job, clone, 20)
+    assert fetched20
+    real, releases = dvc_transfer.transfer, []
+
+    def transfer_beside_a_release(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        result = real(*args, **kwargs)
+        releases.append(threading.Thread(target=release_checkpoint, args=(clone, path20, fetched20)))
+        releases[-1].start()  # rank 0, done with step 20
+        releases[-1].join(1.0)
+        return result
+
+    monkeypatch.setattr(dvc_transfer, "transfer", transfer_beside_a_release)
+    path40, _ = ensure_checkpoint(job, clone, 40)
+    releases[0].join(60)
+    from open360.tracking.dvc_versioning import DvcWorkspace
+
+    assert set(fetched20) & set(DvcWorkspace(clone).cache_files(path40))  # a file of both (config.yaml)
+    assert not path20.exists() and not any(f.exists() for f in fetched20)  # released once the pull was done
+    assert (path40 / "config.yaml").read_text() == (root / "checkpoints" / RUN / "step_40" / "config.yaml").read_text()
 
 
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

@@ -252,6 +252,44 @@ def test_a_store_that_hangs_mid_run_costs_one_checkpoint_wait_not_one_per_checkp
     assert sorted(m.step for m in history) == list(range(1, 31))
 
 
+def test_once_a_hung_store_caught_up_the_checkpoints_wait_for_their_steps_again(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a stall the store recovers, and steps are logged before the next checkpoint: that checkpoint's
+    flush queues a write, and the checkpoint waits for it (a kill right after must not lose those steps)."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    original, server_up = MlflowClient.log_batch, threading.Event()
+
+    def slow(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        server_up.wait(20)
+        time.sleep(0.2)  # a working store, not an instant one
+        return original(self, *args, **kw)
+
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, buffer_steps=100)
+    logger.on_run_start(info(ws))
+    assert logger.wait(60)
+    logger.checkpoint_wait_s = 0.5
+    monkeypatch.setattr(MlflowClient, "log_batch", slow)
+    for step in range(1, 11):
+        logger.on_step_end(step, {"loss": 1.0 / step})
+    logger.on_checkpoint_start(10, published=True)
+    assert logger._stalled
+    server_up.set()
+    assert logger.wait(60)
+    for step in range(11, 21):
+        logger.on_step_end(step, {"loss": 1.0 / step})
+    logger.checkpoint_wait_s = 30
+    logger.on_checkpoint_start(20, published=True)
+    history = mr.client(logger.tracking_uri).get_metric_history(logger.run_id, "loss")  # read before the end
+    assert not logger._stalled
+    logger.on_run_end({"status": "finished"})
+    assert sorted(m.step for m in history) == list(range(1, 21))
+
+
 def test_a_store_failing_mid_run_is_reported_without_its_password_and_a_lock_is_waited_out(
     ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -377,6 +415,16 @@ def test_a_branch_killed_before_its_first_checkpoint_is_continued_not_the_run_it
     moved.on_run_start(info(ws, 10, {RUN_ID_KEY: old}))
     moved.on_run_end({"status": "finished"})
     assert moved.run_metadata()["mlflow_experiment_id"] == client.get_run(old).info.experiment_id
+
+
+def test_a_branch_whose_mlflow_run_was_deleted_does_not_stop_the_resume(ws: Path) -> None:
+    """The branch killed before its first checkpoint, its MLflow run deleted (it was junk): resuming from the
+    branch step continues the replaced run, as before there was a branch, instead of failing to start."""
+    old = _ten_steps(ws)
+    branch = _ten_steps(ws, start=5, extra={RUN_ID_KEY: old, "branch": {"from_step": 5, "superseded": "x"}})
+    client = mr.client(resolve_tracking_uri("sqlite:///mlflow.db", ws))
+    client.delete_run(branch)
+    assert _ten_steps(ws, start=5, extra={RUN_ID_KEY: old}, loss=3.0) == old
 
 
 def test_a_checkpoint_resumed_under_another_run_name_gets_a_run_of_its_own(ws: Path) -> None:

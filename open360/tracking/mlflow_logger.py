@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -153,7 +154,7 @@ class MlflowLogger(Callback):
         self._continued = False  # True once _start_or_resume continues an existing run
         self._lock_retry = LockRetry()
         self.checkpoint_wait_s = 600.0  # the most a checkpoint waits for the writes before it
-        self._stalled = False  # the last such wait ran out: the store hangs (a server that went down)
+        self._caught_up: threading.Event | None = None  # set by the worker once the writes of a timed-out wait ran
         # Without DVC, published checkpoints are recorded here (no md5); with DVC, the versioner records them.
         self.record_local_checkpoints = False
 
@@ -193,16 +194,25 @@ class MlflowLogger(Callback):
         self.flush(step)
         if self._worker is None:
             return
-        if self._stalled and self._worker.pending():  # a store that hangs costs one wait, not one per checkpoint
+        if self._stalled:  # a store that hangs costs one wait, not one per checkpoint
             return
-        self._stalled = not self._worker.drain(timeout=self.checkpoint_wait_s)
-        if self._stalled:
+        self._caught_up = None
+        if not self._worker.drain(timeout=self.checkpoint_wait_s):
+            # behind until the writes queued so far have run, then the checkpoints wait again (pending() is no
+            # measure of that: each checkpoint's flush above queues one more write first)
+            self._caught_up = threading.Event()
+            self._worker.submit(self._caught_up.set)
             print(
                 f"open360.tracking: MLflow writes up to step {step} did not finish in {self.checkpoint_wait_s:g} s "
                 "before the checkpoint; a kill now may lose them. Later checkpoints do not wait for them until "
                 f"the store {mask_value(self.tracking_uri)} catches up",
                 file=sys.stderr,
             )
+
+    @property
+    def _stalled(self) -> bool:
+        """A checkpoint's wait ran out and the writes queued before it have not all run yet."""
+        return self._caught_up is not None and not self._caught_up.is_set()
 
     def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
         self.flush(step)
@@ -379,13 +389,14 @@ class MlflowLogger(Callback):
 
     def _branch_of(self, run: Any, step: int) -> Any:
         """The run to continue from `step`: the branch made at `step` from `run` when there is one (see
-        `_start_branch`), else `run`."""
+        `_start_branch`), else `run` (also when the branch's run was deleted: it takes no more writes)."""
         from mlflow.exceptions import MlflowException
 
         try:
             branch = json.loads(run.data.tags[BRANCH_RUN_TAG])
             if int(branch["step"]) == step:
-                return self._client.get_run(str(branch["run_id"]))
+                found = self._client.get_run(str(branch["run_id"]))
+                return found if found.info.lifecycle_stage == "active" else run
         except (KeyError, TypeError, ValueError, MlflowException):
             pass
         return run

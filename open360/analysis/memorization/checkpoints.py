@@ -123,9 +123,12 @@ def _cache_files(workspace: Path, path: Path) -> list[Path]:
     return DvcWorkspace(workspace).cache_files(path) if is_dvc_workspace(workspace) else []
 
 
-def release_checkpoint(path: Path, fetched: list[Path]) -> None:
+def release_checkpoint(workspace: Path, path: Path, fetched: list[Path]) -> None:
     """Delete a checkpoint the job pulled: its folder and the cache files its pull added (DVC links or copies
-    every pulled file into its cache, so the folder alone frees nothing; the remote still holds them)."""
-    shutil.rmtree(path, ignore_errors=True)
-    for file in fetched:
-        file.unlink(missing_ok=True)
+    every pulled file into its cache, so the folder alone frees nothing; the remote still holds them).
+    Under `pull_lock`: a pull beside it (another rank or job) that found one of these files in the cache
+    (a config.yaml equal to this step's) checks it out only after transferring the rest."""
+    with pull_lock(workspace):
+        shutil.rmtree(path, ignore_errors=True)
+        for file in fetched:
+            file.unlink(missing_ok=True)

@@ -310,7 +310,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                 computed.append((step, chunk))
                 bar.update(1)
             if job.release_local and step in pulled_here and step not in shared_steps:
-                release_checkpoint(path, pulled_here[step])
+                release_checkpoint(workspace, path, pulled_here[step])
     finally:
         bar.close()
         if scoring is not None:
@@ -324,7 +324,8 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
         from open360.checkpoint.io import step_dir_name
 
         for step in sorted(pulled_here):
-            release_checkpoint(run_checkpoint_dir(workspace, job.run) / step_dir_name(step), pulled_here[step])
+            path = run_checkpoint_dir(workspace, job.run) / step_dir_name(step)
+            release_checkpoint(workspace, path, pulled_here[step])
     # Cells left damaged or stale (max_cells, another rank's failure) are neither complete nor merged.
     valid = set(done) | set(computed)
     if world > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -212,21 +213,20 @@ def test_metrics_are_in_the_store_before_a_checkpoint_is_written(ws: Path) -> No
     logger.on_run_end({"status": "finished"})
 
 
-def test_a_store_that_hangs_mid_run_costs_one_checkpoint_wait_not_one_per_checkpoint(
-    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A server that goes down mid-run makes each write take minutes (MLflow's HTTP retries): the checkpoint
-    after it waits its time once; later ones go on at once while the writes are still behind."""
-    import threading
+def _logger_over_a_store_that_hangs(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, write_s: float = 0.0
+) -> tuple[MlflowLogger, threading.Event]:
+    """A started logger (checkpoints wait 0.5 s) whose later metric writes hang until the returned event is set
+    (20 s at most: never hang the suite), then take `write_s` each."""
     import time
 
     from mlflow.tracking import MlflowClient
 
     original, server_up = MlflowClient.log_batch, threading.Event()
-    threading.Timer(20, server_up.set).start()  # never hang the suite
 
     def hanging(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        server_up.wait()
+        server_up.wait(20)
+        time.sleep(write_s)
         return original(self, *args, **kw)
 
     logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, buffer_steps=100)
@@ -234,6 +234,17 @@ def test_a_store_that_hangs_mid_run_costs_one_checkpoint_wait_not_one_per_checkp
     assert logger.wait(60)
     logger.checkpoint_wait_s = 0.5
     monkeypatch.setattr(MlflowClient, "log_batch", hanging)
+    return logger, server_up
+
+
+def test_a_store_that_hangs_mid_run_costs_one_checkpoint_wait_not_one_per_checkpoint(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that goes down mid-run makes each write take minutes (MLflow's HTTP retries): the checkpoint
+    after it waits its time once; later ones go on at once while the writes are still behind."""
+    import time
+
+    logger, server_up = _logger_over_a_store_that_hangs(ws, monkeypatch)
     waits = []
     for step in range(1, 31):
         logger.on_step_end(step, {"loss": 1.0 / step})
@@ -257,23 +268,7 @@ def test_once_a_hung_store_caught_up_the_checkpoints_wait_for_their_steps_again(
 ) -> None:
     """After a stall the store recovers, and steps are logged before the next checkpoint: that checkpoint's
     flush queues a write, and the checkpoint waits for it (a kill right after must not lose those steps)."""
-    import threading
-    import time
-
-    from mlflow.tracking import MlflowClient
-
-    original, server_up = MlflowClient.log_batch, threading.Event()
-
-    def slow(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        server_up.wait(20)
-        time.sleep(0.2)  # a working store, not an instant one
-        return original(self, *args, **kw)
-
-    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws, buffer_steps=100)
-    logger.on_run_start(info(ws))
-    assert logger.wait(60)
-    logger.checkpoint_wait_s = 0.5
-    monkeypatch.setattr(MlflowClient, "log_batch", slow)
+    logger, server_up = _logger_over_a_store_that_hangs(ws, monkeypatch, write_s=0.2)  # then a working store
     for step in range(1, 11):
         logger.on_step_end(step, {"loss": 1.0 / step})
     logger.on_checkpoint_start(10, published=True)

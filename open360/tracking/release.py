@@ -380,7 +380,8 @@ def hub_upload_plan(folder: Path) -> list[tuple[str, Path, list[str] | None]]:
 
 
 def push_release_to_hub(folder: Path, repo_id: str, token: str | None = None) -> None:
-    """Upload the release: top-level files to `main`, each `ckpt_XXX` folder to the branch `ckpt_XXX`."""
+    """Upload the release: everything but the `ckpt_XXX` folders to `main`, each `ckpt_XXX` folder to the branch
+    `ckpt_XXX` (`hub_upload_plan`)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)

@@ -107,9 +107,10 @@ def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) ->
     with pull_lock(workspace):
         if (path / MODEL_FILE).is_file():
             return path, None
-        cached = {f for f in _cache_files(workspace, path) if f.is_file()}  # not ours to delete
+        files = _cache_files(workspace, path)  # content-addressed: the same paths before and after the pull
+        cached = {f for f in files if f.is_file()}  # not ours to delete
         pulled = Path(pull_checkpoint(workspace, job.run, step))
-        fetched = [f for f in _cache_files(workspace, pulled) if f not in cached and f.is_file()]
+        fetched = [f for f in files if f not in cached and f.is_file()]
     if not (pulled / MODEL_FILE).is_file():
         raise MemorizationJobError(f"{pulled}: DVC pull finished but {MODEL_FILE} is missing")
     return pulled, fetched

@@ -455,6 +455,22 @@ def test_a_continued_run_appends_its_system_metrics(ws: Path, monkeypatch: pytes
     assert len(steps) >= 2 and len(set(steps)) == len(steps), steps
 
 
+def test_a_checkpoint_whose_mlflow_run_was_deleted_resumes_into_a_new_run_with_its_history(ws: Path) -> None:
+    """A deleted run takes no writes (the store refuses them): the resume starts a run that holds the deleted
+    run's metrics and checkpoint records up to the resume step, instead of failing to start."""
+    old = _ten_steps(ws)
+    client = mr.client(resolve_tracking_uri("sqlite:///mlflow.db", ws))
+    for step in (5, 10):
+        client.set_tag(old, mr.checkpoint_tag(step), json.dumps({"dvc_md5": f"{step}.dir"}))
+    client.delete_run(old)
+    new = _ten_steps(ws, start=5, extra={RUN_ID_KEY: old}, loss=2.0)
+    assert new != old and client.get_run(old).info.lifecycle_stage == "deleted"
+    assert mr.metric_history(client, new)["loss"] == {s: 1.0 if s <= 5 else 2.0 for s in range(1, 11)}
+    assert set(mr.checkpoint_records(client, new)) == {5}
+    tags = client.get_run(new).data.tags
+    assert tags["open360.resumed_from_run_id"] == old and tags["open360.resumed_from_step"] == "5"
+
+
 def test_resume_with_unknown_run_id_starts_new_run(ws: Path) -> None:
     logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
     logger.on_run_start(info(ws, start=5, extra={RUN_ID_KEY: "0123456789abcdef"}))

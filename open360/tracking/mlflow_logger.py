@@ -345,6 +345,18 @@ class MlflowLogger(Callback):
                 )
                 tags["open360.resumed_from_run_id"] = str(previous)
             else:
+                if run.info.lifecycle_stage != "active":  # deleted: it takes no writes (until restored)
+                    print(
+                        f"open360.tracking: resumed checkpoint names MLflow run {previous}, which was deleted; "
+                        "starting a new run that holds its metrics and checkpoint records up to step "
+                        f"{info.start_step} (tags open360.resumed_from_run_id/_step)",
+                        file=sys.stderr,
+                    )
+                    tags |= {
+                        "open360.resumed_from_run_id": run.info.run_id,
+                        "open360.resumed_from_step": str(info.start_step),
+                    }
+                    return self._start_branch(run.info.run_id, info.start_step, tags, records=True, mark=False)
                 if run.data.tags.get("open360.run_name", info.run_name) != info.run_name:
                     # another run's checkpoint resumed under this run_name: a run of its own, which holds the
                     # metrics up to here (its weights' history), not the other run's checkpoint records
@@ -352,7 +364,7 @@ class MlflowLogger(Callback):
                         "open360.resumed_from_run_id": run.info.run_id,
                         "open360.resumed_from_step": str(info.start_step),
                     }
-                    return self._start_branch(run.info.run_id, info.start_step, tags, branch=False)
+                    return self._start_branch(run.info.run_id, info.start_step, tags, records=False, mark=False)
                 if info.extra.get("branch"):
                     tags |= {
                         "open360.branched_from_run_id": run.info.run_id,
@@ -368,22 +380,25 @@ class MlflowLogger(Callback):
         run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         return run.info.run_id
 
-    def _start_branch(self, previous: str, step: int, tags: dict[str, str], branch: bool = True) -> str:
+    def _start_branch(
+        self, previous: str, step: int, tags: dict[str, str], records: bool = True, mark: bool = True
+    ) -> str:
         """A resume at an earlier step (a new branch) gets its own MLflow run: tagged with the run it branches
         from, holding that run's metrics and checkpoint records up to `step`, so the branch's history is
         complete and the replaced run's later steps stay as they were, in their own run. The replaced run
-        names the branch (`BRANCH_RUN_TAG`): a resume from `step` before the branch's first checkpoint
-        (whose lineage names the replaced run) continues the branch, not the replaced run. `branch=False`:
-        another run_name resumed from `previous` (neither its checkpoint records nor that mark)."""
+        names the branch (`BRANCH_RUN_TAG`, `mark`): a resume from `step` before the branch's first checkpoint
+        (whose lineage names the replaced run) continues the branch, not the replaced run. Also a run_name
+        resumed from another's checkpoint (not its checkpoint `records`) and a checkpoint of a deleted run
+        (which takes no mark)."""
         from open360.tracking.mlflow_records import latest_metrics
 
         run_id = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
         inherited = [m for steps in latest_metrics(self._client, previous).values() for s, m in steps.items() if s <= step]
         self._log_metrics_to(run_id, inherited)
-        for key, value in self._client.get_run(previous).data.tags.items() if branch else ():
+        for key, value in self._client.get_run(previous).data.tags.items() if records else ():
             if key.startswith(CHECKPOINT_TAG_PREFIX) and int(key[len(CHECKPOINT_TAG_PREFIX) :]) <= step:
                 self._client.set_tag(run_id, key, value)
-        if branch:
+        if mark:
             self._client.set_tag(previous, BRANCH_RUN_TAG, json.dumps({"run_id": run_id, "step": step}))
         return run_id
 

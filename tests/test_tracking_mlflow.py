@@ -137,6 +137,21 @@ def test_a_damaged_sqlite_store_is_one_error(tmp_path: Path) -> None:
         logger.on_run_start(info(tmp_path))
 
 
+def test_a_store_locked_at_run_start_says_so(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite's busy timeout running out while the run starts is another writer, not a store that is down."""
+    from mlflow.exceptions import MlflowException
+
+    from open360.tracking.mlflow_logger import TrackingError
+
+    def locked(self: MlflowLogger, info: RunInfo) -> str:
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    monkeypatch.setattr(MlflowLogger, "_start_or_resume", locked)
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    with pytest.raises(TrackingError, match=r"mlflow.db stayed locked by another process \(MlflowException: "):
+        logger.on_run_start(info(ws))
+
+
 def test_tracking_uri_resolves_inside_workspace(tmp_path: Path) -> None:
     assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
     assert resolve_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"

@@ -293,10 +293,15 @@ class MlflowLogger(Callback):
             ) from None
         except (MlflowException, OSError, SQLAlchemyError) as err:  # a server down, a store that cannot be opened
             self._client = None
+            cause = f"{type(err).__name__}: {mask_value(str(err)).splitlines()[0][:300]}"
+            if "database is locked" in str(err):  # sqlite's busy timeout ran out: another process holds a write
+                raise TrackingError(
+                    f"MLflow tracking store {mask_value(self.tracking_uri)} stayed locked by another process "
+                    f"({cause}); let that writer finish or stop it, then start the run again"
+                ) from None
             raise TrackingError(
-                f"MLflow tracking store {mask_value(self.tracking_uri)} is not reachable "
-                f"({type(err).__name__}: {mask_value(str(err)).splitlines()[0][:300]}); start it, fix "
-                "tracking.mlflow_uri, or run with tracking=off"
+                f"MLflow tracking store {mask_value(self.tracking_uri)} is not reachable ({cause}); start it, "
+                "fix tracking.mlflow_uri, or run with tracking=off"
             ) from None
 
     # --- background work -----------------------------------------------------------------------------

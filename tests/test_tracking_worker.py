@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from open360.tracking.worker import ProcessWorker
 
 
@@ -29,6 +31,41 @@ def test_results_come_back_in_order_with_errors() -> None:
     assert worker.drain(60)
     worker.close()
     assert got == [((1,), 2, None), ((-1,), None, "ValueError: negative -1"), ((3,), 6, None)]
+
+
+class Sleeper:
+    """A job handler that sleeps `s` seconds (a slow push)."""
+
+    def __call__(self, s: float) -> float:
+        time.sleep(s)
+        return s
+
+
+def test_close_can_be_waited_on_in_slices_until_the_jobs_finish() -> None:
+    got: list[tuple] = []
+    worker = ProcessWorker("t", Sleeper, (), lambda args, result, error: got.append((result, error)))
+    worker.submit(3.0)
+    worker.submit(0.1)
+    assert not worker.close(timeout=0.5) and worker.pending() >= 1
+    assert worker.close(timeout=60)
+    assert got == [(3.0, None), (0.1, None)]
+
+
+def test_the_end_of_a_run_reports_add_push_jobs_that_keep_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hung or slow remote: the run's end says, every `wait_report_s`, what it waits for and that Ctrl-C is safe."""
+    from open360.tracking.dvc_callback import DvcVersioner
+
+    versioner = DvcVersioner(tmp_path)
+    versioner._worker = ProcessWorker("dvc[r]", Sleeper, (), lambda *_: None)
+    versioner._worker.submit(2.0)
+    versioner.wait_report_s = 0.5
+    versioner.on_run_end({"status": "finished"})
+    err = capsys.readouterr().err
+    assert "waiting for 1 DVC add/push job(s)" in err
+    assert "still waiting for 1 DVC add/push job(s) after" in err and "Ctrl-C stops the wait and loses no checkpoint" in err
+    assert versioner.wait() and versioner.errors == []
 
 
 def _alive(pid: int) -> bool:

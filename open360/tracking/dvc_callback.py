@@ -79,6 +79,7 @@ class DvcVersioner(Callback):
         self._run = ""
         self._checkpoint_dir = Path()
         self._revisions: dict[str, str | None] = {}
+        self.wait_report_s = 300.0  # at the end of the run, a line this often while add/push jobs still run
 
     def on_run_start(self, info: RunInfo) -> None:
         from open360.checkpoint.lineage import git_revision  # imports torch: only here, not in the worker
@@ -126,7 +127,17 @@ class DvcVersioner(Callback):
             print(
                 f"open360.tracking: waiting for {self._worker.pending()} DVC add/push job(s)", file=sys.stderr
             )
-        self._worker.close()
+        waited = 0.0
+        while not self._worker.close(timeout=self.wait_report_s):  # a push to a big or slow remote takes long
+            waited += self.wait_report_s
+            print(
+                f"open360.tracking: still waiting for {self._worker.pending()} DVC add/push job(s) after "
+                f"{waited:.0f} s; Ctrl-C stops the wait and loses no checkpoint (they are on local disk; the "
+                "next run catches up, or "
+                + RETRY_HINT.format(run=self._run, path="checkpoints", ws=self.store.workspace)
+                + ")",
+                file=sys.stderr,
+            )
         if self.errors:
             print(
                 f"open360.tracking: {len(self.errors)} DVC job(s) failed; the checkpoints are intact "

@@ -141,6 +141,7 @@ class ProcessWorker:
         self._results = ctx.Queue()
         self._submitted: dict[int, tuple] = {}
         self._next_id = 0
+        self._closing = False
         self._cond = threading.Condition()
         self._process = ctx.Process(
             target=_process_main, args=(factory, init_args, self._jobs, self._results), name=name, daemon=True
@@ -169,8 +170,10 @@ class ProcessWorker:
             return self._cond.wait_for(lambda: not self._submitted, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Finish the queued jobs, stop the child; False when that took longer than `timeout` seconds."""
-        if self._process.is_alive():
+        """Finish the queued jobs, stop the child; False when that took longer than `timeout` seconds (call
+        it again to go on waiting)."""
+        if self._process.is_alive() and not self._closing:
+            self._closing = True
             self._jobs.put(None)
         self._reader.join(timeout)
         if self._reader.is_alive():

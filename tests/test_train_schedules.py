@@ -100,6 +100,7 @@ def test_settings_refuse_values_that_would_train_wrongly(override: str, says: st
         (["+experiment=amber_tiny", "optim.lr=-0.001"], "optim.lr=-0.001: the peak learning rate must be >= 0"),
         (["+experiment=crystalcoder_tiny", "trainer.max_steps=1000"], "trainer.max_steps=1000 exceeds the 240 steps"),
         (["+experiment=crystalcoder_tiny", "stages.2.name=stage1_text"], "stages.2.name='stage1_text': stage 0 has"),
+        (["+experiment=crystalcoder_tiny", "stages.1.name='code (python)'"], "stages.1.name='code (python)': use"),
     ],
 )
 def test_stages_refuse_a_negative_peak_and_a_run_longer_than_its_stages(overrides: list[str], says: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 KINDS = ("cosine", "linear", "constant", "wsd")
@@ -74,6 +75,9 @@ class Stage:
         return self.start + self.steps
 
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def build_stages(cfg: object) -> list[Stage]:
     """The run's stages from `cfg.stages`, or one implicit stage from cfg.data/schedule/trainer.max_steps.
 
@@ -87,6 +91,10 @@ def build_stages(cfg: object) -> list[Stage]:
     if cfg.stages:
         names = [str(st.name) for st in cfg.stages]
         for i, name in enumerate(names):
+            if not STAGE_NAME.fullmatch(name):  # it goes into MLflow tag keys and messages
+                raise ValueError(
+                    f"stages.{i}.name={name!r}: use letters, digits, '_', '.' and '-' only (e.g. 'pretrain')"
+                )
             if name in names[:i]:  # resume checks, lineage and MLflow stage tags find a stage by its name
                 raise ValueError(f"stages.{i}.name={name!r}: stage {names.index(name)} has that name too; names must differ")
         for i, st in enumerate(cfg.stages):

@@ -238,6 +238,18 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_half_written(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf"]
 
 
+def test_export_into_a_symlink_fills_the_folder_it_names(tmp_path: Path) -> None:
+    """A release folder linked from elsewhere (an empty one, or one still to be made): the link stays and
+    names the export."""
+    cfg = model_cfg("amber_tiny")
+    (tmp_path / "store" / "empty").mkdir(parents=True)
+    for name, target in (("linked", "store/empty"), ("dangling", "store/later/hf")):
+        (tmp_path / name).symlink_to(tmp_path / target)
+        out = export_hf(build_model(cfg), cfg, None, tmp_path / name)
+        assert out.is_symlink() and (tmp_path / target / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["empty", "later"]
+
+
 def test_export_refuses_a_config_that_is_not_the_models(tmp_path: Path) -> None:
     """The config written must be the one the weights were trained with: a muP model exported with a
     config without muP would silently lose its multipliers (a LlamaForCausalLM with other logits)."""

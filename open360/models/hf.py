@@ -238,14 +238,15 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
         raise HFInteropError(f"export_hf: {out_dir} exists and is not empty; export into a new or empty folder")
     model = getattr(model, "_orig_mod", model)  # a torch.compile(model) wrapper exports its module
     _check_model_config(model, cfg)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.resolve().with_name(f".{out_dir.resolve().name}.partial-{uuid.uuid4().hex[:8]}")
+    dest = out_dir.resolve()  # out_dir may be a symlink (to an empty folder, or one still to be made)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
     partial.mkdir()
     try:  # written beside out_dir and renamed into place: out_dir never holds half an export
         _write_export(model, cfg, tokenizer_file, partial)
-        if out_dir.exists():
-            out_dir.rmdir()
-        partial.rename(out_dir)
+        if dest.exists():
+            dest.rmdir()
+        partial.rename(dest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -73,6 +73,17 @@ def test_verify_names_truncated_or_modified_file(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+def test_a_folder_whose_name_is_not_its_lineage_step_is_refused(tmp_path: Path) -> None:
+    """step_20 holding step 10's files (renamed, or copied over by hand) would resume at the wrong step and
+    attribute the wrong seen sequences to checkpoint 20."""
+    path = save_checkpoint(tmp_path, 10, _contents())
+    path.rename(tmp_path / "step_20")
+    with pytest.raises(CheckpointError, match=r"step_20/lineage.json: key 'step' is 10, but the folder is step_20"):
+        load_checkpoint(tmp_path / "step_20")
+    (tmp_path / "step_20").rename(tmp_path / "hand_picked")
+    assert read_lineage(tmp_path / "hand_picked")["step"] == 10  # a folder of another name is not checked
+
+
 def test_list_ignores_temp_and_incomplete_dirs(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, 10, _contents())
     save_checkpoint(tmp_path, 2, _contents())

@@ -297,6 +297,12 @@ def read_lineage(path: Path) -> dict[str, Any]:
                 f"{file}: key {key!r} holds {type(value).__name__} {str(value)[:40]!r}, a {kind.__name__} is "
                 "expected; the checkpoint is corrupted"
             )
+    named = STEP_DIR_RE.match(Path(path).name)
+    if named and "step" in lineage and int(named.group(1)) != lineage["step"]:  # a renamed or mixed-up folder
+        raise CheckpointError(
+            f"{file}: key 'step' is {lineage['step']}, but the folder is {Path(path).name}; the folder was renamed "
+            f"or holds another checkpoint's files — rename it step_{lineage['step']} or re-fetch it"
+        )
     return lineage
 
 

@@ -38,3 +38,22 @@ def test_training_flops_per_token_formula() -> None:
     cfg = compose(["model=amber_1b4"]).model
     n = count_parameters(cfg)
     assert training_flops_per_token(cfg, 2048) == 6 * n + 12 * 24 * 2048 * 2048
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_mfu_uses_the_peak_of_the_card_it_runs_on(monkeypatch: pytest.MonkeyPatch, name: str, peak: float) -> None:
+    """The PCIe and NVL H100s peak lower than the SXM one: MFU against the SXM figure would read ~25% low."""
+    from open360.train.progress import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    assert peak_flops(torch.device("cpu")) is None

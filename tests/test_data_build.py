@@ -349,3 +349,15 @@ def test_a_folder_of_format_1_is_still_read_and_reused(tiny: Path, tmp_path: Pat
     mtime = (out / "manifest.json").stat().st_mtime_ns
     assert build_shards(RECIPE, tmp_path, seed=1234) == out
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_a_part_manifest_cut_short_by_a_copy_names_its_file(tmp_path: Path) -> None:
+    parts = tmp_path / "out" / ".parts"
+    parts.mkdir(parents=True)
+    (parts / "part-00000-of-00002.json").write_text('{"chunks": {"0": {"file": "train_0')  # a partial copy
+    (parts / "part-00001-of-00002.json").write_text("{}")
+    with pytest.raises(ShardError, match=r"part-00000-of-00002.json: not a part manifest .*copy it again"):
+        merge_parts(tmp_path / "out", 2)
+    (parts / "part-00000-of-00002.json").write_text("[]")
+    with pytest.raises(ShardError, match=r"part-00000-of-00002.json: not a part manifest .*keys missing"):
+        merge_parts(tmp_path / "out", 2)

@@ -683,3 +683,66 @@ def test_a_byte_order_mark_opening_a_file_is_no_part_of_its_first_document(tmp_p
         bad: Counter = Counter()
         spec = SourceSpec(name="b", type=typ, path=str(f), sample_by="paragraph")
         assert [d.text for d in read_source(spec, bad)] == want and not bad
+
+
+def test_a_lone_surrogate_escape_is_invalid_utf8_not_a_crash(tmp_path: Path) -> None:
+    f = tmp_path / "s.jsonl"
+    rows = [json.dumps({"text": _doc(i)}) + "\n" for i in range(40)]
+    rows.insert(5, '{"text": "a web page with a lone surrogate \\ud800 escape and enough words"}\n')
+    f.write_text("".join(rows))
+    s = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "shards")).manifest
+    assert s["sources"]["web"]["bad"] == {"invalid_utf8": 1} and s["sources"]["web"]["docs_kept"] == 40
+
+
+def test_max_docs_reads_nothing_past_the_cut(tmp_path: Path) -> None:
+    import gzip
+
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import read_source
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)) + "{bad\n")
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "later"}\n' * 100)[:20])  # damaged
+    bad: Counter = Counter()
+    spec = SourceSpec(name="s", type="jsonl", path=str(tmp_path / "*.jsonl*"), max_docs=3)
+    assert [d.text for d in read_source(spec, bad)] == ["doc 0", "doc 1", "doc 2"] and not bad
+
+
+@pytest.mark.parametrize(
+    ("typ", "extra", "message"),
+    [
+        ("jsonl", "    select_source: c4\n", "'select_source' filters LLM360 chunk rows"),
+        ("jsonl", "    sample_by: line\n", "'sample_by' splits files of type text or dir"),
+        ("llm360_chunks", "    fim: {rate: 0.5}\n", "fim needs text; type llm360_chunks is already tokenized"),
+    ],
+)
+def test_keys_a_source_type_would_ignore_are_errors(tmp_path: Path, typ: str, extra: str, message: str) -> None:
+    fim = ', special_tokens: ["<fim_prefix>", "<fim_middle>", "<fim_suffix>"]}'
+    p = _recipe(tmp_path, _src("web", tmp_path / "x.jsonl", typ) + extra)
+    p.write_text(p.read_text().replace("train_max_chars: 200000}", "train_max_chars: 200000" + fim))
+    with pytest.raises(RecipeError, match=rf"key 'sources\[0\]' \(web\): {message}"):
+        load_recipe(p)
+
+
+def test_a_source_that_fails_leaves_no_partial_intermediates(tmp_path: Path) -> None:
+    import gzip
+
+    good = _small_corpus(tmp_path)
+    data = gzip.compress("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(100, 400)).encode())
+    (tmp_path / "b.jsonl.gz").write_bytes(data[: len(data) // 2])  # readable for a while, then truncated
+    p = _recipe(tmp_path, _src("good", good) + _src("web", tmp_path / "b.jsonl.gz"))
+    p.write_text(p.read_text().replace("train_max_chars: 200000}", "train_max_chars: 200000, train_sources: [good]}"))
+    with pytest.raises(SourceError, match="b.jsonl.gz"):
+        build_shards(p, tmp_path / "shards")
+    left = sorted(f.name for f in (tmp_path / "shards" / ".work").rglob("*") if f.is_file() and ".lock" not in f.name)
+    assert left == ["good.stats.json", "good.train.bin", "good.val.bin"]  # the finished source is kept for a resume
+
+
+def test_a_line_nested_too_deep_is_malformed_json_not_a_damaged_file(tmp_path: Path) -> None:
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import read_source
+
+    f = tmp_path / "deep.jsonl"
+    f.write_text('{"text": "one"}\n{"text": "x", "meta": ' + "[" * 100_000 + '\n{"text": "two"}\n')
+    bad: Counter = Counter()
+    assert [d.text for d in read_source(SourceSpec(name="s", type="jsonl", path=str(f)), bad)] == ["one", "two"]
+    assert bad == {"malformed_json": 1}

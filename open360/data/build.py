@@ -49,8 +49,9 @@ PARTS_DIR = ".parts"
 
 # Bumped when the per-source pipeline changes what it writes for the same inputs, so that the intermediates
 # of an interrupted build of an older version are not resumed (2: special-token text in documents is text;
-# 3: a UTF-8 byte-order mark opening a jsonl or text file is dropped, no longer a malformed first row).
-PIPELINE_VERSION = 3
+# 3: a UTF-8 byte-order mark opening a jsonl or text file is dropped, no longer a malformed first row;
+# 4: nothing past a source's max_docs is read, so bad lines there are no longer counted).
+PIPELINE_VERSION = 4
 
 
 def shard_dir_name(recipe: RecipeSpec) -> str:
@@ -447,7 +448,7 @@ def merge_parts(
         if required:
             raise ShardError(f"{out}: cannot merge, parts missing: {missing}; run those workers first")
         return None
-    parts = [json.loads(f.read_text()) for f in files]
+    parts = [_read_part(f) for f in files]
     common = parts[0]["common"]
     for f, p in zip(files, parts, strict=True):
         if p["common"] != common:
@@ -471,6 +472,20 @@ def merge_parts(
     _atomic_write(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1), tmp_prefix)
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     return out
+
+
+def _read_part(f: Path) -> dict[str, Any]:
+    """A worker's part manifest; one cut short or not written by a build (a partial copy) names its file."""
+    try:
+        part = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        part = err
+    if not isinstance(part, dict) or not {"chunks", "validation", "common"} <= part.keys():
+        raise ShardError(
+            f"{f}: not a part manifest of a build ({part if isinstance(part, Exception) else 'keys missing'}); "
+            "copy it again from its worker, or run that worker again"
+        )
+    return part
 
 
 def _build_info() -> dict[str, str]:

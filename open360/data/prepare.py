@@ -231,23 +231,28 @@ def prepare_source(
     use_clf = clf.enabled and source.quality and (not clf.sources or source.name in clf.sources)
     scorer = build_scorer(clf) if use_clf else None
     tmp = {k: temp_sibling(p) for k, p in paths.items()}  # workers of a scale-out build may share this folder
-    with open(tmp["train"], "wb") as train_out, open(tmp["val"], "wb") as val_out:
-        pipe = _SourcePipeline(recipe, index, tok, encode, scorer, train_out, val_out)
-        docs = read_source(source, pipe.bad)
-        if progress:
-            from tqdm import tqdm
+    try:
+        with open(tmp["train"], "wb") as train_out, open(tmp["val"], "wb") as val_out:
+            pipe = _SourcePipeline(recipe, index, tok, encode, scorer, train_out, val_out)
+            docs = read_source(source, pipe.bad)
+            if progress:
+                from tqdm import tqdm
 
-            docs = tqdm(docs, desc=f"  {source.name}", unit="doc", leave=False)
-        for doc in docs:
-            pipe.c["docs_read"] += 1
-            if doc.token_ids is not None:
-                pipe.add_tokens(doc.token_ids)
-            else:
-                pipe.add_text(doc.text or "")
-        pipe.flush()
-        stats = pipe.stats()
-    os.replace(tmp["train"], paths["train"])
-    os.replace(tmp["val"], paths["val"])
-    tmp["stats"].write_text(json.dumps(stats, sort_keys=True, indent=1))
-    os.replace(tmp["stats"], paths["stats"])
+                docs = tqdm(docs, desc=f"  {source.name}", unit="doc", leave=False)
+            for doc in docs:
+                pipe.c["docs_read"] += 1
+                if doc.token_ids is not None:
+                    pipe.add_tokens(doc.token_ids)
+                else:
+                    pipe.add_text(doc.text or "")
+            pipe.flush()
+            stats = pipe.stats()
+        os.replace(tmp["train"], paths["train"])
+        os.replace(tmp["val"], paths["val"])
+        tmp["stats"].write_text(json.dumps(stats, sort_keys=True, indent=1))
+        os.replace(tmp["stats"], paths["stats"])
+    except BaseException:  # a bad input, a full disk, Ctrl-C: no partial rows left to fill the disk
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        raise
     return stats

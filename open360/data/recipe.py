@@ -240,6 +240,23 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
         _check(
             s.sample_by in ("document", "paragraph", "line"), key, "sample_by must be document|paragraph|line"
         )
+        # keys a type would silently ignore: an error, not shards built without the filter asked for
+        _check(
+            s.sample_by == "document" or s.type in ("text", "dir"),
+            key,
+            f"'sample_by' splits files of type text or dir; type {s.type} reads one document per row — remove it",
+        )
+        _check(
+            s.select_source is None or s.type == "llm360_chunks",
+            key,
+            f"'select_source' filters LLM360 chunk rows (type llm360_chunks); type {s.type} would read every "
+            "row — remove it",
+        )
+        _check(
+            s.fim.rate == 0 or s.type != "llm360_chunks",
+            key,
+            "fim needs text; type llm360_chunks is already tokenized — set fim.rate to 0",
+        )
         if s.fim.rate > 0:
             missing = [t for t in FIM_TOKENS if t not in recipe.tokenizer.special_tokens]
             _check(not missing, key, f"fim needs tokenizer.special_tokens to include {missing}")

@@ -121,7 +121,7 @@ def iter_jsonl(path: Path, bad: Counter) -> Iterator[tuple[int, dict]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: a line nested too deep to parse
                 bad["malformed_json"] += 1
                 continue
             if not isinstance(row, dict):
@@ -293,7 +293,8 @@ def input_fingerprint(source: SourceSpec) -> list[list[Any]]:
 
 
 def read_source(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
-    """Stream the documents of a source in a fixed order, up to `max_docs`; bad input goes to `bad`."""
+    """Stream the documents of a source in a fixed order, up to `max_docs`; bad input goes to `bad` (a
+    document that is no valid Unicode, such as a JSON lone surrogate escape, counts as invalid_utf8)."""
     if source.type == "hf" or (source.type == "llm360_chunks" and source.path is None):
         docs = _read_datasets(source, bad)
     else:
@@ -307,7 +308,21 @@ def read_source(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
             docs = _read_llm360_local(source, files, bad)
         else:  # text, dir
             docs = _read_text(source, files, bad)
-    for n, doc in enumerate(docs):
-        if source.max_docs is not None and n >= source.max_docs:
-            return
+    n = 0
+    for doc in docs:
+        if doc.text is not None and not _encodable(doc.text):
+            bad["invalid_utf8"] += 1  # a lone surrogate escape ("\ud800") in JSON: no UTF-8 text
+            continue
         yield doc
+        n += 1
+        if source.max_docs is not None and n >= source.max_docs:
+            return  # before the reader is asked for more: no line, file or download past the cut is read
+
+
+def _encodable(text: str) -> bool:
+    """Whether a decoded document is valid Unicode text (JSON escapes can give lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "seq_per_s": b / batch_ms * 1e3,
         "prefill_ms": prefill_ms,
         "prefill_gemm_floor_ms": prefill_gemm_ms,
-        "prefill_gemm_tflops": flop_per_token * b * K / prefill_gemm_ms / 1e9,
+        "prefill_gemm_tflops": (flop_per_token * K + 2 * d * vocab) * b / prefill_gemm_ms / 1e9,  # + LM head
         "decode_ms": decode_ms,
         "decode_step_ms": decode_ms / steps,
         "decode_step_gemm_floor_ms": step_gemm_ms,

@@ -148,6 +148,15 @@ def _child(kind: str, work: Path, repeat: int) -> None:
     print(json.dumps(result))
 
 
+def planned_runs(repeat: int) -> list[tuple[str, int]]:
+    """(kind, corpus repeat) of each subprocess, in order. The repeated-corpus pair only when repeat != 1: a
+    second x1 baseline would find the first one's `datasets` cache (same cache dir) and time a cache hit."""
+    runs = [("hf_tokenizer_only", 1), ("baseline", 1), ("open360", 1)]
+    if repeat != 1:
+        runs += [("open360", repeat), ("baseline", repeat)]
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON results file")
@@ -159,15 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.child[0], Path(args.work), int(args.child[1]))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_tok_") as tmp:
-        runs = [
-            ("hf_tokenizer_only", 1),
-            ("baseline", 1),
-            ("open360", 1),
-            ("open360", args.repeat),
-            ("baseline", args.repeat),
-        ]
         results = []
-        for kind, rep in runs:
+        for kind, rep in planned_runs(args.repeat):
             cmd = [sys.executable, __file__, "--out", "-", "--child", kind, str(rep), "--work", tmp]
             line = (
                 subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -44,3 +44,21 @@ def test_memorization_benchmark_tiny_matches_hf(tmp_path: Path) -> None:
 @pytest.mark.parametrize("script", ["bench_megatron.py", "bench_trainer_gpu.py", "bench_memorization_floors.py", "bench_decode_attention_sm.py"])
 def test_gpu_only_benchmarks_import(script: str) -> None:
     assert "usage:" in _run(script, "--help").stdout
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tokenize_benchmark_times_each_baseline_cold() -> None:
+    """One `datasets` cache per corpus size: a run list with two x1 baselines (--repeat 1) timed a cache hit."""
+    plan = _bench_module("bench_tokenize").planned_runs
+    for repeat in (1, 2, 3):
+        runs = plan(repeat)
+        assert len(runs) == len(set(runs)), runs
+        assert {("baseline", 1), ("open360", 1), ("baseline", repeat), ("open360", repeat)} <= set(runs)

@@ -843,3 +843,7 @@ def test_shards_are_matched_by_content_and_tokenizer(trained_run: tuple[Path, st
     assert twice == ((16, 20), (16, 30))
     rows = np.arange(view.chunk_sizes[0])
     assert view.seen_mask(twice, 0, rows).tolist() == (rows < 30 * 16).tolist()
+    # chunk 0 (20 steps) is seen either way: the next chunk tells the longest (30 steps) from the sum (50)
+    rows = np.arange(view.chunk_sizes[1])
+    seen = view.seen_mask(twice, 1, rows)
+    assert seen.tolist() == (rows + view.offsets[1] < 30 * 16).tolist() and 0 < seen.sum() < len(rows)

@@ -32,7 +32,7 @@ def test_select_steps() -> None:
     assert [e.step for e in select_steps(es, "~14")] == [10]
     assert [e.step for e in select_steps(es, "~15")] == [10]  # tie → the earlier step
     assert [e.step for e in select_steps(es, "~1000")] == [40]
-    with pytest.raises(ValueError, match=r"no checkpoint at step 15; nearest: \[10, 20, 0\]|nearest"):
+    with pytest.raises(ValueError, match=r"run 'r' has no checkpoint at step 15; nearest: \[0, 10, 20\] \(use ~15 for the nearest\)"):
         select_steps(es, "15", "r")
     with pytest.raises(ValueError, match="expected N, ~N, latest or all"):
         select_steps(es, "last")

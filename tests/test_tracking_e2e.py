@@ -124,7 +124,8 @@ def test_a_fresh_clone_resumes_a_pulled_checkpoint_on_the_pulled_shards_bitwise(
         raise AssertionError("the shards were rebuilt instead of pulled")
 
     monkeypatch.setattr(open360.data.build, "_build_locked", no_build)
-    run_training(_run_config(fresh, "trainer.resume=auto"), device="cpu")
+    summary = run_training(_run_config(fresh, "trainer.resume=auto"), device="cpu")
+    assert summary["start_step"] == 8  # resumed: a fresh start from step 0 would reach the same weights too
     assert "pulled the versioned shards" in capsys.readouterr().err
     (shard_dir,) = (fresh / "shards").iterdir()
     assert (shard_dir / "manifest.json").read_bytes() == (ws / "shards" / shard_dir.name / "manifest.json").read_bytes()

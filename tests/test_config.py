@@ -249,6 +249,31 @@ def test_nan_model_and_stage_values_are_refused():
             check_training_config(compose(["+experiment=crystalcoder_tiny", override]))
 
 
+def test_a_bad_stage_schedule_names_the_stage_key_not_the_top_level_schedule():
+    from open360.train.validate import check_training_config
+
+    for override, says in (("stages.1.schedule.kind=cosin", "stages.1.schedule.kind='cosin'"),
+                           ("stages.2.schedule.min_lr_ratio=2", "stages.2.schedule: min_lr_ratio=2.0"),
+                           ("stages.0.schedule.warmup_steps=-1", "stages.0.schedule: warmup_steps=-1")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            check_training_config(compose(["+experiment=crystalcoder_tiny", override]))
+    with pytest.raises(ValueError, match=r"^schedule\.kind='cosin'"):  # no stages: the top-level key
+        check_training_config(compose(["+experiment=amber_tiny", "schedule.kind=cosin"]))
+
+
+def test_a_seq_len_other_than_the_recipes_fails_before_its_shards_are_built(tmp_path):
+    from open360.train.validate import check_training_config
+
+    with pytest.raises(ValueError, match=re.escape("trainer.seq_len=64: data.recipe=data_recipes/embedded_tiny.yaml "
+                                                   "builds sequences of 128 tokens")):
+        check_training_config(compose(["+experiment=amber_tiny", "trainer.seq_len=64"]))
+    with pytest.raises(ValueError, match=re.escape("trainer.seq_len=64: stages.0.recipe=")):
+        check_training_config(compose(["+experiment=crystalcoder_tiny", "trainer.seq_len=64"]))
+    proc = run_train("+experiment=amber_tiny", f"workspace={tmp_path}", "tracking=off", "trainer.seq_len=64")
+    assert proc.returncode == 2 and "set trainer.seq_len=128" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())  # no shards built, no run folders
+
+
 def test_bad_input_writes_nothing_not_even_hydras_outputs(tmp_path):
     """Hydra writes outputs/<run_name>/<time>/.hydra/ before main(): run_name=../../x put it outside the
     workspace, and a credential in tracking.mlflow_uri landed there in the clear."""

@@ -112,3 +112,29 @@ def test_a_wrong_workspace_or_run_name_is_named_and_creates_nothing(sweep, tmp_p
             raise OSError("no artifact store")
 
     assert run_config(NoArtifacts(), Run()) == {"model": {"n_kv_heads": None, "d_model": 64}, "name": None}
+
+
+def test_a_config_rebuilt_from_params_reads_exponent_floats_and_gives_the_flops():
+    """MLflow params hold str(value): norm_eps 1e-06 is "1e-06", which YAML 1.1 reads as a string; the
+    rebuilt model config then failed FLOP counting with a TypeError."""
+    from omegaconf import OmegaConf
+
+    from open360.analysis.compare import flops_per_token, run_config
+    from open360.config import compose
+    from open360.models import training_flops_per_token
+    from open360.tracking.params import config_params
+
+    cfg = compose(["+experiment=crystalcoder_tiny"])
+
+    class Run:
+        info = type("I", (), {"run_id": "r"})()
+        data = type("D", (), {"params": config_params(OmegaConf.to_container(cfg, resolve=True))})()
+
+    class NoArtifacts:
+        def download_artifacts(self, *args):
+            raise OSError("no artifact store")
+
+    rebuilt = run_config(NoArtifacts(), Run())
+    assert (rebuilt["model"]["norm_eps"], rebuilt["optim"]["eps"], rebuilt["optim"]["lr"]) == (1e-5, 1e-9, 1e-2)
+    assert rebuilt["run_name"] == "crystalcoder_tiny" and rebuilt["model"]["n_kv_heads"] is None
+    assert flops_per_token(rebuilt["model"], 128) == training_flops_per_token(cfg.model, 128)

@@ -264,6 +264,20 @@ def test_bad_input_exits_with_one_line(tiny_run, capsys):
         assert err.startswith("open360.analysis.evaluate: ") and says in err and "Traceback" not in err
 
 
+def test_counts_out_of_range_name_their_key(tmp_path, capsys):
+    from open360.analysis.evaluate import main
+
+    avail = [(s, Path(f"step_{s}")) for s in (0, 10, 20)]
+    with pytest.raises(ValueError, match="Number of samples"):  # what max_checkpoints=-1 met before
+        select_checkpoints(avail, max_checkpoints=-1)
+    for arg, says in (("max_checkpoints=-1", "max_checkpoints=-1 must be >= 0"),
+                      ("num_fewshot=-2", "num_fewshot=-2 must be >= 0"),
+                      ("task_limit=0", "task_limit=0 must be >= 1")):
+        assert main(["run=r", arg, f"workspace={tmp_path}", "mlflow=false"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("open360.analysis.evaluate: ") and says in err, err
+
+
 def test_lm_eval_local_task_on_exported_checkpoint(tiny_run, tmp_path):
     from open360.checkpoint.io import load_model_from_checkpoint
 

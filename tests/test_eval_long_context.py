@@ -281,3 +281,15 @@ def test_finetune_training_and_tracking_errors_exit_with_one_line(tmp_path, caps
     assert long_context.main(["finetune", "init=base/step_4", "+experiment=amber_tiny_pi", f"workspace={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"open360.analysis.long_context finetune: the {error} stage says no", err
+
+
+def test_a_shard_folder_without_held_out_split_is_named_not_a_max_error(monkeypatch):
+    import open360.data
+    from open360.analysis.long_context import held_out_sequences
+
+    class NoValidation:
+        manifest = {"validation": {}}
+
+    monkeypatch.setattr(open360.data.ShardSet, "open", staticmethod(lambda path: NoValidation()))
+    with pytest.raises(ValueError, match=r"shards/x: no held-out sequences .*recipe="):
+        held_out_sequences(Path("shards/x"), 4, 513)

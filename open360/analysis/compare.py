@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -88,8 +89,19 @@ def run_config(client: Any, run: Any) -> dict[str, Any]:
             *parents, leaf = key.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = None if value in ("", "None") else yaml.safe_load(value)  # params log None as "None"
+            node[leaf] = _param_value(value)
         return cfg
+
+
+def _param_value(text: str) -> Any:
+    """A logged param's value: None is logged as "None"; and `str(1e-06)` is "1e-06", which YAML 1.1 (safe_load)
+    reads as a string, not a float."""
+    if text in ("", "None"):
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def metric_history(client: Any, run_id: str, key: str) -> pd.DataFrame:

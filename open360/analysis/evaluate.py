@@ -518,6 +518,11 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     for key in ("batch_size", "val_sequences"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
+    for key in ("max_checkpoints", "num_fewshot"):  # max_checkpoints=-1 failed in numpy's linspace, unnamed
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 0")
+    if cfg.task_limit is not None and cfg.task_limit < 1:
+        raise ValueError(f"task_limit={cfg.task_limit} must be >= 1 (null = every document)")
     check_device(cfg.device)
     workspace = Path(cfg.workspace).expanduser().resolve()
     from open360.tracking.checkpoints import known_checkpoints, run_dirs, superseded_steps

@@ -214,9 +214,10 @@ def held_out_sequences(shard_dir: Path, n: int, min_len: int) -> np.ndarray:
             f"{shard_dir}: held-out sequences have {per_source[0].shape[1]} tokens but {min_len} are needed; "
             "use a recipe with seq_len >= L' (e.g. data_recipes/embedded_tiny_long.yaml)"
         )
-    rows = [s[i] for i in range(max(len(s) for s in per_source)) for s in per_source if i < len(s)]
+    rows = [s[i] for i in range(max((len(s) for s in per_source), default=0)) for s in per_source if i < len(s)]
     if not rows:
-        raise ValueError(f"{shard_dir}: no held-out sequences")
+        raise ValueError(f"{shard_dir}: no held-out sequences (its recipe's validation: gave no rows); pass "
+                         "recipe= with a held-out split of seq_len >= L'")
     return np.stack(rows[:n])
 
 

@@ -119,13 +119,18 @@ def build_stages(cfg: object) -> list[Stage]:
     for i, (name, recipe, steps, lr, sched) in enumerate(specs):
         if start >= max_steps:
             break
-        schedule = Schedule(
-            kind=sched.kind,
-            total_steps=steps,
-            warmup_steps=int(sched.warmup_steps),
-            min_lr_ratio=float(sched.min_lr_ratio),
-            decay_fraction=float(sched.decay_fraction),
-        )
+        try:
+            schedule = Schedule(
+                kind=sched.kind,
+                total_steps=steps,
+                warmup_steps=int(sched.warmup_steps),
+                min_lr_ratio=float(sched.min_lr_ratio),
+                decay_fraction=float(sched.decay_fraction),
+            )
+        except ValueError as err:  # a stage's own schedule: name its key, not the unused top-level `schedule`
+            if not cfg.stages:
+                raise
+            raise ValueError(f"stages.{i}.{err} (stage {name!r})") from err
         stages.append(Stage(i, name, recipe, start, min(steps, max_steps - start), lr, schedule))
         start += steps
     return stages

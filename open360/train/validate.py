@@ -48,17 +48,18 @@ def check_recipes(cfg: DictConfig) -> None:
     from open360.data.recipe import load_recipe
 
     seed = cfg.data.seed
-    if cfg.stages:
-        for i, stage in enumerate(cfg.stages):
-            try:
-                load_recipe(str(stage.recipe), seed)
-            except ValueError as err:
-                raise ValueError(f"stages.{i}.recipe={stage.recipe}: {err}") from err
-    else:
+    keys = [f"stages.{i}.recipe" for i in range(len(cfg.stages))] if cfg.stages else ["data.recipe"]
+    for key in keys:
+        recipe = OmegaConf.select(cfg, key)
         try:
-            load_recipe(str(cfg.data.recipe), seed)
+            spec = load_recipe(str(recipe), seed)
         except ValueError as err:
-            raise ValueError(f"data.recipe={cfg.data.recipe}: {err}") from err
+            raise ValueError(f"{key}={recipe}: {err}") from err
+        if int(spec.seq_len) != int(cfg.trainer.seq_len):  # else refused only once its shards are built
+            raise ValueError(
+                f"trainer.seq_len={cfg.trainer.seq_len}: {key}={recipe} builds sequences of {spec.seq_len} tokens; "
+                f"set trainer.seq_len={spec.seq_len} or change the recipe's seq_len"
+            )
 
 
 def check_tracking_uri(cfg: DictConfig) -> None:

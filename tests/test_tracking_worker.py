@@ -47,6 +47,8 @@ def test_close_can_be_waited_on_in_slices_until_the_jobs_finish() -> None:
     worker.submit(3.0)
     worker.submit(0.1)
     assert not worker.close(timeout=0.5) and worker.pending() >= 1
+    with pytest.raises(RuntimeError, match="already stopped"):  # queued behind the stop, it would never run
+        worker.submit(0.1)
     assert worker.close(timeout=60)
     assert got == [(3.0, None), (0.1, None)]
 

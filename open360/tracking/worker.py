@@ -153,7 +153,7 @@ class ProcessWorker:
     def submit(self, *args: Any) -> None:
         """Queue `handler(*args)` in the child; returns at once."""
         with self._cond:
-            if not self._reader.is_alive() or not self._process.is_alive():
+            if self._closing or not self._reader.is_alive() or not self._process.is_alive():
                 raise RuntimeError(f"{self.name}: worker process already stopped; no more jobs accepted")
             job_id, self._next_id = self._next_id, self._next_id + 1
             self._submitted[job_id] = args

@@ -323,3 +323,76 @@ def test_weights_loaded_into_a_captured_graph_are_the_ones_it_runs() -> None:
     scorer.load_weights(other.state_dict())
     assert scorer.use_graphs and scorer._graph is not None
     assert np.array_equal(scorer.score(seqs).predicted, MemorizationScorer(other, **kw).score(seqs).predicted)
+
+
+def _write_cells(out, matched: dict, l: int = 4, **meta: object) -> None:  # noqa: E741
+    """Cell files of a report from {(step, chunk): per-sequence matched counts} (no model needed)."""
+    from open360.analysis.memorization.cells import cell_path, cell_table, write_cell
+    from open360.analysis.memorization.engine import ScoreResult
+    from open360.analysis.memorization.job_config import MemorizationJobConfig
+
+    settings = {"run": "r", "mode": "greedy", "k": 4, "l": l, "sample": 1000, "seed": 42, "selection": "sample"}
+    settings |= meta
+    job = MemorizationJobConfig(**{key: settings[key] for key in ("run", "mode", "k", "l", "sample", "seed", "selection")})
+    for (step, chunk), counts in matched.items():
+        m = np.asarray(counts, dtype=np.int16)
+        result = ScoreResult(settings["mode"], 4, l, m, m, np.zeros((len(m), l), np.int32))
+        cell_meta = {**settings, "step": step, "chunk": chunk, "dtype": "float32", "num_chunks": 2, "tag": "t"}
+        rows = np.arange(len(m))
+        table = cell_table(job, step, chunk, rows, 100 * chunk, np.ones(len(m), bool), result, cell_meta)
+        write_cell(cell_path(out, step, chunk), table)
+
+
+def test_report_text_says_what_was_selected_and_when_r_is_undefined(tmp_path) -> None:
+    from open360.analysis.memorization.report import render_report
+
+    _write_cells(tmp_path / "seen", {(10, 0): [0, 1, 4]}, selection="seen", sample=0)
+    text = render_report(tmp_path / "seen", "r", log_mlflow=False).read_text()
+    assert "selection `seen`, every sequence the checkpoint had trained on." in text
+    assert "every sequence of each chunk" not in text and "permutation(chunk_size)" not in text
+    assert "consecutive checkpoints: n/a (one checkpoint)." in text
+    _write_cells(tmp_path / "seen8", {(10, 0): [0, 1, 4]}, selection="seen", sample=8)
+    text = render_report(tmp_path / "seen8", "r", log_mlflow=False).read_text()
+    assert "a sample of up to 8 of the sequences the checkpoint had trained on, seed 42" in text
+    assert "permutation(n_seen)[:sample]" in text and "permutation(chunk_size)" not in text
+    # A checkpoint whose scores are all equal has no correlation with any other: said, not printed as nan.
+    _write_cells(tmp_path / "flat", {(10, 0): [0, 0, 0], (20, 0): [1, 2, 4]})
+    text = render_report(tmp_path / "flat", "r", log_mlflow=False).read_text()
+    assert "consecutive checkpoints: undefined (" in text and "nan." not in text
+    assert "seed 42 (`numpy.random.default_rng(seed).permutation(chunk_size)[:sample]`)" in text
+    _write_cells(tmp_path / "three", {(10, 0): [0, 0, 0], (20, 0): [1, 2, 4], (30, 0): [1, 3, 4]})
+    text = render_report(tmp_path / "three", "r", log_mlflow=False).read_text()
+    assert "consecutive checkpoints: 0.929 (over 1 of 2 pairs;" in text
+
+
+def test_matrix_figures_stay_a_viewable_size_for_hundreds_of_checkpoints_and_chunks(tmp_path) -> None:
+    import matplotlib
+    import pandas as pd
+    from PIL import Image
+
+    from open360.analysis.memorization.report import plot_correlation, plot_heatmap
+
+    matplotlib.use("Agg")
+    n = 100  # uncapped: 38 inches, 4,560 px a side (LLM360's 360 x 360: 204 megapixels, 8 GB to render)
+    summary = pd.DataFrame([(s, c) for s in range(n) for c in range(n)], columns=["step", "chunk"])
+    summary["token_match"] = np.linspace(0, 1, len(summary))
+    summary["seen_fraction"] = (summary.chunk <= summary.step).astype(float)
+    plot_heatmap(summary, tmp_path / "heat.png", "r")
+    steps = list(range(0, 10 * n, 10))
+    plot_correlation(pd.DataFrame(np.eye(n), index=steps, columns=steps), tmp_path / "corr.png", "r")
+    for name in ("heat.png", "corr.png"):
+        assert max(Image.open(tmp_path / name).size) <= 2400  # 20 inches at 120 dpi
+
+
+def test_a_rerun_logs_no_nan_score_again(tmp_path) -> None:
+    """A checkpoint with nothing scored (selection=seen before its data) logs NaN once, not on every re-run."""
+    mlflow = pytest.importorskip("mlflow")
+    from open360.analysis.memorization.report import render_report
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("x", (tmp_path / "art").as_uri())).info.run_id
+    _write_cells(tmp_path / "out", {(10, 0): [], (10, 1): [], (20, 0): [1, 4], (20, 1): [4, 4]}, selection="seen")
+    for _ in range(2):
+        render_report(tmp_path / "out", "r", workspace=tmp_path, mlflow_run=(f"sqlite:///{tmp_path / 'mlflow.db'}", run_id))
+    history = client.get_metric_history(run_id, "memorization/t-float32/token_match")
+    assert sorted(m.step for m in history) == [10, 20]

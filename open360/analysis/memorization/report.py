@@ -110,6 +110,19 @@ def _pick(values: list[int], most: int) -> list[int]:
     return [values[i] for i in idx]
 
 
+# Matrix figures grow with their rows and columns up to this many inches a side (at 120 dpi, ~2,400 px):
+# uncapped, LLM360's 360 checkpoints x 360 chunks made a 204-megapixel PNG (8 GB to render).
+MAX_FIG_INCHES = 20
+MAX_TICKS = 40  # labelled rows / columns of a matrix figure; the others are left unlabelled
+
+
+def _matrix_ticks(ax: Any, columns: list[Any], rows: list[Any], rotate: int = 0) -> None:
+    """Label at most MAX_TICKS columns and rows (spread evenly, first and last included) of an imshow."""
+    xs, ys = _pick(list(range(len(columns))), MAX_TICKS), _pick(list(range(len(rows))), MAX_TICKS)
+    ax.set_xticks(xs, [str(columns[i]) for i in xs], rotation=rotate, fontsize=7)
+    ax.set_yticks(ys, [str(rows[i]) for i in ys], fontsize=7)
+
+
 def plot_distribution(scores: Any, steps: list[int], l_val: int, path: Path, label: str) -> None:
     """Histogram of per-sequence scores, one step-coloured outline per checkpoint (up to 10)."""
     import matplotlib.pyplot as plt
@@ -145,7 +158,8 @@ def plot_heatmap(summary: Any, path: Path, label: str) -> None:
 
     pivot = summary.pivot(index="step", columns="chunk", values="token_match").sort_index()
     seen = summary.pivot(index="step", columns="chunk", values="seen_fraction").reindex_like(pivot)
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * pivot.shape[1] + 3), max(4, 0.3 * pivot.shape[0] + 2)))
+    width, height = max(5, 0.35 * pivot.shape[1] + 3), max(4, 0.3 * pivot.shape[0] + 2)
+    fig, ax = plt.subplots(figsize=(min(width, MAX_FIG_INCHES), min(height, MAX_FIG_INCHES)))
     im = ax.imshow(pivot.to_numpy(), aspect="auto", cmap="magma", origin="lower", interpolation="nearest")
     seen_arr = seen.to_numpy(dtype=float)
     if np.isfinite(seen_arr).any():  # staircase right of the last chunk each checkpoint had seen
@@ -156,8 +170,7 @@ def plot_heatmap(summary: Any, path: Path, label: str) -> None:
             xs += [edge, edge]
             ys += [i - 0.5, i + 0.5]
         ax.plot(xs, ys, color="cyan", linewidth=1.5)
-    ax.set_xticks(range(pivot.shape[1]), [str(c) for c in pivot.columns], fontsize=7)
-    ax.set_yticks(range(pivot.shape[0]), [str(s) for s in pivot.index], fontsize=7)
+    _matrix_ticks(ax, list(pivot.columns), list(pivot.index))
     ax.set_xlabel("data chunk")
     ax.set_ylabel("checkpoint step")
     ax.set_title(
@@ -206,10 +219,10 @@ def plot_correlation(corr: Any, path: Path, label: str) -> None:
     import matplotlib.pyplot as plt
 
     n = corr.shape[0]
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * n + 3), max(4, 0.35 * n + 2)))
+    width, height = max(5, 0.35 * n + 3), max(4, 0.35 * n + 2)
+    fig, ax = plt.subplots(figsize=(min(width, MAX_FIG_INCHES), min(height, MAX_FIG_INCHES)))
     im = ax.imshow(corr.to_numpy(dtype=float), vmin=-1, vmax=1, cmap="coolwarm", origin="lower")
-    ax.set_xticks(range(n), [str(s) for s in corr.columns], rotation=90, fontsize=7)
-    ax.set_yticks(range(n), [str(s) for s in corr.index], fontsize=7)
+    _matrix_ticks(ax, list(corr.columns), list(corr.index), rotate=90)
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("checkpoint step")
     ax.set_title(f"Correlation of per-sequence scores between checkpoints — {label}", fontsize=9)
@@ -324,14 +337,33 @@ def render_report(
     adjacent = [
         float(corr.loc[a, b]) for a, b in zip(steps, steps[1:], strict=False) if a in corr and b in corr
     ]
-    sampled = f"a sample of up to {meta['sample']} per chunk" if meta.get("sample") else "every sequence of each chunk"
+    defined = [r for r in adjacent if np.isfinite(r)]
+    if len(steps) < 2:
+        mean_r = "n/a (one checkpoint)"
+    elif not defined:
+        mean_r = "undefined (no consecutive pair has varying scores on sequences scored at both)"
+    else:
+        mean_r = f"{np.mean(defined):.3f}" + (
+            f" (over {len(defined)} of {len(steps) - 1} pairs; at the others a checkpoint's scores are all "
+            "equal or no sequence was scored at both)" if len(defined) < len(steps) - 1 else ""
+        )
+    if meta.get("selection") == "seen":  # drawn from the rows the checkpoint had trained on, not the chunk
+        sampled = (
+            f"per chunk, a sample of up to {meta['sample']} of the sequences the checkpoint had trained on, "
+            f"seed {meta.get('seed')} (`numpy.random.default_rng(seed).permutation(n_seen)[:sample]` "
+            "indexing them in row order)" if meta.get("sample") else "every sequence the checkpoint had trained on"
+        )
+    else:
+        sampled = (
+            f"a sample of up to {meta['sample']} per chunk, seed {meta.get('seed')} "
+            "(`numpy.random.default_rng(seed).permutation(chunk_size)[:sample]`)"
+            if meta.get("sample") else "every sequence of each chunk"
+        )
     md = [
         f"# Memorization — {run}",
         "",
         f"{mode_note} Prompt k={meta.get('k')} tokens, continuation l={l_val} tokens; "
-        f"selection `{meta.get('selection')}`, {sampled}, "
-        f"seed {meta.get('seed')} "
-        "(`numpy.random.default_rng(seed).permutation(chunk_size)[:sample]`).",
+        f"selection `{meta.get('selection')}`, {sampled}.",
         "",
         f"{len(steps)} checkpoints x {summary.chunk.nunique()} chunks, {len(scores)} scored sequences.",
         "",
@@ -355,8 +387,7 @@ def render_report(
         "",
         "## Correlation of per-sequence scores between checkpoints",
         "",
-        f"Mean Pearson r between consecutive checkpoints: "
-        f"{np.nanmean(adjacent) if adjacent else float('nan'):.3f}.",
+        f"Mean Pearson r between consecutive checkpoints: {mean_r}.",
         "",
         f"![correlation]({FIGURES['correlation']})",
         "",
@@ -459,7 +490,11 @@ def _log_mlflow(
         from open360.tracking.mlflow_records import latest_metrics
 
         logged = latest_metrics(client, run_id, {m.key for m in metrics})
-        metrics = [m for m in metrics if getattr(logged[m.key].get(m.step), "value", None) != m.value]
+        def same(before: Any, value: float) -> bool:  # NaN (a checkpoint with nothing scored) equals NaN
+            old = getattr(before, "value", None)
+            return old is not None and (old == value or (np.isnan(old) and np.isnan(value)))
+
+        metrics = [m for m in metrics if not same(logged[m.key].get(m.step), m.value)]
         if metrics:
             client.log_batch(run_id, metrics=metrics)
     except MlflowException as err:

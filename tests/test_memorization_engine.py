@@ -192,6 +192,21 @@ def test_sample_rows_is_analysis360s_datasets_shuffle() -> None:
     assert sample_rows(50, 100).tolist() == list(range(50))  # fewer rows than the sample: all
 
 
+def test_a_seen_sample_is_shared_across_checkpoints_and_equals_the_chunk_sample_once_all_is_seen() -> None:
+    """selection=seen with a sample: a checkpoint that has seen more keeps most of an earlier one's draw (a
+    fresh permutation of each seen set shared 7 of 200 rows here), and a chunk seen whole is the sample's rows."""
+    from open360.analysis.memorization.sampling import sample_seen_rows
+
+    size, sample = 10_000, 200
+    early, late = np.arange(6_000), np.arange(8_000)
+    a, b = sample_seen_rows(size, early, sample), sample_seen_rows(size, late, sample)
+    assert len(a) == len(b) == sample and set(a) <= set(early.tolist()) and set(b) <= set(late.tolist())
+    assert len(set(a) & set(b)) >= 0.6 * sample  # 147 here: ~6/8 of b's draw falls in early, drawn as a drew it
+    assert sample_seen_rows(size, np.arange(size), sample).tolist() == sample_rows(size, sample).tolist()
+    assert sample_seen_rows(size, late[:50], sample).tolist() == list(range(50))  # fewer seen: all, in row order
+    assert sample_seen_rows(size, late, 0).tolist() == late.tolist()
+
+
 def test_seen_rows_groups_global_ids_by_chunk() -> None:
     sizes = [4, 5, 3]
     seen = np.array([0, 3, 4, 8, 8, 9, 11, 2])
@@ -354,7 +369,7 @@ def test_report_text_says_what_was_selected_and_when_r_is_undefined(tmp_path) ->
     _write_cells(tmp_path / "seen8", {(10, 0): [0, 1, 4]}, selection="seen", sample=8)
     text = render_report(tmp_path / "seen8", "r", log_mlflow=False).read_text()
     assert "a sample of up to 8 of the sequences the checkpoint had trained on, seed 42" in text
-    assert "permutation(n_seen)[:sample]" in text and "permutation(chunk_size)" not in text
+    assert "permutation(chunk_size)` without the unseen rows, the first `sample`" in text
     # A checkpoint whose scores are all equal has no correlation with any other: said, not printed as nan.
     _write_cells(tmp_path / "flat", {(10, 0): [0, 0, 0], (20, 0): [1, 2, 4]})
     text = render_report(tmp_path / "flat", "r", log_mlflow=False).read_text()

@@ -82,6 +82,9 @@ JOB_FIELDS = ("run", "mode", "k", "l", "sample", "seed", "selection")
 # What `seen` of a cell was computed from: 2 = the checkpoint's own stages and those it inherited through a
 # warm start (`init_from`); cells without it counted only its own.
 SEEN_BASIS = 2
+# How selection=seen draws its sample: the chunk's permutation restricted to the seen rows (sample_seen_rows);
+# cells drawn otherwise (a fresh permutation of each checkpoint's seen rows) lack this key and are scored again.
+SEEN_SAMPLING = "chunk_permutation"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -9,7 +9,7 @@ import numpy as np
 
 from open360.analysis.memorization.checkpoints import pull_lock
 from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError
-from open360.analysis.memorization.sampling import chunk_offsets, sample_rows, seen_rows
+from open360.analysis.memorization.sampling import chunk_offsets, sample_rows, sample_seen_rows, seen_rows
 from open360.checkpoint.lineage import trained_data_history
 
 
@@ -119,7 +119,7 @@ class DataView:
         seen = np.arange(min(size, max(0, prefix - int(self.offsets[chunk]))), dtype=np.int64)
         if len(extra):
             seen = np.union1d(seen, seen_rows(extra, self.chunk_sizes, chunk))
-        return seen[sample_rows(len(seen), self.job.sample, self.job.seed)]
+        return sample_seen_rows(size, seen, self.job.sample, self.job.seed)
 
     def seen_mask(self, consumption: tuple[tuple[int, int], ...], chunk: int, rows: np.ndarray) -> np.ndarray:
         """Whether each row had been trained on by a checkpoint that consumed these shards so."""

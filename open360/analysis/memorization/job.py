@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
-from open360.analysis.memorization.cells import SEEN_BASIS, cell_is_done, cell_path, cell_table, write_cell
+from open360.analysis.memorization.cells import (
+    SEEN_BASIS,
+    SEEN_SAMPLING,
+    cell_is_done,
+    cell_path,
+    cell_table,
+    write_cell,
+)
 from open360.analysis.memorization.checkpoints import (
     ensure_checkpoint,
     release_checkpoint,
@@ -239,6 +246,8 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
         "manifest_hash": data.shards.manifest_hash,
         "dtype": str(resolve_dtype(job.dtype, torch.device(device))).removeprefix("torch."),
     }
+    if job.selection == "seen" and job.sample > 0:  # cells of the earlier per-checkpoint draw are scored again
+        scored_on["seen_sampling"] = SEEN_SAMPLING
     done = [cell for cell in cells if cell_is_done(job, cell_path(out_dir, *cell), workspace, scored_on)]
     done_set = set(done)
     pending = [cell for cell in cells if cell not in done_set]

@@ -350,8 +350,9 @@ def render_report(
     if meta.get("selection") == "seen":  # drawn from the rows the checkpoint had trained on, not the chunk
         sampled = (
             f"per chunk, a sample of up to {meta['sample']} of the sequences the checkpoint had trained on, "
-            f"seed {meta.get('seed')} (`numpy.random.default_rng(seed).permutation(n_seen)[:sample]` "
-            "indexing them in row order)" if meta.get("sample") else "every sequence the checkpoint had trained on"
+            f"seed {meta.get('seed')} (`numpy.random.default_rng(seed).permutation(chunk_size)` without the "
+            "unseen rows, the first `sample`: checkpoints share most of their sample)"
+            if meta.get("sample") else "every sequence the checkpoint had trained on"
         )
     else:
         sampled = (

@@ -20,6 +20,18 @@ def sample_rows(chunk_size: int, sample: int, seed: int = 42) -> np.ndarray:
     return np.random.default_rng(seed).permutation(chunk_size)[:sample].astype(np.int64)
 
 
+def sample_seen_rows(chunk_size: int, seen: np.ndarray, sample: int, seed: int = 42) -> np.ndarray:
+    """Rows scored when only the sorted rows `seen` (those a checkpoint trained on) are eligible: the chunk's
+    seeded permutation (as `sample_rows`) with the unseen rows left out, first `sample` of it. So checkpoints
+    share most of their sample (a row drawn at one checkpoint stays drawn at a later one until rows earlier in
+    the permutation become seen), and a chunk seen whole is sampled as `sample_rows` samples it.
+    ``sample <= 0`` or ``sample >= len(seen)`` takes every seen row in row order."""
+    if sample <= 0 or sample >= len(seen):
+        return np.asarray(seen, dtype=np.int64)
+    permutation = np.random.default_rng(seed).permutation(chunk_size)
+    return permutation[np.isin(permutation, seen, assume_unique=True)][:sample].astype(np.int64)
+
+
 def chunk_offsets(chunk_sizes: list[int] | np.ndarray) -> np.ndarray:
     """Global id of the first sequence of each chunk (ids number the concatenation of chunks 0..N-1)."""
     sizes = np.asarray(chunk_sizes, dtype=np.int64)

@@ -411,3 +411,31 @@ def test_a_rerun_logs_no_nan_score_again(tmp_path) -> None:
         render_report(tmp_path / "out", "r", workspace=tmp_path, mlflow_run=(f"sqlite:///{tmp_path / 'mlflow.db'}", run_id))
     history = client.get_metric_history(run_id, "memorization/t-float32/token_match")
     assert sorted(m.step for m in history) == [10, 20]
+
+
+def test_figures_label_a_teacher_forced_screen_and_leave_out_empty_lines(tmp_path, monkeypatch) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from open360.analysis.memorization.report import plot_distribution, plot_progress
+
+    matplotlib.use("Agg")
+    figures: list = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    scores = pd.DataFrame({"step": [10, 10, 20], "score": [0.0, 0.5, 1.0]})
+    plot_distribution(scores, [10, 20], 4, tmp_path / "d.png", "r", mode="teacher_forced")
+    assert figures[-1].axes[0].get_xlabel().startswith("teacher-forced screen")
+    plot_distribution(scores, [10, 20], 4, tmp_path / "d.png", "r")
+    assert figures[-1].axes[0].get_xlabel().startswith("memorization score")
+    nan = float("nan")
+    progress = pd.DataFrame(  # selection=seen: every scored sequence was seen
+        {"step": [10, 20], "tokens_seen": [None, None], "full_match": [0.1, 0.2], "full_match_seen": [0.1, 0.2],
+         "full_match_unseen": [nan, nan], "token_match": [0.3, 0.4]}
+    )
+    plot_progress(progress, tmp_path / "p.png", "r")
+    legend = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert "full_match, not yet seen" not in legend and "full_match, seen sequences" in legend
+    monkeypatch.undo()
+    for fig in figures:
+        plt.close(fig)

@@ -123,7 +123,7 @@ def _matrix_ticks(ax: Any, columns: list[Any], rows: list[Any], rotate: int = 0)
     ax.set_yticks(ys, [str(rows[i]) for i in ys], fontsize=7)
 
 
-def plot_distribution(scores: Any, steps: list[int], l_val: int, path: Path, label: str) -> None:
+def plot_distribution(scores: Any, steps: list[int], l_val: int, path: Path, label: str, mode: str = "greedy") -> None:
     """Histogram of per-sequence scores, one step-coloured outline per checkpoint (up to 10)."""
     import matplotlib.pyplot as plt
 
@@ -143,7 +143,11 @@ def plot_distribution(scores: Any, steps: list[int], l_val: int, path: Path, lab
             linewidth=1.4,
         )
     ax.set_yscale("log")
-    ax.set_xlabel("memorization score (fraction of the l continuation tokens reproduced)")
+    ax.set_xlabel(
+        "memorization score (fraction of the l continuation tokens reproduced)"
+        if mode == "greedy"
+        else "teacher-forced screen: fraction of the l tokens predicted from the true prefix"
+    )
     ax.set_ylabel("density (log)")
     ax.set_title(f"Score distribution per checkpoint — {label}")
     ax.legend(fontsize=7, ncol=2)
@@ -266,14 +270,19 @@ def plot_progress(progress: Any, path: Path, label: str) -> None:
     use_tokens = progress.tokens_seen.notna().all() and len(progress)
     x = progress.tokens_seen if use_tokens else progress.step
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(x, progress.full_match, marker="o", label="full_match (k-extractable), all")
-    ax.plot(x, progress.full_match_seen, marker=".", linestyle="--", label="full_match, seen sequences")
-    ax.plot(x, progress.full_match_unseen, marker=".", linestyle=":", label="full_match, not yet seen")
-    ax.plot(x, progress.token_match, marker="s", label="token_match (mean score)")
+    for column, style, name in (
+        ("full_match", {"marker": "o"}, "full_match (k-extractable), all"),
+        ("full_match_seen", {"marker": ".", "linestyle": "--"}, "full_match, seen sequences"),
+        ("full_match_unseen", {"marker": ".", "linestyle": ":"}, "full_match, not yet seen"),
+        ("token_match", {"marker": "s"}, "token_match (mean score)"),
+    ):
+        if progress[column].notna().any():  # selection=seen scores no unseen sequence: no empty legend entry
+            ax.plot(x, progress[column], label=name, **style)
     ax.set_xlabel("tokens seen" if use_tokens else "step")
     ax.set_ylabel("fraction")
     ax.set_title(f"Memorization vs training progress — {label}")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -318,7 +327,7 @@ def render_report(
     label = f"{run}, {mode}, k={meta.get('k')} l={l_val}"
     steps = sorted(int(s) for s in summary.step.unique())
 
-    plot_distribution(scores, steps, l_val, out_dir / FIGURES["distribution"], label)
+    plot_distribution(scores, steps, l_val, out_dir / FIGURES["distribution"], label, mode)
     plot_heatmap(summary, out_dir / FIGURES["heatmap"], label)
     plot_lines(summary, steps, out_dir / FIGURES["lines"], label)
     corr = score_correlation(scores)

@@ -330,3 +330,56 @@ def test_release_metrics_come_from_the_run_the_lineage_names(tmp_path: Path) -> 
     assert pd.read_parquet(out / "metrics.parquet").value.tolist() == [1.0]
     assert _metrics_table(tmp_path, "r", uri, out, recorded="0" * 32) is None  # not another run's metrics
     assert _metrics_table(tmp_path, "r", uri, out) == ids[1]  # a lineage naming no run: by name
+
+
+def test_a_release_exported_from_a_clone_publishes_no_path_of_the_training_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config and lineage record the workspace the run trained in; exported from a clone elsewhere, that
+    path must not be published either (nor a path that merely starts with it be mangled)."""
+    import torch
+
+    import open360.checkpoint as checkpoint_api
+    import open360.models.hf as hf
+    from open360.checkpoint import CheckpointContents, save_checkpoint
+    from open360.tracking.release import export_release
+
+    trained = "/home/alice/runs/ws"
+    ws = tmp_path / "clone"
+    (ws / "checkpoints").mkdir(parents=True)
+    save_checkpoint(ws / "checkpoints" / "r", 1, CheckpointContents(
+        model={"w": torch.zeros(4)}, optimizer={"state": {}, "param_groups": []}, trainer_state={"step": 1},
+        rng={"seed": 0}, config_yaml=f"run_name: r\nworkspace: {trained}\ndata:\n  shards_dir: {trained}_data\n",
+        lineage={"run_name": "r", "callbacks": {"mlflow_tracking_uri": f"sqlite:///{trained}/mlflow.db"},
+                 "resumed_from": {"checkpoint": f"{trained}/checkpoints/r/step_0"}},
+    ))
+    model_cfg = OmegaConf.create({"model": {k: 1 for k in (
+        "name", "n_layers", "d_model", "n_heads", "ffn_dim", "vocab_size", "norm", "mlp", "max_seq_len")}})
+    monkeypatch.setattr(checkpoint_api, "load_model_from_checkpoint", lambda *a, **k: (None, model_cfg))
+    monkeypatch.setattr(hf, "export_hf", lambda model, cfg, tokenizer, folder: Path(folder).mkdir(parents=True))
+    out = export_release(ws, "r", tmp_path / "release")
+    lineage = json.loads((out / "ckpt_000" / "open360_lineage.json").read_text())
+    config = OmegaConf.load(out / "configs" / "config.yaml")
+    assert lineage["callbacks"]["mlflow_tracking_uri"] == "sqlite:///./mlflow.db"
+    assert lineage["resumed_from"]["checkpoint"] == "./checkpoints/r/step_0"
+    assert config.workspace == "." and config.data.shards_dir == f"{trained}_data"  # another path: as it was
+    assert not [p for p in out.rglob("*") if p.is_file() and f"{trained}/" in p.read_text()]
+
+
+def test_pull_over_a_modified_file_says_which_and_to_pass_force(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ws = init_workspace(tmp_path / "ws")
+    store = DvcWorkspace(ws)
+    path = write_checkpoint(ws, "r", 1)
+    store.add(path)
+    store.push([path])
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    weights.unlink()  # replaced by another file (the versioned one is a read-only link into the cache)
+    weights.write_bytes(good[:-8] + b"\0" * 8)
+    capsys.readouterr()
+    assert pull_main(["r", "1", "--workspace", str(ws)]) == 1
+    err = capsys.readouterr().err
+    assert f"{weights} differs from its .dvc record" in err and "--force" in err and "PromptError" not in err
+    assert weights.read_bytes() != good  # left as it was
+    assert pull_main(["r", "1", "--workspace", str(ws), "--force"]) == 0
+    assert weights.read_bytes() == good

@@ -279,3 +279,42 @@ def test_a_branch_moves_the_replaced_checkpoints_records_with_their_folders(ws: 
     assert (fresh_aside / "step_3" / "model.safetensors").read_bytes() == old_bytes[3]
     assert pull_checkpoint(fresh, "r", 3) == fresh / "checkpoints" / "r" / "step_3"
     assert (fresh / "checkpoints" / "r" / "step_3" / "model.safetensors").read_bytes() == (new3 / "model.safetensors").read_bytes()
+
+
+def test_a_branch_finished_meanwhile_is_not_superseded_again_over_the_new_checkpoints(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ckpt list` (or pull) reads a branch's journal while the training run finishes that branch itself; it then
+    waits for the DVC lock, held by the run's worker, which meanwhile versions the branch's own new step 2. The
+    late finisher must not move that new record into superseded/ (over the replaced step 2's record there)."""
+    from open360.checkpoint.branches import write_pending_branch
+    from open360.tracking.checkpoints import finish_pending_branches
+    from open360.tracking.dvc_versioning import folder_md5
+
+    run_dir, recovery = ws / "checkpoints" / "r", ws / "recovery" / "r"
+    store = DvcWorkspace(ws)
+    old = {s: write_checkpoint(ws, "r", s) for s in (1, 2)}
+    for path in old.values():
+        store.add(path)
+    old_md5 = store.tracked(old[2]).md5
+    folder = "from_step_1-20261127T000000Z"
+    marker = write_pending_branch(recovery, 1, folder)
+    aside = run_dir / "superseded" / folder
+    real = DvcWorkspace.supersede
+    state = {"raced": False}
+
+    def blocked_on_the_lock(self: DvcWorkspace, *args: object, **kwargs: object) -> list[int]:
+        if not state["raced"]:  # meanwhile the training run finishes the branch and versions its new step 2
+            state["raced"] = True
+            assert real(DvcWorkspace(ws), run_dir, 1, aside) == [2]
+            marker.unlink()
+            store.add(write_checkpoint(ws, "r", 2, size=2048))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DvcWorkspace, "supersede", blocked_on_the_lock)
+    finish_pending_branches(ws, "r")
+    assert state["raced"]
+    tracked = store.tracked_children(run_dir)
+    assert sorted(tracked) == ["step_1", "step_2", "superseded"]
+    assert tracked["step_2"].md5 == folder_md5(run_dir / "step_2") != old_md5
+    assert store.tracked(aside / "step_2").md5 == old_md5  # the replaced checkpoint's record is kept

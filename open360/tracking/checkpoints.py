@@ -58,9 +58,11 @@ def finish_pending_branches(workspace: Path, run: str) -> dict[int, Path]:
     moved: dict[int, Path] = {}
     for marker, entry in pending_branches(recovery_dir):
         step, folder = int(entry["from_step"]), str(entry["superseded"])
+        if not marker.exists():  # finished meanwhile by another process (the run itself); the run goes on
+            continue
         moved |= supersede_later_checkpoints(step, run_dir, recovery_dir, folder)
         if is_dvc_workspace(workspace):  # only a tree rewrite: nothing is hashed or pushed
-            DvcWorkspace(workspace).supersede(run_dir, step, run_dir / "superseded" / folder)
+            DvcWorkspace(workspace).supersede(run_dir, step, run_dir / "superseded" / folder, pending=marker)
         marker.unlink(missing_ok=True)
     return moved
 

@@ -294,11 +294,13 @@ class DvcWorkspace:
 
         return self._retry_locked(run, "adding", self.workspace / rel)
 
-    def supersede(self, run_dir: Path, after_step: int, target: Path) -> list[int]:
+    def supersede(self, run_dir: Path, after_step: int, target: Path, pending: Path | None = None) -> list[int]:
         """Move the records of `run_dir`'s checkpoints after `after_step` to `target` (a folder inside
         `run_dir`) in the tracking .dvc file: a new branch replaces them (see `open360.checkpoint.branches`,
         which moves the folders on disk the same way). Only the tree is rewritten — every file keeps its
         md5, so nothing is hashed, copied or pushed again, and steps recorded but never pulled move too.
+        `pending`: the branch's journal entry; gone once the lock is held, the branch was finished meanwhile
+        (by the run, whose DVC worker may since have recorded the branch's own later steps): nothing moves.
         Returns the steps moved."""
         from dvc.repo import lock_repo
         from dvc_data.hashfile.meta import Meta
@@ -310,6 +312,8 @@ class DvcWorkspace:
 
         def run(repo: Any) -> list[int]:
             with lock_repo(repo):
+                if pending is not None and not Path(pending).exists():
+                    return []
                 tree, prefix = self._tree(repo, rel)
                 into = prefix + tuple(Path(target_rel).relative_to(rel).parts)
                 moved: set[int] = set()
@@ -361,7 +365,7 @@ class DvcWorkspace:
 
     def _pull_one(self, repo: Any, rel: str, force: bool = False) -> None:
         from dvc.repo import lock_repo
-        from dvc_data.hashfile.checkout import checkout
+        from dvc_data.hashfile.checkout import PromptError, checkout
         from dvc_data.hashfile.hash_info import HashInfo
         from dvc_data.hashfile.transfer import transfer
         from dvc_data.hashfile.tree import Tree
@@ -400,7 +404,14 @@ class DvcWorkspace:
             for name, md5 in tracked.file_md5.items():
                 tree.add(tuple(name.split("/")), None, HashInfo("md5", md5))
             tree.digest()
-            checkout(str(self.workspace / rel), repo.fs, tree, cache, relink=True, state=repo.state, force=force)
+            try:
+                checkout(str(self.workspace / rel), repo.fs, tree, cache, relink=True, state=repo.state, force=force)
+            except PromptError as err:  # DVC's "unable to remove ... without a confirmation"
+                raise VersioningError(
+                    f"pulling {self.workspace / rel}: {err.path} differs from its .dvc record (modified or damaged) "
+                    "and was left as it is; pull again with --force (`open360 ckpt pull <run> <step> --force`) "
+                    "to replace it with the recorded file"
+                ) from err
 
     def _tree(self, repo: Any, rel: str) -> tuple[Any, tuple[str, ...]]:
         from dvc.exceptions import OutputNotFoundError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,37 @@ class ReleaseError(RuntimeError):
     """The release folder cannot be built; the message names the checkpoint/file and what to do."""
 
 
-def publishable(obj: Any, workspace: Path) -> Any:
+def publishable(obj: Any, workspace: Path, roots: Any = ()) -> Any:
     """A config or lineage tree fit to publish: secrets masked, and this machine's workspace path (in a
-    local MLflow store URI, say) written as `.` so that no local path leaves the machine."""
-    root = str(Path(workspace).resolve())
+    local MLflow store URI, say) written as `.` so that no local path leaves the machine; so are `roots`, the
+    paths the checkpoints were trained in (another machine's, for a release exported from a clone)."""
+    paths = sorted({str(Path(workspace).resolve()), *map(str, roots)} - {"/", ""}, key=len, reverse=True)
+    if not paths:
+        return mask_secrets(obj)
+    # a whole path only: the workspace /data/run is not the start of /data/run_base
+    pattern = re.compile("(?:" + "|".join(map(re.escape, paths)) + r")(?![\w.-])")
 
     def local(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: local(v) for k, v in value.items()}
         if isinstance(value, list):
             return [local(v) for v in value]
-        return value.replace(root, ".") if isinstance(value, str) else value
+        return pattern.sub(".", value) if isinstance(value, str) else value
 
     return local(mask_secrets(obj))
+
+
+def trained_in(config: dict[str, Any], lineage: dict[str, Any]) -> set[str]:
+    """The absolute paths of the workspace a checkpoint was trained in, as its config (`workspace`) and its
+    lineage (the workspace's default MLflow store, `sqlite:///<workspace>/mlflow.db`) record them."""
+    roots = set()
+    workspace = config.get("workspace")
+    if isinstance(workspace, str) and Path(workspace).is_absolute():
+        roots.add(workspace.rstrip("/"))
+    uri = str((lineage.get("callbacks") or {}).get("mlflow_tracking_uri") or "")
+    if uri.startswith("sqlite:////") and uri.endswith("/mlflow.db"):
+        roots.add(uri[len("sqlite:///") : -len("/mlflow.db")])
+    return roots
 
 
 def ckpt_names(n: int) -> list[str]:
@@ -187,7 +206,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 def _export_checkpoint(
-    workspace: Path, entry: CheckpointEntry, tokenizer: Path | None, folder: Path
+    workspace: Path, entry: CheckpointEntry, tokenizer: Path | None, folder: Path, roots: set[str]
 ) -> tuple[dict[str, str], Any]:
     """Write one verified checkpoint as an HF folder plus its published lineage; return the written files'
     sha256 and the checkpoint's config."""
@@ -196,7 +215,7 @@ def _export_checkpoint(
 
     model, cfg = load_model_from_checkpoint(entry.path, device="cpu", verify=False)  # verified by _verify
     export_hf(model, cfg.model, tokenizer, folder)
-    published = publishable(json.loads((entry.path / "lineage.json").read_text()), workspace)
+    published = publishable(json.loads((entry.path / "lineage.json").read_text()), workspace, roots)
     (folder / "open360_lineage.json").write_text(json.dumps(published, indent=2, sort_keys=True) + "\n")
     return file_hashes(folder), cfg
 
@@ -211,9 +230,11 @@ def _write_release(
 ) -> None:
     """Write the release of the verified checkpoints `checked` into the (empty, temporary) folder `out`."""
     index, lineages = [], []
+    configs = [OmegaConf.to_container(OmegaConf.load(e.path / "config.yaml"), resolve=False) for e, _, _ in checked]
+    roots = set().union(*(trained_in(c, lineage) for c, (_, lineage, _) in zip(configs, checked, strict=True)))
     for entry, lineage, tokenizer in checked:
         name = revision[entry.step]
-        export_files, cfg = _export_checkpoint(workspace, entry, tokenizer, out / name)
+        export_files, cfg = _export_checkpoint(workspace, entry, tokenizer, out / name, roots)
         index.append(
             {
                 "revision": name,
@@ -226,8 +247,8 @@ def _write_release(
         )
         lineages.append(lineage)
     (out / "configs").mkdir(exist_ok=True)
-    config = OmegaConf.to_container(OmegaConf.load(checked[-1][0].path / "config.yaml"), resolve=False)
-    (out / "configs" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(publishable(config, workspace))))
+    published = publishable(configs[-1], workspace, roots)
+    (out / "configs" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(published)))
     data = _copy_data(workspace, lineages, out)
     run_id = _metrics_table(workspace, run, mlflow_uri, out, lineage_run_id(lineages[-1]))
     (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -392,7 +392,7 @@ def test_a_rewritten_lineage_is_caught_by_the_records_kept_elsewhere(
     renamed = honest.with_name("step_999")
     honest.rename(renamed)
     assert lineage_main([str(renamed)]) == 1
-    assert "records step 4, but the folder is step_999" in capsys.readouterr().err
+    assert "key 'step' is 4, but the folder is step_999" in capsys.readouterr().err
 
 
 def test_pull_refuses_a_remote_missing_a_file_and_force_repairs_a_damaged_one(

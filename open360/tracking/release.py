@@ -206,16 +206,21 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 def _export_checkpoint(
-    workspace: Path, entry: CheckpointEntry, tokenizer: Path | None, folder: Path, roots: set[str]
+    workspace: Path,
+    entry: CheckpointEntry,
+    lineage: dict[str, Any],
+    tokenizer: Path | None,
+    folder: Path,
+    roots: set[str],
 ) -> tuple[dict[str, str], Any]:
-    """Write one verified checkpoint as an HF folder plus its published lineage; return the written files'
-    sha256 and the checkpoint's config."""
+    """Write one verified checkpoint (`lineage`: its lineage.json as `_verify` read it) as an HF folder plus
+    its published lineage; return the written files' sha256 and the checkpoint's config."""
     from open360.checkpoint import load_model_from_checkpoint
     from open360.models.hf import export_hf
 
     model, cfg = load_model_from_checkpoint(entry.path, device="cpu", verify=False)  # verified by _verify
     export_hf(model, cfg.model, tokenizer, folder)
-    published = publishable(json.loads((entry.path / "lineage.json").read_text()), workspace, roots)
+    published = publishable(lineage, workspace, roots)
     (folder / "open360_lineage.json").write_text(json.dumps(published, indent=2, sort_keys=True) + "\n")
     return file_hashes(folder), cfg
 
@@ -234,7 +239,7 @@ def _write_release(
     roots = set().union(*(trained_in(c, lineage) for c, (_, lineage, _) in zip(configs, checked, strict=True)))
     for entry, lineage, tokenizer in checked:
         name = revision[entry.step]
-        export_files, cfg = _export_checkpoint(workspace, entry, tokenizer, out / name, roots)
+        export_files, cfg = _export_checkpoint(workspace, entry, lineage, tokenizer, out / name, roots)
         index.append(
             {
                 "revision": name,

@@ -319,6 +319,7 @@ def test_an_existing_run_named_before_the_rule_can_be_resumed(tmp_path):
 def test_hydra_chdir_anchors_every_relative_path_of_the_command_line(tmp_path, monkeypatch):
     import hydra.utils
 
+    from open360.config.schema import resume_is_off
     from open360.train.__main__ import anchor_relative_paths
 
     monkeypatch.setattr(hydra.utils, "get_original_cwd", lambda: str(tmp_path))
@@ -332,6 +333,9 @@ def test_hydra_chdir_anchors_every_relative_path_of_the_command_line(tmp_path, m
         cfg = compose(["+experiment=amber_tiny", f"trainer.resume={kept}", "workspace=/abs/ws"])
         anchor_relative_paths(cfg)
         assert (str(cfg.trainer.resume), cfg.workspace) == (kept, "/abs/ws")
+    cfg = compose(["+experiment=amber_tiny", "trainer.resume=null", "workspace=/abs/ws"])  # Hydra's null
+    anchor_relative_paths(cfg)
+    assert cfg.trainer.resume is None and resume_is_off(cfg.trainer.resume)
 
 
 def test_reading_a_run_takes_any_single_folder_name(tmp_path):

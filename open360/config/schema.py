@@ -113,7 +113,7 @@ class TrainerConfig:
     max_steps: int = MISSING
     seed: int = 42
     log_every: int = 1
-    resume: str = "none"  # none | auto | <checkpoint path> | <step>
+    resume: str | None = "none"  # none (or null) | auto | <checkpoint path> | <step>
     init_from: str | None = None  # checkpoint whose weights start a new run (fine-tuning, fresh optimizer)
     distributed: str = "ddp"  # ddp | fsdp (native backend under torchrun)
     tensor_parallel: int = 1

@@ -282,6 +282,33 @@ def test_export_release_folder(trained: dict, tmp_path: Path) -> None:
     assert [(c["revision"], c["step"]) for c in part] == [("ckpt_001", 8)]  # its place among all the run's
 
 
+def test_a_fresh_clone_exports_with_pull_from_the_remote_it_names(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`ckpt export --pull --remote R`: a clone whose default remote is not on this machine fetches the
+    chosen checkpoint (only it) from R, and the release holds the trained weights."""
+    from open360.tracking.cli import export_main
+    from open360.tracking.dvc_versioning import pull_recorded
+
+    ws = trained["ws"]
+    fresh = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(fresh)], check=True)
+    for name, url in (("local", tmp_path / "nowhere"), ("mirror", ws / ".dvc-storage")):
+        verb = ["modify", "--local", name, "url"] if name == "local" else ["add", "--local", name]
+        subprocess.run(["dvc", "remote", *verb, str(url)], cwd=fresh, check=True)
+    shard_dir = json.loads((ws / "checkpoints" / RUN / "step_8" / "lineage.json").read_text())["data"]["shard_dir"]
+    assert pull_recorded(fresh / shard_dir, fresh, remote="mirror")  # the tokenizer the release copies
+    argv = [RUN, "--workspace", str(fresh), "--steps", "8", "--pull"]
+    assert export_main([*argv, "--out", str(tmp_path / "r1")]) == 1  # the default remote
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "r1").exists()
+    assert export_main([*argv, "--out", str(tmp_path / "r2"), "--remote", "mirror"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (fresh / "checkpoints" / RUN).iterdir()) == ["step_8"]
+    released = json.loads((tmp_path / "r2" / "checkpoints.json").read_text())
+    assert [(c["revision"], c["step"]) for c in released] == [("ckpt_001", 8)]
+    pulled, original = (w / "checkpoints" / RUN / "step_8" / "model.safetensors" for w in (fresh, ws))
+    assert pulled.read_bytes() == original.read_bytes()
+
+
 def test_export_records_the_sha256_of_every_released_file(trained: dict, tmp_path: Path) -> None:
     from open360.checkpoint.io import sha256_file
 

@@ -410,6 +410,7 @@ def export_main(argv: Sequence[str]) -> int:
     _workspace_arg(parser)
     parser.add_argument("--steps", default="all", help="all (default), latest, or comma-separated steps")
     parser.add_argument("--pull", action="store_true", help="dvc-pull checkpoints not on disk first")
+    parser.add_argument("--remote", default=None, help="DVC remote --pull uses (default: the default remote)")
     parser.add_argument(
         "--mlflow-uri", default=None, help="tracking URI (default: the workspace's mlflow.db)"
     )
@@ -425,6 +426,7 @@ def export_main(argv: Sequence[str]) -> int:
             args.steps,
             pull=args.pull,
             mlflow_uri=args.mlflow_uri,
+            remote=args.remote,
         )
         print(f"release folder: {out}")
         if args.push_to_hub:

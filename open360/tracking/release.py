@@ -13,7 +13,14 @@ from omegaconf import OmegaConf
 
 from open360.checkpoint.lineage import data_history, inherited_data_history
 from open360.paths import temp_sibling
-from open360.tracking.checkpoints import CheckpointEntry, pull_checkpoints, run_checkpoints, select_steps
+from open360.tracking.checkpoints import (
+    CheckpointEntry,
+    is_dvc_workspace,
+    pull_checkpoints,
+    run_checkpoints,
+    select_steps,
+)
+from open360.tracking.dvc_versioning import DvcWorkspace
 from open360.tracking.mlflow_records import lineage_run_id
 from open360.tracking.params import mask_secrets
 
@@ -290,8 +297,10 @@ def export_release(
     steps: str = "all",
     pull: bool = False,
     mlflow_uri: str | None = None,
+    remote: str | None = None,
 ) -> Path:
-    """Write the release folder of `run` to `out` and return it (refuses a non-empty `out`).
+    """Write the release folder of `run` to `out` and return it (refuses a non-empty `out`); `pull` fetches
+    the chosen checkpoints not on disk from the DVC `remote` (default: the default remote) first.
 
     All or nothing: every checkpoint is verified before anything is written, and the release is built in
     a temporary sibling folder renamed to `out` when complete; on any failure (Ctrl-C too) it is removed."""
@@ -299,13 +308,15 @@ def export_release(
     out = Path(out).expanduser().resolve()
     _refuse_nonempty(out)
     _refuse_inside_tracked(workspace, out)
-    entries = run_checkpoints(workspace, run)
+    # in a clone, the tree object that checkpoints.dvc names may be on `remote` only
+    store = DvcWorkspace(workspace, remote=remote) if is_dvc_workspace(workspace) else None
+    entries = run_checkpoints(workspace, run, store)
     revision = dict(zip((e.step for e in entries), ckpt_names(len(entries)), strict=True))
     chosen = _choose(entries, steps, run)
     absent = [e for e in chosen if not e.local]
     if absent and pull:
         for entry in absent:
-            pull_checkpoints(workspace, run, str(entry.step))
+            pull_checkpoints(workspace, run, str(entry.step), remote=remote)
             entry.local = True
     elif absent:
         raise ReleaseError(

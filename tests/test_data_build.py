@@ -329,6 +329,26 @@ def test_a_damaged_token_column_type_is_a_shard_error(tiny: Path, tmp_path: Path
         ShardSet.open(out)
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(b"open360.recipe_hash", b"open360.recipe\x97hash"), (b"token_ids", b"token_idz"), (b"seq_id", b"s\x8aq_id")],
+)
+def test_a_name_damaged_in_a_footer_is_a_shard_error_naming_the_file(
+    tiny: Path, tmp_path: Path, old: bytes, new: bytes
+) -> None:
+    """A flipped byte in a footer's metadata key or column name (not UTF-8, or another name) is a ShardError
+    naming the file, not a bare UnicodeDecodeError or KeyError."""
+    from open360.data.cli import verify_main
+
+    out = Path(shutil.copytree(tiny, tmp_path / "footer"))
+    path = out / "train_00002.parquet"
+    path.write_bytes(path.read_bytes().replace(old, new))
+    with pytest.raises(ShardError, match=r"train_00002\.parquet: unreadable shard file"):
+        s = ShardSet.open(out)
+        s.sequences(np.arange(s.num_sequences))
+    assert verify_main(["--shards", str(out)]) == 1
+
+
 def test_a_folder_of_format_1_is_still_read_and_reused(tiny: Path, tmp_path: Path) -> None:
     """Folders built before row-group hashes (format 1) keep their name, open with a warning (their
     contents are checked by `data verify`, per file) and are reused by a build: runs trained on them resume."""

@@ -165,3 +165,23 @@ def test_seen_ids_is_the_union_of_batches_and_fast_for_long_runs(n: int, b: int)
     start = time.perf_counter()
     assert len(o.seen_ids(10**12)) == n  # a step far in a multi-epoch run: not one permutation per epoch
     assert time.perf_counter() - start < 5
+
+
+def test_an_epoch_0_batch_builds_no_array_of_every_id() -> None:
+    """At LLM360 scale (~615M sequences) an array of every id is ~5 GB: a batch of epoch 0 must not build
+    one (it did, at every step, in the prefetch thread of every rank)."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(num_sequences=10_000_000, path=Path("fake"))
+    o = DataOrder(fake, seed=5, global_batch_size=2240)  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        ids = o.batch_ids(1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(ids, np.arange(2240 * 1000, 2240 * 1001)) and ids.dtype == np.int64
+    assert peak < 1_000_000, peak  # bytes: the batch's ids, not 80 MB of every id
+    last = o.steps_per_epoch - 1
+    assert np.array_equal(o.batch_ids(last), o.epoch_order(0)[last * 2240 : (last + 1) * 2240])

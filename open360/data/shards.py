@@ -102,11 +102,11 @@ def write_rows(
 
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
-    """Turn pyarrow's errors on a damaged file (bad footer, failed page checksum, truncation) into a
-    ShardError that names the file."""
+    """Turn pyarrow's errors on a damaged file (bad footer, failed page checksum, truncation, a name in the
+    footer altered: KeyError, UnicodeDecodeError) into a ShardError that names the file."""
     try:
         yield
-    except (OSError, pa.ArrowException) as err:
+    except (OSError, KeyError, UnicodeDecodeError, pa.ArrowException) as err:
         raise ShardError(
             f"{path}: unreadable shard file ({type(err).__name__}: {err}); it is damaged or truncated — "
             "`dvc pull` it again, or delete it and run `open360 data build` (it writes the file again)"
@@ -207,7 +207,8 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
                 f"{f}: {meta.num_rows} rows in {meta.num_row_groups} row groups, the manifest records "
                 f"{entry['rows']} in {groups}; `dvc pull` it again or rebuild"
             )
-        footer = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+        with _reading(f):
+            footer = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
         if not footer and manifest["format"] == READABLE_FORMATS[0]:  # format 1 built before footers existed
             continue
         if RECIPE_HASH_KEY not in footer or FILE_KEY not in footer:

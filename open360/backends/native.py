@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 DISTRIBUTED_MODES = ("ddp", "fsdp")
+HOST_WAIT_TIMEOUT = timedelta(days=7)  # ranks waiting at `barrier` for rank 0's shard build, DVC pull or push
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    wait_group: Any = None  # the gloo group `barrier` waits on (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -55,7 +57,8 @@ def init_distributed(device: str) -> DistEnv:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=torch_device)
+    wait_group = dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT) if world > 1 else None
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=torch_device, wait_group=wait_group)
 
 
 def shutdown_distributed() -> None:
@@ -65,9 +68,11 @@ def shutdown_distributed() -> None:
 
 
 def barrier(env: DistEnv) -> None:
-    """Wait for every rank (no-op in one process)."""
+    """Wait for every rank (no-op in one process) for as long as rank 0's host-side work takes (building a
+    stage's shards can take hours): on a gloo group with HOST_WAIT_TIMEOUT, not on the training group, whose
+    30-minute timeout would stop the job."""
     if env.distributed:
-        dist.barrier()
+        dist.barrier(group=env.wait_group)
 
 
 def first_error(env: DistEnv, error: str | None) -> str | None:

@@ -120,10 +120,13 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
     rank, world, local_rank = _dist_info()
     device = _device(job, local_rank)
     if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))  # graphs, streams and NCCL use the current device
+        torch.cuda.set_device(torch.device(device))  # graphs and streams use the current device
     own_group = world > 1 and not torch.distributed.is_initialized()
-    if own_group:
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if own_group:  # its collectives are host-side (barriers, gathering cell lists): gloo, waiting as long as
+        # the slowest rank's pulls and cells take (an uneven share can finish hours later than the others)
+        from open360.backends.native import HOST_WAIT_TIMEOUT
+
+        torch.distributed.init_process_group("gloo", timeout=HOST_WAIT_TIMEOUT)
     try:
         return _run_cells(job, rank, world, device)
     finally:
@@ -252,9 +255,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     done_set = set(done)
     pending = [cell for cell in cells if cell not in done_set]
     if world > 1:  # the split below needs the same `pending` on every rank: nothing is written before this
-        torch.distributed.barrier(
-            device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None
-        )
+        torch.distributed.barrier()
     mine = _assign(pending, rank, world)
     shared_steps = {s for s, _ in pending} - _whole_steps(pending, set(mine))
     if job.max_cells:
@@ -326,9 +327,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
             scoring[0].release()
         scoring = None
     if world > 1:
-        torch.distributed.barrier(
-            device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None
-        )
+        torch.distributed.barrier()
     if job.release_local:  # the rest this rank pulled (split across ranks, or pulled for metadata only)
         from open360.checkpoint.io import step_dir_name
 

@@ -639,6 +639,21 @@ def test_resume_reuses_only_cells_of_this_job_and_these_weights(
     assert "model.safetensors: sha256" in err and "does not match lineage.json" in err and "Traceback" not in err
 
 
+def test_cells_of_other_settings_stop_the_job_before_any_reason_to_score_them_again(
+    trained_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """save_tokens=true scores again cells written without continuations, but only cells of this job's
+    settings: a cell of another sample in the same out_dir stops the job and is left as it was."""
+    root, _ = trained_run
+    args = _job(root, "checkpoints=20", "chunks=0", "sample=4", f"out_dir={tmp_path}", "report=false")
+    run_job(parse_args(args))
+    cell = cell_path(tmp_path, 20, 0)
+    before = cell.read_bytes()
+    with pytest.raises(MemorizationJobError, match=r"scored with other settings .*'sample': \(4, 5\)"):
+        run_job(parse_args([*args, "sample=5", "save_tokens=true"]))
+    assert cell.read_bytes() == before
+
+
 def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str], capsys) -> None:
     from open360.analysis.memorization.job import main
 
@@ -653,15 +668,35 @@ def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str
         ("checkpoints=40-20", "the range 40-20 runs backwards"),
         ("chunks=[0,1", "bad memorization argument"),
         ("seed=-1", "seed=-1: must be >= 0"),
+        ("max_cells=-1", "max_cells=-1: must be >= 0"),  # mine[:-1] scored all cells but one
+        ("device=cuda:x", "device='cuda:x': expected auto, cpu, cuda or cuda:<index>"),
+        ("device=cuda:99", "device=cuda:99"),  # no CUDA here, or not that many GPUs: one line either way
     ):
         assert main(_job(root, extra, "chunks=0", "report=false")) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err
+    assert main(_job(root, "checkpoints=20", "chunks=true", "report=false")) == 2  # not chunk 1
+    assert "chunks=True: 'True' is not an integer" in capsys.readouterr().err
     within = run_job(parse_args(_job(root, "checkpoints=15-25", "chunks=0", "sample=2", "report=false")))
     assert within.steps == [20]  # a range picks the run's checkpoints inside it
     from open360.analysis.memorization.job_config import job_tag
 
     assert job_tag(parse_args(_job(root, "shards=shards/stage_b"))).endswith("-seed42-stage_b")
+
+
+def test_an_explicit_gpu_is_checked_and_not_shared_by_torchrun_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device=cuda:N names a GPU that must exist; under torchrun every rank would take that one GPU."""
+    from open360.analysis.memorization.job import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    job = parse_args([f"run={RUN}", "device=cuda:1"])
+    assert _device(job, 0) == "cuda:1"
+    with pytest.raises(MemorizationJobError, match="every rank on one GPU; use device=cuda"):
+        _device(job, 1, world=2)
+    assert _device(parse_args([f"run={RUN}", "device=cuda"]), 1, world=2) == "cuda:1"
+    with pytest.raises(MemorizationJobError, match=r"device=cuda:2: cuda:2 is not visible \(2 CUDA devices\)"):
+        _device(parse_args([f"run={RUN}", "device=cuda:2"]), 0)
 
 
 def test_wide_ranges_are_not_expanded(trained_run: tuple[Path, str], capsys) -> None:

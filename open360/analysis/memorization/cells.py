@@ -118,22 +118,23 @@ def cell_is_done(job: MemorizationJobConfig, path: Path, workspace: Path, scored
         warnings.warn(f"{path}: unreadable cell ({type(err).__name__}: {err}); scoring it again", stacklevel=2)
         return False
     want = {key: getattr(job, key) for key in JOB_FIELDS} | scored_on
-    got = {key: meta.get(key) for key in JOB_FIELDS} | {key: meta.get(key) for key in scored_on}
-    if job.save_tokens and "continuation" not in table.column_names:
-        warnings.warn(f"{path}: written without continuations (save_tokens=false); scoring it again", stacklevel=2)
-        return False
+    got = {key: meta.get(key) for key in want}
     unrecorded = [key for key in scored_on if got[key] is None]
-    if unrecorded:
-        warnings.warn(f"{path}: written without {unrecorded} recorded; scoring it again", stacklevel=2)
-        return False
-    if got != want:
-        differ = {key: (got[key], want[key]) for key in want if got[key] != want[key]}
+    # Other settings stop the job before any reason to score the cell again (and overwrite it) is taken.
+    differ = {key: (got[key], want[key]) for key in want if key not in unrecorded and got[key] != want[key]}
+    if differ:
         short = next((name for name, dt in DTYPES.items() if str(dt) == f"torch.{got['dtype']}"), got["dtype"])
         same_dtype = f", or pass dtype={short}" if "dtype" in differ else ""
         raise MemorizationJobError(
             f"{path}: scored with other settings (cell, job: {differ}); give this job its own out_dir= "
             f"or remove {path.parent} to score again{same_dtype}"
         )
+    if unrecorded:
+        warnings.warn(f"{path}: written without {unrecorded} recorded; scoring it again", stacklevel=2)
+        return False
+    if job.save_tokens and "continuation" not in table.column_names:
+        warnings.warn(f"{path}: written without continuations (save_tokens=false); scoring it again", stacklevel=2)
+        return False
     lineage = run_checkpoint_dir(workspace, job.run) / step_dir_name(int(meta["step"])) / LINEAGE_FILE
     if not lineage.is_file():
         return True

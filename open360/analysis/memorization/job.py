@@ -79,16 +79,26 @@ def _assign(pending: list[tuple[int, int]], rank: int, world: int) -> list[tuple
     return pending[rank::world]
 
 
-def _device(job: MemorizationJobConfig, local_rank: int) -> str:
+def _device(job: MemorizationJobConfig, local_rank: int, world: int = 1) -> str:
     import torch
 
     if job.device == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if job.device == "cuda":
-        if not torch.cuda.is_available():
-            raise MemorizationJobError("device=cuda but no CUDA device is visible; use device=cpu or auto")
-        return f"cuda:{local_rank}"
-    return job.device
+    if job.device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise MemorizationJobError(f"device={job.device} but no CUDA device is visible; use device=cpu or auto")
+    if job.device != "cuda" and world > 1:
+        raise MemorizationJobError(
+            f"device={job.device} under torchrun would put every rank on one GPU; use device=cuda (rank r takes "
+            "cuda:<LOCAL_RANK>)"
+        )
+    index = local_rank if job.device == "cuda" else int(job.device.split(":", 1)[1])
+    if index >= torch.cuda.device_count():
+        raise MemorizationJobError(
+            f"device={job.device}: cuda:{index} is not visible ({torch.cuda.device_count()} CUDA devices)"
+        )
+    return f"cuda:{index}"
 
 
 @dataclass
@@ -118,7 +128,7 @@ def run_job(job: MemorizationJobConfig) -> JobResult:
 
     validate(job)
     rank, world, local_rank = _dist_info()
-    device = _device(job, local_rank)
+    device = _device(job, local_rank, world)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))  # graphs and streams use the current device
     own_group = world > 1 and not torch.distributed.is_initialized()

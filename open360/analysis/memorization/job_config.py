@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ class MemorizationJobConfig:
     )
     mode: str = "greedy"  # greedy (exact) | teacher_forced (screen: exact full_match, estimated token_match)
     batch_size: int = 0  # 0 = auto: as many as fit in GPU memory (<= 4096), 64 on CPU
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:<index>
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     cuda_graphs: bool = True
     compile: bool = False
@@ -107,10 +108,12 @@ def validate(job: MemorizationJobConfig) -> None:
         raise MemorizationJobError(f"sample={job.sample}: must be >= 0 (0 = all sequences)")
     if job.batch_size < 0:
         raise MemorizationJobError(f"batch_size={job.batch_size}: must be >= 0 (0 = auto)")
+    if job.max_cells < 0:
+        raise MemorizationJobError(f"max_cells={job.max_cells}: must be >= 0 (0 = all cells)")
     if not 0 <= job.seed < 2**63:
         raise MemorizationJobError(f"seed={job.seed}: must be >= 0 and < 2**63")
-    if job.device not in ("auto", "cpu", "cuda") and not job.device.startswith("cuda:"):
-        raise MemorizationJobError(f"device={job.device!r}: expected auto, cpu or cuda")
+    if job.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", job.device):
+        raise MemorizationJobError(f"device={job.device!r}: expected auto, cpu, cuda or cuda:<index>")
     if job.dtype not in DTYPE_CHOICES:
         raise MemorizationJobError(f"dtype={job.dtype!r}: expected one of {DTYPE_CHOICES}")
 
@@ -149,7 +152,7 @@ def int_list(value: Any, key: str) -> list[int] | None:
     """None for "all"; otherwise a list of ints from an int, a list, "a,b,c" or "a-b" (inclusive)."""
     if is_all(value):
         return None
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):  # chunks=true is a typo, not chunk 1
         return [value]
     items: list[Any] = list(value) if isinstance(value, list | tuple) else str(value).split(",")
     out: list[int] = []

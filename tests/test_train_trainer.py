@@ -188,17 +188,22 @@ def test_grad_accumulation_matches_one_big_micro_batch() -> None:
     for micro in (8, 2):
         torch.manual_seed(0)
         model = build_model(cfg.model)
+        recorder = Recorder()
         trainer = _trainer(
             model,
             parallelize(model, DistEnv(), "ddp"),
             2,
             _settings(global_batch_size=8, micro_batch_size=micro, seq_len=16),
+            callbacks=[recorder],
         )
         trainer.optimizer = build_optimizer(model, cfg.optim)
         summary = trainer.train()
-        results.append((summary["final_loss"], {k: v.clone() for k, v in model.state_dict().items()}))
-    (loss_a, wa), (loss_b, wb) = results
+        norms = [m["grad_norm"] for m in recorder.metrics.values()]
+        results.append((summary["final_loss"], norms, {k: v.clone() for k, v in model.state_dict().items()}))
+    (loss_a, norms_a, wa), (loss_b, norms_b, wb) = results
     assert math.isclose(loss_a, loss_b, rel_tol=1e-5)
+    # the weights alone cannot tell: clipping and Adam undo a gradient scaled by the micro-batch count
+    assert norms_b == pytest.approx(norms_a, rel=1e-5)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
@@ -371,3 +376,27 @@ def test_every_callback_ends_even_when_a_signal_interrupts_one() -> None:
     with pytest.raises(KeyboardInterrupt, match="signal 15"):
         end_callbacks([Draining(), Closing()], {"status": "finished"})
     assert ended == ["dvc", "mlflow:finished"]
+
+
+def test_a_next_stage_that_fails_to_open_keeps_the_step_and_checkpoint_that_end_the_stage_before(
+    tmp_path: Path,
+) -> None:
+    """The next stage's data opens (builds its shards) at its own first step, not while the stage before
+    still has its last step and its end-of-stage checkpoint to go: a failure there loses neither."""
+    t = _decoder_trainer(6)
+    t.stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("constant", 3)) for i, name in enumerate("ab")]
+    t.final_step = 6
+
+    def open_stage(st: Stage) -> StageData:
+        if st.index == 1:
+            raise TrainingError("stage 'b': its shards could not be built")
+        lineage = {"stage": st.name, "manifest_hash": "m", "tokenizer_hash": "t"}
+        return StageData(FakeOrder(4, 16, 64), [], lineage, lambda n: {})
+
+    t._open_stage = open_stage
+    t.writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", 1, background=False)
+    t.cadence = CadencePolicy("every_n", every=3, save_final=False)
+    with pytest.raises(TrainingError, match="stage 'b'"):
+        t.train()
+    assert t.progress.step == 3
+    assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [3]

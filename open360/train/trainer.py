@@ -190,9 +190,10 @@ class Trainer:
             if pre is not None and pre[:2] == (stage.index, step)
             else self._load_batch(stage, step)
         )
-        if step + 1 < self.final_step and self._prefetch_pool is not None:
-            nxt = stage_at(self.stages, step + 1)
-            self.stage_data(nxt)
+        nxt = stage_at(self.stages, step + 1) if step + 1 < self.final_step else None
+        # a stage not yet open opens (builds its shards) at its own first step: its failure must not cost the
+        # step and the checkpoint that end the stage before it
+        if nxt is not None and nxt.index in self._stage_data and self._prefetch_pool is not None:
             self._prefetched = (
                 nxt.index,
                 step + 1,

@@ -58,6 +58,13 @@ def check_resources(cfg: DictConfig) -> str:
         # One process per GPU: a run without torchrun uses one GPU; DDP keeps a full replica on each;
         # FSDP (and megatron-core: TP x PP plus its distributed optimizer) shard over at most the world.
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local > torch.cuda.device_count():
+            raise ResourceError(
+                f"torchrun started {local} processes on this machine (--nproc-per-node), one per GPU, but it has "
+                f"{torch.cuda.device_count()} visible GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}); "
+                "start at most that many"
+            )
         sharded = str(cfg.trainer.backend) == "megatron" or str(cfg.trainer.distributed) == "fsdp"
         shards = world if sharded else 1
         per_gpu = min(

@@ -202,6 +202,8 @@ BAD_TRAINING_VALUES = [
     ("trainer.backend=megatorn", "trainer.backend='megatorn': expected one of native, megatron"),
     ("trainer.distributed=fdsp", "trainer.distributed='fdsp': expected one of ddp, fsdp"),
     ("tracking.metric_buffer_steps=0", "tracking.metric_buffer_steps=0: must be >= 1"),
+    ("trainer.seed=-1", "trainer.seed=-1: must be >= 0 and < 2**63"),
+    ("trainer.seed=18446744073709551616", "trainer.seed=18446744073709551616: must be >= 0"),  # torch: bare overflow
     ("trainer.init_from=/nowhere/step_4", "trainer.init_from=/nowhere/step_4: not a checkpoint folder"),
     ("optim.lr=nan", "optim.lr=nan: the peak learning rate must be >= 0 and finite"),
     ("optim.lr=inf", "optim.lr=inf: the peak learning rate must be >= 0 and finite"),

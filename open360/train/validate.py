@@ -104,6 +104,8 @@ def check_training_config(cfg: DictConfig) -> None:
             f"trainer.loss_spike_factor={cfg.trainer.loss_spike_factor}: must be > 1 (a loss above factor x its "
             "running mean is logged as a spike)"
         )
+    if not 0 <= int(cfg.trainer.seed) < 2**63:
+        raise ValueError(f"trainer.seed={cfg.trainer.seed}: must be >= 0 and < 2**63")
     if int(cfg.data.build_workers) < 0:
         raise ValueError(f"data.build_workers={cfg.data.build_workers}: must be >= 0 (0 or 1 = build in this process)")
     _check_choices(cfg)

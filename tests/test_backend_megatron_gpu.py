@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,11 @@ def _losses(workspace: Path, run: str) -> dict[int, float]:
     return out
 
 
+def _grad_norms(stdout: str) -> dict[int, float]:
+    """Each step's gradient norm from the run's progress lines (`step N/M loss .. lr .. gnorm G ..`)."""
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+)/\d+ .*?gnorm (\S+)", stdout, re.M)}
+
+
 def _close(a: dict[int, float], b: dict[int, float], steps: range, tol: float) -> None:
     for s in steps:
         assert abs(a[s] - b[s]) / a[s] < tol, (s, a[s], b[s])
@@ -168,13 +174,16 @@ def test_a_resumed_megatron_run_continues_exactly_also_from_step_0(tmp_path: Pat
 @needs_two
 def test_tp2_dp2_match_one_gpu_and_tp2_checkpoint_resumes_at_dp2_and_exports(tmp_path: Path) -> None:
     ws = tmp_path / "ws"
-    _train(ws, "one", 1)
-    _train(ws, "tp2", 2, "trainer.tensor_parallel=2")
-    _train(ws, "dp2", 2)
+    printed = {run: _train(ws, run, n, *extra).stdout for run, n, extra in (
+        ("one", 1, ()), ("tp2", 2, ("trainer.tensor_parallel=2",)), ("dp2", 2, ()))}
     one, tp2, dp2 = _losses(ws, "one"), _losses(ws, "tp2"), _losses(ws, "dp2")
     steps = range(1, PIPELINE_STEPS + 1)
     _close(one, tp2, steps, 0.02)
     _close(one, dp2, steps, 0.02)
+    # the gradient norm (and the clipping by it) covers every TP rank's shard of the split weights
+    norms = {run: _grad_norms(out) for run, out in printed.items()}
+    _close(norms["one"], norms["tp2"], steps, 0.02)
+    _close(norms["one"], norms["dp2"], steps, 0.02)
 
     # The TP=2 checkpoint of step 6 resumes under DP=2 (megatron-core reshards model and optimizer).
     resumed = ws / "checkpoints" / "tp2" / "step_6"

@@ -53,6 +53,7 @@ class Progress:
         fields = {
             "loss": f"{metrics['loss']:.4f}",
             "lr": f"{metrics['lr']:.2e}",
+            "gnorm": f"{metrics['grad_norm']:.4g}",
             "tok/s": f"{metrics['tokens_per_s']:,.0f}",
         }
         if "mfu" in metrics:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
@@ -190,6 +190,22 @@ def _scale_output(multiplier: float):
     return hook
 
 
+def mark_tensor_parallel_weights(model: torch.nn.Module, config: TransformerConfig) -> None:
+    """Mark each tensor-parallel weight as megatron-core's initializer does (`tensor_model_parallel`, its
+    partition dim and stride): with perform_initialization=False megatron skips that initializer and the mark
+    with it, and its optimizer then counts every such shard as a copy of TP rank 0's, so the global gradient
+    norm (and the clipping that uses it) leaves out the other TP ranks' shards."""
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or hasattr(weight, "tensor_model_parallel"):
+            continue
+        if isinstance(module, ColumnParallelLinear | VocabParallelEmbedding):
+            stride = 2 if config.gated_linear_unit and name.endswith("mlp.linear_fc1") else 1  # as megatron's MLP
+            weight.tensor_model_parallel, weight.partition_dim, weight.partition_stride = True, 0, stride
+        elif isinstance(module, RowParallelLinear):
+            weight.tensor_model_parallel, weight.partition_dim, weight.partition_stride = True, 1, 1
+
+
 def build_gpt_model(
     cfg: ModelConfig, config: TransformerConfig, pre_process: bool, post_process: bool, attention: str = "sdpa"
 ) -> GPTModel:
@@ -224,4 +240,5 @@ def build_gpt_model(
             model.embedding.register_forward_hook(_scale_output(cfg.mup.embedding_multiplier))
         if post_process:
             model.output_layer.register_forward_hook(_scale_output(cfg.mup.output_multiplier / width_mult(cfg)))
+    mark_tensor_parallel_weights(model, config)
     return model

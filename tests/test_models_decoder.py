@@ -258,7 +258,44 @@ def test_mup_init_and_multipliers() -> None:
     assert model.embedding_multiplier == 14.6 and model.logit_multiplier == pytest.approx(2.22 / 4)
     assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.01, rel=0.05)  # 0.02 / sqrt(4)
+    for residual_out in (model.blocks[1].attn.out, model.blocks[1].mlp.down):  # further / sqrt(2 * n_layers)
+        assert residual_out.weight.std().item() == pytest.approx(0.01 / 2, rel=0.05)
     assert model.blocks[0].attn.scale == pytest.approx(1 / 64)
+
+
+def test_full_size_models_have_the_published_architecture() -> None:
+    """The full-size configs, built (on the meta device), realize shared/DOMAIN.md's facts in their modules."""
+
+    def built(name: str) -> Decoder:
+        with torch.device("meta"):
+            return build_model(compose([f"model={name}"]).model)
+
+    optim = OptimConfig(lr=1.0, eps=1e-9, weight_decay=0.1)
+    amber = built("amber")  # LLaMA-7B: RMSNorm 1e-6, SwiGLU 11008, full RoPE base 10000, untied, no biases
+    block = amber.blocks[0]
+    assert isinstance(block.norm1, torch.nn.RMSNorm) and block.norm1.eps == 1e-6 and not block.parallel
+    assert block.mlp.gate_up.weight.shape == (2 * 11008, 4096) and block.attn.qkv.bias is None
+    assert (amber.rotary.dim, amber.rotary.base, block.attn.scale) == (128, 10000.0, 1 / math.sqrt(128))
+    assert amber.lm_head is not None and amber.lm_head_bias is None and amber.embed.weight.shape == (32000, 4096)
+    assert (amber.embedding_multiplier, amber.logit_multiplier) == (1.0, 1.0)
+
+    cc = built("crystalcoder")  # LayerNorm 1e-5 + biases, SwiGLU 10922, 32 of 128 dims rotary, tied, muP
+    block = cc.blocks[0]
+    assert isinstance(block.norm1, torch.nn.LayerNorm) and block.norm1.eps == 1e-5 and not block.parallel
+    assert all(m.bias is not None for m in (block.attn.qkv, block.attn.out, block.mlp.gate_up, block.mlp.down))
+    assert block.mlp.gate_up.weight.shape == (2 * 10922, 4096)
+    assert (cc.rotary.dim, block.attn.scale) == (32, 1 / 128)  # 25% rotary; attention 1/d
+    assert cc.lm_head is None and cc.embed.weight.shape == (32032, 4096)
+    assert cc.embedding_multiplier == 14.6 and cc.logit_multiplier == pytest.approx(2.22 / 16)
+    assert cc.cfg.init_std == 0.0183
+    assert {g["name"]: g["lr_scale"] for g in cc.param_groups(optim)}["hidden"] == 0.0625
+
+    phi = built("phi15")  # parallel block from one LayerNorm, tanh-GELU 8192, 32 of 64 dims rotary, biases
+    block = phi.blocks[0]
+    assert block.parallel and block.norm2 is None and isinstance(block.norm1, torch.nn.LayerNorm)
+    assert block.norm1.eps == 1e-5 and block.mlp.fc1.weight.shape == (8192, 2048) and block.mlp.fc1.bias is not None
+    assert (phi.rotary.dim, block.attn.scale, block.attn.qkv.bias is not None) == (32, 1 / 8, True)
+    assert phi.lm_head is not None and phi.lm_head_bias.shape == (51200,)
 
 
 @pytest.mark.slow

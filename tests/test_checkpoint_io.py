@@ -393,3 +393,36 @@ def test_n_kv_heads_unset_and_equal_to_n_heads_is_the_same_architecture(tmp_path
     check_architecture(tmp_path, OmegaConf.create({"n_heads": 4, "n_kv_heads": 4, "d_model": 64}), "trainer.resume")
     with pytest.raises(CheckpointError, match=r"'model.n_kv_heads': \(None, 2\)"):
         check_architecture(tmp_path, OmegaConf.create({"n_heads": 4, "n_kv_heads": 2, "d_model": 64}), "x")
+
+
+def test_a_damaged_pickle_stream_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:
+    """Bytes flipped inside optimizer.pt's pickle (its sha256 re-recorded: a foreign or re-hashed copy) can fail
+    inside torch's weights_only unpickler with a KeyError, IndexError or TypeError: each is the same
+    CheckpointError naming the file as any other damage, not a bare `KeyError: 88`."""
+    ck = save_checkpoint(tmp_path, 1, _contents())
+    data = (ck / "optimizer.pt").read_bytes()
+    at = data.index(b"\x80\x02}q\x00")  # the pickle opens with a dict memoized as 0 ...
+    (ck / "optimizer.pt").write_bytes(data[:at] + b"\x80\x02}hX" + data[at + 5 :])  # ... now fetches memo 88
+    _rehash(ck, "optimizer.pt")
+    with pytest.raises(CheckpointError, match=r"step_1/optimizer\.pt: not loadable as tensors with weights_only=True"):
+        load_checkpoint(ck)
+
+
+def test_a_branch_journal_and_its_moves_reach_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal of a branch is fsynced (file and folder) before anything moves, as a checkpoint's files are:
+    a power cut after the moves must not leave an empty journal entry, which pending_branches skips as junk,
+    so that resume=auto would continue the half-replaced branch. The moves are on disk before it goes."""
+    from open360.checkpoint.branches import supersede_later_checkpoints, write_pending_branch
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    published, recovery = (tmp_path / "checkpoints" / "r").resolve(), (tmp_path / "recovery" / "r").resolve()
+    for step in (2, 4):
+        save_checkpoint(published, step, _contents())
+    synced.clear()
+    marker = write_pending_branch(recovery, 2, "from_step_2-x")
+    assert [Path(p).name.endswith(marker.name) for p in synced] == [True, False] and synced[1] == str(recovery)
+    synced.clear()
+    supersede_later_checkpoints(2, published, recovery, "from_step_2-x")
+    assert synced == [str(published / "superseded" / "from_step_2-x"), str(published)]

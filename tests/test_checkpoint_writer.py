@@ -116,3 +116,21 @@ def test_a_failed_background_save_is_raised_once_and_the_saves_before_it_are_rep
         writer.poll()
     assert [(d.step, d.published) for d in writer.close()] == [(1, True)]
     assert writer._pool is not None and writer._pool._shutdown
+
+
+def test_a_background_save_stores_tied_weights_once_as_a_foreground_one_does(tmp_path: Path) -> None:
+    """The snapshot of a background save (every CUDA run) keeps tied tensors one tensor, so model.safetensors
+    stores the embedding once with its alias, byte for byte what a save without the snapshot writes (it was
+    written twice: a tied vocab x d_model embedding's bytes again in every checkpoint)."""
+    w = torch.randn(16, 4)
+    files = []
+    for background in (False, True):
+        writer = CheckpointWriter(tmp_path / f"pub{background}", tmp_path / "rec", 1, background=background)
+        writer.save(1, CheckpointContents({"emb.weight": w, "head.weight": w}, {}, {"step": 1}, {}, "x: 1\n"), True)
+        writer.close()
+        files.append((tmp_path / f"pub{background}" / "step_1" / "model.safetensors").read_bytes())
+    assert files[0] == files[1]
+    back = load_checkpoint(tmp_path / "pubTrue" / "step_1").model
+    assert back["head.weight"] is back["emb.weight"] and torch.equal(back["emb.weight"], w)
+    snap = HostSnapshot()({"a": w, "b": w, "c": w[1:], "d": torch.empty(0), "e": torch.empty(0)})
+    assert snap["a"] is snap["b"] and snap["c"] is not snap["a"] and torch.equal(snap["c"], w[1:])

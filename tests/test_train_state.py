@@ -67,3 +67,41 @@ def test_resume_refuses_other_manifest_or_tokenizer(tmp_path: Path) -> None:
         check_resume_compatible(path, "main", "m2", "t1")
     with pytest.raises(CheckpointError, match=r"tokenizer hash t1 in the checkpoint, t9 now"):
         check_resume_compatible(path, "main", "m1", "t9")
+
+
+_TRAINER_STATE = {
+    "step": 2, "tokens_seen": 64, "loss": 7.5, "loss_ema": 7.6, "loss_spikes": 0, "world_size": 1,
+    "stage": {"index": 0, "name": "main", "step_in_stage": 2}, "loader": {}, "global_batch_size": 4, "seq_len": 8,
+    "data_history": [{"stage_index": 0, "steps": 2}],
+}
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda s: [s], "a JSON object is expected, found list"),
+        (lambda s: {k: v for k, v in s.items() if k != "seq_len"}, "key 'seq_len' is missing, int expected"),
+        (lambda s: {**s, "step": "two"}, "key 'step' is str 'two', int expected"),
+        (lambda s: {**s, "stage": 0}, "key 'stage' is int '0', dict expected"),
+        (lambda s: {**s, "stage": {"name": "main"}}, "key 'stage.index' is missing"),
+        (lambda s: {**s, "data_history": [{"steps": 2}]}, r"key 'data_history\[0\].stage_index' is missing"),
+    ],
+)
+def test_a_trainer_state_of_the_wrong_shape_is_one_error_naming_the_file_and_key(
+    tmp_path: Path, edit: object, named: str
+) -> None:
+    """A trainer_state.json whose sha256 matches lineage.json (a foreign or hand-edited checkpoint) but that
+    lacks a key a resume reads, or holds another type there, is refused naming it, not with a KeyError."""
+    from types import SimpleNamespace
+
+    from open360.backends.native import DistEnv
+    from open360.train.pipeline import resume
+    from open360.train.schedules import Schedule, Stage
+
+    contents = CheckpointContents({"w": torch.zeros(1)}, {}, edit(dict(_TRAINER_STATE)), {}, "model: {}\n")
+    path = save_checkpoint(tmp_path, 2, contents)
+    trainer = SimpleNamespace(
+        env=DistEnv(), backend="native", stages=[Stage(0, "main", "r.yaml", 0, 4, 1e-3, Schedule("constant", 4))]
+    )
+    with pytest.raises(CheckpointError, match=rf"step_2/trainer_state\.json: {named}"):
+        resume(trainer, path)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from open360.checkpoint.io import list_checkpoints
+from open360.checkpoint.io import _fsync_dir, _fsync_file, list_checkpoints
 
 PENDING_GLOB = ".branch-pending-*.json"
 
@@ -36,6 +36,8 @@ def supersede_later_checkpoints(step: int, published_dir: Path, recovery_dir: Pa
                 moved[s] = Path(path).rename(target / Path(path).name)
             except FileNotFoundError:  # moved meanwhile by another process finishing the same branch
                 continue
+        for folder_moved in (target, Path(parent)):  # the moves are on disk before the journal entry goes
+            _fsync_dir(folder_moved)
     return moved
 
 
@@ -46,7 +48,9 @@ def write_pending_branch(recovery_dir: Path, step: int, folder: str) -> Path:
     marker = recovery_dir / PENDING_GLOB.replace("*", folder)
     tmp = marker.with_name(f".tmp-{os.getpid()}-{marker.name}")
     tmp.write_text(json.dumps({"from_step": int(step), "superseded": folder}))
+    _fsync_file(tmp)  # on disk, whole, before anything moves: a power cut must not leave an empty journal entry
     os.replace(tmp, marker)
+    _fsync_dir(recovery_dir)
     return marker
 
 

@@ -362,10 +362,12 @@ def load_checkpoint(path: Path, verify: bool = True, weights: bool = True) -> Ch
 
 def _load_tensors_file(file: Path) -> Any:
     """torch.load with weights_only=True; a damaged file, or one holding anything but tensors and plain
-    containers (a pickle that could run code), is a CheckpointError naming it — never retried unsafely."""
+    containers (a pickle that could run code), is a CheckpointError naming it — never retried unsafely. A
+    damaged pickle stream can also fail inside the restricted unpickler (a memo index that is not there: a
+    KeyError; an empty stack: an IndexError; a tensor rebuilt from the wrong arguments: a TypeError)."""
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError, TypeError) as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         # torch's message for a refused pickle starts by advising weights_only=False: keep only the reason
         reasons = [ln.split(". ")[0] for ln in lines if "GLOBAL" in ln or "WeightsUnpickler" in ln]

@@ -20,8 +20,10 @@ class HostSnapshot:
 
     def __init__(self) -> None:
         self._pinned: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._copies: dict[tuple[Any, ...], torch.Tensor] = {}  # per call: one copy of each tensor view
 
     def __call__(self, obj: Any) -> Any:
+        self._copies = {}
         out = self._copy(obj, ())
         if any(buf.is_pinned() for buf in self._pinned.values()):
             torch.cuda.synchronize()
@@ -29,14 +31,12 @@ class HostSnapshot:
 
     def _copy(self, obj: Any, key: tuple[Any, ...]) -> Any:
         if isinstance(obj, torch.Tensor):
-            if obj.device.type != "cuda":
-                return obj.detach().to("cpu", copy=True)
-            buf = self._pinned.get(key)
-            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-                self._pinned[key] = buf
-            buf.copy_(obj.detach(), non_blocking=True)
-            return buf
+            if obj.numel() == 0:
+                return self._copy_tensor(obj, key)
+            view = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.dtype, obj.shape, obj.stride())
+            if view not in self._copies:  # tied weights stay one tensor, so the file stores them once
+                self._copies[view] = self._copy_tensor(obj, key)
+            return self._copies[view]
         if isinstance(obj, dict):
             return {k: self._copy(v, (*key, k)) for k, v in obj.items()}
         if isinstance(obj, list):
@@ -44,6 +44,16 @@ class HostSnapshot:
         if isinstance(obj, tuple):
             return tuple(self._copy(v, (*key, i)) for i, v in enumerate(obj))
         return obj
+
+    def _copy_tensor(self, obj: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+        if obj.device.type != "cuda":
+            return obj.detach().to("cpu", copy=True)
+        buf = self._pinned.get(key)
+        if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+            buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            self._pinned[key] = buf
+        buf.copy_(obj.detach(), non_blocking=True)
+        return buf
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from open360.checkpoint.branches import branch_folder, supersede_later_checkpoin
 from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import (
     MODEL_FILE,
+    TRAINER_STATE_FILE,
     CheckpointError,
     check_architecture,
     check_writable,
@@ -44,6 +45,7 @@ from open360.train.progress import format_summary, peak_flops
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import (
     check_resume_compatible,
+    check_trainer_state,
     find_resume_checkpoint,
     seed_everything,
 )
@@ -314,6 +316,7 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
     if error := first_error(trainer.env, error):
         raise CheckpointError(error)
     contents = load_checkpoint(checkpoint, verify=False, weights=trainer.backend != "megatron")
+    check_trainer_state(Path(checkpoint) / TRAINER_STATE_FILE, contents.trainer_state)
     total = trainer.stages[-1].end
     if int(contents.trainer_state["step"]) > total:
         raise TrainingError(

@@ -114,6 +114,40 @@ def find_resume_checkpoint(resume: str, published_dir: Path, recovery_dir: Path)
     return path
 
 
+# trainer_state.json keys that a resume reads, with their types (a foreign or hand-made file fails here, naming
+# the key, not with a KeyError deep in the trainer); loss and loss_ema are None before the first step
+_NUMBER_OR_NONE = (int, float, type(None))
+_TRAINER_STATE_TYPES = {
+    "step": int, "tokens_seen": int, "loss_spikes": int, "global_batch_size": int, "seq_len": int, "stage": dict,
+    "loader": dict, "data_history": list, "loss": _NUMBER_OR_NONE, "loss_ema": _NUMBER_OR_NONE,
+}
+_MISSING = object()
+
+
+def check_trainer_state(file: Path, state: Any) -> None:
+    """Raise CheckpointError naming `file` and the key when a loaded trainer_state.json lacks a key that a
+    resume reads, or holds a value of another type there."""
+
+    def check(key: str, value: Any, kind: type | tuple[type, ...]) -> None:
+        if value is _MISSING or not isinstance(value, kind) or isinstance(value, bool):
+            found = "missing" if value is _MISSING else f"{type(value).__name__} {str(value)[:40]!r}"
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise CheckpointError(
+                f"{file}: key {key!r} is {found}, {names} expected; the file was not written by open360 or was "
+                "edited — resume from another step"
+            )
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: a JSON object is expected, found {type(state).__name__}; the checkpoint is corrupted")
+    for key, kind in _TRAINER_STATE_TYPES.items():
+        check(key, state.get(key, _MISSING), kind)
+    check("stage.index", state["stage"].get("index", _MISSING), int)
+    check("stage.name", state["stage"].get("name", _MISSING), str)
+    for i, entry in enumerate(state["data_history"]):
+        check(f"data_history[{i}]", entry, dict)
+        check(f"data_history[{i}].stage_index", entry.get("stage_index", _MISSING), int)
+
+
 def check_resume_compatible(
     checkpoint: Path, stage_name: str, manifest_hash: str, tokenizer_hash: str
 ) -> None:

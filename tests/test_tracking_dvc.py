@@ -318,3 +318,21 @@ def test_a_branch_finished_meanwhile_is_not_superseded_again_over_the_new_checkp
     assert sorted(tracked) == ["step_1", "step_2", "superseded"]
     assert tracked["step_2"].md5 == folder_md5(run_dir / "step_2") != old_md5
     assert store.tracked(aside / "step_2").md5 == old_md5  # the replaced checkpoint's record is kept
+
+
+def test_tracked_children_reads_the_tree_once_for_all_children(tmp_path: Path) -> None:
+    """Listing a run's checkpoints walks its .dvc tree once, not once per checkpoint (O(checkpoints^2): 21 s
+    for 360 checkpoints of 8 files, and each `ckpt pull` / memorization pull lists them all again)."""
+    from types import SimpleNamespace
+
+    entries = [(("r", f"step_{s}", *name.split("/")), None, SimpleNamespace(value=f"{s:04x}{i:028x}"))
+               for s in (1, 2, 10) for i, name in enumerate(("lineage.json", "model.safetensors", "hf/config.json"))]
+    entries.append((("r", "stray.txt"), None, SimpleNamespace(value="0" * 32)))  # a file, not a child folder
+    store = DvcWorkspace(tmp_path)
+    reads = []
+    store._tree = lambda repo, rel: reads.append(rel) or (entries, tuple(rel.split("/")[1:]))
+    store._retry_locked = lambda fn, action, path: fn(None)
+    children = store.tracked_children(tmp_path / "checkpoints" / "r")
+    assert reads == ["checkpoints/r"]
+    assert children == {name: store._tracked_dir(None, f"checkpoints/r/{name}") for name in ("step_1", "step_10", "step_2")}
+    assert children["step_2"].file_md5["hf/config.json"] == f"{2:04x}{2:028x}" and children["step_2"].nfiles == 3

@@ -111,15 +111,18 @@ class DataView:
     def rows(self, consumption: tuple[tuple[int, int], ...], chunk: int) -> np.ndarray:
         """Rows (within `chunk`) scored for this cell, in scoring order."""
         size = int(self.chunk_sizes[chunk])
-        if self.job.selection == "sample":
-            if chunk not in self._rows:
-                self._rows[chunk] = sample_rows(size, self.job.sample, self.job.seed)
-            return self._rows[chunk]
-        prefix, extra = self._seen(consumption)
-        seen = np.arange(min(size, max(0, prefix - int(self.offsets[chunk]))), dtype=np.int64)
-        if len(extra):
-            seen = np.union1d(seen, seen_rows(extra, self.chunk_sizes, chunk))
-        return sample_seen_rows(size, seen, self.job.sample, self.job.seed)
+        if self.job.selection != "sample":
+            prefix, extra = self._seen(consumption)
+            seen = np.arange(min(size, max(0, prefix - int(self.offsets[chunk]))), dtype=np.int64)
+            if len(extra):
+                seen = np.union1d(seen, seen_rows(extra, self.chunk_sizes, chunk))
+            if len(seen) < size:
+                return sample_seen_rows(size, seen, self.job.sample, self.job.seed)
+        # a chunk seen whole draws what `sample_rows` draws: one permutation of it per job, not per checkpoint
+        # (~0.25 s for a chunk of 1.7M rows, x 360 x 360 cells at LLM360 scale)
+        if chunk not in self._rows:
+            self._rows[chunk] = sample_rows(size, self.job.sample, self.job.seed)
+        return self._rows[chunk]
 
     def seen_mask(self, consumption: tuple[tuple[int, int], ...], chunk: int, rows: np.ndarray) -> np.ndarray:
         """Whether each row had been trained on by a checkpoint that consumed these shards so."""

@@ -207,3 +207,17 @@ def test_a_later_epochs_order_is_built_without_a_second_copy() -> None:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(seen) == n and peak < 1.5 * 8 * n + n, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_a_rank_reads_only_its_part_of_the_batch(shards: ShardSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of N data-parallel ranks reads (and hashes) its 1/N of the global batch, not all of it (at AMBER
+    scale, 2240 rows per step on every rank); the parts, in rank order, are the batch."""
+    o = DataOrder(shards, 42, 16)
+    for step in (5, o.steps_per_epoch + 3):  # epoch 0 and a shuffled later epoch
+        whole = o.batch(step)
+        asked: list[int] = []
+        read = shards.sequences
+        monkeypatch.setattr(shards, "sequences", lambda ids, read=read, asked=asked: asked.append(len(ids)) or read(ids))
+        parts = [o.batch(step, (i, 4)) for i in range(4)]
+        monkeypatch.undo()
+        assert asked == [4, 4, 4, 4] and np.array_equal(np.concatenate(parts), whole)

@@ -30,9 +30,10 @@ class FakeOrder:
     def __init__(self, batch: int, seq_len: int, vocab: int) -> None:
         self.batch_size, self.seq_len, self.vocab = batch, seq_len, vocab
 
-    def batch(self, step: int) -> np.ndarray:
+    def batch(self, step: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
         start = np.random.default_rng(step).integers(0, 64, size=(self.batch_size, 1))
-        return (start + np.arange(self.seq_len + 1)[None, :]) % self.vocab
+        rows = self.batch_size // part[1]
+        return ((start + np.arange(self.seq_len + 1)[None, :]) % self.vocab)[part[0] * rows : (part[0] + 1) * rows]
 
     def state_dict(self) -> dict[str, Any]:
         return {"fingerprint": "fake"}

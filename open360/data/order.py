@@ -62,9 +62,13 @@ class DataOrder:
             return np.arange(within * b, (within + 1) * b, dtype=np.int64)
         return self.epoch_order(epoch)[within * b : (within + 1) * b].copy()
 
-    def batch(self, step: int) -> np.ndarray:
-        """Token rows [global_batch_size, seq_len + 1] (int64) of the batch at `step`."""
-        return self.shards.sequences(self.batch_ids(step))
+    def batch(self, step: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
+        """Token rows [global_batch_size / count, seq_len + 1] (int64) of part `index` of `count` equal parts
+        of the batch at `step`, `part` = (index, count): a data-parallel rank reads only its own rows."""
+        index, count = part
+        ids = self.batch_ids(step)
+        rows = len(ids) // count
+        return self.shards.sequences(ids[index * rows : (index + 1) * rows])
 
     def seen_ids(self, step: int) -> np.ndarray:
         """Sorted unique ids of every sequence consumed by steps 0..step-1."""

@@ -174,10 +174,8 @@ class Trainer:
 
     def _load_batch(self, stage: Stage, step: int) -> torch.Tensor:
         """This rank's rows of the global batch of global step `step`, as a (pinned) CPU tensor."""
-        full = self.stage_data(stage).order.batch(step - stage.start)
-        index, count = self._data_shard()
-        rows = self.settings.global_batch_size // count
-        local = np.ascontiguousarray(full[index * rows : (index + 1) * rows], dtype=np.int64)
+        part = self._data_shard()
+        local = np.ascontiguousarray(self.stage_data(stage).order.batch(step - stage.start, part), dtype=np.int64)
         tensor = torch.from_numpy(local)
         return tensor.pin_memory() if self.env.device.type == "cuda" else tensor
 

@@ -185,8 +185,8 @@ def test_extra_dirs_move_into_the_checkpoint_and_are_verified(tmp_path: Path, mo
     import open360.checkpoint.io as io
 
     synced: list[str] = []
-    real_fsync_dir = io._fsync_dir
-    monkeypatch.setattr(io, "_fsync_dir", lambda p: (synced.append(Path(p).name), real_fsync_dir(p)))
+    real_fsync_dir = io.fsync_dir
+    monkeypatch.setattr(io, "fsync_dir", lambda p: (synced.append(Path(p).name), real_fsync_dir(p)))
     staging = tmp_path / "run" / ".tmp-step_5-megatron"
     (staging / "shards").mkdir(parents=True)
     (staging / "shards" / "0.distcp").write_bytes(b"rank0")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from open360.checkpoint.io import _fsync_dir, _fsync_file, list_checkpoints
+from open360.checkpoint.io import fsync_dir, fsync_file, list_checkpoints
 
 PENDING_GLOB = ".branch-pending-*.json"
 
@@ -37,7 +37,7 @@ def supersede_later_checkpoints(step: int, published_dir: Path, recovery_dir: Pa
             except FileNotFoundError:  # moved meanwhile by another process finishing the same branch
                 continue
         for folder_moved in (target, Path(parent)):  # the moves are on disk before the journal entry goes
-            _fsync_dir(folder_moved)
+            fsync_dir(folder_moved)
     return moved
 
 
@@ -48,9 +48,9 @@ def write_pending_branch(recovery_dir: Path, step: int, folder: str) -> Path:
     marker = recovery_dir / PENDING_GLOB.replace("*", folder)
     tmp = marker.with_name(f".tmp-{os.getpid()}-{marker.name}")
     tmp.write_text(json.dumps({"from_step": int(step), "superseded": folder}))
-    _fsync_file(tmp)  # on disk, whole, before anything moves: a power cut must not leave an empty journal entry
+    fsync_file(tmp)  # on disk, whole, before anything moves: a power cut must not leave an empty journal entry
     os.replace(tmp, marker)
-    _fsync_dir(recovery_dir)
+    fsync_dir(recovery_dir)
     return marker
 
 

@@ -65,7 +65,7 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -73,7 +73,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -190,11 +190,11 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
         lineage["files"] = {name: sha256_file(tmp / name) for name in (*PAYLOAD_FILES, *extra_files)}
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
         for name in (*PAYLOAD_FILES, *extra_files, LINEAGE_FILE):
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
         for name in contents.extra_dirs:  # the entries of nested folders (megatron's shards) are durable too
             for folder in [tmp / name, *sorted(p for p in (tmp / name).rglob("*") if p.is_dir())]:
-                _fsync_dir(folder)
-        _fsync_dir(tmp)
+                fsync_dir(folder)
+        fsync_dir(tmp)
     except BaseException as err:  # a failed save leaves nothing half-written behind, and no earlier step changes
         shutil.rmtree(tmp, ignore_errors=True)
         # A full disk surfaces as OSError, as safetensors' SafetensorError or as torch.save's RuntimeError
@@ -212,7 +212,7 @@ def save_checkpoint(parent: Path, step: int, contents: CheckpointContents) -> Pa
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return final
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,100 @@ def test_ranks_wait_for_rank_0s_host_work_longer_than_the_training_groups_timeou
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_wait_at_barrier, args=(port, 5.0, str(tmp_path)), nprocs=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+
+
+class _SeededOrder:
+    """Seeded global batches of token rows (the same whatever the world size), standing in for DataOrder."""
+
+    def __init__(self, batch: int, seq_len: int) -> None:
+        self.batch_size, self.seq_len = batch, seq_len
+
+    def batch(self, step: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
+        generator = torch.Generator().manual_seed(step)
+        rows = torch.randint(0, 4096, (self.batch_size, self.seq_len + 1), generator=generator).numpy()
+        n = self.batch_size // part[1]
+        return rows[part[0] * n : (part[0] + 1) * n]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _train_three_steps(rank: int, world: int, port: int, mode: str, tied: bool, out: str) -> None:
+    """Three clipped steps of a 1-layer amber_tiny, global batch 8 in micro-batches of 2: 4 accumulation
+    micro-batches in one process, 2 per rank in two. Rank 0 saves every step's metrics and the weights."""
+    import torch.distributed as dist
+
+    from open360.backends.native import full_model_state, init_distributed, parallelize, shutdown_distributed
+    from open360.checkpoint import CadencePolicy
+    from open360.config import compose
+    from open360.models import build_model
+    from open360.train.callbacks import Callback
+    from open360.train.optim import build_optimizer
+    from open360.train.schedules import Schedule, Stage
+    from open360.train.trainer import StageData, Trainer, TrainerSettings
+
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world))
+    env = init_distributed("cpu")
+    cfg = compose(["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16",
+                   f"model.tie_embeddings={tied}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    module = parallelize(model, env, mode)
+    settings = TrainerSettings(global_batch_size=8, micro_batch_size=2, seq_len=16, grad_clip=0.05,
+                               autocast_dtype=None, progress_bar=False, log_every=100)
+    stage = Stage(0, "main", "r.yaml", 0, 3, 1e-3, Schedule("constant", 3))
+    metrics: dict[int, dict[str, float]] = {}
+
+    class Record(Callback):
+        def on_step_end(self, step: int, m: dict[str, float]) -> None:
+            metrics[step] = {"loss": m["loss"], "grad_norm": m["grad_norm"]}
+
+    order = _SeededOrder(8, 16)
+    trainer = Trainer(
+        model=model, module=module, optimizer=build_optimizer(model, cfg.optim), stages=[stage],
+        settings=settings, env=env,
+        open_stage=lambda st: StageData(order, [], {"stage": st.name}, lambda n: {}),
+        cadence=CadencePolicy("every_n", every=1000, save_final=False), writer=None, callbacks=[Record()],
+        config_yaml="x: 1\n", lineage_base={},
+    )
+    assert trainer.accum == 4 // world
+    trainer.train()
+    state = full_model_state(model, env)
+    every = [None] * world
+    if world > 1:
+        dist.all_gather_object(every, metrics)
+    if env.is_main:
+        torch.save({"metrics": metrics, "every_rank": every, "model": state}, out)
+    shutdown_distributed()
+
+
+@pytest.mark.parametrize(("mode", "tied"), [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_process_accumulation_and_clipping_match_one_process(tmp_path: Path, mode: str, tied: bool) -> None:
+    """Each rank accumulates 2 micro-batches (gradient sync skipped on the first: DDP no_sync, FSDP2
+    set_requires_gradient_sync) and the step is clipped (grad norm ~1.6 > 0.05): the logged loss and grad
+    norm are the global ones, the same on every rank, and the weights match one process's accumulating 4.
+    (The end-to-end runs above accumulate 1 micro-batch per rank and compare no grad norm.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _train_three_steps(0, 1, 0, mode, tied, str(tmp_path / "one.pt"))
+    two_out = str(tmp_path / "two.pt")
+    torch.multiprocessing.spawn(_train_three_steps, args=(2, port, mode, tied, two_out), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    # the same loss and grad norm (so the same non-finite guard decision) on every rank
+    assert two["every_rank"][0] == two["every_rank"][1]
+    for step in (1, 2, 3):
+        a, b = one["metrics"][step], two["metrics"][step]
+        assert a["grad_norm"] > 1.0  # clipping is active
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), step
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), step
+    assert one["model"].keys() == two["model"].keys()
+    for name in one["model"]:
+        torch.testing.assert_close(two["model"][name], one["model"][name], rtol=1e-3, atol=1e-4, msg=name)

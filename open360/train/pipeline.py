@@ -316,6 +316,13 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
     if error := first_error(trainer.env, error):
         raise CheckpointError(error)
     contents = load_checkpoint(checkpoint, verify=False, weights=trainer.backend != "megatron")
+    recorded = contents.lineage.get("backend", "native")
+    if recorded != trainer.backend:
+        raise TrainingError(
+            f"{checkpoint}: written by the {recorded} backend, this run uses trainer.backend={trainer.backend}; "
+            f"a checkpoint resumes only on its own backend. Start from its weights with "
+            f"trainer.init_from={checkpoint} (fresh optimizer) instead"
+        )
     check_trainer_state(Path(checkpoint) / TRAINER_STATE_FILE, contents.trainer_state)
     total = trainer.stages[-1].end
     if int(contents.trainer_state["step"]) > total:
@@ -329,13 +336,6 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
         raise TrainingError(
             f"{checkpoint}: checkpoint is in stage {stage_state['name']!r}, which the config's stages do "
             "not have at that position; resume with the original `stages`"
-        )
-    recorded = contents.lineage.get("backend", "native")
-    if recorded != trainer.backend:
-        raise TrainingError(
-            f"{checkpoint}: written by the {recorded} backend, this run uses trainer.backend={trainer.backend}; "
-            f"a checkpoint resumes only on its own backend. Start from its weights with "
-            f"trainer.init_from={checkpoint} (fresh optimizer) instead"
         )
     check_architecture(checkpoint, OmegaConf.create(trainer.config_yaml).model, "trainer.resume")
     data = trainer.stage_data(stage)

@@ -283,12 +283,12 @@ def test_export_release_folder(trained: dict, tmp_path: Path) -> None:
 
 
 def test_a_fresh_clone_exports_with_pull_from_the_remote_it_names(
-    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`ckpt export --pull --remote R`: a clone whose default remote is not on this machine fetches the
-    chosen checkpoint (only it) from R, and the release holds the trained weights."""
+    chosen checkpoints (only them, in one DVC pull) from R, and the release holds the trained weights."""
     from open360.tracking.cli import export_main
-    from open360.tracking.dvc_versioning import pull_recorded
+    from open360.tracking.dvc_versioning import DvcWorkspace, pull_recorded
 
     ws = trained["ws"]
     fresh = tmp_path / "clone"
@@ -298,15 +298,21 @@ def test_a_fresh_clone_exports_with_pull_from_the_remote_it_names(
         subprocess.run(["dvc", "remote", *verb, str(url)], cwd=fresh, check=True)
     shard_dir = json.loads((ws / "checkpoints" / RUN / "step_8" / "lineage.json").read_text())["data"]["shard_dir"]
     assert pull_recorded(fresh / shard_dir, fresh, remote="mirror")  # the tokenizer the release copies
-    argv = [RUN, "--workspace", str(fresh), "--steps", "8", "--pull"]
+    argv = [RUN, "--workspace", str(fresh), "--steps", "4,8", "--pull"]
     assert export_main([*argv, "--out", str(tmp_path / "r1")]) == 1  # the default remote
     assert "nowhere" in capsys.readouterr().err and not (tmp_path / "r1").exists()
+    pulls: list[list[str]] = []
+    real_pull = DvcWorkspace.pull
+    monkeypatch.setattr(DvcWorkspace, "pull", lambda self, paths, **kw: (pulls.append([p.name for p in paths]),
+                                                                         real_pull(self, paths, **kw))[1])
     assert export_main([*argv, "--out", str(tmp_path / "r2"), "--remote", "mirror"]) == 0, capsys.readouterr().err
-    assert sorted(p.name for p in (fresh / "checkpoints" / RUN).iterdir()) == ["step_8"]
+    assert pulls == [["step_4", "step_8"]]
+    assert sorted(p.name for p in (fresh / "checkpoints" / RUN).iterdir()) == ["step_4", "step_8"]
     released = json.loads((tmp_path / "r2" / "checkpoints.json").read_text())
-    assert [(c["revision"], c["step"]) for c in released] == [("ckpt_001", 8)]
-    pulled, original = (w / "checkpoints" / RUN / "step_8" / "model.safetensors" for w in (fresh, ws))
-    assert pulled.read_bytes() == original.read_bytes()
+    assert [(c["revision"], c["step"]) for c in released] == [("ckpt_000", 4), ("ckpt_001", 8)]
+    for step in ("step_4", "step_8"):
+        pulled, original = (w / "checkpoints" / RUN / step / "model.safetensors" for w in (fresh, ws))
+        assert pulled.read_bytes() == original.read_bytes()
 
 
 def test_export_records_the_sha256_of_every_released_file(trained: dict, tmp_path: Path) -> None:

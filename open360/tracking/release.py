@@ -16,7 +16,6 @@ from open360.paths import temp_sibling
 from open360.tracking.checkpoints import (
     CheckpointEntry,
     is_dvc_workspace,
-    pull_checkpoints,
     run_checkpoints,
     select_steps,
 )
@@ -314,9 +313,9 @@ def export_release(
     revision = dict(zip((e.step for e in entries), ckpt_names(len(entries)), strict=True))
     chosen = _choose(entries, steps, run)
     absent = [e for e in chosen if not e.local]
-    if absent and pull:
+    if absent and pull and store is not None:  # one DVC fetch for them all (absent ones are DVC-recorded)
+        store.pull([entry.path for entry in absent])
         for entry in absent:
-            pull_checkpoints(workspace, run, str(entry.step), remote=remote)
             entry.local = True
     elif absent:
         raise ReleaseError(

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_train_gpu import Order, Recorder, tiny_gpu_config
+from tests.fakes import SyntheticOrder
+from tests.test_train_gpu import Recorder, tiny_gpu_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,7 +45,7 @@ def _run_native_and_megatron(tmp_path: Path, model_overrides: list[str]) -> tupl
     env = DistEnv(device=torch.device("cuda"))
     torch.manual_seed(0)
     init = build_model(cfg.model).state_dict()
-    order = Order(16, 128)
+    order = SyntheticOrder(16, 128, 4096, starts=512)
 
     def common(rec: Recorder) -> dict[str, Any]:
         return dict(

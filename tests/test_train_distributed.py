@@ -8,12 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from open360.checkpoint import list_checkpoints, load_checkpoint
 from open360.paths import REPO_ROOT
+from tests.fakes import SyntheticOrder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 OVERRIDES = (
@@ -131,25 +131,6 @@ def test_ranks_wait_for_rank_0s_host_work_longer_than_the_training_groups_timeou
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
 
 
-class _SeededOrder:
-    """Seeded global batches of token rows (the same whatever the world size), standing in for DataOrder."""
-
-    def __init__(self, batch: int, seq_len: int) -> None:
-        self.batch_size, self.seq_len = batch, seq_len
-
-    def batch(self, step: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
-        generator = torch.Generator().manual_seed(step)
-        rows = torch.randint(0, 4096, (self.batch_size, self.seq_len + 1), generator=generator).numpy()
-        n = self.batch_size // part[1]
-        return rows[part[0] * n : (part[0] + 1) * n]
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 def _train_three_steps(rank: int, world: int, port: int, mode: str, tied: bool, out: str) -> None:
     """Three clipped steps of a 1-layer amber_tiny, global batch 8 in micro-batches of 2: 4 accumulation
     micro-batches in one process, 2 per rank in two. Rank 0 saves every step's metrics and the weights."""
@@ -182,7 +163,7 @@ def _train_three_steps(rank: int, world: int, port: int, mode: str, tied: bool, 
         def on_step_end(self, step: int, m: dict[str, float]) -> None:
             metrics[step] = {"loss": m["loss"], "grad_norm": m["grad_norm"]}
 
-    order = _SeededOrder(8, 16)
+    order = SyntheticOrder(8, 16, 4096, starts=4096)
     trainer = Trainer(
         model=model, module=module, optimizer=build_optimizer(model, cfg.optim), stages=[stage],
         settings=settings, env=env,

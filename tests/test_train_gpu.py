@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,27 +18,12 @@ from open360.train.optim import build_optimizer
 from open360.train.pipeline import build_settings
 from open360.train.schedules import build_stages
 from open360.train.trainer import StageData, Trainer
+from tests.fakes import SyntheticOrder
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-class Order:
-    def __init__(self, batch: int, seq_len: int) -> None:
-        self.batch_size, self.seq_len = batch, seq_len
-
-    def batch(self, step: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
-        start = np.random.default_rng(step).integers(0, 512, size=(self.batch_size, 1))
-        rows = self.batch_size // part[1]
-        return ((start + np.arange(self.seq_len + 1)[None, :]) % 4096)[part[0] * rows : (part[0] + 1) * rows]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": "gpu-test"}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert state == self.state_dict()
 
 
 class Recorder(Callback):
@@ -73,7 +57,7 @@ def _trainer(tmp_path: Path, steps: int, rec: Recorder) -> Trainer:
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
     module = parallelize(model, env, "ddp")
-    order = Order(16, 128)
+    order = SyntheticOrder(16, 128, 4096, starts=512)
 
     def open_stage(stage: Any) -> StageData:
         return StageData(

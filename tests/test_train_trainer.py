@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,24 +21,7 @@ from open360.train.callbacks import Callback
 from open360.train.optim import build_optimizer
 from open360.train.schedules import Schedule, Stage
 from open360.train.trainer import StageData, Trainer, TrainerSettings, TrainingDiverged, TrainingError
-
-
-class FakeOrder:
-    """Seeded token rows standing in for DataOrder."""
-
-    def __init__(self, batch: int, seq_len: int, vocab: int) -> None:
-        self.batch_size, self.seq_len, self.vocab = batch, seq_len, vocab
-
-    def batch(self, step: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
-        start = np.random.default_rng(step).integers(0, 64, size=(self.batch_size, 1))
-        rows = self.batch_size // part[1]
-        return ((start + np.arange(self.seq_len + 1)[None, :]) % self.vocab)[part[0] * rows : (part[0] + 1) * rows]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": "fake"}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert state == {"fingerprint": "fake"}
+from tests.fakes import SyntheticOrder
 
 
 class ScriptedLoss(nn.Module):
@@ -74,7 +56,7 @@ def _trainer(
     every: int = 1000,
 ) -> Trainer:
     stage = Stage(0, "main", "r.yaml", 0, steps, 1e-3, Schedule("constant", steps))
-    order = FakeOrder(settings.global_batch_size, settings.seq_len, 64)
+    order = SyntheticOrder(settings.global_batch_size, settings.seq_len, 64)
 
     def open_stage(st: Stage) -> StageData:
         return StageData(
@@ -109,7 +91,7 @@ TINY = ["+experiment=amber_tiny", "model.n_layers=1", "model.max_seq_len=16"]
 
 
 def _decoder_trainer(steps: int, optim: Any = None, callbacks: list[Callback] | None = None, **kw: Any) -> Trainer:
-    """A seeded 1-layer amber_tiny Trainer over FakeOrder batches (`optim`: another optim config)."""
+    """A seeded 1-layer amber_tiny Trainer over SyntheticOrder batches (`optim`: another optim config)."""
     cfg = compose(TINY)
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -392,7 +374,7 @@ def test_a_next_stage_that_fails_to_open_keeps_the_step_and_checkpoint_that_end_
         if st.index == 1:
             raise TrainingError("stage 'b': its shards could not be built")
         lineage = {"stage": st.name, "manifest_hash": "m", "tokenizer_hash": "t"}
-        return StageData(FakeOrder(4, 16, 64), [], lineage, lambda n: {})
+        return StageData(SyntheticOrder(4, 16, 64), [], lineage, lambda n: {})
 
     t._open_stage = open_stage
     t.writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", 1, background=False)

@@ -406,6 +406,33 @@ def test_a_damaged_pickle_stream_is_a_checkpoint_error_naming_the_file(tmp_path:
     _rehash(ck, "optimizer.pt")
     with pytest.raises(CheckpointError, match=r"step_1/optimizer\.pt: not loadable as tensors with weights_only=True"):
         load_checkpoint(ck)
+    # a storage type that became an int (`BINGET 7` -> `BININT1 7`): an AttributeError inside torch.load
+    torch.save({"state": {0: {"exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}}}, ck / "optimizer.pt")
+    data = (ck / "optimizer.pt").read_bytes()
+    at = data.index(b"((h\x06h\x07")  # the second tensor's persistent id: ('storage', FloatStorage, ...)
+    (ck / "optimizer.pt").write_bytes(data[:at] + b"((h\x06K\x07" + data[at + 6 :])
+    _rehash(ck, "optimizer.pt")
+    with pytest.raises(CheckpointError, match=r"step_1/optimizer\.pt: not loadable as tensors with weights_only=True"):
+        load_checkpoint(ck)
+
+
+def test_the_optimizer_state_is_read_through_a_private_memory_map(tmp_path: Path) -> None:
+    """Loading maps optimizer.pt instead of reading it into this process's memory (ranks of one machine share
+    the page cache on resume), and the optimizer's in-place updates never reach the checkpoint's file."""
+    contents = _contents()
+    contents.optimizer["state"]["a.weight"]["exp_avg"] = torch.zeros(64 * 2**20 // 4)  # 64 MiB
+    ck = save_checkpoint(tmp_path, 1, contents)
+    before = sha256_file(ck / "optimizer.pt")
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    start = resident_mib()
+    exp_avg = load_checkpoint(ck).optimizer["state"]["a.weight"]["exp_avg"]
+    assert resident_mib() - start < 16  # a plain torch.load adds the whole 64 MiB here
+    exp_avg.add_(1.0)  # Adam's update, in place: copy-on-write
+    assert float(exp_avg.sum()) == exp_avg.numel() and sha256_file(ck / "optimizer.pt") == before
+    verify_checkpoint(ck)
 
 
 def test_a_branch_journal_and_its_moves_reach_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,29 +20,27 @@ class HostSnapshot:
 
     def __init__(self) -> None:
         self._pinned: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._copies: dict[tuple[Any, ...], torch.Tensor] = {}  # per call: one copy of each tensor view
 
     def __call__(self, obj: Any) -> Any:
-        self._copies = {}
-        out = self._copy(obj, ())
+        out = self._copy(obj, (), copies={})  # one copy of each tensor view, for this call only
         if any(buf.is_pinned() for buf in self._pinned.values()):
             torch.cuda.synchronize()
         return out
 
-    def _copy(self, obj: Any, key: tuple[Any, ...]) -> Any:
+    def _copy(self, obj: Any, key: tuple[Any, ...], copies: dict[tuple[Any, ...], torch.Tensor]) -> Any:
         if isinstance(obj, torch.Tensor):
             if obj.numel() == 0:
                 return self._copy_tensor(obj, key)
             view = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.dtype, obj.shape, obj.stride())
-            if view not in self._copies:  # tied weights stay one tensor, so the file stores them once
-                self._copies[view] = self._copy_tensor(obj, key)
-            return self._copies[view]
+            if view not in copies:  # tied weights stay one tensor, so the file stores them once
+                copies[view] = self._copy_tensor(obj, key)
+            return copies[view]
         if isinstance(obj, dict):
-            return {k: self._copy(v, (*key, k)) for k, v in obj.items()}
+            return {k: self._copy(v, (*key, k), copies) for k, v in obj.items()}
         if isinstance(obj, list):
-            return [self._copy(v, (*key, i)) for i, v in enumerate(obj)]
+            return [self._copy(v, (*key, i), copies) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
-            return tuple(self._copy(v, (*key, i)) for i, v in enumerate(obj))
+            return tuple(self._copy(v, (*key, i), copies) for i, v in enumerate(obj))
         return obj
 
     def _copy_tensor(self, obj: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:

@@ -149,6 +149,13 @@ def _grad_norms(stdout: str) -> dict[int, float]:
     return {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+)/\d+ .*?gnorm (\S+)", stdout, re.M)}
 
 
+def _bf16_representable(checkpoint: Path) -> bool:
+    """Whether every published weight is a bf16 value (a bf16 copy, not the fp32 master weights)."""
+    from open360.checkpoint.io import load_model_weights
+
+    return all(torch.equal(w, w.bfloat16().float()) for w in load_model_weights(checkpoint / "model.safetensors").values())
+
+
 def _close(a: dict[int, float], b: dict[int, float], steps: range, tol: float) -> None:
     for s in steps:
         assert abs(a[s] - b[s]) / a[s] < tol, (s, a[s], b[s])
@@ -164,6 +171,8 @@ def test_a_resumed_megatron_run_continues_exactly_also_from_step_0(tmp_path: Pat
     _train(ws, "full", 1, *cadence)
     full = _losses(ws, "full")
     assert sorted(p.name for p in (ws / "checkpoints" / "full").glob("step_*")) == [f"step_{s}" for s in (0, 1, 2, 4, 8)]
+    for step in (0, 8):  # a bf16 run publishes its fp32 master weights (from the fp32 initial ones on)
+        assert not _bf16_representable(ws / "checkpoints" / "full" / f"step_{step}"), step
     for start in (0, 2):
         run = f"from_{start}"
         _train(ws, run, 1, *cadence, f"trainer.resume={ws / 'checkpoints' / 'full' / f'step_{start}'}")
@@ -185,6 +194,15 @@ def test_tp2_dp2_match_one_gpu_and_tp2_checkpoint_resumes_at_dp2_and_exports(tmp
     norms = {run: _grad_norms(out) for run, out in printed.items()}
     _close(norms["one"], norms["tp2"], steps, 0.02)
     _close(norms["one"], norms["dp2"], steps, 0.02)
+    # every layout publishes the fp32 master weights, each element from the data-parallel rank holding it
+    from open360.checkpoint.io import load_model_weights
+
+    final = {run: load_model_weights(ws / "checkpoints" / run / f"step_{PIPELINE_STEPS}" / "model.safetensors")
+             for run in printed}
+    for run, state in final.items():
+        assert not _bf16_representable(ws / "checkpoints" / run / f"step_{PIPELINE_STEPS}"), run
+        for name, weight in state.items():
+            assert (weight - final["one"][name]).norm() <= 0.02 * final["one"][name].norm() + 1e-3, (run, name)
 
     # The TP=2 checkpoint of step 6 resumes under DP=2 (megatron-core reshards model and optimizer).
     resumed = ws / "checkpoints" / "tp2" / "step_6"

@@ -106,7 +106,7 @@ class MegatronEngine:
         self.last_stage = parallel_state.is_pipeline_last_stage()
         self.config = transformer_config(model_cfg, layout.tp, layout.pp, bf16)
         self.gpt = build_gpt_model(model_cfg, self.config, self.first_stage, self.last_stage, attention)
-        self.load_native_weights(initial_state)
+        initial_local = self.load_native_weights(initial_state)
         self.gpt.cuda(torch.cuda.current_device())
         if model_cfg.compile:  # like the native backend: each transformer layer through torch.compile
             for layer in self.gpt.decoder.layers:
@@ -137,18 +137,57 @@ class MegatronEngine:
             [self.model],
             config_overrides=_optimizer_overrides(model_cfg, bool(optim_cfg.get("mup_scale_weight_decay", False))),
         )
+        self._set_masters(initial_local)
         self._forward_backward = get_forward_backward_func()
         device = torch.device("cuda", torch.cuda.current_device())
         self._positions = torch.arange(seq_len, device=device).unsqueeze(0).expand(micro_batch_size, -1)
 
     # -- weights --------------------------------------------------------------------------------
 
-    def load_native_weights(self, native_state: Mapping[str, torch.Tensor]) -> None:
-        """Load this rank's slice of a native (open360) state dict into the GPTModel stage."""
+    def load_native_weights(self, native_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Load this rank's slice of a native (open360) state dict into the GPTModel stage; return the slice."""
         local = shard_for_rank(
             native_to_megatron(native_state, self.model_cfg), self.model_cfg, self.layout, self.tp_rank, self.pp_rank
         )
         self._load_gpt_state(local, "native weights")
+        return local
+
+    def _master_shards(self) -> dict[torch.nn.Parameter, tuple[torch.Tensor, Any]]:
+        """For each bf16 parameter of which this data-parallel rank's distributed optimizer holds a part:
+        that part's fp32 master copy and its index range in the flattened parameter."""
+        return {
+            param: (master, opt._get_model_param_range_map(param)["param"])
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+            for masters, params in zip(opt.shard_fp32_from_float16_groups, opt.model_float16_groups, strict=True)
+            for master, param in zip(masters, params, strict=True)
+        }
+
+    @torch.no_grad()
+    def _set_masters(self, local: Mapping[str, torch.Tensor]) -> None:
+        """Start the fp32 master weights from the fp32 initial weights: megatron copies them from the bf16
+        parameters, which would round a warm start's (or the native initializer's) weights to bf16."""
+        names = {param: name for name, param in self.gpt.named_parameters()}
+        for param, (master, span) in self._master_shards().items():
+            master.copy_(local[names[param]].reshape(-1)[span.start : span.end])
+
+    @torch.no_grad()
+    def _full_masters(self) -> dict[str, torch.Tensor]:
+        """Every bf16 parameter's fp32 master weights, whole, on data-parallel rank 0 (the distributed
+        optimizer splits each among the data-parallel ranks); every rank of the stage calls it."""
+        shards = self._master_shards()
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        out = {}
+        for name, param in self.gpt.named_parameters():  # the same order on every data-parallel rank
+            if param.dtype == torch.float32:
+                continue
+            whole = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            if param in shards:
+                master, span = shards[param]
+                whole[span.start : span.end] = master
+            dist.all_reduce(whole, group=group)  # each element is one rank's; the others add zeros
+            if self.dp_rank == 0:
+                out[name] = whole.view(param.shape).cpu()
+        return out
 
     def _load_gpt_state(self, state: Mapping[str, Any], source: str) -> None:
         """Load this stage's GPTModel weights, raising if any key is missing or left over (a partial load
@@ -163,14 +202,16 @@ class MegatronEngine:
             )
 
     def full_native_state(self) -> dict[str, torch.Tensor] | None:
-        """Every weight in open360's native names on global rank 0 (None elsewhere); every rank calls it."""
+        """Every weight in open360's native names on global rank 0 (None elsewhere); every rank calls it.
+        A bf16 run publishes its fp32 master weights, as the native backend does, not their bf16 copy."""
+        masters = self._full_masters()
         local = None
         if self.dp_rank == 0:
             local = (
                 self.tp_rank,
                 self.pp_rank,
                 {
-                    k: v.detach().float().cpu()
+                    k: masters[k] if k in masters else v.detach().float().cpu()
                     for k, v in self.gpt.state_dict().items()
                     if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
                 },

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,3 +51,24 @@ def temp_sibling(path: Path, prefix: str = ".tmp") -> Path:
     import socket
 
     return path.with_name(f"{prefix}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
+
+
+def temp_siblings_of(path: Path) -> list[Path]:
+    """The files `temp_sibling(path)` names, made by any host or process (those of a killed writer too)."""
+    import glob
+
+    name = re.compile(rf"\.tmp-.+-\d+-[0-9a-f]{{8}}-{re.escape(path.name)}")
+    return sorted(p for p in path.parent.glob(f".tmp-*-{glob.escape(path.name)}") if name.fullmatch(p.name))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, held while the block runs."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -449,6 +449,20 @@ def test_recipe_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
         load_recipe(_recipe(tmp_path, "  - web\n"))
     with pytest.raises(RecipeError, match=r"list\.yaml: a recipe is a mapping"):
         load_recipe(_write_named(tmp_path, "list.yaml", "- a\n- b\n"))
+    # a section given a value (`near_dedup: false` for `near_dedup: {enabled: false}`) names its key and keys
+    base = _recipe(tmp_path, _src("web", tmp_path / "x.jsonl")).read_text().replace(
+        "validation: {fraction: 0.0, max_sequences: 0}\n", ""
+    )
+    for edit, key in (
+        ("filters: {near_dedup: false}", r"filters\.near_dedup': a mapping of \(enabled, threshold"),
+        ("validation: 0.05", r"validation': a mapping of \(fraction, max_sequences\), not 0\.05"),
+        ("mix: null", r"mix': a mapping of \(total_sequences"),
+    ):
+        with pytest.raises(RecipeError, match=rf"shape\.yaml: key '{key}"):
+            load_recipe(_write_named(tmp_path, "shape.yaml", base + edit + "\n"))
+    fim = _src("web", tmp_path / "x.jsonl") + "    fim: 0.5\n"
+    with pytest.raises(RecipeError, match=r"key 'sources\[0\]\.fim': a mapping of \(rate, spm_rate\), not 0\.5"):
+        load_recipe(_recipe(tmp_path, fim))
 
 
 def _write_named(tmp: Path, name: str, text: str) -> Path:
@@ -685,6 +699,33 @@ def test_a_byte_order_mark_opening_a_file_is_no_part_of_its_first_document(tmp_p
         assert [d.text for d in read_source(spec, bad)] == want and not bad
 
 
+def test_compressed_inputs_are_read_or_refused_never_bad_lines(tmp_path: Path) -> None:
+    """A folder of jsonl parts compressed as LLM corpora ship (.gz, .bz2, .xz, .zst): each part's documents
+    are read, or the build stops naming the file; a compressed part is never skipped as garbage lines."""
+    import bz2
+    import gzip
+    import lzma
+
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import read_source
+
+    rows = [{"text": f"document {i} of part {s}"} for s in range(3) for i in range(4)]
+    data = ["".join(json.dumps(r) + "\n" for r in rows[4 * s : 4 * s + 4]).encode() for s in range(3)]
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "p0.jsonl.gz").write_bytes(gzip.compress(data[0]))
+    (folder / "p1.jsonl.bz2").write_bytes(bz2.compress(data[1]))
+    (folder / "p2.jsonl.xz").write_bytes(lzma.compress(data[2]))
+    for typ in ("jsonl", "text"):
+        bad: Counter = Counter()
+        docs = [d.text for d in read_source(SourceSpec(name="c", type=typ, path=str(folder)), bad)]
+        want = [r["text"] for r in rows] if typ == "jsonl" else [d.decode() for d in data]  # text: one per file
+        assert docs == want and not bad, typ
+    (folder / "p3.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 16)  # zstd: no reader here
+    with pytest.raises(SourceError, match=r"p3\.jsonl\.zst: zstd-compressed"):
+        list(read_source(SourceSpec(name="c", type="jsonl", path=str(folder)), Counter()))
+
+
 def test_a_lone_surrogate_escape_is_invalid_utf8_not_a_crash(tmp_path: Path) -> None:
     f = tmp_path / "s.jsonl"
     rows = [json.dumps({"text": _doc(i)}) + "\n" for i in range(40)]
@@ -735,6 +776,39 @@ def test_a_source_that_fails_leaves_no_partial_intermediates(tmp_path: Path) -> 
         build_shards(p, tmp_path / "shards")
     left = sorted(f.name for f in (tmp_path / "shards" / ".work").rglob("*") if f.is_file() and ".lock" not in f.name)
     assert left == ["good.stats.json", "good.train.bin", "good.val.bin"]  # the finished source is kept for a resume
+
+
+def test_a_killed_build_leaves_no_temporary_rows_behind_its_rerun(tmp_path: Path) -> None:
+    """SIGKILL (or SIGTERM, or the OOM killer) mid-source runs no cleanup: the rerun deletes the partial rows the
+    dead process left, instead of keeping a copy of them per kill (the size of the source's tokens)."""
+    import signal
+    import subprocess
+    import sys
+
+    p = _recipe(tmp_path, _src("good", _small_corpus(tmp_path)))
+    p.write_text(p.read_text() + "doc_batch_size: 4\n")
+    shards = tmp_path / "shards"
+    killed = f"""
+import os, signal
+from open360.data import prepare
+real = prepare._SourcePipeline.flush
+def flush(self):
+    real(self)
+    self.train_out.flush()
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-source, with rows written
+prepare._SourcePipeline.flush = flush
+from open360.data import build_shards
+build_shards({str(p)!r}, {str(shards)!r}, num_workers=2)
+"""
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", killed], cwd=Path(__file__).parents[1], capture_output=True)
+        assert run.returncode == -signal.SIGKILL, run.stderr.decode()
+    assert [f for f in shards.rglob(".tmp-*good.train.bin") if f.stat().st_size]  # partial rows of a killed run
+    build_shards(p, shards, num_workers=2)  # a scale-out worker keeps .work/ for the other workers
+    assert not list((shards / ".work").rglob(".tmp-*")), "partial rows of the killed runs are left"
+    assert sorted(f.name for f in (shards / ".work").rglob("good.*") if ".lock" not in f.name) == [
+        "good.stats.json", "good.train.bin", "good.val.bin"
+    ]
 
 
 def test_a_line_nested_too_deep_is_malformed_json_not_a_damaged_file(tmp_path: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -43,6 +41,7 @@ from open360.data.shards import (
 )
 from open360.data.sources import input_fingerprint
 from open360.data.tokenizer import TokenizerMismatchError, obtain_tokenizer, tokenizer_bytes_hash
+from open360.paths import file_lock
 
 PARTS_DIR = ".parts"
 
@@ -50,8 +49,9 @@ PARTS_DIR = ".parts"
 # Bumped when the per-source pipeline changes what it writes for the same inputs, so that the intermediates
 # of an interrupted build of an older version are not resumed (2: special-token text in documents is text;
 # 3: a UTF-8 byte-order mark opening a jsonl or text file is dropped, no longer a malformed first row;
-# 4: nothing past a source's max_docs is read, so bad lines there are no longer counted).
-PIPELINE_VERSION = 4
+# 4: nothing past a source's max_docs is read, so bad lines there are no longer counted; 5: bz2 and xz files are
+# decompressed, no longer read as bad lines).
+PIPELINE_VERSION = 5
 
 
 def shard_dir_name(recipe: RecipeSpec) -> str:
@@ -198,7 +198,7 @@ def build_shards(
         )
     work = root / ".work" / out.name
     work.mkdir(parents=True, exist_ok=True)
-    with _file_lock(work.with_name(f"{out.name}.w{worker_index}-of-{num_workers}.lock")):
+    with file_lock(work.with_name(f"{out.name}.w{worker_index}-of-{num_workers}.lock")):
         if not repair and _existing_manifest(out) is not None:  # a concurrent build finished first
             return out
         _build_locked(
@@ -207,17 +207,6 @@ def build_shards(
     if num_workers == 1 and (out / MANIFEST).is_file():
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (flock) so that concurrent builds of the same shards serialize."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build_locked(
@@ -342,7 +331,7 @@ def _build_locked(
         tmp_prefix,
     )
     _atomic_write_bytes(out / TOKENIZER, tok_json, tmp_prefix)
-    with _file_lock(work.with_name(f"{out.name}.merge.lock")):
+    with file_lock(work.with_name(f"{out.name}.merge.lock")):
         if not (out / MANIFEST).is_file():
             merge_parts(out, num_workers, required=False, tmp_prefix=tmp_prefix)
 

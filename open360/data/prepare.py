@@ -27,7 +27,7 @@ from open360.data.pack import Packer
 from open360.data.quality import Scorer, build_scorer
 from open360.data.recipe import RecipeSpec
 from open360.data.sources import read_source
-from open360.paths import temp_sibling
+from open360.paths import file_lock, temp_sibling, temp_siblings_of
 
 
 def work_paths(work_dir: Path, source_name: str) -> dict[str, Path]:
@@ -219,12 +219,29 @@ class _SourcePipeline:
 def prepare_source(
     recipe: RecipeSpec, index: int, tokenizer_json: bytes, work_dir: Path, progress: bool = False
 ) -> dict[str, Any]:
-    """Run one source through the document pipeline into packed rows; resumable (stats file marks done)."""
+    """Run one source through the document pipeline into packed rows; resumable (stats file marks done).
+
+    One process at a time prepares a source (a lock in `work_dir`, which workers of a scale-out build may
+    share): a later one waits and reuses its rows, and finds no writer of this source's temporary files alive,
+    so it deletes those a killed run left (SIGKILL and SIGTERM run no cleanup; at LLM360 scale they are the
+    size of the source's tokens, and each rerun would leave another copy)."""
     source = recipe.sources[index]
     paths = work_paths(work_dir, source.name)
     if paths["stats"].is_file():
         return json.loads(paths["stats"].read_text())
     work_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(work_dir / f"{source.name}.lock"):
+        if paths["stats"].is_file():  # prepared by the process this one waited for
+            return json.loads(paths["stats"].read_text())
+        for leftover in [t for p in paths.values() for t in temp_siblings_of(p)]:
+            leftover.unlink(missing_ok=True)
+        return _prepare_locked(recipe, index, tokenizer_json, paths, progress)
+
+
+def _prepare_locked(
+    recipe: RecipeSpec, index: int, tokenizer_json: bytes, paths: dict[str, Path], progress: bool
+) -> dict[str, Any]:
+    source = recipe.sources[index]
     tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
     encode = batch_encoder(tokenizer_json) if source.type != "llm360_chunks" else None
     clf = recipe.filters.classifier

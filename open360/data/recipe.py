@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,6 +340,27 @@ def unpinned_hub_inputs(recipe: RecipeSpec) -> list[str]:
     return out
 
 
+def _check_sections(spec: type, raw: Any, where: str, prefix: str = "") -> None:
+    """A section given a scalar or a list (`near_dedup: false`, `validation: 0.05`) is an error naming its key
+    and keys (OmegaConf's merge error names neither); nested sections are checked too."""
+    if not OmegaConf.is_dict(raw):
+        return
+    hints = typing.get_type_hints(spec)
+    for f in dataclasses.fields(spec):
+        sub = hints[f.name]
+        if f.name not in raw or not dataclasses.is_dataclass(sub):
+            continue
+        node = raw._get_node(f.name)
+        if not OmegaConf.is_dict(node):
+            value = node._value() if node is not None else None
+            keys = ", ".join(g.name for g in dataclasses.fields(sub))
+            raise RecipeError(
+                f"{where}: key '{prefix}{f.name}': a mapping of ({keys}), not {value!r} — e.g. "
+                f"`{f.name}: {{{dataclasses.fields(sub)[0].name}: ...}}`"
+            )
+        _check_sections(sub, node, where, f"{prefix}{f.name}.")
+
+
 def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
     """Load and validate a recipe YAML; `seed` (if given) overrides the recipe's own seed.
 
@@ -357,6 +380,7 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
     if not OmegaConf.is_dict(raw):
         raise RecipeError(f"{p}: a recipe is a mapping of keys (name, sources, tokenizer, ...), not a "
                           f"{type(raw).__name__}")
+    _check_sections(RecipeSpec, raw, str(p))
     sources = raw.get("sources")
     if sources is not None and not OmegaConf.is_list(sources):
         raise RecipeError(
@@ -366,6 +390,7 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
     for i, src in enumerate(sources if OmegaConf.is_list(sources) else []):
         if not OmegaConf.is_dict(src):
             raise RecipeError(f"{p}: key 'sources[{i}]': {src!r} is not a mapping (name, type, path, weight, ...)")
+        _check_sections(SourceSpec, src, str(p), f"sources[{i}].")
         try:  # merged one by one so that an error names its list index
             OmegaConf.merge(OmegaConf.structured(SourceSpec), src)
         except OmegaConfBaseException as e:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
 import gzip
 import hashlib
 import json
+import lzma
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -81,8 +83,18 @@ def check_pinned_hash(source: SourceSpec, files: list[Path]) -> None:
         )
 
 
+# compressed inputs, by file suffix (a .bz2 or .xz file read as plain bytes would be nothing but bad lines)
+_DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
 def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    suffix = path.suffix.lower()
+    if suffix in (".zst", ".zstd"):
+        raise SourceError(
+            f"{path}: zstd-compressed, which local jsonl/text sources do not read (gzip, bz2 and xz they do); "
+            "decompress it (`zstd -d`), or read it with `type: hf`, `hf_name: json` (needs `zstandard`)"
+        )
+    return _DECOMPRESS.get(suffix, open)(path, "rb")
 
 
 def _readable(docs: Iterator[Doc], source: SourceSpec, where: str | Path) -> Iterator[Doc]:

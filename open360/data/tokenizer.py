@@ -31,7 +31,7 @@ _SOURCE_READ_KEYS = (
     "quality",  # the length rule skips a quality source's over-long documents in training too
 )
 
-TRAINER_VERSION = 2  # bump when train_bpe's behaviour changes, so cached tokenizers are not reused
+TRAINER_VERSION = 3  # bump when train_bpe's behaviour changes, so cached tokenizers are not reused (3: bz2/xz inputs read)
 
 
 class TokenizerMismatchError(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +374,76 @@ def test_an_edited_task_file_is_another_evaluation(tmp_path):
     del older["task_files"]
     settings_file(parquet).write_text(json.dumps(older))
     assert len(previous_results(parquet, cfg, [])) == 1
+
+
+def test_metrics_of_two_filters_stay_two_numbers(monkeypatch):
+    """gsm8k reports exact_match under two filters: each keeps its own value, stderr and counts are dropped."""
+    from open360.analysis import evaluate
+
+    results = {"results": {
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.11, "exact_match_stderr,strict-match": 0.01,
+                  "exact_match,flexible-extract": 0.25, "exact_match_stderr,flexible-extract": 0.02},
+        "open360_python_cloze": {"acc,none": 0.5, "acc_stderr,none": "N/A", "acc_norm,none": 0.6, "sample_len": 40},
+    }}
+    monkeypatch.setattr(evaluate, "_simple_evaluate", lambda *args: results)
+    assert evaluate.lm_eval_tasks("unused", ["open360_python_cloze"]) == {
+        "gsm8k": {"exact_match/strict-match": 0.11, "exact_match/flexible-extract": 0.25},
+        "open360_python_cloze": {"acc": 0.5, "acc_norm": 0.6},
+    }
+
+
+@pytest.mark.parametrize("damage, says", [
+    ('{"id": 4, "context": "x", "choices": [', ":5: not a JSON object"),
+    ('{"id": 4, "context": "x", "choices": ["a", "b"], "label": 2}', ':5: expected {"context"'),  # scored 0, silently
+    ('{"id": 4, "context": "x", "choices": "ab", "label": 0}', ':5: expected {"context"'),
+])
+def test_a_damaged_task_item_is_named_by_file_and_line(tmp_path, damage, says):
+    import importlib.util
+    import shutil
+
+    from open360.paths import resolve_repo_path
+
+    task = tmp_path / "open360_python_cloze"
+    shutil.copytree(resolve_repo_path("analysis/tasks/open360_python_cloze"), task)
+    data = task / "python_cloze.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([*lines[:4], damage, *lines[5:]]) + "\n")
+    spec = importlib.util.spec_from_file_location("cloze_utils", task / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    with pytest.raises(ValueError, match=re.escape(f"{data}{says}")):
+        utils.load_docs()
+
+
+def test_a_task_yaml_lm_eval_cannot_read_is_named_not_unknown(tmp_path):
+    """lm-eval skips a task YAML it cannot parse without a word: its task must not just seem unknown (nor
+    send the lookup through lm-eval's whole bundled index)."""
+    import shutil
+
+    from open360.paths import resolve_repo_path
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(resolve_repo_path("analysis/tasks"), tasks)
+    yaml_file = tasks / "open360_python_cloze" / "open360_python_cloze.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("output_type: multiple_choice", "output_type: [multiple_choice"))
+    with pytest.raises(ValueError, match=re.escape(f"cannot read (it skips them without a word): {yaml_file}: ")):
+        lm_eval_tasks("unused", ["open360_python_cloze"], [str(tasks)])
+
+
+def test_the_task_index_is_built_once_per_sweep_not_per_checkpoint(monkeypatch, tmp_path):
+    import lm_eval.tasks
+
+    from open360.analysis import evaluate
+
+    built = []
+
+    class CountingTaskManager:
+        def __init__(self, include_path, include_defaults=True):
+            built.append(include_defaults)
+            self.all_tasks = ["open360_python_cloze"] + (["hellaswag"] if include_defaults else [])
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", CountingTaskManager)
+    monkeypatch.setattr(evaluate, "_simple_evaluate", lambda *args: {"results": {"hellaswag": {"acc,none": 0.3}}})
+    for _ in range(3):  # three checkpoints
+        assert evaluate.lm_eval_tasks("unused", ["hellaswag"]) == {"hellaswag": {"acc": 0.3}}
+    assert built == [False, True]

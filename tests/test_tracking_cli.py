@@ -66,7 +66,13 @@ def test_list_shows_tracked_untracked_and_pushed(tmp_path: Path, capsys: pytest.
     assert pull_main(["r", "7", "--workspace", str(ws)]) == 1
     assert "no checkpoint at step 7" in capsys.readouterr().err
     assert [e.step for e in run_checkpoints(ws, "r")] == [1, 2, 3]
-    (ws / "mlflow.db").write_text("garbage, not a database\n" * 50)  # the listing needs no MLflow for these
+    (ws / "mlflow.db").write_text("garbage, not a database\n" * 50)
+    # every step on disk: trainer_state.json tells tokens and loss, MLflow is not read (at AMBER's step count
+    # its full history is millions of rows)
+    assert list_main(["r", "--workspace", str(ws)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 4 and "is unreadable" not in err
+    shutil.rmtree(added)  # a step known only to checkpoints.dvc: MLflow is asked, and its failure is one line
     assert list_main(["r", "--workspace", str(ws)]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 4 and "is unreadable" in err and "Traceback" not in err
@@ -364,6 +370,14 @@ def test_a_release_exported_from_a_clone_publishes_no_path_of_the_training_machi
     assert lineage["resumed_from"]["checkpoint"] == "./checkpoints/r/step_0"
     assert config.workspace == "." and config.data.shards_dir == f"{trained}_data"  # another path: as it was
     assert not [p for p in out.rglob("*") if p.is_file() and f"{trained}/" in p.read_text()]
+    # a third party checks every file outside the ckpt folders (checkpoints.json then vouches for those)
+    from open360.checkpoint.io import sha256_file
+
+    sums = dict(reversed(line.split("  ", 1)) for line in (out / "SHA256SUMS").read_text().splitlines())
+    outside = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and p.name != "SHA256SUMS" and p.relative_to(out).parts[0] != "ckpt_000")
+    assert sorted(sums) == outside and {"checkpoints.json", "README.md", "configs/config.yaml"} <= set(sums)
+    assert all(sha256_file(out / name) == digest for name, digest in sums.items())
 
 
 def test_pull_over_a_modified_file_says_which_and_to_pass_force(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

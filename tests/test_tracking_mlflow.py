@@ -47,10 +47,15 @@ def info(ws: Path, start: int = 0, extra: dict | None = None) -> RunInfo:
 
 def test_params_masking_and_limits() -> None:
     assert is_secret_key("a.hf_token") and is_secret_key("API_KEY") and is_secret_key("x.password")
+    # camelCase keys name credentials too (a `${oc.env:HF_TOKEN}` under `hfToken` was published in the clear)
+    assert all(is_secret_key(k) for k in ("data.hfToken", "dbPassword", "clientSecret", "wandbApiKey", "myAPIKey"))
+    assert config_params({"data": {"hfToken": "hf_abc"}})["data.hfToken"] == "***"
     assert (
         not is_secret_key("tokenizer")
         and not is_secret_key("tokens_seen")
         and not is_secret_key("max_tokens")
+        and not is_secret_key("maxTokens")
+        and not is_secret_key("tokenizerPath")
     )
     params = config_params(CONFIG)
     assert params["services.hf_token"] == "***"
@@ -212,6 +217,9 @@ def test_metrics_batched_read_back_and_resume(ws: Path, monkeypatch: pytest.Monk
     assert client.get_run(run_id).info.status == "FAILED"
     latest = mr.metric_history(client, run_id)["loss"]
     assert sorted(latest) == list(range(1, 31)) and latest[25] == 1.0 / 25
+    # the values at one step (`ckpt lineage`) are read without any metric's full history, latest write first
+    monkeypatch.setattr(type(client), "get_metric_history", lambda *a: pytest.fail("read a full metric history"))
+    assert mr.metrics_at(client, run_id, 25) == {"loss": 1.0 / 25, "lr": 1e-3 * 25, "tokens_seen": 25.0 * 256}
     assert mr.find_run_id(client, "r") == run_id
 
 

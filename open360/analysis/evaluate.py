@@ -168,11 +168,16 @@ def lm_eval_tasks(hf_dir: Path | str, tasks: Sequence[str], task_paths: Sequence
     for p in paths:
         if not Path(p).is_dir():
             raise FileNotFoundError(f"task_paths: {p} is not a folder of lm-eval task YAMLs")
-    manager = TaskManager(include_path=paths, include_defaults=False)
-    known = set(manager.all_tasks)
-    missing = [t for t in tasks if t not in known]
+    files = task_files_sha256(paths)  # an edited task folder gets a new index
+    manager = _task_manager(TaskManager, tuple(paths), False, files)
+    missing = [t for t in tasks if t not in set(manager.all_tasks)]
     if missing:
-        manager = TaskManager(include_path=paths)  # fall back to lm-eval's bundled tasks (may need the hub)
+        broken = unreadable_task_files(paths)
+        if broken:
+            raise ValueError(f"tasks={missing}: not found in {paths}, whose task YAMLs lm-eval cannot read (it skips "
+                             f"them without a word): {'; '.join(broken)}")
+        # lm-eval's bundled tasks (may need the hub); indexing them takes tens of seconds: once per process
+        manager = _task_manager(TaskManager, tuple(paths), True, files)
         missing = [t for t in tasks if t not in set(manager.all_tasks)]
         if missing:
             raise ValueError(f"tasks={missing}: not found in {paths} nor among lm-eval's tasks")
@@ -183,16 +188,51 @@ def lm_eval_tasks(hf_dir: Path | str, tasks: Sequence[str], task_paths: Sequence
             f"tasks={list(tasks)}: lm-eval could not read a task's data ({type(err).__name__}: {err}); a task "
             "outside task_paths may need the hub, which this machine may not reach"
         ) from err
+    return task_metrics(results)
+
+
+def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from lm-eval's results: `acc,none` is `acc`; a metric of a named filter keeps the
+    filter's name (gsm8k's `exact_match,strict-match` and `exact_match,flexible-extract` are two numbers:
+    `exact_match/strict-match`, `exact_match/flexible-extract`). Standard errors and sample counts are left out."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         values = {}
         for key, value in metrics.items():
-            metric = key.split(",")[0]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and metric not in ("sample_len",) \
-                    and "stderr" not in metric:
-                values[metric] = float(value)
+            metric, _, filter_name = key.partition(",")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or metric == "sample_len" \
+                    or "stderr" in metric:
+                continue
+            values[metric if filter_name in ("", "none") else f"{metric}/{filter_name}"] = float(value)
         out[task] = values
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(task_manager: Any, paths: tuple[str, ...], defaults: bool, files_sha256: str) -> Any:
+    """lm-eval's task index of `paths` (and its bundled tasks with `defaults`), built once per process for the
+    whole sweep, not once per checkpoint; `files_sha256` (of the task files) keys it to their contents."""
+    return task_manager(include_path=list(paths), include_defaults=defaults)
+
+
+def unreadable_task_files(paths: Sequence[str]) -> list[str]:
+    """"<file>: <error>" for each task YAML under `paths` that does not parse (lm-eval's own tags such as
+    `!function` aside): lm-eval leaves such a file out of its index silently, so its task just seems unknown."""
+    import yaml
+
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    broken = []
+    for root in paths:
+        for file in sorted(Path(root).rglob("*.yaml")):
+            try:
+                if not isinstance(yaml.load(file.read_text(encoding="utf-8"), Loader=TaskLoader), dict):
+                    broken.append(f"{file}: not a mapping of task keys")
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                broken.append(f"{file}: {' '.join(str(err).split())}")
+    return broken
 
 
 def _simple_evaluate(lm_eval: Any, hf_dir: Path | str, tasks: Sequence[str], manager: Any, num_fewshot: int,

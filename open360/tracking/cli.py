@@ -45,7 +45,12 @@ def _fail(prog: str, err: BaseException) -> int:
     return 1
 
 
+LIST_METRICS = ("tokens_seen", "loss")  # what `ckpt list` shows of a checkpoint not on disk
+
+
 def _mlflow_metrics(workspace: Path, run: str, uri: str | None) -> dict[str, dict[int, float]]:
+    """key -> {step: value} of the listing's metrics only (the full history of every metric is ~2.5M rows at
+    AMBER's step count: minutes to read)."""
     from open360.tracking import mlflow_records as mr
 
     resolved = mr.workspace_uri(workspace, uri)
@@ -54,7 +59,10 @@ def _mlflow_metrics(workspace: Path, run: str, uri: str | None) -> dict[str, dic
 
     def read(client: Any) -> dict[str, dict[int, float]]:
         run_id = mr.find_run_id(client, run)
-        return mr.metric_history(client, run_id) if run_id else {}
+        if not run_id:
+            return {}
+        latest = mr.latest_metrics(client, run_id, LIST_METRICS)
+        return {key: {s: m.value for s, m in steps.items()} for key, steps in latest.items()}
 
     try:
         return mr.read_store(resolved, read)
@@ -79,7 +87,10 @@ def list_main(argv: Sequence[str]) -> int:
         entries = run_checkpoints(workspace, args.run, store)
         if not entries:
             raise ValueError(f"run {args.run!r} has no checkpoints in {workspace / 'checkpoints' / args.run}")
-        metrics = _mlflow_metrics(workspace, args.run, args.mlflow_uri)
+        states = {e.step: trainer_state(e.path) if e.local else {} for e in entries}
+        # MLflow only for what trainer_state.json cannot tell (a step not on disk, a damaged state file)
+        needed = any(not all(k in states[e.step] for k in LIST_METRICS) for e in entries)
+        metrics = _mlflow_metrics(workspace, args.run, args.mlflow_uri) if needed else {}
         missing: dict[str, int] = {}
         remote_note = ""
         tracked = [e.tracked for e in entries if e.tracked is not None]
@@ -98,7 +109,6 @@ def list_main(argv: Sequence[str]) -> int:
     except (VersioningError, ValueError, FileNotFoundError) as err:
         return _fail("open360 ckpt list", err)
     rows = [("step", "tokens_seen", "loss", "size", "on_disk", "dvc", "pushed")]
-    states = {e.step: trainer_state(e.path) if e.local else {} for e in entries}
     for e in entries:
         state = states[e.step]
         tokens = state.get("tokens_seen", metrics.get("tokens_seen", {}).get(e.step))

@@ -78,9 +78,23 @@ def metric_history(mlflow: Any, run_id: str) -> dict[str, dict[int, float]]:
     return {key: {s: m.value for s, m in steps.items()} for key, steps in latest_metrics(mlflow, run_id).items()}
 
 
+def _history_at(mlflow: Any, run_id: str, key: str, step: int) -> list[Any]:
+    """The writes of metric `key` at `step`: a database store selects those rows alone (a full history is
+    ~275k rows per metric at AMBER's step count, minutes to read); another store reads the history."""
+    store = getattr(getattr(mlflow, "_tracking_client", None), "store", None)
+    if store is None or not hasattr(store, "get_metric_history_bulk_interval_from_steps"):
+        return [m for m in mlflow.get_metric_history(run_id, key) if m.step == step]
+    return list(store.get_metric_history_bulk_interval_from_steps(run_id, key, [step], 10_000))
+
+
 def metrics_at(mlflow: Any, run_id: str, step: int) -> dict[str, float]:
-    """Every metric's value at exactly `step`."""
-    return {k: v[step] for k, v in metric_history(mlflow, run_id).items() if step in v}
+    """Every metric's value at exactly `step`; where it was logged twice (a resumed run), the latest write."""
+    out = {}
+    for key in mlflow.get_run(run_id).data.metrics:
+        writes = sorted(_history_at(mlflow, run_id, key, step), key=lambda m: m.timestamp)
+        if writes:
+            out[key] = writes[-1].value
+    return out
 
 
 def checkpoint_records(mlflow: Any, run_id: str) -> dict[int, dict[str, Any]]:

@@ -38,9 +38,14 @@ _QUERY_SECRET = re.compile(
 )
 
 
+# a camelCase word boundary (hfToken, dbPassword, clientSecret, myAPIKey): split there as at `_`
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
 def is_secret_key(key: str) -> bool:
-    """True when any component of a dotted key names a credential (password, token, api_key, ...)."""
-    return any(_SECRET_KEY.search(part) for part in key.split("."))
+    """True when any component of a dotted key names a credential (password, token, api_key, ...), in
+    snake_case, kebab-case or camelCase (`hf_token`, `hf-token`, `hfToken`)."""
+    return any(_SECRET_KEY.search(_CAMEL_BOUNDARY.sub("_", part)) for part in key.split("."))
 
 
 def holds_credentials(value: str) -> bool:

@@ -264,6 +264,19 @@ def _write_release(
     run_id = _metrics_table(workspace, run, mlflow_uri, out, lineage_run_id(lineages[-1]))
     (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg))
+    write_checksums(out, {c["revision"] for c in index})
+
+
+SHA256SUMS = "SHA256SUMS"
+
+
+def write_checksums(out: Path, checkpoint_folders: set[str]) -> None:
+    """`SHA256SUMS` (`sha256sum -c` format) of every release file outside the `ckpt_XXX` folders: the data
+    files, config, metrics, model card and `checkpoints.json`, whose `export_files` cover the checkpoints (on
+    the Hub those are other branches, so a download of `main` checks whole)."""
+    sums = {name: digest for name, digest in file_hashes(out).items()
+            if name.split("/")[0] not in checkpoint_folders and name != SHA256SUMS}
+    (out / SHA256SUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
 
 
 def _refuse_nonempty(out: Path) -> None:
@@ -402,7 +415,8 @@ Load one: `AutoModelForCausalLM.from_pretrained("<repo>", revision="{index[-1]["
 - {f"MLflow run: `{run_id}`; all metrics per step in `metrics.parquet` (key, step, value, timestamp)"
    if run_id else "MLflow: no tracked run was found when this release was exported; no `metrics.parquet`"}
 - every checkpoint folder carries `open360_lineage.json` (sha256 of each original file), and
-  `checkpoints.json` lists under `export_files` the sha256 of every file in each folder as released
+  `checkpoints.json` lists under `export_files` the sha256 of every file in each folder as released;
+  `SHA256SUMS` holds the sha256 of every other file (`checkpoints.json` included): `sha256sum -c SHA256SUMS`
 """
 
 

@@ -262,6 +262,33 @@ def test_quality_classifier_separates_labels() -> None:
     assert scores[0] > 0.5 > scores[1]
 
 
+def test_quality_features_are_sparse_and_equal_the_dense_definition() -> None:
+    """The classifier's features are the L2-normalized log counts of hashed unigrams and bigrams, computed
+    without a texts x num_features matrix: phi-scale labels (~1e5) x 2^18 features would be ~200 GB dense."""
+    import tracemalloc
+    import zlib
+
+    from open360.data.quality import _WORD, HashedFeatures
+
+    texts = ["def f(x): return x + x", "", "the the the cat", "x = 1\ny = x + 1"]
+    dense = np.zeros((len(texts), 64))
+    for i, text in enumerate(texts):
+        toks = _WORD.findall(text.lower())
+        for gram in toks + [a + " " + b for a, b in zip(toks, toks[1:], strict=False)]:
+            dense[i, zlib.crc32(gram.encode()) % 64] += 1
+    dense = np.log1p(dense)
+    dense /= np.maximum(np.linalg.norm(dense, axis=1, keepdims=True), 1e-300)
+    x, w, g = HashedFeatures(texts, 64), np.random.default_rng(0).normal(size=64), np.arange(4.0)
+    assert np.allclose(x.dot(w), dense @ w, rtol=1e-12, atol=1e-15)
+    assert np.allclose(x.tdot(g), dense.T @ g, rtol=1e-12, atol=1e-15)
+    code = [f"def f{i}(x):\n    return x * {i}\n" for i in range(200)] + [f"T{i} = (0x{i:04x},)\n" for i in range(200)]
+    tracemalloc.start()
+    LogisticQualityModel(2**18, 3).fit(code, [1] * 200 + [0] * 200).score(code)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20, peak  # dense: 400 x 2^18 float64 = 800 MiB
+
+
 def test_phi15_tiny_applies_classifier_to_code_only(tmp_path: Path) -> None:
     m = ShardSet.open(build_shards("data_recipes/phi15_tiny.yaml", tmp_path)).manifest["sources"]
     assert "classifier" in m["code"]["dropped"]

@@ -18,19 +18,38 @@ _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 Scorer = Callable[[list[str]], Sequence[float]]
 
 
-def hashed_features(texts: Sequence[str], num_features: int) -> np.ndarray:
-    """L2-normalized log counts of hashed word unigrams and bigrams (crc32: the same on every machine)."""
-    x = np.zeros((len(texts), num_features), dtype=np.float64)
-    for i, text in enumerate(texts):
-        toks = _WORD.findall(text.lower())
-        grams = toks + [a + " " + b for a, b in zip(toks, toks[1:], strict=False)]
-        idx = np.fromiter(
-            (zlib.crc32(g.encode("utf-8")) % num_features for g in grams), dtype=np.int64, count=len(grams)
-        )
-        np.add.at(x[i], idx, 1.0)
-    x = np.log1p(x)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms == 0, 1.0, norms)
+class HashedFeatures:
+    """L2-normalized log counts of hashed word unigrams and bigrams (crc32: the same on every machine), one row
+    per text, stored sparse: each row's distinct feature ids and values. Memory grows with the texts, not with
+    texts x num_features (dense, phi-scale labels x 2^18 features would be ~200 GB), and every sum runs in
+    a fixed order (numpy's bincount), so scores are the same bits on every machine, unlike a BLAS product."""
+
+    def __init__(self, texts: Sequence[str], num_features: int) -> None:
+        ids, values, counts = [], [], []
+        for text in texts:
+            toks = _WORD.findall(text.lower())
+            grams = toks + [a + " " + b for a, b in zip(toks, toks[1:], strict=False)]
+            hashed = np.fromiter(
+                (zlib.crc32(g.encode("utf-8")) % num_features for g in grams), dtype=np.int64, count=len(grams)
+            )
+            unique, times = np.unique(hashed, return_counts=True)
+            logs = np.log1p(times.astype(np.float64))
+            norm = float(np.sqrt(np.dot(logs, logs)))
+            ids.append(unique)
+            values.append(logs / norm if norm else logs)
+            counts.append(len(unique))
+        self.num_rows, self.num_features = len(counts), num_features
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        self.values = np.concatenate(values) if values else np.zeros(0)
+        self.rows = np.repeat(np.arange(self.num_rows), counts)
+
+    def dot(self, w: np.ndarray) -> np.ndarray:
+        """x @ w, one value per text."""
+        return np.bincount(self.rows, weights=self.values * w[self.ids], minlength=self.num_rows)
+
+    def tdot(self, g: np.ndarray) -> np.ndarray:
+        """x.T @ g, one value per feature."""
+        return np.bincount(self.ids, weights=self.values * g[self.rows], minlength=self.num_features)
 
 
 class LogisticQualityModel:
@@ -42,18 +61,18 @@ class LogisticQualityModel:
         self.b = 0.0
 
     def fit(self, texts: Sequence[str], labels: Sequence[int]) -> LogisticQualityModel:
-        x = hashed_features(texts, self.num_features)
+        x = HashedFeatures(texts, self.num_features)
         y = np.asarray(labels, dtype=np.float64)
         for _ in range(self.iterations):
-            p = 1.0 / (1.0 + np.exp(-(x @ self.w + self.b)))
+            p = 1.0 / (1.0 + np.exp(-(x.dot(self.w) + self.b)))
             g = p - y
-            self.w -= self.lr * (x.T @ g / len(y) + self.l2 * self.w)
+            self.w -= self.lr * (x.tdot(g) / len(y) + self.l2 * self.w)
             self.b -= self.lr * float(g.mean())
         return self
 
     def score(self, texts: list[str]) -> list[float]:
-        x = hashed_features(texts, self.num_features)
-        return (1.0 / (1.0 + np.exp(-(x @ self.w + self.b)))).tolist()
+        x = HashedFeatures(texts, self.num_features)
+        return (1.0 / (1.0 + np.exp(-(x.dot(self.w) + self.b)))).tolist()
 
 
 def labels_source(spec: ClassifierSpec) -> SourceSpec:

@@ -447,3 +447,31 @@ def test_the_task_index_is_built_once_per_sweep_not_per_checkpoint(monkeypatch, 
     for _ in range(3):  # three checkpoints
         assert evaluate.lm_eval_tasks("unused", ["hellaswag"]) == {"hellaswag": {"acc": 0.3}}
     assert built == [False, True]
+
+
+def test_the_checkpoints_model_is_freed_before_lm_eval_loads_its_own_copy(tiny_run, monkeypatch, tmp_path):
+    """lm-eval loads the exported checkpoint again (fp32): the model evaluate_run loaded must be gone by then,
+    or the device holds two copies (2 x 28 GB at 7B)."""
+    import weakref
+
+    from open360.analysis import evaluate as ev
+    from open360.checkpoint import io
+
+    loaded: list[weakref.ref] = []
+    real_load = io.load_model_from_checkpoint
+
+    def load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        model, cfg = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model, cfg
+
+    def tasks(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        assert loaded and loaded[-1]() is None, "the checkpoint's model is still alive while lm-eval runs"
+        return {"open360_python_cloze": {"acc": 0.5}}
+
+    monkeypatch.setattr(io, "load_model_from_checkpoint", load)
+    monkeypatch.setattr(ev, "lm_eval_tasks", tasks)
+    cfg = EvaluateConfig(run=RUN, workspace=str(tiny_run), checkpoints=[40], val_sequences=4, batch_size=8,
+                         out_dir=str(tmp_path / "out"), mlflow=False)
+    df = evaluate_run(cfg)
+    assert len(loaded) == 1 and set(df[df.kind == "task"].value) == {0.5}

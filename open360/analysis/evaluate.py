@@ -191,6 +191,15 @@ def lm_eval_tasks(hf_dir: Path | str, tasks: Sequence[str], task_paths: Sequence
     return task_metrics(results)
 
 
+def _free_device_memory() -> None:
+    """Give the memory of the objects just dropped back (CUDA's caching allocator keeps it otherwise)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} from lm-eval's results: `acc,none` is `acc`; a metric of a named filter keeps the
     filter's name (gsm8k's `exact_match,strict-match` and `exact_match,flexible-extract` are two numbers:
@@ -633,6 +642,8 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         if cfg.tasks:
             with tempfile.TemporaryDirectory(prefix="open360-eval-") as tmp:
                 hf_dir = export_for_lm_eval(model, full_cfg, tokenizer_file, Path(tmp) / "hf")
+                model = None  # lm-eval loads its own fp32 copy: this one leaves the device first (7B: 28 GB each)
+                _free_device_memory()
                 task_results = lm_eval_tasks(hf_dir, cfg.tasks, cfg.task_paths, cfg.task_limit, cfg.num_fewshot,
                                              cfg.batch_size, cfg.device)
             for task, metrics in task_results.items():

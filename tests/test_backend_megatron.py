@@ -332,7 +332,7 @@ def test_megatron_on_cpu_and_tensor_parallel_on_native_are_refused() -> None:
 
     with pytest.raises(TrainingError, match="needs CUDA GPUs"):
         run_training(compose(["+experiment=amber_tiny", "trainer.backend=megatron"]), device="cpu")
-    with pytest.raises(TrainingError, match="run on trainer.backend=megatron"):
+    with pytest.raises(ValueError, match="run on trainer.backend=megatron"):  # before any folder is made
         run_training(compose(["+experiment=amber_tiny", "trainer.tensor_parallel=2"]), device="cpu")
     with pytest.raises(ValueError, match="trainer.backend='deepspeed': expected one of native, megatron"):
         run_training(compose(["+experiment=amber_tiny", "trainer.backend=deepspeed"]), device="cpu")

@@ -90,6 +90,28 @@ def test_crystalcoder_and_phi15_have_the_published_values():
     assert (phi.schedule.kind, phi.schedule.warmup_steps) == ("constant", 0)
 
 
+def test_full_size_experiments_pin_every_published_value():
+    """shared/DOMAIN.md's values that the two tests above leave out: a config edit that moves one fails here."""
+    amber = compose(["+experiment=amber"])
+    assert (amber.model.max_seq_len, amber.model.rotary_fraction, amber.trainer.precision) == (2048, 1.0, "bf16")
+    assert (amber.optim.weight_decay, amber.checkpoint.policy) == (0.1, "per_chunk")
+    assert (amber.model.n_kv_heads, amber.model.attn_bias, amber.model.mlp_bias) == (None, False, False)
+    cc = compose(["+experiment=crystalcoder"])
+    m = cc.model
+    assert (m.n_layers, m.d_model, m.n_heads, m.ffn_dim, m.mlp, m.init_std) == (32, 4096, 32, 10922, "swiglu", 0.0183)
+    assert (m.mup.output_multiplier, m.mup.attn_scale_by_d) == (2.22, True)
+    assert (list(cc.optim.betas), cc.optim.weight_decay, cc.optim.grad_clip) == ([0.9, 0.95], 0.1, 1.0)
+    assert [s.schedule.kind for s in cc.stages] == ["linear"] * 3  # each stage its own warmup and linear decay
+    assert sum(s.steps for s in cc.stages) == cc.trainer.max_steps
+    assert (cc.trainer.seq_len, cc.trainer.precision) == (2048, "bf16")
+    phi = compose(["+experiment=phi15"])
+    assert (phi.model.n_heads, phi.model.d_model // phi.model.n_heads, phi.model.norm) == (32, 64, "layernorm")
+    assert (phi.optim.weight_decay, phi.trainer.global_batch_size, phi.trainer.seq_len) == (0.1, 2048, 2048)
+    tokens = phi.trainer.max_steps * phi.trainer.global_batch_size * phi.trainer.seq_len
+    assert tokens == pytest.approx(150e9, rel=1e-4)
+    assert (amber.trainer.max_steps * 2240 * 2048) == pytest.approx(1.26e12, rel=0.01)  # ~1.26T tokens
+
+
 def test_tiny_experiments_keep_their_family():
     for big, tiny in [("amber", "amber_tiny"), ("crystalcoder", "crystalcoder_tiny"), ("phi15", "phi15_tiny")]:
         b, t = compose([f"+experiment={big}"]).model, compose([f"+experiment={tiny}"]).model
@@ -213,6 +235,7 @@ BAD_TRAINING_VALUES = [
     ("trainer.resume=/nowhere/step_4", "trainer.resume=/nowhere/step_4: /nowhere/step_4 is not a complete checkpoint directory"),
     ("data.recipe=data_recipes/nope.yaml", "data.recipe=data_recipes/nope.yaml: recipe file not found"),
     ("tracking.mlflow_uri=http://alice:pw@host:5000", "tracking.mlflow_uri=http://alice:***@host:5000: holds"),
+    ("trainer.tensor_parallel=2", "trainer.tensor_parallel=2, trainer.pipeline_parallel=1: tensor and pipeline"),
 ]
 
 
@@ -223,6 +246,22 @@ def test_training_values_out_of_range_name_the_key(override, says):
     with pytest.raises(ValueError) as err:
         check_training_config(compose(["+experiment=amber_tiny", override]))
     assert says in str(err.value)
+
+
+def test_a_batch_that_does_not_split_over_torchruns_processes_fails_before_anything_is_written(monkeypatch):
+    """torchrun --nproc-per-node 2 with global 16 = micro 16: refused by the checks made before Hydra writes
+    outputs/ (and before the run's folders and MLflow run), naming the keys and the world size."""
+    from open360.train.validate import check_training_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_training_config(compose(["+experiment=amber_tiny"]))  # 16 = 8 x 2 ranks: one micro-batch each
+    with pytest.raises(ValueError, match=re.escape("trainer.global_batch_size=16 must be a multiple of "
+                                                   "trainer.micro_batch_size=16 x world size 2")):
+        check_training_config(compose(["+experiment=amber_tiny", "trainer.micro_batch_size=16"]))
+    monkeypatch.setenv("WORLD_SIZE", "3")  # megatron: the data-parallel size is WORLD_SIZE / (TP x PP)
+    with pytest.raises(ValueError, match=re.escape("3 processes cannot hold trainer.tensor_parallel=2")):
+        check_training_config(compose(["+experiment=amber_tiny", "trainer=megatron", "trainer.tensor_parallel=2",
+                                       "trainer.seq_len=128"]))
 
 
 def test_out_of_range_values_fail_under_cfg_job_and_before_a_run_writes_anything(tmp_path):
@@ -424,3 +463,19 @@ def test_a_sweep_with_credentials_in_an_override_is_refused_before_hydra(capsys)
     err = capsys.readouterr().err
     assert "holds credentials" in err and "s3cr3t" not in err
     check_before_hydra(["-m", "+experiment=amber_tiny", "model.d_model=64,96"])  # no credentials: Hydra's turn
+
+
+def test_every_job_of_a_sweep_is_checked_before_the_first_one_trains(tmp_path, capsys):
+    """`-m ... model.d_model=64,130`: job 1's bad value is refused before Hydra writes multirun/ and before job 0
+    trains for minutes; a sweep of good values passes, and one Hydra alone can expand (glob) is left to main()."""
+    from open360.train.__main__ import check_before_hydra, sweep_jobs
+
+    good = ["-m", "+experiment=scaling_tiny", "model.d_model=64,96", f"workspace={tmp_path}", "tracking=off"]
+    check_before_hydra(good)
+    with pytest.raises(SystemExit) as err:
+        check_before_hydra([*good[:2], "model.d_model=64,130", *good[3:]])
+    assert err.value.code == 2
+    said = capsys.readouterr().err
+    assert "sweep job +experiment=scaling_tiny model.d_model=130" in said and "d_model=130 is not divisible" in said
+    assert list(tmp_path.iterdir()) == []
+    assert sweep_jobs(["+experiment=glob(amber_*)"]) == []

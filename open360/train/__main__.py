@@ -122,8 +122,8 @@ def check_before_hydra(argv: list[str]) -> None:
         print("open360.train: --cfg prints one job's config and Hydra takes one of --multirun and --cfg: drop -m "
               "and give one value per key", file=sys.stderr)
         sys.exit(2)
-    if multirun:  # the sweep folder holds no run_name; each job is checked in main() — but Hydra writes
-        # each job's .hydra/ (overrides and config) before main() runs: no credential may reach it
+    if multirun:  # Hydra writes each job's .hydra/ (overrides and config) before main() runs: no credential
+        # may reach it (the jobs' other checks follow, as for one run)
         from open360.tracking.params import holds_credentials, mask_value
 
         secret = next((a for a in argv if holds_credentials(a)), None)
@@ -131,7 +131,6 @@ def check_before_hydra(argv: list[str]) -> None:
             print(f"open360.train: {mask_value(secret)}: holds credentials, which Hydra would save in the clear "
                   "under multirun/; give the URI without them and set them in the environment", file=sys.stderr)
             sys.exit(2)
-        return
     from hydra.errors import HydraException
 
     from open360.config import compose
@@ -159,20 +158,39 @@ def check_before_hydra(argv: list[str]) -> None:
         return  # a primary config or search path composed only by Hydra itself: main() checks it
     config_dir = flag("--config-dir", "-cd")
     search = [f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]"] if config_dir else []
+    # a sweep: every job is checked now, so a bad value of its third job does not stop it after two trained
+    jobs = sweep_jobs(overrides) if multirun else [overrides]
     try:
-        cfg = compose(search + overrides, config_name=flag("--config-name", "-cn") or "config")
-        check_stage_overrides(cfg, overrides)
-        as_model_config(cfg.model)
-        check_training_config(cfg)
-        if not printing:  # `--cfg job` of a full-size experiment prints on any machine
-            check_resources(cfg)
+        for job in jobs:
+            cfg = compose(search + job, config_name=flag("--config-name", "-cn") or "config")
+            check_stage_overrides(cfg, job)
+            as_model_config(cfg.model)
+            check_training_config(cfg)
+            if not printing:  # `--cfg job` of a full-size experiment prints on any machine
+                check_resources(cfg)
     except (HydraException, ConfigKeyError, ResourceError, ValueError) as err:
         message = str(err).strip()
+        if multirun and len(jobs) > 1:
+            message = f"sweep job {' '.join(job)}: {message}"
         cause = err.__cause__
         if isinstance(err, HydraException) and cause is not None and str(cause).strip():
             message += f": {str(cause).strip().splitlines()[0]}"  # the why: "Value '1.5' ... to Integer"
         print(f"open360.train: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The overrides of each job of a `-m` sweep (`key=a,b` and range(...) expanded as Hydra's basic sweeper
+    does); none when a sweep needs more than Hydra's parser (glob, an interval): main() checks its jobs."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    except HydraException:
+        return []
+    return jobs
 
 
 if __name__ == "__main__":

@@ -206,15 +206,9 @@ def run_training(cfg: DictConfig, device: str, init_from: Path | None = None) ->
     and step 0). A resumed run takes its weights from the resume checkpoint instead.
     """
     check_training_config(cfg)
-    backend = str(cfg.trainer.backend)  # one of BACKENDS (check_training_config)
+    backend = str(cfg.trainer.backend)  # one of BACKENDS; TP/PP only on megatron (check_training_config)
     if backend == "megatron":
         _check_megatron_available(device)
-    elif int(cfg.trainer.tensor_parallel) > 1 or int(cfg.trainer.pipeline_parallel) > 1:
-        raise TrainingError(
-            f"trainer.tensor_parallel={cfg.trainer.tensor_parallel}, trainer.pipeline_parallel="
-            f"{cfg.trainer.pipeline_parallel}: tensor and pipeline parallelism run on trainer.backend=megatron; "
-            "the native backend does data parallelism (DDP/FSDP) only"
-        )
     env = init_distributed(device)
     try:
         return _run(cfg, device, env, init_from)

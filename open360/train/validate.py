@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -76,6 +77,30 @@ def check_tracking_uri(cfg: DictConfig) -> None:
         )
 
 
+def check_parallel_layout(cfg: DictConfig, world_size: int | None = None) -> None:
+    """The global batch splits into whole micro-batches over the processes torchrun started (WORLD_SIZE), and
+    tensor/pipeline parallelism is asked of the backend that has it: checked here, not once the run's folders,
+    Hydra's outputs/ and its MLflow run exist."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
+    gbs, mbs = int(cfg.trainer.global_batch_size), int(cfg.trainer.micro_batch_size)
+    tp, pp = int(cfg.trainer.tensor_parallel), int(cfg.trainer.pipeline_parallel)
+    if str(cfg.trainer.backend) == "megatron":
+        from open360.backends.megatron.layout import layout_for_run
+
+        layout_for_run(cfg, world, gbs, mbs)  # LayoutError (a ValueError) naming the key
+        return
+    if tp > 1 or pp > 1:
+        raise ValueError(
+            f"trainer.tensor_parallel={tp}, trainer.pipeline_parallel={pp}: tensor and pipeline parallelism run on "
+            "trainer.backend=megatron; the native backend does data parallelism (DDP/FSDP) only"
+        )
+    if gbs % (mbs * world):
+        raise ValueError(
+            f"trainer.global_batch_size={gbs} must be a multiple of trainer.micro_batch_size={mbs} x world size "
+            f"{world} (WORLD_SIZE, the processes torchrun started); change one of them"
+        )
+
+
 def check_training_config(cfg: DictConfig) -> None:
     """ValueError naming the key for any value a run would refuse later, after folders or shards exist:
     the schedule (stages, steps, LR), the cadence, the batch geometry, the precision and the optimizer."""
@@ -109,6 +134,7 @@ def check_training_config(cfg: DictConfig) -> None:
     if int(cfg.data.build_workers) < 0:
         raise ValueError(f"data.build_workers={cfg.data.build_workers}: must be >= 0 (0 or 1 = build in this process)")
     _check_choices(cfg)
+    check_parallel_layout(cfg)
     if int(cfg.tracking.metric_buffer_steps) < 1:
         raise ValueError(f"tracking.metric_buffer_steps={cfg.tracking.metric_buffer_steps}: must be >= 1")
     if cfg.trainer.init_from and resume_is_off(cfg.trainer.resume):  # a resume may not need it: see _run

@@ -16,6 +16,15 @@ def test_every_n_and_final() -> None:
     assert CadencePolicy("every_n", every=40, save_final=False).published_steps(0, 250)[-1] == 240
 
 
+def test_stage_ends_are_published_with_the_final_step() -> None:
+    ends = {100, 200, 240}  # crystalcoder_tiny's stages
+    assert CadencePolicy("every_n", every=40, stage_end_steps=ends).published_steps(0, 240) == [
+        40, 80, 100, 120, 160, 200, 240
+    ]
+    off = CadencePolicy("every_n", every=40, save_final=False, stage_end_steps=ends)
+    assert off.published_steps(0, 240) == [40, 80, 120, 160, 200, 240]
+
+
 def test_log_spaced_matches_pythia() -> None:
     p = CadencePolicy("log_spaced", every=1000, log_spaced_until=512)
     steps = p.published_steps(0, 3000)

@@ -54,8 +54,10 @@ def _trainer(
     tmp_path: Path | None = None,
     callbacks: list[Callback] | None = None,
     every: int = 1000,
+    stages: list[Stage] | None = None,
+    save_final: bool = False,
 ) -> Trainer:
-    stage = Stage(0, "main", "r.yaml", 0, steps, 1e-3, Schedule("constant", steps))
+    stages = stages or [Stage(0, "main", "r.yaml", 0, steps, 1e-3, Schedule("constant", steps))]
     order = SyntheticOrder(settings.global_batch_size, settings.seq_len, 64)
 
     def open_stage(st: Stage) -> StageData:
@@ -68,11 +70,11 @@ def _trainer(
         model=model,
         module=module,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        stages=[stage],
+        stages=stages,
         settings=settings,
         env=DistEnv(),
         open_stage=open_stage,
-        cadence=CadencePolicy("every_n", every=every, save_final=False),
+        cadence=CadencePolicy("every_n", every=every, save_final=save_final),
         writer=writer,
         callbacks=callbacks or [],
         config_yaml="x: 1\n",
@@ -111,6 +113,17 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert str(tmp_path / "pub" / "step_4") in msg and "(step 4)" in msg
     assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [2, 4]
     assert trainer.progress.step == 4
+
+
+def test_the_end_of_each_stage_is_published_with_the_final_step(tmp_path: Path) -> None:
+    """save_final keeps each stage's last step whatever the grid (crystalcoder_tiny: every 40, stages of
+    100/100/40 steps): the stage transitions of a multi-stage run are part of its release."""
+    stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("constant", 3)) for i, name in enumerate("ab")]
+    for save_final, published in ((True, [3, 4, 6]), (False, [4])):
+        model = ScriptedLoss([2.0] * 6, accum=2)
+        out = tmp_path / str(save_final)
+        _trainer(model, model, 6, _settings(), out, every=4, stages=stages, save_final=save_final).train()
+        assert [s for s, _ in list_checkpoints(out / "pub")] == published
 
 
 def test_the_divergence_message_names_a_runnable_batch_command(tmp_path: Path) -> None:

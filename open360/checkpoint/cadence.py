@@ -18,7 +18,9 @@ class CadencePolicy:
     """Decides, for a count of completed optimizer steps, whether to save and where.
 
     `chunk_end_steps` (global step counts at which a data chunk has just been consumed) feed the
-    `per_chunk` policy; the trainer adds each stage's boundaries when the stage opens.
+    `per_chunk` policy; the trainer adds each stage's boundaries when the stage opens. `save_final` publishes
+    the run's last step and the last step of each stage in `stage_end_steps` (a multi-stage run such as
+    CrystalCoder's keeps its stage transitions whatever the grid).
     """
 
     policy: str
@@ -29,6 +31,7 @@ class CadencePolicy:
     keep_ephemeral: int = 1
     save_final: bool = True
     chunk_end_steps: set[int] = field(default_factory=set)
+    stage_end_steps: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -65,7 +68,7 @@ class CadencePolicy:
 
     def is_published(self, step: int, final_step: int | None = None) -> bool:
         """True when completed step `step` gets a published checkpoint (`final_step`: the run's last)."""
-        if self.save_final and final_step is not None and step == final_step:
+        if self.save_final and (step == final_step or step in self.stage_end_steps):
             return True
         if self.policy == "every_n":
             return step > 0 and step % self.every == 0

@@ -132,7 +132,7 @@ class CheckpointConfig:
     steps: list[int] = field(default_factory=list)  # policy=list
     ephemeral_every: int = 0  # 0 = off; recovery checkpoints, never published
     keep_ephemeral: int = 1
-    save_final: bool = True
+    save_final: bool = True  # also publish the run's last step and each stage's last step
 
 
 @dataclass

@@ -132,6 +132,7 @@ class Trainer:
         self.progress = TrainerProgress()
         self.accum = self._accumulation_steps()
         self.final_step = stages[-1].end
+        cadence.stage_end_steps.update(stage.end for stage in stages)
         self._stage_data: dict[int, StageData] = {}
         self._finished_stages: dict[int, dict[str, Any]] = {}  # data history restored from a checkpoint
         self._prefetch_pool: ThreadPoolExecutor | None = None  # lives while train() runs

@@ -882,3 +882,29 @@ def test_shards_are_matched_by_content_and_tokenizer(trained_run: tuple[Path, st
     rows = np.arange(view.chunk_sizes[1])
     seen = view.seen_mask(twice, 1, rows)
     assert seen.tolist() == (rows + view.offsets[1] < 30 * 16).tolist() and 0 < seen.sum() < len(rows)
+
+
+def test_the_score_correlation_equals_pandas_pairwise_pearson() -> None:
+    """The checkpoint x checkpoint correlation comes from matrix sums (a pivot table of LLM360's 130M rows
+    does not fit); it must equal pandas' pairwise-complete Pearson, NaN where pandas has NaN (a checkpoint
+    whose scores are all equal, checkpoints sharing fewer than two sequences)."""
+    import pandas as pd
+
+    from open360.analysis.memorization.report import score_correlation
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for step in range(0, 60, 10):
+        score = rng.integers(0, 33, size=200) / 32
+        if step == 30:
+            score[:] = 0.5
+        parts.append(pd.DataFrame({"step": step, "seq_id": rng.choice(300, size=200, replace=False),
+                                   "score": score.astype(np.float32)}))
+    parts.append(pd.DataFrame({"step": 60, "seq_id": [1000, 1001], "score": np.float32([0.1, 0.2])}))
+    scores = pd.concat(parts, ignore_index=True)
+    want = scores.pivot_table(index="seq_id", columns="step", values="score").corr(method="pearson", min_periods=2)
+    for block in (7, 16384):  # sums over many blocks of sequences, or one
+        got = score_correlation(scores, block=block)
+        assert list(got.index) == list(want.index) == list(got.columns)
+        assert np.array_equal(np.isnan(got.to_numpy()), np.isnan(want.to_numpy()))
+        assert np.allclose(got.to_numpy(), want.to_numpy(), atol=1e-12, equal_nan=True)

@@ -356,11 +356,12 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     if rank == 0:
         from open360.analysis.memorization.report import merge_cells, render_report
 
-        merge_cells(out_dir, valid_cells)  # this job's matrix only: other cells in out_dir may be stale
-        if complete and job.report:
+        if complete and job.report:  # the report merges the job's cells first
             whole = set(steps) == set(known_steps) and len(chunks) == data.num_chunks
             report = render_report(out_dir, run=job.run, workspace=workspace, log_mlflow=job.mlflow, cells=cells,
                                    mlflow_run=mlflow_run, part=None if whole else (steps, chunks))
+        else:
+            merge_cells(out_dir, valid_cells)  # this job's matrix only: other cells in out_dir may be stale
     return JobResult(out_dir, steps, chunks, computed, done, complete, report)
 
 

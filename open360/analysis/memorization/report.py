@@ -39,60 +39,49 @@ def cell_files(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> lis
     return [p for p in (cell_path(Path(out_dir), s, c) for s, c in sorted(cells)) if p.is_file()]
 
 
-def load_scores(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> Any:
-    """Every per-sequence row of the given cells (None: all under `out_dir/cells`) as one DataFrame."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    files = cell_files(out_dir, cells)
-    if not files:
-        raise FileNotFoundError(f"{out_dir}/cells: no cell parquet files; run the memorization job first")
-    frames = [
-        pq.read_table(
-            f, columns=["step", "chunk", "row", "seq_id", "matched", "score", "prefix_match", "seen"]
-        ).to_pandas()
-        for f in files
-    ]
-    return pd.concat(frames, ignore_index=True)
+SCORE_COLUMNS = ["step", "chunk", "row", "seq_id", "matched", "score", "prefix_match", "seen"]
+REPORT_COLUMNS = ["step", "seq_id", "matched", "score", "seen"]  # what the figures and tables read
 
 
 def merge_cells(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> Path | None:
     """Write `summary.parquet` (one row per cell) and `scores.parquet` (all rows) from the cell files of
-    `cells` (a job's matrix; None: every cell file in `out_dir`)."""
+    `cells` (a job's matrix; None: every cell file in `out_dir`), one cell in memory at a time: LLM360's 360
+    checkpoints x 360 chunks x 1000 sequences are 130M rows."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
     files = cell_files(out_dir, cells)
     if not files:
         return None
-    scores = load_scores(out_dir, cells)
-    rows = []
-    for f in files:
-        meta = _cell_meta(f)
-        rows.append(
-            {
-                "step": meta.get("step"),
-                "chunk": meta.get("chunk"),
-                "mode": meta.get("mode"),
-                "tokens_seen": meta.get("tokens_seen"),
-                "seconds": meta.get("seconds"),
-                "chunk_size": meta.get("chunk_size"),
-            }
-        )
-    meta_df = pd.DataFrame(rows)
     l_val = _cell_meta(files[0]).get("l", 32)
-    grouped = scores.groupby(["step", "chunk"])
-    summary = grouped.agg(
-        n=("score", "size"),
-        token_match=("score", "mean"),
-        full_match=("matched", lambda m: float((m == l_val).mean()) if len(m) else float("nan")),
-        seen_fraction=("seen", "mean"),
-    ).reset_index()
-    summary = meta_df.merge(summary, on=["step", "chunk"], how="left")
-    summary["n"] = summary["n"].fillna(0).astype(int)
-    summary = summary.sort_values(["step", "chunk"]).reset_index(drop=True)
+    nan = float("nan")
+    rows = []
+    tmp = out_dir / f".tmp-{SCORES_FILE}-{os.getpid()}"
+    try:
+        writer = None
+        for f in files:
+            meta = _cell_meta(f)
+            table = pq.read_table(f, columns=SCORE_COLUMNS).replace_schema_metadata(None)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            score, matched, seen = (table[c].to_numpy(zero_copy_only=False) for c in ("score", "matched", "seen"))
+            n = len(score)
+            rows.append({
+                **{key: meta.get(key) for key in ("step", "chunk", "mode", "tokens_seen", "seconds", "chunk_size")},
+                "n": n,
+                "token_match": float(score.astype(np.float64).mean()) if n else nan,
+                "full_match": float((matched == l_val).mean()) if n else nan,
+                "seen_fraction": float(seen.mean()) if n else nan,
+            })
+        writer.close()
+        os.replace(tmp, out_dir / SCORES_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    summary = pd.DataFrame(rows).sort_values(["step", "chunk"]).reset_index(drop=True)
     _atomic_parquet(summary, out_dir / SUMMARY_FILE)
-    _atomic_parquet(scores, out_dir / SCORES_FILE)
     return out_dir / SUMMARY_FILE
 
 
@@ -212,10 +201,34 @@ def plot_lines(summary: Any, steps: list[int], path: Path, label: str) -> None:
     plt.close(fig)
 
 
-def score_correlation(scores: Any) -> Any:
-    """Pearson correlation of per-sequence scores between checkpoints, over sequences scored at both."""
-    wide = scores.pivot_table(index="seq_id", columns="step", values="score")
-    return wide.corr(method="pearson", min_periods=2)
+def score_correlation(scores: Any, block: int = 16384) -> Any:
+    """Pearson correlation of per-sequence scores between checkpoints, over sequences scored at both (NaN
+    where fewer than two are, or where one checkpoint's scores are all equal there). From sums accumulated
+    over blocks of `block` sequences (matrix products), not a pivot table: 360 checkpoints x 360k sequences."""
+    import pandas as pd
+
+    steps, col = np.unique(scores.step.to_numpy(), return_inverse=True)
+    _, row = np.unique(scores.seq_id.to_numpy(), return_inverse=True)
+    order = np.argsort(row, kind="stable")
+    row, col, value = row[order], col[order], scores.score.to_numpy(dtype=np.float64)[order]
+    k = len(steps)
+    n, sx, sxx, sxy = (np.zeros((k, k)) for _ in range(4))
+    bounds = np.searchsorted(row, np.arange(0, int(row.max(initial=-1)) + 1 + block, block))
+    for start, lo, hi in zip(range(0, len(bounds) * block, block), bounds[:-1], bounds[1:], strict=False):
+        present, scored = np.zeros((block, k)), np.zeros((block, k))
+        present[row[lo:hi] - start, col[lo:hi]] = 1.0
+        scored[row[lo:hi] - start, col[lo:hi]] = value[lo:hi]
+        n += present.T @ present  # [i, j]: sequences scored at both
+        sx += scored.T @ present  # [i, j]: sum of i's scores over the sequences j also scored
+        sxx += (scored * scored).T @ present
+        sxy += scored.T @ scored
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = n * sxx - sx * sx  # [i, j]: n x the variance of i's scores on the sequences shared with j
+        corr = (n * sxy - sx * sx.T) / np.sqrt(var * var.T)
+    flat = 1e-12 * n * n  # a variance this small is a checkpoint whose scores are all equal there
+    corr[(n < 2) | (np.minimum(var, var.T) <= flat)] = np.nan
+    labels = pd.Index(steps, name="step")
+    return pd.DataFrame(np.clip(corr, -1.0, 1.0), index=labels, columns=labels)
 
 
 def plot_correlation(corr: Any, path: Path, label: str) -> None:
@@ -240,27 +253,30 @@ def progress_table(scores: Any, summary: Any, l_val: int) -> Any:
     """Per checkpoint: token_match, full_match overall and over seen / unseen sequences, tokens seen."""
     import pandas as pd
 
-    rows = []
-    for step in sorted(int(s) for s in summary.step.unique()):  # every checkpoint, also one with no rows
-        part = scores[scores.step == step]
-        full = part.matched == l_val
-        seen = part.seen.astype(bool)
-        tokens = summary.loc[summary.step == step, "tokens_seen"].dropna()
-        nan = float("nan")
-        rows.append(
-            {
-                "step": step,
-                "tokens_seen": float(tokens.iloc[0]) if len(tokens) else nan,
-                "n": len(part),
-                "token_match": float(part.score.mean()) if len(part) else nan,
-                "full_match": float(full.mean()) if len(part) else nan,
-                "full_match_seen": float(full[seen].mean()) if seen.any() else nan,
-                "full_match_unseen": float(full[~seen].mean()) if (~seen).any() else nan,
-                "token_match_seen": float(part.score[seen].mean()) if seen.any() else nan,
-                "token_match_unseen": float(part.score[~seen].mean()) if (~seen).any() else nan,
-            }
-        )
-    return pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
+    frame = pd.DataFrame({
+        "step": scores.step.to_numpy(),
+        "seen": scores.seen.to_numpy(dtype=bool),
+        "full": (scores.matched.to_numpy() == l_val).astype(np.float64),
+        "score": scores.score.to_numpy(dtype=np.float64),
+    })
+    overall = frame.groupby("step").agg(n=("score", "size"), token_match=("score", "mean"), full_match=("full", "mean"))
+    split = frame.groupby(["step", "seen"])[["full", "score"]].mean().unstack("seen")
+
+    def part(column: str, seen: bool) -> Any:
+        return split[(column, seen)] if (column, seen) in split.columns else pd.Series(dtype=float)
+
+    tokens = summary.dropna(subset=["tokens_seen"]).groupby("step").tokens_seen.first()
+    table = pd.DataFrame(index=pd.Index(sorted(int(s) for s in summary.step.unique()), name="step"))  # every
+    # checkpoint, also one with no rows
+    table["tokens_seen"] = tokens.astype(float)
+    table = table.join(overall)
+    table["n"] = table["n"].fillna(0).astype(int)
+    for name, column, seen in (("full_match_seen", "full", True), ("full_match_unseen", "full", False),
+                               ("token_match_seen", "score", True), ("token_match_unseen", "score", False)):
+        table[name] = part(column, seen)
+    columns = ["step", "tokens_seen", "n", "token_match", "full_match", "full_match_seen", "full_match_unseen",
+               "token_match_seen", "token_match_unseen"]
+    return table.reset_index()[columns].astype({c: float for c in columns if c not in ("step", "n")})
 
 
 def plot_progress(progress: Any, path: Path, label: str) -> None:
@@ -319,8 +335,9 @@ def render_report(
     import pandas as pd
 
     out_dir = Path(out_dir)
-    merge_cells(out_dir, cells)
-    scores = load_scores(out_dir, cells)
+    if merge_cells(out_dir, cells) is None:
+        raise FileNotFoundError(f"{out_dir}/cells: no cell parquet files; run the memorization job first")
+    scores = pd.read_parquet(out_dir / SCORES_FILE, columns=REPORT_COLUMNS)  # once, the columns used only
     summary = pd.read_parquet(out_dir / SUMMARY_FILE)
     meta = _cell_meta(cell_files(out_dir, cells)[0])
     l_val, mode = int(meta.get("l", 32)), meta.get("mode", "greedy")

@@ -408,6 +408,31 @@ def test_a_backfilled_checkpoint_record_fills_a_gap_and_keeps_an_existing_one(ws
     assert mr.checkpoint_record(client, logger.run_id, 16) == {"step": 16, "dvc_md5": "old.dir", "pushed": False}
 
 
+def test_a_resumed_run_without_dvc_records_the_checkpoints_a_kill_left_unrecorded(ws: Path) -> None:
+    """Without DVC the logger records each published checkpoint itself, in the background: a run killed right
+    after its step-8 checkpoint was written never recorded it. The resumed run sends the record of every
+    checkpoint up to its start again (kept where the run has one), as the DVC catch-up does with DVC."""
+    run_dir = ws / "checkpoints" / "r"
+    for step in (4, 8, 12):  # step 12: a later checkpoint (not this run's history from step 8 on)
+        (run_dir / f"step_{step}").mkdir(parents=True)
+        (run_dir / f"step_{step}" / "lineage.json").write_text("{}")
+    first = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    first.record_local_checkpoints = True
+    first.on_run_start(info(ws))
+    first.record_checkpoint(4, {"path": "checkpoints/r/step_4", "dvc_md5": None, "git_revision": "kept"})
+    first.on_run_end({"status": "interrupted"})  # killed before the record of step 8 was written
+
+    resumed = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    resumed.record_local_checkpoints = True
+    resumed.on_run_start(info(ws, start=8, extra={RUN_ID_KEY: first.run_id}))
+    resumed.on_run_end({"status": "finished"})
+    assert resumed.run_id == first.run_id and resumed.errors == []
+    records = mr.checkpoint_records(mr.client(resumed.tracking_uri), resumed.run_id)
+    assert sorted(records) == [4, 8]
+    assert records[4]["git_revision"] == "kept"
+    assert records[8] == {"step": 8, "path": "checkpoints/r/step_8", "dvc_md5": None, "git_revision": None, "pushed": False}
+
+
 def _ten_steps(ws: Path, run_name: str = "r", start: int = 0, extra: dict | None = None, loss: float = 1.0) -> str:
     logger = MlflowLogger("sqlite:///mlflow.db", "exp", run_name, ws)
     logger.on_run_start(RunInfo(run_name, ws, ws / "checkpoints" / run_name, CONFIG, "", start, extra=extra or {}))

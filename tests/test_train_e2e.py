@@ -471,6 +471,51 @@ def test_a_branch_cut_short_without_dvc_is_finished_before_resume_auto(
     assert [p.name for p in (recovery / "superseded").glob("from_step_2-*/step_*")] == ["step_5"]
 
 
+def test_a_branch_cut_short_is_still_a_branch_when_started_again(
+    tmp_path: Path, shards_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after a resume from step 2 moved the later checkpoints aside but before the tracking started the
+    branch (or while they moved: its journal left): the run started again from step 2 is still that branch, so
+    MLflow starts the branch's own run instead of continuing the replaced one, whose history after step 2
+    would silently take this branch's values."""
+    import open360.train.pipeline as pipeline
+    from open360.checkpoint.branches import pending_branches, write_pending_branch
+    from open360.config import compose
+    from open360.train.callbacks import Callback, RunInfo
+
+    class Killed(Exception):
+        pass
+
+    class Tracker(Callback):
+        kill = False
+        branches: list = []
+
+        def on_run_start(self, info: RunInfo) -> None:
+            self.branches.append(info.extra["branch"])
+            if self.kill:
+                raise Killed
+
+    tracker = Tracker()
+    monkeypatch.setattr(pipeline, "_build_callbacks", lambda cfg, workspace, env: [tracker])
+    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
+            f"workspace={tmp_path}", "checkpoint.policy=every_n", "checkpoint.every=2", "trainer.max_steps=6"]
+    recovery = tmp_path / "recovery" / "amber_tiny"
+    pipeline.run_training(compose(base), "cpu")
+    tracker.kill = True
+    with pytest.raises(Killed):  # the checkpoints after step 2 are moved aside, the branch's run not started
+        pipeline.run_training(compose([*base, "trainer.resume=2"]), "cpu")
+    made = tracker.branches[-1]
+    assert made["from_step"] == 2 and len(pending_branches(recovery)) == 1
+    tracker.kill = False
+    pipeline.run_training(compose([*base, "trainer.resume=2", "trainer.max_steps=4"]), "cpu")
+    assert tracker.branches[-1] == made and not pending_branches(recovery)
+
+    write_pending_branch(recovery, 2, "from_step_2-crash")  # killed while a second branch from step 2 moved
+    pipeline.run_training(compose([*base, "trainer.resume=auto"]), "cpu")
+    assert tracker.branches[-1] == {"from_step": 2, "superseded": "from_step_2-crash"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "amber_tiny" / "superseded" / "from_step_2-crash").iterdir()) == ["step_4"]
+
+
 def test_a_missing_init_from_is_named_at_a_fresh_start_under_resume_auto(tmp_path: Path, shards_root: Path) -> None:
     """resume=auto with nothing to resume is a fresh start: the warm start's folder must exist, and the
     error comes before any model is built (validate.py skips the check for resumes, which need not it)."""

@@ -47,10 +47,11 @@ def run_dirs(workspace: Path, run: str) -> tuple[Path, Path]:
     return Path(workspace) / CHECKPOINTS_DIR / run, Path(workspace) / RECOVERY_DIR / run
 
 
-def finish_pending_branches(workspace: Path, run: str) -> dict[int, Path]:
+def finish_pending_branches(workspace: Path, run: str, keep_journal: bool = False) -> dict[int, Path]:
     """Finish the branches of `run` that a crash interrupted (journaled by `write_pending_branch`): the
     checkpoints after the branch step, their folders and their checkpoints.dvc records, move to
-    `superseded/<folder>/`, then the journal entry goes. Returns {step: new path} of the folders moved."""
+    `superseded/<folder>/`, then the journal entry goes (`keep_journal`: the run making the branch removes
+    it itself, once its tracking knows of the branch). Returns {step: new path} of the folders moved."""
     from open360.checkpoint.branches import pending_branches, supersede_later_checkpoints
 
     workspace = Path(workspace).expanduser().resolve()
@@ -63,7 +64,8 @@ def finish_pending_branches(workspace: Path, run: str) -> dict[int, Path]:
         moved |= supersede_later_checkpoints(step, run_dir, recovery_dir, folder)
         if is_dvc_workspace(workspace):  # only a tree rewrite: nothing is hashed or pushed
             DvcWorkspace(workspace).supersede(run_dir, step, run_dir / "superseded" / folder, pending=marker)
-        marker.unlink(missing_ok=True)
+        if not keep_journal:
+            marker.unlink(missing_ok=True)
     return moved
 
 

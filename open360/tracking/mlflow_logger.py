@@ -170,6 +170,8 @@ class MlflowLogger(Callback):
         self._last_flush_step = info.start_step
         self._worker = BackgroundWorker(f"mlflow[{self.run_name}]")
         self._submit(self._log_config, info)
+        if self.record_local_checkpoints and info.start_step > 0:
+            self._backfill_local_records(info.checkpoint_dir, info.start_step)
         if self.system_metrics:
             self._start_system_metrics()
 
@@ -217,13 +219,25 @@ class MlflowLogger(Callback):
     def on_checkpoint_saved(self, step: int, path: Path, published: bool) -> None:
         self.flush(step)
         if published and self.record_local_checkpoints:
-            try:
-                rel = Path(path).resolve().relative_to(self.workspace).as_posix()
-            except ValueError:
-                rel = str(path)
-            self.record_checkpoint(
-                step, {"path": rel, "dvc_md5": None, "git_revision": None, "pushed": False}
-            )
+            self.record_checkpoint(step, self._local_record(path))
+
+    def _local_record(self, path: Path) -> dict[str, Any]:
+        """The record of a published checkpoint of a run without DVC: its folder, no md5, not pushed."""
+        try:
+            rel = Path(path).resolve().relative_to(self.workspace).as_posix()
+        except ValueError:
+            rel = str(path)
+        return {"path": rel, "dvc_md5": None, "git_revision": None, "pushed": False}
+
+    def _backfill_local_records(self, checkpoint_dir: Path, start_step: int) -> None:
+        """A resumed run without DVC: a killed run may have saved a published checkpoint whose record (written
+        in the background) never reached the store; each one up to `start_step` is sent again, kept where the
+        run has it (the DVC versioner's catch-up does the same for a run with DVC)."""
+        from open360.checkpoint.io import list_checkpoints  # imports torch: not at module import (DVC worker)
+
+        for step, path in list_checkpoints(checkpoint_dir):
+            if step <= start_step:
+                self.record_checkpoint(step, {**self._local_record(path), BACKFILL_KEY: True})
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self._worker is None:

@@ -18,7 +18,12 @@ from open360.backends.native import (
     parallelize,
     shutdown_distributed,
 )
-from open360.checkpoint.branches import branch_folder, supersede_later_checkpoints, write_pending_branch
+from open360.checkpoint.branches import (
+    branch_folder,
+    pending_branches,
+    supersede_later_checkpoints,
+    write_pending_branch,
+)
 from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import (
     MODEL_FILE,
@@ -404,8 +409,16 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         from open360.backends.megatron.layout import layout_for_run
 
         layout_for_run(cfg, env.world_size, settings.global_batch_size, settings.micro_batch_size)
+    # A branch's journal entry stays until the tracking callbacks have started this run as that branch: a crash
+    # before then (while its later checkpoints move, or just after) leaves the entry, and a resume from its step
+    # is still the branch (MLflow starts the branch's own run, not continuing the replaced run's history).
+    interrupted: dict[int, str] = {}  # from_step -> superseded folder of a branch a crash cut short
+    journal: list[Path] = []
     if env.is_main:  # a branch a crash interrupted is finished before anything else (DVC or not)
-        finish_pending_branches(workspace, run_name)
+        for marker, entry in pending_branches(recovery_dir):
+            interrupted[int(entry["from_step"])] = str(entry["superseded"])
+            journal.append(marker)
+        finish_pending_branches(workspace, run_name, keep_journal=True)
     barrier(env)
     resume_from = find_resume_checkpoint(str(cfg.trainer.resume), published_dir, recovery_dir)
     if resume_from is None and init_from is not None:  # a fresh start (also under resume=auto) needs its base
@@ -472,19 +485,22 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         }
         if env.is_main:
             warn_if_schedule_changed(resume_from, stages, trainer.progress.step)
-        if env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit step: maybe a new branch
-            step, moved = trainer.progress.step, {}
+        step, moved = trainer.progress.step, {}
+        if env.is_main and step in interrupted:  # the move of this branch was cut short: still a branch (its
+            # later checkpoints are moved aside now, so the test below no longer sees them; MLflow must not
+            # continue the replaced run, whose history after the step would take this branch's values)
+            branch = {"from_step": step, "superseded": interrupted[step]}
+        elif env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit step: maybe a new branch
             on_disk = list_checkpoints(published_dir) + list_checkpoints(recovery_dir)
             if any(s > step for s, _ in on_disk) or _recorded_after(cfg, workspace, run_name, step):
                 branch = {"from_step": step, "superseded": branch_folder(step)}  # else it continues the run
                 # journaled, DVC or not: a crash halfway (published moved, recovery not) is finished by the next
                 # start, whose resume=auto would otherwise continue the replaced branch from its recovery step
-                marker = write_pending_branch(recovery_dir, step, branch["superseded"])
+                journal.append(write_pending_branch(recovery_dir, step, branch["superseded"]))
                 if cfg.tracking.dvc:
-                    moved = finish_pending_branches(workspace, run_name)
+                    moved = finish_pending_branches(workspace, run_name, keep_journal=True)
                 else:
                     moved = supersede_later_checkpoints(step, published_dir, recovery_dir, branch["superseded"])
-                    marker.unlink()
             if moved:
                 print(
                     f"open360.train: resuming from step {trainer.progress.step}: this run's later checkpoints "
@@ -519,6 +535,8 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     )
     for cb in callbacks:
         cb.on_run_start(info)
+    for marker in journal:  # the tracking knows of the branch now: a crash from here on is an ordinary resume
+        marker.unlink(missing_ok=True)
     summary: dict[str, Any] = {"status": "failed", "run_name": run_name}
     try:
         summary = {"run_name": run_name, **trainer.train()}

@@ -58,8 +58,8 @@ def merge_cells(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> Pa
     nan = float("nan")
     rows = []
     tmp = out_dir / f".tmp-{SCORES_FILE}-{os.getpid()}"
+    writer = None
     try:
-        writer = None
         for f in files:
             meta = _cell_meta(f)
             table = pq.read_table(f, columns=SCORE_COLUMNS).replace_schema_metadata(None)
@@ -76,8 +76,11 @@ def merge_cells(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> Pa
                 "seen_fraction": float(seen.mean()) if n else nan,
             })
         writer.close()
+        writer = None
         os.replace(tmp, out_dir / SCORES_FILE)
     except BaseException:
+        if writer is not None:
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
     summary = pd.DataFrame(rows).sort_values(["step", "chunk"]).reset_index(drop=True)

@@ -248,6 +248,16 @@ def test_training_values_out_of_range_name_the_key(override, says):
     assert says in str(err.value)
 
 
+def test_a_listed_checkpoint_step_past_the_run_is_named() -> None:
+    """checkpoint=list with a step the run never reaches would be dropped without a word."""
+    from open360.train.validate import check_training_config
+
+    listed = ["+experiment=amber_tiny", "checkpoint=list", "trainer.max_steps=100"]
+    check_training_config(compose([*listed, "checkpoint.steps=[10,100]"]))
+    with pytest.raises(ValueError, match=r"checkpoint\.steps=\[150\]: beyond the run's last step 100"):
+        check_training_config(compose([*listed, "checkpoint.steps=[10,150]"]))
+
+
 def test_a_batch_that_does_not_split_over_torchruns_processes_fails_before_anything_is_written(monkeypatch):
     """torchrun --nproc-per-node 2 with global 16 = micro 16: refused by the checks made before Hydra writes
     outputs/ (and before the run's folders and MLflow run), naming the keys and the world size."""

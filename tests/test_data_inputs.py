@@ -847,3 +847,17 @@ def test_a_line_nested_too_deep_is_malformed_json_not_a_damaged_file(tmp_path: P
     bad: Counter = Counter()
     assert [d.text for d in read_source(SourceSpec(name="s", type="jsonl", path=str(f)), bad)] == ["one", "two"]
     assert bad == {"malformed_json": 1}
+
+
+def test_a_total_rounded_to_whole_chunks_warns_and_negative_workers_are_refused(tmp_path: Path) -> None:
+    """mix.total_sequences is rounded down to num_chunks x chunk_multiple (equal chunks): said, not silent;
+    a negative process count (`open360 data build --workers -3`) is an error, not a one-process build."""
+    from open360.data.build import build_shards
+
+    recipe = _recipe(tmp_path, _src("good", _small_corpus(tmp_path)), "mix: {total_sequences: 41}\n")
+    with pytest.raises(ValueError, match=r"workers=-3: must be >= 0"):
+        build_shards(recipe, tmp_path / "shards", workers=-3)
+    with pytest.warns(UserWarning, match=r"mix.total_sequences = 41 is not a multiple of num_chunks x "
+                                         r"chunk_multiple = 2; 40 sequences are taken"):
+        out = build_shards(recipe, tmp_path / "shards", workers=0)
+    assert ShardSet.open(out).manifest["sources"]["good"]["sequences_selected"] == 40

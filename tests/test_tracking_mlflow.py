@@ -48,7 +48,8 @@ def info(ws: Path, start: int = 0, extra: dict | None = None) -> RunInfo:
 def test_params_masking_and_limits() -> None:
     assert is_secret_key("a.hf_token") and is_secret_key("API_KEY") and is_secret_key("x.password")
     # camelCase keys name credentials too (a `${oc.env:HF_TOKEN}` under `hfToken` was published in the clear)
-    assert all(is_secret_key(k) for k in ("data.hfToken", "dbPassword", "clientSecret", "wandbApiKey", "myAPIKey"))
+    assert all(is_secret_key(k) for k in ("data.hfToken", "dbPassword", "clientSecret", "wandbApiKey", "myAPIKey",
+                                          "ssh.passphrase", "keyPassphrase"))
     assert config_params({"data": {"hfToken": "hf_abc"}})["data.hfToken"] == "***"
     assert (
         not is_secret_key("tokenizer")

@@ -83,6 +83,12 @@ def mix_counts(recipe: RecipeSpec, available: list[int]) -> tuple[list[int], int
             )
     else:
         total = int(min(available[i] / p[i] for i in range(len(p)) if p[i] > 0))
+    if recipe.mix.total_sequences is not None and total % unit:
+        warnings.warn(
+            f"recipe '{recipe.name}': mix.total_sequences = {total} is not a multiple of num_chunks x "
+            f"chunk_multiple = {unit}; {total // unit * unit} sequences are taken (every chunk the same size)",
+            stacklevel=2,
+        )
     total = (total // unit) * unit
     if total == 0:
         raise RecipeError(
@@ -180,6 +186,8 @@ def build_shards(
     """
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index {worker_index} must lie in [0, num_workers={num_workers})")
+    if workers < 0:
+        raise ValueError(f"workers={workers}: must be >= 0 (0 or 1: the per-source pipeline runs in this process)")
     recipe = load_recipe(recipe_path, seed)
     rhash = recipe_hash(recipe)
     root = Path(shards_root).expanduser().resolve()

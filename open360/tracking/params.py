@@ -16,7 +16,7 @@ MAX_TAG_VALUE_LENGTH = 8000
 
 # Matched against each dotted-key component; "token" must stand alone ("hf_token", not "tokenizer").
 _SECRET_KEY = re.compile(
-    r"(^|[_\-.])(password|passwd|pwd|secret|secrets|token|auth|authorization|credential|credentials|"
+    r"(^|[_\-.])(password|passwd|passphrase|pwd|secret|secrets|token|auth|authorization|credential|credentials|"
     r"api[_\-]?key|access[_\-]?key|private[_\-]?key|secret[_\-]?key|session[_\-]?key)($|[_\-.])",
     re.IGNORECASE,
 )

@@ -143,8 +143,14 @@ def check_training_config(cfg: DictConfig) -> None:
     check_tracking_uri(cfg)
     check_optimizer_values(cfg.optim)
     resolve_precision(str(cfg.trainer.precision), "cpu")
-    build_stages(cfg)
+    last = build_stages(cfg)[-1].end
     CadencePolicy.from_config(cfg.checkpoint)
+    beyond = sorted(int(s) for s in cfg.checkpoint.steps if int(s) > last)
+    if cfg.checkpoint.policy == "list" and beyond:
+        raise ValueError(
+            f"checkpoint.steps={beyond}: beyond the run's last step {last} (trainer.max_steps / stages), so never "
+            "saved; drop them or train longer"
+        )
     check_recipes(cfg)
 
 

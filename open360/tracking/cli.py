@@ -59,10 +59,7 @@ def _mlflow_metrics(workspace: Path, run: str, uri: str | None) -> dict[str, dic
 
     def read(client: Any) -> dict[str, dict[int, float]]:
         run_id = mr.find_run_id(client, run)
-        if not run_id:
-            return {}
-        latest = mr.latest_metrics(client, run_id, LIST_METRICS)
-        return {key: {s: m.value for s, m in steps.items()} for key, steps in latest.items()}
+        return mr.metric_history(client, run_id, LIST_METRICS) if run_id else {}
 
     try:
         return mr.read_store(resolved, read)

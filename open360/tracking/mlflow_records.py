@@ -73,9 +73,10 @@ def latest_metrics(mlflow: Any, run_id: str, keys: Any = None) -> dict[str, dict
     return out
 
 
-def metric_history(mlflow: Any, run_id: str) -> dict[str, dict[int, float]]:
-    """key → {step: value}; where a step was logged twice (a resumed run), the latest write wins."""
-    return {key: {s: m.value for s, m in steps.items()} for key, steps in latest_metrics(mlflow, run_id).items()}
+def metric_history(mlflow: Any, run_id: str, keys: Any = None) -> dict[str, dict[int, float]]:
+    """key → {step: value} for `keys` (default: every metric); where a step was logged twice (a resumed
+    run), the latest write wins."""
+    return {key: {s: m.value for s, m in steps.items()} for key, steps in latest_metrics(mlflow, run_id, keys).items()}
 
 
 def _history_at(mlflow: Any, run_id: str, key: str, step: int) -> list[Any]:

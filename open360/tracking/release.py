@@ -203,11 +203,12 @@ def _check_data_files(workspace: Path, lineages: list[tuple[int, dict[str, Any]]
                     )
 
 
-def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, keyed by its path relative to it (what a user re-checks)."""
+def file_hashes(folder: Path, skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """sha256 of every file under `folder`, keyed by its path relative to it (what a user re-checks); files and
+    folders named in `skip` at its top level are left out, unread."""
     from open360.checkpoint.io import sha256_file
 
-    files = sorted(f for f in Path(folder).rglob("*") if f.is_file())
+    files = sorted(f for f in Path(folder).rglob("*") if f.is_file() and f.relative_to(folder).parts[0] not in skip)
     return {f.relative_to(folder).as_posix(): sha256_file(f) for f in files}
 
 
@@ -264,18 +265,18 @@ def _write_release(
     run_id = _metrics_table(workspace, run, mlflow_uri, out, lineage_run_id(lineages[-1]))
     (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg))
-    write_checksums(out, {c["revision"] for c in index})
+    write_checksums(out, frozenset(c["revision"] for c in index))
 
 
 SHA256SUMS = "SHA256SUMS"
 
 
-def write_checksums(out: Path, checkpoint_folders: set[str]) -> None:
+def write_checksums(out: Path, checkpoint_folders: frozenset[str]) -> None:
     """`SHA256SUMS` (`sha256sum -c` format) of every release file outside the `ckpt_XXX` folders: the data
     files, config, metrics, model card and `checkpoints.json`, whose `export_files` cover the checkpoints (on
-    the Hub those are other branches, so a download of `main` checks whole)."""
-    sums = {name: digest for name, digest in file_hashes(out).items()
-            if name.split("/")[0] not in checkpoint_folders and name != SHA256SUMS}
+    the Hub those are other branches, so a download of `main` checks whole). The checkpoint folders, hashed
+    when exported, are not read again."""
+    sums = file_hashes(out, skip=checkpoint_folders | {SHA256SUMS})
     (out / SHA256SUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
 
 

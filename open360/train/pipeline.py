@@ -404,11 +404,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
         for d in (published_dir, recovery_dir):
             check_writable(d)
             remove_stale_temp_dirs(d)
-    settings = build_settings(cfg, device, env)
-    if cfg.trainer.backend == "megatron":  # a layout that cannot work fails before the model is built
-        from open360.backends.megatron.layout import layout_for_run
-
-        layout_for_run(cfg, env.world_size, settings.global_batch_size, settings.micro_batch_size)
+    settings = build_settings(cfg, device, env)  # the layout was checked with the config (check_parallel_layout)
     # A branch's journal entry stays until the tracking callbacks have started this run as that branch: a crash
     # before then (while its later checkpoints move, or just after) leaves the entry, and a resume from its step
     # is still the branch (MLflow starts the branch's own run, not continuing the replaced run's history).

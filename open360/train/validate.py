@@ -77,11 +77,11 @@ def check_tracking_uri(cfg: DictConfig) -> None:
         )
 
 
-def check_parallel_layout(cfg: DictConfig, world_size: int | None = None) -> None:
+def check_parallel_layout(cfg: DictConfig) -> None:
     """The global batch splits into whole micro-batches over the processes torchrun started (WORLD_SIZE), and
     tensor/pipeline parallelism is asked of the backend that has it: checked here, not once the run's folders,
     Hydra's outputs/ and its MLflow run exist."""
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     gbs, mbs = int(cfg.trainer.global_batch_size), int(cfg.trainer.micro_batch_size)
     tp, pp = int(cfg.trainer.tensor_parallel), int(cfg.trainer.pipeline_parallel)
     if str(cfg.trainer.backend) == "megatron":

@@ -184,6 +184,24 @@ def test_import_errors_are_explicit(tmp_path: Path) -> None:
             import_hf(tmp_path)
 
 
+def test_import_names_a_truncated_or_missing_weights_file(tmp_path: Path) -> None:
+    """A truncated model.safetensors (an interrupted copy) or an index naming a missing shard: an HFInteropError
+    naming the file, not safetensors' bare 'Error while deserializing header'."""
+    cfg = model_cfg("amber_tiny")
+    out = export_hf(build_model(cfg), cfg, None, tmp_path / "hf")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(HFInteropError, match=f"{weights}: not a readable safetensors file"):
+        import_hf(out)
+    weights.unlink()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(HFInteropError, match="model-00001-of-00002.safetensors: not a readable safetensors file"):
+        import_hf(out)
+    (out / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(HFInteropError, match="index.json: no usable weight_map"):
+        import_hf(out)
+
+
 def test_phi_config_without_rotary_fraction_uses_transformers_default(tmp_path: Path) -> None:
     """A minimal phi config.json without partial_rotary_factor: transformers reads 0.5, so must open360."""
     torch.manual_seed(0)
@@ -219,6 +237,36 @@ def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path) -> None:
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tok.token_to_id("<|endoftext|>")
     assert hf_tok.pad_token == "<|pad|>"
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.token_to_id("<|endoftext|>")
+
+
+def test_tokenizer_export_writes_the_eos_the_shards_were_packed_with(tmp_path: Path) -> None:
+    """The shard manifest beside tokenizer.json records the recipe's eos_token: that is the EOS exported, not
+    a special token guessed by name (here `<|endoftext|>`, which the data never used as a separator)."""
+    import hashlib
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>", "<|endoftext|>"]))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    data = tok.to_str().encode()
+    (shards / "tokenizer.json").write_bytes(data)
+    record = {"file": "tokenizer.json", "sha256": hashlib.sha256(data).hexdigest(), "eos_token": "</s>"}
+    (shards / "manifest.json").write_text(json.dumps({"tokenizer": record}))
+    cfg = model_cfg("amber_tiny", vocab_size=tok.get_vocab_size())
+    out = export_hf(build_model(cfg), cfg, shards / "tokenizer.json", tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.token_to_id("</s>")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.token_to_id("</s>")
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
+    explicit = export_hf(build_model(cfg), cfg, shards / "tokenizer.json", tmp_path / "hf2", eos_token="<|endoftext|>")
+    assert json.loads((explicit / "config.json").read_text())["eos_token_id"] == tok.token_to_id("<|endoftext|>")
+    (shards / "manifest.json").write_text(json.dumps({"tokenizer": {**record, "sha256": "0" * 64}}))  # another file's
+    guessed = export_hf(build_model(cfg), cfg, shards / "tokenizer.json", tmp_path / "hf3")
+    assert json.loads((guessed / "config.json").read_text())["eos_token_id"] == tok.token_to_id("<|endoftext|>")
+    with pytest.raises(HFInteropError, match="has no token '<eot>'"):
+        export_hf(build_model(cfg), cfg, shards / "tokenizer.json", tmp_path / "hf4", eos_token="<eot>")
 
 
 def test_export_refuses_a_non_empty_folder_and_leaves_nothing_half_written(tmp_path: Path) -> None:

@@ -100,34 +100,41 @@ def test_fsdp_on_gpu_computes_in_the_configured_precision(
     assert all(p.reduce_dtype == torch.float32 for p in policies if p)
 
 
-def _wait_at_barrier(rank: int, port: int, delay_s: float, out: str) -> None:
-    """One rank of a two-process gloo job whose training group times out after 2 s; rank 0 is late."""
+def _wait_at_barrier(rank: int, port: int, delay_s: float, out: str, wait: str) -> None:
+    """One rank of a two-process gloo job whose training group times out after 2 s; rank 0 is late.
+    `wait`: "barrier" (the others wait for its shard build) or "first_error" (for its checkpoint hashing)."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    from open360.backends.native import barrier, init_distributed
+    from open360.backends.native import barrier, first_error, init_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     dist.init_process_group("gloo", timeout=timedelta(seconds=2))
     env = init_distributed("cpu")
     if rank == 0:
-        time.sleep(delay_s)  # building a stage's shards, pulling them
-    barrier(env)
+        time.sleep(delay_s)  # building a stage's shards, pulling them, hashing a resume checkpoint
+    if wait == "barrier":
+        barrier(env)
+    else:
+        assert first_error(env, "rank 0 failed" if rank == 0 else None) == "rank 0 failed"
     (Path(out) / f"rank{rank}").touch()
     dist.destroy_process_group()
 
 
-def test_ranks_wait_for_rank_0s_host_work_longer_than_the_training_groups_timeout(tmp_path: Path) -> None:
-    """Rank 0 builds a stage's shards (hours at scale) while the others wait at `barrier`: the wait is not
-    bounded by the training group's timeout (30 minutes), which would stop the job."""
+@pytest.mark.parametrize("wait", ["barrier", "first_error"])
+def test_ranks_wait_for_rank_0s_host_work_longer_than_the_training_groups_timeout(tmp_path: Path, wait: str) -> None:
+    """Rank 0 builds a stage's shards (hours at scale) while the others wait at `barrier`, or each node's local
+    rank 0 hashes the resume checkpoint (84 GB at 7B, read by every node at once) while the others wait for its
+    verdict in `first_error`: the wait is not bounded by the training group's timeout (30 minutes), which would
+    stop the job."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_wait_at_barrier, args=(port, 5.0, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_wait_at_barrier, args=(port, 5.0, str(tmp_path), wait), nprocs=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
 
 

@@ -77,8 +77,10 @@ def barrier(env: DistEnv) -> None:
 
 def first_error(env: DistEnv, error: str | None) -> str | None:
     """The first rank's error message of those that have one, on every rank (so that all raise together
-    instead of the others waiting forever for a rank that failed alone)."""
-    return next((e for e in gather_objects(error, env) if e), None)
+    instead of the others waiting forever for a rank that failed alone). Exchanged on the host-wait group,
+    as `barrier`: the others wait here for as long as a rank's host-side work takes (hashing an 84 GB
+    resume checkpoint on a shared filesystem), which the training group's 30-minute timeout would cut."""
+    return next((e for e in gather_objects(error, env, group=env.wait_group) if e), None)
 
 
 class LossModule(nn.Module):
@@ -200,10 +202,10 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value
 
 
-def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
-    """Every rank's `obj`, in rank order (a one-element list in one process)."""
+def gather_objects(obj: Any, env: DistEnv, group: Any = None) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-element list in one process); `group`: None = the default."""
     if not env.distributed:
         return [obj]
     out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out

@@ -171,8 +171,28 @@ def _hf_config(cfg: ModelConfig, arch: str, dtype: torch.dtype, special_ids: dic
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_tokenizer(tokenizer_file: Path, out_dir: Path, cfg: ModelConfig) -> dict[str, int]:
-    """Copy a tokenizers JSON file and write the tokenizer_config.json AutoTokenizer needs; return special ids."""
+def _recorded_eos_token(tokenizer_file: Path) -> str | None:
+    """The EOS the data was packed with, as the shard folder's manifest.json beside `tokenizer_file` records it
+    (only when the manifest describes this very file, by its sha256); None when there is no such record."""
+    import hashlib
+
+    manifest = tokenizer_file.with_name("manifest.json")
+    try:
+        recorded = json.loads(manifest.read_text()).get("tokenizer") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("sha256") != hashlib.sha256(tokenizer_file.read_bytes()).hexdigest():
+        return None
+    eos = recorded.get("eos_token")
+    return eos if isinstance(eos, str) else None
+
+
+def _write_tokenizer(
+    tokenizer_file: Path, out_dir: Path, cfg: ModelConfig, eos_token: str | None = None
+) -> dict[str, int]:
+    """Copy a tokenizers JSON file and write the tokenizer_config.json AutoTokenizer needs; return special ids.
+
+    The EOS is `eos_token`, else the one the shard manifest beside the file records, else guessed by name."""
     from tokenizers import Tokenizer
 
     tokenizer_file = Path(tokenizer_file)
@@ -195,7 +215,16 @@ def _write_tokenizer(tokenizer_file: Path, out_dir: Path, cfg: ModelConfig) -> d
         "clean_up_tokenization_spaces": False,
     }
     ids: dict[str, int] = {}
+    eos_token = eos_token or _recorded_eos_token(tokenizer_file)
+    if eos_token is not None:
+        eos_id = tok.token_to_id(eos_token)
+        if eos_id is None:
+            raise HFInteropError(f"{tokenizer_file}: has no token {eos_token!r}, the EOS the data was packed with")
+        tokenizer_config["eos_token"] = eos_token
+        ids["eos_token_id"] = eos_id
     for role, names in _SPECIAL_NAMES.items():
+        if role in tokenizer_config:
+            continue
         found = next((n for n in names if n in specials), None)
         if found is not None:
             tokenizer_config[role] = found
@@ -223,7 +252,13 @@ def _loading_readme(cfg: ModelConfig) -> str:
     return f"# {cfg.name} — open360 export\n\nThis folder has no stock transformers class. {doc}"
 
 
-def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path | None, out_dir: Path | str) -> Path:
+def export_hf(
+    model: Decoder,
+    model_cfg: ModelConfig | Any,
+    tokenizer_file: Path | None,
+    out_dir: Path | str,
+    eos_token: str | None = None,
+) -> Path:
     """Write config.json + model.safetensors (+ tokenizer) to out_dir (new or empty; filled all at once, by a
     rename); return out_dir. `model_cfg` must be the config the model was built with (its name aside).
 
@@ -231,6 +266,9 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
     `AutoModelForCausalLM.from_pretrained(out_dir)` unmodified). Anything else (CrystalCoder: muP,
     partial rotary with SwiGLU, LayerNorm + biases) is written in open360's own format with
     `model_type: "open360"`, loaded by `import_hf` — see HF_EXPORT.md.
+
+    The EOS written is `eos_token`, else the one the shard folder's manifest.json beside `tokenizer_file`
+    records (the token the data was packed with), else a special token recognised by name.
     """
     cfg = inference_config(model_cfg)
     out_dir = Path(out_dir)
@@ -243,7 +281,7 @@ def export_hf(model: Decoder, model_cfg: ModelConfig | Any, tokenizer_file: Path
     partial = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
     partial.mkdir()
     try:  # written beside out_dir and renamed into place: out_dir never holds half an export
-        _write_export(model, cfg, tokenizer_file, partial)
+        _write_export(model, cfg, tokenizer_file, partial, eos_token)
         if dest.exists():
             dest.rmdir()
         partial.rename(dest)
@@ -274,7 +312,9 @@ def _architecture(cfg: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(dataclasses.replace(cfg, name="", n_kv_heads=cfg.n_kv_heads or cfg.n_heads, mup=mup))
 
 
-def _write_export(model: Decoder, cfg: ModelConfig, tokenizer_file: Path | None, out_dir: Path) -> None:
+def _write_export(
+    model: Decoder, cfg: ModelConfig, tokenizer_file: Path | None, out_dir: Path, eos_token: str | None = None
+) -> None:
     """Write the export's files into the (empty) folder out_dir."""
     arch = hf_architecture(cfg)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -284,7 +324,7 @@ def _write_export(model: Decoder, cfg: ModelConfig, tokenizer_file: Path | None,
             f"{list(state)[:3]}...; pass the plain Decoder, not a DDP/FSDP wrapper"
         )
     dtype = state["embed.weight"].dtype
-    special_ids = _write_tokenizer(Path(tokenizer_file), out_dir, cfg) if tokenizer_file else {}
+    special_ids = _write_tokenizer(Path(tokenizer_file), out_dir, cfg, eos_token) if tokenizer_file else {}
     if arch == "open360":
         tensors = {OPEN360_PREFIX + k: v.contiguous() for k, v in state.items()}
         config = {
@@ -416,15 +456,26 @@ def _config_from_hf(hf: dict[str, Any], where: str, name: str) -> tuple[ModelCon
     return as_model_config(cfg), model_type
 
 
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    """load_file, with a missing, truncated or corrupted file an HFInteropError that names it."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (no path in it), or OSError
+        raise HFInteropError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+
+
 def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return _load_file(single)
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise HFInteropError(f"{index}: no usable weight_map ({type(err).__name__}: {err})") from err
         tensors: dict[str, torch.Tensor] = {}
         for f in files:
-            tensors.update(load_file(str(folder / f)))
+            tensors.update(_load_file(folder / f))
         return tensors
     raise HFInteropError(
         f"{folder}: no model.safetensors(.index.json); open360 reads only safetensors weights "

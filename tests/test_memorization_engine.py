@@ -465,3 +465,67 @@ def test_a_chunk_seen_whole_is_drawn_once_per_job_not_once_per_checkpoint(monkey
         partial = data.rows(((10, steps),), 2)
         assert partial.tolist() == sampling.sample_seen_rows(100, np.arange(steps * 10 - 200), 20).tolist()
     assert draws.count("sample_rows") + draws.count("sample_seen_rows") == 2 + 3  # once per whole chunk
+
+
+def test_a_chunks_sampled_tokens_are_read_once_per_job_not_once_per_checkpoint() -> None:
+    """The sampled rows of a chunk are the same at every checkpoint: their k+l tokens are read from the shards
+    once per job (1,000 rows of a 1.7M-row chunk touch ~760 row groups, ~6 GB decoded and hashed per read)."""
+    from types import SimpleNamespace
+
+    from open360.analysis.memorization import sampling
+    from open360.analysis.memorization.data_view import DataView
+
+    table = np.arange(300 * 65, dtype=np.int64).reshape(300, 65)  # 3 chunks of 100 rows of seq_len+1 = 65
+    reads = []
+    data = object.__new__(DataView)
+    data.shards = SimpleNamespace(sequences=lambda ids: reads.append(len(ids)) or table[ids])
+    data.chunk_sizes = np.array([100, 100, 100], dtype=np.int64)
+    data.offsets = sampling.chunk_offsets(data.chunk_sizes)
+    data._orders = {10: SimpleNamespace(steps_per_epoch=30)}
+    data._rows, data._seen_cache, data._tokens = {}, {}, {}
+    for selection in ("sample", "seen"):
+        data.job = SimpleNamespace(selection=selection, sample=20, seed=42, k=8, l=4)
+        data._rows, data._tokens, reads[:] = {}, {}, []
+        for steps in (20, 25, 30):  # three checkpoints (selection=seen: chunks 0, 1 seen whole, chunk 2 in part)
+            for chunk in (0, 1, 2):
+                rows = data.rows(((10, steps),), chunk)
+                got = data.sequences(chunk, rows)
+                assert np.array_equal(got[:, :12], table[rows + data.offsets[chunk], :12]), (selection, steps, chunk)
+        # selection=sample: one read per chunk; seen: chunks 0, 1 once, chunk 2 at each checkpoint (its rows move)
+        assert len(reads) == (3 if selection == "sample" else 2 + 3), (selection, reads)
+
+
+def test_seen_flags_past_a_first_epoch_cost_no_pass_over_every_id(monkeypatch) -> None:
+    """Past its first epoch a run's seen ids are kept as one sorted array of most of its sequences (phi-1.5
+    trains ~5 epochs): a cell's seen flags and seen rows are binary searches in it, not np.isin / np.unique over
+    all of it (seconds per cell at 15M ids, more than scoring the cell)."""
+    from types import SimpleNamespace
+
+    from open360.analysis.memorization import sampling
+    from open360.analysis.memorization.data_view import DataView
+
+    data = object.__new__(DataView)
+    data.job = SimpleNamespace(selection="seen", sample=50, seed=42)
+    data.chunk_sizes = np.full(40, 2_000, dtype=np.int64)
+    data.offsets = sampling.chunk_offsets(data.chunk_sizes)
+    rng = np.random.default_rng(0)
+    extra = np.flatnonzero(rng.random(int(data.chunk_sizes.sum())) < 0.9)  # 90% seen, sorted unique
+    consumption = ((16, 10**9),)
+    data._rows, data._seen_cache = {}, {consumption: (0, extra)}
+    truth = np.zeros(int(data.chunk_sizes.sum()), dtype=bool)
+    truth[extra] = True
+
+    def refuse_whole(fn):  # a pass over every seen id of the run (not one chunk's slice of it) fails the test
+        def wrapped(a, *args, **kwargs):
+            assert np.size(a) < len(extra), f"{fn.__name__} over {np.size(a)} ids"
+            return fn(a, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(np, "isin", refuse_whole(np.isin))
+    monkeypatch.setattr(np, "unique", refuse_whole(np.unique))
+    rows = np.arange(0, 2_000, 7)
+    for chunk in (0, 17, 39, 0):
+        ids = rows + data.offsets[chunk]
+        assert data.seen_mask(consumption, chunk, rows).tolist() == truth[ids].tolist()
+        chosen = data.rows(consumption, chunk)
+        assert len(chosen) == 50 and truth[chosen + data.offsets[chunk]].all()

@@ -557,3 +557,19 @@ def test_a_branch_gets_its_own_mlflow_run_and_moves_the_replaced_dvc_records(tra
     records = mr.checkpoint_records(client, new_id)
     assert sorted(records) == [4, 8, 12] and records[4] == mr.checkpoint_records(client, old_id)[4]
     assert records[8]["dvc_md5"] == store.tracked(run_dir / "step_8").md5
+
+
+def test_tracking_leaves_the_training_rngs_and_weights_as_a_run_without_it(trained: dict, tmp_path: Path) -> None:
+    """Same config and seed, tracking=off: every checkpoint holds the same weights and the same RNG states as
+    the tracked run's (MLflow's random run names draw from Python's `random`; a random draw in training, e.g.
+    dropout, would otherwise take other values with tracking on)."""
+    from open360.train.pipeline import run_training
+
+    run_training(_run_config(tmp_path, "tracking=off", f"data.shards_dir={trained['ws'] / 'shards'}"), device="cpu")
+    for step in STEPS:
+        tracked, untracked = (w / "checkpoints" / RUN / f"step_{step}" for w in (trained["ws"], tmp_path))
+        assert (tracked / "model.safetensors").read_bytes() == (untracked / "model.safetensors").read_bytes()
+        a, b = (torch.load(d / "rng.pt", weights_only=True)["ranks"][0] for d in (tracked, untracked))
+        assert a["python"] == b["python"], step
+        assert torch.equal(a["numpy"]["keys"], b["numpy"]["keys"]) and a["numpy"]["pos"] == b["numpy"]["pos"]
+        assert torch.equal(a["torch"], b["torch"]), step

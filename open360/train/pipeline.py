@@ -52,6 +52,7 @@ from open360.train.state import (
     check_resume_compatible,
     check_trainer_state,
     find_resume_checkpoint,
+    rng_untouched,
     seed_everything,
 )
 from open360.train.trainer import (
@@ -112,7 +113,12 @@ class ShardProvider:
         return Path(shard_dir)
 
     def open(self, stage: Stage) -> StageData:
-        """Open a stage's data: order, chunk ends as global steps, provenance for lineage.json."""
+        """Open a stage's data: order, chunk ends as global steps, provenance for lineage.json (building,
+        pulling and versioning its shards leave the training RNGs where they were)."""
+        with rng_untouched():
+            return self._open(stage)
+
+    def _open(self, stage: Stage) -> StageData:
         from open360.data import DataOrder, ShardSet
 
         shard_dir = self.build(stage)
@@ -529,8 +535,9 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             "init_from": init_record["checkpoint"] if init_record else None,
         },
     )
-    for cb in callbacks:
-        cb.on_run_start(info)
+    with rng_untouched():
+        for cb in callbacks:
+            cb.on_run_start(info)
     for marker in journal:  # the tracking knows of the branch now: a crash from here on is an ordinary resume
         marker.unlink(missing_ok=True)
     summary: dict[str, Any] = {"status": "failed", "run_name": run_name}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
         else:
             torch.cuda.set_rng_state(cuda_states[0])
+
+
+@contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Run side work (tracking callbacks, building/pulling/versioning shards) without moving the training
+    RNGs: a run with tracking would otherwise carry other RNG states at its first step (MLflow's random run
+    names draw from Python's `random`) than one without, and a random draw in training other values."""
+    saved = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(saved)
 
 
 def seed_everything(seed: int) -> None:

@@ -31,7 +31,7 @@ from open360.train.callbacks import Callback
 from open360.train.optim import set_lr
 from open360.train.progress import Progress
 from open360.train.schedules import Stage, lr_at, stage_at
-from open360.train.state import capture_rng_state, restore_rng_state
+from open360.train.state import capture_rng_state, restore_rng_state, rng_untouched
 
 SPIKE_WARMUP_STEPS = 10  # steps before loss-spike detection starts (the running mean must settle)
 SPIKE_EMA_BETA = 0.9
@@ -371,8 +371,9 @@ class Trainer:
 
     def _lineage(self, data_history: list[dict[str, Any]]) -> dict[str, Any]:
         metadata: dict[str, Any] = {}
-        for cb in self.callbacks:
-            metadata.update(cb.run_metadata())
+        with rng_untouched():
+            for cb in self.callbacks:
+                metadata.update(cb.run_metadata())
         return {
             **self.lineage_base,
             "data": data_history[-1],
@@ -398,15 +399,19 @@ class Trainer:
             lineage=lineage,
             extra_dirs=extra_dirs,
         )
-        for cb in self.callbacks:
-            cb.on_checkpoint_start(self.progress.step, published)
+        self._notify("on_checkpoint_start", self.progress.step, published)
         self.writer.save(self.progress.step, contents, published)
 
     def _report_saves(self, saves: list[SavedCheckpoint]) -> None:
         for saved in saves:
             self.saved.append(saved)
+            self._notify("on_checkpoint_saved", saved.step, saved.path, saved.published)
+
+    def _notify(self, event: str, *args: Any) -> None:
+        """Call every callback's `event`; side work that leaves the training RNGs where they were."""
+        with rng_untouched():
             for cb in self.callbacks:
-                cb.on_checkpoint_saved(saved.step, saved.path, saved.published)
+                getattr(cb, event)(*args)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -460,8 +465,7 @@ class Trainer:
                         f"loss spike at step {p.step}: {loss:.4f} > {self.settings.loss_spike_factor} x running "
                         f"mean {p.loss_ema:.4f}"
                     )
-                for cb in self.callbacks:
-                    cb.on_step_end(p.step, metrics)
+                self._notify("on_step_end", p.step, metrics)
                 progress.update(p.step, metrics)
                 published = self.cadence.is_published(p.step, self.final_step)
                 if published or self.cadence.is_ephemeral(p.step):

@@ -49,7 +49,8 @@ def test_params_masking_and_limits() -> None:
     assert is_secret_key("a.hf_token") and is_secret_key("API_KEY") and is_secret_key("x.password")
     # camelCase keys name credentials too (a `${oc.env:HF_TOKEN}` under `hfToken` was published in the clear)
     assert all(is_secret_key(k) for k in ("data.hfToken", "dbPassword", "clientSecret", "wandbApiKey", "myAPIKey",
-                                          "ssh.passphrase", "keyPassphrase"))
+                                          "ssh.passphrase", "keyPassphrase", "wandb_key", "ssh_key", "db_pass",
+                                          "wandbKey", "tracking.mlflow_key", "awsKey"))
     assert config_params({"data": {"hfToken": "hf_abc"}})["data.hfToken"] == "***"
     assert (
         not is_secret_key("tokenizer")
@@ -57,6 +58,8 @@ def test_params_masking_and_limits() -> None:
         and not is_secret_key("max_tokens")
         and not is_secret_key("maxTokens")
         and not is_secret_key("tokenizerPath")
+        and not any(is_secret_key(k) for k in ("sort_key", "cache_key", "key", "keys", "monkey", "passes", "bypass",
+                                               "compass_dir", "num_passes"))
     )
     params = config_params(CONFIG)
     assert params["services.hf_token"] == "***"

@@ -14,10 +14,15 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_TAG_VALUE_LENGTH = 8000
 
-# Matched against each dotted-key component; "token" must stand alone ("hf_token", not "tokenizer").
+# Matched against each dotted-key component; "token" must stand alone ("hf_token", not "tokenizer"); a bare
+# "key" only after a service or key kind ("wandb_key", "ssh_key"; "sort_key", "cache_key" stay visible).
+_KEY_OWNERS = (
+    r"api|access|private|secret|session|signing|encryption|license|ssh|gpg|pgp|ssl|tls|wandb|hf|huggingface|"
+    r"github|gh|gitlab|openai|anthropic|aws|s3|gcs|gcp|azure|mlflow|dvc|comet|neptune|slack"
+)
 _SECRET_KEY = re.compile(
-    r"(^|[_\-.])(password|passwd|passphrase|pwd|secret|secrets|token|auth|authorization|credential|credentials|"
-    r"api[_\-]?key|access[_\-]?key|private[_\-]?key|secret[_\-]?key|session[_\-]?key)($|[_\-.])",
+    r"(^|[_\-.])(password|passwd|passphrase|pass|pwd|secret|secrets|token|auth|authorization|credential|credentials|"
+    rf"(?:{_KEY_OWNERS})[_\-]?key)($|[_\-.])",
     re.IGNORECASE,
 )
 # [user]:password@ inside URIs (database and tracking-server URLs); the password runs to the last '@'

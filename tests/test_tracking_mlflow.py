@@ -447,6 +447,22 @@ def _ten_steps(ws: Path, run_name: str = "r", start: int = 0, extra: dict | None
     return str(logger.run_id)
 
 
+def test_a_start_from_scratch_closes_the_run_a_kill_before_its_first_checkpoint_left_running(ws: Path) -> None:
+    """Killed before its first checkpoint, a run stays RUNNING in MLflow and nothing resumes it: the next start
+    of that run name in that workspace marks it KILLED, pointing at its successor; another workspace's is kept."""
+    client = mr.client(resolve_tracking_uri("sqlite:///mlflow.db", ws))
+    exp = client.create_experiment("exp")
+    killed = client.create_run(exp, tags={"open360.run_name": "r", "open360.workspace": str(ws)}).info.run_id
+    elsewhere = client.create_run(exp, tags={"open360.run_name": "r", "open360.workspace": "/other"}).info.run_id
+    new = _ten_steps(ws)
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(killed).data.tags["open360.superseded_by_run_id"] == new
+    assert client.get_run(elsewhere).info.status == "RUNNING"
+    assert client.get_run(new).info.status == "FINISHED" and mr.find_run_id(client, "r") == new
+    assert _ten_steps(ws, start=5, extra={RUN_ID_KEY: new}) == new  # a resume closes nothing
+    assert client.get_run(new).info.status == "FINISHED"
+
+
 def test_a_branch_killed_before_its_first_checkpoint_is_continued_not_the_run_it_replaced(ws: Path) -> None:
     """Branch from step 5, killed before it saves: resume=auto finds checkpoint 5 again, whose lineage names
     the replaced run. The branch's run goes on; the replaced run's steps 6..10 stay as they were."""

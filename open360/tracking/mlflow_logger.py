@@ -397,7 +397,24 @@ class MlflowLogger(Callback):
                 self._client.set_tag(run.info.run_id, "open360.resumed_at_step", str(info.start_step))
                 return run.info.run_id
         run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
+        if not previous:
+            self._close_abandoned_runs(info.run_name, run.info.run_id)
         return run.info.run_id
+
+    def _close_abandoned_runs(self, run_name: str, new_run_id: str) -> None:
+        """A start from scratch replaces any run of this name and workspace still marked RUNNING: one killed
+        before its first checkpoint, which nothing will resume. It is marked KILLED, pointing at its successor
+        (else the store shows two live runs of one name, the newest of which `find_run_id` picks)."""
+        experiments = [e.experiment_id for e in self._client.search_experiments()]
+        stale = self._client.search_runs(
+            experiments,
+            filter_string=f"tags.`open360.run_name` = '{run_name}' and attributes.status = 'RUNNING'",
+        )
+        for run in stale:
+            if run.info.run_id == new_run_id or run.data.tags.get("open360.workspace") != str(self.workspace):
+                continue
+            self._client.set_tag(run.info.run_id, "open360.superseded_by_run_id", new_run_id)
+            self._client.set_terminated(run.info.run_id, status="KILLED")
 
     def _start_branch(
         self, previous: str, step: int, tags: dict[str, str], records: bool = True, mark: bool = True

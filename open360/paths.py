@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,6 @@ def resolve_workspace_path(workspace: str | Path, path: str | Path) -> Path:
 def temp_sibling(path: Path, prefix: str = ".tmp") -> Path:
     """A temporary name next to `path` that no other process writes, also on a filesystem that several
     hosts or PID namespaces (containers, SLURM jobs) share: host, pid and a random part."""
-    import os
     import secrets
     import socket
 
@@ -72,3 +72,21 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's bytes to the disk (before a rename or a mark makes it count as done)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (the renames into it) to the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -861,3 +861,25 @@ def test_a_total_rounded_to_whole_chunks_warns_and_negative_workers_are_refused(
                                          r"chunk_multiple = 2; 40 sequences are taken"):
         out = build_shards(recipe, tmp_path / "shards", workers=0)
     assert ShardSet.open(out).manifest["sources"]["good"]["sequences_selected"] == 40
+
+
+def test_rows_and_shards_are_on_disk_before_what_marks_them_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power cut must not leave a stats file (a source marked prepared) or a manifest (a shard folder marked
+    complete) vouching for bytes the page cache never wrote: each is fsynced before the file that marks it done."""
+    import os
+
+    import open360.data.prepare as prepare
+    import open360.data.shards as shards
+
+    events: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(prepare, "fsync_file", lambda p: events.append(f"sync {Path(p).name.split('-')[-1]}"))
+    monkeypatch.setattr(shards, "fsync_file", lambda p: events.append(f"sync {Path(p).name.split('-')[-1]}"))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"done {Path(b).name}"), real_replace(a, b))[1])
+    build_shards(_recipe(tmp_path, _src("good", _small_corpus(tmp_path))), tmp_path / "shards")
+    for name in ("good.train.bin", "good.val.bin", "good.stats.json"):
+        assert events.index(f"sync {name}") < events.index(f"done {name}")
+    assert events.index(f"done {name}") > max(events.index(f"done {n}") for n in ("good.train.bin", "good.val.bin"))
+    shard_files = [e.split()[1] for e in events if e.startswith("done ") and e.endswith(".parquet")]
+    assert shard_files and all(events.index(f"sync {f}") < events.index(f"done {f}") for f in shard_files)
+    assert all(events.index(f"done {f}") < events.index("done manifest.json") for f in shard_files)

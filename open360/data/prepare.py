@@ -27,7 +27,7 @@ from open360.data.pack import Packer
 from open360.data.quality import Scorer, build_scorer
 from open360.data.recipe import RecipeSpec
 from open360.data.sources import read_source
-from open360.paths import file_lock, temp_sibling, temp_siblings_of
+from open360.paths import file_lock, fsync_dir, fsync_file, temp_sibling, temp_siblings_of
 
 
 def work_paths(work_dir: Path, source_name: str) -> dict[str, Path]:
@@ -264,10 +264,15 @@ def _prepare_locked(
                     pipe.add_text(doc.text or "")
             pipe.flush()
             stats = pipe.stats()
-        os.replace(tmp["train"], paths["train"])
-        os.replace(tmp["val"], paths["val"])
+        # the rows on disk before the stats file marks the source done: after a power cut a stats file must
+        # not vouch for rows the page cache never wrote (a rerun would pack their zeros into shards)
+        for part in ("train", "val"):
+            fsync_file(tmp[part])
+            os.replace(tmp[part], paths[part])
         tmp["stats"].write_text(json.dumps(stats, sort_keys=True, indent=1))
+        fsync_file(tmp["stats"])
         os.replace(tmp["stats"], paths["stats"])
+        fsync_dir(paths["stats"].parent)
     except BaseException:  # a bad input, a full disk, Ctrl-C: no partial rows left to fill the disk
         for p in tmp.values():
             p.unlink(missing_ok=True)

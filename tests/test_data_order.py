@@ -221,3 +221,26 @@ def test_a_rank_reads_only_its_part_of_the_batch(shards: ShardSet, monkeypatch: 
         parts = [o.batch(step, (i, 4)) for i in range(4)]
         monkeypatch.undo()
         assert asked == [4, 4, 4, 4] and np.array_equal(np.concatenate(parts), whole)
+
+
+def test_a_checkpoints_seen_ids_does_not_evict_the_order_the_next_batch_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In epoch >= 2, each checkpoint's seen_ids needs epoch 1's order too: it must not drop the current
+    epoch's cached order, or every next batch (the prefetch thread) draws a 615M-id permutation again."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(num_sequences=1003, path=Path("fake"))
+    o = DataOrder(fake, seed=5, global_batch_size=10)  # type: ignore[arg-type]
+    spe = o.steps_per_epoch
+    checkpoints = range(2 * spe + 1, 3 * spe, 10)  # the third epoch, a checkpoint after every 10th step
+    expected = {s: _seen_by_union(DataOrder(fake, 5, 10), s) for s in checkpoints}  # type: ignore[arg-type]
+    draws: list[tuple[int, int]] = []
+    real = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda s: draws.append(tuple(s)) or real(s))
+    for step in range(2 * spe, 3 * spe):
+        o.batch_ids(step)
+        if step + 1 in expected:
+            assert np.array_equal(o.seen_ids(step + 1), expected[step + 1])
+    assert draws.count((5, 2)) == 1  # the batches' order, drawn once
+    assert draws.count((5, 1)) == len(expected)  # epoch 1's, for each checkpoint's seen ids, never kept

@@ -41,13 +41,16 @@ class DataOrder:
         """The order of all sequence ids in an epoch."""
         if epoch == 0:
             return np.arange(self.shards.num_sequences, dtype=np.int64)
-        if epoch not in self._perm_cache:
-            self._perm_cache = {
-                epoch: np.random.default_rng([self.seed, epoch])
-                .permutation(self.shards.num_sequences)
-                .astype(np.int64, copy=False)  # int64 already: no second 4.9 GB copy at LLM360 scale
-            }
-        return self._perm_cache[epoch]
+        perm = self._perm_cache.get(epoch)  # one lookup: the prefetch thread and a checkpoint's seen_ids
+        if perm is None:  # may both be here; the cache they replace is never read again by the other
+            perm = self._permutation(epoch)
+            self._perm_cache = {epoch: perm}
+        return perm
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order drawn afresh (int64 already: no second 4.9 GB copy at LLM360 scale)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(self.shards.num_sequences).astype(np.int64, copy=False)
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -83,9 +86,15 @@ class DataOrder:
         seen = np.zeros(self.shards.num_sequences, dtype=bool)
         seen[:per_epoch] = True
         for e in range(1, full_epochs + 1):
-            if seen.all():
+            if seen.all() or (e == full_epochs and within == 0):
                 break
-            seen[self.epoch_order(e)[: per_epoch if e < full_epochs else within * b]] = True
+            # the current epoch's order is the one its batches read (cached); an earlier epoch's is drawn
+            # without caching, so that a checkpoint in epoch >= 2 does not evict the order the next batch
+            # needs (a 615M-id permutation drawn again after every checkpoint at LLM360 scale)
+            perm = self.epoch_order(e) if e == full_epochs else self._perm_cache.get(e)
+            if perm is None:
+                perm = self._permutation(e)
+            seen[perm[: per_epoch if e < full_epochs else within * b]] = True
         return np.flatnonzero(seen).astype(np.int64, copy=False)
 
     def chunk_end_steps(self) -> list[int]:

@@ -25,6 +25,7 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 RECIPE_HASH_KEY = "open360.recipe_hash"  # parquet footer keys of a shard file
 FILE_KEY = "open360.file"
+MANIFEST_KEYS = ("chunks", "validation", "num_sequences", "seq_len", "row_group_size", "seed", "tokenizer", "recipe_hash")
 
 
 class ShardError(ValueError):
@@ -178,11 +179,30 @@ def manifest_hash_of(manifest: dict[str, Any]) -> str:
 
 
 def check_manifest(mpath: Path, manifest: dict[str, Any]) -> None:
-    """Raise unless the manifest is of this format and its `manifest_hash` matches its content."""
+    """Raise unless the manifest is of this format, its `manifest_hash` matches its content and its numbers
+    agree with each other (a manifest edited and hashed again must not give a silently other data order)."""
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{mpath}: holds a JSON {type(manifest).__name__}, not a shard manifest; rebuild the shards")
     if manifest.get("format") not in READABLE_FORMATS:
         raise ShardError(f"{mpath}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS}; rebuild")
     if manifest_hash_of(manifest) != manifest.get("manifest_hash"):
         raise ShardError(f"{mpath}: manifest_hash does not match its content — the manifest was edited; rebuild the shards")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ShardError(f"{mpath}: no key(s) {missing} — not a complete shard manifest; rebuild the shards")
+    rows, size = [int(c["rows"]) for c in manifest["chunks"]], int(manifest["row_group_size"])
+    if sum(rows) != manifest["num_sequences"]:
+        raise ShardError(
+            f"{mpath}: num_sequences is {manifest['num_sequences']} but its chunks hold {sum(rows)} rows — "
+            "the manifest was edited; rebuild the shards"
+        )
+    for k, (c, n) in enumerate(zip(manifest["chunks"], rows, strict=True)):
+        if "row_group_sha256" in c and (size < 1 or len(c["row_group_sha256"]) != -(-n // size)):
+            raise ShardError(
+                f"{mpath}: chunks.{k} ({c['file']}) lists {len(c['row_group_sha256'])} row groups, {n} rows "
+                f"in row groups of row_group_size={size} make {-(-n // max(size, 1))} — the manifest was edited; "
+                "rebuild the shards"
+            )
 
 
 def check_files(path: Path, manifest: dict[str, Any]) -> None:
@@ -202,7 +222,15 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
         f = path / entry["file"]
         if not f.is_file():
             raise ShardError(f"{f}: listed in the manifest but missing; `dvc pull` it or rebuild")
-        meta = open_shard_file(f).metadata
+        pf = open_shard_file(f)
+        meta = pf.metadata
+        with _reading(f):
+            token_type = pf.schema_arrow.field("token_ids").type
+        if pa.types.is_fixed_size_list(token_type) and token_type.list_size != manifest["seq_len"] + 1:
+            raise ShardError(
+                f"{f}: rows of {token_type.list_size} tokens, the manifest's seq_len={manifest['seq_len']} makes "
+                f"{manifest['seq_len'] + 1}; `dvc pull` it again or rebuild"
+            )
         groups = len(entry["row_group_sha256"]) if "row_group_sha256" in entry else meta.num_row_groups
         if meta.num_rows != entry["rows"] or meta.num_row_groups != groups:
             raise ShardError(
@@ -355,10 +383,19 @@ class ShardSet:
 
     def verify_content(self) -> None:
         """Re-hash every shard's content against the manifest: each row group, then each whole file (reads
-        everything; the loader checks only the row groups it reads)."""
+        everything; the loader checks only the row groups it reads). A file is hashed as it streams, one row
+        group in memory at a time (a chunk of a 1.3T-token build is ~14 GB of tokens)."""
         entries = [(e, int(start)) for e, start in zip(self.manifest["chunks"], self._starts, strict=False)]
         entries += [(e, 0) for e in self.manifest["validation"].values()]  # validation ids count from 0
         for entry, first_id in entries:
-            tokens, sources = read_rows(self.path / entry["file"], entry, first_id)
-            if content_sha256(tokens, sources) != entry["content_sha256"]:
-                raise ShardError(f"{self.path / entry['file']}: content differs from the manifest; rebuild")
+            path = self.path / entry["file"]
+            pf = open_shard_file(path)
+            h, joined, n = hashlib.sha256(), [], 0  # content_sha256 of the file: its tokens, then its sources
+            for rg in range(pf.metadata.num_row_groups):
+                tokens, sources = _checked_row_group(pf, path, rg, entry, first_id + n)
+                h.update(np.ascontiguousarray(tokens, dtype="<i4"))
+                joined.append("\n".join(sources))  # a row group is never empty: joins to the file's join
+                n += len(tokens)
+            h.update("\n".join(joined).encode("utf-8"))
+            if h.hexdigest() != entry["content_sha256"]:
+                raise ShardError(f"{path}: content differs from the manifest; rebuild")

@@ -138,3 +138,70 @@ def test_a_config_rebuilt_from_params_reads_exponent_floats_and_gives_the_flops(
     assert (rebuilt["model"]["norm_eps"], rebuilt["optim"]["eps"], rebuilt["optim"]["lr"]) == (1e-5, 1e-9, 1e-2)
     assert rebuilt["run_name"] == "crystalcoder_tiny" and rebuilt["model"]["n_kv_heads"] is None
     assert flops_per_token(rebuilt["model"], 128) == training_flops_per_token(cfg.model, 128)
+
+
+def test_runs_of_different_tokenizers_are_compared_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Loss is nats per token of each run's tokenizer: runs of another vocabulary or tokenizer are flagged
+    in the report and on stderr, not silently put on one loss axis and one power-law fit."""
+    import open360.analysis.compare as compare
+    from open360.analysis.compare import run_tokenizer
+
+    class Run:
+        def __init__(self, tags: dict) -> None:
+            self.data = type("D", (), {"tags": tags})()
+
+    assert run_tokenizer(Run({"open360.data.main.tokenizer_sha256": "abc", "open360.data.main.shard_dir": "x"})) == "abc"
+    assert run_tokenizer(Run({})) is None
+
+    runs = {"a": (4096, "t1", 1e12, 3.0), "b": (4096, "t1", 1e13, 2.5), "c": (4096, "t2", 1e14, 2.0),
+            "d": (50304, None, 1e15, 1.5)}
+
+    def curve(client, cfg, name):
+        vocab, tok, flops, loss = runs[name]
+        df = pd.DataFrame({"run": name, "step": [1], "loss": [loss], "tokens": [1e6], "flops": [flops], "wall_s": [1.0]})
+        return df, {"run": name, "run_id": name, "params": 10**6, "flops_per_token": flops / 1e6, "steps": 1,
+                    "tokens": 1e6, "flops": flops, "wall_s": 1.0, "final_loss": loss, "vocab_size": vocab,
+                    "tokenizer": tok}
+
+    monkeypatch.setattr(compare, "_client", lambda uri, ws: None)
+    monkeypatch.setattr(compare, "load_run_curve", curve)
+    for names, says in ((["a", "b"], None), (["a", "b", "c"], "tokenizers a: t1…, b: t1…, c: t2…"),
+                        (["a", "d"], "vocab_size {'a': 4096, 'd': 50304}")):
+        out = tmp_path / "_".join(names)
+        compare_runs(CompareConfig(runs=names, workspace=str(tmp_path), out_dir=str(out)))
+        report, err = (out / "compare.md").read_text(), capsys.readouterr().err
+        if says is None:
+            assert "Warning" not in report and "warning" not in err
+        else:
+            assert f"the runs tokenize differently ({says})" in report and says in err
+
+
+def test_a_fine_tune_is_placed_at_its_base_compute_plus_its_own(tmp_path, capsys):
+    """A run warm-started from a checkpoint (a PI fine-tune) holds its base's training: its tokens and FLOPs
+    axes start where the base's ended (through a chain of warm starts), each part at its own model/seq_len."""
+    import json
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from open360.analysis.compare import flops_per_token, warm_start_cost
+    from open360.config import compose
+
+    def ckpt(name: str, tokens: int, seq_len: int, init: str | None) -> dict:
+        cfg = OmegaConf.to_container(compose(["+experiment=amber_tiny", f"trainer.seq_len={seq_len}",
+                                              f"model.max_seq_len={seq_len}"]), resolve=True)
+        cfg["trainer"]["init_from"] = init
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (tmp_path / name / "lineage.json").write_text(json.dumps({"tokens_seen": tokens}))
+        return cfg
+
+    first = ckpt("first", 1000, 128, None)
+    second = ckpt("second", 300, 256, str(tmp_path / "first"))  # relative names resolve in the workspace too
+    run = {"trainer": {"init_from": "second"}}
+    tokens, flops = warm_start_cost(run, tmp_path, "ft")
+    assert tokens == 1300
+    assert flops == pytest.approx(1000 * flops_per_token(first["model"], 128) + 300 * flops_per_token(second["model"], 256))
+    assert warm_start_cost({"trainer": {"init_from": None}}, tmp_path, "scratch") == (0.0, 0.0)
+    assert warm_start_cost({"trainer": {"init_from": "gone"}}, tmp_path, "ft") == (0.0, 0.0)
+    assert "run 'ft' started from" in capsys.readouterr().err

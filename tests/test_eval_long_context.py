@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from open360.analysis.long_context import (
@@ -293,3 +294,75 @@ def test_a_shard_folder_without_held_out_split_is_named_not_a_max_error(monkeypa
     monkeypatch.setattr(open360.data.ShardSet, "open", staticmethod(lambda path: NoValidation()))
     with pytest.raises(ValueError, match=r"shards/x: no held-out sequences .*recipe="):
         held_out_sequences(Path("shards/x"), 4, 513)
+
+
+def test_evaluation_shards_must_tokenize_like_the_models_and_be_held_out_of_their_trainings(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """recipe= names the held-out rows scored: rows of another tokenizer, or of documents the base trained on
+    (another seed, or a larger validation fraction, draws another held-out split), are refused, not scored."""
+    import open360.analysis.long_context as long_context
+    import open360.data
+    from open360.data import TokenizerMismatchError
+
+    def manifest(folder: str, seed: int, fraction: float) -> dict:
+        m = {"seed": seed, "recipe": {"validation": {"fraction": fraction}}, "manifest_hash": folder}
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "manifest.json").write_text(json.dumps(m))
+        return m
+
+    manifest("base_shards", 1234, 0.06)
+    evaluated = {}
+
+    class Shards:
+        def __init__(self, m: dict, tok: str) -> None:
+            self.manifest, self.manifest_hash, self.tokenizer_hash = m, m["manifest_hash"], tok
+
+    monkeypatch.setattr(long_context, "trained_shard_dir", lambda *a: tmp_path / "eval_shards")
+    monkeypatch.setattr(open360.data.ShardSet, "open", staticmethod(lambda path: evaluated["shards"]))
+    lineage = {"data_history": [{"recipe": "long.yaml", "shard_dir": "ft_shards", "manifest_hash": "ft_shards"}],
+               "data": {"tokenizer_hash": "t1"},
+               "init_from": {"data_history": [{"recipe": "base.yaml", "shard_dir": "base_shards",
+                                               "manifest_hash": "base_shards"}]}}
+    cfg = OmegaConf.create({"data": {"recipe": "long.yaml"}})
+
+    def evaluate(seed: int, fraction: float, tok: str = "t1", name: str = "eval_shards") -> Path:
+        evaluated["shards"] = Shards({**manifest(name, seed, fraction), "manifest_hash": name}, tok)
+        return long_context.evaluation_shards(tmp_path / "ft", lineage, cfg, tmp_path, "other.yaml")
+
+    assert evaluate(1234, 0.06, name="ft_shards") == tmp_path / "eval_shards"  # the fine-tune's own recipe
+    assert evaluate(1234, 0.03) == tmp_path / "eval_shards"  # a subset of the base's held-out documents
+    with pytest.raises(TokenizerMismatchError, match="recipe=other.yaml: tokenized with tokenizer t2"):
+        evaluate(1234, 0.06, tok="t2")
+    with pytest.raises(ValueError, match=r"seed 99, .* not held out of base.yaml \(seed 1234"):
+        evaluate(99, 0.06)
+    with pytest.raises(ValueError, match=r"validation.fraction 0.1\) is not held out of base.yaml"):
+        evaluate(1234, 0.1)
+    for folder in ("base_shards", "ft_shards"):  # not on this machine: said, not checked
+        (tmp_path / folder / "manifest.json").unlink()
+    assert evaluate(99, 0.06) == tmp_path / "eval_shards"
+    assert "cannot check that the held-out rows" in capsys.readouterr().err
+
+
+def test_finetune_records_its_init_checkpoint_in_the_run_config(tmp_path, monkeypatch):
+    """`long_context finetune init=X` trains as `open360.train trainer.init_from=X` does: the run's config
+    (config.yaml of every checkpoint, MLflow's params and config artifact) names X, not init_from: null."""
+    import open360.analysis.long_context as long_context
+    import open360.data
+    import open360.train.pipeline
+
+    cfg = compose(["+experiment=amber_tiny_pi", f"workspace={tmp_path}"])
+    init = tmp_path / "base" / "step_4"
+    init.mkdir(parents=True)
+    base = compose(["+experiment=amber_tiny_pi_base"])
+    (init / "config.yaml").write_text(OmegaConf.to_yaml(base))
+    (init / "lineage.json").write_text(json.dumps({"step": 4, "data": {"tokenizer_hash": "t1"}}))
+    trained = {}
+    monkeypatch.setattr(long_context, "shard_dir_for", lambda *a: tmp_path)
+    monkeypatch.setattr(open360.data.ShardSet, "open", staticmethod(lambda path: type("S", (), {"tokenizer_hash": "t1"})))
+    monkeypatch.setattr(open360.train.pipeline, "run_training",
+                        lambda c, device, init_from: trained.update(config=c.trainer.init_from, arg=init_from))
+    long_context.finetune_pi(cfg, init)
+    assert trained == {"config": str(init.resolve()), "arg": init.resolve()}
+    cfg.trainer.init_from = str(tmp_path / "other")
+    with pytest.raises(ValueError, match="name different checkpoints"):
+        long_context.finetune_pi(cfg, init)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -111,6 +112,50 @@ def metric_history(client: Any, run_id: str, key: str) -> pd.DataFrame:
     return df.sort_values(["step", "timestamp"]).drop_duplicates("step", keep="last").reset_index(drop=True)
 
 
+def run_tokenizer(run: Any) -> str | None:
+    """The sha256 of the tokenizer a run's shards were tokenized with (its stages' tags, joined), if tagged."""
+    tags = run.data.tags
+    found = sorted({v for k, v in tags.items() if k.startswith("open360.data.") and k.endswith(".tokenizer_sha256")})
+    return ",".join(found) or None
+
+
+def tokenizer_warning(summaries: pd.DataFrame) -> str | None:
+    """What makes the runs' losses incomparable: nats per token of different vocabularies or tokenizers."""
+    vocabs = summaries.set_index("run")["vocab_size"]
+    toks = summaries.dropna(subset=["tokenizer"]).set_index("run")["tokenizer"]
+    if vocabs.nunique() > 1:
+        differ = f"vocab_size {vocabs.to_dict()}"
+    elif toks.nunique() > 1:
+        differ = "tokenizers " + ", ".join(f"{r}: {t[:12]}…" for r, t in toks.items())
+    else:
+        return None
+    return (f"the runs tokenize differently ({differ}): loss is per token of each run's tokenizer, so loss "
+            "curves, final losses and the power-law fit do not compare the models")
+
+
+def warm_start_cost(config: dict[str, Any], workspace: Path, run_name: str) -> tuple[float, float]:
+    """(tokens, training FLOPs) already in the weights a run started from (`trainer.init_from`, e.g. a PI
+    fine-tune's base), through its own warm starts: what the run's axes add to its own. (0, 0) from scratch."""
+    tokens = flops = 0.0
+    init, seen = (config.get("trainer") or {}).get("init_from"), set()
+    while init and str(init) not in seen:
+        seen.add(str(init))
+        folder = Path(str(init)).expanduser()
+        folder = folder if folder.is_absolute() else workspace / folder
+        try:
+            lineage = json.loads((folder / "lineage.json").read_text())
+            base = yaml.safe_load((folder / "config.yaml").read_text())
+            seen_tokens = float(lineage["tokens_seen"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"open360.analysis.compare: warning: run '{run_name}' started from {folder}, which is not "
+                  f"readable here ({type(err).__name__}); its axes leave that checkpoint's compute out", file=sys.stderr)
+            break
+        tokens += seen_tokens
+        flops += seen_tokens * flops_per_token(base["model"], int(base["trainer"]["seq_len"]))
+        init = (base.get("trainer") or {}).get("init_from")
+    return tokens, flops
+
+
 def flops_per_token(model_cfg: dict[str, Any], seq_len: int) -> float:
     """Training FLOPs per token of the run's model, from open360.models.flops."""
     from open360.models import training_flops_per_token
@@ -144,6 +189,9 @@ def load_run_curve(client: Any, cfg: CompareConfig, run_name: str) -> tuple[pd.D
     else:
         df["wall_s"] = (df["timestamp"] - df["timestamp"].min()) / 1000.0
     df["flops"] = df["tokens"] * fpt
+    start_tokens, start_flops = warm_start_cost(config, Path(cfg.workspace).expanduser().resolve(), run_name)
+    df["tokens"] += start_tokens  # a fine-tune's weights hold its base's training too
+    df["flops"] += start_flops
     df.insert(0, "run", run_name)
     from open360.models import count_parameters
     from open360.models.decoder import as_model_config
@@ -158,6 +206,8 @@ def load_run_curve(client: Any, cfg: CompareConfig, run_name: str) -> tuple[pd.D
         "flops": float(df["flops"].iloc[-1]),
         "wall_s": float(df["wall_s"].iloc[-1]),
         "final_loss": float(df["loss"].tail(max(1, cfg.smooth)).mean()),
+        "vocab_size": int(config["model"]["vocab_size"]),
+        "tokenizer": run_tokenizer(run),
     }
     return df.drop(columns=["timestamp"]), summary
 
@@ -261,6 +311,9 @@ def compare_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         parts.append(curve)
         rows.append(summary)
     curves, summaries = pd.concat(parts, ignore_index=True), pd.DataFrame(rows)
+    warning = tokenizer_warning(summaries)
+    if warning:
+        print(f"open360.analysis.compare: warning: {warning}", file=sys.stderr)
     fit = None
     if cfg.fit and len(summaries) >= 2 and summaries["flops"].nunique() >= 2:
         fit = fit_power_law(summaries["flops"], summaries["final_loss"])
@@ -269,7 +322,8 @@ def compare_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     curves.to_parquet(out_dir / COMPARE_PARQUET, index=False)
     summaries.to_parquet(out_dir / "compare_summary.parquet", index=False)
     plot_race(curves, summaries, out_dir / COMPARE_PLOT, cfg.smooth, fit, cfg.devices)
-    (out_dir / COMPARE_REPORT).write_text(markdown_report(summaries, fit, cfg.devices))
+    report = markdown_report(summaries, fit, cfg.devices)
+    (out_dir / COMPARE_REPORT).write_text(report + (f"\n**Warning**: {warning}.\n" if warning else ""))
     return curves, summaries
 
 

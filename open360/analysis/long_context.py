@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from open360.analysis.evaluate import (
     shard_dir_for,
     trained_shard_dir,
 )
+from open360.paths import resolve_workspace_path
 
 LONG_CONTEXT_PARQUET = "long_context.parquet"
 LONG_CONTEXT_REPORT = "long_context.md"
@@ -221,6 +223,43 @@ def held_out_sequences(shard_dir: Path, n: int, min_len: int) -> np.ndarray:
     return np.stack(rows[:n])
 
 
+def evaluation_shards(ft_ckpt: Path, ft_lineage: dict[str, Any], ft_cfg: DictConfig, workspace: Path,
+                      recipe: str | None) -> Path:
+    """The shard folder whose held-out rows are scored: tokenized as the models were trained, and held out
+    of every training the fine-tuned weights saw (the base's included, through `init_from`)."""
+    from open360.checkpoint.lineage import trained_data_history
+    from open360.data import ShardSet
+
+    shard_dir = trained_shard_dir(ft_lineage, ft_cfg, workspace, recipe)
+    shards = ShardSet.open(shard_dir)
+    where = f"recipe={recipe or ft_cfg.data.recipe}"
+    # recipe= may name shards of another tokenizer: ids of another vocabulary would be scored as text
+    check_trained_tokenizer(ft_lineage, shards.tokenizer_hash, where, ft_ckpt,
+                            "pass recipe= with the models' tokenizer spec (e.g. data_recipes/embedded_tiny_long.yaml)")
+    # A document is held out iff validation_draw(seed, text) < fraction: the rows held out here were held out
+    # of a training too iff its shards drew with the same seed and a fraction at least this one's.
+    seed, fraction = shards.manifest.get("seed"), float(shards.manifest["recipe"]["validation"]["fraction"])
+    for entry in trained_data_history(ft_lineage):
+        if entry.get("manifest_hash") == shards.manifest_hash:
+            continue
+        folder = resolve_workspace_path(workspace, str(entry.get("shard_dir") or ""))
+        try:
+            trained = json.loads((folder / "manifest.json").read_text())
+            trained_fraction = float(trained["recipe"]["validation"]["fraction"])
+        except (OSError, ValueError, KeyError, TypeError):
+            print(f"open360.analysis.long_context: warning: cannot check that the held-out rows of {shard_dir} were "
+                  f"held out of {entry.get('recipe')} ({folder} not readable); pull it to check", file=sys.stderr)
+            continue
+        if trained.get("seed") != seed or fraction > trained_fraction:
+            raise ValueError(
+                f"{where}: its held-out split (seed {seed}, validation.fraction {fraction:g}) is not held out of "
+                f"{entry.get('recipe')} (seed {trained.get('seed')}, validation.fraction {trained_fraction:g}), "
+                f"which {ft_ckpt}'s weights trained on; evaluate on a recipe with that seed and a fraction <= "
+                f"{trained_fraction:g}"
+            )
+    return shard_dir
+
+
 def compare_variants(base: torch.nn.Module, finetuned: torch.nn.Module, sequences: np.ndarray, tokenizer: Any,
                      base_context: int, context: int, buckets: int = 4, passkey_lengths: Sequence[int] = (),
                      passkey_trials_per_length: int = 20, passkey_candidates: int = 10, batch_size: int = 4,
@@ -337,7 +376,7 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
         print(f"open360.analysis.long_context: warning: {ft_ckpt} was fine-tuned with "
               f"rope_interpolation_factor {ft_factor:g}, not L'/L x the base's = {expected:g}; (b) uses "
               f"{expected:g}", file=sys.stderr)
-    shard_dir = trained_shard_dir(read_lineage(ft_ckpt), ft_cfg, workspace, cfg.recipe)
+    shard_dir = evaluation_shards(ft_ckpt, read_lineage(ft_ckpt), ft_cfg, workspace, cfg.recipe)
     sequences = held_out_sequences(shard_dir, cfg.sequences, context + 1)
     from tokenizers import Tokenizer
 
@@ -419,6 +458,10 @@ def finetune_pi(cfg: DictConfig, init_checkpoint: Path | str, device: str = "cpu
     check_trained_tokenizer(lineage, ShardSet.open(shard_dir_for(cfg, workspace)).tokenizer_hash, cfg.data.recipe,
                             init, "fine-tune on a recipe with the base run's tokenizer spec "
                             "(see data_recipes/embedded_tiny_long.yaml)")
+    given = cfg.trainer.get("init_from")
+    if given and Path(str(given)).expanduser().resolve() != init:
+        raise ValueError(f"trainer.init_from={given} and init={init_checkpoint} name different checkpoints; give one")
+    cfg.trainer.init_from = str(init)  # the run's config (checkpoints, MLflow) records the warm start too
     return run_training(cfg, device, init_from=init)
 
 

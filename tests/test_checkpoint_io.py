@@ -203,6 +203,34 @@ def test_extra_dirs_move_into_the_checkpoint_and_are_verified(tmp_path: Path, mo
         verify_checkpoint(path)
 
 
+def test_every_file_and_folder_is_on_disk_before_the_step_folder_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """step_N counts as complete by its name alone: every file and folder of it is fsynced before the rename
+    that names it, and its parent after (a power cut then never leaves a step_N whose files the disk lost);
+    for a new step, and for one that replaces an earlier copy."""
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
+    parent = (tmp_path / "run").resolve()
+    for _ in range(2):
+        staging = tmp_path / "staging"
+        (staging / "shards").mkdir(parents=True)
+        (staging / "shards" / "0.distcp").write_bytes(b"rank0")
+        contents = _contents()
+        contents.extra_dirs = {"megatron": staging}
+        events.clear()
+        final = save_checkpoint(parent, 5, contents)
+        named = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(final)]
+        assert len(named) == 1, events
+        tmp = Path(events[named[0]][1])
+        synced = {e[1] for e in events[: named[0]] if e[0] == "fsync"}
+        entries = {str(tmp / p.relative_to(final)) for p in final.rglob("*")}
+        assert len(entries) > len(PAYLOAD_FILES) and entries | {str(tmp)} <= synced, sorted(entries - synced)
+        assert ("fsync", str(parent)) in events[named[0] + 1 :]
+
+
 def test_code_revision_is_dirty_for_code_changes_only(tmp_path: Path) -> None:
     import subprocess
 
@@ -393,6 +421,33 @@ def test_n_kv_heads_unset_and_equal_to_n_heads_is_the_same_architecture(tmp_path
     check_architecture(tmp_path, OmegaConf.create({"n_heads": 4, "n_kv_heads": 4, "d_model": 64}), "trainer.resume")
     with pytest.raises(CheckpointError, match=r"'model.n_kv_heads': \(None, 2\)"):
         check_architecture(tmp_path, OmegaConf.create({"n_heads": 4, "n_kv_heads": 2, "d_model": 64}), "x")
+
+
+def test_an_interpolation_in_a_checkpoint_config_is_refused_unresolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training records its config resolved: a `${oc.env:...}` in a pulled checkpoint's config.yaml was put
+    there by hand, and resolving it would copy this machine's secret into an HF export's config.json, a
+    log or an error message. Every reader of the file refuses it, naming the key, never the value."""
+    from omegaconf import OmegaConf
+
+    from open360.checkpoint import load_model_from_checkpoint
+    from open360.checkpoint.io import check_architecture, read_config
+    from open360.models import build_model
+
+    monkeypatch.setenv("OPEN360_TEST_SECRET", "hf_leakedleakedleaked")
+    cfg = dict(name="t", vocab_size=64, n_layers=1, d_model=32, n_heads=4, ffn_dim=48, max_seq_len=16)
+    contents = _contents()
+    contents.model = build_model(cfg).state_dict()
+    contents.config_yaml = OmegaConf.to_yaml({"model": cfg}).replace("name: t", "name: ${oc.env:OPEN360_TEST_SECRET}")
+    path = save_checkpoint(tmp_path / "run", 1, contents)
+    arch = OmegaConf.create({**cfg, "n_heads": 2})
+    for read in (lambda: read_config(path), lambda: load_model_from_checkpoint(path),
+                 lambda: check_architecture(path, arch, "trainer.resume")):
+        with pytest.raises(CheckpointError, match=r"config.yaml: key model.name holds the interpolation "
+                                                  r"'\$\{oc.env:OPEN360_TEST_SECRET\}'.*refused") as err:
+            read()
+        assert "leaked" not in str(err.value)
 
 
 def test_a_damaged_pickle_stream_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:

@@ -876,6 +876,10 @@ def test_shards_are_matched_by_content_and_tokenizer(trained_run: tuple[Path, st
     entry = lineage["data_history"][0]
     twice = view.consumption({"data_history": [{**entry, "steps": 30}, {**entry, "steps": 20}]})
     assert twice == ((16, 20), (16, 30))
+    # another stage's shards (CrystalCoder's stage 1 when these are stage 2's) consumed none of these rows
+    foreign = {**entry, "manifest_hash": "0" * 64, "shard_dir": "shards/another_stage", "steps": 50}
+    assert view.consumption({"data_history": [foreign, {**entry, "steps": 20}]}) == ((16, 20),)
+    assert view.consumption({"data_history": [foreign]}) == ()
     rows = np.arange(view.chunk_sizes[0])
     assert view.seen_mask(twice, 0, rows).tolist() == (rows < 30 * 16).tolist()
     # chunk 0 (20 steps) is seen either way: the next chunk tells the longest (30 steps) from the sum (50)

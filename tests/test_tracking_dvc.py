@@ -14,7 +14,7 @@ import torch
 
 from open360.checkpoint import CheckpointContents, save_checkpoint, verify_checkpoint
 from open360.tracking import build_callbacks, pull_checkpoint
-from open360.tracking.checkpoints import run_checkpoints
+from open360.tracking.checkpoints import pull_checkpoints, run_checkpoints
 from open360.tracking.dvc_callback import DvcVersioner
 from open360.tracking.dvc_versioning import DvcWorkspace, VersioningError, push_pending
 from open360.tracking.workspace import init_workspace
@@ -77,6 +77,9 @@ def test_granular_add_hardlinks_and_clone_pulls_exactly_one(ws: Path, tmp_path: 
     verify_checkpoint(got)
     assert sorted(p.name for p in (fresh / "checkpoints" / "r").iterdir()) == ["step_2"]
     assert (got / "model.safetensors").read_bytes() == weights.read_bytes()
+    # only step_2's files came over (a checkpoint of a 7B run is ~80 GB: its siblings must stay on the remote)
+    fetched = {p for p in (fresh / ".dvc" / "cache").rglob("*") if p.is_file() and not p.name.endswith(".dir")}
+    assert fetched == set(DvcWorkspace(fresh).cache_files(got)), sorted(fetched)
     # the inventory of the clone still knows every step from checkpoints.dvc
     entries = run_checkpoints(fresh, "r")
     assert [(e.step, e.local) for e in entries] == [(1, False), (2, True), (3, False)]
@@ -170,6 +173,48 @@ def test_hand_edited_dvc_file_gives_clear_error(ws: Path) -> None:
     verify_checkpoint(path)
     dvc_file.write_text(good)
     assert store.add(path).endswith(".dir")
+
+
+@pytest.mark.parametrize("forged", ["relpath", "md5"])
+def test_a_forged_tree_entry_cannot_reach_outside_the_workspace_on_pull(ws: Path, tmp_path: Path, forged: str) -> None:
+    """A published workspace whose checkpoints.dvc tree holds an entry named `r/step_1/../../../../x` (DVC's
+    checkout writes x beside the clone) or with the md5 `../../<file>` (joined to the cache: `pull --force`
+    deletes that file, its md5 not being the one recorded) must be refused before anything is touched."""
+    import hashlib
+    import json
+
+    store = DvcWorkspace(ws)
+    path = write_checkpoint(ws, "r", 1)
+    store.add(path)
+    store.push([path])
+    storage = ws / ".dvc-storage" / "files" / "md5"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    payload = b"echo pwned\n"
+    oid = hashlib.md5(payload).hexdigest()
+    (storage / oid[:2]).mkdir(parents=True, exist_ok=True)
+    (storage / oid[:2] / oid[2:]).write_bytes(payload)
+    dvc_file = ws / "checkpoints.dvc"
+    text = dvc_file.read_text()
+    old = text.split("md5: ")[1][:32]
+    entries = json.loads((storage / old[:2] / f"{old[2:]}.dir").read_text())
+    entries.append({"md5": oid, "relpath": "r/step_1/../../../../ESCAPED.sh"} if forged == "relpath" else
+                   {"md5": ".." + "/.." * 40 + str(victim), "relpath": "r/step_1/extra.bin"})
+    raw = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True).encode()
+    new = hashlib.md5(raw).hexdigest()
+    (storage / new[:2]).mkdir(parents=True, exist_ok=True)
+    (storage / new[:2] / f"{new[2:]}.dir").write_bytes(raw)
+    dvc_file.write_text(text.replace(old, new))
+    commit(ws)
+    fresh = clone(ws, tmp_path / "clone")
+    with pytest.raises(VersioningError, match=r"checkpoints.dvc: records the entry 'r/step_1/.*forged"):
+        pull_checkpoints(fresh, "r", "1", force=True)
+    assert victim.read_text() == "precious" and not (tmp_path / "ESCAPED.sh").exists()
+    assert not (fresh / "checkpoints" / "r" / "step_1").exists()
+    dvc_file.write_text(text.replace(old, ".." + "/.." * 40 + str(victim)[:-4]))  # the tree's own md5 too
+    commit(ws)
+    with pytest.raises(VersioningError, match=r"checkpoints.dvc: names tree '\.\./.*not <32 hex digits>\.dir"):
+        pull_checkpoints(clone(ws, tmp_path / "clone2"), "r", "1")
 
 
 def test_concurrent_runs_in_one_workspace(ws: Path) -> None:

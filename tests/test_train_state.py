@@ -67,6 +67,8 @@ def test_resume_refuses_other_manifest_or_tokenizer(tmp_path: Path) -> None:
         check_resume_compatible(path, "main", "m2", "t1")
     with pytest.raises(CheckpointError, match=r"tokenizer hash t1 in the checkpoint, t9 now"):
         check_resume_compatible(path, "main", "m1", "t9")
+    with pytest.raises(CheckpointError, match=r"checkpoint is in stage 'main', the config puts its step in 'code'"):
+        check_resume_compatible(path, "code", "m1", "t1")  # stages renamed or reordered: not the same data
 
 
 _TRAINER_STATE = {

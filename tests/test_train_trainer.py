@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from open360.models import build_model
 from open360.train.callbacks import Callback
 from open360.train.optim import build_optimizer
 from open360.train.schedules import Schedule, Stage
+from open360.train.state import capture_rng_state
 from open360.train.trainer import StageData, Trainer, TrainerSettings, TrainingDiverged, TrainingError
 from tests.fakes import SyntheticOrder
 
@@ -219,7 +222,22 @@ def test_state_dict_round_trip_continues_identically() -> None:
     second.train()
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, second.model.state_dict()[k]), k
-    assert full.progress.last_loss == second.progress.last_loss
+    # every counter too (tokens_seen, the loss EMA that spike detection reads, the spike count): the resumed
+    # run's trainer_state.json and metrics are the uninterrupted run's
+    assert full.progress == second.progress and full.progress.loss_ema is not None
+    assert full.state_dict()["trainer"] == second.state_dict()["trainer"]
+    spiky = copy.deepcopy(state)
+    spiky["trainer"]["loss_spikes"] = 2  # (no spike in 3 steps) a run that had logged two carries the count on
+    third = fresh(6)
+    random.random(), np.random.rand(), torch.rand(1)  # RNGs moved on since the save: the load puts them back
+    third.load_state_dict(spiky)
+    assert third.state_dict()["trainer"] == spiky["trainer"]
+    saved_rng, now_rng = spiky["rng"]["ranks"][0], capture_rng_state()
+    assert torch.equal(now_rng.pop("torch"), saved_rng["torch"])
+    assert torch.equal(now_rng["numpy"].pop("keys"), saved_rng["numpy"]["keys"])
+    assert now_rng == {k: v for k, v in saved_rng.items() if k != "torch"} | {
+        "numpy": {k: v for k, v in saved_rng["numpy"].items() if k != "keys"}
+    }
 
 
 def test_checkpoint_start_comes_before_the_folder_and_saved_after(tmp_path: Path) -> None:
@@ -323,6 +341,45 @@ def test_stage_data_warns_of_a_second_epoch_ragged_chunks_and_an_endless_warmup(
     err = capsys.readouterr().err
     warnings = ("more than one epoch", f"not a multiple of the global batch ({batch})", "within its 20 warmup steps")
     assert [w for w in warnings if w in err] == list(warned), err
+
+
+def test_per_chunk_steps_are_global_and_each_has_seen_its_whole_chunk(tmp_path: Path) -> None:
+    """The per-chunk checkpoints of a stage that starts at step S are S + its chunk ends (a later stage of a
+    multi-stage run keeps its per-chunk checkpoints), and with chunks that are not batch multiples each
+    such checkpoint has seen all of its chunk (LLM360: checkpoint N has seen chunks 0..N)."""
+    import dataclasses
+
+    from open360.train.pipeline import ShardProvider
+    from open360.train.schedules import build_stages
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: small\nsources:\n  - {name: s, type: jsonl, path: data_recipes/corpus/shakespeare.jsonl.gz, "
+        "max_docs: 60}\ntokenizer: {kind: train, vocab_size: 300}\nseq_len: 16\nnum_chunks: 2\n"
+        "chunk_multiple: 4\nvalidation: {fraction: 0.0, max_sequences: 0}\n"
+    )
+    batch = 7  # chunks are multiples of 4: ragged against the batch
+    cfg = compose(
+        [
+            "+experiment=amber_tiny", f"workspace={tmp_path}", "tracking=off", f"data.recipe={recipe}",
+            "trainer.seq_len=16", "model.max_seq_len=16", f"trainer.global_batch_size={batch}",
+            f"trainer.micro_batch_size={batch}", "trainer.max_steps=100000",
+        ]
+    )
+    stage = build_stages(cfg)[0]
+    provider = ShardProvider(cfg, tmp_path, DistEnv())
+    first = provider.open(stage)
+    shards = first.order.shards
+    assert any(n % batch for n in shards.chunk_sizes)
+    ends = first.chunk_end_steps
+    assert len(ends) == len(shards.chunk_sizes) and ends == sorted(ends)
+    bounds = np.cumsum(shards.chunk_sizes)
+    for k, step in enumerate(ends):
+        seen = first.order.seen_ids(step)
+        assert len(seen) >= bounds[k] or step == first.order.steps_per_epoch, (k, step)  # all of chunk k
+        assert len(first.order.seen_ids(step - 1)) < bounds[k], (k, step)  # the first step that has
+    later = provider.open(dataclasses.replace(stage, index=1, start=50))
+    assert later.chunk_end_steps == [50 + s for s in ends]
 
 
 def test_a_resume_from_step_0_leaves_that_checkpoint_as_it_was(tmp_path: Path) -> None:

@@ -446,13 +446,13 @@ def finetune_pi(cfg: DictConfig, init_checkpoint: Path | str, device: str = "cpu
     run's tokenizer, then runs the project's trainer (`run_training(..., init_from=...)`): same data order,
     checkpoints, MLflow and DVC callbacks, a fresh optimizer, and the base checkpoint in lineage.json.
     """
-    from open360.checkpoint.io import read_lineage
+    from open360.checkpoint.io import read_config, read_lineage
     from open360.data import ShardSet
     from open360.train.pipeline import run_training
 
     init = Path(init_checkpoint).expanduser().resolve()
     lineage = read_lineage(init)
-    base_cfg = OmegaConf.create((init / "config.yaml").read_text())
+    base_cfg = read_config(init)
     check_pi_compatible(base_cfg.model, cfg.model, f"init checkpoint {init}")
     workspace = Path(cfg.workspace).expanduser().resolve()
     check_trained_tokenizer(lineage, ShardSet.open(shard_dir_for(cfg, workspace)).tokenizer_hash, cfg.data.recipe,

@@ -9,6 +9,7 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -390,9 +391,7 @@ ARCHITECTURE_KEYS = (
 def check_architecture(path: Path, model_cfg: Any, use: str) -> None:
     """Raise CheckpointError naming the differing `model.*` keys when the checkpoint at `path` holds
     another architecture than `model_cfg` (before any weight is loaded)."""
-    from omegaconf import OmegaConf
-
-    saved = OmegaConf.create((Path(path) / CONFIG_FILE).read_text()).get("model") or {}
+    saved = read_config(path).model
 
     def value(cfg: Any, key: str) -> Any:  # n_kv_heads None means n_heads: the same architecture
         return (cfg.get(key) or cfg.get("n_heads")) if key == "n_kv_heads" else cfg.get(key)
@@ -438,5 +437,25 @@ def read_config(path: Path) -> Any:
         raise CheckpointError(f"{file}: not a readable config ({type(err).__name__}: {err}); the checkpoint is corrupted") from err
     if not OmegaConf.is_dict(cfg) or "model" not in cfg:
         raise CheckpointError(f"{file}: no 'model' section; the checkpoint is corrupted or not open360's")
+    found = next(_interpolations(cfg), None)
+    if found is not None:  # training records the config resolved: `${oc.env:HF_TOKEN}` here was put by hand
+        raise CheckpointError(
+            f"{file}: key {found[0]} holds the interpolation {found[1]!r}, but a checkpoint records its config "
+            "resolved: the file was edited or forged, and resolving it could copy this machine's environment "
+            "(${oc.env:...}) into what is exported, logged or printed; refused"
+        )
     return cfg
 
+
+def _interpolations(node: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, text) of each interpolation (`${...}`) in a config, read without resolving any."""
+    from omegaconf import OmegaConf
+
+    keys = range(len(node)) if OmegaConf.is_list(node) else node.keys()
+    for key in keys:
+        where = f"{prefix}.{key}" if prefix else str(key)
+        child = node._get_node(key)
+        if OmegaConf.is_interpolation(node, key):
+            yield where, str(child._value())
+        elif OmegaConf.is_config(child):
+            yield from _interpolations(child, where)

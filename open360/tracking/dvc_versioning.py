@@ -16,6 +16,8 @@ from typing import Any
 # md5 of the empty tree ("[]"): what a fresh `checkpoints.dvc` records before the first checkpoint.
 EMPTY_TREE_MD5 = "d751713988987e9331980363e24189ce.dir"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+_MD5 = re.compile(r"[0-9a-f]{32}")
+_TREE_MD5 = re.compile(r"[0-9a-f]{32}\.dir")
 RETRY_HINT = "retry with `python -m open360.tracking.cli push {run}` (or `dvc push {path}` in {ws})"
 
 
@@ -104,6 +106,26 @@ def _link_types(configured: Sequence[str], probe_dir: Path) -> list[str]:
     finally:
         for p in (src, dst):
             p.unlink(missing_ok=True)
+
+
+def _check_tree(dvc_file: str, oid: str | None, tree: Any) -> None:
+    """Refuse a tracked tree that could reach outside the workspace or the cache: it comes from whoever published
+    the workspace, and its names are joined to the workspace, its md5s (and its own) to the cache and the
+    remote, to read, write and delete there (`../` in either climbs out; DVC does not check)."""
+    problems = [] if oid is None or _TREE_MD5.fullmatch(str(oid)) else [f"names tree {oid!r}, not <32 hex digits>.dir"]
+    for key, _meta, hash_info in tree or []:
+        if any(part in ("", ".", "..") for part in key):
+            problems.append(f"records the entry {'/'.join(key)!r}, which leads outside its folder ('..', '.' or '')")
+        elif hash_info is None or not _MD5.fullmatch(str(hash_info.value)):
+            problems.append(f"records the entry {'/'.join(key)!r} with md5 {getattr(hash_info, 'value', None)!r}, "
+                            "not 32 hex digits")
+        if problems:
+            break
+    if problems:
+        raise VersioningError(
+            f"{dvc_file}: {problems[0]}; the .dvc file or its tree object {oid} is forged or corrupted, and nothing "
+            "was read or written through it — restore it with `git checkout -- <file>.dvc` or ask its publisher"
+        )
 
 
 class _ErrorLog:
@@ -425,11 +447,14 @@ class DvcWorkspace:
             ) from err
         out = outs[0]
         prefix = tuple(Path(rel).relative_to(Path(out.def_path)).parts)
-        if out.hash_info and out.hash_info.value == EMPTY_TREE_MD5:
+        oid = out.hash_info.value if out.hash_info else None
+        _check_tree(out.stage.path, oid, None)  # before the tree object is fetched to the path its name gives
+        if oid == EMPTY_TREE_MD5:
             self._ensure_empty_tree(repo)
         tree = out.get_dir_cache(remote=self.remote) if out.hash_info else None
         if out.hash_info and tree is None:
-            raise VersioningError(self._missing_tree(repo, out.stage.path, out.hash_info.value))
+            raise VersioningError(self._missing_tree(repo, out.stage.path, oid))
+        _check_tree(out.stage.path, oid, tree)
         return tree, prefix
 
     def _missing_tree(self, repo: Any, dvc_file: str, md5: str) -> str:

@@ -433,12 +433,11 @@ def render_report(
 
 def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
     """(tracking URI, MLflow run id) named by the newest local checkpoint's lineage, or None."""
-    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from open360.checkpoint import list_checkpoints, read_lineage
-    from open360.checkpoint.io import CONFIG_FILE, CheckpointError
+    from open360.checkpoint.io import CONFIG_FILE, CheckpointError, read_config
     from open360.tracking.checkpoints import run_dirs
 
     for _, path in reversed(list_checkpoints(run_dirs(workspace, run)[0])):
@@ -452,8 +451,8 @@ def mlflow_target(workspace: Path, run: str) -> tuple[str, str] | None:
         uri = "sqlite:///mlflow.db"
         if (path / CONFIG_FILE).is_file():
             try:
-                uri = OmegaConf.select(OmegaConf.load(path / CONFIG_FILE), "tracking.mlflow_uri", default=uri)
-            except (OSError, yaml.YAMLError, OmegaConfBaseException):
+                uri = OmegaConf.select(read_config(path), "tracking.mlflow_uri", default=uri)
+            except (CheckpointError, OmegaConfBaseException):
                 continue
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():

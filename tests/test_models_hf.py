@@ -200,6 +200,13 @@ def test_import_names_a_truncated_or_missing_weights_file(tmp_path: Path) -> Non
     (out / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(HFInteropError, match="index.json: no usable weight_map"):
         import_hf(out)
+    elsewhere = tmp_path / "elsewhere.safetensors"  # a real weights file, but outside the folder
+    export_hf(build_model(cfg), cfg, None, tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").rename(elsewhere)
+    for name in ("../elsewhere.safetensors", str(elsewhere)):
+        (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": name}}))
+        with pytest.raises(HFInteropError, match="weight_map names files outside"):
+            import_hf(out)
 
 
 def test_phi_config_without_rotary_fraction_uses_transformers_default(tmp_path: Path) -> None:

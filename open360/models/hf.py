@@ -473,6 +473,9 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise HFInteropError(f"{index}: no usable weight_map ({type(err).__name__}: {err})") from err
+        outside = [f for f in files if not isinstance(f, str) or Path(f).is_absolute() or ".." in Path(f).parts]
+        if outside:  # a downloaded folder's index must not make open360 read files elsewhere on this machine
+            raise HFInteropError(f"{index}: weight_map names files outside {folder}: {outside[:3]}")
         tensors: dict[str, torch.Tensor] = {}
         for f in files:
             tensors.update(_load_file(folder / f))

@@ -167,8 +167,9 @@ def _verify(workspace: Path, entry: CheckpointEntry) -> tuple[dict[str, Any], Pa
     tokenizer = workspace / shard_dir / "tokenizer.json" if shard_dir else None
     if tokenizer is not None and not tokenizer.is_file():
         raise ReleaseError(
-            f"{tokenizer}: the tokenizer step {entry.step} was trained with is not in this workspace; fetch "
-            f"the shards (`dvc pull {shard_dir}`) or build them (`open360 data build`), then export again"
+            f"{tokenizer}: the tokenizer step {entry.step} was trained with is not in this workspace; fetch it and "
+            f"the manifest alone (`dvc pull {shard_dir}/tokenizer.json {shard_dir}/manifest.json`, not the shards) "
+            "or build the shards (`open360 data build`), then export again"
         )
     return lineage, tokenizer
 

@@ -286,9 +286,10 @@ def test_a_fresh_clone_exports_with_pull_from_the_remote_it_names(
     trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`ckpt export --pull --remote R`: a clone whose default remote is not on this machine fetches the
-    chosen checkpoints (only them, in one DVC pull) from R, and the release holds the trained weights."""
+    chosen checkpoints (only them, in one DVC pull) and their shards' tokenizer and manifest (not the shards)
+    from R, and the release holds the trained weights and that tokenizer."""
     from open360.tracking.cli import export_main
-    from open360.tracking.dvc_versioning import DvcWorkspace, pull_recorded
+    from open360.tracking.dvc_versioning import DvcWorkspace
 
     ws = trained["ws"]
     fresh = tmp_path / "clone"
@@ -297,7 +298,6 @@ def test_a_fresh_clone_exports_with_pull_from_the_remote_it_names(
         verb = ["modify", "--local", name, "url"] if name == "local" else ["add", "--local", name]
         subprocess.run(["dvc", "remote", *verb, str(url)], cwd=fresh, check=True)
     shard_dir = json.loads((ws / "checkpoints" / RUN / "step_8" / "lineage.json").read_text())["data"]["shard_dir"]
-    assert pull_recorded(fresh / shard_dir, fresh, remote="mirror")  # the tokenizer the release copies
     argv = [RUN, "--workspace", str(fresh), "--steps", "4,8", "--pull"]
     assert export_main([*argv, "--out", str(tmp_path / "r1")]) == 1  # the default remote
     assert "nowhere" in capsys.readouterr().err and not (tmp_path / "r1").exists()
@@ -313,6 +313,9 @@ def test_a_fresh_clone_exports_with_pull_from_the_remote_it_names(
     for step in ("step_4", "step_8"):
         pulled, original = (w / "checkpoints" / RUN / step / "model.safetensors" for w in (fresh, ws))
         assert pulled.read_bytes() == original.read_bytes()
+    assert sorted(p.name for p in (fresh / shard_dir).iterdir()) == ["manifest.json", "tokenizer.json"]
+    released_tok = tmp_path / "r2" / "data" / Path(shard_dir).name / "tokenizer.json"
+    assert released_tok.read_bytes() == (ws / shard_dir / "tokenizer.json").read_bytes()
 
 
 def test_export_records_the_sha256_of_every_released_file(trained: dict, tmp_path: Path) -> None:

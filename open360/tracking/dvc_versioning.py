@@ -371,6 +371,19 @@ class DvcWorkspace:
             or 0
         )
 
+    def pull_files(self, files: Sequence[Path]) -> None:
+        """Fetch single files of a tracked folder (a shard folder's manifest and tokenizer, not its shards) by
+        DVC's own granular pull, after the tree that records them is checked (`_tree`)."""
+        rels = [self.relpath(f) for f in files]
+
+        def run(repo: Any) -> None:
+            for rel in rels:
+                self._tree(repo, rel)  # its names and md5s are checked before DVC follows them
+            repo.pull(targets=[str(self.workspace / rel) for rel in rels], remote=self.remote)
+
+        if rels:
+            self._retry_locked(run, "pulling", self.workspace / rels[0])
+
     def pull(self, paths: Sequence[Path], force: bool = False) -> None:
         """Fetch and check out exactly `paths` (granular pull), in time independent of the sibling count.
 

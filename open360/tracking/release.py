@@ -174,6 +174,26 @@ def _verify(workspace: Path, entry: CheckpointEntry) -> tuple[dict[str, Any], Pa
     return lineage, tokenizer
 
 
+def _absent_data_files(workspace: Path, chosen: list[CheckpointEntry]) -> list[Path]:
+    """The manifest.json and tokenizer.json of each shard folder the chosen checkpoints trained on (their base's
+    included) that this workspace lacks (a fresh clone, whose shards were never pulled)."""
+    from open360.checkpoint import CheckpointError, read_lineage
+
+    absent: dict[Path, None] = {}
+    for entry in chosen:
+        try:
+            lineage = read_lineage(entry.path)
+        except CheckpointError:  # reported, naming the checkpoint, by its verification
+            continue
+        for data in inherited_data_history(lineage) + data_history(lineage):
+            shard_dir = data.get("shard_dir")
+            for name in ("manifest.json", "tokenizer.json") if shard_dir else ():
+                file = workspace / shard_dir / name
+                if not file.is_file() and file.resolve().is_relative_to(workspace):
+                    absent[file] = None
+    return list(absent)
+
+
 def _check_data_files(workspace: Path, lineages: list[tuple[int, dict[str, Any]]]) -> None:
     """The manifest and tokenizer files a release copies from the workspace's shard folders must be the
     ones each checkpoint's lineage names (its manifest and tokenizer sha256), not a rebuilt or damaged copy.
@@ -337,6 +357,8 @@ def export_release(
             f"steps {[e.step for e in absent]} of run {run!r} are not on disk; pass --pull "
             f"(or run `open360 ckpt pull {run} all`)"
         )
+    if pull and store is not None:  # the tokenizers and manifests the release copies, not their shards
+        store.pull_files(_absent_data_files(workspace, chosen))
     checked = [(entry, *_verify(workspace, entry)) for entry in chosen]  # before anything is written
     _check_data_files(workspace, [(entry.step, lineage) for entry, lineage, _ in checked])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -398,7 +398,11 @@ class MlflowLogger(Callback):
                 return run.info.run_id
         run = self._client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         if not previous:
-            self._close_abandoned_runs(info.run_name, run.info.run_id)
+            try:
+                self._close_abandoned_runs(info.run_name, run.info.run_id)
+            except MlflowException as err:  # housekeeping: the new run is started either way
+                print(f"open360.tracking: could not close earlier RUNNING runs of {info.run_name!r}: {err}",
+                      file=sys.stderr)
         return run.info.run_id
 
     def _close_abandoned_runs(self, run_name: str, new_run_id: str) -> None:

@@ -107,3 +107,36 @@ def test_a_trainer_state_of_the_wrong_shape_is_one_error_naming_the_file_and_key
     )
     with pytest.raises(CheckpointError, match=rf"step_2/trainer_state\.json: {named}"):
         resume(trainer, path)
+
+
+def test_a_second_run_of_the_same_run_name_in_one_workspace_is_refused_while_the_first_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs of one run_name started together (a double submit, a sweep launched without a new run_name) both
+    find the folder empty, so the resume check lets both train; they then replace each other's step_N folders and
+    both report them as their own. The first holds the run's lock: the second stops before touching anything, the
+    lock is held while the run trains and is free again when it ends (also when it fails)."""
+    from open360.config import compose
+    from open360.train import pipeline
+
+    cfg = compose(["+experiment=amber_tiny", f"workspace={tmp_path}", "tracking=off"])
+    inside: list[bool] = []
+
+    def fake_run(cfg, device, env, init_from):  # the run's body: the lock is held meanwhile
+        with pytest.raises(CheckpointError, match=r"run 'amber_tiny' is being trained now by pid \d+ on "):
+            pipeline.lock_run(tmp_path / "recovery" / "amber_tiny", "amber_tiny")
+        inside.append(True)
+        return {"status": "finished"}
+
+    monkeypatch.setattr(pipeline, "_run", fake_run)
+    assert pipeline.run_training(cfg, "cpu") == {"status": "finished"} and inside == [True]
+    held = pipeline.lock_run(tmp_path / "recovery" / "amber_tiny", "amber_tiny")  # free after the run
+    assert held is not None
+    with pytest.raises(CheckpointError, match=r"being trained now by .*another run_name"):
+        pipeline.run_training(cfg, "cpu")
+    assert inside == [True]  # the second run never started
+    held.close()
+    monkeypatch.setattr(pipeline, "_run", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        pipeline.run_training(cfg, "cpu")
+    pipeline.lock_run(tmp_path / "recovery" / "amber_tiny", "amber_tiny").close()  # released after a failure

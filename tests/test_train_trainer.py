@@ -118,6 +118,18 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert trainer.progress.step == 4
 
 
+def test_a_diverged_rank_other_than_0_does_not_claim_that_no_checkpoint_was_saved() -> None:
+    """Under torchrun only rank 0 holds the checkpoint writer, and every rank prints the divergence: the others
+    said "no checkpoint was saved" (7 of 8 lines on 8 GPUs) while rank 0 named the checkpoint to resume from."""
+    model = ScriptedLoss([2.0, float("nan")], accum=2)
+    trainer = _trainer(model, model, steps=2, settings=_settings())
+    trainer.env = DistEnv(rank=1, world_size=2)  # the message only; no collective runs
+    msg = trainer._divergence_message(float("nan"), float("nan"))
+    assert "no checkpoint was saved" not in msg and "rank 0's message names the last good checkpoint" in msg
+    trainer.env = DistEnv()
+    assert "no checkpoint was saved" in trainer._divergence_message(float("nan"), float("nan"))
+
+
 def test_the_end_of_each_stage_is_published_with_the_final_step(tmp_path: Path) -> None:
     """save_final keeps each stage's last step whatever the grid (crystalcoder_tiny: every 40, stages of
     100/100/40 steps): the stage transitions of a multi-stage run are part of its release."""

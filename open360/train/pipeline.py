@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -222,13 +226,71 @@ def run_training(cfg: DictConfig, device: str, init_from: Path | None = None) ->
         _check_megatron_available(device)
     env = init_distributed(device)
     try:
-        return _run(cfg, device, env, init_from)
+        with exclusive_run(cfg, env):
+            return _run(cfg, device, env, init_from)
     finally:
         if backend == "megatron":
             from open360.backends.megatron.engine import destroy_parallel
 
             destroy_parallel()
         shutdown_distributed()
+
+
+RUN_LOCK_FILE = ".run.lock"
+
+
+def lock_run(recovery_dir: Path, run_name: str) -> IO[str] | None:
+    """Take the run's exclusive lock (an flock on `recovery/<run>/.run.lock`, released by the kernel when the
+    process ends, SIGKILL included) and return its open file; CheckpointError naming the holder when another
+    process trains this run_name in this workspace now: two such runs both start from the same empty folder and
+    replace each other's step_N checkpoints without a word (and one's start deletes the other's saves in
+    progress). None, with a warning, on a filesystem without flock."""
+    import fcntl
+
+    check_writable(recovery_dir)
+    path = Path(recovery_dir) / RUN_LOCK_FILE
+    f = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CheckpointError(
+            f"run '{run_name}' is being trained now by {holder} (it holds {path}); a second run of the same "
+            "run_name in this workspace would overwrite its checkpoints step by step. Wait for it to end (then "
+            "continue with trainer.resume=auto), stop it, or give this run another run_name"
+        ) from None
+    except OSError as err:  # flock not supported (some Lustre / NFS mounts): no guard, but training goes on
+        f.close()
+        print(f"open360.train: warning: {path}: cannot lock ({err}); nothing stops a second run of '{run_name}' "
+              "from writing into this run's folder at the same time", file=sys.stderr)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    return f
+
+
+@contextlib.contextmanager
+def exclusive_run(cfg: DictConfig, env: DistEnv) -> Iterator[None]:
+    """Rank 0 holds the run's lock (`lock_run`) while the block runs; when another process holds it, every
+    rank raises its CheckpointError before anything of the run is touched."""
+    held, error = None, None
+    if env.is_main:
+        _, recovery_dir = run_dirs(Path(cfg.workspace).expanduser().resolve(), str(cfg.run_name))
+        try:
+            held = lock_run(recovery_dir, str(cfg.run_name))
+        except CheckpointError as err:
+            error = str(err)
+    if error := first_error(env, error):
+        raise CheckpointError(error)
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.close()
 
 
 def _check_megatron_available(device: str) -> None:

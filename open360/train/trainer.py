@@ -240,9 +240,12 @@ class Trainer:
         if self.writer is not None:
             on_disk = list_checkpoints(self.writer.published_dir) + list_checkpoints(self.writer.recovery_dir)
         last = max(on_disk, default=None)
-        kept = (
-            f"the last good checkpoint is {last[1]} (step {last[0]})" if last else "no checkpoint was saved"
-        )
+        if last:
+            kept = f"the last good checkpoint is {last[1]} (step {last[0]})"
+        elif self.writer is None and not self.env.is_main:  # rank 0 writes (and names) the checkpoints
+            kept = "rank 0's message names the last good checkpoint"
+        else:
+            kept = "no checkpoint was saved"
         shards = getattr(getattr(self.stage_data(stage).order, "shards", None), "path", "<shard folder>")
         batch = f"--shards {shards} --global-batch-size {self.settings.global_batch_size} --step {step - 1 - stage.start}"
         return (

@@ -912,3 +912,19 @@ def test_the_score_correlation_equals_pandas_pairwise_pearson() -> None:
         assert list(got.index) == list(want.index) == list(got.columns)
         assert np.array_equal(np.isnan(got.to_numpy()), np.isnan(want.to_numpy()))
         assert np.allclose(got.to_numpy(), want.to_numpy(), atol=1e-12, equal_nan=True)
+
+
+def test_default_shards_are_the_first_stages_whichever_checkpoint_comes_first(tmp_path: Path) -> None:
+    """A multi-stage run (CrystalCoder) is scored on its first stage's shards by default, whichever checkpoints
+    are chosen: a lineage's `data` is the stage the checkpoint was in, so `checkpoints=latest` (a stage-3
+    checkpoint) read stage 3's shards into the folder (tag) that `checkpoints=all` fills with stage 1's."""
+    from open360.analysis.memorization.data_view import DataView
+
+    history = [{"stage": f"s{i}", "shard_dir": f"shards/stage{i}", "steps": 10} for i in (1, 2, 3)]
+    late = {"data": history[-1], "data_history": history}  # a checkpoint in stage 3
+    job = parse_args([f"run={RUN}", f"workspace={tmp_path}"])
+    assert DataView._shard_path(job, tmp_path, late) == tmp_path / "shards" / "stage1"
+    old = {"data": history[0]}  # a lineage from before data_history: its one `data`
+    assert DataView._shard_path(job, tmp_path, old) == tmp_path / "shards" / "stage1"
+    with pytest.raises(MemorizationJobError, match=r"data_history\[0\]"):
+        DataView._shard_path(job, tmp_path, {"data_history": [{"stage": "s1"}]})

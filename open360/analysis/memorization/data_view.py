@@ -10,13 +10,14 @@ import numpy as np
 from open360.analysis.memorization.checkpoints import pull_lock
 from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError
 from open360.analysis.memorization.sampling import chunk_offsets, sample_rows, sample_seen_rows
-from open360.checkpoint.lineage import trained_data_history
+from open360.checkpoint.lineage import data_history, trained_data_history
 
 
 class DataView:
     """The run's shards and data order, as the cells need them (cached across checkpoints).
 
-    The shard folder is the one the first checkpoint's lineage names (`data.shard_dir`), or `shards=`.
+    The shard folder is the run's first stage's (`data_history[0].shard_dir` of the checkpoint's lineage, the
+    same for every checkpoint of the run), or `shards=`.
     Which sequences a checkpoint had seen comes from its lineage: the steps it completed in the stages
     that trained on these shards (`data_history[*].steps`, and those of a warm start's base), replayed
     through the data order.
@@ -61,11 +62,14 @@ class DataView:
             if not path.is_dir():
                 raise MemorizationJobError(f"shards={job.shards!r}: no folder {path}")
             return path
-        shard_dir = (lineage.get("data") or {}).get("shard_dir")
+        # the run's first stage, whichever checkpoints the job selected: `data` is the stage a checkpoint
+        # was in, so checkpoints=latest of a multi-stage run read its last stage's shards under the same tag
+        history = data_history(lineage)
+        shard_dir = (history[0] if history else {}).get("shard_dir")
         if not shard_dir:
             raise MemorizationJobError(
-                f"run {job.run!r}: the checkpoint's lineage.json names no data.shard_dir; "
-                "pass shards=<folder>"
+                f"run {job.run!r}: the checkpoint's lineage.json names no shard_dir for its first stage "
+                "(data_history[0]); pass shards=<folder>"
             )
         return resolve_workspace_path(workspace, shard_dir)
 

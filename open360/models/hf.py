@@ -174,14 +174,14 @@ def _hf_config(cfg: ModelConfig, arch: str, dtype: torch.dtype, special_ids: dic
 def _recorded_eos_token(tokenizer_file: Path) -> str | None:
     """The EOS the data was packed with, as the shard folder's manifest.json beside `tokenizer_file` records it
     (only when the manifest describes this very file, by its sha256); None when there is no such record."""
-    import hashlib
+    from open360.data.tokenizer import tokenizer_bytes_hash
 
     manifest = tokenizer_file.with_name("manifest.json")
     try:
         recorded = json.loads(manifest.read_text()).get("tokenizer") or {}
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(recorded, dict) or recorded.get("sha256") != hashlib.sha256(tokenizer_file.read_bytes()).hexdigest():
+    if not isinstance(recorded, dict) or recorded.get("sha256") != tokenizer_bytes_hash(tokenizer_file.read_bytes()):
         return None
     eos = recorded.get("eos_token")
     return eos if isinstance(eos, str) else None

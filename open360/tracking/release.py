@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from open360.checkpoint.lineage import data_history, inherited_data_history
+from open360.checkpoint.lineage import data_history, inherited_data_history, trained_data_history
 from open360.paths import temp_sibling
 from open360.tracking.checkpoints import (
     CheckpointEntry,
@@ -185,7 +185,7 @@ def _absent_data_files(workspace: Path, chosen: list[CheckpointEntry]) -> list[P
             lineage = read_lineage(entry.path)
         except CheckpointError:  # reported, naming the checkpoint, by its verification
             continue
-        for data in inherited_data_history(lineage) + data_history(lineage):
+        for data in trained_data_history(lineage):
             shard_dir = data.get("shard_dir")
             for name in ("manifest.json", "tokenizer.json") if shard_dir else ():
                 file = workspace / shard_dir / name
@@ -205,7 +205,7 @@ def _check_data_files(workspace: Path, lineages: list[tuple[int, dict[str, Any]]
               ("manifest.json", "manifest_hash", lambda f: manifest_hash_of(json.loads(f.read_text()))))
     digests: dict[Path, str] = {}
     for step, lineage in lineages:
-        for data in inherited_data_history(lineage) + data_history(lineage):
+        for data in trained_data_history(lineage):
             shard_dir = data.get("shard_dir")
             for name, key, digest in checks if shard_dir else ():
                 file, expected = workspace / shard_dir / name, data.get(key)

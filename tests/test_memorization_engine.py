@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -482,7 +483,7 @@ def test_a_chunks_sampled_tokens_are_read_once_per_job_not_once_per_checkpoint()
     data.chunk_sizes = np.array([100, 100, 100], dtype=np.int64)
     data.offsets = sampling.chunk_offsets(data.chunk_sizes)
     data._orders = {10: SimpleNamespace(steps_per_epoch=30)}
-    data._rows, data._seen_cache, data._tokens = {}, {}, {}
+    data._rows, data._seen_cache, data._tokens, data.samples_dir = {}, {}, {}, None
     for selection in ("sample", "seen"):
         data.job = SimpleNamespace(selection=selection, sample=20, seed=42, k=8, l=4)
         data._rows, data._tokens, reads[:] = {}, {}, []
@@ -493,6 +494,52 @@ def test_a_chunks_sampled_tokens_are_read_once_per_job_not_once_per_checkpoint()
                 assert np.array_equal(got[:, :12], table[rows + data.offsets[chunk], :12]), (selection, steps, chunk)
         # selection=sample: one read per chunk; seen: chunks 0, 1 once, chunk 2 at each checkpoint (its rows move)
         assert len(reads) == (3 if selection == "sample" else 2 + 3), (selection, reads)
+
+
+def test_sampled_tokens_are_kept_in_the_jobs_folder_for_other_ranks_and_reruns(tmp_path: Path, capsys) -> None:
+    """Each rank of a torchrun job scores every chunk of its checkpoints, and a rerun (more checkpoints, a
+    resume) reads the same samples again: ~2.3 TB decoded per reader at LLM360 size. The sampled tokens are
+    kept in the job's folder: read from the shards once per job; a damaged file is read again, not trusted."""
+    from types import SimpleNamespace
+
+    from open360.analysis.memorization import sampling
+    from open360.analysis.memorization.data_view import DataView
+    from open360.analysis.memorization.sample_cache import load_sample, sample_file
+
+    table = np.arange(300 * 65, dtype=np.int64).reshape(300, 65)
+    reads: list[int] = []
+
+    def reader() -> DataView:  # another rank, or a later job with the same folder: nothing in memory
+        data = object.__new__(DataView)
+        data.shards = SimpleNamespace(sequences=lambda ids: reads.append(len(ids)) or table[ids])
+        data.chunk_sizes = np.array([100, 100, 100], dtype=np.int64)
+        data.offsets = sampling.chunk_offsets(data.chunk_sizes)
+        data.job = SimpleNamespace(selection="sample", sample=20, seed=42, k=8, l=4)
+        data._rows, data._seen_cache, data._tokens = {}, {}, {}
+        data.samples_dir = tmp_path / "samples-m"
+        return data
+
+    def scored(data: DataView) -> None:
+        for chunk in (0, 1, 2):
+            rows = data.rows((), chunk)
+            assert np.array_equal(data.sequences(chunk, rows), table[rows + 100 * chunk, :12]), chunk
+
+    reader().prefetch_samples([0, 2])  # rank 0 of 2 (chunks 0 and 2 of 3); rank 1 would read chunk 1
+    assert len(reads) == 2 and sorted(p.name for p in (tmp_path / "samples-m").iterdir()) == [
+        "chunk_00000.npz", "chunk_00002.npz"]
+    scored(reader())
+    assert len(reads) == 3  # chunk 1 only
+    scored(reader())
+    assert len(reads) == 3  # a rerun reads no shard
+    kept = sample_file(tmp_path / "samples-m", 0)
+    blob = bytearray(kept.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a flipped bit in the tokens: the zip member's CRC-32 no longer matches
+    kept.write_bytes(bytes(blob))
+    scored(reader())
+    assert len(reads) == 4 and "unreadable" in capsys.readouterr().err
+    scored(reader())
+    assert len(reads) == 4  # kept again, whole
+    assert load_sample(kept, np.arange(20), 12) is None  # other rows: not these tokens
 
 
 def test_seen_flags_past_a_first_epoch_cost_no_pass_over_every_id(monkeypatch) -> None:

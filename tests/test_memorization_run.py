@@ -411,6 +411,8 @@ def test_torchrun_splits_cells_across_ranks(trained_run: tuple[Path, str], tmp_p
         one = pq.read_table(cell_path(tmp_path / "single", step, chunk))
         assert dist.column("matched").to_pylist() == one.column("matched").to_pylist()
     assert ranks == {0, 1}
+    # the ranks read the sampled tokens of the 4 chunks once between them, and kept them for the other
+    assert len(list((tmp_path / "dist").glob("samples-*/chunk_*.npz"))) == 4
     assert (tmp_path / "dist" / "report.md").is_file() and (tmp_path / "dist" / "summary.parquet").is_file()
 
 

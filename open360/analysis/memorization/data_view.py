@@ -9,6 +9,7 @@ import numpy as np
 
 from open360.analysis.memorization.checkpoints import pull_lock
 from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError
+from open360.analysis.memorization.sample_cache import load_sample, sample_file, save_sample
 from open360.analysis.memorization.sampling import chunk_offsets, sample_rows, sample_seen_rows
 from open360.checkpoint.lineage import data_history, trained_data_history
 
@@ -24,7 +25,12 @@ class DataView:
     """
 
     def __init__(
-        self, job: MemorizationJobConfig, workspace: Path, run_cfg: Any, lineage: dict[str, Any]
+        self,
+        job: MemorizationJobConfig,
+        workspace: Path,
+        run_cfg: Any,
+        lineage: dict[str, Any],
+        samples_root: Path | None = None,
     ) -> None:
         from open360.data import ShardSet
 
@@ -36,6 +42,9 @@ class DataView:
         self.shards = ShardSet.open(self.shard_dir)
         self.chunk_sizes = np.asarray(self.shards.chunk_sizes, dtype=np.int64)
         self.offsets = chunk_offsets(self.chunk_sizes)
+        # the sampled tokens, kept on disk per shard set: `samples_root` is the job's output folder
+        self.samples_dir = None if samples_root is None else (
+            Path(samples_root) / f"samples-{self.shards.manifest_hash[:16]}")
         self.run_cfg = run_cfg
         self._orders: dict[int, Any] = {}
         self._rows: dict[int, np.ndarray] = {}
@@ -125,10 +134,13 @@ class DataView:
                 seen = np.union1d(seen, extra[first:last] - lo)
             if len(seen) < size:
                 return sample_seen_rows(size, seen, self.job.sample, self.job.seed)
-        # a chunk seen whole draws what `sample_rows` draws: one permutation of it per job, not per checkpoint
-        # (~0.25 s for a chunk of 1.7M rows, x 360 x 360 cells at LLM360 scale)
+        return self.sample_rows(chunk)
+
+    def sample_rows(self, chunk: int) -> np.ndarray:
+        """The job's sample of a chunk seen whole: one permutation of it per job, not per checkpoint (~0.25 s
+        for a chunk of 1.7M rows, x 360 x 360 cells at LLM360 scale)."""
         if chunk not in self._rows:
-            self._rows[chunk] = sample_rows(size, self.job.sample, self.job.seed)
+            self._rows[chunk] = sample_rows(int(self.chunk_sizes[chunk]), self.job.sample, self.job.seed)
         return self._rows[chunk]
 
     def seen_mask(self, consumption: tuple[tuple[int, int], ...], chunk: int, rows: np.ndarray) -> np.ndarray:
@@ -146,16 +158,35 @@ class DataView:
         """The first k+l tokens [n, k+l] of the given rows of `chunk` (all the scorer reads).
 
         With a sample, the rows of a chunk are the same at every checkpoint: their tokens are read once per
-        job and kept (sample x (k+l) int32 per chunk: 92 MB for 360 chunks of 1,000 at k=l=32). Read again
+        job and kept, in memory and in the job's folder (`_sample_path`) (sample x (k+l) int32 per chunk: 92 MB
+        for 360 chunks of 1,000 at k=l=32). Read again
         per checkpoint, 1,000 rows spread over a 1.7M-row chunk touch ~760 of its row groups of 1,024
         rows: ~6 GB decoded and hashed per cell, ~10x the GPU time of scoring it."""
         cached = self._tokens.get(chunk)
         if cached is not None and np.array_equal(cached[0], rows):
             return cached[1]
         width = self.job.k + self.job.l
-        tokens = np.ascontiguousarray(self.shards.sequences(rows + self.offsets[chunk])[:, :width], dtype=np.int32)
+        kept = self._sample_path(chunk, rows)
+        tokens = None if kept is None else load_sample(kept, rows, width)
+        if tokens is None:
+            tokens = np.ascontiguousarray(
+                self.shards.sequences(rows + self.offsets[chunk])[:, :width], dtype=np.int32)
+            if kept is not None:
+                save_sample(kept, rows, tokens)
         if self.job.sample > 0:  # bounded by `sample` rows per chunk (sample=0 would keep whole chunks)
             self._tokens[chunk] = (np.array(rows, copy=True), tokens)
         return tokens
 
+    def _sample_path(self, chunk: int, rows: np.ndarray) -> Path | None:
+        """Where the tokens of `rows` are kept on disk: only a chunk's job sample (the rows every checkpoint
+        that saw the chunk whole scores), so each is read from the shards once per job, whatever the ranks
+        and reruns (~6 GB decoded per chunk of 1.7M rows at LLM360 size: ~2.3 TB for 360 chunks)."""
+        if self.samples_dir is None or self.job.sample <= 0:
+            return None
+        return sample_file(self.samples_dir, chunk) if np.array_equal(rows, self.sample_rows(chunk)) else None
 
+    def prefetch_samples(self, chunks: list[int]) -> None:
+        """Read and keep on disk the job samples of `chunks` (under torchrun each rank a share of them, before
+        every rank scores every chunk of its checkpoints)."""
+        for chunk in chunks:
+            self.sequences(chunk, self.sample_rows(chunk))

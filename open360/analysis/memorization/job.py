@@ -227,7 +227,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     from open360.checkpoint.io import read_config
 
     lineage = read_lineage(first_path)
-    data = DataView(job, workspace, read_config(first_path), lineage)
+    data = DataView(job, workspace, read_config(first_path), lineage, samples_root=out_dir)
     from open360.analysis.memorization.report import mlflow_target
 
     mlflow_run = mlflow_target(workspace, job.run) if job.mlflow else None  # before release_local
@@ -264,7 +264,9 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     done = [cell for cell in cells if cell_is_done(job, cell_path(out_dir, *cell), workspace, scored_on)]
     done_set = set(done)
     pending = [cell for cell in cells if cell not in done_set]
-    if world > 1:  # the split below needs the same `pending` on every rank: nothing is written before this
+    if world > 1:  # the split below needs the same `pending` on every rank: no cell is written before this
+        if job.selection == "sample":  # every rank scores every chunk of its checkpoints: each reads a share
+            data.prefetch_samples(sorted({c for _, c in pending})[rank::world])
         torch.distributed.barrier()
     mine = _assign(pending, rank, world)
     shared_steps = {s for s, _ in pending} - _whole_steps(pending, set(mine))

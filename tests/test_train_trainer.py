@@ -252,6 +252,67 @@ def test_state_dict_round_trip_continues_identically() -> None:
     }
 
 
+def test_only_the_writing_rank_computes_the_data_history_of_a_save(tmp_path: Path) -> None:
+    """Past a first epoch a checkpoint's data history lists the ids seen (`seen_ids`: a permutation per epoch
+    at LLM360 size); ranks without the writer take part in the collectives of a save, not in that."""
+    calls: list[int] = []
+
+    def counting(trainer: Trainer) -> Trainer:
+        opened = trainer._open_stage
+
+        def open_stage(st: Stage) -> StageData:
+            data = opened(st)
+            return StageData(data.order, data.chunk_end_steps, data.lineage, lambda n: calls.append(n) or {})
+
+        trainer._open_stage = open_stage
+        return trainer
+
+    model = ScriptedLoss([2.0, 1.9, 1.8, 1.7], accum=2)
+    counting(_trainer(model, model, steps=4, settings=_settings(), every=2)).train()  # no writer: not rank 0
+    assert calls == []
+    model = ScriptedLoss([2.0, 1.9, 1.8, 1.7], accum=2)
+    counting(_trainer(model, model, steps=4, settings=_settings(), tmp_path=tmp_path, every=2)).train()
+    assert calls == [2, 4]
+
+
+def test_a_background_save_writes_the_weights_of_its_step_while_training_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background writer (every CUDA run) writes from a snapshot of the live parameters and optimizer
+    state, not from tensors the next steps update in place: the write of step 2 starts only after step 3."""
+    import threading
+
+    import open360.checkpoint.writer as writer_module
+    from open360.checkpoint import load_checkpoint
+
+    real = writer_module.save_checkpoint
+    weights = []
+    for background in (False, True):
+        stepped = threading.Event()
+
+        class Step3(Callback):
+            def on_step_end(self, step: int, metrics: dict[str, float], _done: Any = stepped) -> None:
+                if step == 3:
+                    _done.set()
+
+        def after_step_3(parent: Path, step: int, contents: Any, _done: Any = stepped) -> Path:
+            assert _done.wait(60)
+            return real(parent, step, contents)
+
+        monkeypatch.setattr(writer_module, "save_checkpoint", after_step_3)
+        model = ScriptedLoss([2.0, 1.9, 1.8], accum=2)
+        trainer = _trainer(model, model, steps=3, settings=_settings(), callbacks=[Step3()], every=2)
+        if background:
+            trainer.writer = CheckpointWriter(tmp_path / "bg", tmp_path / "rec", 1, background=True)
+        else:  # written at once, before step 3 (the wait is for a step that has not run yet: none)
+            monkeypatch.setattr(writer_module, "save_checkpoint", real)
+            trainer.writer = CheckpointWriter(tmp_path / "fg", tmp_path / "rec", 1, background=False)
+        trainer.train()
+        weights.append(load_checkpoint(tmp_path / ("bg" if background else "fg") / "step_2").model["w"])
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[1], trainer.model.w.detach())  # step 3 did move the weights
+
+
 def test_checkpoint_start_comes_before_the_folder_and_saved_after(tmp_path: Path) -> None:
     """`on_checkpoint_start` runs while the step's folder does not exist yet (what it persists is in place
     before a run can resume from the checkpoint); `on_checkpoint_saved` once it is complete."""

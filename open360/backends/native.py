@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 HOST_WAIT_TIMEOUT = timedelta(days=7)  # ranks waiting at `barrier` for rank 0's shard build, DVC pull or push
@@ -152,6 +153,16 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def _options(env: DistEnv) -> StateDictOptions:
     # One process: plain tensors, no gathering (cpu_offload needs a process group).
     return _FULL if env.distributed else StateDictOptions(full_state_dict=True)
+
+
+def live_storages(model: nn.Module, optimizer: torch.optim.Optimizer) -> frozenset[tuple[str, int]]:
+    """The storages training writes in place (parameters, buffers, optimizer state: Adam's `step` counts are
+    CPU tensors even on GPU), as `storage_key`s: a state-dict tensor outside them is a private copy."""
+    from open360.checkpoint.writer import storage_key
+
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return frozenset(storage_key(t.to_local() if isinstance(t, DTensor) else t) for t in tensors)
 
 
 def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:

@@ -13,15 +13,26 @@ import torch
 from open360.checkpoint.io import CheckpointContents, list_checkpoints, save_checkpoint
 
 
+def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    """What identifies the memory a tensor lives in (its device type and storage address)."""
+    return tensor.device.type, tensor.untyped_storage().data_ptr()
+
+
 class HostSnapshot:
     """Copies nested dicts/lists/tuples of tensors to CPU memory; CUDA tensors go through reused pinned
     buffers with asynchronous copies and one synchronize, so a save stalls training only for a
-    device-to-host copy at full bandwidth (the buffers are allocated once, at the first save)."""
+    device-to-host copy at full bandwidth (the buffers are allocated once, at the first save).
+
+    `live`: the storages (`storage_key`) training goes on writing. When given, a CPU tensor outside them is
+    the state dict's own copy (gathered and offloaded under FSDP/DDP: 84 GB of weights and Adam moments on
+    rank 0 at 7B) and is kept as it is, not copied a second time; without it every CPU tensor is copied."""
 
     def __init__(self) -> None:
         self._pinned: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._live: frozenset[tuple[str, int]] | None = None
 
-    def __call__(self, obj: Any) -> Any:
+    def __call__(self, obj: Any, live: frozenset[tuple[str, int]] | None = None) -> Any:
+        self._live = live
         out = self._copy(obj, (), copies={})  # one copy of each tensor view, for this call only
         if any(buf.is_pinned() for buf in self._pinned.values()):
             torch.cuda.synchronize()
@@ -45,6 +56,8 @@ class HostSnapshot:
 
     def _copy_tensor(self, obj: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
         if obj.device.type != "cuda":
+            if self._live is not None and storage_key(obj) not in self._live:
+                return obj  # no live tensor's memory: training never writes it
             return obj.detach().to("cpu", copy=True)
         buf = self._pinned.get(key)
         if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
@@ -95,17 +108,24 @@ class CheckpointWriter:
                 shutil.rmtree(doomed, ignore_errors=True)
         return SavedCheckpoint(step, path, published)
 
-    def save(self, step: int, contents: CheckpointContents, published: bool) -> None:
-        """Start (or, without background, perform) the save of one checkpoint."""
+    def save(
+        self,
+        step: int,
+        contents: CheckpointContents,
+        published: bool,
+        live: frozenset[tuple[str, int]] | None = None,
+    ) -> None:
+        """Start (or, without background, perform) the save of one checkpoint. `live`: the storages training
+        goes on writing (see HostSnapshot); None copies every tensor of `contents` before the write starts."""
         if self._pool is None:
             self._done.append(self._write(step, contents, published))
             return
         self.wait_pending()  # the pinned buffers are reused: the previous save must be on disk
         snapshot = CheckpointContents(
-            model=self._snapshot(contents.model),
-            optimizer=self._snapshot(contents.optimizer),
+            model=self._snapshot(contents.model, live),
+            optimizer=self._snapshot(contents.optimizer, live),
             trainer_state=contents.trainer_state,
-            rng=self._snapshot(contents.rng),
+            rng=self._snapshot(contents.rng, live),
             config_yaml=contents.config_yaml,
             lineage=contents.lineage,
             extra_dirs=contents.extra_dirs,

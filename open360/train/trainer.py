@@ -22,6 +22,7 @@ from open360.backends.native import (
     full_optimizer_state,
     gather_objects,
     grad_sync,
+    live_storages,
     load_full_state,
 )
 from open360.checkpoint.cadence import CadencePolicy
@@ -275,26 +276,29 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer, trainer counters, data-loader state and every rank's RNG state."""
+        return {**self._model_optimizer_state(), "trainer": self._trainer_state(), "rng": self._rng_states()}
+
+    def _rng_states(self) -> dict[str, Any]:
+        """Every rank's RNG state (a collective: every rank calls it)."""
+        return {"ranks": gather_objects(capture_rng_state(), self.env)}
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """Counters, data-loader position and data history (past a first epoch the history lists the ids seen:
+        only the rank that writes the checkpoint needs to compute it)."""
         p = self.progress
         stage = self._current_stage()
-        data = self.stage_data(stage)
-        trainer_state = {
+        return {
             "step": p.step,
             "tokens_seen": p.tokens_seen,
             "loss": p.last_loss,
             "loss_ema": p.loss_ema,
             "loss_spikes": p.loss_spikes,
             "stage": {"index": stage.index, "name": stage.name, "step_in_stage": p.step - stage.start},
-            "loader": data.order.state_dict(),
+            "loader": self.stage_data(stage).order.state_dict(),
             "data_history": self._data_history(),
             "world_size": self.env.world_size,
             "global_batch_size": self.settings.global_batch_size,
             "seq_len": self.settings.seq_len,
-        }
-        return {
-            **self._model_optimizer_state(),
-            "trainer": trainer_state,
-            "rng": {"ranks": gather_objects(capture_rng_state(), self.env)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -388,22 +392,28 @@ class Trainer:
 
     def save(self, published: bool) -> None:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering state)."""
-        state = self.state_dict()
+        model_optimizer = self._model_optimizer_state()  # collectives: every rank takes part
+        rng = self._rng_states()
+        self.stage_data(self._current_stage())  # opening a stage is collective too (it is open by now)
         extra_dirs = self._extra_checkpoint_dirs(published)
-        lineage = self._lineage(state["trainer"]["data_history"])
         if self.writer is None or not self.env.is_main:
             return
+        trainer_state = self._trainer_state()
         contents = CheckpointContents(
-            model=state["model"],
-            optimizer=state["optimizer"],
-            trainer_state=state["trainer"],
-            rng=state["rng"],
+            model=model_optimizer["model"],
+            optimizer=model_optimizer["optimizer"],
+            trainer_state=trainer_state,
+            rng=rng,
             config_yaml=self.config_yaml,
-            lineage=lineage,
+            lineage=self._lineage(trainer_state["data_history"]),
             extra_dirs=extra_dirs,
         )
         self._notify("on_checkpoint_start", self.progress.step, published)
-        self.writer.save(self.progress.step, contents, published)
+        self.writer.save(self.progress.step, contents, published, self._live_storages())
+
+    def _live_storages(self) -> frozenset[tuple[str, int]] | None:
+        """The storages training writes in place: the writer copies only the state tensors in them."""
+        return live_storages(self.model, self.optimizer)
 
     def _report_saves(self, saves: list[SavedCheckpoint]) -> None:
         for saved in saves:

@@ -48,6 +48,9 @@ class MegatronTrainer(Trainer):
     def _model_optimizer_state(self) -> dict[str, Any]:
         return {"model": self.engine.full_native_state() or {}, "optimizer": dict(OPTIMIZER_MARKER)}
 
+    def _live_storages(self) -> frozenset[tuple[str, int]]:
+        return frozenset()  # full_native_state's tensors went through gather_object: rank 0's own copies
+
     def _load_model_optimizer(self, state: dict[str, Any]) -> None:
         checkpoint = Path(state["checkpoint_dir"])
         if state.get("optimizer") != OPTIMIZER_MARKER:

@@ -226,6 +226,7 @@ BAD_TRAINING_VALUES = [
     ("tracking.metric_buffer_steps=0", "tracking.metric_buffer_steps=0: must be >= 1"),
     ("trainer.seed=-1", "trainer.seed=-1: must be >= 0 and < 2**63"),
     ("trainer.seed=18446744073709551616", "trainer.seed=18446744073709551616: must be >= 0"),  # torch: bare overflow
+    ("data.seed=-1", "data.seed=-1: must be >= 0 and < 2**63"),  # not the recipe file's own `seed` key
     ("trainer.init_from=/nowhere/step_4", "trainer.init_from=/nowhere/step_4: not a checkpoint folder"),
     ("optim.lr=nan", "optim.lr=nan: the peak learning rate must be >= 0 and finite"),
     ("optim.lr=inf", "optim.lr=inf: the peak learning rate must be >= 0 and finite"),
@@ -333,6 +334,7 @@ def test_bad_input_writes_nothing_not_even_hydras_outputs(tmp_path):
     for bad, says in (("run_name=../../escaped", "expected one folder name"),
                       ("tracking.mlflow_uri=http://alice:s3cr3t@127.0.0.1:9", "holds credentials"),
                       ("trainer.resume=nowhere/step_4", "not a complete checkpoint directory"),
+                      ("trainer.resume=4", "no complete checkpoint for step 4"),
                       ("data.recipe=nope.yaml", "recipe file not found"),
                       ("optim.lr=nan", "optim.lr=nan")):
         proc = run_train("+experiment=amber_tiny", f"workspace={ws}", "tracking=off", bad)
@@ -412,15 +414,18 @@ def test_an_absolute_run_name_is_refused_before_anything_is_written(tmp_path):
 
 def test_a_relative_workspace_stays_where_the_command_ran_under_hydra_chdir(tmp_path):
     """hydra.job.chdir=true moves the process into Hydra's run folder; `workspace=.` must not follow it."""
+    fake = tmp_path / "checkpoints" / "amber_tiny" / "step_5"
+    fake.mkdir(parents=True)
+    (fake / "lineage.json").write_text("{}")
     proc = subprocess.run(
         [sys.executable, "-m", "open360.train", "+experiment=amber_tiny", "workspace=.", "tracking=off",
-         "hydra.job.chdir=true", "trainer.resume=5"],  # fails (no step 5) once the run's folders exist
+         "hydra.job.chdir=true", "trainer.resume=5"],  # found, then refused (no file hashes) once the run's folders exist
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={**os.environ, "HYDRA_FULL_ERROR": "0", "CUDA_VISIBLE_DEVICES": ""},
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert (tmp_path / "checkpoints" / "amber_tiny").is_dir()
-    assert not list((tmp_path / "outputs").rglob("checkpoints"))
+    assert f"{fake}/lineage.json" in proc.stderr and (tmp_path / "recovery" / "amber_tiny").is_dir()
+    assert not list((tmp_path / "outputs").rglob("checkpoints")) and not list((tmp_path / "outputs").rglob("recovery"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

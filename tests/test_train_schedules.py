@@ -101,6 +101,7 @@ def test_settings_refuse_values_that_would_train_wrongly(override: str, says: st
         (["+experiment=crystalcoder_tiny", "trainer.max_steps=1000"], "trainer.max_steps=1000 exceeds the 240 steps"),
         (["+experiment=crystalcoder_tiny", "stages.2.name=stage1_text"], "stages.2.name='stage1_text': stage 0 has"),
         (["+experiment=crystalcoder_tiny", "stages.1.name='code (python)'"], "stages.1.name='code (python)': use"),
+        (["+experiment=crystalcoder_tiny", "stages.1.steps=0"], "stages.1.steps=0 (stage 'stage2_text_code_fim')"),
     ],
 )
 def test_stages_refuse_a_negative_peak_and_a_run_longer_than_its_stages(overrides: list[str], says: str) -> None:

@@ -99,7 +99,7 @@ def build_stages(cfg: object) -> list[Stage]:
                 raise ValueError(f"stages.{i}.name={name!r}: stage {names.index(name)} has that name too; names must differ")
         for i, st in enumerate(cfg.stages):
             if int(st.steps) <= 0:
-                raise ValueError(f"stages[{i}] ({st.name}): steps={st.steps} must be > 0")
+                raise ValueError(f"stages.{i}.steps={st.steps} (stage {st.name!r}): must be > 0")
             lr = float(cfg.optim.lr if st.lr is None else st.lr)
             if not math.isfinite(lr) or lr < 0:
                 key = "optim.lr" if st.lr is None else f"stages.{i}.lr"

@@ -43,6 +43,23 @@ def check_resume_path(resume: object) -> None:
         raise ValueError(str(err)) from err
 
 
+def check_resume_step(cfg: DictConfig) -> None:
+    """trainer.resume given as a step must name a complete checkpoint of this run: checked here, before Hydra's
+    outputs/ and the run's folders are written, as find_resume_checkpoint would later."""
+    from open360.checkpoint import CheckpointError
+    from open360.tracking.checkpoints import run_dirs
+    from open360.train.state import find_resume_checkpoint
+
+    value = str(cfg.trainer.resume).strip()
+    if not value.isdigit():
+        return
+    workspace = Path(str(cfg.workspace)).expanduser().resolve()
+    try:
+        find_resume_checkpoint(value, *run_dirs(workspace, str(cfg.run_name)))
+    except CheckpointError as err:
+        raise ValueError(str(err)) from err
+
+
 def check_recipes(cfg: DictConfig) -> None:
     """The data recipe (or each stage's) loads and validates: a missing or malformed recipe fails here,
     naming it, instead of after the run's folders exist."""
@@ -131,6 +148,8 @@ def check_training_config(cfg: DictConfig) -> None:
         )
     if not 0 <= int(cfg.trainer.seed) < 2**63:
         raise ValueError(f"trainer.seed={cfg.trainer.seed}: must be >= 0 and < 2**63")
+    if cfg.data.seed is not None and not 0 <= int(cfg.data.seed) < 2**63:  # else blamed on the recipe's `seed`
+        raise ValueError(f"data.seed={cfg.data.seed}: must be >= 0 and < 2**63 (or null: the recipe's own seed)")
     if int(cfg.data.build_workers) < 0:
         raise ValueError(f"data.build_workers={cfg.data.build_workers}: must be >= 0 (0 or 1 = build in this process)")
     _check_choices(cfg)
@@ -140,6 +159,7 @@ def check_training_config(cfg: DictConfig) -> None:
     if cfg.trainer.init_from and resume_is_off(cfg.trainer.resume):  # a resume may not need it: see _run
         check_init_from(cfg.trainer.init_from)
     check_resume_path(cfg.trainer.resume)
+    check_resume_step(cfg)
     check_tracking_uri(cfg)
     check_optimizer_values(cfg.optim)
     resolve_precision(str(cfg.trainer.precision), "cpu")

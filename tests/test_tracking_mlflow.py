@@ -412,6 +412,21 @@ def test_a_backfilled_checkpoint_record_fills_a_gap_and_keeps_an_existing_one(ws
     assert mr.checkpoint_record(client, logger.run_id, 16) == {"step": 16, "dvc_md5": "old.dir", "pushed": False}
 
 
+def test_a_checkpoint_record_that_comes_before_the_run_starts_is_written_once_it_has(ws: Path) -> None:
+    """A resumed run's DVC catch-up runs in its own process, started first: its records can come back before the
+    MLflow run has started (a branch copying a long history, a slow server). They wait for the run, not vanish."""
+    from open360.tracking.mlflow_logger import BACKFILL_KEY
+
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    logger.record_checkpoint(4, {"dvc_md5": "a.dir", "pushed": True, BACKFILL_KEY: True})
+    logger.on_run_start(info(ws, start=4))
+    logger.on_run_end({"status": "finished"})
+    assert logger.errors == []
+    assert mr.checkpoint_record(mr.client(logger.tracking_uri), logger.run_id, 4) == {
+        "step": 4, "dvc_md5": "a.dir", "pushed": True
+    }
+
+
 def test_a_resumed_run_without_dvc_records_the_checkpoints_a_kill_left_unrecorded(ws: Path) -> None:
     """Without DVC the logger records each published checkpoint itself, in the background: a run killed right
     after its step-8 checkpoint was written never recorded it. The resumed run sends the record of every
@@ -616,3 +631,23 @@ def test_the_run_link_printed_at_the_end_hides_the_password(
     monkeypatch.setattr(mr, "read_store", lambda uri, read: (Run(), {}, None))
     lines, _ = _mlflow_lines({"mlflow_run_id": "abc"}, 4, None, "http://alice:S3cr3tPW@127.0.0.1:5055")
     assert "in http://alice:***@127.0.0.1:5055" in lines[0] and "S3cr3t" not in "\n".join(lines)
+
+
+def test_a_failed_close_of_earlier_runs_is_reported_without_the_password(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """MLflow's HTTP errors quote the request URL, the tracking URI's password included: the note that the earlier
+    RUNNING runs of the name could not be closed masks it, as every open360 message does."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise MlflowException("API request to http://alice:S3cr3tPW@127.0.0.1:5055/api/2.0/mlflow/runs/search "
+                              "failed with exception ConnectionError")
+
+    monkeypatch.setattr(MlflowClient, "search_runs", down)
+    logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
+    logger.on_run_start(info(ws))
+    logger.on_run_end({"status": "finished"})
+    err = capsys.readouterr().err
+    assert "could not close earlier RUNNING runs of 'r'" in err and "http://alice:***@" in err and "S3cr3t" not in err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from open360.tracking.worker import ProcessWorker
+from open360.tracking.worker import BackgroundWorker, ProcessWorker
 
 
 class Doubler:
@@ -68,6 +68,18 @@ def test_the_end_of_a_run_reports_add_push_jobs_that_keep_running(
     assert "waiting for 1 DVC add/push job(s)" in err
     assert "still waiting for 1 DVC add/push job(s) after" in err and "Ctrl-C stops the wait and loses no checkpoint" in err
     assert versioner.wait() and versioner.errors == []
+
+
+def test_a_thread_worker_refuses_jobs_once_told_to_close() -> None:
+    """A job submitted after `close()` timed out would sit behind the stop, never run, and keep `drain()` waiting:
+    it is refused (a late checkpoint record then says it was not delivered)."""
+    worker = BackgroundWorker("t")
+    ran: list[int] = []
+    worker.submit(time.sleep, 1.0)
+    assert not worker.close(timeout=0.1)
+    with pytest.raises(RuntimeError, match="already closed"):
+        worker.submit(ran.append, 1)
+    assert worker.close(timeout=60) and worker.drain(10) and ran == []
 
 
 def _alive(pid: int) -> bool:

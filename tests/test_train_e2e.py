@@ -442,6 +442,31 @@ def test_a_branch_journal_left_by_a_crash_is_finished_before_a_run_without_dvc(t
     assert read_lineage(run_dir / "step_8")["resumed_from"]["step"] == 2
 
 
+def test_a_branch_with_tracking_off_moves_the_replaced_records_of_a_dvc_workspace(
+    tmp_path: Path, shards_root: Path
+) -> None:
+    """tracking=off in a workspace whose checkpoints.dvc records the run (versioned by an earlier run): a branch
+    from step 2 moves the later records with their folders, else they stay listed as the run's checkpoints and
+    `ckpt pull` brings a replaced one back."""
+    from open360.config import compose
+    from open360.tracking.checkpoints import run_checkpoints
+    from open360.tracking.dvc_versioning import DvcWorkspace
+    from open360.tracking.workspace import init_workspace
+    from open360.train.pipeline import run_training
+
+    ws = init_workspace(tmp_path / "ws")
+    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
+            f"workspace={ws}", "checkpoint.policy=every_n", "checkpoint.every=2"]
+    run_training(compose([*base, "trainer.max_steps=6"]), "cpu")
+    run_dir = ws / "checkpoints" / "amber_tiny"
+    for step in (2, 4, 6):
+        DvcWorkspace(ws).add(run_dir / f"step_{step}")
+    run_training(compose([*base, "trainer.max_steps=3", "trainer.resume=2", "checkpoint.save_final=false"]), "cpu")
+    assert [e.step for e in run_checkpoints(ws, "amber_tiny")] == [2]
+    aside = DvcWorkspace(ws).tracked_children(next((run_dir / "superseded").iterdir()))
+    assert sorted(aside) == ["step_4", "step_6"]
+
+
 def test_a_branch_cut_short_without_dvc_is_finished_before_resume_auto(
     tmp_path: Path, shards_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -462,7 +487,7 @@ def test_a_branch_cut_short_without_dvc_is_finished_before_resume_auto(
         supersede_later_checkpoints(step, pub, tmp_path / "elsewhere", folder)  # the published ones only
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "supersede_later_checkpoints", killed)
+    monkeypatch.setattr("open360.checkpoint.branches.supersede_later_checkpoints", killed)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_training(compose([*base, "trainer.resume=2"]), "cpu")
     monkeypatch.undo()

@@ -150,6 +150,9 @@ class MlflowLogger(Callback):
         self._buffer: list[Any] = []
         self._last_flush_step = 0
         self._worker: BackgroundWorker | None = None
+        # records that reach the logger before its run starts (a resumed run's DVC catch-up can finish first)
+        self._early_records: list[tuple[int, dict[str, Any]]] = []
+        self._start_lock = threading.Lock()  # the DVC versioner delivers records from its result thread
         self._monitor: Any = None
         self._continued = False  # True once _start_or_resume continues an existing run
         self._lock_retry = LockRetry()
@@ -168,8 +171,12 @@ class MlflowLogger(Callback):
     def on_run_start(self, info: RunInfo) -> None:
         self._connect(lambda: setattr(self, "run_id", self._start_or_resume(info)))
         self._last_flush_step = info.start_step
-        self._worker = BackgroundWorker(f"mlflow[{self.run_name}]")
-        self._submit(self._log_config, info)
+        with self._start_lock:
+            self._worker = BackgroundWorker(f"mlflow[{self.run_name}]")
+            self._submit(self._log_config, info)
+            for step, record in self._early_records:
+                self._submit(self._log_checkpoint_record, step, record)
+            self._early_records = []
         if self.record_local_checkpoints and info.start_step > 0:
             self._backfill_local_records(info.checkpoint_dir, info.start_step)
         if self.system_metrics:
@@ -271,11 +278,12 @@ class MlflowLogger(Callback):
         self._submit(self._log_metrics, batch)
 
     def record_checkpoint(self, step: int, record: dict[str, Any]) -> None:
-        """Attach the record of a published checkpoint (path, DVC md5, git revision) to the run at `step`."""
-        if self._worker is None:
-            raise RuntimeError(
-                f"MLflow logger of run {self.run_name!r} not started; checkpoint {step} not recorded"
-            )
+        """Attach the record of a published checkpoint (path, DVC md5, git revision) to the run at `step` (kept
+        until the run starts when it comes first)."""
+        with self._start_lock:
+            if self._worker is None:
+                self._early_records.append((step, dict(record)))
+                return
         self._submit(self._log_checkpoint_record, step, dict(record))
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -401,8 +409,8 @@ class MlflowLogger(Callback):
             try:
                 self._close_abandoned_runs(info.run_name, run.info.run_id)
             except MlflowException as err:  # housekeeping: the new run is started either way
-                print(f"open360.tracking: could not close earlier RUNNING runs of {info.run_name!r}: {err}",
-                      file=sys.stderr)
+                print(f"open360.tracking: could not close earlier RUNNING runs of {info.run_name!r}: "
+                      f"{mask_value(str(err))}", file=sys.stderr)
         return run.info.run_id
 
     def _close_abandoned_runs(self, run_name: str, new_run_id: str) -> None:

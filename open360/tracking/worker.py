@@ -20,14 +20,17 @@ class BackgroundWorker:
         self.name = name
         self.errors: list[str] = []
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._closing = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Queue `fn(*args, **kwargs)`; returns at once."""
-        if not self._thread.is_alive():
-            raise RuntimeError(f"{self.name}: background worker already closed; no more jobs accepted")
-        self._queue.put((fn, args, kwargs))
+        with self._lock:  # a job queued behind the stop would never run
+            if self._closing or not self._thread.is_alive():
+                raise RuntimeError(f"{self.name}: background worker already closed; no more jobs accepted")
+            self._queue.put((fn, args, kwargs))
 
     def pending(self) -> int:
         """Jobs queued or running."""
@@ -46,9 +49,10 @@ class BackgroundWorker:
 
     def close(self, timeout: float | None = None) -> bool:
         """Run what is queued, then stop the thread; False when it did not finish in `timeout` seconds."""
-        if not self._thread.is_alive():
-            return True
-        self._queue.put(_STOP)
+        with self._lock:
+            if not self._closing:
+                self._closing = True
+                self._queue.put(_STOP)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 

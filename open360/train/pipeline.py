@@ -25,7 +25,6 @@ from open360.backends.native import (
 from open360.checkpoint.branches import (
     branch_folder,
     pending_branches,
-    supersede_later_checkpoints,
     write_pending_branch,
 )
 from open360.checkpoint.cadence import CadencePolicy
@@ -561,10 +560,9 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
                 # journaled, DVC or not: a crash halfway (published moved, recovery not) is finished by the next
                 # start, whose resume=auto would otherwise continue the replaced branch from its recovery step
                 journal.append(write_pending_branch(recovery_dir, step, branch["superseded"]))
-                if cfg.tracking.dvc:
-                    moved = finish_pending_branches(workspace, run_name, keep_journal=True)
-                else:
-                    moved = supersede_later_checkpoints(step, published_dir, recovery_dir, branch["superseded"])
+                # in a DVC workspace their checkpoints.dvc records move too, tracking.dvc or not: a record left
+                # behind lists (and `ckpt pull` brings back) a replaced checkpoint as the run's
+                moved = finish_pending_branches(workspace, run_name, keep_journal=True)
             if moved:
                 print(
                     f"open360.train: resuming from step {trainer.progress.step}: this run's later checkpoints "

@@ -41,6 +41,20 @@ def test_memorization_benchmark_tiny_matches_hf(tmp_path: Path) -> None:
     assert out["interleaved_rounds"]["ratio_min"] <= out["interleaved_rounds"]["ratio_median"]
 
 
+def test_save_snapshot_benchmark_tiny_under_torchrun(tmp_path: Path) -> None:
+    """2 CPU ranks (gloo, FSDP): the snapshot that keeps the gathered state's own copies copies none of its
+    weights and moments; the one that copies every tensor copies all of them."""
+    import os
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29633",
+           str(BENCH / "bench_save_snapshot.py"), "--tiny", "--repeats", "1", "--out", str(tmp_path / "s.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"].split(" (")[0]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    every, live = rows["copy every tensor"], rows["copy live tensors only"]
+    assert every["copied_gb"] == every["state_gb"] > 0 and live["copied_gb"] < every["state_gb"] / 100
+
+
 @pytest.mark.parametrize("script", ["bench_megatron.py", "bench_trainer_gpu.py", "bench_memorization_floors.py", "bench_decode_attention_sm.py"])
 def test_gpu_only_benchmarks_import(script: str) -> None:
     assert "usage:" in _run(script, "--help").stdout

@@ -541,6 +541,43 @@ def test_a_branch_cut_short_is_still_a_branch_when_started_again(
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "amber_tiny" / "superseded" / "from_step_2-crash").iterdir()) == ["step_4"]
 
 
+def test_a_callback_that_fails_to_start_ends_the_ones_started_before_it(
+    tmp_path: Path, shards_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """build_callbacks starts the DVC versioner (its catch-up in a worker process) before the MLflow logger:
+    when a later start fails, the earlier ones end the run as failed (their workers drained and stopped)
+    instead of being killed at exit; the failing one ends as far as it got; the start's error is raised."""
+    import open360.train.pipeline as pipeline
+    from open360.config import compose
+    from open360.train.callbacks import Callback, RunInfo
+
+    ended: list[tuple[str, dict]] = []
+
+    class Started(Callback):
+        def on_run_end(self, summary: dict) -> None:
+            ended.append(("started", summary))
+
+    class Fails(Callback):
+        def on_run_start(self, info: RunInfo) -> None:
+            raise RuntimeError("tracking store refused the run")
+
+        def on_run_end(self, summary: dict) -> None:
+            raise AttributeError("never started")
+
+    class Later(Callback):
+        def on_run_end(self, summary: dict) -> None:
+            ended.append(("later", summary))
+
+    monkeypatch.setattr(pipeline, "_build_callbacks", lambda cfg, workspace, env: [Started(), Fails(), Later()])
+    cfg = compose(["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
+                   f"workspace={tmp_path}", "trainer.max_steps=2"])
+    with pytest.raises(RuntimeError, match="tracking store refused the run"):
+        pipeline.run_training(cfg, "cpu")
+    assert [(who, s["status"]) for who, s in ended] == [("started", "failed")]
+    assert "tracking store refused the run" in ended[0][1]["error"]
+    assert "Fails could not end the run after that: AttributeError: never started" in capsys.readouterr().err
+
+
 def test_a_missing_init_from_is_named_at_a_fresh_start_under_resume_auto(tmp_path: Path, shards_root: Path) -> None:
     """resume=auto with nothing to resume is a fresh start: the warm start's folder must exist, and the
     error comes before any model is built (validate.py skips the check for resumes, which need not it)."""

@@ -595,9 +595,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             "init_from": init_record["checkpoint"] if init_record else None,
         },
     )
-    with rng_untouched():
-        for cb in callbacks:
-            cb.on_run_start(info)
+    start_callbacks(callbacks, info)
     for marker in journal:  # the tracking knows of the branch now: a crash from here on is an ordinary resume
         marker.unlink(missing_ok=True)
     summary: dict[str, Any] = {"status": "failed", "run_name": run_name}
@@ -615,6 +613,30 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     if env.is_main:
         print_summary(summary)
     return summary
+
+
+def start_callbacks(callbacks: list[Callback], info: RunInfo) -> None:
+    """Every callback's `on_run_start` (leaving the training RNGs where they were). When one fails, or a signal
+    comes, the callbacks already started, and the one that failed as far as it got, end the run as failed
+    before the error goes on: a DVC worker would otherwise be killed at exit in the middle of its catch-up,
+    and an MLflow run already started stay RUNNING."""
+    started: list[Callback] = []
+    try:
+        with rng_untouched():
+            for cb in callbacks:
+                started.append(cb)
+                cb.on_run_start(info)
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        summary = {"status": status, "run_name": info.run_name, "steps": info.start_step,
+                   "error": f"a callback's start failed: {type(err).__name__}: {err}"}
+        for cb in started:
+            try:
+                cb.on_run_end(summary)
+            except BaseException as end_err:  # noqa: BLE001 - the start's error is the one raised
+                print(f"open360.train: {type(cb).__name__} could not end the run after that: "
+                      f"{type(end_err).__name__}: {end_err}", file=sys.stderr)
+        raise
 
 
 def end_callbacks(callbacks: list[Callback], summary: dict[str, Any]) -> None:

@@ -145,6 +145,32 @@ def test_crystalcoder_loads_through_automodel_remote_code(tmp_path: Path) -> Non
     assert torch.equal(generated, seq)
 
 
+def test_the_open360_format_generates_left_padded_batches_as_each_prompt_alone(tmp_path: Path) -> None:
+    """Batched `generate` and lm-eval's `generate_until` pad prompts on the left: each row then continues as
+    its prompt alone does (the remote code refused left padding); a mask with holes is refused."""
+    cfg = model_cfg("crystalcoder_tiny")
+    model = randomized(cfg, seed=11)
+    out = export_hf(model, cfg, None, tmp_path / "cc")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    prompts = [torch.randint(1, cfg.vocab_size, (n,)) for n in (4, 7, 7)]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 7 - len(prompt) :], mask[row, 7 - len(prompt) :] = prompt, 1
+    with torch.no_grad():
+        batched = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        for row, prompt in enumerate(prompts):
+            alone = hf.generate(prompt[None], max_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert torch.equal(batched[row, 7:], alone[0, len(prompt) :]), row
+        logits = hf(ids, attention_mask=mask).logits
+        assert (logits[0, 3:] - model(prompts[0][None])[0]).abs().max().item() < 1e-5
+        assert not logits[0, :3].any()
+        holes = mask.clone()
+        holes[1, 2] = 0
+        with pytest.raises(ValueError, match=r"attention_mask rows \[1\] are neither left- nor right-padded"):
+            hf(ids, attention_mask=holes)
+
+
 def test_training_switches_are_not_exported(tmp_path: Path) -> None:
     """A run trained with model.compile / activation_checkpointing exports (and loads) a plain model."""
     from open360.models import model_with_weights

@@ -60,15 +60,40 @@ class Open360ForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Full causal forward (no HF cache: generate() recomputes the prefix each step).
 
-        Left padding is not supported: pad on the right (the causal mask then leaves real tokens untouched).
+        Padding: on the right, the causal mask leaves real tokens untouched; on the left (batched
+        `generate`, lm-eval's `generate_until`), each padded row's real tokens run on their own from position
+        0, as in training, and its pad positions get zero logits. A mask with holes is refused.
         """
-        if attention_mask is not None and bool((attention_mask[:, 0] == 0).any()):
-            raise ValueError("open360 remote code: left padding is not supported; use padding_side='right'")
-        logits = self.model(input_ids)
+        logits = self.model(input_ids) if attention_mask is None else self._masked_logits(input_ids, attention_mask)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _masked_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of a padded batch: the rows padded on the left are run one by one, unpadded."""
+        real = attention_mask.to(torch.bool)
+        width = real.shape[1]
+        starts = (~real).long().cumprod(dim=1).sum(dim=1)  # each row's leading pad positions
+        ends = starts + real.sum(dim=1)
+        slots = torch.arange(width, device=real.device)
+        block = (slots[None, :] >= starts[:, None]) & (slots[None, :] < ends[:, None])
+        # each row: pads then real tokens to its end (left), or real tokens then pads (right), never both
+        bad = (real != block).any(dim=1) | ((starts > 0) & (ends != width))
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"open360 remote code: attention_mask rows {rows} are neither left- nor right-padded")
+        if not bool((starts > 0).any()):
+            return self.model(input_ids)
+        logits = None
+        for b, start in enumerate(starts.tolist()):
+            if start >= width:
+                continue  # all padding: zero logits
+            row = self.model(input_ids[b : b + 1, start:])[0]
+            if logits is None:
+                logits = row.new_zeros(input_ids.shape[0], width, row.shape[-1])
+            logits[b, start:] = row
+        return self.model(input_ids) if logits is None else logits
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
         return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask")}

@@ -475,3 +475,43 @@ def test_the_checkpoints_model_is_freed_before_lm_eval_loads_its_own_copy(tiny_r
                          out_dir=str(tmp_path / "out"), mlflow=False)
     df = evaluate_run(cfg)
     assert len(loaded) == 1 and set(df[df.kind == "task"].value) == {0.5}
+
+
+def test_a_table_of_another_run_is_not_taken_for_this_ones(tmp_path):
+    """out_dir= shared by two runs: the other run's steps must not count as done (nor its rows join the curves)."""
+    from open360.analysis.evaluate import COLUMNS, previous_results, write_table
+
+    parquet = tmp_path / "eval.parquet"
+    rows = [dict(zip(COLUMNS, ["a", s, s * 10, "val", "code", "loss", 1.0, None], strict=True)) for s in (10, 20)]
+    write_table(pd.DataFrame(columns=COLUMNS), rows, parquet, EvaluateConfig(run="a", tasks=[]))
+    with pytest.raises(ValueError, match=re.escape(f"{parquet} holds the evaluation of run(s) ['a'], not 'b'")):
+        previous_results(parquet, EvaluateConfig(run="b", tasks=[]), [10])
+    assert previous_results(parquet, EvaluateConfig(run="b", tasks=[], recompute=True), [10]).empty
+    assert len(previous_results(parquet, EvaluateConfig(run="a", tasks=[]), [10])) == 2
+
+
+@pytest.mark.parametrize("text", ['{"recipe": nu', "[]"])
+def test_a_damaged_settings_file_is_named(tmp_path, text):
+    from open360.analysis.evaluate import COLUMNS, previous_results, settings_file, write_table
+
+    cfg = EvaluateConfig(run="r", tasks=[])
+    parquet = tmp_path / "eval.parquet"
+    row = dict(zip(COLUMNS, ["r", 10, 100, "val", "code", "loss", 1.0, None], strict=True))
+    write_table(pd.DataFrame(columns=COLUMNS), [row], parquet, cfg)
+    settings_file(parquet).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{settings_file(parquet)}: ")):
+        previous_results(parquet, cfg, [])
+
+
+def test_a_branch_a_crash_left_pending_is_finished_before_the_steps_are_listed(tmp_path):
+    """A resume from step 10 journaled its branch and crashed before moving step 20 aside: the listing must not
+    offer step 20 at the folder the branch is about to move it out of."""
+    from open360.checkpoint.branches import write_pending_branch
+    from open360.tracking.checkpoints import known_checkpoints
+
+    for step in (10, 20):
+        (tmp_path / "checkpoints" / "r" / f"step_{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / "r" / f"step_{step}" / "lineage.json").write_text("{}")
+    write_pending_branch(tmp_path / "recovery" / "r", 10, "from_step_10")
+    listed = known_checkpoints(tmp_path, "r")
+    assert [step for step, _ in listed] == [10] and all((path / "lineage.json").is_file() for _, path in listed)

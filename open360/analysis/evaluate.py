@@ -490,6 +490,18 @@ def settings_file(parquet: Path) -> Path:
     return parquet.with_suffix(".settings.json")
 
 
+def read_settings(file: Path) -> dict[str, Any]:
+    """The settings recorded beside eval.parquet; a damaged file is named, not a bare JSON error."""
+    redo = f"delete it and {file.name.replace('.settings.json', '.parquet')} beside it to evaluate again"
+    try:
+        settings = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not readable JSON ({err}); {redo}") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{file}: expected a JSON object of settings, got {type(settings).__name__}; {redo}")
+    return settings
+
+
 def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
                      weights: dict[int, str | None] | None = None, steps: set[int] | None = None,
                      superseded: Any = None) -> pd.DataFrame:
@@ -497,13 +509,13 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
     `recompute`, less the steps whose checkpoint now holds other weights than the rows were computed
     from (`weights`: step -> model sha256; a resumed branch replaced it), and less the steps the run no
     longer has (`steps`: its checkpoints now; a branch moved the later ones to superseded/); none when
-    `recompute` and the settings changed. Other settings without `recompute` are an error (one table must
-    not mix two evaluations, and nothing is dropped unasked)."""
+    `recompute` and the settings (or the run) changed. Other settings, or another run's rows, without
+    `recompute` are an error (one table must not mix two evaluations, and nothing is dropped unasked)."""
     if not parquet.is_file():
         return pd.DataFrame(columns=COLUMNS)
     file = settings_file(parquet)
     now = json.loads(json.dumps(eval_settings(cfg)))
-    before = {**now, **json.loads(file.read_text())} if file.is_file() else now  # older tables: what they lack, as now
+    before = {**now, **read_settings(file)} if file.is_file() else now  # older tables: what they lack, as now
     if before != now:
         if not cfg.recompute:
             differ = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}
@@ -513,6 +525,12 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
             )
         return pd.DataFrame(columns=COLUMNS)
     previous = pd.read_parquet(parquet)
+    others = sorted(set(previous["run"].astype(str)) - {cfg.run})
+    if others:  # its steps would count as done, its rows would join this run's curves and MLflow run
+        if not cfg.recompute:
+            raise ValueError(f"{parquet} holds the evaluation of run(s) {others}, not '{cfg.run}'; give this run "
+                             "its own out_dir=, or recompute=true to replace that table")
+        return pd.DataFrame(columns=COLUMNS)
     if "model_sha256" not in previous:  # a table from before the column: the weights are unknown
         previous["model_sha256"] = None
     replaced = sorted(

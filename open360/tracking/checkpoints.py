@@ -113,13 +113,13 @@ def known_checkpoints(workspace: Path, run: str, who: str = "open360") -> list[t
     from open360.checkpoint.io import list_checkpoints
 
     workspace = Path(workspace).expanduser().resolve()
-    local = list_checkpoints(run_dirs(workspace, run)[0])
-    try:
+    try:  # first: it finishes a branch a crash interrupted, which moves later checkpoints aside
         tracked = [(e.step, e.path) for e in run_checkpoints(workspace, run) if e.tracked is not None]
     except Exception as err:  # noqa: BLE001 - DVC raises more than VersioningError on a broken setup
         print(f"{who}: could not list the DVC-recorded checkpoints of {run} ({err}); using those on disk",
               file=sys.stderr)
         tracked = []
+    local = list_checkpoints(run_dirs(workspace, run)[0])
     return sorted((dict(tracked) | dict(local)).items())
 
 

@@ -248,6 +248,22 @@ def test_the_held_out_split_is_the_one_the_run_trained_with(tmp_path, capsys):
     assert f"the checkpoint trained on shards/{trained.name}" in err and "recipe=" in err and "Traceback" not in err
 
 
+def test_a_data_recipe_no_stage_trained_on_is_not_the_held_out_split(tiny_run):
+    """Custom `stages` need not include `data.recipe`: the held-out split then comes from the first stage the
+    run trained on, not from a recipe it never trained on (whose held-out rows may be another stage's)."""
+    from open360.analysis.evaluate import trained_shard_dir
+    from open360.checkpoint import read_lineage
+    from open360.checkpoint.io import read_config
+    from open360.checkpoint.lineage import data_history
+
+    step = tiny_run / "checkpoints" / RUN / "step_40"
+    lineage, cfg = read_lineage(step), read_config(step)
+    trained = trained_shard_dir(lineage, cfg, tiny_run)
+    assert trained.resolve() == (tiny_run / data_history(lineage)[0]["shard_dir"]).resolve()
+    cfg.data.recipe = "data_recipes/no_stage_trained_on_this.yaml"
+    assert trained_shard_dir(lineage, cfg, tiny_run) == trained
+
+
 def test_bad_input_exits_with_one_line(tiny_run, capsys):
     from open360.analysis.evaluate import main
 

@@ -121,13 +121,17 @@ def trained_shard_dir(lineage: dict[str, Any], full_cfg: DictConfig, workspace: 
     """The shard folder a checkpoint's held-out split comes from: with `recipe=`, that recipe's (built or
     reused); else the one the run trained on with its `data.recipe` (the lineage's entry for it: its folder,
     pulled through DVC when this machine lacks it, else rebuilt), which must be the very shards the lineage
-    records — a recipe edited since the training would give another held-out split under the run's name."""
+    records — a recipe edited since the training would give another held-out split under the run's name.
+    When `data.recipe` is none of the stages' recipes (custom `stages`), the first stage's: a recipe the run
+    never trained on could hold in its held-out split rows another stage trained on."""
     from open360.checkpoint.lineage import data_history
     from open360.data import ShardSet
 
     if recipe:
         return shard_dir_for(full_cfg, workspace, recipe)
-    entry = next((e for e in data_history(lineage) if e.get("recipe") == str(full_cfg.data.recipe)), None)
+    history = data_history(lineage)
+    entry = next((e for e in history if e.get("recipe") == str(full_cfg.data.recipe)), None)
+    entry = entry or (history[0] if history else None)
     if entry is None or not entry.get("shard_dir") or not entry.get("manifest_hash"):
         return shard_dir_for(full_cfg, workspace)  # a lineage that does not record its shards
     recorded = resolve_workspace_path(workspace, entry["shard_dir"])
@@ -135,13 +139,14 @@ def trained_shard_dir(lineage: dict[str, Any], full_cfg: DictConfig, workspace: 
         from open360.tracking import pull_shards
 
         pull_shards(recorded, workspace, full_cfg)  # a failed pull says so; the build below is checked
-    shard_dir = recorded if (recorded / "manifest.json").is_file() else shard_dir_for(full_cfg, workspace)
+    trained_recipe = str(entry.get("recipe") or full_cfg.data.recipe)
+    shard_dir = recorded if (recorded / "manifest.json").is_file() else shard_dir_for(full_cfg, workspace, trained_recipe)
     found = ShardSet.open(shard_dir).manifest_hash
     if found != entry["manifest_hash"]:
         raise ValueError(
             f"{shard_dir}: shards {found[:12]}…, but the checkpoint trained on {entry['shard_dir']} "
             f"({entry['manifest_hash'][:12]}…), which is not on this machine and not pulled; the recipe "
-            f"{full_cfg.data.recipe} changed since the training? Restore or `dvc pull` that folder, or pass "
+            f"{trained_recipe} changed since the training? Restore or `dvc pull` that folder, or pass "
             "recipe= to evaluate on another recipe's held-out split"
         )
     return shard_dir

@@ -325,6 +325,22 @@ def test_biases_megatron_cannot_express_are_refused(megatron_cpu) -> None:
 # -- refusals ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [["model.attn_bias=true"], ["model.mlp_bias=true"], ["model.lm_head_bias=true", "model.tie_embeddings=true"]],
+    ids=["attn_bias_only", "mlp_bias_only", "tied_head_bias"],
+)
+def test_models_megatron_cannot_build_are_refused_with_the_config(overrides: list[str]) -> None:
+    """Refused by the config check, before the run's folders, its MLflow run and the native model exist (the
+    engine would raise the same only after all of those, on every rank)."""
+    from open360.config import compose
+    from open360.train.validate import check_training_config
+
+    cfg = compose(["+experiment=amber_tiny", "trainer=megatron", "trainer.seq_len=128", *overrides])
+    with pytest.raises(ValueError, match="add_bias_linear|lm_head_bias with tie_embeddings"):
+        check_training_config(cfg)
+
+
 def test_megatron_on_cpu_and_tensor_parallel_on_native_are_refused() -> None:
     from open360.config import compose
     from open360.train.pipeline import run_training

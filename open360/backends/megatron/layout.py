@@ -244,13 +244,31 @@ def merge_shards(shards: Mapping[tuple[int, int], Mapping[str, Tensor]], cfg: Mo
     return out
 
 
+def check_expressible(cfg: ModelConfig) -> None:
+    """ValueError for a model config that megatron-core's GPTModel (with open360's spec) cannot build."""
+    if cfg.mlp_bias and not cfg.attn_bias:
+        raise ValueError(
+            f"model config '{cfg.name}': megatron-core puts biases on all of proj/fc1/fc2 together "
+            f"(add_bias_linear); mlp_bias={cfg.mlp_bias} with attn_bias={cfg.attn_bias} is not expressible"
+        )
+    if cfg.attn_bias and not cfg.mlp_bias:
+        raise ValueError(
+            f"model config '{cfg.name}': attn_bias=true with mlp_bias=false puts a bias on the attention output "
+            "projection only, which megatron-core's add_bias_linear cannot express"
+        )
+    if cfg.lm_head_bias and cfg.tie_embeddings:
+        raise ValueError(
+            f"model config '{cfg.name}': lm_head_bias with tie_embeddings is not supported on megatron"
+        )
+
+
 def layout_for_run(cfg: Any, world_size: int, global_batch_size: int, micro_batch_size: int) -> ParallelLayout:
     """The run's parallel layout, validated against the model, the process count and the batch geometry
-    (a mismatch names the setting before any model is built)."""
+    (a mismatch, or a model megatron-core cannot express, names the setting before any model is built)."""
     from open360.models.decoder import as_model_config
 
-    layout = ParallelLayout.for_run(
-        as_model_config(cfg.model), int(cfg.trainer.tensor_parallel), int(cfg.trainer.pipeline_parallel), world_size
-    )
+    model = as_model_config(cfg.model)
+    check_expressible(model)
+    layout = ParallelLayout.for_run(model, int(cfg.trainer.tensor_parallel), int(cfg.trainer.pipeline_parallel), world_size)
     layout.microbatches(global_batch_size, micro_batch_size)
     return layout

@@ -20,6 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
+from open360.backends.megatron.layout import check_expressible
 from open360.config.schema import ModelConfig
 from open360.models.decoder import width_mult
 
@@ -130,16 +131,7 @@ def layer_spec(cfg: ModelConfig, attention: str = "sdpa") -> ModuleSpec:
 
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, bf16: bool) -> TransformerConfig:
     """The TransformerConfig of an open360 model config; raises ValueError for what megatron cannot express."""
-    if cfg.mlp_bias != cfg.attn_bias and cfg.mlp_bias:
-        raise ValueError(
-            f"model config '{cfg.name}': megatron-core puts biases on all of proj/fc1/fc2 together "
-            f"(add_bias_linear); mlp_bias={cfg.mlp_bias} with attn_bias={cfg.attn_bias} is not expressible"
-        )
-    if cfg.attn_bias and not cfg.mlp_bias:
-        raise ValueError(
-            f"model config '{cfg.name}': attn_bias=true with mlp_bias=false puts a bias on the attention output "
-            "projection only, which megatron-core's add_bias_linear cannot express"
-        )
+    check_expressible(cfg)
     mup_by_d = cfg.mup.enabled and cfg.mup.attn_scale_by_d
     head_dim = cfg.d_model // cfg.n_heads
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -210,6 +202,7 @@ def build_gpt_model(
     cfg: ModelConfig, config: TransformerConfig, pre_process: bool, post_process: bool, attention: str = "sdpa"
 ) -> GPTModel:
     """GPTModel of `cfg` for this pipeline stage, with phi's output bias and muP's multipliers."""
+    check_expressible(cfg)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(cfg, attention),
@@ -224,8 +217,6 @@ def build_gpt_model(
         seq_len_interpolation_factor=cfg.rope_interpolation_factor if cfg.rope_interpolation_factor != 1.0 else None,
     )
     if post_process and cfg.lm_head_bias:
-        if cfg.tie_embeddings:
-            raise ValueError(f"model config '{cfg.name}': lm_head_bias with tie_embeddings is not supported on megatron")
         model.output_layer = ColumnParallelLinear(
             cfg.d_model,
             cfg.vocab_size,

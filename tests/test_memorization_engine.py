@@ -542,6 +542,52 @@ def test_sampled_tokens_are_kept_in_the_jobs_folder_for_other_ranks_and_reruns(t
     assert load_sample(kept, np.arange(20), 12) is None  # other rows: not these tokens
 
 
+def test_a_kept_sample_damaged_anywhere_is_read_again_not_a_crash(tmp_path: Path, capsys) -> None:
+    """A damaged zip header can name a compression method, flag or version zipfile does not handle
+    (NotImplementedError, RuntimeError), and another writer's file can be no zip at all: each is read from
+    the shards again, as a bad CRC is, not the end of the job."""
+    from open360.analysis.memorization.sample_cache import load_sample, save_sample
+
+    rows, tokens = np.arange(20, dtype=np.int64), np.arange(240, dtype=np.int32).reshape(20, 12)
+    path = tmp_path / "chunk_00000.npz"
+    save_sample(path, rows, tokens)
+    good = path.read_bytes()
+    central = good.index(b"PK\x01\x02")  # the first member's central directory entry
+    for offset, value in ((central + 10, 99), (central + 8, 0x41), (central + 6, 0xFF)):  # method, flags, version
+        blob = bytearray(good)
+        blob[offset] = value
+        path.write_bytes(bytes(blob))
+        assert load_sample(path, rows, 12) is None, offset
+    with path.open("wb") as f:  # a plain .npy under the name
+        np.save(f, tokens)
+    assert load_sample(path, rows, 12) is None
+    assert capsys.readouterr().err.count("unreadable") == 4
+    path.write_bytes(good)
+    assert np.array_equal(load_sample(path, rows, 12), tokens)
+
+
+def test_keeping_a_sample_touches_no_other_writers_temp_file_and_a_failure_only_warns(
+    tmp_path: Path, capsys
+) -> None:
+    """Ranks on other hosts (a shared filesystem; containers number their processes alike) can write the same
+    chunk's file with the same pid: one's temp file must not be truncated and renamed by another. A folder
+    that cannot be made (nor its temp file removed) leaves the tokens unkept, with a warning, not a crash."""
+    import os
+
+    from open360.analysis.memorization.sample_cache import load_sample, save_sample
+
+    rows, tokens = np.arange(20, dtype=np.int64), np.arange(240, dtype=np.int32).reshape(20, 12)
+    path = tmp_path / "chunk_00000.npz"
+    other = path.with_name(f".tmp-{path.name}-{os.getpid()}")  # another host's writer, halfway through
+    other.write_bytes(b"PK\x03\x04half")
+    save_sample(path, rows, tokens)
+    assert other.read_bytes() == b"PK\x03\x04half"
+    assert np.array_equal(load_sample(path, rows, 12), tokens)
+    (tmp_path / "file").write_text("")
+    save_sample(tmp_path / "file" / "samples" / path.name, rows, tokens)
+    assert "could not keep the sampled tokens" in capsys.readouterr().err
+
+
 def test_seen_flags_past_a_first_epoch_cost_no_pass_over_every_id(monkeypatch) -> None:
     """Past its first epoch a run's seen ids are kept as one sorted array of most of its sequences (phi-1.5
     trains ~5 epochs): a cell's seen flags and seen rows are binary searches in it, not np.isin / np.unique over

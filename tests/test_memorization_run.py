@@ -416,6 +416,27 @@ def test_torchrun_splits_cells_across_ranks(trained_run: tuple[Path, str], tmp_p
     assert (tmp_path / "dist" / "report.md").is_file() and (tmp_path / "dist" / "summary.parquet").is_file()
 
 
+def test_torchrun_with_max_cells_reads_the_samples_of_the_scored_chunks_only(
+    trained_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """max_cells bounds a smoke test or a time slice: its ranks read the sampled tokens of the chunks they
+    score, not those of every pending cell (360 chunks of ~6 GB decoded each at LLM360 size)."""
+    import subprocess
+    import sys
+
+    root, _ = trained_run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29618",
+           "-m", "open360.analysis.memorization",
+           *_job(root, "checkpoints=20", "chunks=0-3", "sample=8", "device=cpu", "max_cells=1", "report=false"),
+           f"out_dir={tmp_path}"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = sorted(p.name.split("-chunk_")[1].split(".")[0] for p in (tmp_path / "cells").glob("*.parquet"))
+    assert scored == ["00000", "00001"]  # one cell per rank
+    assert sorted(p.stem.removeprefix("chunk_") for p in tmp_path.glob("samples-*/chunk_*.npz")) == scored
+
+
 def test_seen_selection_scores_only_what_the_checkpoint_trained_on(
     trained_run: tuple[Path, str], tmp_path: Path
 ) -> None:

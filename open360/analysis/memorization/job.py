@@ -266,7 +266,9 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     pending = [cell for cell in cells if cell not in done_set]
     if world > 1:  # the split below needs the same `pending` on every rank: no cell is written before this
         if job.selection == "sample":  # every rank scores every chunk of its checkpoints: each reads a share
-            data.prefetch_samples(sorted({c for _, c in pending})[rank::world])
+            # of the chunks some rank scores (max_cells: a smoke test or time slice reads no other chunk)
+            scored = {c for r in range(world) for _, c in _assign(pending, r, world)[: job.max_cells or None]}
+            data.prefetch_samples(sorted(scored)[rank::world])
         torch.distributed.barrier()
     mine = _assign(pending, rank, world)
     shared_steps = {s for s, _ in pending} - _whole_steps(pending, set(mine))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from open360.paths import fsync_file
+from open360.paths import fsync_file, temp_sibling
 
 
 def sample_file(samples_dir: Path, chunk: int) -> Path:
@@ -25,7 +25,7 @@ def load_sample(path: Path, rows: np.ndarray, width: int) -> np.ndarray | None:
     try:
         with np.load(path, allow_pickle=False) as kept:
             kept_rows, tokens = kept["rows"], kept["tokens"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except Exception as err:  # any damage (a bad CRC, a zip header naming an unsupported method): not trusted
         print(f"open360.memorization: warning: {path}: unreadable ({err}); reading the shards again",
               file=sys.stderr)
         return None
@@ -35,9 +35,10 @@ def load_sample(path: Path, rows: np.ndarray, width: int) -> np.ndarray | None:
 
 
 def save_sample(path: Path, rows: np.ndarray, tokens: np.ndarray) -> None:
-    """Keep `rows` and their `tokens` at `path` (temp file, fsync, rename: a reader sees all or nothing).
-    A failure (disk full) only warns: the job scores from the shards as before."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    """Keep `rows` and their `tokens` at `path` (temp file, fsync, rename: a reader sees all or nothing; the
+    temp name is no other writer's, ranks of other hosts included). A failure (disk full) only warns: the job
+    scores from the shards as before."""
+    tmp = temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -45,6 +46,7 @@ def save_sample(path: Path, rows: np.ndarray, tokens: np.ndarray) -> None:
         fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no folder, a read-only filesystem: unlink fails too
+            tmp.unlink(missing_ok=True)
         print(f"open360.memorization: warning: {path}: could not keep the sampled tokens ({err}); they are "
               "read from the shards again next time", file=sys.stderr)

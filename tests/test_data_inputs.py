@@ -508,6 +508,8 @@ def _write_named(tmp: Path, name: str, text: str) -> Path:
         ("seed: 9223372036854775808", "seed"),  # 2**63: the seed is hashed as a signed 64-bit integer
         ("doc_batch_size: 0", "doc_batch_size"),
         ("validation: {fraction: 0.0, max_sequences: -5}", "validation.max_sequences"),
+        ("filters: {classifier: {num_features: 0}}", "filters.classifier.num_features"),  # was a ZeroDivisionError
+        ("filters: {classifier: {iterations: 0}}", "filters.classifier.iterations"),  # was an untrained model
     ],
 )
 def test_out_of_range_recipe_values_name_their_key(tmp_path: Path, edit: str, key: str) -> None:
@@ -516,6 +518,41 @@ def test_out_of_range_recipe_values_name_their_key(tmp_path: Path, edit: str, ke
         text = text.replace("validation: {fraction: 0.0, max_sequences: 0}\n", "")
     with pytest.raises(RecipeError, match=rf"key '{key}'"):
         load_recipe(_write(tmp_path, text + edit + "\n"))
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "key", "message"),
+    [
+        # a tokenizer file or hub name under another kind was ignored: the build trained a new BPE instead
+        ("{path: my/tokenizer.json}", "tokenizer.path", "only kind file reads a tokenizer file, and kind is 'train'"),
+        ("{kind: hub, name: org/tok, path: t.json}", "tokenizer.path", "only kind file reads a tokenizer file"),
+        ("{name: LLM360/Amber}", "tokenizer.name", "only kind hub loads a hub tokenizer, and kind is 'train'"),
+        ("{kind: file, path: t.json, name: org/tok}", "tokenizer.name", "only kind hub loads a hub tokenizer"),
+        ("{eos_token: ''}", "tokenizer.eos_token", "must be a non-empty token"),
+        ("{train_max_chars: 0}", "tokenizer.train_max_chars", "must be >= 1"),  # was a BPE trained on nothing
+    ],
+)
+def test_tokenizer_keys_its_kind_would_ignore_are_errors(tmp_path: Path, tokenizer: str, key: str, message: str) -> None:
+    text = _recipe(tmp_path, _src("web", tmp_path / "x.jsonl")).read_text()
+    text = text.replace("tokenizer: {kind: train, vocab_size: 300, train_max_chars: 200000}", f"tokenizer: {tokenizer}")
+    with pytest.raises(RecipeError, match=rf"key '{key}': {message}"):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_weights_of_the_wrong_shape_name_their_key(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, _src("web", tmp_path / "x.jsonl"), "weights: [0.5]\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: key 'weights': a mapping of source name to weight .* not \[0\.5\]"):
+        load_recipe(recipe)
+
+
+def test_a_file_named_with_glob_characters_is_read(tmp_path: Path) -> None:
+    f = tmp_path / "part[1].jsonl"  # "[1]" as a glob matches "part1.jsonl" only: the file itself was "not found"
+    f.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(40)))
+    out = build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "shards")
+    assert ShardSet.open(out).manifest["sources"]["web"]["docs_read"] == 40
+    (out / "manifest.json").write_text("[]")  # valid JSON, not a manifest: named, not an AttributeError
+    with pytest.raises(ShardError, match=r"manifest\.json: holds a JSON list, not a shard manifest; remove"):
+        build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "shards")
 
 
 def test_bad_sources_are_named(tmp_path: Path) -> None:

@@ -363,9 +363,14 @@ def _existing_manifest(out: Path) -> dict[str, Any] | None:
     if not mpath.is_file():
         return None
     try:
-        return json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ShardError(f"{mpath}: not valid JSON ({err}); remove {out} to rebuild it") from err
+    if not isinstance(manifest, dict):
+        raise ShardError(
+            f"{mpath}: holds a JSON {type(manifest).__name__}, not a shard manifest; remove {out} to rebuild it"
+        )
+    return manifest
 
 
 def _reusable(recipe: RecipeSpec, root: Path, out: Path, manifest: dict[str, Any]) -> bool:

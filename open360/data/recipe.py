@@ -270,11 +270,23 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
         f"{where}: key 'tokenizer.kind'",
         f"'{tok.kind}' not in {TOKENIZER_KINDS}",
     )
+    _check(bool(tok.eos_token), f"{where}: key 'tokenizer.eos_token'", "must be a non-empty token")
     if tok.kind == "file":
         _check(bool(tok.path), f"{where}: key 'tokenizer.path'", "kind file needs a path to tokenizer.json")
+    else:  # a path or a name that another kind would ignore: an error, not shards of another tokenizer
+        _check(
+            tok.path is None,
+            f"{where}: key 'tokenizer.path'",
+            f"only kind file reads a tokenizer file, and kind is '{tok.kind}'; set 'kind: file' or remove 'path'",
+        )
     if tok.kind == "hub":
         _check(bool(tok.name), f"{where}: key 'tokenizer.name'", "kind hub needs a hub repository name")
     else:
+        _check(
+            tok.name is None,
+            f"{where}: key 'tokenizer.name'",
+            f"only kind hub loads a hub tokenizer, and kind is '{tok.kind}'; set 'kind: hub' or remove 'name'",
+        )
         _check(tok.revision is None, f"{where}: key 'tokenizer.revision'", "only kind hub has a revision")
     if tok.kind == "train":
         _check(
@@ -282,6 +294,7 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
             f"{where}: key 'tokenizer.vocab_size'",
             "must be >= 260 (256 bytes + specials)",
         )
+        _check(tok.train_max_chars >= 1, f"{where}: key 'tokenizer.train_max_chars'", "must be >= 1")
     for src in tok.train_sources:
         _check(
             src in names,
@@ -301,6 +314,8 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
             f"{where}: key 'filters.classifier'",
             "enabled needs 'labels' or 'scorer'",
         )
+    _check(clf.num_features >= 1, f"{where}: key 'filters.classifier.num_features'", "must be >= 1")
+    _check(clf.iterations >= 1, f"{where}: key 'filters.classifier.iterations'", "must be >= 1")
     nd = recipe.filters.near_dedup
     _check(0 < nd.threshold <= 1, f"{where}: key 'filters.near_dedup.threshold'", "must lie in (0, 1]")
     _check(nd.num_perm >= 2, f"{where}: key 'filters.near_dedup.num_perm'", "must be >= 2")
@@ -381,6 +396,11 @@ def load_recipe(path: str | Path, seed: int | None = None) -> RecipeSpec:
         raise RecipeError(f"{p}: a recipe is a mapping of keys (name, sources, tokenizer, ...), not a "
                           f"{type(raw).__name__}")
     _check_sections(RecipeSpec, raw, str(p))
+    weights = raw.get("weights")
+    if weights is not None and not OmegaConf.is_dict(weights):
+        raise RecipeError(
+            f"{p}: key 'weights': a mapping of source name to weight (`weights: {{web: 0.7}}`), not {weights!r}"
+        )
     sources = raw.get("sources")
     if sources is not None and not OmegaConf.is_list(sources):
         raise RecipeError(

@@ -48,10 +48,12 @@ def resolve_files(source: SourceSpec) -> list[Path]:
     base = resolve_repo_path(source.path)
     if base.is_dir():
         files = visible_files(base)
+    elif base.is_file():  # that file, also when its name holds glob characters ("data[1].jsonl")
+        files = [base]
     elif any(c in source.path for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(base), recursive=True) if Path(p).is_file())
     else:
-        files = [base] if base.is_file() else []
+        files = []
     if not files:
         raise SourceError(
             f"source '{source.name}': no file at path '{source.path}' (resolved to {base}); "

@@ -315,7 +315,8 @@ def test_hf_source_path_on_local_files_and_tokenizer_from_file(tmp_path: Path) -
             f"tokenizer: {{kind: file, path: '{first.tokenizer_path}'}}",
         )
     )
-    second = ShardSet.open(build_shards(p, tmp_path / "s2"))
+    second_dir = Path(build_shards(p, tmp_path / "s2"))
+    second = ShardSet.open(second_dir)
     assert second.tokenizer_hash == first.tokenizer_hash
     assert np.array_equal(
         second.sequences(np.arange(second.num_sequences)), first.sequences(np.arange(first.num_sequences))
@@ -327,6 +328,12 @@ def test_hf_source_path_on_local_files_and_tokenizer_from_file(tmp_path: Path) -
     first.tokenizer_path.write_bytes(other.tokenizer_path.read_bytes())  # the recipe's tokenizer file changes
     with pytest.raises(ShardError, match="tokenizer.path .* now gives .* remove .* to rebuild"):
         build_shards(p, tmp_path / "s2")
+    edited = json.loads((second_dir / "manifest.json").read_text())
+    del edited["tokenizer"]  # a hand-edited manifest: rebuilt (as any edited manifest), not a KeyError
+    (second_dir / "manifest.json").write_text(json.dumps(edited))
+    with pytest.warns(UserWarning, match="rebuilding"):
+        rebuilt = ShardSet.open(build_shards(p, tmp_path / "s2"))
+    assert rebuilt.tokenizer_hash == other.tokenizer_hash
 
 
 def _build_in_process(args: tuple[str, str]) -> str:

@@ -378,11 +378,13 @@ def _reusable(recipe: RecipeSpec, root: Path, out: Path, manifest: dict[str, Any
     it lists is missing or damaged, so that the build writes it again. A tokenizer file (`kind: file`)
     changed since the build is an error: the recipe would no longer give these shards. An edited manifest
     (its manifest_hash no longer matches) is rebuilt too: every reader would refuse it."""
-    if recipe.tokenizer.kind == "file":
+    built_with = manifest.get("tokenizer")
+    built_with = built_with.get("sha256") if isinstance(built_with, dict) else None  # edited: check_manifest says
+    if recipe.tokenizer.kind == "file" and built_with is not None:
         now = tokenizer_bytes_hash(obtain_tokenizer(recipe, root / ".tokenizers"))
-        if now != manifest["tokenizer"]["sha256"]:
+        if now != built_with:
             raise ShardError(
-                f"{out}: built with tokenizer {manifest['tokenizer']['sha256'][:12]}, but "
+                f"{out}: built with tokenizer {built_with[:12]}, but "
                 f"tokenizer.path ({recipe.tokenizer.path}) now gives {now[:12]}; restore the file, or "
                 f"remove {out} to rebuild the shards with the new tokenizer"
             )

@@ -57,6 +57,27 @@ def test_logits_match_transformers(case: str, tmp_path: Path) -> None:
     assert delta < 1e-4, f"{case}: max |Δlogits| = {delta}"
 
 
+@pytest.mark.parametrize("name", ["amber_tiny", "crystalcoder_tiny"])
+def test_weights_past_max_shard_size_are_sharded_as_transformers_shards_them(name: str, tmp_path: Path) -> None:
+    """A 7B export is 27 GB of fp32 weights: split into shards with an index (transformers' layout), which
+    transformers, the open360 remote code and import_hf all load to the same logits."""
+    cfg = model_cfg(name)
+    model = randomized(cfg, seed=3)
+    out = export_hf(model, cfg, None, tmp_path / "hf", max_shard_size="500KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    back, _ = import_hf(out)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
+        assert torch.equal(back(ids), model(ids))
+    single = export_hf(model, cfg, None, tmp_path / "one")  # the default (5GB): one file, as before
+    assert sorted(p.name for p in single.glob("model*.safetensors*")) == ["model.safetensors"]
+
+
 def test_import_folder_written_by_transformers(tmp_path: Path) -> None:
     """A Llama built and saved by transformers itself (not our exporter) imports with identical logits."""
     torch.manual_seed(0)

@@ -258,9 +258,12 @@ def export_hf(
     tokenizer_file: Path | None,
     out_dir: Path | str,
     eos_token: str | None = None,
+    max_shard_size: int | str = "5GB",
 ) -> Path:
     """Write config.json + model.safetensors (+ tokenizer) to out_dir (new or empty; filled all at once, by a
     rename); return out_dir. `model_cfg` must be the config the model was built with (its name aside).
+    Weights larger than `max_shard_size` are split as transformers splits them (huggingface_hub's
+    `split_torch_state_dict_into_shards`: model-0000i-of-0000n.safetensors + model.safetensors.index.json).
 
     Amber-like configs become `LlamaForCausalLM`, phi-like ones `PhiForCausalLM` (both load with
     `AutoModelForCausalLM.from_pretrained(out_dir)` unmodified). Anything else (CrystalCoder: muP,
@@ -281,7 +284,7 @@ def export_hf(
     partial = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
     partial.mkdir()
     try:  # written beside out_dir and renamed into place: out_dir never holds half an export
-        _write_export(model, cfg, tokenizer_file, partial, eos_token)
+        _write_export(model, cfg, tokenizer_file, partial, eos_token, max_shard_size)
         if dest.exists():
             dest.rmdir()
         partial.rename(dest)
@@ -313,7 +316,12 @@ def _architecture(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _write_export(
-    model: Decoder, cfg: ModelConfig, tokenizer_file: Path | None, out_dir: Path, eos_token: str | None = None
+    model: Decoder,
+    cfg: ModelConfig,
+    tokenizer_file: Path | None,
+    out_dir: Path,
+    eos_token: str | None = None,
+    max_shard_size: int | str = "5GB",
 ) -> None:
     """Write the export's files into the (empty) folder out_dir."""
     arch = hf_architecture(cfg)
@@ -354,11 +362,23 @@ def _write_export(
             parts = src.split(split, dim=0) if split else [src]
             tensors.update({name: part.contiguous() for name, part in zip(hf_names, parts, strict=True)})
         config = _hf_config(cfg, arch, dtype, special_ids)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(tensors, out_dir, max_shard_size)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {k: v for k, v in special_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if arch != "open360":
         (out_dir / "generation_config.json").write_text(json.dumps({"do_sample": False, **generation}, indent=2) + "\n")
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str) -> None:
+    """model.safetensors, or shards of at most `max_shard_size` and their index (27 GB of fp32 weights at 7B)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, str(out_dir / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:

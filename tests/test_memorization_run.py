@@ -804,6 +804,23 @@ def test_stale_cells_left_by_max_cells_are_not_complete_nor_merged(trained_run: 
     assert len(tokens.computed) == 3 and tokens.complete
 
 
+def test_a_summary_of_other_cells_never_sits_beside_an_older_report(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    """A job that renders no report (report=false, or an incomplete matrix) but merges other cells removes
+    the report, figures and progress.csv an earlier job rendered from other cells; the same cells keep it."""
+    import pandas as pd
+
+    root, _ = trained_run
+    args = _job(root, "checkpoints=20", "chunks=0-1", "sample=2", f"out_dir={tmp_path}")
+    assert run_job(parse_args(args)).report is not None
+    rendered = {p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".png", ".csv")}
+    assert {"report.md", "progress.csv", "chunk_heatmap.png"} <= rendered
+    run_job(parse_args([*args, "report=false"]))  # the same cells: the report still describes them
+    assert {p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".png", ".csv")} == rendered
+    run_job(parse_args([*args, "chunks=0", "report=false"]))
+    assert len(pd.read_parquet(tmp_path / "summary.parquet")) == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".png", ".csv")]
+
+
 def test_released_checkpoints_still_log_the_report_to_their_run(
     trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,8 +84,29 @@ def merge_cells(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> Pa
         tmp.unlink(missing_ok=True)
         raise
     summary = pd.DataFrame(rows).sort_values(["step", "chunk"]).reset_index(drop=True)
+    if not _same_scores(out_dir / SUMMARY_FILE, summary):  # the report there describes other cells
+        for name in REPORT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
     _atomic_parquet(summary, out_dir / SUMMARY_FILE)
     return out_dir / SUMMARY_FILE
+
+
+# Rendered from summary.parquet and scores.parquet: a merge of other cells or scores removes them (a job that
+# renders no report - report=false, or an incomplete matrix - must not leave another matrix's report beside
+# its summary).
+REPORT_FILES = (*FIGURES.values(), "progress.csv", "report.md")
+SUMMARY_KEYS = ["step", "chunk", "n", "token_match", "full_match", "seen_fraction", "tokens_seen"]
+
+
+def _same_scores(path: Path, summary: Any) -> bool:
+    """Whether the summary at `path` holds the same cells and numbers as `summary`."""
+    import pandas as pd
+
+    try:
+        before = pd.read_parquet(path, columns=SUMMARY_KEYS)
+    except Exception:  # absent, damaged or of an older layout: what the report shows is unknown
+        return False
+    return before.equals(summary[SUMMARY_KEYS])
 
 
 def _atomic_parquet(df: Any, path: Path) -> None:

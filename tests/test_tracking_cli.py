@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import dvc.repo  # noqa: F401 - binds DVC's log handlers to pytest's session streams, not a test's capsys
@@ -397,3 +398,70 @@ def test_pull_over_a_modified_file_says_which_and_to_pass_force(tmp_path: Path, 
     assert weights.read_bytes() != good  # left as it was
     assert pull_main(["r", "1", "--workspace", str(ws), "--force"]) == 0
     assert weights.read_bytes() == good
+
+
+def test_pull_keeps_files_a_checkpoint_folder_holds_beyond_its_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ws = init_workspace(tmp_path / "ws")
+    store = DvcWorkspace(ws)
+    path = write_checkpoint(ws, "r", 1)
+    store.add(path)
+    store.push([path])
+    (path / "model.safetensors").unlink()  # the pull has something to restore
+    notes = path / "evals" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("my evaluation")
+    for force in ([], ["--force"]):
+        capsys.readouterr()
+        assert pull_main(["r", "1", "--workspace", str(ws), *force]) == 1
+        err = capsys.readouterr().err
+        assert f"['{notes}'] not in its .dvc record" in err and "move them out" in err and "--force" not in err
+        assert notes.read_text() == "my evaluation" and not (path / "model.safetensors").exists()
+    shutil.move(notes.parent, tmp_path / "evals")
+    assert pull_main(["r", "1", "--workspace", str(ws)]) == 0
+    assert (path / "model.safetensors").is_file()
+
+
+def test_list_says_where_tokens_and_loss_of_steps_not_on_disk_were_not_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ws = init_workspace(tmp_path / "ws")
+    store = DvcWorkspace(ws)
+    path = write_checkpoint(ws, "r", 1)
+    store.add(path)
+    shutil.rmtree(path)  # known only to checkpoints.dvc: its tokens and loss can come from MLflow alone
+    capsys.readouterr()
+    assert list_main(["r", "--workspace", str(ws)]) == 0
+    assert f"no MLflow store in {ws} (mlflow.db)" in capsys.readouterr().err
+    typo = tmp_path / "mlfow.db"
+    assert list_main(["r", "--workspace", str(ws), "--mlflow-uri", f"sqlite:///{typo}"]) == 0
+    out, err = capsys.readouterr()
+    assert f"no such file {typo}; pass --mlflow-uri" in err and len(out.splitlines()) == 2
+    assert not typo.exists()  # reading a mistyped store does not create one
+
+
+def test_ckpt_push_sends_recorded_checkpoints_whose_folders_are_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tests.test_tracking_dvc import clone
+
+    ws = init_workspace(tmp_path / "ws")
+    store = DvcWorkspace(ws)
+    kept, gone = write_checkpoint(ws, "r", 1), write_checkpoint(ws, "r", 2)
+    store.add(kept)
+    store.add(gone)  # the push failed (remote down)
+    shutil.rmtree(gone)  # deleted from the run folder; DVC's cache still holds it
+    capsys.readouterr()
+    assert push_main(["r", "--workspace", str(ws)]) == 0
+    assert "pushed ['checkpoints/r/step_2'] from DVC's cache" in capsys.readouterr().out
+    assert store.missing_on_remote([store.tracked(gone)]) == {"checkpoints/r/step_2": 0}
+    subprocess.run(["git", "-C", str(ws), "commit", "-qam", "r"], check=True)
+    assert pull_main(["r", "2", "--workspace", str(clone(ws, tmp_path / "clone"))]) == 0
+
+    own = set(store.tracked(gone).file_md5.values()) - set(store.tracked(kept).file_md5.values())
+    for md5 in own:  # in neither place now: the push says so, and fails
+        for root in (ws / ".dvc" / "cache", ws / ".dvc-storage"):
+            (root / "files" / "md5" / md5[:2] / md5[2:]).unlink()
+    assert push_main(["r", "--workspace", str(ws)]) == 1
+    assert "the run's checkpoints not on disk ['checkpoints/r/step_2'] lack 4 file(s)" in capsys.readouterr().err

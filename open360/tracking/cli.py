@@ -52,20 +52,27 @@ def _mlflow_metrics(workspace: Path, run: str, uri: str | None) -> dict[str, dic
     """key -> {step: value} of the listing's metrics only (the full history of every metric is ~2.5M rows at
     AMBER's step count: minutes to read)."""
     from open360.tracking import mlflow_records as mr
+    from open360.tracking.params import mask_value
 
     resolved = mr.workspace_uri(workspace, uri)
     if resolved is None:
+        print(f"open360 ckpt list: no MLflow store in {workspace} (mlflow.db); tokens/loss of steps not on disk "
+              "are unknown: pass --mlflow-uri naming the run's store", file=sys.stderr)
         return {}
 
-    def read(client: Any) -> dict[str, dict[int, float]]:
+    def read(client: Any) -> dict[str, dict[int, float]] | None:
         run_id = mr.find_run_id(client, run)
-        return mr.metric_history(client, run_id, LIST_METRICS) if run_id else {}
+        return mr.metric_history(client, run_id, LIST_METRICS) if run_id else None
 
     try:
-        return mr.read_store(resolved, read)
+        metrics = mr.read_store(resolved, read)
     except mr.StoreUnreadable as err:  # the listing needs MLflow only for steps not on disk
         print(f"open360 ckpt list: {err}; tokens/loss shown from trainer_state.json only", file=sys.stderr)
         return {}
+    if metrics is None:
+        print(f"open360 ckpt list: no MLflow run named {run!r} in {mask_value(resolved)}; tokens/loss shown from "
+              "trainer_state.json only", file=sys.stderr)
+    return metrics or {}
 
 
 def list_main(argv: Sequence[str]) -> int:
@@ -181,27 +188,40 @@ def push_main(argv: Sequence[str]) -> int:
         added = push_pending(store, run_dir)
         lineages = _local_lineages(run_dir)
         shards = _recorded_shard_dirs(store, lineages)
+        # recorded in checkpoints.dvc but not on disk (a folder deleted after a failed push): in DVC's cache
+        gone = [(e.path, e.tracked) for e in run_checkpoints(workspace, args.run, store) if e.tracked and not e.local]
     except VersioningError as err:
         return _fail("open360 ckpt push", err)
-    shard_error = ""
+    print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added} and pushed them")
+    errors = []
     try:  # a run start whose shard push failed (remote down) only warned; DVC pushes them from its cache
         store.push([folder for folder, _ in shards])
     except VersioningError as err:
-        shard_error = f" ({err})"
+        errors.append(str(err))
     try:
-        missing = store.missing_on_remote([tracked for _, tracked in shards]) if shards else {}
+        store.push_recorded([tracked for _, tracked in gone])
     except VersioningError as err:
-        return _fail("open360 ckpt push", f"checkpoints pushed, but the shards could not be checked: {err}")
+        errors.append(str(err))
+    cache_error = f" ({'; '.join(errors)})" if errors else ""
+    try:
+        missing = store.missing_on_remote([tracked for _, tracked in gone + shards]) if gone + shards else {}
+    except VersioningError as err:
+        return _fail("open360 ckpt push", f"checkpoints pushed, but the remote could not be checked: {err}")
     names = [tracked.path for _, tracked in shards]
-    print(f"added {len(added)} checkpoint(s) to checkpoints.dvc {added} and pushed them")
     incomplete = {path: n for path, n in missing.items() if n}
     if incomplete:
+        lacking = [f"{what} {found}" for what, found in (
+            ("the run's checkpoints not on disk", sorted(p for p in incomplete if p not in names)),
+            ("the run's shard folders", sorted(p for p in incomplete if p in names)),
+        ) if found]
         return _fail(
             "open360 ckpt push",
-            f"the run's shard folders {sorted(incomplete)} lack {sum(incomplete.values())} file(s) on the remote, "
-            f"which neither the folders nor this workspace's DVC cache hold{shard_error}; push them from the "
-            "workspace that built them (`dvc push shards/<folder>`)",
+            f"{' and '.join(lacking)} lack {sum(incomplete.values())} file(s) on the remote, which neither the "
+            f"folders nor this workspace's DVC cache hold{cache_error}; push them from the workspace that wrote "
+            "them (`dvc push <folder>`)",
         )
+    if gone:
+        print(f"pushed {[tracked.path for _, tracked in gone]} from DVC's cache (their folders are not on disk)")
     print(f"pushed the shards {names}; remote up to date")
     marked = _mark_pushed(workspace, lineages, {n: d.md5 for n, d in store.tracked_children(run_dir).items()})
     if marked:

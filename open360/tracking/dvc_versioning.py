@@ -371,6 +371,25 @@ class DvcWorkspace:
             or 0
         )
 
+    def push_recorded(self, dirs: Sequence[TrackedDir]) -> None:
+        """Send the files of recorded folders from DVC's cache to the remote, on disk or not (`dvc push <folder>`
+        sends nothing for a folder deleted after a failed push), and the tree object of the .dvc file recording
+        them; what the cache lacks is left for `missing_on_remote` to report."""
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.transfer import transfer
+
+        def run(repo: Any) -> None:
+            cache, remote = repo.cache.local, repo.cloud.get_remote_odb(self.remote, "push")
+            oids = {md5 for d in dirs for md5 in d.file_md5.values() if cache.exists(md5)}
+            transfer(cache, remote, {HashInfo("md5", oid) for oid in oids})
+            for oid in {out.hash_info.value for d in dirs for out in repo.find_outs_by_path(
+                    str(self.workspace / d.path), strict=False) if out.hash_info}:
+                if cache.exists(oid) and not list(remote.oids_exist([oid])):
+                    remote.add(cache.oid_to_path(oid), cache.fs, oid)
+
+        if dirs:
+            self._retry_locked(run, "pushing", self.workspace / dirs[0].path)
+
     def pull_files(self, files: Sequence[Path]) -> None:
         """Fetch single files of a tracked folder (a shard folder's manifest and tokenizer, not its shards) by
         DVC's own granular pull, after the tree that records them is checked (`_tree`)."""
@@ -407,6 +426,17 @@ class DvcWorkspace:
 
         with lock_repo(repo):
             tracked = self._tracked_dir(repo, rel)
+            # DVC's checkout deletes the files a folder holds beyond its record (with force; without, it asks
+            # to "replace" them): not a damaged copy of a recorded file, someone's work — named, kept, refused
+            folder = self.workspace / rel
+            extra = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix()
+                           not in tracked.file_md5) if folder.is_dir() else []
+            if extra:
+                raise VersioningError(
+                    f"pulling {folder}: {[str(p) for p in extra]} not in its .dvc record (added after versioning) "
+                    "and left as they are, nothing was checked out; move them out of the checkpoint folder, then "
+                    "pull again"
+                )
             cache = repo.cache.local
             wanted = {HashInfo("md5", md5) for md5 in tracked.file_md5.values()}
             missing = {h for h in wanted if not cache.exists(h.value)}

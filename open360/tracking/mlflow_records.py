@@ -30,9 +30,15 @@ class StoreUnreadable(RuntimeError):
 
 
 def read_store(uri: str, fn: Any) -> Any:
-    """`fn(client)` on the store at `uri`; any failure becomes one StoreUnreadable line (URI masked)."""
+    """`fn(client)` on the store at `uri`; any failure becomes one StoreUnreadable line (URI masked), and so
+    does a sqlite file that does not exist (a mistyped --mlflow-uri: reading must not create a store)."""
     from open360.tracking.params import mask_value
 
+    file = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ":memory:"
+    if file != ":memory:" and not Path(file).is_file():  # MLflow would create an empty store there
+        raise StoreUnreadable(
+            f"MLflow store {mask_value(uri)}: no such file {file}; pass --mlflow-uri naming the run's store"
+        )
     try:
         return fn(client(uri))
     except Exception as err:  # noqa: BLE001 - MlflowException, SQLAlchemy errors, OSError

@@ -825,6 +825,9 @@ def test_max_docs_reads_nothing_past_the_cut(tmp_path: Path) -> None:
         ("jsonl", "    select_source: c4\n", "'select_source' filters LLM360 chunk rows"),
         ("jsonl", "    sample_by: line\n", "'sample_by' splits files of type text or dir"),
         ("llm360_chunks", "    fim: {rate: 0.5}\n", "fim needs text; type llm360_chunks is already tokenized"),
+        ("jsonl", "    hf_name: allenai/c4\n", r"\['hf_name'\] read a hub dataset \(type hf\); type jsonl reads 'path'"),
+        ("parquet", "    hf_data_files: a/*.parquet\n", r"\['hf_data_files'\] read a hub dataset"),
+        ("hf", "    hf_name: json\n", "'path' is read by local types; type hf reads 'hf_name'"),
     ],
 )
 def test_keys_a_source_type_would_ignore_are_errors(tmp_path: Path, typ: str, extra: str, message: str) -> None:

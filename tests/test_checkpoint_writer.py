@@ -105,6 +105,22 @@ def test_a_snapshot_copies_live_tensors_and_keeps_the_state_dicts_own_copies() -
     assert HostSnapshot()(state)["gathered"] is not state["gathered"]  # without `live`: every tensor copied
 
 
+def test_a_snapshot_copies_the_buffers_training_updates_in_place() -> None:
+    """Buffers are live too (a norm's running statistics move in place at every forward): kept by reference,
+    the background write would save a later step's values under this step's name."""
+    from open360.backends.native import live_storages
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3))
+    state = dict(model.state_dict())
+    before = {k: v.detach().clone() for k, v in state.items()}
+    snap = HostSnapshot()(state, live_storages(model, optimizer))
+    model(torch.randn(4, 3) + 5)  # running_mean, running_var, num_batches_tracked move in place
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert not torch.equal(state[key], before[key]) and torch.equal(snap[key], before[key]), key
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_host_snapshot_reuses_pinned_buffers_for_cuda_tensors() -> None:

@@ -227,6 +227,7 @@ BAD_TRAINING_VALUES = [
     ("trainer.seed=-1", "trainer.seed=-1: must be >= 0 and < 2**63"),
     ("trainer.seed=18446744073709551616", "trainer.seed=18446744073709551616: must be >= 0"),  # torch: bare overflow
     ("data.seed=-1", "data.seed=-1: must be >= 0 and < 2**63"),  # not the recipe file's own `seed` key
+    ("data.seed=9223372036854775808", "data.seed=9223372036854775808: must be >= 0 and < 2**63"),  # 2**63
     ("trainer.init_from=/nowhere/step_4", "trainer.init_from=/nowhere/step_4: not a checkpoint folder"),
     ("optim.lr=nan", "optim.lr=nan: the peak learning rate must be >= 0 and finite"),
     ("optim.lr=inf", "optim.lr=inf: the peak learning rate must be >= 0 and finite"),

@@ -264,6 +264,27 @@ def test_a_data_recipe_no_stage_trained_on_is_not_the_held_out_split(tiny_run):
     assert trained_shard_dir(lineage, cfg, tiny_run) == trained
 
 
+def test_the_held_out_split_of_a_multi_stage_run_is_its_first_stages_and_is_rebuilt_from_it(tiny_run):
+    """Stages trained on recipes other than `data.recipe`: the first trained stage's split, not a later stage's;
+    a folder no longer on this machine is rebuilt from that stage's recipe (the lineage records it), not from
+    `data.recipe`, which the run never trained on."""
+    from open360.analysis.evaluate import trained_shard_dir
+    from open360.checkpoint import read_lineage
+    from open360.checkpoint.io import read_config
+    from open360.checkpoint.lineage import data_history
+
+    step = tiny_run / "checkpoints" / RUN / "step_40"
+    lineage, cfg = read_lineage(step), read_config(step)
+    first = data_history(lineage)[0]
+    trained = trained_shard_dir(lineage, cfg, tiny_run)
+    cfg.data.recipe = "data_recipes/no_stage_trained_on_this.yaml"
+    later = {**first, "recipe": "data_recipes/a_later_stage.yaml", "shard_dir": "shards/a_later_stage",
+             "manifest_hash": "0" * 64}
+    assert trained_shard_dir({"data_history": [first, later]}, cfg, tiny_run) == trained
+    moved = {**first, "shard_dir": "shards/moved_away"}  # not on this machine: built again, idempotently
+    assert trained_shard_dir({"data_history": [moved, later]}, cfg, tiny_run).resolve() == trained.resolve()
+
+
 def test_bad_input_exits_with_one_line(tiny_run, capsys):
     from open360.analysis.evaluate import main
 

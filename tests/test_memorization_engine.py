@@ -588,6 +588,78 @@ def test_keeping_a_sample_touches_no_other_writers_temp_file_and_a_failure_only_
     assert "could not keep the sampled tokens" in capsys.readouterr().err
 
 
+def test_only_a_chunks_job_sample_is_kept_on_disk(tmp_path: Path) -> None:
+    """The kept file is the chunk's job sample (the rows every checkpoint that saw the chunk whole scores): the
+    seen rows of a partly trained chunk must not replace it (the next reader would read the shards again), and
+    sample=0 (whole chunks: ~435 MB a chunk of 1.7M rows at k=l=32) keeps nothing on disk."""
+    from types import SimpleNamespace
+
+    from open360.analysis.memorization import sampling
+    from open360.analysis.memorization.data_view import DataView
+    from open360.analysis.memorization.sample_cache import sample_file
+
+    table = np.arange(300 * 65, dtype=np.int64).reshape(300, 65)
+    reads: list[int] = []
+
+    def reader(sample: int) -> DataView:
+        data = object.__new__(DataView)
+        data.shards = SimpleNamespace(sequences=lambda ids: reads.append(len(ids)) or table[ids])
+        data.chunk_sizes = np.array([100, 100, 100], dtype=np.int64)
+        data.offsets = sampling.chunk_offsets(data.chunk_sizes)
+        data.job = SimpleNamespace(selection="seen", sample=sample, seed=42, k=8, l=4)
+        data._rows, data._seen_cache, data._tokens = {}, {}, {}
+        data.samples_dir = tmp_path / f"samples-{sample}"
+        return data
+
+    data = reader(20)
+    data.sequences(1, data.sample_rows(1))
+    kept = sample_file(tmp_path / "samples-20", 1)
+    before = kept.read_bytes()
+    partial = np.sort(data.sample_rows(1)[:7])  # the seen rows of a chunk a checkpoint trained on in part
+    assert np.array_equal(reader(20).sequences(1, partial), table[partial + 100, :12])
+    assert kept.read_bytes() == before and sorted(p.name for p in kept.parent.iterdir()) == [kept.name]
+    data = reader(0)
+    assert np.array_equal(data.sequences(2, data.sample_rows(2)), table[200:, :12])
+    assert not (tmp_path / "samples-0").exists()
+
+
+def test_kept_samples_belong_to_their_shard_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's folder can see other shards (a rebuilt recipe, shards=): same chunk sizes and seed draw the same
+    rows, so the kept tokens are filed under the shard set's manifest hash, never served for another's."""
+    from types import SimpleNamespace
+
+    from open360.analysis.memorization.data_view import DataView
+    from open360.data import ShardSet
+
+    tables = {name: np.arange(300 * 65, dtype=np.int64).reshape(300, 65) * k for k, name in ((1, "a"), (3, "b"))}
+    sets = {name: SimpleNamespace(manifest_hash=name * 64, chunk_sizes=[100, 100, 100],
+                                  sequences=lambda ids, t=table: t[ids]) for name, table in tables.items()}
+    monkeypatch.setattr(ShardSet, "open", staticmethod(lambda folder: sets[Path(folder).name]))
+    job = SimpleNamespace(pull=False, selection="sample", sample=20, seed=42, k=8, l=4)
+    for name in ("a", "b", "a"):
+        monkeypatch.setattr(DataView, "_shard_path", staticmethod(lambda *args, n=name: tmp_path / n))
+        data = DataView(job, tmp_path, None, {}, samples_root=tmp_path / "job")
+        rows = data.rows((), 0)
+        assert np.array_equal(data.sequences(0, rows), tables[name][rows, :12]), name
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["samples-" + "a" * 16, "samples-" + "b" * 16]
+
+
+def test_a_kept_sample_is_on_disk_before_its_name_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash (power loss) after the rename must not leave a named file whose bytes never reached the disk: the
+    temp file is fsynced before it is renamed into place."""
+    import open360.analysis.memorization.sample_cache as sample_cache
+
+    events: list[str] = []
+    real_fsync, real_replace = sample_cache.fsync_file, sample_cache.os.replace
+    monkeypatch.setattr(sample_cache, "fsync_file", lambda p: (events.append(f"fsync {Path(p).name}"), real_fsync(p)))
+    monkeypatch.setattr(sample_cache.os, "replace", lambda a, b: (events.append(f"rename {Path(a).name}"),
+                                                                 real_replace(a, b)))
+    path = tmp_path / "chunk_00000.npz"
+    sample_cache.save_sample(path, np.arange(20, dtype=np.int64), np.zeros((20, 12), dtype=np.int32))
+    assert len(events) == 2 and events[0].startswith("fsync .tmp-") and events[1] == "rename" + events[0][5:]
+    assert path.is_file()
+
+
 def test_seen_flags_past_a_first_epoch_cost_no_pass_over_every_id(monkeypatch) -> None:
     """Past its first epoch a run's seen ids are kept as one sorted array of most of its sequences (phi-1.5
     trains ~5 epochs): a cell's seen flags and seen rows are binary searches in it, not np.isin / np.unique over

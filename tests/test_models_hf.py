@@ -192,6 +192,30 @@ def test_the_open360_format_generates_left_padded_batches_as_each_prompt_alone(t
             hf(ids, attention_mask=holes)
 
 
+def test_the_open360_format_reads_a_right_padded_mask_and_refuses_padding_on_both_sides(tmp_path: Path) -> None:
+    """A batch padded on the right with its attention_mask (lm-eval's loglikelihood, padding_side='right') runs as
+    the unmasked batch: its real tokens' logits are untouched. A row padded on both sides is neither layout and is
+    refused; a row of padding only gets zero logits (no empty forward)."""
+    cfg = model_cfg("crystalcoder_tiny")
+    model = randomized(cfg, seed=12)
+    out = export_hf(model, cfg, None, tmp_path / "cc")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = torch.randint(1, cfg.vocab_size, (3, 7))
+    right = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    with torch.no_grad():
+        full = model(ids)
+        assert (hf(ids, attention_mask=right).logits - full).abs().max().item() < 1e-5
+        both = right.clone()
+        both[2] = torch.tensor([0, 1, 1, 1, 0, 0, 0])
+        with pytest.raises(ValueError, match=r"attention_mask rows \[2\] are neither left- nor right-padded"):
+            hf(ids, attention_mask=both)
+        empty = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1], [0] * 7])
+        logits = hf(ids, attention_mask=empty).logits
+        assert not logits[2].any() and not logits[1, :3].any()
+        assert (logits[1, 3:] - model(ids[1:2, 3:])[0]).abs().max().item() < 1e-5
+        assert (logits[0] - full[0]).abs().max().item() < 1e-5
+
+
 def test_training_switches_are_not_exported(tmp_path: Path) -> None:
     """A run trained with model.compile / activation_checkpointing exports (and loads) a plain model."""
     from open360.models import model_with_weights

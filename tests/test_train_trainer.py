@@ -313,6 +313,32 @@ def test_a_background_save_writes_the_weights_of_its_step_while_training_goes_on
     assert not torch.equal(weights[1], trainer.model.w.detach())  # step 3 did move the weights
 
 
+def test_a_save_names_to_the_writer_the_tensors_training_writes_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background snapshot copies only the tensors in the storages training goes on writing and keeps the
+    rest (FSDP/DDP's gathered CPU copies: 84 GB on rank 0 at 7B) as they are: a save must name those storages
+    (every parameter and optimizer state tensor), else every tensor is copied again."""
+    from open360.checkpoint.writer import storage_key
+
+    given: list[Any] = []
+    real = CheckpointWriter.save
+
+    def spy(self: CheckpointWriter, step: int, contents: Any, published: bool, live: Any = None) -> None:
+        given.append(live)
+        real(self, step, contents, published, live)
+
+    monkeypatch.setattr(CheckpointWriter, "save", spy)
+    model = ScriptedLoss([2.0, 1.9, 1.8, 1.7], accum=2)
+    trainer = _trainer(model, model, steps=4, settings=_settings(), tmp_path=tmp_path, every=2)
+    trainer.train()
+    state = [v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    assert len(given) == 2 and state
+    for live in given:
+        assert isinstance(live, frozenset)
+        assert {storage_key(t) for t in [*trainer.model.parameters(), *state]} <= live
+
+
 def test_checkpoint_start_comes_before_the_folder_and_saved_after(tmp_path: Path) -> None:
     """`on_checkpoint_start` runs while the step's folder does not exist yet (what it persists is in place
     before a run can resume from the checkpoint); `on_checkpoint_saved` once it is complete."""
@@ -502,6 +528,46 @@ def test_every_callback_ends_even_when_a_signal_interrupts_one() -> None:
     with pytest.raises(KeyboardInterrupt, match="signal 15"):
         end_callbacks([Draining(), Closing()], {"status": "finished"})
     assert ended == ["dvc", "mlflow:finished"]
+
+
+def test_a_signal_during_the_callbacks_start_ends_the_ones_started_as_interrupted() -> None:
+    """Ctrl-C or SIGTERM while a callback starts (a long DVC catch-up, a slow MLflow server): the ones already
+    started, and that one, end the run as interrupted (their workers drained, their runs closed), and the
+    interrupt goes on. A second signal while one of them ends does not stop the others from ending, nor
+    replace the first error."""
+    from types import SimpleNamespace
+
+    from open360.train.pipeline import start_callbacks
+
+    ended: list[tuple[str, str]] = []
+
+    class Ends(Callback):
+        def __init__(self, name: str, start: BaseException | None = None, end: BaseException | None = None) -> None:
+            self.name, self.start, self.end = name, start, end
+
+        def on_run_start(self, info: Any) -> None:
+            if self.start is not None:
+                raise self.start
+
+        def on_run_end(self, summary: dict[str, Any]) -> None:
+            ended.append((self.name, summary["status"]))
+            if self.end is not None:
+                raise self.end
+
+    info = SimpleNamespace(run_name="r", start_step=4)
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        start_callbacks([Ends("dvc"), Ends("mlflow", start=KeyboardInterrupt("signal 15")), Ends("later")], info)
+    assert ended == [("dvc", "interrupted"), ("mlflow", "interrupted")]
+    ended.clear()
+    try:  # a KeyboardInterrupt escaping here would end pytest's session, not fail this test
+        start_callbacks([Ends("dvc", end=KeyboardInterrupt("second signal")), Ends("mlflow"),
+                         Ends("fails", start=RuntimeError("refused"))], info)
+    except BaseException as err:  # noqa: BLE001
+        raised: BaseException | None = err
+    else:
+        raised = None
+    assert type(raised) is RuntimeError and str(raised) == "refused", repr(raised)
+    assert ended == [("dvc", "failed"), ("mlflow", "failed"), ("fails", "failed")]
 
 
 def test_a_next_stage_that_fails_to_open_keeps_the_step_and_checkpoint_that_end_the_stage_before(

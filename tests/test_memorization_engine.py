@@ -694,3 +694,17 @@ def test_seen_flags_past_a_first_epoch_cost_no_pass_over_every_id(monkeypatch) -
         assert data.seen_mask(consumption, chunk, rows).tolist() == truth[ids].tolist()
         chosen = data.rows(consumption, chunk)
         assert len(chosen) == 50 and truth[chosen + data.offsets[chunk]].all()
+
+
+def test_each_chunk_scored_under_torchrun_is_prefetched_by_exactly_one_rank() -> None:
+    """Ranks split the chunks to read before scoring (each chunk's sample read once for all of them), and with
+    max_cells read only chunks of the cells some rank scores."""
+    from open360.analysis.memorization.job import _assign, _prefetch_share
+
+    pending = [(s, c) for s in (10, 20, 30) for c in range(5)]
+    for world in (2, 3, 4):
+        shares = [_prefetch_share(pending, r, world, 0) for r in range(world)]
+        assert sorted(c for share in shares for c in share) == list(range(5)), world
+        capped = [_prefetch_share(pending, r, world, 2) for r in range(world)]
+        scored = {c for r in range(world) for _, c in _assign(pending, r, world)[:2]}
+        assert sorted(c for share in capped for c in share) == sorted(scored), world

@@ -79,6 +79,13 @@ def _assign(pending: list[tuple[int, int]], rank: int, world: int) -> list[tuple
     return pending[rank::world]
 
 
+def _prefetch_share(pending: list[tuple[int, int]], rank: int, world: int, max_cells: int) -> list[int]:
+    """The chunks whose samples this rank reads before scoring: a 1/world share of the chunks some rank scores
+    (with max_cells, a smoke test or time slice, no other chunk), so each is read once for all ranks."""
+    scored = {c for r in range(world) for _, c in _assign(pending, r, world)[: max_cells or None]}
+    return sorted(scored)[rank::world]
+
+
 def _device(job: MemorizationJobConfig, local_rank: int, world: int = 1) -> str:
     import torch
 
@@ -266,9 +273,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     pending = [cell for cell in cells if cell not in done_set]
     if world > 1:  # the split below needs the same `pending` on every rank: no cell is written before this
         if job.selection == "sample":  # every rank scores every chunk of its checkpoints: each reads a share
-            # of the chunks some rank scores (max_cells: a smoke test or time slice reads no other chunk)
-            scored = {c for r in range(world) for _, c in _assign(pending, r, world)[: job.max_cells or None]}
-            data.prefetch_samples(sorted(scored)[rank::world])
+            data.prefetch_samples(_prefetch_share(pending, rank, world, job.max_cells))
         torch.distributed.barrier()
     mine = _assign(pending, rank, world)
     shared_steps = {s for s, _ in pending} - _whole_steps(pending, set(mine))

@@ -508,3 +508,38 @@ def test_a_branch_journal_and_its_moves_reach_the_disk(tmp_path: Path, monkeypat
     synced.clear()
     supersede_later_checkpoints(2, published, recovery, "from_step_2-x")
     assert synced == [str(published / "superseded" / "from_step_2-x"), str(published)]
+
+
+def test_a_config_that_is_not_text_or_missing_is_a_checkpoint_error_naming_it(tmp_path: Path) -> None:
+    """A config.yaml whose sha256 matches lineage.json but that is not UTF-8 (a foreign or re-hashed copy), or
+    one missing from a folder read without verification, is refused naming the file, not a UnicodeDecodeError."""
+    ck = save_checkpoint(tmp_path, 1, _contents())
+    (ck / "config.yaml").write_bytes(b"model: \xff\n")
+    _rehash(ck, "config.yaml")
+    with pytest.raises(CheckpointError, match=r"step_1/config\.yaml: not readable as UTF-8 text"):
+        load_checkpoint(ck)
+    (ck / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"step_1/config\.yaml: not readable as UTF-8 text"):
+        load_checkpoint(ck, verify=False)
+
+
+def test_a_lineage_listing_a_file_twice_or_with_a_history_of_non_objects_is_refused(tmp_path: Path) -> None:
+    """JSON keeps the last of two equal keys: a lineage.json listing model.safetensors twice, a wrong sha256
+    first, would verify (and another reader would see the wrong one). A data history whose entries are not
+    objects fails later with a TypeError (a warm start's inherited history, memorization): named here."""
+    from open360.checkpoint.lineage import history_to_inherit
+
+    ck = save_checkpoint(tmp_path, 1, _contents())
+    lineage = read_lineage(ck)
+    text = json.dumps(lineage, indent=2).replace('"files": {', '"files": {\n"model.safetensors": "' + "0" * 64 + '",', 1)
+    (ck / "lineage.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"lineage\.json: key 'model.safetensors' appears twice"):
+        verify_checkpoint(ck)
+    for edit, named in (
+        ({"data_history": [1]}, r"key data_history\[0\] holds int"),
+        ({"init_from": {"data_history": 3}}, r"key 'init_from.data_history' holds int"),
+        ({"init_from": {"data_history": ["x"]}}, r"key init_from.data_history\[0\] holds str"),
+    ):
+        (ck / "lineage.json").write_text(json.dumps({**lineage, **edit}))
+        with pytest.raises(CheckpointError, match=rf"step_1/lineage\.json: {named}"):
+            history_to_inherit(read_lineage(ck), 8)

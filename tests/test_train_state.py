@@ -140,3 +140,33 @@ def test_a_second_run_of_the_same_run_name_in_one_workspace_is_refused_while_the
     with pytest.raises(RuntimeError, match="boom"):
         pipeline.run_training(cfg, "cpu")
     pipeline.lock_run(tmp_path / "recovery" / "amber_tiny", "amber_tiny").close()  # released after a failure
+
+
+@pytest.mark.parametrize(
+    ("rng", "named"),
+    [
+        ({}, r"no per-rank RNG states"),
+        ({"ranks": "x"}, r"no per-rank RNG states"),
+        ({"ranks": [{"python": {"version": 3, "state": [1, 2], "gauss": None}}]}, r"the RNG state of rank 0 cannot be restored \(ValueError"),
+        ("ranks", r"no per-rank RNG states"),
+    ],
+)
+def test_an_rng_file_of_the_wrong_shape_is_one_error_naming_the_file(tmp_path: Path, rng: object, named: str) -> None:
+    """An rng.pt whose sha256 matches lineage.json (a foreign or re-hashed copy) but whose states cannot be
+    restored is refused naming the file before anything is loaded, not with a KeyError or an OverflowError;
+    the RNGs are left as they were."""
+    from types import SimpleNamespace
+
+    from open360.backends.native import DistEnv
+    from open360.train.pipeline import resume
+    from open360.train.schedules import Schedule, Stage
+
+    path = save_checkpoint(tmp_path, 2, CheckpointContents({"w": torch.zeros(1)}, {}, dict(_TRAINER_STATE), rng, "model: {}\n"))
+    trainer = SimpleNamespace(
+        env=DistEnv(), backend="native", stages=[Stage(0, "main", "r.yaml", 0, 4, 1e-3, Schedule("constant", 4))]
+    )
+    before = capture_rng_state()
+    with pytest.raises(CheckpointError, match=rf"step_2/rng\.pt: {named}"):
+        resume(trainer, path)
+    after = capture_rng_state()
+    assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]

@@ -261,6 +261,35 @@ _LINEAGE_TYPES = {"step": int, "files": dict, "data": dict, "data_history": list
 _LINEAGE_NULLABLE = ("init_from",)
 
 
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: the object, or _DuplicateKeyError naming a key given twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(repr(key))
+        out[key] = value
+    return out
+
+
+def _check_history(file: Path, key: str, history: Any) -> None:
+    """A data history (a list of one object per stage) or CheckpointError naming `key` in `file`."""
+    if not isinstance(history, list):
+        raise CheckpointError(
+            f"{file}: key {key!r} holds {type(history).__name__} {str(history)[:40]!r}, a list is expected; "
+            "the checkpoint is corrupted"
+        )
+    for i, entry in enumerate(history):
+        if not isinstance(entry, dict):
+            raise CheckpointError(
+                f"{file}: key {key}[{i}] holds {type(entry).__name__} {str(entry)[:40]!r}, a dict is expected; "
+                "the checkpoint is corrupted"
+            )
+
+
 def read_lineage(path: Path) -> dict[str, Any]:
     """The parsed `lineage.json` of a checkpoint directory."""
     file = Path(path) / LINEAGE_FILE
@@ -270,9 +299,14 @@ def read_lineage(path: Path) -> dict[str, Any]:
             "(pass a checkpoints/<run>/step_<N> folder)"
         )
     try:
-        lineage = json.loads(file.read_text())
+        lineage = json.loads(file.read_text(), object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a binary or non-UTF-8 file as well
         raise CheckpointError(f"{file}: not valid JSON ({err}); the checkpoint is corrupted") from err
+    except _DuplicateKeyError as err:  # `files` listing one name twice: readers would disagree on its sha256
+        raise CheckpointError(
+            f"{file}: key {err} appears twice in one object, so the file says two things about it (only the "
+            "last would be checked); open360 never writes that — the lineage was edited or forged"
+        ) from err
     if not isinstance(lineage, dict):
         raise CheckpointError(f"{file}: a JSON object is expected, found {type(lineage).__name__}; the checkpoint is corrupted")
     for key, kind in _LINEAGE_TYPES.items():
@@ -284,6 +318,10 @@ def read_lineage(path: Path) -> dict[str, Any]:
                 f"{file}: key {key!r} holds {type(value).__name__} {str(value)[:40]!r}, a {kind.__name__} is "
                 "expected; the checkpoint is corrupted"
             )
+    if "data_history" in lineage:
+        _check_history(file, "data_history", lineage["data_history"])
+    if lineage.get("init_from") and "data_history" in lineage["init_from"]:
+        _check_history(file, "init_from.data_history", lineage["init_from"]["data_history"])
     named = STEP_DIR_RE.match(Path(path).name)
     if named and "step" in lineage and int(named.group(1)) != lineage["step"]:  # a renamed or mixed-up folder
         raise CheckpointError(
@@ -342,7 +380,7 @@ def load_checkpoint(path: Path, verify: bool = True, weights: bool = True) -> Ch
         optimizer=_load_tensors_file(path / OPTIMIZER_FILE),
         trainer_state=_load_json_file(path / TRAINER_STATE_FILE),
         rng=_load_tensors_file(path / RNG_FILE),
-        config_yaml=(path / CONFIG_FILE).read_text(),
+        config_yaml=_load_text_file(path / CONFIG_FILE),
         lineage=lineage,
     )
 
@@ -378,6 +416,13 @@ def _load_json_file(file: Path) -> Any:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise CheckpointError(f"{file}: not valid JSON ({err}); the checkpoint is corrupted") from err
+
+
+def _load_text_file(file: Path) -> str:
+    try:
+        return file.read_text()
+    except (UnicodeDecodeError, OSError) as err:  # a missing file, a binary or non-UTF-8 one
+        raise CheckpointError(f"{file}: not readable as UTF-8 text ({err}); the checkpoint is corrupted") from err
 
 
 # The model.* keys that decide the parameters' names and shapes (rotary and muP settings may change

@@ -30,6 +30,7 @@ from open360.checkpoint.branches import (
 from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import (
     MODEL_FILE,
+    RNG_FILE,
     TRAINER_STATE_FILE,
     CheckpointError,
     check_architecture,
@@ -53,6 +54,7 @@ from open360.train.progress import format_summary, peak_flops
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import (
     check_resume_compatible,
+    check_rng_state,
     check_trainer_state,
     find_resume_checkpoint,
     rng_untouched,
@@ -390,6 +392,7 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
             f"trainer.init_from={checkpoint} (fresh optimizer) instead"
         )
     check_trainer_state(Path(checkpoint) / TRAINER_STATE_FILE, contents.trainer_state)
+    check_rng_state(Path(checkpoint) / RNG_FILE, contents.rng)
     total = trainer.stages[-1].end
     if int(contents.trainer_state["step"]) > total:
         raise TrainingError(

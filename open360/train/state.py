@@ -162,6 +162,26 @@ def check_trainer_state(file: Path, state: Any) -> None:
         check(f"data_history[{i}].stage_index", entry.get("stage_index", _MISSING), int)
 
 
+def check_rng_state(file: Path, rng: Any) -> None:
+    """Raise CheckpointError naming `file` unless a loaded rng.pt holds `{"ranks": [...]}` with a state that
+    `restore_rng_state` takes for every rank (tried, then undone: the RNGs are left as they were)."""
+    ranks = rng.get("ranks") if isinstance(rng, dict) else None
+    if not isinstance(ranks, list) or not ranks:
+        raise CheckpointError(
+            f"{file}: no per-rank RNG states (key 'ranks', a non-empty list); the file was not written by open360 "
+            "or was edited — resume from another step"
+        )
+    for i, entry in enumerate(ranks):
+        try:
+            with rng_untouched():
+                restore_rng_state(entry)
+        except (LookupError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{file}: the RNG state of rank {i} cannot be restored ({type(err).__name__}: {err}); the file was "
+                "not written by open360 or was edited — resume from another step"
+            ) from err
+
+
 def check_resume_compatible(
     checkpoint: Path, stage_name: str, manifest_hash: str, tokenizer_hash: str
 ) -> None:

@@ -465,3 +465,20 @@ def test_ckpt_push_sends_recorded_checkpoints_whose_folders_are_gone(
             (root / "files" / "md5" / md5[:2] / md5[2:]).unlink()
     assert push_main(["r", "--workspace", str(ws)]) == 1
     assert "the run's checkpoints not on disk ['checkpoints/r/step_2'] lack 4 file(s)" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("open360_format", [False, True])
+def test_model_card_names_folder_readmes_and_remote_code_only_for_the_open360_format(open360_format: bool) -> None:
+    """export_hf writes a README.md and remote code only into open360-format folders (HF_EXPORT.md): the card of
+    a Llama/Phi release must not send readers to folder READMEs that do not exist, and the card of an
+    open360-format release must say that transformers needs trust_remote_code."""
+    from open360.tracking.release import model_card
+
+    cfg = OmegaConf.create({"model": {k: 1 for k in (
+        "name", "n_layers", "d_model", "n_heads", "ffn_dim", "vocab_size", "norm", "mlp", "max_seq_len")}})
+    index = [{"revision": "ckpt_000", "step": 10, "tokens_seen": 100, "dvc_md5": "x.dir"}]
+    card = model_card("r", index, [], {}, None, cfg, open360_format)
+    assert ("README" in card.split("## Data")[0]) is open360_format
+    assert ("trust_remote_code=True" in card) is open360_format
+    assert 'from_pretrained("<repo>", revision="ckpt_000"' in card

@@ -285,7 +285,8 @@ def _write_release(
     data = _copy_data(workspace, lineages, out)
     run_id = _metrics_table(workspace, run, mlflow_uri, out, lineage_run_id(lineages[-1]))
     (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg))
+    open360_format = (out / index[-1]["revision"] / "modeling_open360.py").is_file()
+    (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg, open360_format))
     write_checksums(out, frozenset(c["revision"] for c in index))
 
 
@@ -395,9 +396,18 @@ def model_card(
     lineage: dict[str, Any],
     run_id: str | None,
     cfg: Any,
+    open360_format: bool,
 ) -> str:
-    """A Hugging Face model card (YAML front matter + markdown) for the release folder."""
+    """A Hugging Face model card (YAML front matter + markdown) for the release folder. `open360_format`: the
+    checkpoint folders are in open360's own format (export_hf wrote remote code and a README.md into them)."""
     m = cfg.model
+    if open360_format:
+        load = (f'`AutoModelForCausalLM.from_pretrained("<repo>", revision="{index[-1]["revision"]}", '
+                "trust_remote_code=True)` with open360 installed, or `open360.models.hf.import_hf(folder)`;\n"
+                "each folder's README.md gives the loading recipe and the exact computation.")
+    else:
+        load = (f'`AutoModelForCausalLM.from_pretrained("<repo>", revision="{index[-1]["revision"]}")`\n'
+                "(or `open360.models.hf.import_hf(folder)`, which gives open360's `Decoder`).")
     code = lineage.get("code", {})
     rows = "\n".join(
         f"| `{c['revision']}` | {c['step']} | {c['tokens_seen']} | `{c['dvc_md5']}` |" for c in index
@@ -425,8 +435,7 @@ revisions; on the Hub each one is the branch of the same name.
 |---|---|---|---|
 {rows}
 
-Load one: `AutoModelForCausalLM.from_pretrained("<repo>", revision="{index[-1]["revision"]}")`
-(or `open360.models.hf.import_hf(folder)` for configs without a stock class; see each folder's README).
+Load one: {load}
 
 ## Data
 | stage | recipe | manifest sha256 | tokenizer sha256 | files |

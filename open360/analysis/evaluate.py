@@ -715,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def job() -> int:
         df = evaluate_run(cfg)
         out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).resolve() / "analysis" / cfg.run
-        print(f"open360.evaluate: {df['step'].nunique()} checkpoints -> {out / EVAL_PARQUET}, {out / EVAL_PLOT}")
+        print(f"open360.evaluate: {df['step'].nunique()} checkpoints -> {out / EVAL_PARQUET}, {out / EVAL_PLOT}, {out / EVAL_REPORT}")
         return 0
 
     return report_errors("open360.analysis.evaluate", job)

@@ -255,15 +255,21 @@ def test_push_versions_no_step_folder_without_lineage(tmp_path: Path, capsys: py
     assert sorted(DvcWorkspace(ws).tracked_children(ws / "checkpoints" / "r")) == ["step_1"]
 
 
+def _versioned_checkpoint(tmp_path: Path) -> tuple[Path, DvcWorkspace, Path]:
+    """A DVC workspace in tmp_path/ws, its store, and run r's step_1 added to checkpoints.dvc (not pushed)."""
+    ws = init_workspace(tmp_path / "ws")
+    store = DvcWorkspace(ws)
+    path = write_checkpoint(ws, "r", 1)
+    store.add(path)
+    return ws, store, path
+
+
 def test_list_says_when_the_remote_lacks_the_tree_checkpoints_dvc_names(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Every file pushed, but not the tree object (a branch's record move writes it locally only): a clone
     can pull nothing, which the listing must say."""
-    ws = init_workspace(tmp_path / "ws")
-    store = DvcWorkspace(ws)
-    path = write_checkpoint(ws, "r", 1)
-    store.add(path)
+    ws, store, path = _versioned_checkpoint(tmp_path)
     store.push([path])
     tree = (ws / "checkpoints.dvc").read_text().split("md5: ")[1].split()[0]
     (ws / ".dvc-storage" / "files" / "md5" / tree[:2] / tree[2:]).unlink()
@@ -382,10 +388,7 @@ def test_a_release_exported_from_a_clone_publishes_no_path_of_the_training_machi
 
 
 def test_pull_over_a_modified_file_says_which_and_to_pass_force(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    ws = init_workspace(tmp_path / "ws")
-    store = DvcWorkspace(ws)
-    path = write_checkpoint(ws, "r", 1)
-    store.add(path)
+    ws, store, path = _versioned_checkpoint(tmp_path)
     store.push([path])
     weights = path / "model.safetensors"
     good = weights.read_bytes()
@@ -403,10 +406,7 @@ def test_pull_over_a_modified_file_says_which_and_to_pass_force(tmp_path: Path, 
 def test_pull_keeps_files_a_checkpoint_folder_holds_beyond_its_record(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    ws = init_workspace(tmp_path / "ws")
-    store = DvcWorkspace(ws)
-    path = write_checkpoint(ws, "r", 1)
-    store.add(path)
+    ws, store, path = _versioned_checkpoint(tmp_path)
     store.push([path])
     (path / "model.safetensors").unlink()  # the pull has something to restore
     notes = path / "evals" / "notes.txt"
@@ -426,10 +426,7 @@ def test_pull_keeps_files_a_checkpoint_folder_holds_beyond_its_record(
 def test_list_says_where_tokens_and_loss_of_steps_not_on_disk_were_not_found(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    ws = init_workspace(tmp_path / "ws")
-    store = DvcWorkspace(ws)
-    path = write_checkpoint(ws, "r", 1)
-    store.add(path)
+    ws, store, path = _versioned_checkpoint(tmp_path)
     shutil.rmtree(path)  # known only to checkpoints.dvc: its tokens and loss can come from MLflow alone
     capsys.readouterr()
     assert list_main(["r", "--workspace", str(ws)]) == 0

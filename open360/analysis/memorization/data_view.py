@@ -158,10 +158,10 @@ class DataView:
         """The first k+l tokens [n, k+l] of the given rows of `chunk` (all the scorer reads).
 
         With a sample, the rows of a chunk are the same at every checkpoint: their tokens are read once per
-        job and kept, in memory and in the job's folder (`_sample_path`) (sample x (k+l) int32 per chunk: 92 MB
-        for 360 chunks of 1,000 at k=l=32). Read again
-        per checkpoint, 1,000 rows spread over a 1.7M-row chunk touch ~760 of its row groups of 1,024
-        rows: ~6 GB decoded and hashed per cell, ~10x the GPU time of scoring it."""
+        job and kept, in memory and in the job's folder (`_sample_path`): sample x (k+l) int32 per chunk, 92 MB
+        for 360 chunks of 1,000 at k=l=32. Read again per checkpoint, 1,000 rows spread over a 1.7M-row chunk
+        touch ~760 of its row groups of 1,024 rows: ~6 GB decoded and hashed per cell, ~10x the GPU time of
+        scoring it."""
         cached = self._tokens.get(chunk)
         if cached is not None and np.array_equal(cached[0], rows):
             return cached[1]

@@ -93,6 +93,8 @@ def test_amber_tiny_trains_with_per_chunk_checkpoints(tmp_path: Path, shards_roo
     assert sorted(losses) == list(range(1, 61))
     _assert_loss_drops(losses, 1.0)
     assert "run summary" in proc.stdout
+    shard_dir = next(shards_root.glob("embedded_tiny-*"))  # named before training, as the README's commands use it
+    assert f"open360.train: stage 'main': shards {shard_dir} (3,840 sequences of 128 tokens in 8 chunks" in proc.stdout
     # embedded_tiny: 8 chunks of 480 sequences, batch 16 -> one chunk every 30 steps
     ckpts = list_checkpoints(ws / "checkpoints" / "amber_tiny")
     assert [s for s, _ in ckpts] == [30, 60]

@@ -165,6 +165,13 @@ class ShardProvider:
                 "exactly which); set the recipe's chunk_multiple to the global batch size to align them",
                 file=sys.stderr,
             )
+        if self.env.is_main:  # which shard folder (built, reused or pulled) this stage reads
+            print(
+                f"open360.train: stage {stage.name!r}: shards {_relative(shard_dir, self.workspace)} "
+                f"({shards.num_sequences:,} sequences of {shards.seq_len} tokens in {len(shards.chunk_sizes)} "
+                f"chunks, {order.steps_per_epoch:,} steps of {order.global_batch_size} per epoch)",
+                flush=True,
+            )
         lineage = {
             "stage": stage.name,
             "recipe": str(stage.recipe),

@@ -52,11 +52,12 @@ def _client(tracking_uri: str, workspace: Path) -> Any:
     from mlflow.tracking import MlflowClient
 
     from open360.tracking.mlflow_logger import resolve_tracking_uri
+    from open360.tracking.mlflow_records import missing_sqlite_file
 
     uri = resolve_tracking_uri(tracking_uri, workspace)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # opening would create it
+    if file := missing_sqlite_file(uri):  # opening it would create an empty store
         raise FileNotFoundError(
-            f"{uri[len('sqlite:///'):]}: no MLflow store there (tracking_uri={tracking_uri}, workspace={workspace}); "
+            f"{file}: no MLflow store there (tracking_uri={tracking_uri}, workspace={workspace}); "
             "give the workspace the runs were trained in, or their tracking_uri="
         )
     return MlflowClient(tracking_uri=uri)

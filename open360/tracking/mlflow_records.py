@@ -29,13 +29,19 @@ class StoreUnreadable(RuntimeError):
     """The MLflow store cannot be read (a corrupt or locked sqlite file, a server that is down)."""
 
 
+def missing_sqlite_file(uri: str) -> str | None:
+    """The file a `sqlite:///` URI names when it does not exist (opening it would create an empty store)."""
+    prefix = "sqlite:///"
+    file = uri[len(prefix) :] if uri.startswith(prefix) else ":memory:"
+    return None if file == ":memory:" or Path(file).is_file() else file
+
+
 def read_store(uri: str, fn: Any) -> Any:
     """`fn(client)` on the store at `uri`; any failure becomes one StoreUnreadable line (URI masked), and so
     does a sqlite file that does not exist (a mistyped --mlflow-uri: reading must not create a store)."""
     from open360.tracking.params import mask_value
 
-    file = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ":memory:"
-    if file != ":memory:" and not Path(file).is_file():  # MLflow would create an empty store there
+    if file := missing_sqlite_file(uri):
         raise StoreUnreadable(
             f"MLflow store {mask_value(uri)}: no such file {file}; pass --mlflow-uri naming the run's store"
         )

@@ -133,6 +133,53 @@ def test_host_snapshot_reuses_pinned_buffers_for_cuda_tensors() -> None:
     assert second.data_ptr() == first.data_ptr() and torch.equal(second, torch.arange(6.0) + 1)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gathered_tensors_at_one_address_get_their_own_copies() -> None:
+    """A save under FSDP frees each gathered tensor once its copy is queued, and the next one may be gathered
+    at the same address with the same shape: looked up by address it would get the first one's copy."""
+    snapshot = HostSnapshot()
+    copy = snapshot.begin(live=frozenset())
+    t = torch.ones(4, device="cuda")
+    a = copy(("a",), t)
+    t.fill_(2.0)  # the next gathered tensor, at the same address
+    b = copy(("b",), t)
+    snap = snapshot({"a": a, "b": b}, live=frozenset())
+    assert snap["a"] is a and snap["b"] is b and a.is_pinned()
+    assert torch.equal(a, torch.ones(4)) and torch.equal(b, torch.full((4,), 2.0))
+
+
+def test_a_state_copied_one_tensor_at_a_time_is_snapshotted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's host copy (the pinned buffers a save gathers into) first waits for the save in flight,
+    which reads those buffers; it copies live tensors, and the save that follows keeps its copies."""
+    import threading
+
+    from open360.backends.native import live_storages
+    from open360.checkpoint import writer as writer_module
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", 1, background=True)
+    live = live_storages(model, optimizer)
+    released = threading.Event()
+    real_save = writer_module.save_checkpoint
+    monkeypatch.setattr(writer_module, "save_checkpoint", lambda *a: released.wait(30) and real_save(*a))
+    writer.save(1, CheckpointContents({"w": model.weight}, {}, {"step": 1}, {}, "x: 1\n"), True, live)
+    threading.Timer(0.3, released.set).start()
+    copy = writer.host_copy(live)
+    assert (tmp_path / "pub" / "step_1").is_dir()  # step 1 was written before its buffers could be reused
+    state = {"w": copy(("w",), model.weight), "gathered": copy(("g",), model.bias.detach().clone())}
+    assert state["w"] is not model.weight and torch.equal(state["w"], model.weight)
+    with torch.no_grad():
+        model.weight += 1
+    before = {k: v.clone() for k, v in state.items()}
+    writer.save(2, CheckpointContents(state, {}, {"step": 2}, {}, "x: 1\n"), True, live)
+    writer.close()
+    back = load_checkpoint(tmp_path / "pub" / "step_2").model
+    assert all(torch.equal(back[k], before[k]) for k in before)
+    assert HostSnapshot()(state, live)["w"] is state["w"]  # a copy already: kept as it is
+
+
 def test_a_failed_background_save_is_raised_once_and_the_saves_before_it_are_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

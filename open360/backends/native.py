@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -147,12 +147,7 @@ def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _options(env: DistEnv) -> StateDictOptions:
-    # One process: plain tensors, no gathering (cpu_offload needs a process group).
-    return _FULL if env.distributed else StateDictOptions(full_state_dict=True)
+HostCopy = Callable[[tuple[Any, ...], torch.Tensor], torch.Tensor]
 
 
 def live_storages(model: nn.Module, optimizer: torch.optim.Optimizer) -> frozenset[tuple[str, int]]:
@@ -165,23 +160,45 @@ def live_storages(model: nn.Module, optimizer: torch.optim.Optimizer) -> frozens
     return frozenset(storage_key(t.to_local() if isinstance(t, DTensor) else t) for t in tensors)
 
 
-def full_model_state(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
-    """Unsharded model state dict (on rank 0 in a multi-process run; empty elsewhere with FSDP)."""
-    return get_model_state_dict(model, options=_options(env))
+def full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, host_copy: HostCopy | None = None
+) -> dict[str, Any]:
+    """Unsharded model and optimizer state (optimizer state keyed by parameter name: portable across world
+    sizes), complete on rank 0 and empty elsewhere; every rank calls it.
 
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
-    """Unsharded optimizer state keyed by parameter name (portable across world sizes).
+    Under FSDP each sharded tensor is all-gathered here, one at a time, in the state dict's order (the same on
+    every rank), and rank 0 passes it to `host_copy(key, tensor)` (the checkpoint writer's pinned buffers)
+    before the next is gathered (default: a copy to CPU): the device holds one gathered tensor at a time, and the copy to the host runs
+    asynchronously at pinned bandwidth. torch's own `full_state_dict` + `cpu_offload` gathers into fresh
+    pageable memory with one blocking copy per tensor (10-19 s per save at 1.4B on 2x H100).
 
     An optimizer that has not stepped yet (a checkpoint at step 0) is saved with an empty state, and left
     without one: torch's state-dict helpers fill an empty optimizer by running one zero-gradient step,
     which would set Adam's step count to 1 before the first real step and shift every later update."""
     fresh = not optimizer.state
-    state = get_optimizer_state_dict(model, optimizer, options=_options(env))
+    sharded = StateDictOptions(full_state_dict=False)  # DTensors under FSDP; the tensors themselves otherwise
+    state = {
+        "model": get_model_state_dict(model, options=sharded),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=sharded),
+    }
     if fresh:
         optimizer.state.clear()
-        state = {**state, "state": {}}
-    return state
+        state["optimizer"] = {**state["optimizer"], "state": {}}
+
+    def gather(obj: Any, key: tuple[Any, ...]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            full = obj.full_tensor() if isinstance(obj, DTensor) else obj  # a collective on every rank
+            if not env.is_main:
+                return None
+            return host_copy(key, full) if host_copy is not None else full.detach().cpu()
+        if isinstance(obj, dict):
+            return {k: gather(v, (*key, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(gather(v, (*key, i)) for i, v in enumerate(obj))
+        return obj
+
+    gathered = gather(state, ())
+    return gathered if env.is_main else {"model": {}, "optimizer": {}}
 
 
 def load_full_state(

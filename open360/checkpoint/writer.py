@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,34 +25,54 @@ class HostSnapshot:
     device-to-host copy at full bandwidth (the buffers are allocated once, at the first save).
 
     `live`: the storages (`storage_key`) training goes on writing. When given, a CPU tensor outside them is
-    the state dict's own copy (gathered and offloaded under FSDP/DDP: 84 GB of weights and Adam moments on
-    rank 0 at 7B) and is kept as it is, not copied a second time; without it every CPU tensor is copied."""
+    the state dict's own copy (a gathered one) and is kept as it is, not copied a second time; without it
+    every CPU tensor is copied.
+
+    `begin(live)` returns the per-tensor copy for a state gathered one tensor at a time (`full_state`): each
+    gathered tensor is copied before the next is gathered, so the device holds one at a time; `__call__`
+    then keeps those copies as they are and synchronizes."""
 
     def __init__(self) -> None:
         self._pinned: dict[tuple[Any, ...], torch.Tensor] = {}
         self._live: frozenset[tuple[str, int]] | None = None
+        self._copies: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def __call__(self, obj: Any, live: frozenset[tuple[str, int]] | None = None) -> Any:
-        self._live = live
-        out = self._copy(obj, (), copies={})  # one copy of each tensor view, for this call only
+        copy = self.begin(live)
+        out = self._walk(obj, (), copy)
         if any(buf.is_pinned() for buf in self._pinned.values()):
             torch.cuda.synchronize()
         return out
 
-    def _copy(self, obj: Any, key: tuple[Any, ...], copies: dict[tuple[Any, ...], torch.Tensor]) -> Any:
+    def begin(self, live: frozenset[tuple[str, int]] | None) -> Callable[[tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        """Start a snapshot: the copy of one tensor found at `key` (a path of dict keys and list indices)."""
+        self._live = live
+        self._copies = {}  # one copy of each view of a live tensor, for this snapshot only
+        return self.copy
+
+    def copy(self, key: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor:
+        """The host copy of `tensor`. Views of one live storage share a copy (tied weights stay one tensor, so
+        the file stores them once); a gathered tensor is freed after its copy, and the next one may reuse its
+        address, so it is never looked up by address."""
+        if tensor.numel() == 0:
+            return self._copy_tensor(tensor, key)
+        if self._live is not None and storage_key(tensor) not in self._live:
+            return self._copy_tensor(tensor, key)
+        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype,
+                tensor.shape, tensor.stride())
+        if view not in self._copies:
+            self._copies[view] = self._copy_tensor(tensor, key)
+        return self._copies[view]
+
+    def _walk(self, obj: Any, key: tuple[Any, ...], copy: Callable[[tuple[Any, ...], torch.Tensor], torch.Tensor]) -> Any:
         if isinstance(obj, torch.Tensor):
-            if obj.numel() == 0:
-                return self._copy_tensor(obj, key)
-            view = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.dtype, obj.shape, obj.stride())
-            if view not in copies:  # tied weights stay one tensor, so the file stores them once
-                copies[view] = self._copy_tensor(obj, key)
-            return copies[view]
+            return copy(key, obj)
         if isinstance(obj, dict):
-            return {k: self._copy(v, (*key, k), copies) for k, v in obj.items()}
+            return {k: self._walk(v, (*key, k), copy) for k, v in obj.items()}
         if isinstance(obj, list):
-            return [self._copy(v, (*key, i), copies) for i, v in enumerate(obj)]
+            return [self._walk(v, (*key, i), copy) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
-            return tuple(self._copy(v, (*key, i), copies) for i, v in enumerate(obj))
+            return tuple(self._walk(v, (*key, i), copy) for i, v in enumerate(obj))
         return obj
 
     def _copy_tensor(self, obj: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
@@ -107,6 +128,15 @@ class CheckpointWriter:
                 old.rename(doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
         return SavedCheckpoint(step, path, published)
+
+    def host_copy(self, live: frozenset[tuple[str, int]] | None) -> Callable[[tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        """The per-tensor host copy for the next save's state, gathered one tensor at a time (`full_state`):
+        into the reused pinned buffers, so the previous save is waited for here; without background, a plain
+        copy to CPU (the write finishes before training goes on)."""
+        if self._pool is None:
+            return lambda key, tensor: tensor.detach().cpu()
+        self.wait_pending()
+        return self._snapshot.begin(live)
 
     def save(
         self,

@@ -17,9 +17,9 @@ from torch import nn
 
 from open360.backends.native import (
     DistEnv,
+    HostCopy,
     all_reduce_mean,
-    full_model_state,
-    full_optimizer_state,
+    full_state,
     gather_objects,
     grad_sync,
     live_storages,
@@ -150,12 +150,10 @@ class Trainer:
         """(index, count) of this rank's slice of every global batch."""
         return self.env.rank, self.env.world_size
 
-    def _model_optimizer_state(self) -> dict[str, Any]:
-        """Full model and optimizer state for the checkpoint (complete on rank 0)."""
-        return {
-            "model": full_model_state(self.model, self.env),
-            "optimizer": full_optimizer_state(self.model, self.optimizer, self.env),
-        }
+    def _model_optimizer_state(self, host_copy: HostCopy | None = None) -> dict[str, Any]:
+        """Full model and optimizer state for the checkpoint (complete on rank 0; every rank calls it), each
+        tensor passed through `host_copy` (the writer's) as it is gathered; None: a copy to CPU."""
+        return full_state(self.model, self.optimizer, self.env, host_copy)
 
     def _load_model_optimizer(self, state: dict[str, Any]) -> None:
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.env)
@@ -392,11 +390,14 @@ class Trainer:
 
     def save(self, published: bool) -> None:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering state)."""
-        model_optimizer = self._model_optimizer_state()  # collectives: every rank takes part
+        writes = self.writer is not None and self.env.is_main
+        live = self._live_storages() if writes else None
+        host_copy = self.writer.host_copy(live) if writes else None  # waits for the last save
+        model_optimizer = self._model_optimizer_state(host_copy)  # collectives: every rank takes part
         rng = self._rng_states()
         self.stage_data(self._current_stage())  # opening a stage is collective too (it is open by now)
         extra_dirs = self._extra_checkpoint_dirs(published)
-        if self.writer is None or not self.env.is_main:
+        if not writes:
             return
         trainer_state = self._trainer_state()
         contents = CheckpointContents(
@@ -409,7 +410,7 @@ class Trainer:
             extra_dirs=extra_dirs,
         )
         self._notify("on_checkpoint_start", self.progress.step, published)
-        self.writer.save(self.progress.step, contents, published, self._live_storages())
+        self.writer.save(self.progress.step, contents, published, live)
 
     def _live_storages(self) -> frozenset[tuple[str, int]] | None:
         """The storages training writes in place: the writer copies only the state tensors in them."""

@@ -45,7 +45,8 @@ class MegatronTrainer(Trainer):
             raise TrainingDiverged(self._divergence_message(loss, grad_norm))
         return loss, grad_norm
 
-    def _model_optimizer_state(self) -> dict[str, Any]:
+    def _model_optimizer_state(self, host_copy: Any = None) -> dict[str, Any]:
+        # rank 0's own copies already (through gather_object): no per-tensor host copy
         return {"model": self.engine.full_native_state() or {}, "optimizer": dict(OPTIMIZER_MARKER)}
 
     def _live_storages(self) -> frozenset[tuple[str, int]]:

@@ -592,3 +592,41 @@ def test_a_next_stage_that_fails_to_open_keeps_the_step_and_checkpoint_that_end_
         t.train()
     assert t.progress.step == 3
     assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [3]
+
+
+def _two_stage_trainer(tmp_path: Path, tokenizers: str) -> Trainer:
+    """Stages 'a' and 'b' of 3 steps each whose shards carry the tokenizer hashes `tokenizers[0]`, `[1]`."""
+    stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("constant", 3)) for i, name in enumerate("ab")]
+    model = ScriptedLoss([2.0] * 6, accum=2)
+    t = _trainer(model, model, 6, _settings(), tmp_path, every=3, stages=stages)
+
+    def open_stage(st: Stage) -> StageData:
+        lineage = {"stage": st.name, "shard_dir": f"shards/{st.name}", "manifest_hash": st.name,
+                   "tokenizer_hash": tokenizers[st.index] * 64}
+        return StageData(SyntheticOrder(4, 8, 64), [], lineage, lambda n: {"count": 4 * n})
+
+    t._open_stage = open_stage
+    return t
+
+
+def test_a_stage_whose_shards_have_another_tokenizer_is_refused_when_it_opens(tmp_path: Path) -> None:
+    """A stage recipe that trains its own tokenizer on other sources (a code-only stage 3) gives other token
+    ids for the same text: the model, trained on the first stage's, must not go on reading them silently."""
+    t = _two_stage_trainer(tmp_path / "other", "tu")
+    with pytest.raises(TrainingError, match=r"stage 'b' reads shards/b tokenized with tokenizer u{12}, stage 'a'"):
+        t.train()
+    assert t.progress.step == 3 and [s for s, _ in list_checkpoints(tmp_path / "other" / "pub")] == [3]
+    same = _two_stage_trainer(tmp_path / "same", "tt")
+    same.train()
+    assert same.progress.step == 6
+
+
+def test_a_resume_into_a_stage_of_another_tokenizer_than_the_finished_stages_is_refused(tmp_path: Path) -> None:
+    first = _two_stage_trainer(tmp_path, "tt")
+    first.final_step = 4
+    first.train()
+    state = first.state_dict()
+    assert [h["tokenizer_hash"][0] for h in state["trainer"]["data_history"]] == ["t", "t"]
+    state["trainer"]["data_history"][0]["tokenizer_hash"] = "v" * 64  # stage 'a' was trained on another one
+    with pytest.raises(TrainingError, match=r"stage 'b' reads shards/b tokenized with tokenizer t{12}, stage 'a'"):
+        _two_stage_trainer(tmp_path / "resumed", "tt").load_state_dict(state)

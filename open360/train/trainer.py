@@ -168,9 +168,25 @@ class Trainer:
         """Open (once) the data of a stage and register its chunk ends with the cadence policy."""
         if stage.index not in self._stage_data:
             data = self._open_stage(stage)
+            self._check_one_tokenizer({stage.index: data.lineage})
             self.cadence.add_chunk_ends(data.chunk_end_steps)
             self._stage_data[stage.index] = data
         return self._stage_data[stage.index]
+
+    def _check_one_tokenizer(self, opening: dict[int, dict[str, Any]]) -> None:
+        """Every stage reads shards of the tokenizer the run started with (the opened stages', the finished
+        stages' of a resumed checkpoint and `opening`'s): under another one a token id means another token."""
+        known = {**self._finished_stages, **{i: d.lineage for i, d in self._stage_data.items()}, **opening}
+        hashes = sorted((i, h["tokenizer_hash"]) for i, h in known.items() if h.get("tokenizer_hash"))
+        first, first_tok = hashes[0] if hashes else (0, None)
+        for i, tok in hashes[1:]:
+            if tok != first_tok:
+                raise TrainingError(
+                    f"stage {self.stages[i].name!r} reads {known[i].get('shard_dir', 'shards')} tokenized with "
+                    f"tokenizer {tok[:12]}, stage {self.stages[first].name!r} trained with {first_tok[:12]}: the same "
+                    "token ids would mean other tokens. Give every stage's recipe the same tokenizer (the same "
+                    "tokenizer spec and, for kind: train, the same sources it trains on: tokenizer.train_sources)"
+                )
 
     def _load_batch(self, stage: Stage, step: int) -> torch.Tensor:
         """This rank's rows of the global batch of global step `step`, as a (pinned) CPU tensor."""
@@ -330,6 +346,7 @@ class Trainer:
         self._finished_stages = {
             h["stage_index"]: h for h in ts["data_history"] if h["stage_index"] < stage.index
         }
+        self._check_one_tokenizer({})
         ranks = state["rng"]["ranks"]
         restore_rng_state(ranks[self.env.rank] if self.env.rank < len(ranks) else ranks[0])
         self._resumed = True

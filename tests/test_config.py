@@ -98,7 +98,7 @@ def test_full_size_experiments_pin_every_published_value():
     assert (amber.model.n_kv_heads, amber.model.attn_bias, amber.model.mlp_bias) == (None, False, False)
     cc = compose(["+experiment=crystalcoder"])
     m = cc.model
-    assert (m.n_layers, m.d_model, m.n_heads, m.ffn_dim, m.mlp, m.init_std) == (32, 4096, 32, 10922, "swiglu", 0.0183)
+    assert (m.n_layers, m.d_model, m.n_heads, m.ffn_dim, m.mlp, m.init_std) == (32, 4096, 32, 10922, "swiglu", 0.073)
     assert (m.mup.output_multiplier, m.mup.attn_scale_by_d) == (2.22, True)
     assert (list(cc.optim.betas), cc.optim.weight_decay, cc.optim.grad_clip) == ([0.9, 0.95], 0.1, 1.0)
     assert [s.schedule.kind for s in cc.stages] == ["linear"] * 3  # each stage its own warmup and linear decay

@@ -176,6 +176,24 @@ def test_build_from_dictconfig_and_dict() -> None:
             build_model(tiny(**{key: value}))
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"parallel_block": "false"}, "parallel_block='false' must be true or false"),  # was truthy: a parallel block
+        ({"attn_bias": 1}, "attn_bias=1 must be true or false"),
+        ({"mup": {"enabled": "no"}}, "mup.enabled='no' must be true or false"),
+        ({"n_layers": True}, "n_layers=True must be a positive integer"),
+        ({"rotary_fraction": "0.5"}, "rotary_fraction='0.5' must lie in"),  # was a bare TypeError
+        ({"norm_eps": "1e-6"}, "norm_eps='1e-6' must be > 0"),  # YAML 1.1 reads 1e-6 as a string
+        ({"mup": {"enabled": True, "base_width": "64"}}, "mup.base_width='64' must be > 0"),
+        ({"rotary_fraction": 0.05}, "rotary_fraction=0.05 gives 0 rotary dims"),  # was silently no positions at all
+    ],
+)
+def test_values_of_the_wrong_kind_are_refused_naming_the_key(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"model config 't': {message}"):
+        build_model({**dataclasses.asdict(tiny()), **changes})
+
+
 @pytest.mark.parametrize("case", ["llama", "gqa_tied_headbias", "mup_crystalcoder_like", "rotary_50pct_parallel_gelu"])
 def test_kv_cache_decoding_equals_full_forward(case: str) -> None:
     torch.manual_seed(2)
@@ -263,6 +281,20 @@ def test_mup_init_and_multipliers() -> None:
     assert model.blocks[0].attn.scale == pytest.approx(1 / 64)
 
 
+def test_crystalcoder_init_is_the_published_one() -> None:
+    """LLM360's CrystalCoder params.yaml: embedding std 0.073, hidden matrices 0.01825 (= 0.073 / sqrt(16)), residual
+    output projections 0.00228125 (= 0.073 / sqrt(2 * 16 * 32)). Built narrow at the published width_mult 16 and depth."""
+    torch.manual_seed(0)
+    overrides = ["model.d_model=256", "model.mup.base_width=16", "model.n_heads=4", "model.ffn_dim=64", "model.vocab_size=512"]
+    model = build_model(compose(["model=crystalcoder", *overrides]).model)
+    assert model.width_mult == 16 and model.cfg.n_layers == 32
+    assert model.embed.weight.std().item() == pytest.approx(0.073, rel=0.02)
+    hidden = torch.cat([torch.cat([b.attn.qkv.weight.flatten(), b.mlp.gate_up.weight.flatten()]) for b in model.blocks])
+    assert hidden.std().item() == pytest.approx(0.01825, rel=0.02)
+    residual_out = torch.cat([torch.cat([b.attn.out.weight.flatten(), b.mlp.down.weight.flatten()]) for b in model.blocks])
+    assert residual_out.std().item() == pytest.approx(0.00228125, rel=0.02)
+
+
 def test_full_size_models_have_the_published_architecture() -> None:
     """The full-size configs, built (on the meta device), realize shared/DOMAIN.md's facts in their modules."""
 
@@ -287,7 +319,6 @@ def test_full_size_models_have_the_published_architecture() -> None:
     assert (cc.rotary.dim, block.attn.scale) == (32, 1 / 128)  # 25% rotary; attention 1/d
     assert cc.lm_head is None and cc.embed.weight.shape == (32032, 4096)
     assert cc.embedding_multiplier == 14.6 and cc.logit_multiplier == pytest.approx(2.22 / 16)
-    assert cc.cfg.init_std == 0.0183
     assert {g["name"]: g["lr_scale"] for g in cc.param_groups(optim)}["hidden"] == 0.0625
 
     phi = built("phi15")  # parallel block from one LayerNorm, tanh-GELU 8192, 32 of 64 dims rotary, biases

@@ -18,6 +18,9 @@ from open360.models.loss import fused_linear_cross_entropy
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
+BOOL_KEYS = (
+    "attn_bias", "mlp_bias", "lm_head_bias", "tie_embeddings", "parallel_block", "activation_checkpointing", "compile"
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,22 +61,34 @@ def inference_config(cfg: ModelConfig | Any) -> ModelConfig:
     return dataclasses.replace(as_model_config(cfg), compile=False, activation_checkpointing=False)
 
 
+def _is_number(value: Any) -> bool:
+    """An int or a float; not a bool (True would pass for 1) nor a string ("1e-6" compares with nothing)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def validate_model_config(cfg: ModelConfig) -> None:
     """Raise ValueError naming the offending key when the fields do not describe a buildable decoder."""
     where = f"model config '{cfg.name}'"
     for key in ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_dim", "max_seq_len"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
+        if isinstance(getattr(cfg, key), bool) or not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
             raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be a positive integer")
-    if cfg.n_kv_heads is not None and (not isinstance(cfg.n_kv_heads, int) or cfg.n_kv_heads < 1):
+    n_kv = cfg.n_kv_heads
+    if n_kv is not None and (isinstance(n_kv, bool) or not isinstance(n_kv, int) or n_kv < 1):
         raise ValueError(f"{where}: n_kv_heads={cfg.n_kv_heads!r} must be a positive integer (or null: = n_heads)")
+    for key in BOOL_KEYS:
+        if not isinstance(getattr(cfg, key), bool):  # a string such as "false" would be truthy
+            raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be true or false")
+    for key in ("enabled", "attn_scale_by_d"):
+        if not isinstance(getattr(cfg.mup, key), bool):
+            raise ValueError(f"{where}: mup.{key}={getattr(cfg.mup, key)!r} must be true or false")
     for key in ("norm_eps", "rotary_base", "init_std", "rope_interpolation_factor"):
-        if not 0 < getattr(cfg, key) < math.inf:
+        if not (_is_number(getattr(cfg, key)) and 0 < getattr(cfg, key) < math.inf):
             raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be > 0 and finite")
-    if not 0.0 <= cfg.rotary_fraction <= 1.0:  # NaN included: rotary_dim below would fail to convert it
+    if not (_is_number(cfg.rotary_fraction) and 0.0 <= cfg.rotary_fraction <= 1.0):  # NaN included
         raise ValueError(f"{where}: rotary_fraction={cfg.rotary_fraction!r} must lie in [0, 1]")
     if cfg.mup.enabled:
-        for key in ("embedding_multiplier", "output_multiplier"):
-            if not 0 < getattr(cfg.mup, key) < math.inf:
+        for key in ("base_width", "embedding_multiplier", "output_multiplier"):
+            if not (_is_number(getattr(cfg.mup, key)) and 0 < getattr(cfg.mup, key) < math.inf):
                 raise ValueError(f"{where}: mup.{key}={getattr(cfg.mup, key)!r} must be > 0 and finite")
     if cfg.norm not in NORMS:
         raise ValueError(f"{where}: norm={cfg.norm!r}, expected one of {NORMS}")
@@ -81,18 +96,16 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"{where}: mlp={cfg.mlp!r}, expected one of {MLPS}")
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"{where}: d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
-    n_kv = cfg.n_kv_heads or cfg.n_heads
+    n_kv = n_kv or cfg.n_heads
     if cfg.n_heads % n_kv:
         raise ValueError(f"{where}: n_heads={cfg.n_heads} is not a multiple of n_kv_heads={n_kv}")
     head_dim = cfg.d_model // cfg.n_heads
     rot = rotary_dim(cfg)
-    if not 0.0 <= cfg.rotary_fraction <= 1.0 or rot % 2:
+    if rot % 2 or (rot == 0 and cfg.rotary_fraction > 0):  # 0 dims would leave the model without positions
         raise ValueError(
             f"{where}: rotary_fraction={cfg.rotary_fraction} gives {rot} rotary dims of head_dim {head_dim}; "
-            "it must lie in [0, 1] and give an even number of dims"
+            "it must give an even number of dims, at least 2 (or be 0: no rotary)"
         )
-    if cfg.mup.enabled and cfg.mup.base_width <= 0:
-        raise ValueError(f"{where}: mup.base_width={cfg.mup.base_width} must be > 0")
 
 
 def rotary_dim(cfg: ModelConfig) -> int:

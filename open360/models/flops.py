@@ -31,7 +31,3 @@ def training_flops_per_token(cfg: Any, seq_len: int) -> float:
     the CPU-sized tiny models) — the same for every run of a model, so comparisons within a size hold."""
     return 6.0 * count_parameters(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
-
-def forward_flops_per_token(cfg: Any, seq_len: int) -> float:
-    """Forward-only FLOPs per token (a third of training)."""
-    return training_flops_per_token(cfg, seq_len) / 3.0

@@ -103,7 +103,7 @@ def test_full_size_experiments_pin_every_published_value():
     assert (list(cc.optim.betas), cc.optim.weight_decay, cc.optim.grad_clip) == ([0.9, 0.95], 0.1, 1.0)
     assert [s.schedule.kind for s in cc.stages] == ["linear"] * 3  # each stage its own warmup and linear decay
     assert sum(s.steps for s in cc.stages) == cc.trainer.max_steps
-    assert (cc.trainer.seq_len, cc.trainer.precision) == (2048, "bf16")
+    assert (cc.trainer.seq_len, cc.trainer.precision, cc.trainer.global_batch_size) == (2048, "bf16", 2112)
     phi = compose(["+experiment=phi15"])
     assert (phi.model.n_heads, phi.model.d_model // phi.model.n_heads, phi.model.norm) == (32, 64, "layernorm")
     assert (phi.optim.weight_decay, phi.trainer.global_batch_size, phi.trainer.seq_len) == (0.1, 2048, 2048)

@@ -65,6 +65,38 @@ def test_crystalcoder_three_stages_each_with_own_warmup() -> None:
     assert stage_at(stages, 239).name == "stage3_code"
 
 
+def test_crystalcoder_follows_the_published_learning_rates() -> None:
+    """LLM360/crystalcoder-train params.yaml: phase 1 warms up to 0.012 in 86 steps and decays linearly
+    towards 1.2408e-4 over 294,337 steps, but stops at step 79,721, where its LR (~0.0088) is phase 2's
+    peak; phase 2 (peak 0.0087825) and phase 3 (0.002, 276 warmup steps) decay to their end LR."""
+    stages = build_stages(compose(["+experiment=crystalcoder"]))
+    assert [(s.start, s.end, s.lr) for s in stages] == [
+        (0, 79721, 0.012), (79721, 294108, 0.0087825), (294108, 321836, 0.002)]
+
+    def published(peak: float, end: float, warmup: int, decay: int, step: int) -> float:  # Cerebras "Linear"
+        return peak * step / warmup if step < warmup else peak + (end - peak) * (step - warmup) / decay
+
+    for step in (0, 85, 86, 40000, 79720):
+        assert lr_at(stages, step) == pytest.approx(published(0.012, 1.2408e-4, 86, 294337, step + 1), rel=1e-3)
+    assert lr_at(stages, 79720) == pytest.approx(0.0087825, rel=1e-3)  # phase 2 starts from where 1 stopped
+    for step in (86, 100000, 214386):
+        assert lr_at(stages, 79721 + step) == pytest.approx(
+            published(0.0087825, 1.3679e-4, 86, 214301, step + 1), rel=1e-3)
+    assert lr_at(stages, 321835) == pytest.approx(2e-4, rel=1e-6)
+
+
+def test_a_decay_planned_past_the_stage_end() -> None:
+    s = Schedule("linear", total_steps=100, warmup_steps=10, min_lr_ratio=0.0, decay_steps=180)
+    assert s.factor(9) == 1.0 and s.factor(99) == pytest.approx(1 - 90 / 180)  # cut halfway down
+    short = Schedule("cosine", total_steps=100, warmup_steps=0, min_lr_ratio=0.1, decay_steps=50)
+    assert short.factor(49) == pytest.approx(0.1) and short.factor(99) == pytest.approx(0.1)  # then holds the floor
+    for kind, steps in (("wsd", 10), ("constant", 10), ("linear", 0)):
+        with pytest.raises(ValueError, match="decay_steps"):
+            Schedule(kind, total_steps=100, decay_steps=steps)
+    with pytest.raises(ValueError, match=r"stages\.0\.schedule: decay_steps=0"):
+        build_stages(compose(["+experiment=crystalcoder_tiny", "stages.0.schedule.decay_steps=0"]))
+
+
 def test_max_steps_cuts_stages_keeping_schedule() -> None:
     cfg = compose(["+experiment=crystalcoder_tiny", "trainer.max_steps=150"])
     stages = build_stages(cfg)

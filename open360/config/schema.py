@@ -87,6 +87,9 @@ class ScheduleConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # floor as a fraction of optim.lr (AMBER: 3e-5 / 3e-4)
     decay_fraction: float = 0.2  # wsd only: fraction of the stage spent decaying
+    # linear/cosine: the decay's length after warmup, when it is planned past the stage's end (CrystalCoder's
+    # phase 1 stopped at step 79,721 of a 294,337-step decay); null = the decay ends with the stage
+    decay_steps: int | None = None
 
 
 @dataclass

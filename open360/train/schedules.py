@@ -18,6 +18,7 @@ class Schedule:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
+    decay_steps: int | None = None  # linear/cosine: the decay's length after warmup (None: to the stage's end)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -31,6 +32,11 @@ class Schedule:
             raise ValueError(
                 f"schedule: min_lr_ratio={self.min_lr_ratio}, decay_fraction={self.decay_fraction}: "
                 "both must lie in [0, 1]"
+            )
+        if self.decay_steps is not None and (self.kind not in ("linear", "cosine") or self.decay_steps <= 0):
+            raise ValueError(
+                f"schedule: decay_steps={self.decay_steps} with kind={self.kind!r}: the length of a linear or "
+                "cosine decay after warmup, > 0 (null: the decay ends with the stage)"
             )
 
     def factor(self, step: int) -> float:
@@ -51,7 +57,7 @@ class Schedule:
                 return 1.0
             progress = min(1.0, (step - decay_start + 1) / max(1, self.total_steps - decay_start))
             return 1.0 - (1.0 - floor) * progress
-        span = max(1, self.total_steps - self.warmup_steps)
+        span = self.decay_steps or max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps + 1) / span)
         if self.kind == "cosine":
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -126,6 +132,7 @@ def build_stages(cfg: object) -> list[Stage]:
                 warmup_steps=int(sched.warmup_steps),
                 min_lr_ratio=float(sched.min_lr_ratio),
                 decay_fraction=float(sched.decay_fraction),
+                decay_steps=None if sched.get("decay_steps") is None else int(sched.decay_steps),
             )
         except ValueError as err:  # a stage's own schedule: name its key, not the unused top-level `schedule`
             if not cfg.stages:

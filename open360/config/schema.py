@@ -48,6 +48,7 @@ class ModelConfig:
     rope_interpolation_factor: float = 1.0  # position interpolation: positions are divided by it
     parallel_block: bool = False  # attention and MLP in parallel from one norm (phi / GPT-J)
     init_std: float = 0.02
+    init_truncation: float | None = None  # draw from a normal truncated at +-init_truncation std (CrystalCoder 2)
     mup: MupConfig = field(default_factory=MupConfig)
     activation_checkpointing: bool = False
     compile: bool = False

@@ -86,6 +86,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ValueError(f"{where}: {key}={getattr(cfg, key)!r} must be > 0 and finite")
     if not (_is_number(cfg.rotary_fraction) and 0.0 <= cfg.rotary_fraction <= 1.0):  # NaN included
         raise ValueError(f"{where}: rotary_fraction={cfg.rotary_fraction!r} must lie in [0, 1]")
+    if cfg.init_truncation is not None and not (_is_number(cfg.init_truncation) and 0 < cfg.init_truncation < math.inf):
+        raise ValueError(f"{where}: init_truncation={cfg.init_truncation!r} must be > 0 and finite (or null: none)")
     if cfg.mup.enabled:
         for key in ("base_width", "embedding_multiplier", "output_multiplier"):
             if not (_is_number(getattr(cfg.mup, key)) and 0 < getattr(cfg.mup, key) < math.inf):
@@ -375,20 +377,28 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) embeddings/head; hidden matrices init_std/sqrt(width_mult) (muP), residual
-        output projections further /sqrt(2*n_layers); biases 0; norm weights 1."""
+        output projections further /sqrt(2*n_layers); each normal truncated at +-init_truncation std when set
+        (CrystalCoder: 2, as Cerebras' truncated_normal(a=-2 std, b=2 std)); biases 0; norm weights 1."""
         cfg = self.cfg
         hidden_std = cfg.init_std / math.sqrt(self.width_mult)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+
+        def normal(weight: torch.Tensor, std: float) -> None:
+            if cfg.init_truncation is None:
+                nn.init.normal_(weight, std=std)
+            else:
+                bound = cfg.init_truncation * std
+                nn.init.trunc_normal_(weight, std=std, a=-bound, b=bound)
+
+        normal(self.embed.weight, cfg.init_std)
         if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+            normal(self.lm_head.weight, cfg.init_std)
         if self.lm_head_bias is not None:
             nn.init.zeros_(self.lm_head_bias)
         for block in self.blocks:
             for name, module in block.named_modules():
                 if isinstance(module, nn.Linear):
                     residual_out = name in ("attn.out", "mlp.down", "mlp.fc2")
-                    std = hidden_std / math.sqrt(2 * cfg.n_layers) if residual_out else hidden_std
-                    nn.init.normal_(module.weight, std=std)
+                    normal(module.weight, hidden_std / math.sqrt(2 * cfg.n_layers) if residual_out else hidden_std)
                     if module.bias is not None:
                         nn.init.zeros_(module.bias)
         for module in self.modules():

@@ -277,11 +277,15 @@ def test_resume_with_other_data_or_tokenizer_is_refused(tmp_path: Path, shards_r
         "checkpoint.policy=every_n",
         "trainer.resume=auto",
         "data.recipe=data_recipes/phi15_tiny.yaml",
+        f"data.shards_dir={tmp_path / 'other_shards'}",
     )
     assert other.returncode == 1, other.stderr[-3000:]
     assert "refusing to resume" in other.stderr
-    assert "data manifest hash" in other.stderr  # (a tokenizer-only change: tests/test_train_state.py)
+    assert "trained on shards embedded_tiny-" in other.stderr and "now makes phi15_tiny-" in other.stderr
     assert "Traceback" not in other.stderr
+    # refused before the other recipe's shards were built (hours at LLM360 size); a build of the same recipe
+    # name with other contents is refused by its manifest hash (tests/test_train_state.py)
+    assert not list((tmp_path / "other_shards").glob("phi15_tiny-*"))
 
 
 def test_init_from_checkpoint_starts_from_its_weights(tmp_path: Path, shards_root: Path) -> None:

@@ -54,6 +54,7 @@ from open360.train.progress import format_summary, peak_flops
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import (
     check_resume_compatible,
+    check_resume_recipe,
     check_rng_state,
     check_trainer_state,
     find_resume_checkpoint,
@@ -101,10 +102,9 @@ class ShardProvider:
 
         recipe = str(stage.recipe)  # build_shards resolves it (working directory, then repository root)
         if self.env.is_main:
-            from open360.data.build import planned_shard_dir
             from open360.tracking import pull_shards, version_shards
 
-            pull_shards(planned_shard_dir(recipe, self.shards_root, self.cfg.data.seed), self.workspace, self.cfg)
+            pull_shards(self.planned(stage), self.workspace, self.cfg)
             shard_dir = build_shards(
                 recipe, self.shards_root, self.cfg.data.seed, int(self.cfg.data.build_workers)
             )
@@ -116,6 +116,12 @@ class ShardProvider:
             )
         self.shard_dirs[stage.name] = Path(shard_dir)
         return Path(shard_dir)
+
+    def planned(self, stage: Stage) -> Path:
+        """The shard folder of a stage's recipe, known without building or pulling anything."""
+        from open360.data.build import planned_shard_dir
+
+        return planned_shard_dir(str(stage.recipe), self.shards_root, self.cfg.data.seed)
 
     def open(self, stage: Stage) -> StageData:
         """Open a stage's data: order, chunk ends as global steps, provenance for lineage.json (building,
@@ -375,8 +381,9 @@ def _recorded_init(checkpoint: Path, lineage: dict[str, Any], init_from: Path | 
     return recorded
 
 
-def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
-    """Load a checkpoint into the trainer after checking it fits the configured stages, data and tokenizer.
+def resume(trainer: Trainer, checkpoint: Path, planned: Callable[[Stage], Path] | None = None) -> dict[str, Any]:
+    """Load a checkpoint into the trainer after checking it fits the configured stages, data and tokenizer
+    (`planned`: a stage's shard folder, checked against the checkpoint's before any shards are built).
 
     Returns the callbacks' run metadata recorded in the checkpoint (e.g. the MLflow run id to continue).
     """
@@ -414,6 +421,8 @@ def resume(trainer: Trainer, checkpoint: Path) -> dict[str, Any]:
             "not have at that position; resume with the original `stages`"
         )
     check_architecture(checkpoint, OmegaConf.create(trainer.config_yaml).model, "trainer.resume")
+    if planned is not None:
+        check_resume_recipe(checkpoint, stage.name, str(stage.recipe), planned(stage))
     data = trainer.stage_data(stage)
     check_resume_compatible(
         checkpoint, stage.name, data.lineage["manifest_hash"], data.lineage["tokenizer_hash"]
@@ -549,7 +558,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
 
     branch: dict[str, Any] | None = None
     if resume_from is not None:
-        resumed_metadata = resume(trainer, resume_from)
+        resumed_metadata = resume(trainer, resume_from, shards.planned)
         lineage_base["resumed_from"] = {  # where this run's optimizer, data position and RNG came from
             "checkpoint": str(Path(resume_from).resolve()),
             "run_name": resumed_lineage.get("run_name"),

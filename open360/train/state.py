@@ -208,3 +208,20 @@ def check_resume_compatible(
             "The run must continue on the exact shards it started on: restore the original data recipe, "
             "data.seed and tokenizer, or start a new run (different run_name, trainer.resume=none)."
         )
+
+
+def check_resume_recipe(checkpoint: Path, stage_name: str, recipe: str, planned_dir: Path) -> None:
+    """Refuse, before any shards are built, to resume a stage whose recipe (or data.seed) now names another
+    shard folder than the checkpoint trained on: the folder's name carries the recipe's hash, so these are
+    other shards, which `check_resume_compatible` refuses too, but only after they were built (hours at
+    LLM360 size)."""
+    data = read_lineage(checkpoint).get("data", {})
+    recorded = data.get("shard_dir")
+    if data.get("stage") != stage_name or not isinstance(recorded, str) or Path(recorded).name == planned_dir.name:
+        return
+    raise CheckpointError(
+        f"refusing to resume from {checkpoint}: stage {stage_name!r} trained on shards {Path(recorded).name}, "
+        f"its recipe {recipe} (with data.seed) now makes {planned_dir.name} (another recipe hash: other data). "
+        "The run must continue on the exact shards it started on: restore the original data recipe and "
+        "data.seed, or start a new run (different run_name, trainer.resume=none)."
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,16 @@ def temp_siblings_of(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f".tmp-*-{glob.escape(path.name)}") if name.fullmatch(p.name))
 
 
+def replace_together(writers: dict[Path, Callable[[Path], object]]) -> None:
+    """Write each file by its writer to a temporary sibling, then rename them all into place
+    (`replaced_atomically`): a failure or Ctrl-C while they are written leaves the previous files as they
+    were, none truncated or half replaced (only the renames at the end, each atomic, are not one step)."""
+    with contextlib.ExitStack() as stack:
+        for path, write in writers.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(stack.enter_context(replaced_atomically(path)))
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (flock) on `path`, held while the block runs."""
@@ -72,6 +82,25 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` (`tmp`, else `temp_sibling(path)`) to write; when the block ends,
+    flush it to the disk and rename it over `path`. On a failure (a full disk, Ctrl-C) it is removed, so
+    `path` keeps what it held and no partial copy holds the space; an OSError is raised naming `path` (a
+    write's own error, pyarrow's too, names no file)."""
+    tmp = temp_sibling(path) if tmp is None else tmp
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            message = f"{path}: could not be written ({err})"
+            raise (OSError(message) if err.errno is None else OSError(err.errno, message)) from err
+        raise
 
 
 def fsync_file(path: Path) -> None:

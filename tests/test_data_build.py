@@ -152,8 +152,10 @@ def test_temporary_names_differ_between_workers_with_the_same_pid(monkeypatch: p
 
 
 def test_interrupted_build_is_never_referenced_and_resumes(
-    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from open360.data.cli import build_main
+
     real = build_mod.write_rows
     calls = {"n": 0}
 
@@ -164,8 +166,10 @@ def test_interrupted_build_is_never_referenced_and_resumes(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(build_mod, "write_rows", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        build_shards(RECIPE, tmp_path, seed=1234)
+    args = ["--recipe", RECIPE, "--seed", "1234", "--shards-root", str(tmp_path), "--workers", "1", "--no-progress"]
+    assert build_main(args) == 130  # Ctrl-C: one line, not a traceback
+    err = capsys.readouterr().err
+    assert err.startswith("open360 data build: interrupted; run the same command again") and "Traceback" not in err
     out = tmp_path / tiny.name
     assert not (out / "manifest.json").exists()
     with pytest.raises(ShardError, match="no manifest.json"):
@@ -177,6 +181,39 @@ def test_interrupted_build_is_never_referenced_and_resumes(
     assert build_shards(RECIPE, tmp_path, seed=1234) == out
     assert _files(out) == _files(tiny)
     assert not list(out.glob(".tmp-*"))
+
+
+def test_a_full_disk_names_the_file_keeps_the_chunks_written_and_leaves_no_temporary_file(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`open360 data build` on a disk that fills up while chunk 2 is written: one line naming that file
+    (pyarrow's own error names none), the chunks before it stay, its half-written temporary file is removed
+    (it held the space the disk lacks), and the same command then finishes the build."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from open360.data.cli import build_main
+
+    real, writes = pq.ParquetWriter, []
+
+    class DiskFillsUp(real):  # type: ignore[misc,valid-type]
+        def write_table(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            writes.append(1)
+            if len(writes) == 3:
+                raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+            super().write_table(*args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetWriter", DiskFillsUp)
+    args = ["--recipe", RECIPE, "--seed", "1234", "--shards-root", str(tmp_path), "--workers", "1", "--no-progress"]
+    assert build_main(args) == 1
+    out = tmp_path / tiny.name
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and f"{out / 'train_00002.parquet'}: could not be written" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["train_00000.parquet", "train_00001.parquet"]
+    monkeypatch.setattr(pq, "ParquetWriter", real)
+    assert build_main(args) == 0
+    assert _files(out) == _files(tiny)
 
 
 def test_a_chunk_of_another_seed_is_refused_and_built_again(tiny: Path, tmp_path: Path) -> None:

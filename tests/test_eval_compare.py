@@ -114,6 +114,19 @@ def test_a_wrong_workspace_or_run_name_is_named_and_creates_nothing(sweep, tmp_p
     assert run_config(NoArtifacts(), Run()) == {"model": {"n_kv_heads": None, "d_model": 64}, "name": None}
 
 
+def test_a_damaged_mlflow_store_is_named_in_one_line_and_left_as_it_was(tmp_path, capsys):
+    """A mlflow.db that is not an SQLite file (a truncated copy, a bad download) was a SQLAlchemy traceback."""
+    from open360.analysis.compare import main
+
+    damaged = bytes(range(256)) * 20
+    (tmp_path / "mlflow.db").write_bytes(damaged)
+    assert main(["runs=[a]", f"workspace={tmp_path}", f"out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("open360.analysis.compare: tracking_uri=sqlite:///mlflow.db: the MLflow store ")
+    assert "mlflow.db is unreadable (DatabaseError" in err and "Traceback" not in err
+    assert (tmp_path / "mlflow.db").read_bytes() == damaged and not (tmp_path / "out").exists()
+
+
 def test_a_config_rebuilt_from_params_reads_exponent_floats_and_gives_the_flops():
     """MLflow params hold str(value): norm_eps 1e-06 is "1e-06", which YAML 1.1 reads as a string; the
     rebuilt model config then failed FLOP counting with a TypeError."""
@@ -174,6 +187,53 @@ def test_runs_of_different_tokenizers_are_compared_with_a_warning(tmp_path, monk
             assert "Warning" not in report and "warning" not in err
         else:
             assert f"the runs tokenize differently ({says})" in report and says in err
+
+
+def two_runs(monkeypatch) -> None:
+    """Runs "a" and "b" of one tokenizer, read from no MLflow store."""
+    import open360.analysis.compare as compare
+
+    def curve(client, cfg, name):
+        flops, loss = {"a": (1e12, 3.0), "b": (1e13, 2.5)}[name]
+        df = pd.DataFrame({"run": name, "step": [1], "loss": [loss], "tokens": [1e6], "flops": [flops], "wall_s": [1.0]})
+        return df, {"run": name, "run_id": name, "params": 10**6, "flops_per_token": flops / 1e6, "steps": 1,
+                    "tokens": 1e6, "flops": flops, "wall_s": 1.0, "final_loss": loss, "vocab_size": 4096,
+                    "tokenizer": None}
+
+    monkeypatch.setattr(compare, "_client", lambda uri, ws: None)
+    monkeypatch.setattr(compare, "load_run_curve", curve)
+
+
+def test_the_printed_report_path_is_where_the_report_is(tmp_path, monkeypatch, capsys):
+    """workspace=~/ws: the report went to $HOME/ws/analysis/compare, but the CLI printed <cwd>/~/ws/... ."""
+    from open360.analysis.compare import main
+
+    two_runs(monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["runs=[a,b]", "workspace=~/ws"]) == 0
+    report = tmp_path / "ws" / "analysis" / "compare" / "compare.md"
+    assert report.is_file() and f", {report}\n" in capsys.readouterr().out
+
+
+def test_a_failure_while_writing_leaves_the_previous_outputs_whole(tmp_path, monkeypatch):
+    """compare.parquet, its summary, the plot and compare.md are one result: a failure (or Ctrl-C) while they
+    are written left a new table beside the old report; now they replace the previous ones together."""
+    import open360.analysis.compare as compare
+
+    two_runs(monkeypatch)
+    out = tmp_path / "out"
+    compare_runs(CompareConfig(runs=["a", "b"], workspace=str(tmp_path), out_dir=str(out)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"compare.parquet", "compare_summary.parquet", "compare.png", "compare.md"}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "plot_race", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare_runs(CompareConfig(runs=["a"], workspace=str(tmp_path), out_dir=str(out)))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_a_fine_tune_is_placed_at_its_base_compute_plus_its_own(tmp_path, capsys):

@@ -527,6 +527,35 @@ def test_a_table_of_another_run_is_not_taken_for_this_ones(tmp_path):
     assert len(previous_results(parquet, EvaluateConfig(run="a", tasks=[]), [10])) == 2
 
 
+def test_a_full_disk_keeps_the_table_and_its_settings_as_they_were(tmp_path, monkeypatch, capsys):
+    """eval.parquet cannot be written (ENOSPC) by a recompute=true with other settings: the table and its settings
+    stay as last written together (the new settings beside the old rows made the next run take those rows, computed
+    with the old settings, for done), no temporary file is left, and the command says which file, in one line."""
+    import errno
+
+    from open360.analysis import evaluate as ev
+    from open360.analysis.eval_cli import report_errors
+
+    parquet = tmp_path / "eval.parquet"
+    row = dict(zip(ev.COLUMNS, ["r", 10, 100, "val", "code", "loss", 1.0, None], strict=True))
+    ev.write_table(pd.DataFrame(columns=ev.COLUMNS), [row], parquet, EvaluateConfig(run="r", tasks=[]))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = EvaluateConfig(run="r", tasks=[], val_sequences=8, recompute=True)
+
+    def disk_full(self, path, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", disk_full)
+    rows = [{**row, "value": 2.0}]
+    assert report_errors("prog", lambda: ev.write_table(pd.DataFrame(columns=ev.COLUMNS), rows, parquet, other)) == 2
+    err = capsys.readouterr().err
+    assert f"prog: [Errno 28] {parquet}: could not be written" in err and "No space left" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="other settings"):  # not taken for rows of val_sequences=8
+        ev.previous_results(parquet, dataclasses.replace(other, recompute=False), [10])
+
+
 @pytest.mark.parametrize("text", ['{"recipe": nu', "[]"])
 def test_a_damaged_settings_file_is_named(tmp_path, text):
     from open360.analysis.evaluate import COLUMNS, previous_results, settings_file, write_table

@@ -97,6 +97,21 @@ def test_passkey_prompts_fit_their_length_and_hide_the_key():
         passkey_trials(tok, 30, n=1)
 
 
+def test_passkey_prompts_hold_no_special_tokens_of_a_post_processor():
+    """A hub tokenizer such as LLaMA's (AMBER's) adds <s> to every encode: the shards are tokenized without
+    it, so the prompt must be too — else <s> sits before every filler piece and before each answer, and
+    greedy retrieval would have to predict <s> after the question."""
+    from tokenizers import processors
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens(["<s>"])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    for t in passkey_trials(tok, 400, n=3, candidates=4, seed=1):
+        assert bos not in t.prompt and all(bos not in a for a in t.answers)
+        assert tok.decode(t.answers[0], skip_special_tokens=False).strip().isdigit()
+
+
 def test_teacher_forced_passkey_check_equals_greedy_generation():
     tok = byte_tokenizer()
     model = tiny_model(vocab_size=tok.get_vocab_size(), max_seq_len=256)
@@ -366,3 +381,36 @@ def test_finetune_records_its_init_checkpoint_in_the_run_config(tmp_path, monkey
     cfg.trainer.init_from = str(tmp_path / "other")
     with pytest.raises(ValueError, match="name different checkpoints"):
         long_context.finetune_pi(cfg, init)
+
+
+def test_a_failure_while_writing_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    """long_context.parquet, the plot and long_context.md are one comparison: a failure (or Ctrl-C) while they
+    were written left the new table beside the previous run's report; now they replace the old ones together."""
+    import open360.analysis.long_context as long_context
+    import open360.checkpoint.io
+
+    configs = {"base": compose(["+experiment=amber_tiny_pi_base"]), "ft": compose(["+experiment=amber_tiny_pi"])}
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(long_context, "resolve_checkpoint", lambda spec, workspace: tmp_path / spec)
+    monkeypatch.setattr(long_context, "check_fine_tuned_from", lambda base, ft: None)
+    monkeypatch.setattr(open360.checkpoint.io, "load_model_from_checkpoint", lambda p, device: (None, configs[p.name]))
+    monkeypatch.setattr(open360.checkpoint.io, "read_lineage", lambda p: {})
+    monkeypatch.setattr(long_context, "evaluation_shards", lambda *args: tmp_path)
+    monkeypatch.setattr(long_context, "held_out_sequences", lambda *args: np.zeros((1, 513), dtype=np.int64))
+    ppl = {"a": 900.0, "b": 60.0, "c": 20.0}
+    monkeypatch.setattr(long_context, "compare_variants", lambda *args: pd.DataFrame(
+        [dict(variant=v, description="", metric=m, value=x) for v, x in ppl.items()
+         for m in ("ppl[0,512)", "ppl_all", "ppl_at_context")]))
+    cfg = long_context.LongContextConfig(base="base", finetuned="ft", workspace=str(tmp_path), out_dir=str(tmp_path / "out"))
+    long_context.run_long_context(cfg)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert set(before) == {"long_context.parquet", "long_context_ppl.png", "long_context.md"}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    ppl["c"] = 2000.0
+    monkeypatch.setattr(long_context, "plot_ppl_by_position", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        long_context.run_long_context(cfg)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

@@ -876,6 +876,37 @@ def test_a_full_disk_and_an_interrupt_keep_the_cells_written(
     assert "interrupted; the cells written so far are kept" in capsys.readouterr().err
 
 
+def test_a_summary_the_full_disk_cuts_short_names_its_file_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """summary.parquet cannot be written (ENOSPC): the error names it (pyarrow's names no file), the summary
+    before stays, and no half-written temporary file is left holding the space."""
+    import errno
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from open360.analysis.memorization.cells import write_cell
+    from open360.analysis.memorization.report import merge_cells
+
+    columns = {"step": [20], "chunk": [0], "row": [0], "seq_id": [0], "matched": [32], "score": [1.0],
+               "prefix_match": [32], "seen": [True]}
+    cell = pa.table(columns).replace_schema_metadata({"open360.memorization": json.dumps({"step": 20, "chunk": 0})})
+    write_cell(cell_path(tmp_path, 20, 0), cell)
+    summary = merge_cells(tmp_path)
+    assert summary is not None
+    before = summary.read_bytes()
+    write_cell(cell_path(tmp_path, 20, 1), cell.replace_schema_metadata({"open360.memorization": json.dumps({"step": 20, "chunk": 1})}))
+
+    def disk_full(self: Any, path: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", disk_full)
+    with pytest.raises(OSError, match=f"{summary}: could not be written .*No space left on device"):
+        merge_cells(tmp_path)
+    assert summary.read_bytes() == before and not list(tmp_path.glob(".tmp*"))
+
+
 def test_shards_are_matched_by_content_and_tokenizer(trained_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
     """A copy of the run's shards elsewhere (a clone) is the run's data: what a checkpoint saw is found by
     manifest hash, not folder path. Shards of another tokenizer are refused. Two stages over the same

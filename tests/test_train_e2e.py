@@ -431,6 +431,28 @@ def test_a_workspace_without_dvc_is_one_line(tmp_path: Path, shards_root: Path) 
     assert "not a DVC repository" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_a_full_disk_while_the_shards_are_built_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """The main job on a disk that fills up while it writes its first shard: one line naming that file, not
+    pyarrow's traceback that names none, and no half-written shard left."""
+    fill_up = (
+        "import errno, runpy, sys\n"
+        "import pyarrow.parquet as pq\n"
+        "class DiskFull(pq.ParquetWriter):\n"
+        "    def write_table(self, *args, **kwargs):\n"
+        "        raise OSError(errno.ENOSPC, 'Error writing bytes to file. Detail: [errno 28] No space left on device')\n"
+        "pq.ParquetWriter = DiskFull\n"
+        "sys.argv[0] = 'open360.train'\n"
+        "runpy.run_module('open360.train', run_name='__main__')\n"
+    )
+    cmd = _cmd("amber_tiny", tmp_path, tmp_path / "shards", "data.build_workers=1")
+    proc = subprocess.run([sys.executable, "-c", fill_up, *cmd[3:]], cwd=REPO_ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=900)
+    (shard_dir,) = (tmp_path / "shards").glob("embedded_tiny-*")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no space left on the device ([Errno 28] {shard_dir / 'train_00000.parquet'}: could not be written" in proc.stderr
+    assert list(shard_dir.iterdir()) == []
+
+
 def test_a_branch_journal_left_by_a_crash_is_finished_before_a_run_without_dvc(tmp_path: Path, shards_root: Path) -> None:
     """A crash right after journaling a branch from step 2: the next run (tracking off) first moves the
     replaced checkpoints aside, then resumes from step 2, not from the replaced step 6."""

@@ -18,8 +18,10 @@ import yaml
 from omegaconf import MISSING
 
 from open360.analysis.eval_cli import report_errors, run_cli
+from open360.paths import replace_together
 
 COMPARE_PARQUET = "compare.parquet"
+COMPARE_SUMMARY = "compare_summary.parquet"
 COMPARE_PLOT = "compare.png"
 COMPARE_REPORT = "compare.md"
 CONFIG_ARTIFACT = "config/config.yaml"
@@ -53,6 +55,7 @@ def _client(tracking_uri: str, workspace: Path) -> Any:
 
     from open360.tracking.mlflow_logger import resolve_tracking_uri
     from open360.tracking.mlflow_records import missing_sqlite_file
+    from open360.tracking.params import mask_value
 
     uri = resolve_tracking_uri(tracking_uri, workspace)
     if file := missing_sqlite_file(uri):  # opening it would create an empty store
@@ -60,7 +63,16 @@ def _client(tracking_uri: str, workspace: Path) -> Any:
             f"{file}: no MLflow store there (tracking_uri={tracking_uri}, workspace={workspace}); "
             "give the workspace the runs were trained in, or their tracking_uri="
         )
-    return MlflowClient(tracking_uri=uri)
+    try:  # a damaged or locked sqlite file, a store MLflow refuses to open: one line, before any run is read
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MlflowException, SQLAlchemy errors, OSError
+        first = mask_value(str(err)).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise ValueError(
+            f"tracking_uri={mask_value(tracking_uri)}: the MLflow store {mask_value(uri)} is unreadable "
+            f"({type(err).__name__}: {first}); repair or unlock it, or give the runs' tracking_uri="
+        ) from None
+    return client
 
 
 def find_run(client: Any, experiment: str, run_name: str) -> Any:
@@ -297,6 +309,11 @@ def markdown_report(summaries: pd.DataFrame, fit: dict[str, float] | None, devic
     return "\n".join(lines) + "\n"
 
 
+def output_dir(cfg: CompareConfig) -> Path:
+    """Where the report goes: `out_dir`, else <workspace>/analysis/<name>."""
+    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).expanduser().resolve() / "analysis" / cfg.name
+
+
 def compare_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the runs from MLflow, write compare.parquet, compare.png and compare.md; (curves, summaries)."""
     if not cfg.runs:
@@ -318,13 +335,14 @@ def compare_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     fit = None
     if cfg.fit and len(summaries) >= 2 and summaries["flops"].nunique() >= 2:
         fit = fit_power_law(summaries["flops"], summaries["final_loss"])
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / cfg.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    curves.to_parquet(out_dir / COMPARE_PARQUET, index=False)
-    summaries.to_parquet(out_dir / "compare_summary.parquet", index=False)
-    plot_race(curves, summaries, out_dir / COMPARE_PLOT, cfg.smooth, fit, cfg.devices)
-    report = markdown_report(summaries, fit, cfg.devices)
-    (out_dir / COMPARE_REPORT).write_text(report + (f"\n**Warning**: {warning}.\n" if warning else ""))
+    out_dir = output_dir(cfg)
+    report = markdown_report(summaries, fit, cfg.devices) + (f"\n**Warning**: {warning}.\n" if warning else "")
+    replace_together({
+        out_dir / COMPARE_PARQUET: lambda p: curves.to_parquet(p, index=False),
+        out_dir / COMPARE_SUMMARY: lambda p: summaries.to_parquet(p, index=False),
+        out_dir / COMPARE_PLOT: lambda p: plot_race(curves, summaries, p, cfg.smooth, fit, cfg.devices),
+        out_dir / COMPARE_REPORT: lambda p: p.write_text(report),
+    })
     return curves, summaries
 
 
@@ -336,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def job() -> int:
         _, summaries = compare_runs(cfg)
-        out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).resolve() / "analysis" / cfg.name
+        out = output_dir(cfg)
         print(summaries.to_string(index=False))
         print(f"open360.compare: {out / COMPARE_PLOT}, {out / COMPARE_REPORT}")
         return 0

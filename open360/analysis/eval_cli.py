@@ -60,11 +60,11 @@ def run_cli(schema: type[T], argv: Sequence[str] | None, prog: str, doc: str) ->
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """What bad input raises (a missing run or file, an unknown step or source, a damaged checkpoint or
-    shard, a DVC failure): reported in one line, exit status 2, instead of a traceback."""
+    shard, a DVC failure, a full disk): reported in one line, exit status 2, instead of a traceback."""
     from open360.checkpoint.io import CheckpointError
     from open360.tracking.dvc_versioning import VersioningError
 
-    return (FileNotFoundError, LookupError, ValueError, CheckpointError, VersioningError)
+    return (OSError, LookupError, ValueError, CheckpointError, VersioningError)
 
 
 def report_errors(prog: str, job: Callable[[], int]) -> int:

@@ -6,7 +6,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig
 
 from open360.analysis.eval_cli import report_errors, run_cli
-from open360.paths import resolve_repo_path, resolve_workspace_path
+from open360.paths import replaced_atomically, resolve_repo_path, resolve_workspace_path
 
 DEFAULT_TASK_DIR = "analysis/tasks"
 EVAL_PARQUET = "eval.parquet"
@@ -566,12 +565,12 @@ def write_table(previous: pd.DataFrame, rows: list[dict], parquet: Path, cfg: Ev
     frames = [f for f in (previous, new) if not f.empty]
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else new)
     df = df.sort_values(["step", "kind", "name", "metric"]).reset_index(drop=True)
-    settings = settings_file(parquet)
-    tmp_settings, tmp_table = (p.with_name(f".tmp-{os.getpid()}-{p.name}") for p in (settings, parquet))
-    tmp_settings.write_text(json.dumps(eval_settings(cfg), indent=1, sort_keys=True) + "\n")
-    df.to_parquet(tmp_table, index=False)
-    os.replace(tmp_settings, settings)
-    os.replace(tmp_table, parquet)
+    # the table first: the settings replaced and then a full disk for the table left the old rows under the new
+    # settings, which the next run took for done
+    with replaced_atomically(parquet) as tmp:
+        df.to_parquet(tmp, index=False)
+    with replaced_atomically(settings_file(parquet)) as tmp:
+        tmp.write_text(json.dumps(eval_settings(cfg), indent=1, sort_keys=True) + "\n")
     return df
 
 

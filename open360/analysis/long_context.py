@@ -24,7 +24,7 @@ from open360.analysis.evaluate import (
     shard_dir_for,
     trained_shard_dir,
 )
-from open360.paths import resolve_workspace_path
+from open360.paths import replace_together, resolve_workspace_path
 
 LONG_CONTEXT_PARQUET = "long_context.parquet"
 LONG_CONTEXT_REPORT = "long_context.md"
@@ -153,8 +153,8 @@ def passkey_trials(tokenizer: Any, length: int, n: int, candidates: int = 10, se
     """`n` passkey prompts of (at most) `length` tokens incl. the answer, keys of 5 digits, random depth."""
     rng = np.random.default_rng([seed, length])
 
-    def enc(text: str) -> list[int]:
-        return list(tokenizer.encode(text).ids)
+    def enc(text: str) -> list[int]:  # as the shards were tokenized: no BOS/EOS a post-processor would add
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
     intro, filler, question = enc(PASSKEY_INTRO), enc(PASSKEY_FILLER), enc(PASSKEY_QUESTION)
     trials = []
@@ -386,12 +386,13 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
                           cfg.passkey_lengths, cfg.passkey_trials, cfg.passkey_candidates, cfg.batch_size,
                           cfg.device, cfg.seed, stride)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / str(ft_cfg.run_name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(out_dir / LONG_CONTEXT_PARQUET, index=False)
-    plot_ppl_by_position(df, out_dir / LONG_CONTEXT_PLOT, base_context)
     shown = [p.relative_to(workspace) if p.is_relative_to(workspace) else p for p in (base_ckpt, ft_ckpt)]
     report = markdown_report(df, *shown, base_context, context, stride, ft_factor)
-    (out_dir / LONG_CONTEXT_REPORT).write_text(report + f"\n![perplexity by position]({LONG_CONTEXT_PLOT})\n")
+    replace_together({
+        out_dir / LONG_CONTEXT_PARQUET: lambda p: df.to_parquet(p, index=False),
+        out_dir / LONG_CONTEXT_PLOT: lambda p: plot_ppl_by_position(df, p, base_context),
+        out_dir / LONG_CONTEXT_REPORT: lambda p: p.write_text(report + f"\n![perplexity by position]({LONG_CONTEXT_PLOT})\n"),
+    })
     print(report)
     return df
 

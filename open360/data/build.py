@@ -41,7 +41,7 @@ from open360.data.shards import (
 )
 from open360.data.sources import input_fingerprint
 from open360.data.tokenizer import TokenizerMismatchError, obtain_tokenizer, tokenizer_bytes_hash
-from open360.paths import file_lock
+from open360.paths import file_lock, replaced_atomically
 
 PARTS_DIR = ".parts"
 
@@ -521,9 +521,5 @@ def _atomic_write(path: Path, text: str, tmp_prefix: str = ".tmp") -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes, tmp_prefix: str = ".tmp") -> None:
-    tmp = path.with_name(f"{tmp_prefix}-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replaced_atomically(path, path.with_name(f"{tmp_prefix}-{os.getpid()}-{path.name}")) as tmp:
+        tmp.write_bytes(data)

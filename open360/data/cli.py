@@ -133,7 +133,7 @@ def build_main(argv: Sequence[str] | None = None) -> int:
 
 def _reported(prog: str, run: Callable[[], int], where: str | None = None) -> int:
     """Run a verb; bad input (a recipe, shard or tokenizer error, a missing file, a full disk) is one
-    line naming what and where, exit status 1, instead of a traceback."""
+    line naming what and where, exit status 1, instead of a traceback; so is Ctrl-C (exit status 130)."""
     try:
         return run()
     except (ValueError, OSError, KeyError, IndexError) as err:
@@ -142,6 +142,10 @@ def _reported(prog: str, run: Callable[[], int], where: str | None = None) -> in
             text = f"no space left on the device{f' under {Path(where).resolve()}' if where else ''} ({err})"
         print(f"{prog}: {text}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again (a build goes on from the sources it has "
+              "prepared, and no shard folder is complete before its manifest.json)", file=sys.stderr)
+        return 130
 
 
 def _build(args: argparse.Namespace, recipe: str, seed: int | None) -> int:

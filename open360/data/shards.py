@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from open360.data.recipe import READABLE_FORMATS, canonical_json
 from open360.data.tokenizer import TokenizerMismatchError, tokenizer_bytes_hash
-from open360.paths import fsync_file
+from open360.paths import replaced_atomically
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -71,12 +71,13 @@ def write_rows(
         ],
         metadata={RECIPE_HASH_KEY: recipe_hash, FILE_KEY: path.name},
     )
-    tmp = path.with_name(f"{tmp_prefix}-{os.getpid()}-{path.name}")
     h = hashlib.sha256()
     all_sources: list[str] = []
     group_hashes: list[str] = []
     n = 0
-    with pq.ParquetWriter(
+    tmp = path.with_name(f"{tmp_prefix}-{os.getpid()}-{path.name}")
+    # on disk before the manifest, written after it, marks the shard folder complete
+    with replaced_atomically(path, tmp), pq.ParquetWriter(
         tmp, schema, compression="zstd", write_statistics=False, write_page_checksum=True
     ) as writer:
         for tokens, sources in blocks:
@@ -98,8 +99,6 @@ def write_rows(
             all_sources.extend(sources)
             n += k
     h.update("\n".join(all_sources).encode("utf-8"))
-    fsync_file(tmp)  # on disk before the manifest, written after it, marks the shard folder complete
-    os.replace(tmp, path)
     return h.hexdigest(), group_hashes, n
 
 

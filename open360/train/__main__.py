@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -97,6 +98,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(143 if why == "SIGTERM" else 130)
     except (TrainingError, CheckpointError, TrackingError, VersioningError) as err:
         print(f"open360.train: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # a full disk while the shards are built
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"open360.train: no space left on the device ({err}); what was saved is kept — free space and run "
+              "again (with trainer.resume=auto if the run saved checkpoints)", file=sys.stderr)
         sys.exit(1)
     except ValueError as err:  # a config value out of range (checkpoint.every=0, schedule.kind=foo, ...)
         print(f"open360.train: {type(err).__name__}: {err}", file=sys.stderr)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from open360.paths import replaced_atomically
+
 SUMMARY_FILE = "summary.parquet"
 SCORES_FILE = "scores.parquet"
 FIGURES = {
@@ -110,9 +112,8 @@ def _same_scores(path: Path, summary: Any) -> bool:
 
 
 def _atomic_parquet(df: Any, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def _pick(values: list[int], most: int) -> list[int]:

@@ -648,12 +648,13 @@ def test_a_kept_sample_is_on_disk_before_its_name_is(tmp_path: Path, monkeypatch
     """A crash (power loss) after the rename must not leave a named file whose bytes never reached the disk: the
     temp file is fsynced before it is renamed into place."""
     import open360.analysis.memorization.sample_cache as sample_cache
+    import open360.paths as paths  # its atomic writer (replaced_atomically)
 
     events: list[str] = []
-    real_fsync, real_replace = sample_cache.fsync_file, sample_cache.os.replace
-    monkeypatch.setattr(sample_cache, "fsync_file", lambda p: (events.append(f"fsync {Path(p).name}"), real_fsync(p)))
-    monkeypatch.setattr(sample_cache.os, "replace", lambda a, b: (events.append(f"rename {Path(a).name}"),
-                                                                 real_replace(a, b)))
+    real_fsync, real_replace = paths.fsync_file, paths.os.replace
+    monkeypatch.setattr(paths, "fsync_file", lambda p: (events.append(f"fsync {Path(p).name}"), real_fsync(p)))
+    monkeypatch.setattr(paths.os, "replace", lambda a, b: (events.append(f"rename {Path(a).name}"),
+                                                          real_replace(a, b)))
     path = tmp_path / "chunk_00000.npz"
     sample_cache.save_sample(path, np.arange(20, dtype=np.int64), np.zeros((20, 12), dtype=np.int32))
     assert len(events) == 2 and events[0].startswith("fsync .tmp-") and events[1] == "rename" + events[0][5:]

@@ -4,12 +4,12 @@ interrupted move is finished by whoever next looks at the run (a resume, `ckpt l
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from open360.checkpoint.io import fsync_dir, fsync_file, list_checkpoints
+from open360.checkpoint.io import fsync_dir, list_checkpoints
+from open360.paths import replaced_atomically
 
 PENDING_GLOB = ".branch-pending-*.json"
 
@@ -46,10 +46,8 @@ def write_pending_branch(recovery_dir: Path, step: int, folder: str) -> Path:
     recovery_dir = Path(recovery_dir)
     recovery_dir.mkdir(parents=True, exist_ok=True)
     marker = recovery_dir / PENDING_GLOB.replace("*", folder)
-    tmp = marker.with_name(f".tmp-{os.getpid()}-{marker.name}")
-    tmp.write_text(json.dumps({"from_step": int(step), "superseded": folder}))
-    fsync_file(tmp)  # on disk, whole, before anything moves: a power cut must not leave an empty journal entry
-    os.replace(tmp, marker)
+    with replaced_atomically(marker) as tmp:  # on disk, whole, before anything moves: a power cut must not
+        tmp.write_text(json.dumps({"from_step": int(step), "superseded": folder}))  # leave an empty entry
     fsync_dir(recovery_dir)
     return marker
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from open360.data.filters import normalize
 from open360.data.recipe import RecipeSpec, canonical_json, recipe_to_dict
 from open360.data.sources import input_fingerprint, read_source
-from open360.paths import resolve_repo_path, temp_sibling
+from open360.paths import replaced_atomically, resolve_repo_path
 
 _SOURCE_READ_KEYS = (
     "type",
@@ -125,9 +124,8 @@ def obtain_tokenizer(recipe: RecipeSpec, cache_dir: Path) -> bytes:
             return cached.read_bytes()
         data = train_bpe(recipe).to_str().encode("utf-8")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(cached)
-        tmp.write_bytes(data)
-        os.replace(tmp, cached)
+        with replaced_atomically(cached) as tmp:
+            tmp.write_bytes(data)
         return data
     if tok.token_to_id(spec.eos_token) is None:
         raise ValueError(

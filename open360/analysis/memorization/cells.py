@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import numpy as np
 from open360.analysis.memorization.checkpoints import run_checkpoint_dir
 from open360.analysis.memorization.engine import DTYPES
 from open360.analysis.memorization.job_config import MemorizationJobConfig, MemorizationJobError
-from open360.paths import fsync_file
+from open360.paths import replaced_atomically
 
 CELL_RE_FMT = "step_{step}-chunk_{chunk:05d}.parquet"
 
@@ -29,16 +28,13 @@ def write_cell(path: Path, table: Any) -> None:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        pq.write_table(table, tmp, compression="zstd")
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        with replaced_atomically(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise MemorizationJobError(
-            f"{path}: could not write the cell ({err}); the cells already written are kept - free disk "
-            "space and run the same command again"
+            f"{path}: could not write the cell ({err.__cause__ or err}); the cells already written are kept - "
+            "free disk space and run the same command again"
         ) from err
 
 

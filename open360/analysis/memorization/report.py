@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,32 +58,27 @@ def merge_cells(out_dir: Path, cells: list[tuple[int, int]] | None = None) -> Pa
     l_val = _cell_meta(files[0]).get("l", 32)
     nan = float("nan")
     rows = []
-    tmp = out_dir / f".tmp-{SCORES_FILE}-{os.getpid()}"
-    writer = None
-    try:
-        for f in files:
-            meta = _cell_meta(f)
-            table = pq.read_table(f, columns=SCORE_COLUMNS).replace_schema_metadata(None)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.cast(writer.schema))
-            score, matched, seen = (table[c].to_numpy(zero_copy_only=False) for c in ("score", "matched", "seen"))
-            n = len(score)
-            rows.append({
-                **{key: meta.get(key) for key in ("step", "chunk", "mode", "tokens_seen", "seconds", "chunk_size")},
-                "n": n,
-                "token_match": float(score.astype(np.float64).mean()) if n else nan,
-                "full_match": float((matched == l_val).mean()) if n else nan,
-                "seen_fraction": float(seen.mean()) if n else nan,
-            })
-        writer.close()
+    with replaced_atomically(out_dir / SCORES_FILE) as tmp:
         writer = None
-        os.replace(tmp, out_dir / SCORES_FILE)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        try:
+            for f in files:
+                meta = _cell_meta(f)
+                table = pq.read_table(f, columns=SCORE_COLUMNS).replace_schema_metadata(None)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                score, matched, seen = (table[c].to_numpy(zero_copy_only=False) for c in ("score", "matched", "seen"))
+                n = len(score)
+                rows.append({
+                    **{key: meta.get(key) for key in ("step", "chunk", "mode", "tokens_seen", "seconds", "chunk_size")},
+                    "n": n,
+                    "token_match": float(score.astype(np.float64).mean()) if n else nan,
+                    "full_match": float((matched == l_val).mean()) if n else nan,
+                    "seen_fraction": float(seen.mean()) if n else nan,
+                })
+        finally:
+            if writer is not None:
+                writer.close()
     summary = pd.DataFrame(rows).sort_values(["step", "chunk"]).reset_index(drop=True)
     if not _same_scores(out_dir / SUMMARY_FILE, summary):  # the report there describes other cells
         for name in REPORT_FILES:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from open360.paths import fsync_file, temp_sibling
+from open360.paths import replaced_atomically
 
 
 def sample_file(samples_dir: Path, chunk: int) -> Path:
@@ -38,15 +36,10 @@ def save_sample(path: Path, rows: np.ndarray, tokens: np.ndarray) -> None:
     """Keep `rows` and their `tokens` at `path` (temp file, fsync, rename: a reader sees all or nothing; the
     temp name is no other writer's, ranks of other hosts included). A failure (disk full) only warns: the job
     scores from the shards as before."""
-    tmp = temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, rows=np.asarray(rows, dtype=np.int64), tokens=np.asarray(tokens, dtype=np.int32))
-        fsync_file(tmp)
-        os.replace(tmp, path)
     except OSError as err:
-        with contextlib.suppress(OSError):  # no folder, a read-only filesystem: unlink fails too
-            tmp.unlink(missing_ok=True)
-        print(f"open360.memorization: warning: {path}: could not keep the sampled tokens ({err}); they are "
-              "read from the shards again next time", file=sys.stderr)
+        print(f"open360.memorization: warning: {path}: could not keep the sampled tokens ({err.__cause__ or err}); "
+              "they are read from the shards again next time", file=sys.stderr)

@@ -594,11 +594,15 @@ def test_a_next_stage_that_fails_to_open_keeps_the_step_and_checkpoint_that_end_
     assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [3]
 
 
-def _two_stage_trainer(tmp_path: Path, tokenizers: str) -> Trainer:
-    """Stages 'a' and 'b' of 3 steps each whose shards carry the tokenizer hashes `tokenizers[0]`, `[1]`."""
+def _two_stage_trainer(tmp_path: Path, tokenizers: str, warm_start: str = "") -> Trainer:
+    """Stages 'a' and 'b' of 3 steps each whose shards carry the tokenizer hashes `tokenizers[0]`, `[1]`;
+    `warm_start`: the tokenizer hash of the data the initial weights were trained on (none: from scratch)."""
     stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("constant", 3)) for i, name in enumerate("ab")]
     model = ScriptedLoss([2.0] * 6, accum=2)
     t = _trainer(model, model, 6, _settings(), tmp_path, every=3, stages=stages)
+    if warm_start:
+        t.lineage_base["init_from"] = {"checkpoint": "base/step_9", "data_history": [
+            {"stage": "main", "shard_dir": "shards/base"}, {"stage": "more", "tokenizer_hash": warm_start * 64}]}
 
     def open_stage(st: Stage) -> StageData:
         lineage = {"stage": st.name, "shard_dir": f"shards/{st.name}", "manifest_hash": st.name,
@@ -630,3 +634,16 @@ def test_a_resume_into_a_stage_of_another_tokenizer_than_the_finished_stages_is_
     state["trainer"]["data_history"][0]["tokenizer_hash"] = "v" * 64  # stage 'a' was trained on another one
     with pytest.raises(TrainingError, match=r"stage 'b' reads shards/b tokenized with tokenizer t{12}, stage 'a'"):
         _two_stage_trainer(tmp_path / "resumed", "tt").load_state_dict(state)
+
+
+def test_a_warm_start_onto_shards_of_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    """trainer.init_from: the weights learned the base run's token ids; shards of another tokenizer (of the same
+    vocabulary size, so the architecture check passes) would be read as other tokens."""
+    other = _two_stage_trainer(tmp_path / "other", "tt", warm_start="v")
+    with pytest.raises(TrainingError, match=r"stage 'a' reads shards/a tokenized with tokenizer t{12}, the warm start "
+                                            r"base/step_9 trained with v{12}"):
+        other.train()
+    assert other.progress.step == 0
+    same = _two_stage_trainer(tmp_path / "same", "tt", warm_start="t")
+    same.train()
+    assert same.progress.step == 6

@@ -174,18 +174,22 @@ class Trainer:
         return self._stage_data[stage.index]
 
     def _check_one_tokenizer(self, opening: dict[int, dict[str, Any]]) -> None:
-        """Every stage reads shards of the tokenizer the run started with (the opened stages', the finished
-        stages' of a resumed checkpoint and `opening`'s): under another one a token id means another token."""
+        """Every stage reads shards of the tokenizer the weights were trained with (a warm start's data, the
+        opened stages', the finished stages' of a resumed checkpoint and `opening`'s): under another one a token
+        id means another token."""
         known = {**self._finished_stages, **{i: d.lineage for i, d in self._stage_data.items()}, **opening}
-        hashes = sorted((i, h["tokenizer_hash"]) for i, h in known.items() if h.get("tokenizer_hash"))
-        first, first_tok = hashes[0] if hashes else (0, None)
-        for i, tok in hashes[1:]:
-            if tok != first_tok:
+        warm = self.lineage_base.get("init_from") or {}
+        trained = [(f"the warm start {warm.get('checkpoint')}", h) for h in warm.get("data_history") or []]
+        trained += [(f"stage {self.stages[i].name!r}", h) for i, h in sorted(known.items())]
+        trained = [(who, h) for who, h in trained if h.get("tokenizer_hash")]
+        first_who, first = trained[0] if trained else ("", {})
+        for who, h in trained[1:]:
+            if h["tokenizer_hash"] != first["tokenizer_hash"]:
                 raise TrainingError(
-                    f"stage {self.stages[i].name!r} reads {known[i].get('shard_dir', 'shards')} tokenized with "
-                    f"tokenizer {tok[:12]}, stage {self.stages[first].name!r} trained with {first_tok[:12]}: the same "
-                    "token ids would mean other tokens. Give every stage's recipe the same tokenizer (the same "
-                    "tokenizer spec and, for kind: train, the same sources it trains on: tokenizer.train_sources)"
+                    f"{who} reads {h.get('shard_dir', 'shards')} tokenized with tokenizer {h['tokenizer_hash'][:12]}, "
+                    f"{first_who} trained with {first['tokenizer_hash'][:12]}: the same token ids would mean other "
+                    "tokens. Give every stage's recipe that tokenizer (the same tokenizer spec and, for kind: train, "
+                    "the same sources it trains on: tokenizer.train_sources; or kind: file with that tokenizer.json)"
                 )
 
     def _load_batch(self, stage: Stage, step: int) -> torch.Tensor:

@@ -242,3 +242,51 @@ def test_pp2_matches_one_gpu_and_merges_its_stages(tmp_path: Path) -> None:
     ids = torch.randint(0, 4000, (2, 32))
     with torch.no_grad():
         assert torch.allclose(one(ids), pp2(ids), atol=0.05, rtol=0.05)
+
+
+_PUBLISH_PEAK = '''
+import json, sys
+import torch
+from open360.backends.megatron.engine import MegatronEngine, destroy_parallel, initialize_parallel
+from open360.backends.megatron.layout import ParallelLayout
+from open360.backends.native import init_distributed
+from open360.config import compose
+from open360.models import build_model
+from open360.models.decoder import as_model_config
+
+env = init_distributed("cuda")
+cfg = compose(["+experiment=amber_tiny", "model.d_model=512", "model.n_heads=8", "model.ffn_dim=1376",
+               "model.n_layers=8"])
+torch.manual_seed(0)
+init = build_model(cfg.model).state_dict()
+layout = ParallelLayout(tp=1, pp=1, dp=env.world_size)
+initialize_parallel(layout, 0)
+engine = MegatronEngine(as_model_config(cfg.model), cfg.optim, layout, init, micro_batch_size=1, seq_len=16, bf16=True)
+torch.cuda.synchronize()
+torch.cuda.reset_peak_memory_stats()
+before = torch.cuda.memory_allocated()
+state = engine.full_native_state()
+peak = torch.cuda.max_memory_allocated() - before
+if env.rank == 0:
+    exact = all(torch.equal(state[k], v.float()) for k, v in init.items())
+    json.dump({"peak": peak, "model_bytes": sum(v.numel() * 4 for v in init.values()), "exact": exact},
+              open(sys.argv[1], "w"))
+destroy_parallel()
+'''
+
+
+@needs_two
+def test_publishing_weights_at_dp2_gathers_in_host_memory(tmp_path: Path) -> None:
+    """Rank 0 gathers the published weights from data-parallel replica 0's ranks over a gloo group: over the
+    default NCCL group `gather_object` allocated world size x the largest pickled shard on rank 0's GPU, for
+    shards only replica 0 sends (8 x 27 GB at 7B on 8 replicas)."""
+    script, out = tmp_path / "peak.py", tmp_path / "peak.json"
+    script.write_text(_PUBLISH_PEAK)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533", str(script), str(out)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["exact"]  # the fp32 initial weights, whole, from replica 0
+    assert result["peak"] < 0.25 * result["model_bytes"], result  # one parameter's fp32 copy at a time

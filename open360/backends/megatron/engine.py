@@ -56,6 +56,16 @@ def initialize_parallel(layout: ParallelLayout, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def replica_zero_group(dp_rank: int) -> Any:
+    """A gloo group of data-parallel replica 0's ranks (every rank calls it), over which rank 0 gathers the
+    published weights in host memory: `gather_object` over the default NCCL group allocates world size x the
+    largest pickled shard on rank 0's GPU (8 replicas at 7B and TP=1: 8 x 27 GB), for shards only replica 0
+    sends."""
+    zero: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(zero, dp_rank == 0)
+    return dist.new_group(ranks=[r for r, is_zero in enumerate(zero) if is_zero], backend="gloo")
+
+
 def destroy_parallel() -> None:
     """Tear down megatron's groups (the process group is left to the caller)."""
     if parallel_state.model_parallel_is_initialized():
@@ -102,6 +112,7 @@ class MegatronEngine:
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        self._replica_zero = replica_zero_group(self.dp_rank)
         self.first_stage = parallel_state.is_pipeline_first_stage()
         self.last_stage = parallel_state.is_pipeline_last_stage()
         self.config = transformer_config(model_cfg, layout.tp, layout.pp, bf16)
@@ -205,22 +216,22 @@ class MegatronEngine:
         """Every weight in open360's native names on global rank 0 (None elsewhere); every rank calls it.
         A bf16 run publishes its fp32 master weights, as the native backend does, not their bf16 copy."""
         masters = self._full_masters()
-        local = None
-        if self.dp_rank == 0:
-            local = (
-                self.tp_rank,
-                self.pp_rank,
-                {
-                    k: masters[k] if k in masters else v.detach().float().cpu()
-                    for k, v in self.gpt.state_dict().items()
-                    if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
-                },
-            )
-        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(local, gathered, dst=0)
+        if self.dp_rank != 0:  # the other replicas hold the same weights
+            return None
+        local = (
+            self.tp_rank,
+            self.pp_rank,
+            {
+                k: masters[k] if k in masters else v.detach().float().cpu()
+                for k, v in self.gpt.state_dict().items()
+                if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+            },
+        )
+        gathered: list[Any] | None = [None] * dist.get_world_size(self._replica_zero) if dist.get_rank() == 0 else None
+        dist.gather_object(local, gathered, dst=0, group=self._replica_zero)
         if gathered is None:
             return None
-        shards = {(t, p): sd for t, p, sd in (g for g in gathered if g is not None)}
+        shards = {(t, p): sd for t, p, sd in gathered}
         return megatron_to_native(merge_shards(shards, self.model_cfg, self.layout), self.model_cfg)
 
     # -- one step -------------------------------------------------------------------------------

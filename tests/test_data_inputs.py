@@ -916,12 +916,12 @@ def test_rows_and_shards_are_on_disk_before_what_marks_them_done(tmp_path: Path,
     import os
 
     import open360.data.prepare as prepare
-    import open360.data.shards as shards
+    import open360.paths as paths  # the shards' atomic writer (replaced_atomically)
 
     events: list[str] = []
     real_replace = os.replace
     monkeypatch.setattr(prepare, "fsync_file", lambda p: events.append(f"sync {Path(p).name.split('-')[-1]}"))
-    monkeypatch.setattr(shards, "fsync_file", lambda p: events.append(f"sync {Path(p).name.split('-')[-1]}"))
+    monkeypatch.setattr(paths, "fsync_file", lambda p: events.append(f"sync {Path(p).name.split('-')[-1]}"))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"done {Path(b).name}"), real_replace(a, b))[1])
     build_shards(_recipe(tmp_path, _src("good", _small_corpus(tmp_path))), tmp_path / "shards")
     for name in ("good.train.bin", "good.val.bin", "good.stats.json"):

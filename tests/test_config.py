@@ -15,6 +15,7 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from open360.config import compose
 from open360.config.store import ConfigKeyError
+from open360.data.recipe import load_recipe
 from open360.models.flops import count_parameters
 from open360.paths import CONFIGS_DIR, REPO_ROOT, resolve_repo_path
 
@@ -110,6 +111,48 @@ def test_full_size_experiments_pin_every_published_value():
     tokens = phi.trainer.max_steps * phi.trainer.global_batch_size * phi.trainer.seq_len
     assert tokens == pytest.approx(150e9, rel=1e-4)
     assert (amber.trainer.max_steps * 2240 * 2048) == pytest.approx(1.26e12, rel=0.01)  # ~1.26T tokens
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_per_chunk_checkpoints_see_whole_chunks(name):
+    """A per_chunk run's recipes hold chunks of whole global batches, so that checkpoint k has seen exactly chunks
+    0..k (CrystalCoder's recipes kept chunk_multiple 2048 when its batch became the published 2112)."""
+    cfg = compose([f"+experiment={name}"])
+    if cfg.checkpoint.policy != "per_chunk":
+        return
+    for recipe in [s.recipe for s in cfg.stages] or [cfg.data.recipe]:
+        assert load_recipe(recipe).chunk_multiple % cfg.trainer.global_batch_size == 0, recipe
+
+
+def test_crystalcoder_recipes_have_the_published_mix():
+    """LLM360/crystalcoder-train params/phase{1,2,3}/params.yaml and LLM360/crystalcoder-data-prep's README."""
+    stages = [load_recipe(s.recipe) for s in compose(["+experiment=crystalcoder"]).stages]
+
+    def mix(r):
+        return {s.name: (s.weight, s.fim.rate, s.fim.spm_rate) for s in r.sources}
+
+    assert mix(stages[0]) == {"slimpajama": (1.0, 0.0, 0.5)}
+    # phase 2: SlimPajama's seven parts sum to 0.371882, StarCoder with FIM (rate 0.9) 0.628118
+    assert mix(stages[1]) == {"slimpajama": (0.371882, 0.0, 0.5), "starcoder": (0.628118, 0.9, 0.5)}
+    assert mix(stages[2]) == {
+        "css": (0.087928, 0.3, 0.5), "javascript": (0.183708, 0.3, 0.5), "html": (0.185367, 0.3, 0.5),
+        "python": (0.342701, 0.3, 0.5), "slimpajama": (0.166856, 0.0, 0.5), "starcoder": (0.033440, 0.9, 0.5),
+    }
+    files = [{s.name: s.hf_data_files for s in r.sources} for r in stages]
+    assert files[0]["slimpajama"] == [f"train/chunk{i}/*" for i in range(1, 6)]  # part 0 of 2
+    assert files[1]["slimpajama"] == [f"train/chunk{i}/*" for i in range(6, 11)]  # part 1 of 2
+    assert files[2]["slimpajama"] == ["train/chunk1/*"]  # data_subset 0.0-0.1
+    assert [files[2][k] for k in ("css", "javascript", "html", "python")] == [
+        f"{k}/*.parquet" for k in ("css", "javascript", "html", "python")
+    ]
+    for r in stages:  # the published tokenizer: EOS </s> (id 2), FIM sentinels <|fim_*|> (ids 32000-32002)
+        assert (r.tokenizer.kind, r.tokenizer.name, r.tokenizer.eos_token) == ("hub", "LLM360/CrystalCoder", "</s>")
+        assert r.tokenizer.fim_tokens == ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+        assert r.seq_len == 2048
+        # tokenized as released: no dedup or quality filter drops a document the published run trained on
+        f = r.filters
+        assert not (f.exact_dedup.enabled or f.near_dedup.enabled or f.heuristics.enabled or f.classifier.enabled)
+    assert [r.num_chunks for r in stages] == [48, 62, 33]  # 143 chunks, as LLM360's 143 released checkpoints
 
 
 def test_tiny_experiments_keep_their_family():

@@ -238,6 +238,25 @@ def test_crystalcoder_stages_share_tokenizer_and_fim(tmp_path: Path) -> None:
     assert sets[2].manifest["sources"]["code"]["target_fraction"] == pytest.approx(0.9)
 
 
+def test_fim_sentinels_named_as_the_tokenizer_names_them(tmp_path: Path) -> None:
+    """LLM360/CrystalCoder's tokenizer names its FIM sentinels <|fim_prefix|> ... and its EOS </s>: a recipe
+    names them in tokenizer.fim_tokens, and FIM inserts those ids (was: only <fim_prefix> ... could be used)."""
+    fim = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    recipe = tmp_path / "cc.yaml"
+    recipe.write_text(
+        Path("data_recipes/crystalcoder_tiny_stage2.yaml").read_text()
+        .replace('eos_token: "<|endoftext|>"', 'eos_token: "</s>"')
+        .replace('special_tokens: ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<|pad|>"]',
+                 f"special_tokens: {json.dumps(fim)}\n  fim_tokens: {json.dumps(fim)}")
+    )
+    s = ShardSet.open(build_shards(recipe, tmp_path / "shards"))
+    tok, rows = s.tokenizer(), s.sequences(np.arange(s.num_sequences))
+    assert s.manifest["sources"]["code"]["fim_docs"] > 0 and tok.token_to_id("<fim_middle>") is None
+    for name in fim:
+        assert (rows == tok.token_to_id(name)).any(), name
+    assert s.eos_id == tok.token_to_id("</s>")
+
+
 # The embedded_tiny shards as built on the reference machine (CPython 3.11, tokenizers 0.23, numpy 2.4).
 # The manifest hash covers the recipe, the tokenizer hash, every per-source count and every shard's content
 # hash (not file bytes), so a different value on another machine means the build is not reproducible there.

@@ -537,6 +537,9 @@ def test_out_of_range_recipe_values_name_their_key(tmp_path: Path, edit: str, ke
         ("{kind: file, path: t.json, name: org/tok}", "tokenizer.name", "only kind hub loads a hub tokenizer"),
         ("{eos_token: ''}", "tokenizer.eos_token", "must be a non-empty token"),
         ("{train_max_chars: 0}", "tokenizer.train_max_chars", "must be >= 1"),  # was a BPE trained on nothing
+        ("{fim_tokens: [a, b]}", "tokenizer.fim_tokens", r"\['a', 'b'\] must be three distinct tokens"),
+        ("{fim_tokens: [a, b, a]}", "tokenizer.fim_tokens", r"\['a', 'b', 'a'\] must be three distinct"),
+        ("{eos_token: a, fim_tokens: [a, b, c]}", "tokenizer.fim_tokens", r"\['a', 'b', 'c'\] must be .* not the EOS"),
     ],
 )
 def test_tokenizer_keys_its_kind_would_ignore_are_errors(tmp_path: Path, tokenizer: str, key: str, message: str) -> None:

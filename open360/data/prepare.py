@@ -72,7 +72,8 @@ class _SourcePipeline:
         self.train_packer = Packer(row_len, None if pre_tokenized else eos)
         self.val_packer = Packer(row_len, None if pre_tokenized else eos)
         self.vocab_size = tokenizer.get_vocab_size()
-        self.fim_ids = {t: tokenizer.token_to_id(t) for t in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)}
+        roles = (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)  # the ids of the tokenizer's own names for the sentinels
+        self.fim_ids = {r: tokenizer.token_to_id(t) for r, t in zip(roles, recipe.tokenizer.fim_tokens, strict=True)}
         self.train_out, self.val_out = train_out, val_out
         self.bad: Counter = Counter()
         self.dropped: Counter = Counter()

@@ -141,6 +141,9 @@ class TokenizerSpec:
     revision: str | None = None  # kind=hub: commit sha, tag or branch of `name` (a sha pins it)
     eos_token: str = "<|endoftext|>"
     special_tokens: list[str] = field(default_factory=list)  # added after eos (e.g. FIM tokens)
+    # the FIM sentinels (prefix, middle, suffix), among special_tokens when a source uses fim; a hub tokenizer
+    # names its own (LLM360/CrystalCoder: <|fim_prefix|>, <|fim_middle|>, <|fim_suffix|>, ids 32000-32002)
+    fim_tokens: list[str] = field(default_factory=lambda: list(FIM_TOKENS))
     train_sources: list[str] = field(default_factory=list)  # empty = every source of the recipe
     train_max_chars: int = 4_000_000  # characters read per source for training
 
@@ -266,7 +269,7 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
             "fim needs text; type llm360_chunks is already tokenized — set fim.rate to 0",
         )
         if s.fim.rate > 0:
-            missing = [t for t in FIM_TOKENS if t not in recipe.tokenizer.special_tokens]
+            missing = [t for t in recipe.tokenizer.fim_tokens if t not in recipe.tokenizer.special_tokens]
             _check(not missing, key, f"fim needs tokenizer.special_tokens to include {missing}")
     total_weight = sum(s.weight for s in recipe.sources)
     _check(total_weight > 0, f"{where}: key 'sources[*].weight'", f"weights sum to {total_weight}; need > 0")
@@ -277,6 +280,11 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
         f"'{tok.kind}' not in {TOKENIZER_KINDS}",
     )
     _check(bool(tok.eos_token), f"{where}: key 'tokenizer.eos_token'", "must be a non-empty token")
+    _check(
+        len(tok.fim_tokens) == 3 and len(set(tok.fim_tokens)) == 3 and tok.eos_token not in tok.fim_tokens,
+        f"{where}: key 'tokenizer.fim_tokens'",
+        f"{tok.fim_tokens} must be three distinct tokens (prefix, middle, suffix), not the EOS",
+    )
     if tok.kind == "file":
         _check(bool(tok.path), f"{where}: key 'tokenizer.path'", "kind file needs a path to tokenizer.json")
     else:  # a path or a name that another kind would ignore: an error, not shards of another tokenizer
@@ -451,6 +459,8 @@ def recipe_to_dict(recipe: RecipeSpec) -> dict[str, Any]:
             del src["hf_revision"]
     if d["tokenizer"]["revision"] is None:
         del d["tokenizer"]["revision"]
+    if d["tokenizer"]["fim_tokens"] == list(FIM_TOKENS):
+        del d["tokenizer"]["fim_tokens"]
     return d
 
 

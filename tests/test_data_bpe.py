@@ -125,3 +125,24 @@ def test_fim_sentinels_are_inserted_by_id_and_sentinel_text_stays_text() -> None
         assert got == expected
     (plain,) = join_encoded([[text]], encode)
     assert not set(plain) & set(ids.values())
+
+
+def test_spm_encodes_prefix_and_middle_apart_as_starcoder_does() -> None:
+    """SPM is <fim_prefix><fim_suffix> Enc(suffix) <fim_middle> Enc(prefix) Enc(middle) (StarCoder's Megatron-LM):
+    at inference the prompt ends with Enc(prefix) alone, so a middle cut inside a word starts a new token in
+    training too, never a token merged across the cut."""
+    import numpy as np
+
+    from open360.data.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, fim_pieces, join_encoded
+
+    tok = Tokenizer.from_str(_trained(pre_tokenizers.ByteLevel(add_prefix_space=False)).decode())
+    tok.add_special_tokens([FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX])
+    data = tok.to_str().encode()
+    ids = {t: tok.token_to_id(t) for t in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)}
+    encode = batch_encoder(data)
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    for seed in range(20):
+        (got,) = join_encoded([fim_pieces(text, np.random.default_rng(seed), 1.0, ids)], encode)
+        lo, hi = sorted(int(v) for v in np.random.default_rng(seed).integers(0, len(text) + 1, size=2))
+        prefix, middle, suffix = encode([text[:lo], text[lo:hi], text[hi:]])
+        assert got == [ids[FIM_PREFIX], ids[FIM_SUFFIX], *suffix, ids[FIM_MIDDLE], *prefix, *middle]

@@ -14,13 +14,15 @@ def fim_pieces(text: str, rng: np.random.Generator, spm_rate: float, sentinel_id
     order, each text piece to be encoded on its own and each sentinel as its id (never parsed from text,
     so a document that mentions `<fim_middle>` gets no sentinel of its own).
 
-    PSM: <fim_prefix>prefix<fim_suffix>suffix<fim_middle>middle; SPM puts the suffix first.
+    PSM: <fim_prefix>prefix<fim_suffix>suffix<fim_middle>middle; SPM (variant 2 of the FIM paper, as in
+    StarCoder's Megatron-LM): <fim_prefix><fim_suffix>suffix<fim_middle>prefix middle, prefix and middle still
+    encoded apart, so the middle starts on a token boundary at the cut as it does at inference.
     """
     lo, hi = sorted(int(v) for v in rng.integers(0, len(text) + 1, size=2))
     prefix, middle, suffix = text[:lo], text[lo:hi], text[hi:]
     pre, mid, suf = (sentinel_ids[t] for t in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX))
     if rng.random() < spm_rate:
-        return [pre, suf, suffix, mid, prefix + middle]
+        return [pre, suf, suffix, mid, prefix, middle]
     return [pre, prefix, suf, suffix, mid, middle]
 
 

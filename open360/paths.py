@@ -89,7 +89,8 @@ def replaced_atomically(path: Path, tmp: Path | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `path` (`tmp`, else `temp_sibling(path)`) to write; when the block ends,
     flush it to the disk and rename it over `path`. On a failure (a full disk, Ctrl-C) it is removed, so
     `path` keeps what it held and no partial copy holds the space; an OSError is raised naming `path` (a
-    write's own error, pyarrow's too, names no file)."""
+    write's own error, pyarrow's too, names no file), once: one that names a file written inside the block
+    (`replace_together`'s next one) goes on as it is."""
     tmp = temp_sibling(path) if tmp is None else tmp
     try:
         yield tmp
@@ -97,9 +98,11 @@ def replaced_atomically(path: Path, tmp: Path | None = None) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
+        if isinstance(err, OSError) and not hasattr(err, "unwritten"):
             message = f"{path}: could not be written ({err})"
-            raise (OSError(message) if err.errno is None else OSError(err.errno, message)) from err
+            named = OSError(message) if err.errno is None else OSError(err.errno, message)
+            named.unwritten = path
+            raise named from err
         raise
 
 

@@ -236,6 +236,27 @@ def test_a_failure_while_writing_leaves_the_previous_outputs_whole(tmp_path, mon
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_full_disk_while_the_plot_is_written_names_the_plot_alone(tmp_path, monkeypatch, capsys):
+    """replace_together nests one atomic replacement per file: the plot's error went out through the table's and
+    the summary's too, each wrapping it again, so the line began `compare.parquet: could not be written`."""
+    import errno
+
+    import open360.analysis.compare as compare
+
+    two_runs(monkeypatch)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compare, "plot_race", full_disk)
+    out = tmp_path / "out"
+    assert compare.main(["runs=[a,b]", f"workspace={tmp_path}", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"open360.analysis.compare: [Errno 28] {out / 'compare.png'}: could not be written "
+                   "([Errno 28] No space left on device)"), err
+    assert list(out.iterdir()) == []
+
+
 def test_a_fine_tune_is_placed_at_its_base_compute_plus_its_own(tmp_path, capsys):
     """A run warm-started from a checkpoint (a PI fine-tune) holds its base's training: its tokens and FLOPs
     axes start where the base's ended (through a chain of warm starts), each part at its own model/seq_len."""

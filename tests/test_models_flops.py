@@ -47,6 +47,7 @@ def test_training_flops_per_token_formula() -> None:
         ("NVIDIA H100 PCIe", 756e12),
         ("NVIDIA H100 NVL", 835e12),
         ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
         ("NVIDIA GeForce RTX 4090", None),
     ],
 )
@@ -57,3 +58,17 @@ def test_mfu_uses_the_peak_of_the_card_it_runs_on(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
     assert peak_flops(torch.device("cuda", 0)) == peak
     assert peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(("precision", "peak"), [("bf16", 989e12), ("fp32", None)])
+def test_mfu_is_against_the_peak_of_the_precision_the_run_trains_in(
+    monkeypatch: pytest.MonkeyPatch, precision: str, peak: float | None
+) -> None:
+    """The table holds bf16 tensor-core peaks: an fp32 run on an H100 (67 TFLOP/s) showed an MFU ~15x too low."""
+    from open360.backends.native import DistEnv
+    from open360.train.pipeline import build_settings
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    cfg = compose(["+experiment=amber_tiny", f"trainer.precision={precision}"])
+    settings = build_settings(cfg, "cuda", DistEnv(device=torch.device("cuda", 0)))
+    assert settings.peak_flops == peak

@@ -169,7 +169,9 @@ def test_loss_spike_is_logged_not_fatal(capsys: pytest.CaptureFixture[str]) -> N
     assert summary["status"] == "finished" and summary["loss_spikes"] == 1
     assert [s for s, m in rec.metrics.items() if m["loss_spike"]] == [15]
     assert "loss spike at step 15" in capsys.readouterr().out
-    assert set(rec.metrics[1]) >= {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "step_time_s"}
+    assert set(rec.metrics[1]) >= {
+        "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "tokens_seen", "step_time_s"
+    }
 
 
 def test_a_checkpoint_save_is_not_counted_in_the_next_steps_time(tmp_path: Path) -> None:
@@ -184,6 +186,40 @@ def test_a_checkpoint_save_is_not_counted_in_the_next_steps_time(tmp_path: Path)
     _trainer(model, model, steps=4, settings=_settings(), tmp_path=tmp_path, callbacks=[rec], every=2).train()
     assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [2, 4]
     assert rec.metrics[3]["step_time_s"] < 0.25, rec.metrics[3]
+
+
+def test_the_summary_throughput_is_the_per_step_metrics_without_the_first_step_and_the_saves(tmp_path: Path) -> None:
+    """The summary's tokens_per_s measures the training steps as the per-step metric does: a slow first step
+    (CUDA warmup, torch.compile) and the checkpoint saves were averaged into it (tokens / wall time)."""
+
+    class WarmingUp(ScriptedLoss):
+        def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            if self.calls == 0:
+                time.sleep(0.5)
+            return super().forward(input_ids, targets)
+
+    rec = Recorder()
+    model = WarmingUp([2.0] * 4, accum=2)
+    summary = _trainer(model, model, 4, _settings(), tmp_path=tmp_path, callbacks=[rec], every=2).train()
+    later_s = sum(rec.metrics[s]["step_time_s"] for s in (2, 3, 4))
+    assert summary["tokens_per_s"] == pytest.approx(3 * 4 * 8 / later_s)
+    assert summary["tokens_per_s_per_gpu"] == summary["tokens_per_s"]
+
+
+def test_tokens_per_s_per_gpu_divides_the_global_throughput_by_the_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLM360 publishes tokens/s/GPU: tokens_per_s counts the global batch of all ranks, the per-GPU figure
+    divides it by the world size (metric and summary)."""
+    monkeypatch.setattr("open360.train.trainer.all_reduce_mean", lambda value, env: value)  # rank 0 of 2
+    rec = Recorder()
+    model = ScriptedLoss([2.0] * 3, accum=1)
+    trainer = _trainer(model, model, 3, _settings(), callbacks=[rec])
+    trainer.env = DistEnv(rank=0, world_size=2)
+    trainer.accum = trainer._accumulation_steps()
+    summary = trainer.train()
+    for m in rec.metrics.values():
+        assert m["tokens_per_s"] == pytest.approx(4 * 8 / m["step_time_s"])
+        assert m["tokens_per_s_per_gpu"] == pytest.approx(m["tokens_per_s"] / 2)
+    assert summary["tokens_per_s_per_gpu"] == pytest.approx(summary["tokens_per_s"] / 2)
 
 
 def test_batch_geometry_error() -> None:

@@ -327,17 +327,19 @@ def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSetting
     from open360.models import training_flops_per_token
 
     seq_len = int(cfg.trainer.seq_len)
+    autocast = resolve_precision(str(cfg.trainer.precision), device)
     return TrainerSettings(
         global_batch_size=int(cfg.trainer.global_batch_size),
         micro_batch_size=int(cfg.trainer.micro_batch_size),
         seq_len=seq_len,
         grad_clip=float(cfg.optim.grad_clip),
-        autocast_dtype=resolve_precision(str(cfg.trainer.precision), device),
+        autocast_dtype=autocast,
         loss_spike_factor=float(cfg.trainer.loss_spike_factor),
         log_every=int(cfg.trainer.log_every),
         progress_bar=bool(cfg.trainer.progress_bar),
         flops_per_token=training_flops_per_token(cfg.model, seq_len),
-        peak_flops=peak_flops(env.device),
+        # the peaks are bf16 tensor-core figures: an fp32 run's MFU against them would read ~15x low (H100)
+        peak_flops=peak_flops(env.device) if autocast == torch.bfloat16 else None,
     )
 
 

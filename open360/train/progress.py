@@ -9,12 +9,13 @@ from typing import Any
 import torch
 
 # Dense bf16 peak FLOP/s by device-name fragment, the first that matches (H100 SXM figure as in
-# shared/BENCHMARKS.md; the PCIe and NVL cards from NVIDIA's H100 and H800 datasheets).
+# shared/BENCHMARKS.md; the PCIe and NVL cards from NVIDIA's H100, H200 and H800 datasheets).
 PEAK_BF16_FLOPS = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H800 PCIe": 756e12,
     "H100": 989e12,
+    "H200 NVL": 835e12,
     "H200": 989e12,
     "H800": 989e12,
     "A100": 312e12,

@@ -450,15 +450,25 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def _run_tokens_per_s(self, steps: int, steps_s: float, first_step_s: float) -> float:
+        """Training throughput of this run's steps as the per-step metric measures it (checkpoint saves left out),
+        without the run's first step (CUDA warmup, torch.compile) when there are later ones to measure."""
+        if steps > 1:
+            steps, steps_s = steps - 1, steps_s - first_step_s
+        tokens = steps * self.settings.global_batch_size * self.settings.seq_len
+        return tokens / steps_s if steps_s > 0 else 0.0
+
     def train(self) -> dict[str, Any]:
-        """Run from the current step to the end of the last stage; returns the run summary."""
+        """Run from the current step to the end of the last stage; returns the run summary (its tokens_per_s is
+        `_run_tokens_per_s`'s, the per-step metric's measure; wall_s is the whole loop, saves included)."""
         p = self.progress
-        start_step, start_tokens = p.step, p.tokens_seen
+        start_step = p.step
         progress = Progress(
             self.final_step, start_step, self.settings.log_every, self.env.is_main, self.settings.progress_bar
         )
         tokens_per_step = self.settings.global_batch_size * self.settings.seq_len
         first_loss: float | None = None
+        steps_s = first_step_s = 0.0  # summed step times (saves left out) of this run, and of its first step
         t_start = time.perf_counter()
         if p.step == 0 and not self._resumed and self.cadence.is_published(0, self.final_step):
             self.stage_data(self.stages[0])
@@ -478,12 +488,15 @@ class Trainer:
                 first_loss = loss if first_loss is None else first_loss
                 now = time.perf_counter()
                 step_time, t_last = now - t_last, now
+                steps_s += step_time
+                first_step_s = step_time if p.step == start_step + 1 else first_step_s
                 metrics = {
                     "loss": loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens_seen": float(p.tokens_seen),
                     "tokens_per_s": tokens_per_step / step_time,
+                    "tokens_per_s_per_gpu": tokens_per_step / step_time / self.env.world_size,
                     "step_time_s": step_time,
                     "stage": float(stage.index),
                     "loss_spike": 0.0,
@@ -516,6 +529,7 @@ class Trainer:
                 self._report_saves(self.writer.close())
         wall = time.perf_counter() - t_start
         published = [s for s in self.saved if s.published]
+        tokens_per_s = self._run_tokens_per_s(p.step - start_step, steps_s, first_step_s)
         return {
             "status": "finished",
             "start_step": start_step,
@@ -526,7 +540,8 @@ class Trainer:
             "final_loss": p.last_loss,
             "loss_spikes": p.loss_spikes,
             "wall_s": wall,
-            "tokens_per_s": (p.tokens_seen - start_tokens) / wall if wall > 0 else 0.0,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_gpu": tokens_per_s / self.env.world_size,
             "checkpoints_published": len(published),
             "last_checkpoint": str(max(self.saved, key=lambda s: s.step).path) if self.saved else None,
         }

@@ -563,3 +563,47 @@ def test_guarded_load_reads_common_pt_as_weights_only_even_when_torch_is_told_ot
         torch.save(Payload(), folder / "common.pt")  # changed after the check
         dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4), replica_id=0)}, str(folder))
     assert not marker.exists()
+
+
+_REPLICA_ZERO = '''
+import sys
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def rank_main(rank, port, dp_ranks):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(dp_ranks))
+    from open360.backends.megatron.engine import replica_zero_group
+
+    for _ in range(2):  # an engine built twice in one process: every rank creates the same groups in order
+        group = replica_zero_group(dp_ranks[rank])
+        if dp_ranks[rank] == 0:
+            got = [None] * dist.get_world_size(group) if rank == 0 else None
+            dist.gather_object(rank, got, dst=0, group=group)
+            if rank == 0:
+                print(got, flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(rank_main, args=(int(sys.argv[1]), [int(d) for d in sys.argv[2]]), nprocs=len(sys.argv[2]))
+'''
+
+
+def test_replica_zero_group_holds_the_ranks_of_data_parallel_replica_0(tmp_path: Path) -> None:
+    """The published weights are gathered on rank 0 over a gloo group of exactly replica 0's ranks (4 ranks, DP=2:
+    replica 0 on ranks 0 and 2), which every rank creates: a rank left out, or one of another replica let in,
+    would miss its shard or hang."""
+    import subprocess
+
+    pytest.importorskip("megatron.core")
+    script = tmp_path / "replica_zero.py"
+    script.write_text(_REPLICA_ZERO)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(script), str(port), "0101"], cwd=repo, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[:2] == ["[0, 2]", "[0, 2]"], run.stdout

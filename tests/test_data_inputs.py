@@ -539,6 +539,7 @@ def test_out_of_range_recipe_values_name_their_key(tmp_path: Path, edit: str, ke
         ("{train_max_chars: 0}", "tokenizer.train_max_chars", "must be >= 1"),  # was a BPE trained on nothing
         ("{fim_tokens: [a, b]}", "tokenizer.fim_tokens", r"\['a', 'b'\] must be three distinct tokens"),
         ("{fim_tokens: [a, b, a]}", "tokenizer.fim_tokens", r"\['a', 'b', 'a'\] must be three distinct"),
+        ("{fim_tokens: [a, b, c, a]}", "tokenizer.fim_tokens", r"\['a', 'b', 'c', 'a'\] must be three distinct"),
         ("{eos_token: a, fim_tokens: [a, b, c]}", "tokenizer.fim_tokens", r"\['a', 'b', 'c'\] must be .* not the EOS"),
     ],
 )
@@ -683,6 +684,23 @@ def test_data_verbs_print_one_line_on_bad_input(tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stderr.startswith("open360 data batch:") and "no manifest.json" in r.stderr
     r = run("seen", "--shards", str(tmp_path), "--step", "-1", "--global-batch-size", "4")
     assert r.returncode == 2 and "--step -1: steps count from 0" in r.stderr
+
+
+def test_the_fim_sentinels_a_recipe_names_are_in_its_hash(tmp_path: Path) -> None:
+    """tokenizer.fim_tokens picks which of the tokenizer's tokens FIM inserts: another choice writes other shards,
+    so it names another shard folder; left at the default, it leaves older recipes' hashes alone."""
+    from open360.data.recipe import recipe_hash, recipe_to_dict
+
+    both = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    src = _src("code", tmp_path / "c.jsonl") + "    fim: {rate: 0.5}\n"
+
+    def recipe(fim_tokens: str) -> Path:
+        return _write(tmp_path, _recipe(tmp_path, src).read_text().replace(
+            "train_max_chars: 200000}", f"train_max_chars: 200000, special_tokens: {json.dumps(both)}{fim_tokens}}}"))
+
+    default, named = load_recipe(recipe("")), load_recipe(recipe(f", fim_tokens: {json.dumps(both[3:])}"))
+    assert "fim_tokens" not in recipe_to_dict(default)["tokenizer"]
+    assert recipe_hash(default) != recipe_hash(named)
 
 
 def test_hub_inputs_are_pinned_by_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -950,3 +968,31 @@ def test_the_shipped_corpus_snapshot_regenerates_byte_for_byte(tmp_path: Path) -
     shutil.copy(corpus / "make_corpus.py", tmp_path)
     subprocess.run([sys.executable, str(tmp_path / "make_corpus.py")], check=True, capture_output=True)
     assert (tmp_path / "SHA256SUMS").read_text() == (corpus / "SHA256SUMS").read_text()
+
+
+def test_workers_of_another_pipeline_version_are_named_as_such_when_merged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scale-out build whose workers ran different open360 versions (worker 0 before the upgrade to pipeline
+    version 6, whose FIM SPM rows differ) is refused at the merge naming the version too (was: only a different
+    recipe, seed or tokenizer, none of which had changed)."""
+    import open360.data.build as build_mod
+    import open360.data.prepare as prepare_mod
+
+    fim = '["<fim_prefix>", "<fim_middle>", "<fim_suffix>"]'
+    p = _recipe(tmp_path, _src("code", _small_corpus(tmp_path)) + "    fim: {rate: 1.0, spm_rate: 1.0}\n")
+    p.write_text(p.read_text().replace("train_max_chars: 200000}", f"train_max_chars: 200000, special_tokens: {fim}}}"))
+    v6 = prepare_mod.fim_pieces
+    monkeypatch.setattr(build_mod, "PIPELINE_VERSION", 5)  # worker 0 ran open360 of pipeline version 5
+
+    def v5(*args: object) -> list[str | int]:
+        pre, suf, suffix, mid, prefix, middle = v6(*args)  # spm_rate 1: every document SPM
+        return [pre, suf, suffix, mid, prefix + middle]
+
+    monkeypatch.setattr(prepare_mod, "fim_pieces", v5)
+    build_shards(p, tmp_path / "shards", worker_index=0, num_workers=2)
+    monkeypatch.undo()
+    with pytest.raises(ShardError, match=r"part-00001-of-00002.json: built .* or by another open360 version"):
+        build_shards(p, tmp_path / "shards", worker_index=1, num_workers=2)
+    out = build_shards(p, tmp_path / "shards", worker_index=0, num_workers=2)  # worker 0 again, upgraded
+    assert ShardSet.open(out).manifest_hash == ShardSet.open(build_shards(p, tmp_path / "one")).manifest_hash

@@ -188,15 +188,18 @@ def test_a_checkpoint_save_is_not_counted_in_the_next_steps_time(tmp_path: Path)
     assert rec.metrics[3]["step_time_s"] < 0.25, rec.metrics[3]
 
 
+class WarmingUp(ScriptedLoss):
+    """A ScriptedLoss whose first forward (of this process: CUDA warmup, torch.compile) is slow."""
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.calls == 0:
+            time.sleep(0.5)
+        return super().forward(input_ids, targets)
+
+
 def test_the_summary_throughput_is_the_per_step_metrics_without_the_first_step_and_the_saves(tmp_path: Path) -> None:
     """The summary's tokens_per_s measures the training steps as the per-step metric does: a slow first step
     (CUDA warmup, torch.compile) and the checkpoint saves were averaged into it (tokens / wall time)."""
-
-    class WarmingUp(ScriptedLoss):
-        def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            if self.calls == 0:
-                time.sleep(0.5)
-            return super().forward(input_ids, targets)
 
     rec = Recorder()
     model = WarmingUp([2.0] * 4, accum=2)
@@ -204,6 +207,27 @@ def test_the_summary_throughput_is_the_per_step_metrics_without_the_first_step_a
     later_s = sum(rec.metrics[s]["step_time_s"] for s in (2, 3, 4))
     assert summary["tokens_per_s"] == pytest.approx(3 * 4 * 8 / later_s)
     assert summary["tokens_per_s_per_gpu"] == summary["tokens_per_s"]
+
+
+def test_the_summary_throughput_of_a_resumed_a_one_step_and_a_finished_run() -> None:
+    """A resumed run leaves out its own first step (its process warms up again), a one-step run measures its one
+    step, and a run resumed at its last step (nothing left to train) reports 0 instead of dividing by zero."""
+    first = _trainer(ScriptedLoss([2.0] * 4, accum=2), ScriptedLoss([2.0] * 4, accum=2), 4, _settings())
+    first.final_step = 2
+    first.train()
+    rec, model = Recorder(), WarmingUp([2.0] * 2, accum=2)
+    resumed = _trainer(model, model, 4, _settings(), callbacks=[rec])
+    resumed.load_state_dict(first.state_dict())
+    summary = resumed.train()
+    assert (summary["steps_this_run"], sorted(rec.metrics)) == (2, [3, 4])
+    assert summary["tokens_per_s"] == pytest.approx(4 * 8 / rec.metrics[4]["step_time_s"])
+    rec, model = Recorder(), ScriptedLoss([2.0], accum=2)
+    one = _trainer(model, model, 1, _settings(), callbacks=[rec]).train()
+    assert one["tokens_per_s"] == pytest.approx(rec.metrics[1]["tokens_per_s"])
+    done = _trainer(ScriptedLoss([2.0] * 4, accum=2), ScriptedLoss([2.0] * 4, accum=2), 4, _settings())
+    done.load_state_dict(resumed.state_dict())
+    finished = done.train()
+    assert (finished["steps_this_run"], finished["tokens_per_s"]) == (0, 0.0)
 
 
 def test_tokens_per_s_per_gpu_divides_the_global_throughput_by_the_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -632,13 +656,15 @@ def test_a_next_stage_that_fails_to_open_keeps_the_step_and_checkpoint_that_end_
 
 def _two_stage_trainer(tmp_path: Path, tokenizers: str, warm_start: str = "") -> Trainer:
     """Stages 'a' and 'b' of 3 steps each whose shards carry the tokenizer hashes `tokenizers[0]`, `[1]`;
-    `warm_start`: the tokenizer hash of the data the initial weights were trained on (none: from scratch)."""
+    `warm_start`: the tokenizer hashes of the data the initial weights were trained on, one stage each, in order
+    (none: from scratch)."""
     stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("constant", 3)) for i, name in enumerate("ab")]
     model = ScriptedLoss([2.0] * 6, accum=2)
     t = _trainer(model, model, 6, _settings(), tmp_path, every=3, stages=stages)
     if warm_start:
         t.lineage_base["init_from"] = {"checkpoint": "base/step_9", "data_history": [
-            {"stage": "main", "shard_dir": "shards/base"}, {"stage": "more", "tokenizer_hash": warm_start * 64}]}
+            {"stage": "main", "shard_dir": "shards/base"},
+            *({"stage": f"more{i}", "tokenizer_hash": tok * 64} for i, tok in enumerate(warm_start))]}
 
     def open_stage(st: Stage) -> StageData:
         lineage = {"stage": st.name, "shard_dir": f"shards/{st.name}", "manifest_hash": st.name,
@@ -683,3 +709,35 @@ def test_a_warm_start_onto_shards_of_another_tokenizer_is_refused(tmp_path: Path
     same = _two_stage_trainer(tmp_path / "same", "tt", warm_start="t")
     same.train()
     assert same.progress.step == 6
+
+
+def test_a_warm_start_is_checked_against_the_tokenizer_its_weights_last_trained_with(tmp_path: Path) -> None:
+    """A base whose own history holds two tokenizers (written before such runs were refused: a warm start onto
+    other shards, a stage that retrained its BPE) last trained on `t`: a warm start onto `t` shards continues it,
+    one onto the base's first tokenizer `v` is refused naming the base's last one (was: every warm start refused,
+    blaming the base's own shard folder as one this run reads)."""
+    same = _two_stage_trainer(tmp_path / "same", "tt", warm_start="vt")
+    same.train()
+    assert same.progress.step == 6
+    other = _two_stage_trainer(tmp_path / "other", "vv", warm_start="vt")
+    with pytest.raises(TrainingError, match=r"stage 'a' reads shards/a tokenized with tokenizer v{12}, the warm start "
+                                            r"base/step_9 trained with t{12}"):
+        other.train()
+
+
+def test_lineages_without_a_tokenizer_hash_are_not_compared(tmp_path: Path) -> None:
+    """A warm start from, or a resume of, a checkpoint whose lineage predates tokenizer hashes trains on: there
+    is nothing to compare (was: a KeyError if such an entry came first)."""
+    warm = _two_stage_trainer(tmp_path / "warm", "tt")
+    warm.lineage_base["init_from"] = {"checkpoint": "old/step_9", "data_history": [{"stage": "main"}]}
+    warm.train()
+    assert warm.progress.step == 6
+    first = _two_stage_trainer(tmp_path / "first", "tt")
+    first.final_step = 4
+    first.train()
+    state = first.state_dict()
+    del state["trainer"]["data_history"][0]["tokenizer_hash"]  # stage 'a' written by an older open360
+    resumed = _two_stage_trainer(tmp_path / "resumed", "tt")
+    resumed.load_state_dict(state)
+    resumed.train()
+    assert resumed.progress.step == 6

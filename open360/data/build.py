@@ -458,8 +458,9 @@ def merge_parts(
     for f, p in zip(files, parts, strict=True):
         if p["common"] != common:
             raise ShardError(
-                f"{f}: built from a different recipe, seed or tokenizer than {files[0].name}; "
-                "every worker must run the same recipe and seed"
+                f"{f}: built from a different recipe, seed, tokenizer or inputs, or by another open360 version (its "
+                f"pipeline writes other rows), than {files[0].name}; every worker must run the same recipe and seed "
+                "on the same inputs with one open360: run the workers that differ again"
             )
     chunks = {int(k): v for p in parts for k, v in p["chunks"].items()}
     n = common["recipe"]["num_chunks"]

@@ -174,14 +174,14 @@ class Trainer:
         return self._stage_data[stage.index]
 
     def _check_one_tokenizer(self, opening: dict[int, dict[str, Any]]) -> None:
-        """Every stage reads shards of the tokenizer the weights were trained with (a warm start's data, the
+        """Every stage reads shards of the tokenizer the weights were trained with (a warm start's last data, the
         opened stages', the finished stages' of a resumed checkpoint and `opening`'s): under another one a token
         id means another token."""
         known = {**self._finished_stages, **{i: d.lineage for i, d in self._stage_data.items()}, **opening}
         warm = self.lineage_base.get("init_from") or {}
-        trained = [(f"the warm start {warm.get('checkpoint')}", h) for h in warm.get("data_history") or []]
-        trained += [(f"stage {self.stages[i].name!r}", h) for i, h in sorted(known.items())]
-        trained = [(who, h) for who, h in trained if h.get("tokenizer_hash")]
+        inherited = [h for h in warm.get("data_history") or [] if h.get("tokenizer_hash")]
+        trained = [(f"the warm start {warm.get('checkpoint')}", h) for h in inherited[-1:]]
+        trained += [(f"stage {self.stages[i].name!r}", h) for i, h in sorted(known.items()) if h.get("tokenizer_hash")]
         first_who, first = trained[0] if trained else ("", {})
         for who, h in trained[1:]:
             if h["tokenizer_hash"] != first["tokenizer_hash"]:

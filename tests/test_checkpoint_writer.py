@@ -220,5 +220,30 @@ def test_a_background_save_stores_tied_weights_once_as_a_foreground_one_does(tmp
     assert files[0] == files[1]
     back = load_checkpoint(tmp_path / "pubTrue" / "step_1").model
     assert back["head.weight"] is back["emb.weight"] and torch.equal(back["emb.weight"], w)
-    snap = HostSnapshot()({"a": w, "b": w, "c": w[1:], "d": torch.empty(0), "e": torch.empty(0)})
+    snap = HostSnapshot()({"a": w, "b": w, "c": w[1:], "d": torch.empty(0), "e": torch.empty(0), "r0": w[0], "r1": w[1]})
     assert snap["a"] is snap["b"] and snap["c"] is not snap["a"] and torch.equal(snap["c"], w[1:])
+    assert snap["d"] is not snap["e"]  # empty tensors (no storage to share) are not tied
+    assert torch.equal(snap["r0"], w[0]) and torch.equal(snap["r1"], w[1])  # views at other offsets: their own
+
+
+def test_each_save_copies_the_live_tensors_of_its_own_step(tmp_path: Path) -> None:
+    """The copies of live tensors are the snapshot's own: a second save through the same writer copies the
+    parameters again (kept from the first save, step 2 would be written with step 1's weights)."""
+    from open360.backends.native import live_storages
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    writer = CheckpointWriter(tmp_path / "pub", tmp_path / "rec", 1, background=True)
+    live = live_storages(model, optimizer)
+    expected = {}
+    for step in (1, 2):
+        copy = writer.host_copy(live)
+        state = {"w": copy(("w",), model.weight), "tied": copy(("tied",), model.weight)}
+        writer.save(step, CheckpointContents(state, {}, {"step": step}, {}, "x: 1\n"), True, live)
+        expected[step] = model.weight.detach().clone()
+        with torch.no_grad():
+            model.weight += 1
+    writer.close()
+    for step in (1, 2):
+        back = load_checkpoint(tmp_path / "pub" / f"step_{step}").model
+        assert torch.equal(back["w"], expected[step]) and back["tied"] is back["w"], step

@@ -506,3 +506,45 @@ def test_a_manifest_edited_and_hashed_again_is_refused_when_its_numbers_disagree
     (out / "manifest.json").write_text("[1, 2]")
     with pytest.raises(ShardError, match="manifest.json: holds a JSON list, not a shard manifest"):
         ShardSet.open(out)
+
+
+def test_a_shard_is_whole_when_it_is_flushed_to_the_disk_and_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parquet writer is closed (its footer written) before the file is flushed and renamed into place: a
+    flush before the footer, or none, could leave after a power cut a shard without its end under its name."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import open360.paths as paths
+    from open360.data.shards import write_rows
+
+    target = tmp_path / "train_00000.parquet"
+    flushed: list[tuple[str, int]] = []
+    real = paths.fsync_file
+
+    def whole_when_flushed(path: Path) -> None:
+        flushed.append((Path(path).parent.name, pq.read_metadata(path).num_rows))
+        assert not target.exists()  # renamed after the flush
+        real(path)
+
+    monkeypatch.setattr(paths, "fsync_file", whole_when_flushed)
+    blocks = [(np.arange(8, dtype=np.int32).reshape(2, 4), ["a", "b"]), (np.ones((1, 4), np.int32), ["a"])]
+    assert write_rows(target, blocks, 0, 4, 2, "r" * 64)[2] == 3
+    assert flushed == [(tmp_path.name, 3)] and pq.read_metadata(target).num_rows == 3
+
+
+@pytest.mark.parametrize("error", [OSError("Couldn't serialize thrift"), KeyboardInterrupt()])
+def test_a_write_that_fails_leaves_the_file_as_it_was_and_names_it(tmp_path: Path, error: BaseException) -> None:
+    """An error without an errno (pyarrow's own) is named with the file, not as `[Errno None]`; Ctrl-C goes
+    through as it is; the temporary file is removed either way."""
+    from open360.paths import replaced_atomically
+
+    target = tmp_path / "train_00000.parquet"
+    target.write_text("old")
+    with pytest.raises(type(error)) as raised, replaced_atomically(target) as tmp:
+        tmp.write_text("new")
+        raise error
+    if isinstance(error, OSError):
+        assert str(raised.value) == f"{target}: could not be written (Couldn't serialize thrift)"
+    else:
+        assert raised.value is error
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]

@@ -286,3 +286,12 @@ def test_a_fine_tune_is_placed_at_its_base_compute_plus_its_own(tmp_path, capsys
     assert warm_start_cost({"trainer": {"init_from": None}}, tmp_path, "scratch") == (0.0, 0.0)
     assert warm_start_cost({"trainer": {"init_from": "gone"}}, tmp_path, "ft") == (0.0, 0.0)
     assert "run 'ft' started from" in capsys.readouterr().err
+
+
+def test_an_unreadable_store_is_named_without_its_password(tmp_path):
+    """The store's own error and its URI are shown masked: the line goes to logs and terminals."""
+    from open360.analysis.compare import _client
+
+    with pytest.raises(ValueError, match=r"the MLflow store postgresql://u:\*\*\*@127\.0\.0\.1:1/db is unreadable") as err:
+        _client("postgresql://u:hunter2@127.0.0.1:1/db", tmp_path)
+    assert "hunter2" not in str(err.value)

@@ -187,6 +187,12 @@ def test_build_from_dictconfig_and_dict() -> None:
         ({"norm_eps": "1e-6"}, "norm_eps='1e-6' must be > 0"),  # YAML 1.1 reads 1e-6 as a string
         ({"mup": {"enabled": True, "base_width": "64"}}, "mup.base_width='64' must be > 0"),
         ({"rotary_fraction": 0.05}, "rotary_fraction=0.05 gives 0 rotary dims"),  # was silently no positions at all
+        ({"n_kv_heads": True}, "n_kv_heads=True must be a positive integer"),  # True passed for 1: one kv head
+        ({"compile": "false"}, "compile='false' must be true or false"),
+        ({"mup": {"enabled": False, "attn_scale_by_d": "no"}}, "mup.attn_scale_by_d='no' must be true or false"),
+        ({"norm_eps": True}, "norm_eps=True must be > 0"),  # True passed for 1.0
+        ({"init_truncation": 0.0}, "init_truncation=0.0 must be > 0"),  # every weight would be cut to 0
+        ({"init_truncation": "2"}, "init_truncation='2' must be > 0"),
     ],
 )
 def test_values_of_the_wrong_kind_are_refused_naming_the_key(changes: dict, message: str) -> None:
@@ -295,6 +301,15 @@ def test_crystalcoder_init_is_the_published_one() -> None:
         assert weights.abs().max().item() <= 2 * std
         assert weights.abs().max().item() > 1.95 * std  # cut at 2 std, not narrower
         assert weights.std().item() == pytest.approx(0.8796 * std, rel=0.02)
+
+
+def test_init_truncation_cuts_every_normal_the_untied_head_included() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny(init_truncation=1.5, tie_embeddings=False, vocab_size=512, d_model=128, n_heads=4))
+    std = model.cfg.init_std
+    for name, weight in (("embed", model.embed.weight), ("lm_head", model.lm_head.weight)):
+        assert weight.abs().max().item() <= 1.5 * std, name
+        assert weight.abs().max().item() > 1.4 * std, name
 
 
 def test_full_size_models_have_the_published_architecture() -> None:

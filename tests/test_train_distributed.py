@@ -260,6 +260,8 @@ def _gather_full_state(rank: int, world: int, port: int, mode: str, out: str) ->
               "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
     if env.is_main:
         torch.save({"ours": ours, "torch": torchs, "alive": alive}, out)
+    else:
+        torch.save({"ours": ours, "alive": alive}, f"{out}.rank{rank}")
     os._exit(0)  # see _train_three_steps
 
 
@@ -276,6 +278,9 @@ def test_full_state_gathers_one_tensor_at_a_time_into_the_writers_copy(tmp_path:
     torch.multiprocessing.spawn(_gather_full_state, args=(2, port, mode, str(tmp_path / "s.pt")), nprocs=2)
     saved = torch.load(tmp_path / "s.pt")
     ours, torchs = saved["ours"], saved["torch"]
+    # the other rank takes part in the gathers only: no host copy (a full state on every rank's host) and nothing
+    # returned
+    assert torch.load(tmp_path / "s.pt.rank1") == {"ours": {"model": {}, "optimizer": {}}, "alive": []}
     if mode == "fsdp":  # gathered tensors: each freed before the next is gathered
         assert len(saved["alive"]) > 10 and max(saved["alive"]) == 0
     assert ours["model"].keys() == torchs["model"].keys()

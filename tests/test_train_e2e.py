@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -431,15 +432,17 @@ def test_a_workspace_without_dvc_is_one_line(tmp_path: Path, shards_root: Path) 
     assert "not a DVC repository" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_a_full_disk_while_the_shards_are_built_is_one_line_naming_the_file(tmp_path: Path) -> None:
-    """The main job on a disk that fills up while it writes its first shard: one line naming that file, not
-    pyarrow's traceback that names none, and no half-written shard left."""
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EACCES"])
+def test_a_full_disk_while_the_shards_are_built_is_one_line_naming_the_file(tmp_path: Path, code: str) -> None:
+    """The main job on a disk that fills up (or a quota that runs out) while it writes its first shard: one line
+    naming that file, not pyarrow's traceback that names none, and no half-written shard left. Another OSError is
+    not called a full disk."""
     fill_up = (
         "import errno, runpy, sys\n"
         "import pyarrow.parquet as pq\n"
         "class DiskFull(pq.ParquetWriter):\n"
         "    def write_table(self, *args, **kwargs):\n"
-        "        raise OSError(errno.ENOSPC, 'Error writing bytes to file. Detail: [errno 28] No space left on device')\n"
+        f"        raise OSError(errno.{code}, 'Error writing bytes to file')\n"
         "pq.ParquetWriter = DiskFull\n"
         "sys.argv[0] = 'open360.train'\n"
         "runpy.run_module('open360.train', run_name='__main__')\n"
@@ -448,8 +451,10 @@ def test_a_full_disk_while_the_shards_are_built_is_one_line_naming_the_file(tmp_
     proc = subprocess.run([sys.executable, "-c", fill_up, *cmd[3:]], cwd=REPO_ROOT, env=ENV, capture_output=True,
                           text=True, timeout=900)
     (shard_dir,) = (tmp_path / "shards").glob("embedded_tiny-*")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"no space left on the device ([Errno 28] {shard_dir / 'train_00000.parquet'}: could not be written" in proc.stderr
+    named = f"[Errno {getattr(errno, code)}] {shard_dir / 'train_00000.parquet'}: could not be written"
+    assert proc.returncode == 1 and named in proc.stderr, proc.stderr[-3000:]
+    assert ("no space left on the device" in proc.stderr) == (code != "EACCES"), proc.stderr[-3000:]
+    assert ("Traceback" in proc.stderr) == (code == "EACCES"), proc.stderr[-3000:]
     assert list(shard_dir.iterdir()) == []
 
 

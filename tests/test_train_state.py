@@ -13,6 +13,7 @@ from open360.checkpoint import CheckpointContents, CheckpointError, save_checkpo
 from open360.train.state import (
     capture_rng_state,
     check_resume_compatible,
+    check_resume_recipe,
     find_resume_checkpoint,
     restore_rng_state,
 )
@@ -69,6 +70,21 @@ def test_resume_refuses_other_manifest_or_tokenizer(tmp_path: Path) -> None:
         check_resume_compatible(path, "main", "m1", "t9")
     with pytest.raises(CheckpointError, match=r"checkpoint is in stage 'main', the config puts its step in 'code'"):
         check_resume_compatible(path, "code", "m1", "t1")  # stages renamed or reordered: not the same data
+
+
+def test_a_resume_whose_recipe_names_another_shard_folder_is_refused_before_any_build(tmp_path: Path) -> None:
+    """The shard folder's name carries the recipe hash (and data.seed): another name is other shards, refused
+    before they are built; the same name under another shards root (a moved shards_dir) is the same data."""
+    path = _save(tmp_path, 4, {"stage": "main", "shard_dir": "/old/shards/tiny-aaaa", "manifest_hash": "m1"})
+    check_resume_recipe(path, "main", "r.yaml", tmp_path / "moved" / "tiny-aaaa")
+    with pytest.raises(CheckpointError, match=r"refusing to resume .*stage 'main' trained on shards tiny-aaaa, "
+                       r"its recipe r\.yaml \(with data\.seed\) now makes tiny-bbbb"):
+        check_resume_recipe(path, "main", "r.yaml", tmp_path / "tiny-bbbb")
+    # another stage's shards: not comparable (check_resume_compatible names the stage mismatch)
+    check_resume_recipe(path, "code", "r.yaml", tmp_path / "tiny-bbbb")
+    # a checkpoint recording no shard folder: left to the manifest hash check after the build
+    check_resume_recipe(_save(tmp_path / "old", 4, {"stage": "main", "manifest_hash": "m1"}), "main", "r.yaml",
+                        tmp_path / "tiny-bbbb")
 
 
 _TRAINER_STATE = {

@@ -390,18 +390,23 @@ def test_a_save_names_to_the_writer_the_tensors_training_writes_in_place(
     from open360.checkpoint.writer import storage_key
 
     given: list[Any] = []
-    real = CheckpointWriter.save
+    real, real_host_copy = CheckpointWriter.save, CheckpointWriter.host_copy
 
     def spy(self: CheckpointWriter, step: int, contents: Any, published: bool, live: Any = None) -> None:
         given.append(live)
         real(self, step, contents, published, live)
 
+    def host_copy_spy(self: CheckpointWriter, live: Any) -> Any:  # the state is gathered into the writer's copy
+        given.append(live)
+        return real_host_copy(self, live)
+
     monkeypatch.setattr(CheckpointWriter, "save", spy)
+    monkeypatch.setattr(CheckpointWriter, "host_copy", host_copy_spy)
     model = ScriptedLoss([2.0, 1.9, 1.8, 1.7], accum=2)
     trainer = _trainer(model, model, steps=4, settings=_settings(), tmp_path=tmp_path, every=2)
     trainer.train()
     state = [v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    assert len(given) == 2 and state
+    assert len(given) == 4 and given[0] is given[1] and given[2] is given[3] and state
     for live in given:
         assert isinstance(live, frozenset)
         assert {storage_key(t) for t in [*trainer.model.parameters(), *state]} <= live
@@ -704,6 +709,8 @@ def test_a_resume_into_a_stage_of_another_tokenizer_than_the_finished_stages_is_
     state["trainer"]["data_history"][0]["tokenizer_hash"] = "v" * 64  # stage 'a' was trained on another one
     with pytest.raises(TrainingError, match=r"stage 'b' reads shards/b tokenized with tokenizer t{12}, stage 'a'"):
         _two_stage_trainer(tmp_path / "resumed", "tt").load_state_dict(state)
+    del state["trainer"]["data_history"][0]["tokenizer_hash"]  # a stage that recorded none: nothing to compare
+    _two_stage_trainer(tmp_path / "unrecorded", "tt").load_state_dict(state)
 
 
 def test_a_warm_start_onto_shards_of_another_tokenizer_is_refused(tmp_path: Path) -> None:

@@ -166,8 +166,8 @@ def test_ordering_and_report():
         ("a", "passkey_greedy@64", 0.5), ("b", "passkey_greedy@64", 0.1), ("c", "passkey_greedy@64", 0.4)]]
     df = pd.DataFrame(rows)
     assert check_ordering(df) and not check_ordering(df, "ppl_all")
-    md = markdown_report(df, "base", "ft", 64, 256, 64, 4.0)
-    assert "(rope_interpolation_factor = 4)" in md
+    md = markdown_report(df, "base", "ft", 64, 256, 64, 4.0, "12 sequences of `x` (32 asked for: `sequences=`)")
+    assert "(rope_interpolation_factor = 4)" in md and "- held-out data: 12 sequences of `x` (32 asked" in md
     assert "(c) < (b) < (a) on ppl_at_context (the claim): **holds**; on ppl_all: does not hold" in md
     assert "(c) PI fine-tuned" in md and "ppl[0,64)" in md and "[192,256), each predicted from >= 192" in md
     df.loc[(df.variant == "b") & (df.metric == "ppl_at_context"), "value"] = 1000.0

@@ -291,8 +291,8 @@ def check_ordering(df: pd.DataFrame, metric: str = ORDERING_METRIC) -> bool:
 
 
 def markdown_report(df: pd.DataFrame, base_ckpt: Path, finetuned_ckpt: Path, base_context: int, context: int,
-                    stride: int, finetuned_factor: float) -> str:
-    """The comparison table in markdown, variants as rows."""
+                    stride: int, finetuned_factor: float, held_out: str = "") -> str:
+    """The comparison table in markdown, variants as rows; `held_out`: which held-out sequences were scored."""
     wide = df.pivot_table(index="variant", columns="metric", values="value", aggfunc="first")
     ppl_cols = [c for c in wide.columns if c.startswith("ppl[")]
     ppl_cols = sorted(ppl_cols, key=lambda c: int(c[4:].split(",")[0])) + ["ppl_all", ORDERING_METRIC]
@@ -304,6 +304,7 @@ def markdown_report(df: pd.DataFrame, base_ckpt: Path, finetuned_ckpt: Path, bas
         "",
         f"- base: `{base_ckpt}`",
         f"- PI fine-tuned: `{finetuned_ckpt}` (rope_interpolation_factor = {finetuned_factor:g})",
+        *([f"- held-out data: {held_out}"] if held_out else []),
         "- ppl[lo,hi): perplexity of next-token predictions at positions lo..hi-1 of held-out sequences;",
         f"  {ORDERING_METRIC}: perplexity at L' as the PI paper measures it (sliding window): positions",
         f"  [{context - stride},{context}), each predicted from >= {context - stride} tokens; ppl_all: positions [0,{context})",
@@ -387,7 +388,8 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
                           cfg.device, cfg.seed, stride)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / str(ft_cfg.run_name)
     shown = [p.relative_to(workspace) if p.is_relative_to(workspace) else p for p in (base_ckpt, ft_ckpt)]
-    report = markdown_report(df, *shown, base_context, context, stride, ft_factor)
+    scored = f"{len(sequences)} sequences of `{shard_dir.name}` ({cfg.sequences} asked for: `sequences=`)"
+    report = markdown_report(df, *shown, base_context, context, stride, ft_factor, scored)
     replace_together({
         out_dir / LONG_CONTEXT_PARQUET: lambda p: df.to_parquet(p, index=False),
         out_dir / LONG_CONTEXT_PLOT: lambda p: plot_ppl_by_position(df, p, base_context),

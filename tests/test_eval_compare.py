@@ -295,3 +295,21 @@ def test_an_unreadable_store_is_named_without_its_password(tmp_path):
     with pytest.raises(ValueError, match=r"the MLflow store postgresql://u:\*\*\*@127\.0\.0\.1:1/db is unreadable") as err:
         _client("postgresql://u:hunter2@127.0.0.1:1/db", tmp_path)
     assert "hunter2" not in str(err.value)
+
+
+def test_a_store_with_a_damaged_table_is_one_line_without_mlflows_tracebacks(tmp_path, capfd):
+    """An SQLite store of the current schema whose experiments table lost a column: MLflow's own logger printed
+    two tracebacks before open360's one-line message."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from open360.analysis.compare import main
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("ALTER TABLE experiments RENAME COLUMN name TO damaged")
+    capfd.readouterr()
+    assert main(["runs=[a]", f"workspace={tmp_path}", f"out_dir={tmp_path / 'out'}"]) == 2
+    err = capfd.readouterr().err
+    assert "mlflow.db is unreadable" in err and "Traceback" not in err, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import sys
@@ -63,6 +64,9 @@ def _client(tracking_uri: str, workspace: Path) -> Any:
             f"{file}: no MLflow store there (tracking_uri={tracking_uri}, workspace={workspace}); "
             "give the workspace the runs were trained in, or their tracking_uri="
         )
+    mlflow_log = logging.getLogger("mlflow")  # it logs the tracebacks of a damaged store before raising
+    level = mlflow_log.level
+    mlflow_log.setLevel(logging.CRITICAL)
     try:  # a damaged or locked sqlite file, a store MLflow refuses to open: one line, before any run is read
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
@@ -72,6 +76,8 @@ def _client(tracking_uri: str, workspace: Path) -> Any:
             f"tracking_uri={mask_value(tracking_uri)}: the MLflow store {mask_value(uri)} is unreadable "
             f"({type(err).__name__}: {first}); repair or unlock it, or give the runs' tracking_uri="
         ) from None
+    finally:
+        mlflow_log.setLevel(level)
     return client
 
 

@@ -129,6 +129,18 @@ def test_teacher_forced_passkey_check_equals_greedy_generation():
     key_model = KeyOracle(trials, tok.get_vocab_size())
     scores = passkey_accuracy(key_model, trials)
     assert scores == {"passkey_greedy": 1.0, "passkey_choice": 1.0}
+    rows_per_forward = []
+
+    def counted(ids: torch.Tensor) -> torch.Tensor:
+        rows_per_forward.append(len(ids))
+        return model(ids)
+
+    counted.eval = model.eval
+    for batch_size in (1, 2):  # the candidates in batches of batch_size (2: a last partial one): the same scores
+        assert passkey_accuracy(key_model, trials, batch_size=batch_size) == scores
+        rows_per_forward.clear()
+        assert passkey_accuracy(counted, trials, batch_size=batch_size) == passkey_accuracy(model, trials)
+        assert max(rows_per_forward) == batch_size and len(rows_per_forward) == len(trials) * -(-3 // batch_size)
 
 
 class KeyOracle(torch.nn.Module):

@@ -550,6 +550,26 @@ def test_tokenizer_keys_its_kind_would_ignore_are_errors(tmp_path: Path, tokeniz
         load_recipe(_write(tmp_path, text))
 
 
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("type: hf\n    hf_name: json\n    hf_data_files: 'https://bucket.s3.amazonaws.com/d.jsonl?X-Amz-Signature=abc123'",
+         "'hf_data_files' https://bucket.s3.amazonaws.com/d.jsonl?X-Amz-Signature=***"),
+        ("type: hf\n    hf_name: json\n    hf_data_files: ['a.jsonl', 'https://alice:pa55w0rd@host/d.jsonl']",
+         "'hf_data_files' https://alice:***@host/d.jsonl"),
+        ("type: jsonl\n    path: 'https://hf_abcdefghijklmnop@host/x.jsonl'", "'path' https://***@host/x.jsonl"),
+    ],
+)
+def test_a_source_location_holding_credentials_is_refused_masked(tmp_path: Path, source: str, shown: str) -> None:
+    """A presigned URL or a password in a source location would be written in the clear into manifest.json,
+    which is versioned and released with the shards: refused, and the message masks it."""
+    recipe = _recipe(tmp_path, f"  - name: web\n    {source}\n    weight: 1.0\n")
+    with pytest.raises(RecipeError, match=r"key 'sources\[0\]' \(web\): ") as err:
+        load_recipe(recipe)
+    assert shown in str(err.value) and "abc123" not in str(err.value) and "pa55w0rd" not in str(err.value)
+    assert "hf_abcdefghijklmnop" not in str(err.value)
+
+
 def test_weights_of_the_wrong_shape_name_their_key(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, _src("web", tmp_path / "x.jsonl"), "weights: [0.5]\n")
     with pytest.raises(RecipeError, match=r"r\.yaml: key 'weights': a mapping of source name to weight .* not \[0\.5\]"):

@@ -192,6 +192,22 @@ def _check(cond: bool, where: str, message: str) -> None:
         raise RecipeError(f"{where}: {message}")
 
 
+def _check_no_credentials(s: SourceSpec, key: str) -> None:
+    """No password, token or signed query in a source's locations: the recipe goes into manifest.json, which
+    is versioned and released with the shards."""
+    from open360.tracking.params import holds_credentials, mask_value
+
+    files = s.hf_data_files if isinstance(s.hf_data_files, list) else [s.hf_data_files]
+    for name, value in (("path", s.path), ("hf_name", s.hf_name), *(("hf_data_files", f) for f in files)):
+        _check(
+            not (isinstance(value, str) and holds_credentials(value)),
+            key,
+            f"'{name}' {mask_value(value or '')} holds credentials, which manifest.json (versioned and released "
+            "with the shards) would record in the clear; log in instead (HF_TOKEN, `huggingface-cli login`, "
+            "the storage's own credential chain)",
+        )
+
+
 def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     """Semantic checks OmegaConf cannot express; raise RecipeError naming the file and key."""
     _check(
@@ -240,6 +256,7 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
                 f"'hf_revision' pins a hub repository, and '{s.hf_name}' reads local files or a local "
                 "folder; drop it, or read local files with type jsonl/parquet and pin them with 'sha256'",
             )
+        _check_no_credentials(s, key)
         _check(0 <= s.fim.rate <= 1 and 0 <= s.fim.spm_rate <= 1, key, "fim rates must lie in [0, 1]")
         _check(s.max_docs is None or s.max_docs > 0, key, "max_docs must be positive")
         _check(

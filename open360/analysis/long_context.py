@@ -60,7 +60,7 @@ class LongContextConfig:
     passkey_lengths: list[int] = dataclasses.field(default_factory=list)  # prompt lengths; [] = L, 2L, L'
     passkey_trials: int = 20  # per length
     passkey_candidates: int = 10  # the true key and this many - 1 random keys, ranked by likelihood
-    batch_size: int = 4
+    batch_size: int = 4  # sequences per forward pass (perplexity), and passkey candidates per forward pass
     device: str = "cpu"
     seed: int = 0
     out_dir: str | None = None  # default <workspace>/analysis/<fine-tuned run>

@@ -168,10 +168,11 @@ def full_state(
 
     Under FSDP each sharded tensor is all-gathered here, one at a time, in the state dict's order (the same on
     every rank), and rank 0 passes it to `host_copy(key, tensor)` (the checkpoint writer's pinned buffers;
-    default: a copy to CPU) before the next is gathered: the device holds one gathered tensor at a time, and
+    default: `tensor.cpu()`) before the next is gathered: the device holds one gathered tensor at a time, and
     the copy to the host runs asynchronously at pinned bandwidth. torch's own `full_state_dict` + `cpu_offload`
     gathers into fresh pageable memory with one blocking copy per tensor (11.7-23.3 s per save at 1.4B on
-    2x H200, 0.33-0.38 s this way: benchmarks/RESULTS.md).
+    2x H200; this way 0.33-0.38 s per save after the first, which allocates the pinned buffers:
+    benchmarks/RESULTS.md).
 
     An optimizer that has not stepped yet (a checkpoint at step 0) is saved with an empty state, and left
     without one: torch's state-dict helpers fill an empty optimizer by running one zero-gradient step,

@@ -131,8 +131,8 @@ class CheckpointWriter:
 
     def host_copy(self, live: frozenset[tuple[str, int]] | None) -> Callable[[tuple[Any, ...], torch.Tensor], torch.Tensor]:
         """The per-tensor host copy for the next save's state, gathered one tensor at a time (`full_state`):
-        into the reused pinned buffers, so the previous save is waited for here; without background, a plain
-        copy to CPU (the write finishes before training goes on)."""
+        into the reused pinned buffers, so the previous save is waited for here; without background,
+        `tensor.cpu()` (a CPU tensor as it is: the write finishes before training goes on)."""
         if self._pool is None:
             return lambda key, tensor: tensor.detach().cpu()
         self.wait_pending()

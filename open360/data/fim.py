@@ -1,4 +1,4 @@
-"""Fill-in-the-middle transform (Bavarian et al. 2022), as used for CrystalCoder's stage-2 code data."""
+"""Fill-in-the-middle transform (Bavarian et al. 2022), as in CrystalCoder's stage-2 and stage-3 code data."""
 
 from __future__ import annotations
 

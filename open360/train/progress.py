@@ -33,7 +33,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class Progress:
-    """Shows step, loss, tokens/s, MFU (GPU) and ETA: a tqdm bar on a terminal, else a line every N steps."""
+    """Shows step, loss, tokens/s, MFU (bf16 on a known GPU) and ETA: a tqdm bar on a terminal, else a line
+    every N steps."""
 
     def __init__(self, total_steps: int, start_step: int, log_every: int, enabled: bool, bar: bool) -> None:
         self.total = total_steps

@@ -69,7 +69,7 @@ class TrainerSettings:
     log_every: int = 1
     progress_bar: bool = True
     flops_per_token: float | None = None
-    peak_flops: float | None = None  # per device; MFU is reported when known
+    peak_flops: float | None = None  # per device, bf16 (None in other precisions); MFU is shown when known
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank; raise when the batch does not divide."""
@@ -152,7 +152,7 @@ class Trainer:
 
     def _model_optimizer_state(self, host_copy: HostCopy | None = None) -> dict[str, Any]:
         """Full model and optimizer state for the checkpoint (complete on rank 0; every rank calls it), each
-        tensor passed through `host_copy` (the writer's) as it is gathered; None: a copy to CPU."""
+        tensor passed through `host_copy` (the writer's) as it is gathered; None: `tensor.cpu()`."""
         return full_state(self.model, self.optimizer, self.env, host_copy)
 
     def _load_model_optimizer(self, state: dict[str, Any]) -> None:

@@ -227,8 +227,12 @@ class MegatronEngine:
                 if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
             },
         )
-        gathered: list[Any] | None = [None] * dist.get_world_size(self._replica_zero) if dist.get_rank() == 0 else None
-        dist.gather_object(local, gathered, dst=0, group=self._replica_zero)
+        size = dist.get_world_size(self._replica_zero)
+        if size == 1:  # TP = PP = 1: rank 0 holds every weight (gather_object would pickle them all to itself)
+            gathered: list[Any] | None = [local]
+        else:
+            gathered = [None] * size if dist.get_rank() == 0 else None
+            dist.gather_object(local, gathered, dst=0, group=self._replica_zero)
         if gathered is None:
             return None
         shards = {(t, p): sd for t, p, sd in gathered}

@@ -177,6 +177,8 @@ def full_state(
     An optimizer that has not stepped yet (a checkpoint at step 0) is saved with an empty state, and left
     without one: torch's state-dict helpers fill an empty optimizer by running one zero-gradient step,
     which would set Adam's step count to 1 before the first real step and shift every later update."""
+    from open360.checkpoint.writer import map_tensors
+
     fresh = not optimizer.state
     sharded = StateDictOptions(full_state_dict=False)  # DTensors under FSDP; the tensors themselves otherwise
     state = {
@@ -187,19 +189,13 @@ def full_state(
         optimizer.state.clear()
         state["optimizer"] = {**state["optimizer"], "state": {}}
 
-    def gather(obj: Any, key: tuple[Any, ...]) -> Any:
-        if isinstance(obj, torch.Tensor):
-            full = obj.full_tensor() if isinstance(obj, DTensor) else obj  # a collective on every rank
-            if not env.is_main:
-                return None
-            return host_copy(key, full) if host_copy is not None else full.detach().cpu()
-        if isinstance(obj, dict):
-            return {k: gather(v, (*key, k)) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(gather(v, (*key, i)) for i, v in enumerate(obj))
-        return obj
+    def gather(key: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor | None:
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective on every rank
+        if not env.is_main:
+            return None
+        return host_copy(key, full) if host_copy is not None else full.detach().cpu()
 
-    gathered = gather(state, ())
+    gathered = map_tensors(state, gather)
     return gathered if env.is_main else {"model": {}, "optimizer": {}}
 
 

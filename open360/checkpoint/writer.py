@@ -13,6 +13,20 @@ import torch
 
 from open360.checkpoint.io import CheckpointContents, list_checkpoints, save_checkpoint
 
+TensorFn = Callable[[tuple[Any, ...], torch.Tensor], Any]
+
+
+def map_tensors(obj: Any, fn: TensorFn, key: tuple[Any, ...] = ()) -> Any:
+    """`obj` (nested dicts, lists and tuples) with each tensor replaced by `fn(key, tensor)`, in the nesting's
+    order; `key` is the tensor's path of dict keys and list indices."""
+    if isinstance(obj, torch.Tensor):
+        return fn(key, obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn, (*key, k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn, (*key, i)) for i, v in enumerate(obj))
+    return obj
+
 
 def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     """What identifies the memory a tensor lives in (its device type and storage address)."""
@@ -39,7 +53,7 @@ class HostSnapshot:
 
     def __call__(self, obj: Any, live: frozenset[tuple[str, int]] | None = None) -> Any:
         copy = self.begin(live)
-        out = self._walk(obj, (), copy)
+        out = map_tensors(obj, copy)
         if any(buf.is_pinned() for buf in self._pinned.values()):
             torch.cuda.synchronize()
         return out
@@ -63,17 +77,6 @@ class HostSnapshot:
         if view not in self._copies:
             self._copies[view] = self._copy_tensor(tensor, key)
         return self._copies[view]
-
-    def _walk(self, obj: Any, key: tuple[Any, ...], copy: Callable[[tuple[Any, ...], torch.Tensor], torch.Tensor]) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return copy(key, obj)
-        if isinstance(obj, dict):
-            return {k: self._walk(v, (*key, k), copy) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self._walk(v, (*key, i), copy) for i, v in enumerate(obj)]
-        if isinstance(obj, tuple):
-            return tuple(self._walk(v, (*key, i), copy) for i, v in enumerate(obj))
-        return obj
 
     def _copy_tensor(self, obj: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
         if obj.device.type != "cuda":

@@ -581,3 +581,12 @@ def test_a_branch_a_crash_left_pending_is_finished_before_the_steps_are_listed(t
     write_pending_branch(tmp_path / "recovery" / "r", 10, "from_step_10")
     listed = known_checkpoints(tmp_path, "r")
     assert [step for step, _ in listed] == [10] and all((path / "lineage.json").is_file() for _, path in listed)
+
+
+def test_every_analysis_writes_and_names_one_folder_with_home_expanded(tmp_path):
+    """evaluate, compare and long_context take their folder from analysis_dir: evaluate printed
+    <cwd>/~/ws/analysis/<run> for workspace=~/ws while it wrote under $HOME (compare did too)."""
+    from open360.analysis.eval_cli import analysis_dir
+
+    assert analysis_dir("~/ws", None, "r") == Path.home().resolve() / "ws" / "analysis" / "r"
+    assert analysis_dir("~/ws", str(tmp_path / "o"), "r") == tmp_path / "o"

@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 from omegaconf import MISSING
 
-from open360.analysis.eval_cli import report_errors, run_cli
+from open360.analysis.eval_cli import analysis_dir, report_errors, run_cli
 from open360.paths import replace_together
 
 COMPARE_PARQUET = "compare.parquet"
@@ -315,11 +315,6 @@ def markdown_report(summaries: pd.DataFrame, fit: dict[str, float] | None, devic
     return "\n".join(lines) + "\n"
 
 
-def output_dir(cfg: CompareConfig) -> Path:
-    """Where the report goes: `out_dir`, else <workspace>/analysis/<name>."""
-    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).expanduser().resolve() / "analysis" / cfg.name
-
-
 def compare_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the runs from MLflow, write compare.parquet, compare.png and compare.md; (curves, summaries)."""
     if not cfg.runs:
@@ -341,7 +336,7 @@ def compare_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     fit = None
     if cfg.fit and len(summaries) >= 2 and summaries["flops"].nunique() >= 2:
         fit = fit_power_law(summaries["flops"], summaries["final_loss"])
-    out_dir = output_dir(cfg)
+    out_dir = analysis_dir(cfg.workspace, cfg.out_dir, cfg.name)
     report = markdown_report(summaries, fit, cfg.devices) + (f"\n**Warning**: {warning}.\n" if warning else "")
     replace_together({
         out_dir / COMPARE_PARQUET: lambda p: curves.to_parquet(p, index=False),
@@ -360,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def job() -> int:
         _, summaries = compare_runs(cfg)
-        out = output_dir(cfg)
+        out = analysis_dir(cfg.workspace, cfg.out_dir, cfg.name)
         print(summaries.to_string(index=False))
         print(f"open360.compare: {out / COMPARE_PLOT}, {out / COMPARE_REPORT}")
         return 0

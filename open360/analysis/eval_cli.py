@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
@@ -14,6 +15,11 @@ T = TypeVar("T")
 
 class UsageError(ValueError):
     """A command line names an unknown key, a value of the wrong type, or misses a required key."""
+
+
+def analysis_dir(workspace: str | Path, out_dir: str | None, name: str) -> Path:
+    """Where an analysis writes its report: `out_dir=`, else <workspace>/analysis/<name> (`~` expanded)."""
+    return Path(out_dir) if out_dir else Path(workspace).expanduser().resolve() / "analysis" / name
 
 
 def parse_overrides(schema: type[T], argv: Sequence[str], prog: str) -> T:

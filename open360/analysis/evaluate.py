@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig
 
-from open360.analysis.eval_cli import report_errors, run_cli
+from open360.analysis.eval_cli import analysis_dir, report_errors, run_cli
 from open360.paths import replaced_atomically, resolve_repo_path, resolve_workspace_path
 
 DEFAULT_TASK_DIR = "analysis/tasks"
@@ -609,7 +609,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
         )
     selected = select_checkpoints(available, cfg.checkpoints, cfg.max_checkpoints)
     absent = {step for step, ckpt in selected if not (ckpt / "lineage.json").is_file()}  # recorded in DVC only
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / cfg.run
+    out_dir = analysis_dir(workspace, cfg.out_dir, cfg.run)
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / EVAL_PARQUET
     lineages = {step: read_lineage(ckpt) for step, ckpt in selected if step not in absent}
@@ -713,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def job() -> int:
         df = evaluate_run(cfg)
-        out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.workspace).resolve() / "analysis" / cfg.run
+        out = analysis_dir(cfg.workspace, cfg.out_dir, cfg.run)
         print(f"open360.evaluate: {df['step'].nunique()} checkpoints -> {out / EVAL_PARQUET}, {out / EVAL_PLOT}, {out / EVAL_REPORT}")
         return 0
 

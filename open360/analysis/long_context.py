@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from open360.analysis.eval_cli import report_errors, run_cli
+from open360.analysis.eval_cli import analysis_dir, report_errors, run_cli
 from open360.analysis.evaluate import (
     check_device,
     check_trained_tokenizer,
@@ -392,7 +392,7 @@ def run_long_context(cfg: LongContextConfig) -> pd.DataFrame:
     df = compare_variants(base, finetuned, sequences, tokenizer, base_context, context, cfg.buckets,
                           cfg.passkey_lengths, cfg.passkey_trials, cfg.passkey_candidates, cfg.batch_size,
                           cfg.device, cfg.seed, stride)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else workspace / "analysis" / str(ft_cfg.run_name)
+    out_dir = analysis_dir(workspace, cfg.out_dir, str(ft_cfg.run_name))
     shown = [p.relative_to(workspace) if p.is_relative_to(workspace) else p for p in (base_ckpt, ft_ckpt)]
     scored = f"{len(sequences)} sequences of `{shard_dir.name}` ({cfg.sequences} asked for: `sequences=`)"
     report = markdown_report(df, *shown, base_context, context, stride, ft_factor, scored)

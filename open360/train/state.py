@@ -182,6 +182,12 @@ def check_rng_state(file: Path, rng: Any) -> None:
             ) from err
 
 
+_SAME_SHARDS = (
+    "The run must continue on the exact shards it started on: restore the original data recipe, data.seed and "
+    "tokenizer, or start a new run (different run_name, trainer.resume=none)."
+)
+
+
 def check_resume_compatible(
     checkpoint: Path, stage_name: str, manifest_hash: str, tokenizer_hash: str
 ) -> None:
@@ -204,9 +210,7 @@ def check_resume_compatible(
         )
     if problems:
         raise CheckpointError(
-            f"refusing to resume from {checkpoint}: " + "; ".join(problems) + ". "
-            "The run must continue on the exact shards it started on: restore the original data recipe, "
-            "data.seed and tokenizer, or start a new run (different run_name, trainer.resume=none)."
+            f"refusing to resume from {checkpoint}: " + "; ".join(problems) + ". " + _SAME_SHARDS
         )
 
 
@@ -222,6 +226,5 @@ def check_resume_recipe(checkpoint: Path, stage_name: str, recipe: str, planned_
     raise CheckpointError(
         f"refusing to resume from {checkpoint}: stage {stage_name!r} trained on shards {Path(recorded).name}, "
         f"its recipe {recipe} (with data.seed) now makes {planned_dir.name} (another recipe hash: other data). "
-        "The run must continue on the exact shards it started on: restore the original data recipe and "
-        "data.seed, or start a new run (different run_name, trainer.resume=none)."
+        + _SAME_SHARDS
     )

@@ -28,7 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 50
 
 
-def _run_native_and_megatron(tmp_path: Path, model_overrides: list[str]) -> tuple[dict, dict]:
+def _run_native_and_megatron(
+    tmp_path: Path, model_overrides: list[str], fresh_second_half: bool = False
+) -> tuple[dict, dict, set[int]]:
+    """Step metrics of the native and the megatron backend from the same weights and batches, and the AdamW
+    step counts megatron's optimizer ends with (`fresh_second_half`: two stages, the second's optimizer fresh)."""
     import torch.distributed as dist
 
     from open360.backends.megatron.engine import destroy_parallel
@@ -38,7 +42,7 @@ def _run_native_and_megatron(tmp_path: Path, model_overrides: list[str]) -> tupl
     from open360.models import build_model
     from open360.train.optim import build_optimizer
     from open360.train.pipeline import build_settings
-    from open360.train.schedules import build_stages
+    from open360.train.schedules import Stage, build_stages
     from open360.train.trainer import StageData, Trainer
 
     cfg = tiny_gpu_config(STEPS, *model_overrides)
@@ -46,10 +50,14 @@ def _run_native_and_megatron(tmp_path: Path, model_overrides: list[str]) -> tupl
     torch.manual_seed(0)
     init = build_model(cfg.model).state_dict()
     order = SyntheticOrder(16, 128, 4096, starts=512)
+    stages = build_stages(cfg)
+    if fresh_second_half:
+        half, (one,) = STEPS // 2, stages
+        stages = [Stage(i, n, "r.yaml", half * i, half, one.lr, one.schedule, i == 1) for i, n in enumerate("ab")]
 
     def common(rec: Recorder) -> dict[str, Any]:
         return dict(
-            stages=build_stages(cfg),
+            stages=stages,
             settings=build_settings(cfg, "cuda", env),
             env=env,
             open_stage=lambda stage: StageData(order, [], {"stage": stage.name}, lambda n: {}),
@@ -68,11 +76,13 @@ def _run_native_and_megatron(tmp_path: Path, model_overrides: list[str]) -> tupl
         model=model, module=parallelize(model, env, "ddp"), optimizer=build_optimizer(model, cfg.optim), **common(native_rec)
     ).train()
     try:
-        create_megatron_trainer(cfg, init, (tmp_path / "pub", tmp_path / "rec"), **common(mega_rec)).train()
+        mega = create_megatron_trainer(cfg, init, (tmp_path / "pub", tmp_path / "rec"), **common(mega_rec))
+        mega.train()
+        adam_steps = {int(state["step"]) for states in mega.engine._inner_states() for state in states}
     finally:
         destroy_parallel()
         dist.destroy_process_group()
-    return native_rec.metrics, mega_rec.metrics
+    return native_rec.metrics, mega_rec.metrics, adam_steps
 
 
 @pytest.mark.parametrize(
@@ -87,13 +97,22 @@ def _run_native_and_megatron(tmp_path: Path, model_overrides: list[str]) -> tupl
     ],
 )
 def test_megatron_matches_native_loss_over_50_steps(tmp_path: Path, name: str, overrides: list[str]) -> None:
-    native, mega = _run_native_and_megatron(tmp_path, overrides)
+    native, mega, _ = _run_native_and_megatron(tmp_path, overrides)
     losses = [(native[s]["loss"], mega[s]["loss"]) for s in range(1, STEPS + 1)]
     rel = [abs(a - b) / a for a, b in losses]
     print(name, "first", losses[0], "last", losses[-1], "max rel", max(rel))
     assert rel[0] < 5e-3  # same weights, same batch: only bf16 rounding differs
     assert max(rel) < 0.03 and sum(rel) / len(rel) < 0.01
     assert losses[-1][1] < losses[0][1] - 1.0  # it trains
+
+
+def test_a_fresh_optimizer_stage_restarts_megatrons_adamw_as_the_native_one(tmp_path: Path) -> None:
+    """`fresh_optimizer` (CrystalCoder's phase 3) on megatron's distributed optimizer: its AdamW shards start
+    over at the stage's first step (step counts = the stage's steps), and the losses follow the native run's."""
+    native, mega, adam_steps = _run_native_and_megatron(tmp_path, [], fresh_second_half=True)
+    assert adam_steps == {STEPS // 2}
+    rel = [abs(native[s]["loss"] - mega[s]["loss"]) / native[s]["loss"] for s in range(1, STEPS + 1)]
+    assert max(rel) < 0.03 and sum(rel) / len(rel) < 0.01, max(rel)
 
 
 # -- two GPUs, the real pipeline under torchrun ------------------------------------------------

@@ -157,6 +157,9 @@ def test_crystalcoder_tiny_three_stages(tmp_path: Path, shards_root: Path) -> No
     history = read_lineage(ckpts[60])["data_history"]
     assert [h["steps"] for h in history] == [20, 20, 20]
     assert len({h["manifest_hash"] for h in history}) == 3  # each stage trains on its own shards
+    # stage 3 starts from a fresh optimizer (fresh_optimizer, as CrystalCoder's phase 3): AdamW counts its 20 steps
+    steps = {int(st["step"]) for st in load_checkpoint(ckpts[60]).optimizer["state"].values()}
+    assert steps == {20} and {int(st["step"]) for st in load_checkpoint(ckpts[40]).optimizer["state"].values()} == {40}
     # a resume with an earlier stage made shorter would read stage 2 from the wrong offset: refused
     moved = _train(
         "crystalcoder_tiny", ws, shards_root, "stages.0.steps=10", "stages.1.steps=30", "stages.2.steps=20",

@@ -83,6 +83,8 @@ def test_crystalcoder_follows_the_published_learning_rates() -> None:
         assert lr_at(stages, 79721 + step) == pytest.approx(
             published(0.0087825, 1.3679e-4, 86, 214301, step + 1), rel=1e-3)
     assert lr_at(stages, 321835) == pytest.approx(2e-4, rel=1e-6)
+    # phase 3 loaded phase 2's weights alone (Cerebras' is_pretrained_checkpoint: True): a fresh AdamW state
+    assert [s.fresh_optimizer for s in stages] == [False, False, True]
 
 
 def test_a_decay_planned_past_the_stage_end() -> None:

@@ -756,3 +756,41 @@ def test_lineages_without_a_tokenizer_hash_are_not_compared(tmp_path: Path) -> N
     resumed.load_state_dict(state)
     resumed.train()
     assert resumed.progress.step == 6
+
+
+def test_a_fresh_optimizer_stage_steps_as_a_new_optimizer_would_also_when_resumed() -> None:
+    """`fresh_optimizer` (CrystalCoder's phase 3): at the stage's first step AdamW's moments and step count
+    start over, bitwise as a newly built optimizer's would; a resume from the checkpoint that ends the stage
+    before restarts them too, a resume inside the stage does not."""
+
+    def two_stages(fresh: bool, final_step: int = 6) -> Trainer:
+        t = _decoder_trainer(6)
+        t.stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("linear", 3, 1), fresh and i == 1)
+                    for i, name in enumerate("ab")]
+        t.final_step = final_step
+        return t
+
+    full = two_stages(fresh=True)
+    full.train()
+    assert {int(st["step"]) for st in full.optimizer.state.values()} == {3}  # stage b's steps only
+
+    class NewOptimizer(Callback):  # the reference: a newly built optimizer after stage a's last step
+        def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+            if step == 3:
+                reference.optimizer = build_optimizer(reference.model, compose(TINY).optim)
+
+    reference = two_stages(fresh=False)
+    reference.callbacks = [NewOptimizer()]
+    reference.train()
+    carried = two_stages(fresh=False)
+    carried.train()
+    weights = full.model.state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in reference.model.state_dict().items())
+    assert not all(torch.equal(v, weights[k]) for k, v in carried.model.state_dict().items())
+    for stop in (3, 4):  # at the boundary checkpoint, and inside the fresh stage
+        first = two_stages(fresh=True, final_step=stop)
+        first.train()
+        resumed = two_stages(fresh=True)
+        resumed.load_state_dict(first.state_dict())
+        resumed.train()
+        assert all(torch.equal(v, weights[k]) for k, v in resumed.model.state_dict().items()), stop

@@ -102,6 +102,9 @@ class StageConfig:
     steps: int = MISSING
     lr: float | None = None  # None = optim.lr
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # start the stage from the weights alone: AdamW's moments and step count begin afresh at its first step
+    # (CrystalCoder's phase 3: Cerebras' `is_pretrained_checkpoint: True` loads the model, not the optimizer)
+    fresh_optimizer: bool = False
 
 
 @dataclass

@@ -70,3 +70,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's LR to `lr` times the group's muP scale."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get(LR_SCALE_KEY, 1.0)
+
+
+@torch.no_grad()
+def restart_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Put every parameter's AdamW state back where a new optimizer starts: step 0, zero moments (in place,
+    so sharded or pinned state keeps its layout; the next step is then a fresh AdamW's first, bias
+    correction included). Hyperparameters and parameter groups stay."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+            else:  # a step count kept as a number
+                state[key] = type(value)(0)

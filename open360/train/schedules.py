@@ -75,6 +75,7 @@ class Stage:
     steps: int
     lr: float
     schedule: Schedule
+    fresh_optimizer: bool = False  # the optimizer state restarts at the stage's first step
 
     @property
     def end(self) -> int:
@@ -110,7 +111,7 @@ def build_stages(cfg: object) -> list[Stage]:
             if not math.isfinite(lr) or lr < 0:
                 key = "optim.lr" if st.lr is None else f"stages.{i}.lr"
                 raise ValueError(f"{key}={lr} (stage {st.name!r}): the peak learning rate must be >= 0 and finite")
-            specs.append((st.name, st.recipe, int(st.steps), lr, st.schedule))
+            specs.append((st.name, st.recipe, int(st.steps), lr, st.schedule, bool(st.fresh_optimizer)))
         total = sum(spec[2] for spec in specs)
         if max_steps > total:
             raise ValueError(
@@ -120,9 +121,9 @@ def build_stages(cfg: object) -> list[Stage]:
     else:
         if not math.isfinite(float(cfg.optim.lr)) or float(cfg.optim.lr) < 0:
             raise ValueError(f"optim.lr={cfg.optim.lr}: the peak learning rate must be >= 0 and finite")
-        specs.append(("main", cfg.data.recipe, max_steps, float(cfg.optim.lr), cfg.schedule))
+        specs.append(("main", cfg.data.recipe, max_steps, float(cfg.optim.lr), cfg.schedule, False))
     stages, start = [], 0
-    for i, (name, recipe, steps, lr, sched) in enumerate(specs):
+    for i, (name, recipe, steps, lr, sched, fresh_optimizer) in enumerate(specs):
         if start >= max_steps:
             break
         try:
@@ -138,7 +139,7 @@ def build_stages(cfg: object) -> list[Stage]:
             if not cfg.stages:
                 raise
             raise ValueError(f"stages.{i}.{err} (stage {name!r})") from err
-        stages.append(Stage(i, name, recipe, start, min(steps, max_steps - start), lr, schedule))
+        stages.append(Stage(i, name, recipe, start, min(steps, max_steps - start), lr, schedule, fresh_optimizer))
         start += steps
     return stages
 

@@ -29,7 +29,7 @@ from open360.checkpoint.cadence import CadencePolicy
 from open360.checkpoint.io import CheckpointContents, list_checkpoints
 from open360.checkpoint.writer import CheckpointWriter, SavedCheckpoint
 from open360.train.callbacks import Callback
-from open360.train.optim import set_lr
+from open360.train.optim import restart_optimizer_state, set_lr
 from open360.train.progress import Progress
 from open360.train.schedules import Stage, lr_at, stage_at
 from open360.train.state import capture_rng_state, restore_rng_state, rng_untouched
@@ -157,6 +157,10 @@ class Trainer:
 
     def _load_model_optimizer(self, state: dict[str, Any]) -> None:
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.env)
+
+    def _restart_optimizer(self) -> None:
+        """Every parameter's optimizer state back to a new optimizer's (a stage with `fresh_optimizer`)."""
+        restart_optimizer_state(self.optimizer)
 
     def _extra_checkpoint_dirs(self, published: bool) -> dict[str, Path]:
         """Directories written by every rank that the checkpoint takes in (none for the native backend)."""
@@ -481,6 +485,9 @@ class Trainer:
                 stage = stage_at(self.stages, p.step)
                 lr = lr_at(self.stages, p.step)
                 batch = self._batch(p.step)
+                if stage.fresh_optimizer and p.step == stage.start and stage.index > 0:  # also after a resume
+                    self._restart_optimizer()  # from the checkpoint that ended the stage before
+                    progress.message(f"stage {stage.name!r} starts with a fresh optimizer state (fresh_optimizer)")
                 loss, grad_norm = self.train_step(batch, lr)
                 p.step += 1
                 p.tokens_seen += tokens_per_step

@@ -35,7 +35,7 @@ from open360.backends.megatron.spec import build_gpt_model, transformer_config
 from open360.checkpoint.io import CheckpointError
 from open360.config.schema import ModelConfig
 from open360.models.decoder import width_mult
-from open360.train.optim import adam_betas
+from open360.train.optim import adam_betas, restart_optimizer_state
 
 # Optimizer state is saved in megatron-core's canonical per-parameter layout, so a checkpoint written
 # at one tensor/pipeline/data-parallel layout loads at any other.
@@ -296,16 +296,17 @@ class MegatronEngine:
         cannot read: it is given the state a fresh AdamW starts from (step 0, zero moments)."""
         if not any(self._inner_states()):  # before the first step: no parameter has state yet
             self._materialize_optimizer_state()
-            for states in self._inner_states():
-                for state in states:
-                    state["step"] = torch.zeros_like(state["step"])
-                    state["exp_avg"].zero_()
-                    state["exp_avg_sq"].zero_()
+            self.restart_optimizer_state()
         if dist.get_rank() == 0:
             Path(directory).mkdir(parents=True, exist_ok=False)
         dist.barrier()
         dist_checkpointing.save(self._sharded_state(is_loading=False), str(directory))
         dist.barrier()
+
+    def restart_optimizer_state(self) -> None:
+        """This rank's optimizer state (its shards of every inner AdamW) back to a new optimizer's."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            restart_optimizer_state(opt.optimizer)
 
     def _inner_states(self) -> list[list[dict[str, Any]]]:
         """Per inner torch optimizer, its per-parameter states (empty lists before the first step)."""

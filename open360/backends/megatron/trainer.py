@@ -64,6 +64,9 @@ class MegatronTrainer(Trainer):
             raise CheckpointError(f"{directory}: missing; re-fetch the checkpoint (open360 ckpt pull)")
         self.engine.load_distributed(directory)
 
+    def _restart_optimizer(self) -> None:
+        self.engine.restart_optimizer_state()
+
     def _extra_checkpoint_dirs(self, published: bool) -> dict[str, Path]:
         parent = self.checkpoint_parents[0 if published else 1]
         staging = parent / f".tmp-step_{self.progress.step}-{DIST_CHECKPOINT_DIR}"  # swept like other temp dirs

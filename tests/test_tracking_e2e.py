@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 import subprocess
 from pathlib import Path
@@ -225,6 +226,7 @@ def test_list_and_lineage_detect_corruption(
     out = capsys.readouterr().out
     assert "manifest" in out and "tokenizer" in out and "dvc md5:" in out and "metrics at step 4: " in out
     assert "verified: all hashes match" in out
+    assert f"hardware (since the run last started): 1 x {platform.machine()} (cpu)" in out
 
     # work on a copy: the originals are hardlinked read-only into the DVC cache
     copy = tmp_path / "ws"

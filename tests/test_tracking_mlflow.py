@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from open360.credentials import is_secret_key, mask_secrets
 from open360.tracking import build_callbacks
 from open360.tracking import mlflow_records as mr
 from open360.tracking.mlflow_logger import RUN_ID_KEY, MlflowLogger, resolve_tracking_uri
-from open360.tracking.params import MAX_PARAM_VALUE_LENGTH, config_params, is_secret_key, mask_secrets
+from open360.tracking.params import MAX_PARAM_VALUE_LENGTH, config_params
 from open360.train.callbacks import RunInfo
 
 CONFIG = {
@@ -69,7 +70,7 @@ def test_params_masking_and_limits() -> None:
     assert len(params["long"]) == MAX_PARAM_VALUE_LENGTH and "truncated" in params["long"]
     assert "hunter2" not in json.dumps(mask_secrets(CONFIG))
     assert config_params({"secrets": {"db": "x"}})["secrets.db"] == "***"  # a secret group hides all
-    from open360.tracking.params import mask_value
+    from open360.credentials import mask_value
 
     for uri, masked in (
         ("https://:tok123@host/x", "https://:***@host/x"),  # a token with no user name
@@ -83,7 +84,7 @@ def test_params_masking_and_limits() -> None:
         ("postgresql://alice@db/x", "postgresql://alice@db/x"),
     ):
         assert mask_value(uri) == masked
-    from open360.tracking.params import holds_credentials
+    from open360.credentials import holds_credentials
 
     # refused as a tracking URI: a password, a token of a known kind, a secret query value; a long user name
     # is masked in logs (it may be a token) but is no reason to refuse a run
@@ -348,7 +349,8 @@ def test_the_run_records_its_code_commit_and_data_hashes(ws: Path) -> None:
     shard_dir.mkdir(parents=True)
     (shard_dir / "manifest.json").write_text(json.dumps({"manifest_hash": "m" * 64, "tokenizer": {"sha256": "t" * 64}}))
     logger = MlflowLogger("sqlite:///mlflow.db", "exp", "r", ws)
-    logger.on_run_start(info(ws, extra={"shard_dirs": {"main": str(shard_dir)}}))
+    hardware = {"world_size": 2, "device": "cuda", "accelerator": "NVIDIA H200", "cuda": "12.4"}
+    logger.on_run_start(info(ws, extra={"shard_dirs": {"main": str(shard_dir)}, "hardware": hardware}))
     later = ws / "shards" / "code-4567"  # a later stage, opened mid-run
     later.mkdir()
     (later / "manifest.json").write_text(json.dumps({"manifest_hash": "n" * 64, "tokenizer": {"sha256": "t" * 64}}))
@@ -362,6 +364,7 @@ def test_the_run_records_its_code_commit_and_data_hashes(ws: Path) -> None:
     from open360.checkpoint.lineage import git_revision
 
     assert tags.get("mlflow.source.git.commit") == git_revision()["revision"] and "open360.code_dirty" in tags
+    assert tags["open360.hardware.from_step_0"] == "2 x NVIDIA H200 (cuda 12.4)"  # a resume adds its own
 
 
 def test_a_lock_that_persists_costs_one_budget_then_writes_fail_at_once() -> None:

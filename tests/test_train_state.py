@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from open360.checkpoint import CheckpointContents, CheckpointError, save_checkpoint
+from open360.checkpoint import CheckpointContents, CheckpointError, read_lineage, save_checkpoint
 from open360.train.state import (
     capture_rng_state,
     check_resume_compatible,
@@ -61,30 +61,30 @@ def test_find_resume(tmp_path: Path) -> None:
 
 def test_resume_refuses_other_manifest_or_tokenizer(tmp_path: Path) -> None:
     path = _save(tmp_path, 4, {"stage": "main", "manifest_hash": "m1", "tokenizer_hash": "t1"})
-    check_resume_compatible(path, "main", "m1", "t1")
+    check_resume_compatible(path, read_lineage(path), "main", "m1", "t1")
     with pytest.raises(
         CheckpointError, match=r"refusing to resume.*data manifest hash m1 in the checkpoint, m2 now"
     ):
-        check_resume_compatible(path, "main", "m2", "t1")
+        check_resume_compatible(path, read_lineage(path), "main", "m2", "t1")
     with pytest.raises(CheckpointError, match=r"tokenizer hash t1 in the checkpoint, t9 now"):
-        check_resume_compatible(path, "main", "m1", "t9")
+        check_resume_compatible(path, read_lineage(path), "main", "m1", "t9")
     with pytest.raises(CheckpointError, match=r"checkpoint is in stage 'main', the config puts its step in 'code'"):
-        check_resume_compatible(path, "code", "m1", "t1")  # stages renamed or reordered: not the same data
+        check_resume_compatible(path, read_lineage(path), "code", "m1", "t1")  # stages renamed or reordered: not the same data
 
 
 def test_a_resume_whose_recipe_names_another_shard_folder_is_refused_before_any_build(tmp_path: Path) -> None:
     """The shard folder's name carries the recipe hash (and data.seed): another name is other shards, refused
     before they are built; the same name under another shards root (a moved shards_dir) is the same data."""
     path = _save(tmp_path, 4, {"stage": "main", "shard_dir": "/old/shards/tiny-aaaa", "manifest_hash": "m1"})
-    check_resume_recipe(path, "main", "r.yaml", tmp_path / "moved" / "tiny-aaaa")
+    check_resume_recipe(path, read_lineage(path), "main", "r.yaml", tmp_path / "moved" / "tiny-aaaa")
     with pytest.raises(CheckpointError, match=r"refusing to resume .*stage 'main' trained on shards tiny-aaaa, "
                        r"its recipe r\.yaml \(with data\.seed\) now makes tiny-bbbb"):
-        check_resume_recipe(path, "main", "r.yaml", tmp_path / "tiny-bbbb")
+        check_resume_recipe(path, read_lineage(path), "main", "r.yaml", tmp_path / "tiny-bbbb")
     # another stage's shards: not comparable (check_resume_compatible names the stage mismatch)
-    check_resume_recipe(path, "code", "r.yaml", tmp_path / "tiny-bbbb")
+    check_resume_recipe(path, read_lineage(path), "code", "r.yaml", tmp_path / "tiny-bbbb")
     # a checkpoint recording no shard folder: left to the manifest hash check after the build
-    check_resume_recipe(_save(tmp_path / "old", 4, {"stage": "main", "manifest_hash": "m1"}), "main", "r.yaml",
-                        tmp_path / "tiny-bbbb")
+    old = _save(tmp_path / "old", 4, {"stage": "main", "manifest_hash": "m1"})
+    check_resume_recipe(old, read_lineage(old), "main", "r.yaml", tmp_path / "tiny-bbbb")
 
 
 _TRAINER_STATE = {

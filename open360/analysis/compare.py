@@ -19,6 +19,7 @@ import yaml
 from omegaconf import MISSING
 
 from open360.analysis.eval_cli import analysis_dir, report_errors, run_cli
+from open360.credentials import mask_value
 from open360.paths import replace_together
 
 COMPARE_PARQUET = "compare.parquet"
@@ -56,7 +57,6 @@ def _client(tracking_uri: str, workspace: Path) -> Any:
 
     from open360.tracking.mlflow_logger import resolve_tracking_uri
     from open360.tracking.mlflow_records import missing_sqlite_file
-    from open360.tracking.params import mask_value
 
     uri = resolve_tracking_uri(tracking_uri, workspace)
     if file := missing_sqlite_file(uri):  # opening it would create an empty store

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig
 
 from open360.analysis.eval_cli import analysis_dir, report_errors, run_cli
+from open360.credentials import mask_value
 from open360.paths import replaced_atomically, resolve_repo_path, resolve_workspace_path
 
 DEFAULT_TASK_DIR = "analysis/tasks"
@@ -598,7 +599,6 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     workspace = Path(cfg.workspace).expanduser().resolve()
     from open360.tracking.checkpoints import known_checkpoints, run_dirs, superseded_steps
     from open360.tracking.mlflow_records import lineage_run_id
-    from open360.tracking.params import mask_value
 
     run_dir = run_dirs(workspace, cfg.run)[0]
     available = known_checkpoints(workspace, cfg.run, "open360.evaluate")

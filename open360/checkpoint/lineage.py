@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from open360.paths import REPO_ROOT
 
@@ -37,6 +40,24 @@ def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {"revision": None, "dirty": None}
     return {"revision": rev, "dirty": bool(status.strip())}
+
+
+def hardware_record(device: torch.device, world_size: int) -> dict[str, Any]:
+    """What runs the steps: the process count, the device kind and model, and torch's CUDA version (the
+    weights are bitwise reproducible on one kind of hardware, not across kinds or world sizes)."""
+    cuda = device.type == "cuda"
+    return {
+        "world_size": int(world_size),
+        "device": device.type,
+        "accelerator": torch.cuda.get_device_name(device) if cuda else platform.machine(),
+        "cuda": torch.version.cuda if cuda else None,
+    }
+
+
+def describe_hardware(hardware: dict[str, Any]) -> str:
+    """`2 x NVIDIA H200 (cuda 12.4)`, `1 x x86_64 (cpu)`."""
+    cuda = f" {hardware['cuda']}" if hardware.get("cuda") else ""
+    return f"{hardware.get('world_size')} x {hardware.get('accelerator')} ({hardware.get('device')}{cuda})"
 
 
 def config_hash(config: dict[str, Any]) -> str:

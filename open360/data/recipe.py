@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from open360.credentials import holds_credentials, mask_value
 from open360.paths import resolve_repo_path
 
 SOURCE_TYPES = ("jsonl", "parquet", "text", "dir", "hf", "llm360_chunks")
@@ -195,8 +196,6 @@ def _check(cond: bool, where: str, message: str) -> None:
 def _check_no_credentials(s: SourceSpec, key: str) -> None:
     """No password, token or signed query in a source's locations: the recipe goes into manifest.json, which
     is versioned and released with the shards."""
-    from open360.tracking.params import holds_credentials, mask_value
-
     files = s.hf_data_files if isinstance(s.hf_data_files, list) else [s.hf_data_files]
     for name, value in (("path", s.path), ("hf_name", s.hf_name), *(("hf_data_files", f) for f in files)):
         _check(

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from open360.checkpoint.lineage import data_history, inherited_data_history
+from open360.checkpoint.lineage import data_history, describe_hardware, inherited_data_history
+from open360.credentials import mask_value
 from open360.tracking.checkpoints import (
     find_workspace,
     folder_size,
@@ -52,7 +53,6 @@ def _mlflow_metrics(workspace: Path, run: str, uri: str | None) -> dict[str, dic
     """key -> {step: value} of the listing's metrics only (the full history of every metric is ~2.5M rows at
     AMBER's step count: minutes to read)."""
     from open360.tracking import mlflow_records as mr
-    from open360.tracking.params import mask_value
 
     resolved = mr.workspace_uri(workspace, uri)
     if resolved is None:
@@ -323,6 +323,8 @@ def lineage_report(path: Path, mlflow_uri: str | None = None) -> tuple[list[str]
         f"code revision: {code.get('revision')}{' (dirty)' if code.get('dirty') else ''}",
         f"config sha256: {lineage.get('config_hash')}   torch: {lineage.get('torch_version')}",
     ]
+    if hardware := lineage.get("hardware"):
+        lines.append(f"hardware (since the run last started): {describe_hardware(hardware)}")
     init = lineage.get("init_from") or {}
     if init:
         lines.append(f"warm-started from: {init.get('checkpoint')} (step {init.get('step')}, weights "
@@ -375,7 +377,6 @@ def _mlflow_lines(
 ) -> tuple[list[str], str | None]:
     """(lines on the checkpoint's MLflow run, the DVC md5 its checkpoint record holds, if any)."""
     from open360.tracking import mlflow_records as mr
-    from open360.tracking.params import mask_value
 
     run_id = mr.lineage_run_id(lineage)
     if not isinstance(step, int):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from open360.credentials import mask_value
+
 # md5 of the empty tree ("[]"): what a fresh `checkpoints.dvc` records before the first checkpoint.
 EMPTY_TREE_MD5 = "d751713988987e9331980363e24189ce.dir"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -161,8 +163,6 @@ def _remote_description(repo: Any, name: str | None) -> str:
         url = repo.config["remote"][name]["url"]
     except (KeyError, TypeError):
         return f"remote {name!r}"
-    from open360.tracking.params import mask_value
-
     return f"remote {name!r} ({mask_value(str(url))})"  # a URL may carry user:password@
 
 
@@ -200,8 +200,6 @@ def _explain(err: BaseException, action: str, path: Path, ws: Path, detail: str 
         )
     else:
         msg = f"{where}: {type(err).__name__}: {err}"
-    from open360.tracking.params import mask_value
-
     return VersioningError(mask_value(msg))  # DVC's own text may quote the remote URL, credentials and all
 
 

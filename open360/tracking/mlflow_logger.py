@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from open360.credentials import mask_secrets, mask_value
 from open360.tracking.params import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
     config_params,
     fit_tag,
-    mask_value,
 )
 from open360.tracking.worker import BackgroundWorker
 from open360.train.callbacks import Callback, RunInfo
@@ -118,6 +118,13 @@ def _stage_tags(stage: str, folder: str | Path) -> dict[str, str]:
         f"open360.data.{stage}.manifest_hash": str(manifest.get("manifest_hash")),
         f"open360.data.{stage}.tokenizer_sha256": str((manifest.get("tokenizer") or {}).get("sha256")),
     }
+
+
+def _hardware_tag(start_step: int, hardware: dict[str, Any] | None) -> dict[str, str]:
+    """One tag per start of the run (a resume may run on other hardware)."""
+    from open360.checkpoint.lineage import describe_hardware
+
+    return {f"open360.hardware.from_step_{start_step}": describe_hardware(hardware)} if hardware else {}
 
 
 class TrackingError(RuntimeError):
@@ -467,8 +474,6 @@ class MlflowLogger(Callback):
     def _log_config(self, info: RunInfo) -> None:
         from mlflow.entities import Param
 
-        from open360.tracking.params import mask_secrets
-
         existing = self._client.get_run(self.run_id).data.params
         params = [Param(k, v) for k, v in config_params(info.config).items() if k not in existing]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
@@ -480,7 +485,7 @@ class MlflowLogger(Callback):
         # a continued run adds the config it was resumed with beside it
         name = f"config/config_resume_step_{info.start_step}.yaml" if self._continued else CONFIG_ARTIFACT
         self._client.log_text(self.run_id, masked_yaml, name)
-        tags = _code_tags()
+        tags = {**_code_tags(), **_hardware_tag(info.start_step, info.extra.get("hardware"))}
         for stage, folder in sorted((info.extra.get("shard_dirs") or {}).items()):  # the stages open so far
             tags.update(_stage_tags(stage, folder))
         self._set_tags(tags)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from open360.credentials import mask_value
 from open360.tracking.mlflow_logger import CHECKPOINT_TAG_PREFIX, checkpoint_tag, resolve_tracking_uri
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -39,8 +40,6 @@ def missing_sqlite_file(uri: str) -> str | None:
 def read_store(uri: str, fn: Any) -> Any:
     """`fn(client)` on the store at `uri`; any failure becomes one StoreUnreadable line (URI masked), and so
     does a sqlite file that does not exist (a mistyped --mlflow-uri: reading must not create a store)."""
-    from open360.tracking.params import mask_value
-
     if file := missing_sqlite_file(uri):
         raise StoreUnreadable(
             f"MLflow store {mask_value(uri)}: no such file {file}; pass --mlflow-uri naming the run's store"

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from open360.checkpoint.lineage import data_history, inherited_data_history, trained_data_history
+from open360.credentials import mask_secrets
 from open360.paths import temp_sibling
 from open360.tracking.checkpoints import (
     CheckpointEntry,
@@ -21,7 +22,6 @@ from open360.tracking.checkpoints import (
 )
 from open360.tracking.dvc_versioning import DvcWorkspace
 from open360.tracking.mlflow_records import lineage_run_id
-from open360.tracking.params import mask_secrets
 
 
 class ReleaseError(RuntimeError):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from open360.config import register_configs
 from open360.config.schema import resume_is_off
 from open360.config.store import ConfigKeyError, check_schema
+from open360.credentials import holds_credentials, mask_value
 from open360.paths import CONFIGS_DIR
 from open360.train.resources import ResourceError, check_resources
 from open360.train.validate import check_training_config
@@ -131,8 +132,6 @@ def check_before_hydra(argv: list[str]) -> None:
         sys.exit(2)
     if multirun:  # Hydra writes each job's .hydra/ (overrides and config) before main() runs: no credential
         # may reach it (the jobs' other checks follow, as for one run)
-        from open360.tracking.params import holds_credentials, mask_value
-
         secret = next((a for a in argv if holds_credentials(a)), None)
         if secret is not None:
             print(f"open360.train: {mask_value(secret)}: holds credentials, which Hydra would save in the clear "

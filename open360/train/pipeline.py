@@ -43,11 +43,11 @@ from open360.checkpoint.io import (
     remove_stale_temp_dirs,
     verify_checkpoint,
 )
-from open360.checkpoint.lineage import config_hash, git_revision, history_to_inherit
+from open360.checkpoint.lineage import config_hash, git_revision, hardware_record, history_to_inherit
 from open360.checkpoint.writer import CheckpointWriter
+from open360.credentials import mask_secrets
 from open360.paths import resolve_workspace_path
 from open360.tracking.checkpoints import finish_pending_branches, run_checkpoints, run_dirs
-from open360.tracking.params import mask_secrets
 from open360.train.callbacks import Callback, RunInfo
 from open360.train.optim import build_optimizer
 from open360.train.progress import format_summary, peak_flops
@@ -424,10 +424,10 @@ def resume(trainer: Trainer, checkpoint: Path, planned: Callable[[Stage], Path] 
         )
     check_architecture(checkpoint, OmegaConf.create(trainer.config_yaml).model, "trainer.resume")
     if planned is not None:
-        check_resume_recipe(checkpoint, stage.name, str(stage.recipe), planned(stage))
+        check_resume_recipe(checkpoint, contents.lineage, stage.name, str(stage.recipe), planned(stage))
     data = trainer.stage_data(stage)
     check_resume_compatible(
-        checkpoint, stage.name, data.lineage["manifest_hash"], data.lineage["tokenizer_hash"]
+        checkpoint, contents.lineage, stage.name, data.lineage["manifest_hash"], data.lineage["tokenizer_hash"]
     )
     trainer.load_state_dict(
         {
@@ -525,11 +525,13 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
     writer = CheckpointWriter(
         published_dir, recovery_dir, int(cfg.checkpoint.keep_ephemeral), background=env.device.type == "cuda"
     )
+    hardware = hardware_record(env.device, env.world_size)
     lineage_base = {
         "run_name": run_name,
         "code": git_revision(),
         "config_hash": config_hash(recorded_config),
         "torch_version": torch.__version__,
+        "hardware": hardware,
         **({"init_from": init_record} if init_record else {}),
     }
     common = dict(
@@ -611,8 +613,7 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             "resumed_from": str(resume_from) if resume_from else None,
             "branch": branch,  # {from_step, superseded: folder under superseded/} when resume replaces later steps
             "shard_dirs": {k: str(v) for k, v in shards.shard_dirs.items()},
-            "world_size": env.world_size,
-            "device": str(env.device),
+            "hardware": hardware,
             "init_from": init_record["checkpoint"] if init_record else None,
         },
     )

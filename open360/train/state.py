@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from open360.checkpoint.io import CheckpointError, list_checkpoints, read_lineage
+from open360.checkpoint.io import CheckpointError, list_checkpoints
 from open360.config.schema import resume_is_off
 
 
@@ -189,10 +189,10 @@ _SAME_SHARDS = (
 
 
 def check_resume_compatible(
-    checkpoint: Path, stage_name: str, manifest_hash: str, tokenizer_hash: str
+    checkpoint: Path, lineage: dict[str, Any], stage_name: str, manifest_hash: str, tokenizer_hash: str
 ) -> None:
-    """Refuse to resume onto different data or tokenizer than the checkpoint was trained on."""
-    lineage = read_lineage(checkpoint)
+    """Refuse to resume onto different data or tokenizer than the checkpoint (whose lineage.json is given)
+    was trained on."""
     data = lineage.get("data", {})
     problems = []
     if data.get("stage") == stage_name:
@@ -214,12 +214,14 @@ def check_resume_compatible(
         )
 
 
-def check_resume_recipe(checkpoint: Path, stage_name: str, recipe: str, planned_dir: Path) -> None:
+def check_resume_recipe(
+    checkpoint: Path, lineage: dict[str, Any], stage_name: str, recipe: str, planned_dir: Path
+) -> None:
     """Refuse, before any shards are built, to resume a stage whose recipe (or data.seed) now names another
     shard folder than the checkpoint trained on: the folder's name carries the recipe's hash, so these are
     other shards, which `check_resume_compatible` refuses too, but only after they were built (hours at
     LLM360 size)."""
-    data = read_lineage(checkpoint).get("data", {})
+    data = lineage.get("data", {})
     recorded = data.get("shard_dir")
     if data.get("stage") != stage_name or not isinstance(recorded, str) or Path(recorded).name == planned_dir.name:
         return

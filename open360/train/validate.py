@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from open360.config.schema import resume_is_off
+from open360.credentials import holds_credentials, mask_value
 
 POSITIVE_INTS = (
     "trainer.global_batch_size",
@@ -83,7 +84,6 @@ def check_recipes(cfg: DictConfig) -> None:
 def check_tracking_uri(cfg: DictConfig) -> None:
     """No credentials in tracking.mlflow_uri: Hydra saves the command line and the composed config in the
     clear under outputs/<run>/<time>/.hydra/; the MLflow client reads them from the environment."""
-    from open360.tracking.params import holds_credentials, mask_value
 
     uri = str(cfg.tracking.mlflow_uri)
     if holds_credentials(uri):  # also with tracking=off: Hydra records it all the same

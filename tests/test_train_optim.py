@@ -70,3 +70,25 @@ def test_betas_must_be_two_values_in_unit_interval() -> None:
         cfg = compose(["+experiment=amber_tiny", f"optim.betas={betas}"])
         with pytest.raises(ValueError, match=r"optim.betas=.*expected two values in \[0, 1\)"):
             build_optimizer(build_model(cfg.model), cfg.optim)
+
+
+def test_groups_given_as_iterators_keep_their_parameters() -> None:
+    """A model's param_groups may hand over `self.parameters()` as is: counting the group's tensors must
+    not use the iterator up and leave AdamW an empty group that trains nothing."""
+    import torch
+
+    class Lazy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def param_groups(self, optim_cfg: object) -> list[dict]:
+            return [{"name": "all", "params": self.parameters()}]
+
+    model = Lazy()
+    opt = build_optimizer(model, compose(["+experiment=amber_tiny"]).optim)
+    assert [len(g["params"]) for g in opt.param_groups] == [2]
+    before = model.lin.weight.detach().clone()
+    model.lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.lin.weight, before)

@@ -45,12 +45,13 @@ def build_optimizer(model: Any, optim_cfg: Any) -> torch.optim.AdamW:
     prepared = []
     for i, group in enumerate(groups):
         group = dict(group)
-        if not group.get("params"):
+        group["params"] = list(group.get("params") or [])  # counting an iterator would leave AdamW none
+        if not group["params"]:
             raise ValueError(f"param group {i} ({group.get('name', '?')}) has no parameters")
         group["lr"] = float(group.get("lr", base_lr))
         group[LR_SCALE_KEY] = float(group.get(LR_SCALE_KEY, group["lr"] / base_lr if base_lr else 1.0))
         prepared.append(group)
-    n_grouped = sum(len(list(g["params"])) for g in prepared)
+    n_grouped = sum(len(g["params"]) for g in prepared)
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     if n_grouped != n_trainable:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -688,6 +689,39 @@ def test_malformed_json_read_through_datasets_names_its_file(tmp_path: Path) -> 
     assert build_shards(_recipe(tmp_path, _src("web", data)), tmp_path / "s2")  # type: jsonl skips the line
 
 
+def test_datasets_data_files_that_match_nothing_are_named_never_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`datasets` leaves a list's pattern that matches no file out without a word, fails on a lone one with a
+    bare StopIteration, and without any data files reads every file under the working directory: each is an
+    error naming the source and pattern, for a builder's local files and inside a local hub-layout folder."""
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import read_source
+
+    repo = tmp_path / "repo"  # laid out like a hub dataset repository
+    (repo / "train").mkdir(parents=True)
+    (repo / "README.md").write_text("# a dataset card\n")
+    rows = [{"token_ids": [5 + i, 6, 7], "source": "c4"} for i in range(3)]
+    (repo / "train" / "train_000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    web = tmp_path / "web.jsonl"
+    web.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(3)))
+    moved = str(tmp_path / "code_*.jsonl.gz")
+    for spec, pattern in (
+        (SourceSpec(name="s", type="hf", hf_name="json", hf_data_files=[str(web), moved]), moved),
+        (SourceSpec(name="s", type="hf", hf_name="json", hf_data_files=moved), moved),
+        (SourceSpec(name="s", type="llm360_chunks", hf_name=str(repo), hf_data_files=["train/*", "valid/*"]), "valid/*"),
+    ):
+        with pytest.raises(SourceError, match=rf"source 's': hf_data_files pattern '{re.escape(pattern)}' matches no file"):
+            list(read_source(spec, Counter()))
+    chunks = SourceSpec(name="s", type="llm360_chunks", hf_name=str(repo), hf_data_files="train/train_*.jsonl")
+    assert [d.token_ids for d in read_source(chunks, Counter())] == [r["token_ids"] for r in rows]
+
+    monkeypatch.chdir(repo)  # a folder of jsonl files that no recipe names
+    for typ in ("hf", "llm360_chunks"):
+        with pytest.raises(RecipeError, match=r"sources\[0\]' \(web\): hf_name 'json' reads the files 'hf_data_files'"):
+            load_recipe(_recipe(tmp_path, f"  - name: web\n    type: {typ}\n    hf_name: json\n"))
+
+
 def test_data_verbs_print_one_line_on_bad_input(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -1016,3 +1050,57 @@ def test_workers_of_another_pipeline_version_are_named_as_such_when_merged(
         build_shards(p, tmp_path / "shards", worker_index=1, num_workers=2)
     out = build_shards(p, tmp_path / "shards", worker_index=0, num_workers=2)  # worker 0 again, upgraded
     assert ShardSet.open(out).manifest_hash == ShardSet.open(build_shards(p, tmp_path / "one")).manifest_hash
+
+
+def test_a_hub_name_shadowed_by_a_working_directory_folder_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`datasets` reads a folder of the working directory named like the hub repository in its place: a
+    recipe pinned to a hub commit would build from unpinned local files no cache tracks. Local hf_name
+    folders are relative to the repository root, as the README says; the working directory's is refused."""
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import input_fingerprint, read_source
+
+    (tmp_path / "org" / "web").mkdir(parents=True)
+    (tmp_path / "org" / "web" / "train.jsonl").write_text(json.dumps({"text": _doc(1)}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    spec = SourceSpec(name="web", type="hf", hf_name="org/web", hf_revision="0123456789abcdef0123456789abcdef01234567")
+    for read in (lambda: list(read_source(spec, Counter())), lambda: input_fingerprint(spec)):
+        with pytest.raises(SourceError, match=r"source 'web': hf_name 'org/web' is a folder of the working directory"):
+            read()
+    absolute = SourceSpec(name="web", type="hf", hf_name=str(tmp_path / "org" / "web"))
+    assert [d.text for d in read_source(absolute, Counter())] == [_doc(1)]
+    assert [Path(f[0]).name for f in input_fingerprint(absolute)] == ["train.jsonl"]
+
+
+def test_a_hub_tokenizer_name_that_is_a_local_folder_is_named_not_fetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer folder laid out like a hub repository, named in `tokenizer.name`: the hub client took it for
+    a repository id (retrying the network for a relative name); the error says to read its file instead."""
+    import open360.data.tokenizer as tokenizer_module
+    from open360.data.tokenizer import obtain_tokenizer
+
+    f = _small_corpus(tmp_path)
+    tokenizer_file = ShardSet.open(build_shards(_recipe(tmp_path, _src("web", f)), tmp_path / "s")).tokenizer_path
+    (tmp_path / "hub" / "org" / "tok").mkdir(parents=True)
+    shutil.copy(tokenizer_file, tmp_path / "hub" / "org" / "tok" / "tokenizer.json")
+
+    class NoHub:
+        from_file = staticmethod(tokenizer_module.Tokenizer.from_file)
+
+        @staticmethod
+        def from_pretrained(name: str, revision: str = "main") -> object:
+            raise AssertionError(f"the hub was asked for {name!r}")
+
+    monkeypatch.setattr(tokenizer_module, "Tokenizer", NoHub)
+    monkeypatch.chdir(tmp_path / "hub")
+    p = _recipe(tmp_path, _src("web", f))
+    text = p.read_text()
+    for name in ("org/tok", str(tmp_path / "hub" / "org" / "tok")):
+        p.write_text(text.replace("{kind: train, vocab_size: 300, train_max_chars: 200000}", f"{{kind: hub, name: '{name}'}}"))
+        with pytest.raises(ValueError, match=r"tokenizer.name '.*org/tok' is a local folder .* set 'kind: file' and") as err:
+            obtain_tokenizer(load_recipe(p), tmp_path / "cache")
+        suggested = re.search(r"'path: (.*)'$", str(err.value)).group(1)  # type: ignore[union-attr]
+        p.write_text(text.replace("{kind: train, vocab_size: 300, train_max_chars: 200000}", f"{{kind: file, path: '{suggested}'}}"))
+        assert obtain_tokenizer(load_recipe(p), tmp_path / "cache") == tokenizer_file.read_bytes()

@@ -269,6 +269,12 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
         _check(s.type != "hf" or s.path is None, key, "'path' is read by local types; type hf reads 'hf_name' "
                "(local files through it: hf_name json/parquet with hf_data_files) and would ignore it — remove it")
         _check(
+            not (_reads_by_name(s) and s.hf_name in PACKAGED_BUILDERS and s.hf_data_files is None),
+            key,
+            f"hf_name '{s.hf_name}' reads the files 'hf_data_files' names, and it names none (datasets would read "
+            "every such file under the working directory); set 'hf_data_files'",
+        )
+        _check(
             s.sample_by == "document" or s.type in ("text", "dir"),
             key,
             f"'sample_by' splits files of type text or dir; type {s.type} reads one document per row — remove it",
@@ -366,10 +372,14 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     _check(recipe.doc_batch_size >= 1, f"{where}: key 'doc_batch_size'", "must be >= 1")
 
 
+def _reads_by_name(s: SourceSpec) -> bool:
+    """Whether a source is read through `datasets` by its `hf_name` (not from a local `path`)."""
+    return s.type == "hf" or (s.type == "llm360_chunks" and not s.path)
+
+
 def reads_hub(s: SourceSpec) -> bool:
     """Whether a source reads a hub repository (not a builder over local files, not a local folder)."""
-    by_name = s.type == "hf" or (s.type == "llm360_chunks" and not s.path)
-    return by_name and bool(s.hf_name) and s.hf_name not in PACKAGED_BUILDERS and not resolve_repo_path(s.hf_name).is_dir()
+    return _reads_by_name(s) and bool(s.hf_name) and s.hf_name not in PACKAGED_BUILDERS and not resolve_repo_path(s.hf_name).is_dir()
 
 
 def unpinned_hub_inputs(recipe: RecipeSpec) -> list[str]:

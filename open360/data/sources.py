@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from open360.data.recipe import PACKAGED_BUILDERS, SourceSpec
-from open360.paths import resolve_repo_path
+from open360.paths import REPO_ROOT, resolve_repo_path
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://")
 
@@ -240,10 +240,28 @@ def _hub_where(source: SourceSpec) -> str:
     return f"hub:{source.hf_name}" + (f" (data files {files})" if files else "")
 
 
+def _check_local_data_files(source: SourceSpec, data_files: str | list[str] | None) -> None:
+    """Every `hf_data_files` pattern on local files (a builder's, or inside a local `hf_name` folder) matches a
+    file: `datasets` leaves a pattern of a list that matches nothing out without a word (and fails on a lone
+    one with a bare StopIteration), so a moved or misnamed file would silently take its documents out."""
+    folder = _local_dir(source.hf_name)
+    if data_files is None or (folder is None and source.hf_name not in PACKAGED_BUILDERS):
+        return  # patterns inside a hub repository: `datasets` resolves them there
+    for pattern in [data_files] if isinstance(data_files, str) else data_files:
+        full = folder / pattern if folder is not None else Path(pattern)
+        if _URL.match(pattern) or any(Path(p).is_file() for p in glob.glob(str(full), recursive=True)):
+            continue  # a glob as `datasets` takes it: a file named "data[1].jsonl" matches no such pattern
+        raise SourceError(
+            f"source '{source.name}': hf_data_files pattern '{pattern}' matches no file (resolved to {full}); "
+            f"check the recipe's 'hf_data_files' (relative to {folder or 'the repository root'})"
+        )
+
+
 def _datasets_docs(source: SourceSpec, bad: Counter) -> Iterator[Doc]:
     import datasets
 
     name, data_files = hub_arguments(source)
+    _check_local_data_files(source, data_files)
     kwargs: dict[str, Any] = {"data_files": data_files} if data_files else {}
     if source.hf_revision is not None:
         kwargs["revision"] = source.hf_revision
@@ -279,6 +297,13 @@ def hub_arguments(source: SourceSpec) -> tuple[str, str | list[str] | None]:
     of a builder such as `json`, resolved against the repository root like every other recipe path;
     hub names and patterns inside a dataset repository are passed as they are."""
     folder = _local_dir(source.hf_name)
+    if folder is None and source.hf_name not in PACKAGED_BUILDERS and Path(str(source.hf_name)).is_dir():
+        raise SourceError(  # `datasets` reads a folder of the working directory in place of the hub repository
+            f"source '{source.name}': hf_name '{source.hf_name}' is a folder of the working directory "
+            f"({Path(str(source.hf_name)).resolve()}), which `datasets` would read instead of the hub repository, "
+            "unpinned by hf_revision and untracked by the build's caches; a local hf_name folder is relative to "
+            f"the repository root ({REPO_ROOT}) — give its absolute path, or run from elsewhere to read the hub"
+        )
     files = source.hf_data_files
     if folder is None and source.hf_name in PACKAGED_BUILDERS and files is not None:
         files = [  # URLs (https://, hf://, s3://, ...) go to datasets as they are

@@ -111,6 +111,13 @@ def obtain_tokenizer(recipe: RecipeSpec, cache_dir: Path) -> bytes:
                 f"tokenizer.path: {path} is not a tokenizer.json the tokenizers library can load ({err})"
             ) from err
     elif spec.kind == "hub":
+        name = spec.name or ""
+        local = next((p.resolve() for p in (resolve_repo_path(name), Path(name)) if p.is_dir()), None)
+        if local is not None:  # the hub client would take it for a repository id (and go to the network)
+            raise ValueError(
+                f"tokenizer.name {spec.name!r} is a local folder ({local}), and kind hub loads a hub repository; "
+                f"set 'kind: file' and 'path: {local / 'tokenizer.json'}'"
+            )
         try:
             tok = Tokenizer.from_pretrained(spec.name, revision=spec.revision or "main")
         except Exception as err:  # huggingface_hub's HTTP/offline errors, or a repo without tokenizer.json

@@ -226,7 +226,8 @@ def test_list_and_lineage_detect_corruption(
     out = capsys.readouterr().out
     assert "manifest" in out and "tokenizer" in out and "dvc md5:" in out and "metrics at step 4: " in out
     assert "verified: all hashes match" in out
-    assert f"hardware (since the run last started): 1 x {platform.machine()} (cpu)" in out
+    cpu = f"1 x {platform.machine()} {torch.backends.cpu.get_cpu_capability()} (cpu, {torch.get_num_threads()} threads)"
+    assert f"hardware (since the run last started): {cpu}" in out
 
     # work on a copy: the originals are hardlinked read-only into the DVC cache
     copy = tmp_path / "ws"

@@ -43,21 +43,26 @@ def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:
 
 
 def hardware_record(device: torch.device, world_size: int) -> dict[str, Any]:
-    """What runs the steps: the process count, the device kind and model, and torch's CUDA version (the
-    weights are bitwise reproducible on one kind of hardware, not across kinds or world sizes)."""
+    """What runs the steps: the process count, the device kind and model (on CPU the instruction set torch's
+    kernels use, and its thread count), and torch's CUDA version. The weights are bitwise reproducible on one
+    kind of hardware, not across kinds, world sizes or (on CPU) kernel instruction sets."""
     cuda = device.type == "cuda"
     return {
         "world_size": int(world_size),
         "device": device.type,
-        "accelerator": torch.cuda.get_device_name(device) if cuda else platform.machine(),
+        "accelerator": torch.cuda.get_device_name(device)
+        if cuda
+        else f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
         "cuda": torch.version.cuda if cuda else None,
+        "cpu_threads": None if cuda else torch.get_num_threads(),
     }
 
 
 def describe_hardware(hardware: dict[str, Any]) -> str:
-    """`2 x NVIDIA H200 (cuda 12.4)`, `1 x x86_64 (cpu)`."""
-    cuda = f" {hardware['cuda']}" if hardware.get("cuda") else ""
-    return f"{hardware.get('world_size')} x {hardware.get('accelerator')} ({hardware.get('device')}{cuda})"
+    """`2 x NVIDIA H200 (cuda 12.4)`, `1 x x86_64 AVX512 (cpu, 2 threads)`."""
+    detail = f" {hardware['cuda']}" if hardware.get("cuda") else ""
+    detail += f", {hardware['cpu_threads']} threads" if hardware.get("cpu_threads") else ""
+    return f"{hardware.get('world_size')} x {hardware.get('accelerator')} ({hardware.get('device')}{detail})"
 
 
 def config_hash(config: dict[str, Any]) -> str:

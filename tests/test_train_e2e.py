@@ -503,6 +503,56 @@ def test_a_branch_with_tracking_off_moves_the_replaced_records_of_a_dvc_workspac
     assert sorted(aside) == ["step_4", "step_6"]
 
 
+def test_a_branch_with_tracking_off_in_a_clone_moves_the_records_of_steps_not_pulled(
+    tmp_path: Path, shards_root: Path
+) -> None:
+    """tracking=off in a clone that pulled step 2 only, while checkpoints.dvc records 4 and 6: a resume from step
+    2 is a branch all the same (as with tracking on), else the replaced records stay listed as the run's."""
+    import shutil
+
+    from open360.config import compose
+    from open360.tracking.checkpoints import run_checkpoints, superseded_steps
+    from open360.tracking.dvc_versioning import DvcWorkspace
+    from open360.tracking.workspace import init_workspace
+    from open360.train.pipeline import run_training
+
+    ws = init_workspace(tmp_path / "ws")
+    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
+            f"workspace={ws}", "checkpoint.policy=every_n", "checkpoint.every=2"]
+    run_training(compose([*base, "trainer.max_steps=6"]), "cpu")
+    run_dir = ws / "checkpoints" / "amber_tiny"
+    for step in (2, 4, 6):
+        DvcWorkspace(ws).add(run_dir / f"step_{step}")
+    for step in (4, 6):  # recorded, not pulled
+        shutil.rmtree(run_dir / f"step_{step}")
+    run_training(compose([*base, "trainer.max_steps=3", "trainer.resume=2", "checkpoint.save_final=false"]), "cpu")
+    assert [e.step for e in run_checkpoints(ws, "amber_tiny")] == [2]
+    assert superseded_steps(ws, "amber_tiny") == {4, 6}
+
+
+def test_two_branches_from_one_step_within_one_second_keep_apart(
+    tmp_path: Path, shards_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two resumes from step 2 in the same second (the folder name's resolution): the second branch moves the
+    first one's step 4 into a folder of its own, not onto the first branch's replaced step 4, where the move
+    failed and, its journal left, failed again at every later start of the run."""
+    from open360.config import compose
+    from open360.train.pipeline import run_training
+
+    frozen = time.gmtime()
+    monkeypatch.setattr("open360.checkpoint.branches.time.gmtime", lambda *args: frozen)
+    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
+            f"workspace={tmp_path}", "checkpoint.policy=every_n", "checkpoint.every=2"]
+    run_training(compose([*base, "trainer.max_steps=6"]), "cpu")
+    run_training(compose([*base, "trainer.max_steps=4", "trainer.resume=2"]), "cpu")
+    run_training(compose([*base, "trainer.max_steps=4", "trainer.resume=2"]), "cpu")
+    run_dir = tmp_path / "checkpoints" / "amber_tiny"
+    aside = {p.name: sorted(s.name for s in p.iterdir()) for p in (run_dir / "superseded").iterdir()}
+    first = f"from_step_2-{time.strftime('%Y%m%dT%H%M%SZ', frozen)}"
+    assert aside == {first: ["step_4", "step_6"], f"{first}-2": ["step_4"]}
+    assert [s for s, _ in list_checkpoints(run_dir)] == [2, 4]
+
+
 def test_a_branch_cut_short_without_dvc_is_finished_before_resume_auto(
     tmp_path: Path, shards_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,9 +14,18 @@ from open360.paths import replaced_atomically
 PENDING_GLOB = ".branch-pending-*.json"
 
 
-def branch_folder(step: int) -> str:
-    """Where a branch from `step` puts the checkpoints it replaces: `superseded/<this>/` (timestamped)."""
-    return f"from_step_{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+def branch_folder(step: int, published_dir: Path, recovery_dir: Path) -> str:
+    """Where a branch from `step` puts the checkpoints it replaces: `superseded/<this>/` (timestamped), a folder
+    no earlier branch used: a second branch from the same step within the same second gets a `-<n>` suffix, else
+    its moves would meet the first one's step_N folders there and fail at every later start."""
+    stamp = f"from_step_{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    folder, n = stamp, 1
+    while (Path(recovery_dir) / PENDING_GLOB.replace("*", folder)).exists() or any(
+        (Path(parent) / "superseded" / folder).exists() for parent in (published_dir, recovery_dir)
+    ):
+        n += 1
+        folder = f"{stamp}-{n}"
+    return folder
 
 
 def supersede_later_checkpoints(step: int, published_dir: Path, recovery_dir: Path, folder: str) -> dict[int, Path]:

@@ -471,10 +471,9 @@ def warn_if_schedule_changed(checkpoint: Path, stages: list[Stage], step: int) -
         )
 
 
-def _recorded_after(cfg: DictConfig, workspace: Path, run_name: str, step: int) -> bool:
-    """Whether checkpoints.dvc records checkpoints of this run after `step` (a clone may not hold them)."""
-    if not cfg.tracking.dvc:
-        return False
+def _recorded_after(workspace: Path, run_name: str, step: int) -> bool:
+    """Whether checkpoints.dvc records checkpoints of this run after `step` (a clone may not hold them),
+    tracking.dvc or not: the branch moves their records as it does their folders."""
     return any(entry.step > step for entry in run_checkpoints(workspace, run_name))
 
 
@@ -578,8 +577,8 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             branch = {"from_step": step, "superseded": interrupted[step]}
         elif env.is_main and str(cfg.trainer.resume).strip() != "auto":  # an explicit step: maybe a new branch
             on_disk = list_checkpoints(published_dir) + list_checkpoints(recovery_dir)
-            if any(s > step for s, _ in on_disk) or _recorded_after(cfg, workspace, run_name, step):
-                branch = {"from_step": step, "superseded": branch_folder(step)}  # else it continues the run
+            if any(s > step for s, _ in on_disk) or _recorded_after(workspace, run_name, step):  # else it continues
+                branch = {"from_step": step, "superseded": branch_folder(step, published_dir, recovery_dir)}
                 # journaled, DVC or not: a crash halfway (published moved, recovery not) is finished by the next
                 # start, whose resume=auto would otherwise continue the replaced branch from its recovery step
                 journal.append(write_pending_branch(recovery_dir, step, branch["superseded"]))

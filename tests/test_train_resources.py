@@ -7,14 +7,15 @@ import os
 import pytest
 
 from open360.config import compose
-from open360.train.resources import GIB, ResourceError, check_resources, training_memory_gib
+from open360.models.flops import count_parameters
+from open360.train.resources import GIB, ResourceError, check_resources
 
 
 @pytest.mark.parametrize(("mode", "fits"), [("ddp", False), ("fsdp", True)])
 def test_cpu_check_counts_every_local_process(monkeypatch: pytest.MonkeyPatch, mode: str, fits: bool) -> None:
     """Two DDP processes on one CPU host hold two full replicas; FSDP's two hold one between them."""
     cfg = compose(["+experiment=amber_tiny", "trainer.device=cpu", f"trainer.distributed={mode}"])
-    ram = 1.5 * training_memory_gib(cfg) * GIB  # one replica fits, two do not
+    ram = 1.5 * 16 * count_parameters(cfg.model)  # one fp32 replica with its AdamW states fits, two do not
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": ram}[name])
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -43,3 +44,44 @@ def test_more_processes_per_machine_than_gpus_is_one_clear_error(monkeypatch: py
         check_resources(cfg)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two
     assert check_resources(cfg) == "cuda"
+
+
+def _gpus(monkeypatch: pytest.MonkeyPatch, count: int, gib: float) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": gib * GIB}))
+    monkeypatch.setenv("WORLD_SIZE", str(count))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(count))
+
+
+def test_megatron_data_parallel_keeps_a_replica_of_the_weights_and_grads_on_each_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AMBER 7B on 8 GPUs, TP = PP = 1: megatron's distributed optimizer shards only the fp32 master copy and
+    moments over the 8 data-parallel ranks; each GPU holds all bf16 weights (2 B) and fp32 grads (4 B): 6.74e9 x
+    (6 + 12/8) bytes = 47 GiB, which 24 GiB GPUs cannot hold (16 bytes/parameter over 8 GPUs would be 12.5 GiB)."""
+    _gpus(monkeypatch, 8, 24)
+    cfg = compose(["+experiment=amber", "trainer=megatron"])
+    with pytest.raises(ResourceError, match=r"about 47 GiB on each GPU .*7.5 bytes/parameter.*data-parallel 8"):
+        check_resources(cfg)
+    _gpus(monkeypatch, 8, 80)
+    assert check_resources(cfg) == "cuda"
+    _gpus(monkeypatch, 8, 24)  # TP 4 x DP 2: (6 + 12/2) / 4 = 3 bytes/parameter, 19 GiB
+    assert check_resources(compose(["+experiment=amber", "trainer=megatron", "trainer.tensor_parallel=4"])) == "cuda"
+
+
+@pytest.mark.parametrize(("mode", "gib", "fits"), [("ddp", 120, False), ("ddp", 141, True), ("fsdp", 16, True)])
+def test_gpu_check_counts_ddp_buckets_and_fsdp_shards(
+    monkeypatch: pytest.MonkeyPatch, mode: str, gib: float, fits: bool
+) -> None:
+    """DDP keeps a full replica and, beside its gradients, its all-reduce buckets (20 bytes/parameter: 126 GiB
+    for AMBER 7B) on each GPU; FSDP a 1/8 share of 16 bytes/parameter (12.5 GiB)."""
+    _gpus(monkeypatch, 8, gib)
+    cfg = compose(["+experiment=amber", f"trainer.distributed={mode}"])
+    if fits:
+        assert check_resources(cfg) == "cuda"
+    else:
+        with pytest.raises(ResourceError, match=r"about 126 GiB on each GPU .*20 bytes/parameter"):
+            check_resources(cfg)

@@ -196,6 +196,34 @@ def test_a_checkpoint_save_is_not_counted_in_the_next_steps_time(tmp_path: Path,
     assert [rec.metrics[s]["step_time_s"] for s in (1, 2, 3, 4)] == [1.0, 1.0, 1.0, 1.0]
 
 
+
+def test_opening_a_stage_is_not_counted_in_its_first_steps_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next stage's shards are built when its first step asks for its batch: step_time_s / tokens_per_s (and
+    MFU) of that step, and the summary's throughput, measure the step, not the build (on a clock the build moves
+    by 100 s and each step by one second: no wall-clock bound)."""
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class OneSecondSteps(ScriptedLoss):
+        def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            clock[0] += 0.5  # two micro-batches: one second per step
+            return super().forward(input_ids, targets)
+
+    rec = Recorder()
+    model = OneSecondSteps([2.0] * 6, accum=2)
+    stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("constant", 3)) for i, name in enumerate("ab")]
+    t = _trainer(model, model, 6, _settings(), tmp_path, callbacks=[rec], stages=stages)
+    open_stage = t._open_stage
+
+    def slow_build(st: Stage) -> StageData:
+        clock[0] += 100.0
+        return open_stage(st)
+
+    t._open_stage = slow_build
+    summary = t.train()
+    assert [rec.metrics[s]["step_time_s"] for s in range(1, 7)] == [1.0] * 6
+    assert summary["tokens_per_s"] == 4 * 8 / 1.0
+
 class WarmingUp(ScriptedLoss):
     """A ScriptedLoss whose first forward (of this process: CUDA warmup, torch.compile) is slow."""
 

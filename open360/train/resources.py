@@ -8,8 +8,11 @@ from omegaconf import DictConfig
 
 from open360.models.flops import count_parameters
 
-# bf16/fp32 mixed-precision AdamW: fp32 weights (4) + fp32 grads (4) + two fp32 moments (8).
+# AdamW on a single process, or FSDP's 1/world share of it: fp32 weights (4) + fp32 grads (4) + two fp32 moments
+# (8); the native backend keeps fp32 weights under bf16 autocast.
 BYTES_PER_PARAM_TRAINING = 16
+# DDP (gradient_as_bucket_view off) also holds its all-reduce buckets: one more fp32 copy of the gradients.
+DDP_BUCKET_BYTES = 4
 GIB = 1024**3
 
 
@@ -17,9 +20,26 @@ class ResourceError(RuntimeError):
     """The requested run cannot run on this machine."""
 
 
-def training_memory_gib(cfg: DictConfig) -> float:
-    """Weights, gradients and AdamW moments of the model (activations come on top)."""
-    return count_parameters(cfg.model) * BYTES_PER_PARAM_TRAINING / GIB
+def bytes_per_param(cfg: DictConfig, world: int) -> tuple[float, str]:
+    """(bytes of weights, gradients and AdamW states one process holds per model parameter, how it is laid out)
+    for a run of `world` processes."""
+    if str(cfg.trainer.backend) == "megatron":
+        # megatron-core's distributed optimizer (its distrib_optimizer table): bf16 weights (2) + fp32 grads (4), or
+        # fp32 both (8), split over TP x PP; the fp32 master copy and moments (12), or the moments alone (8), also over DP
+        tp, pp = int(cfg.trainer.tensor_parallel), int(cfg.trainer.pipeline_parallel)
+        dp = max(1, world // (tp * pp))
+        bf16 = str(cfg.trainer.precision) != "fp32"
+        model, optimizer = (6, 12) if bf16 else (8, 8)
+        layout = (f"megatron, {'bf16' if bf16 else 'fp32'} weights, tensor_parallel={tp} x pipeline_parallel={pp} "
+                  f"x data-parallel {dp}")
+        return (model + optimizer / dp) / (tp * pp), layout
+    mode = str(cfg.trainer.distributed)
+    if world == 1:
+        return BYTES_PER_PARAM_TRAINING, "one process"
+    if mode == "fsdp":
+        return BYTES_PER_PARAM_TRAINING / world, f"fsdp over WORLD_SIZE={world}"
+    replica = f"{mode}: a full replica and its gradient buckets on each of WORLD_SIZE={world}"
+    return BYTES_PER_PARAM_TRAINING + DDP_BUCKET_BYTES, replica
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,12 +61,13 @@ def check_resources(cfg: DictConfig) -> str:
     import torch
 
     device = resolve_device(cfg.trainer.device)
-    need = training_memory_gib(cfg)
-    params_b = count_parameters(cfg.model) / 1e9
+    params = count_parameters(cfg.model)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_param, layout = bytes_per_param(cfg, world)
+    need = params * per_param / GIB  # on each process
     hint = (
-        f"'{cfg.run_name}' ({params_b:.2f}B parameters) needs about {need:.0f} GiB of GPU memory for weights, "
-        f"gradients and AdamW states ({BYTES_PER_PARAM_TRAINING} bytes/parameter) plus activations, "
-        "summed over the GPUs it is sharded on"
+        f"'{cfg.run_name}' ({params / 1e9:.2f}B parameters) needs about {need:.0f} GiB on each GPU for "
+        f"weights, gradients and AdamW states ({per_param:.3g} bytes/parameter: {layout}) plus activations"
     )
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -55,9 +76,7 @@ def check_resources(cfg: DictConfig) -> str:
                 "For a CPU run of the same family use +experiment=amber_tiny "
                 "(or crystalcoder_tiny / phi15_tiny)."
             )
-        # One process per GPU: a run without torchrun uses one GPU; DDP keeps a full replica on each;
-        # FSDP (and megatron-core: TP x PP plus its distributed optimizer) shard over at most the world.
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # One process per GPU: a run without torchrun uses one GPU
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if local > torch.cuda.device_count():
             raise ResourceError(
@@ -65,32 +84,27 @@ def check_resources(cfg: DictConfig) -> str:
                 f"{torch.cuda.device_count()} visible GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}); "
                 "start at most that many"
             )
-        sharded = str(cfg.trainer.backend) == "megatron" or str(cfg.trainer.distributed) == "fsdp"
-        shards = world if sharded else 1
         per_gpu = min(
             torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())
         ) / GIB
-        have = per_gpu * shards
-        if have < need:
+        if per_gpu < need:
             raise ResourceError(
-                f"{hint}; it is sharded over {shards} GPU(s) of {per_gpu:.0f} GiB ({have:.0f} GiB in all; "
-                f"WORLD_SIZE={world}, trainer.distributed={cfg.trainer.distributed}). "
-                "Run on more GPUs (torchrun, trainer.distributed=fsdp) or use +experiment=amber_tiny."
+                f"{hint}; its GPUs have {per_gpu:.0f} GiB. Run on more GPUs (torchrun, trainer.distributed=fsdp, "
+                "or megatron's trainer.tensor_parallel / pipeline_parallel) or use +experiment=amber_tiny."
             )
     else:
         try:
             have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
         except (ValueError, OSError, AttributeError):  # a platform without these: not checked
             have = float("inf")
-        # torchrun's processes on this machine share its RAM: DDP keeps a full replica in each, FSDP a 1/world shard
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # torchrun's processes on this machine share its RAM
         local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        need *= local / world if str(cfg.trainer.distributed) == "fsdp" else local
+        need *= local
         if have < need:
             raise ResourceError(
-                f"'{cfg.run_name}' ({params_b:.2f}B parameters) needs about {need:.0f} GiB of memory for weights, "
-                f"gradients and AdamW states on the CPU ({local} process(es) on this machine, "
-                f"trainer.distributed={cfg.trainer.distributed}), but this machine has {have:.0f} GiB of RAM. "
+                f"'{cfg.run_name}' ({params / 1e9:.2f}B parameters) needs about {need:.0f} GiB of memory for weights, "
+                f"gradients and AdamW states on the CPU ({local} process(es) on this machine, {per_param:.3g} "
+                f"bytes/parameter each: {layout}), but this machine has {have:.0f} GiB of RAM. "
                 "Use +experiment=amber_tiny (or crystalcoder_tiny / phi15_tiny) or trainer.device=cuda."
             )
     return device

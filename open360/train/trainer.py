@@ -484,7 +484,10 @@ class Trainer:
             while p.step < self.final_step:
                 stage = stage_at(self.stages, p.step)
                 lr = lr_at(self.stages, p.step)
+                opening = stage.index not in self._stage_data  # a stage opens (builds its shards) at its first step
                 batch = self._batch(p.step)
+                if opening:
+                    t_last = time.perf_counter()  # the step's time (tokens/s, MFU) leaves opening the stage out
                 if stage.fresh_optimizer and p.step == stage.start and stage.index > 0:  # also after a resume
                     self._restart_optimizer()  # from the checkpoint that ended the stage before
                     progress.message(f"stage {stage.name!r} starts with a fresh optimizer state (fresh_optimizer)")

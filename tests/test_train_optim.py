@@ -92,3 +92,20 @@ def test_groups_given_as_iterators_keep_their_parameters() -> None:
     model.lin(torch.ones(1, 3)).sum().backward()
     opt.step()
     assert not torch.equal(model.lin.weight, before)
+
+
+def test_a_restart_also_puts_back_a_step_count_kept_per_group() -> None:
+    """apex's and Transformer Engine's FusedAdam (megatron-core's inner optimizer when either is installed)
+    count steps in each param group, not per parameter: a `fresh_optimizer` restart must put that count back
+    too, else the fresh stage's bias correction goes on from the stage before's count."""
+    import torch
+
+    from open360.train.optim import restart_optimizer_state
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([p])
+    opt.param_groups[0]["step"] = 7  # as FusedAdam keeps it
+    opt.state[p] = {"exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}
+    restart_optimizer_state(opt)
+    assert opt.param_groups[0]["step"] == 0 and type(opt.param_groups[0]["step"]) is int
+    assert all(not v.any() for v in opt.state[p].values())

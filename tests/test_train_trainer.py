@@ -822,3 +822,42 @@ def test_a_fresh_optimizer_stage_steps_as_a_new_optimizer_would_also_when_resume
         resumed.load_state_dict(first.state_dict())
         resumed.train()
         assert all(torch.equal(v, weights[k]) for k, v in resumed.model.state_dict().items()), stop
+
+
+def test_a_resume_that_flips_fresh_optimizer_of_a_begun_stage_is_refused(tmp_path: Path) -> None:
+    """`fresh_optimizer` acts at the stage's first step: a resume from inside the stage with the flag flipped
+    cannot restart (or un-restart) what has already run, and its checkpoints would record the flipped config
+    as the run's; refused, naming the key. From the checkpoint that ends the stage before, the flag still acts."""
+    from omegaconf import OmegaConf
+
+    from open360.checkpoint import CheckpointError
+    from open360.train.pipeline import resume
+
+    def two_stages(fresh: bool, folder: Path) -> Trainer:
+        t = _decoder_trainer(6)
+        t.stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("linear", 3, 1), fresh and i == 1)
+                    for i, name in enumerate("ab")]
+        t.writer = CheckpointWriter(folder / "pub", folder / "rec", 1, background=False)
+        t.cadence = CadencePolicy("every_n", every=1, save_final=False)
+        cfg = OmegaConf.to_container(compose(TINY))
+        cfg["stages"] = [{"name": name, "steps": 3, "fresh_optimizer": fresh and name == "b"} for name in "ab"]
+        t.config_yaml = OmegaConf.to_yaml(cfg)
+        return t
+
+    first = two_stages(False, tmp_path / "first")
+    first.final_step = 4
+    first.train()
+    ckpts = dict(list_checkpoints(tmp_path / "first" / "pub"))
+    flipped = two_stages(True, tmp_path / "flipped")
+    with pytest.raises(CheckpointError, match=r"stage 'b' began at step 3 without a fresh optimizer state, the "
+                                              r"config now sets stages.1.fresh_optimizer=True"):
+        resume(flipped, ckpts[4])
+    assert flipped.progress.step == 0
+    same = two_stages(False, tmp_path / "same")
+    resume(same, ckpts[4])
+    same.train()
+    assert {int(st["step"]) for st in same.optimizer.state.values()} == {6}
+    at_boundary = two_stages(True, tmp_path / "boundary")
+    resume(at_boundary, ckpts[3])
+    at_boundary.train()
+    assert {int(st["step"]) for st in at_boundary.optimizer.state.values()} == {3}

@@ -77,10 +77,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def restart_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Put every parameter's AdamW state back where a new optimizer starts: step 0, zero moments (in place,
     so sharded or pinned state keeps its layout; the next step is then a fresh AdamW's first, bias
-    correction included). Hyperparameters and parameter groups stay."""
+    correction included), and a step count kept per group (apex's and Transformer Engine's FusedAdam, which
+    megatron-core takes when either is installed) to 0. Hyperparameters and parameter groups stay."""
     for state in optimizer.state.values():
         for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                value.zero_()
-            else:  # a step count kept as a number
-                state[key] = type(value)(0)
+            state[key] = _zeroed(value)
+    for group in optimizer.param_groups:
+        if group.get("step") is not None:
+            group["step"] = _zeroed(group["step"])
+
+
+def _zeroed(value: Any) -> Any:
+    """A tensor zeroed in place, or a number's 0 of its type (a step count kept as a number)."""
+    return value.zero_() if isinstance(value, torch.Tensor) else type(value)(0)

@@ -53,6 +53,7 @@ from open360.train.optim import build_optimizer
 from open360.train.progress import format_summary, peak_flops
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import (
+    check_fresh_optimizer_kept,
     check_resume_compatible,
     check_resume_recipe,
     check_rng_state,
@@ -422,6 +423,8 @@ def resume(trainer: Trainer, checkpoint: Path, planned: Callable[[Stage], Path] 
             f"{checkpoint}: checkpoint is in stage {stage_state['name']!r}, which the config's stages do "
             "not have at that position; resume with the original `stages`"
         )
+    saved_stages = OmegaConf.create(contents.config_yaml).get("stages") or []
+    check_fresh_optimizer_kept(checkpoint, saved_stages, trainer.stages, int(contents.trainer_state["step"]))
     check_architecture(checkpoint, OmegaConf.create(trainer.config_yaml).model, "trainer.resume")
     if planned is not None:
         check_resume_recipe(checkpoint, contents.lineage, stage.name, str(stage.recipe), planned(stage))

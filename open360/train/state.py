@@ -13,6 +13,7 @@ import torch
 
 from open360.checkpoint.io import CheckpointError, list_checkpoints
 from open360.config.schema import resume_is_off
+from open360.train.schedules import Stage
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -230,3 +231,18 @@ def check_resume_recipe(
         f"its recipe {recipe} (with data.seed) now makes {planned_dir.name} (another recipe hash: other data). "
         + _SAME_SHARDS
     )
+
+
+def check_fresh_optimizer_kept(checkpoint: Path, saved_stages: list[Any], stages: list[Stage], step: int) -> None:
+    """Refuse a resume whose config flips `fresh_optimizer` of a stage the checkpoint (at `step`, its config's
+    `stages` given) has begun: the optimizer state restarts at a stage's first step only, so the flip would
+    not take effect there, yet the checkpoints saved from now on would record it as the run's config."""
+    for st in stages:
+        was = bool(saved_stages[st.index].get("fresh_optimizer", False)) if st.index < len(saved_stages) else False
+        if st.index > 0 and st.start < step and was != st.fresh_optimizer:
+            raise CheckpointError(
+                f"refusing to resume from {checkpoint}: stage {st.name!r} began at step {st.start} "
+                f"{'with' if was else 'without'} a fresh optimizer state, the config now sets "
+                f"stages.{st.index}.fresh_optimizer={st.fresh_optimizer} (it acts at the stage's first step only). "
+                f"Resume with stages.{st.index}.fresh_optimizer={was}, or from a checkpoint at or before step {st.start}"
+            )

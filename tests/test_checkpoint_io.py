@@ -543,3 +543,44 @@ def test_a_lineage_listing_a_file_twice_or_with_a_history_of_non_objects_is_refu
         (ck / "lineage.json").write_text(json.dumps({**lineage, **edit}))
         with pytest.raises(CheckpointError, match=rf"step_1/lineage\.json: {named}"):
             history_to_inherit(read_lineage(ck), 8)
+
+
+def test_a_branch_folder_is_one_no_earlier_branch_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Branches from one step within one second: a folder already under either superseded/, or journaled and
+    not yet moved (a crash before its first move), is taken; the next free `-<n>` suffix of the stamp is used."""
+    import time
+
+    from open360.checkpoint.branches import branch_folder, write_pending_branch
+
+    frozen = time.gmtime()
+    monkeypatch.setattr("open360.checkpoint.branches.time.gmtime", lambda *args: frozen)
+    published, recovery = tmp_path / "checkpoints" / "r", tmp_path / "recovery" / "r"
+    stamp = f"from_step_2-{time.strftime('%Y%m%dT%H%M%SZ', frozen)}"
+    assert branch_folder(2, published, recovery) == stamp
+    write_pending_branch(recovery, 2, stamp)  # journaled, nothing moved yet
+    assert branch_folder(2, published, recovery) == f"{stamp}-2"
+    (recovery / "superseded" / f"{stamp}-2").mkdir(parents=True)  # only the recovery folder had later steps
+    assert branch_folder(2, published, recovery) == f"{stamp}-3"
+    (published / "superseded" / f"{stamp}-3").mkdir(parents=True)  # only the published one
+    assert branch_folder(2, published, recovery) == f"{stamp}-4"
+    assert branch_folder(4, published, recovery) == f"from_step_4-{time.strftime('%Y%m%dT%H%M%SZ', frozen)}"
+
+
+def test_the_hardware_record_names_what_ran_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """World size, device kind and model, and (on CUDA) torch's CUDA version or (on CPU) the kernels'
+    instruction set and thread count: weights are bitwise reproducible only on the same."""
+    import platform
+
+    from open360.checkpoint.lineage import describe_hardware, hardware_record
+
+    cpu = hardware_record(torch.device("cpu"), 1)
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert cpu == {"world_size": 1, "device": "cpu", "accelerator": f"{platform.machine()} {capability}",
+                   "cuda": None, "cpu_threads": torch.get_num_threads()}
+    assert describe_hardware({**cpu, "cpu_threads": 2}) == f"1 x {platform.machine()} {capability} (cpu, 2 threads)"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    gpu = hardware_record(torch.device("cuda", 0), 8)
+    assert gpu == {"world_size": 8, "device": "cuda", "accelerator": "NVIDIA H200", "cuda": "12.4", "cpu_threads": None}
+    assert describe_hardware(gpu) == "8 x NVIDIA H200 (cuda 12.4)"
+    assert hardware_record(torch.device("cpu"), 2)["cuda"] is None  # a CUDA build's version, unused on CPU

@@ -1104,3 +1104,28 @@ def test_a_hub_tokenizer_name_that_is_a_local_folder_is_named_not_fetched(
         suggested = re.search(r"'path: (.*)'$", str(err.value)).group(1)  # type: ignore[union-attr]
         p.write_text(text.replace("{kind: train, vocab_size: 300, train_max_chars: 200000}", f"{{kind: file, path: '{suggested}'}}"))
         assert obtain_tokenizer(load_recipe(p), tmp_path / "cache") == tokenizer_file.read_bytes()
+    monkeypatch.setattr("open360.paths.REPO_ROOT", tmp_path / "hub")  # relative to the repository root
+    monkeypatch.chdir(tmp_path)
+    p.write_text(text.replace("{kind: train, vocab_size: 300, train_max_chars: 200000}", "{kind: hub, name: 'org/tok'}"))
+    with pytest.raises(ValueError, match=r"tokenizer.name 'org/tok' is a local folder"):
+        obtain_tokenizer(load_recipe(p), tmp_path / "cache")
+
+
+def test_local_data_files_patterns_must_match_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A builder's local pattern matches files as `datasets` globs them (`**` recursive; a folder is no file,
+    and `datasets` drops a pattern matching only one); a URL or a pattern inside a hub repository is left to
+    `datasets`. A working-directory folder named like a builder does not shadow it."""
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import _check_local_data_files, hub_arguments
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.jsonl").write_text(json.dumps({"text": _doc(1)}) + "\n")
+    spec = SourceSpec(name="s", type="hf", hf_name="json", hf_data_files=[str(tmp_path / "**" / "*.jsonl")])
+    for files in (str(tmp_path / "**" / "*.jsonl"), ["https://example.org/x.jsonl.gz"]):
+        _check_local_data_files(spec, files)
+    with pytest.raises(SourceError, match=r"hf_data_files pattern '.*/a' matches no file"):
+        _check_local_data_files(spec, [str(tmp_path / "a")])
+    _check_local_data_files(SourceSpec(name="s", type="hf", hf_name="org/ds", hf_data_files="train/*"), "train/*")
+    (tmp_path / "json").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert hub_arguments(spec) == ("json", [str(tmp_path / "**" / "*.jsonl")])

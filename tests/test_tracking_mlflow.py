@@ -365,6 +365,10 @@ def test_the_run_records_its_code_commit_and_data_hashes(ws: Path) -> None:
 
     assert tags.get("mlflow.source.git.commit") == git_revision()["revision"] and "open360.code_dirty" in tags
     assert tags["open360.hardware.from_step_0"] == "2 x NVIDIA H200 (cuda 12.4)"  # a resume adds its own
+    from open360.tracking.mlflow_logger import _hardware_tag
+
+    assert _hardware_tag(40, hardware) == {"open360.hardware.from_step_40": "2 x NVIDIA H200 (cuda 12.4)"}
+    assert _hardware_tag(40, None) == {}  # a start that recorded none (an older caller) tags nothing
 
 
 def test_a_lock_that_persists_costs_one_budget_then_writes_fail_at_once() -> None:

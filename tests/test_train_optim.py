@@ -109,3 +109,24 @@ def test_a_restart_also_puts_back_a_step_count_kept_per_group() -> None:
     restart_optimizer_state(opt)
     assert opt.param_groups[0]["step"] == 0 and type(opt.param_groups[0]["step"]) is int
     assert all(not v.any() for v in opt.state[p].values())
+
+
+def test_restarting_the_optimizer_state_zeroes_moments_and_step_counts_in_place() -> None:
+    """A fresh_optimizer stage's restart: moments zeroed in place (a sharded or pinned tensor keeps its layout),
+    the step count at 0 whether a tensor (torch's AdamW) or a number (as other optimizers keep it); the
+    hyperparameters stay."""
+    import torch
+
+    from open360.train.optim import restart_optimizer_state
+
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 0.1}, {"params": [q], "lr": 0.2}])
+    p.grad, q.grad = torch.ones(3), torch.ones(2)
+    opt.step()
+    opt.state[q]["step"] = 5  # a step count kept as a plain number
+    exp_avg = opt.state[p]["exp_avg"]
+    restart_optimizer_state(opt)
+    assert opt.state[p]["exp_avg"] is exp_avg and not exp_avg.any() and not opt.state[p]["exp_avg_sq"].any()
+    assert float(opt.state[p]["step"]) == 0 and torch.is_tensor(opt.state[p]["step"])
+    assert opt.state[q]["step"] == 0 and type(opt.state[q]["step"]) is int and not opt.state[q]["exp_avg"].any()
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]

@@ -85,3 +85,23 @@ def test_gpu_check_counts_ddp_buckets_and_fsdp_shards(
     else:
         with pytest.raises(ResourceError, match=r"about 126 GiB on each GPU .*20 bytes/parameter"):
             check_resources(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "per_param"),
+    [
+        ([], 1, 16),  # one process: fp32 weights, grads, two moments
+        (["trainer.distributed=fsdp"], 1, 16),
+        (["trainer.distributed=fsdp"], 4, 4),  # a 1/4 share
+        (["trainer.distributed=ddp"], 4, 20),  # a replica and its all-reduce buckets
+        (["trainer=megatron", "trainer.tensor_parallel=2", "trainer.pipeline_parallel=2"], 8, 3),  # (6 + 12/2) / 4
+        (["trainer=megatron", "trainer.pipeline_parallel=2"], 8, 4.5),  # (6 + 12/4) / 2: PP splits like TP
+        (["trainer=megatron", "trainer.precision=fp32"], 8, 9),  # fp32 weights and grads (8) + moments (8) / 8
+        (["trainer=megatron", "trainer.tensor_parallel=2", "trainer.pipeline_parallel=2"], 2, 4.5),  # DP at least 1
+    ],
+)
+def test_bytes_per_param_of_each_layout(overrides: list[str], world: int, per_param: float) -> None:
+    from open360.train.resources import bytes_per_param
+
+    got, layout = bytes_per_param(compose(["+experiment=amber", *overrides]), world)
+    assert got == pytest.approx(per_param) and layout

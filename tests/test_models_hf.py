@@ -317,6 +317,25 @@ def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.token_to_id("<|endoftext|>")
 
 
+def test_exported_tokenizer_adds_no_bos_the_data_never_had(tmp_path: Path) -> None:
+    """A LLaMA-style tokenizer.json adds `<s>` in its post-processor; the shards were encoded without special
+    tokens, so AutoTokenizer on the export gives the training ids (no BOS), and the bos id is still named."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok_file = tmp_path / "tokenizer.json"
+    tok.save(str(tok_file))
+    cfg = model_cfg("amber_tiny", vocab_size=tok.get_vocab_size())
+    out = export_hf(build_model(cfg), cfg, tok_file, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "hello world</s>hello"
+    assert hf_tok(text)["input_ids"] == tok.encode(text, add_special_tokens=False).ids
+    assert hf_tok.bos_token_id == 1 and hf_tok.eos_token_id == tok.token_to_id("</s>")
+
+
 def test_tokenizer_export_writes_the_eos_the_shards_were_packed_with(tmp_path: Path) -> None:
     """The shard manifest beside tokenizer.json records the recipe's eos_token: that is the EOS exported, not
     a special token guessed by name (here `<|endoftext|>`, which the data never used as a separator)."""

@@ -192,6 +192,7 @@ def _write_tokenizer(
 ) -> dict[str, int]:
     """Copy a tokenizers JSON file and write the tokenizer_config.json AutoTokenizer needs; return special ids.
 
+    The copy encodes as the data was encoded: a post-processor that adds special tokens (a BOS) is left out.
     The EOS is `eos_token`, else the one the shard manifest beside the file records, else guessed by name."""
     from tokenizers import Tokenizer
 
@@ -207,7 +208,13 @@ def _write_tokenizer(
             f"{tokenizer_file}: {tok.get_vocab_size()} tokens, more than the model's vocab_size={cfg.vocab_size}; "
             "pass the tokenizer the model was trained with"
         )
-    shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
+    if tok.post_processor is not None and tok.post_processor.num_special_tokens_to_add(False):
+        # the data was encoded without special tokens (add_special_tokens=False): a BOS template (LLaMA's `<s>`)
+        # would give AutoTokenizer's ids a token at position 0 that training never had
+        tok.post_processor = None
+        tok.save(str(out_dir / "tokenizer.json"))
+    else:
+        shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -478,36 +478,13 @@ def test_a_branch_journal_left_by_a_crash_is_finished_before_a_run_without_dvc(t
     assert read_lineage(run_dir / "step_8")["resumed_from"]["step"] == 2
 
 
+@pytest.mark.parametrize("pulled", [(2, 4, 6), (2,)], ids=["all-on-disk", "clone-with-step-2"])
 def test_a_branch_with_tracking_off_moves_the_replaced_records_of_a_dvc_workspace(
-    tmp_path: Path, shards_root: Path
+    tmp_path: Path, shards_root: Path, pulled: tuple[int, ...]
 ) -> None:
     """tracking=off in a workspace whose checkpoints.dvc records the run (versioned by an earlier run): a branch
     from step 2 moves the later records with their folders, else they stay listed as the run's checkpoints and
-    `ckpt pull` brings a replaced one back."""
-    from open360.config import compose
-    from open360.tracking.checkpoints import run_checkpoints
-    from open360.tracking.dvc_versioning import DvcWorkspace
-    from open360.tracking.workspace import init_workspace
-    from open360.train.pipeline import run_training
-
-    ws = init_workspace(tmp_path / "ws")
-    base = ["+experiment=amber_tiny", "tracking=off", f"data.shards_dir={shards_root}", "model.n_layers=1",
-            f"workspace={ws}", "checkpoint.policy=every_n", "checkpoint.every=2"]
-    run_training(compose([*base, "trainer.max_steps=6"]), "cpu")
-    run_dir = ws / "checkpoints" / "amber_tiny"
-    for step in (2, 4, 6):
-        DvcWorkspace(ws).add(run_dir / f"step_{step}")
-    run_training(compose([*base, "trainer.max_steps=3", "trainer.resume=2", "checkpoint.save_final=false"]), "cpu")
-    assert [e.step for e in run_checkpoints(ws, "amber_tiny")] == [2]
-    aside = DvcWorkspace(ws).tracked_children(next((run_dir / "superseded").iterdir()))
-    assert sorted(aside) == ["step_4", "step_6"]
-
-
-def test_a_branch_with_tracking_off_in_a_clone_moves_the_records_of_steps_not_pulled(
-    tmp_path: Path, shards_root: Path
-) -> None:
-    """tracking=off in a clone that pulled step 2 only, while checkpoints.dvc records 4 and 6: a resume from step
-    2 is a branch all the same (as with tracking on), else the replaced records stay listed as the run's."""
+    `ckpt pull` brings a replaced one back; also in a clone that pulled step 2 only (no later folder on disk)."""
     import shutil
 
     from open360.config import compose
@@ -523,11 +500,14 @@ def test_a_branch_with_tracking_off_in_a_clone_moves_the_records_of_steps_not_pu
     run_dir = ws / "checkpoints" / "amber_tiny"
     for step in (2, 4, 6):
         DvcWorkspace(ws).add(run_dir / f"step_{step}")
-    for step in (4, 6):  # recorded, not pulled
+    for step in {2, 4, 6} - set(pulled):  # recorded, not pulled
         shutil.rmtree(run_dir / f"step_{step}")
     run_training(compose([*base, "trainer.max_steps=3", "trainer.resume=2", "checkpoint.save_final=false"]), "cpu")
     assert [e.step for e in run_checkpoints(ws, "amber_tiny")] == [2]
     assert superseded_steps(ws, "amber_tiny") == {4, 6}
+    if len(pulled) == 3:  # the replaced folders moved with their records
+        aside = DvcWorkspace(ws).tracked_children(next((run_dir / "superseded").iterdir()))
+        assert sorted(aside) == ["step_4", "step_6"]
 
 
 def test_two_branches_from_one_step_within_one_second_keep_apart(

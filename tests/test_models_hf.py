@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -298,17 +299,25 @@ def test_phi_config_without_rotary_fraction_uses_transformers_default(tmp_path: 
         assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
 
 
-def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path) -> None:
+def _export_bpe(tmp_path: Path, texts: list[str], specials: list[str], post_processor: Any = None) -> tuple[Any, Path]:
+    """A byte-level BPE tokenizer trained on `texts` (with an optional post-processor), and an amber_tiny
+    model of its vocabulary exported with it: (tokenizer, HF folder)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"])
-    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    if post_processor is not None:
+        tok.post_processor = post_processor
     tok_file = tmp_path / "tokenizer.json"
     tok.save(str(tok_file))
     cfg = model_cfg("amber_tiny", vocab_size=tok.get_vocab_size())
-    out = export_hf(build_model(cfg), cfg, tok_file, tmp_path / "hf")
+    return tok, export_hf(build_model(cfg), cfg, tok_file, tmp_path / "hf")
+
+
+def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path) -> None:
+    tok, out = _export_bpe(tmp_path, ["hello world, the quick brown fox jumps over the lazy dog"] * 20,
+                           ["<|endoftext|>", "<|pad|>"])
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "the quick brown fox"
     assert hf_tok(text)["input_ids"] == tok.encode(text).ids
@@ -320,16 +329,10 @@ def test_tokenizer_export_loads_with_autotokenizer(tmp_path: Path) -> None:
 def test_exported_tokenizer_adds_no_bos_the_data_never_had(tmp_path: Path) -> None:
     """A LLaMA-style tokenizer.json adds `<s>` in its post-processor; the shards were encoded without special
     tokens, so AutoTokenizer on the export gives the training ids (no BOS), and the bos id is still named."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok_file = tmp_path / "tokenizer.json"
-    tok.save(str(tok_file))
-    cfg = model_cfg("amber_tiny", vocab_size=tok.get_vocab_size())
-    out = export_hf(build_model(cfg), cfg, tok_file, tmp_path / "hf")
+    bos = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok, out = _export_bpe(tmp_path, ["hello world"] * 5, ["<unk>", "<s>", "</s>"], post_processor=bos)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "hello world</s>hello"
     assert hf_tok(text)["input_ids"] == tok.encode(text, add_special_tokens=False).ids

@@ -41,6 +41,18 @@ class ScriptedLoss(nn.Module):
         return (self.w**2).sum() * 1e-3 + value
 
 
+class OneSecondSteps(ScriptedLoss):
+    """ScriptedLoss whose two micro-batches move a fake clock (`clock[0]`) by one second per step."""
+
+    def __init__(self, values: list[float], clock: list[float]) -> None:
+        super().__init__(values, accum=2)
+        self.clock = clock
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.clock[0] += 0.5
+        return super().forward(input_ids, targets)
+
+
 class Recorder(Callback):
     def __init__(self) -> None:
         self.metrics: dict[int, dict[str, float]] = {}
@@ -184,17 +196,11 @@ def test_a_checkpoint_save_is_not_counted_in_the_next_steps_time(tmp_path: Path,
         def on_checkpoint_start(self, step: int, published: bool) -> None:
             clock[0] += 100.0
 
-    class OneSecondSteps(ScriptedLoss):
-        def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            clock[0] += 0.5  # two micro-batches: one second per step
-            return super().forward(input_ids, targets)
-
     rec = SlowSave()
-    model = OneSecondSteps([2.0] * 4, accum=2)
+    model = OneSecondSteps([2.0] * 4, clock)
     _trainer(model, model, steps=4, settings=_settings(), tmp_path=tmp_path, callbacks=[rec], every=2).train()
     assert [s for s, _ in list_checkpoints(tmp_path / "pub")] == [2, 4]
     assert [rec.metrics[s]["step_time_s"] for s in (1, 2, 3, 4)] == [1.0, 1.0, 1.0, 1.0]
-
 
 
 def test_opening_a_stage_is_not_counted_in_its_first_steps_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,13 +210,8 @@ def test_opening_a_stage_is_not_counted_in_its_first_steps_time(tmp_path: Path, 
     clock = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
 
-    class OneSecondSteps(ScriptedLoss):
-        def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            clock[0] += 0.5  # two micro-batches: one second per step
-            return super().forward(input_ids, targets)
-
     rec = Recorder()
-    model = OneSecondSteps([2.0] * 6, accum=2)
+    model = OneSecondSteps([2.0] * 6, clock)
     stages = [Stage(i, name, "r.yaml", 3 * i, 3, 1e-3, Schedule("constant", 3)) for i, name in enumerate("ab")]
     t = _trainer(model, model, 6, _settings(), tmp_path, callbacks=[rec], stages=stages)
     open_stage = t._open_stage

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -341,13 +342,21 @@ def test_models_megatron_cannot_build_are_refused_with_the_config(overrides: lis
         check_training_config(cfg)
 
 
-def test_megatron_on_cpu_and_tensor_parallel_on_native_are_refused() -> None:
+def test_megatron_on_cpu_and_tensor_parallel_on_native_are_refused(tmp_path: Path, monkeypatch) -> None:
+    """Megatron on CPU is a resource refusal (exit 2 from the command line, before Hydra writes outputs/)."""
     from open360.config import compose
     from open360.train.pipeline import run_training
-    from open360.train.trainer import TrainingError
+    from open360.train.resources import ResourceError, check_resources
 
-    with pytest.raises(TrainingError, match="needs CUDA GPUs"):
-        run_training(compose(["+experiment=amber_tiny", "trainer.backend=megatron"]), device="cpu")
+    monkeypatch.chdir(tmp_path)
+    cpu_megatron = compose(["+experiment=amber_tiny", "trainer.backend=megatron", "trainer.device=cpu"])
+    with pytest.raises(ResourceError, match="needs CUDA GPUs"):
+        check_resources(cpu_megatron)
+    with pytest.raises(ResourceError, match="needs CUDA GPUs"):
+        run_training(cpu_megatron, device="cpu")
+    proc = subprocess.run([sys.executable, "-m", "open360.train", "+experiment=amber_tiny", "trainer.backend=megatron",
+                           "trainer.device=cpu", f"workspace={tmp_path / 'ws'}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "needs CUDA GPUs" in proc.stderr and sorted(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="run on trainer.backend=megatron"):  # before any folder is made
         run_training(compose(["+experiment=amber_tiny", "trainer.tensor_parallel=2"]), device="cpu")
     with pytest.raises(ValueError, match="trainer.backend='deepspeed': expected one of native, megatron"):

@@ -566,6 +566,39 @@ def test_a_branch_folder_is_one_no_earlier_branch_used(tmp_path: Path, monkeypat
     assert branch_folder(4, published, recovery) == f"from_step_4-{time.strftime('%Y%m%dT%H%M%SZ', frozen)}"
 
 
+def test_resume_from_a_step_a_crash_left_mid_replace_passes_the_check_and_is_restored(tmp_path: Path) -> None:
+    """trainer.resume=N, where a crash while replacing step_N left only `.old-step_N-<pid>`: the config check
+    (before anything is written) lets it through, since the start restores that copy before looking; a step
+    with no copy at all (a junk `.old-` name, or none) is still refused naming it."""
+    from omegaconf import OmegaConf
+
+    from open360.train.validate import check_resume_step
+
+    published = tmp_path / "checkpoints" / "r"
+    save_checkpoint(published, 2, _contents()).rename(published / ".old-step_2-999")
+    (published / ".old-step_4-x").mkdir()
+    cfg = OmegaConf.create({"workspace": str(tmp_path), "run_name": "r", "trainer": {"resume": 2}})
+    check_resume_step(cfg)
+    remove_stale_temp_dirs(published)
+    assert [s for s, _ in list_checkpoints(published)] == [2]
+    cfg.trainer.resume = 4
+    with pytest.raises(ValueError, match="4"):
+        check_resume_step(cfg)
+
+
+def test_pending_branches_come_oldest_first(tmp_path: Path) -> None:
+    """Two unfinished branches are finished in the order they began (stamp, then same-second suffix), not by
+    name: from_step_10 sorts before from_step_4 as text, and finishing the later branch first would move the
+    earlier one's checkpoints into the later one's superseded folder."""
+    from open360.checkpoint.branches import pending_branches, write_pending_branch
+
+    for step, folder in ((4, "from_step_4-20261128T100000Z"), (10, "from_step_10-20261128T100001Z"),
+                         (2, "from_step_2-20261128T100001Z-2"), (3, "from_step_3-20261128T100001Z-10")):
+        write_pending_branch(tmp_path, step, folder)
+    (tmp_path / ".branch-pending-junk.json").write_text("{}")
+    assert [entry.get("from_step") for _, entry in pending_branches(tmp_path)] == [None, 4, 10, 2, 3]
+
+
 def test_the_hardware_record_names_what_ran_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """World size, device kind and model, and (on CUDA) torch's CUDA version or (on CPU) the kernels'
     instruction set and thread count: weights are bitwise reproducible only on the same."""

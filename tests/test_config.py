@@ -514,6 +514,20 @@ def test_checks_before_hydra_compose_with_the_config_dir_and_name_hydra_uses(tmp
     assert "optim.lr=nan" in capsys.readouterr().err
 
 
+def test_an_override_of_a_stage_the_experiment_lacks_names_its_stages(tmp_path, capsys):
+    """`stages.5.steps=3` on a three-stage experiment (or on one without stages) says which stages exist,
+    not OmegaConf's "dict is not a subclass of StageConfig"."""
+    from open360.train.__main__ import check_before_hydra
+
+    for argv, said in ((["+experiment=crystalcoder_tiny", "stages.5.steps=3"], "stages.0 to stages.2"),
+                       (["stages.0.recipe=x"], "it has no `stages`")):
+        with pytest.raises(SystemExit) as err:
+            check_before_hydra([*argv, f"workspace={tmp_path}"])
+        message = capsys.readouterr().err
+        assert err.value.code == 2 and f"{argv[-1]}: this experiment has no stage" in message and said in message
+        assert "subclass" not in message
+
+
 def test_a_sweep_with_credentials_in_an_override_is_refused_before_hydra(capsys):
     from open360.train.__main__ import check_before_hydra
 

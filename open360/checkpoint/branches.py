@@ -4,6 +4,7 @@ interrupted move is finished by whoever next looks at the run (a resume, `ckpt l
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,18 @@ def write_pending_branch(recovery_dir: Path, step: int, folder: str) -> Path:
     return marker
 
 
+def _journal_age(marker: Path) -> tuple[str, int, str]:
+    """Sort key of a journal by when its branch began: the folder's UTC stamp, then its same-second suffix (a
+    name sort would put from_step_10 before from_step_4 whatever their times)."""
+    found = re.search(r"-(\d{8}T\d{6}Z)(?:-(\d+))?\.json$", marker.name)
+    return (found.group(1), int(found.group(2) or 1), marker.name) if found else ("", 0, marker.name)
+
+
 def pending_branches(recovery_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     """The journaled branches of a run not yet finished, oldest first: (marker, {from_step, superseded})."""
     out = []
-    for marker in sorted(Path(recovery_dir).glob(PENDING_GLOB)) if Path(recovery_dir).is_dir() else []:
+    markers = Path(recovery_dir).glob(PENDING_GLOB) if Path(recovery_dir).is_dir() else []
+    for marker in sorted(markers, key=_journal_age):
         try:
             out.append((marker, json.loads(marker.read_text())))
         except (OSError, ValueError):  # a marker cut by a crash before its rename cannot exist; skip junk

@@ -219,6 +219,18 @@ def check_writable(directory: Path) -> None:
         ) from err
 
 
+def interrupted_replacement(parent: Path, step: int, candidates: list[Path] | None = None) -> Path | None:
+    """The complete old copy of step N that a crash left as `.old-step_N-*` while replacing it (no step_N
+    beside it): what remove_stale_temp_dirs restores at the next start."""
+    parent = Path(parent)
+    if (parent / step_dir_name(step)).exists() or not parent.is_dir():
+        return None
+    for p in candidates if candidates is not None else sorted(parent.glob(f".old-{step_dir_name(step)}-*")):
+        if re.fullmatch(rf"\.old-{step_dir_name(step)}-\d+", p.name) and p.is_dir() and (p / LINEAGE_FILE).is_file():
+            return p
+    return None
+
+
 def remove_stale_temp_dirs(parent: Path) -> list[Path]:
     """Clear the leftovers of saves interrupted by a crash: a step whose folder was being replaced (moved
     to `.old-step_N-*`, the new one not yet renamed in) gets the old complete copy back; every other
@@ -229,7 +241,7 @@ def remove_stale_temp_dirs(parent: Path) -> list[Path]:
         return removed
     for p in sorted(parent.iterdir()):
         m = re.match(r"\.old-(step_\d+)-\d+$", p.name)
-        if m and p.is_dir() and not (parent / m.group(1)).exists() and (p / LINEAGE_FILE).is_file():
+        if m and p is interrupted_replacement(parent, int(m.group(1)[len("step_"):]), [p]):
             p.rename(parent / m.group(1))
     for p in parent.iterdir():
         if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import signal
 import sys
 from pathlib import Path
@@ -179,7 +180,13 @@ def check_before_hydra(argv: list[str]) -> None:
         if multirun and len(jobs) > 1:
             message = f"sweep job {' '.join(job)}: {message}"
         cause = err.__cause__
-        if isinstance(err, HydraException) and cause is not None and str(cause).strip():
+        missing_stage = re.match(r"Error merging override \+?(stages\.(\d+)\.\S+)", message)
+        if isinstance(err, HydraException) and missing_stage:  # OmegaConf's "dict is not a subclass of StageConfig"
+            others = [o for o in search + job if not o.lstrip("+~").startswith("stages.")]
+            count = len(compose(others, config_name=flag("--config-name", "-cn") or "config").stages)
+            message = (f"{missing_stage.group(1)}: this experiment has no stage {missing_stage.group(2)} "
+                       + (f"(its stages are stages.0 to stages.{count - 1})" if count else "(it has no `stages`)"))
+        elif isinstance(err, HydraException) and cause is not None and str(cause).strip():
             message += f": {str(cause).strip().splitlines()[0]}"  # the why: "Value '1.5' ... to Integer"
         print(f"open360.train: {message}", file=sys.stderr)
         sys.exit(2)

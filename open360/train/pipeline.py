@@ -51,6 +51,7 @@ from open360.tracking.checkpoints import finish_pending_branches, run_checkpoint
 from open360.train.callbacks import Callback, RunInfo
 from open360.train.optim import build_optimizer
 from open360.train.progress import format_summary, peak_flops
+from open360.train.resources import check_megatron_available
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import (
     check_fresh_optimizer_kept,
@@ -238,7 +239,7 @@ def run_training(cfg: DictConfig, device: str, init_from: Path | None = None) ->
     check_training_config(cfg)
     backend = str(cfg.trainer.backend)  # one of BACKENDS; TP/PP only on megatron (check_training_config)
     if backend == "megatron":
-        _check_megatron_available(device)
+        check_megatron_available(device)
     env = init_distributed(device)
     try:
         with exclusive_run(cfg, env):
@@ -306,21 +307,6 @@ def exclusive_run(cfg: DictConfig, env: DistEnv) -> Iterator[None]:
     finally:
         if held is not None:
             held.close()
-
-
-def _check_megatron_available(device: str) -> None:
-    """megatron-core runs on CUDA only (RoPE, RNG tracker, DDP buffers); say so before building anything."""
-    if device != "cuda":
-        raise TrainingError(
-            f"trainer.backend=megatron needs CUDA GPUs (trainer.device resolved to {device!r}): megatron-core's "
-            "RoPE, RNG tracker and DDP buffers are CUDA-only. Use trainer.backend=native on CPU"
-        )
-    try:
-        import megatron.core  # noqa: F401
-    except ImportError as err:
-        raise TrainingError(
-            "trainer.backend=megatron: megatron-core is not installed; pip install -e '.[megatron]'"
-        ) from err
 
 
 def build_settings(cfg: DictConfig, device: str, env: DistEnv) -> TrainerSettings:

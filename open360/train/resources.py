@@ -56,11 +56,29 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def check_megatron_available(device: str) -> None:
+    """megatron-core runs on CUDA only (RoPE, RNG tracker, DDP buffers); say so before building anything."""
+    if device != "cuda":
+        raise ResourceError(
+            f"trainer.backend=megatron needs CUDA GPUs (trainer.device resolved to {device!r}): megatron-core's "
+            "RoPE, RNG tracker and DDP buffers are CUDA-only. Use trainer.backend=native on CPU"
+        )
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError as err:
+        raise ResourceError(
+            "trainer.backend=megatron: megatron-core is not installed; pip install -e '.[megatron]'"
+        ) from err
+
+
 def check_resources(cfg: DictConfig) -> str:
-    """Return the device to train on, or raise ResourceError naming the memory the run needs."""
+    """Return the device to train on, or raise ResourceError naming the memory the run needs (or megatron's
+    missing CUDA / megatron-core: found before Hydra writes outputs/, not after)."""
     import torch
 
     device = resolve_device(cfg.trainer.device)
+    if str(cfg.trainer.backend) == "megatron":
+        check_megatron_available(device)
     params = count_parameters(cfg.model)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_param, layout = bytes_per_param(cfg, world)

@@ -46,8 +46,10 @@ def check_resume_path(resume: object) -> None:
 
 def check_resume_step(cfg: DictConfig) -> None:
     """trainer.resume given as a step must name a complete checkpoint of this run: checked here, before Hydra's
-    outputs/ and the run's folders are written, as find_resume_checkpoint would later."""
+    outputs/ and the run's folders are written, as find_resume_checkpoint would later (a step a crash left mid-replace,
+    as `.old-step_N-*`, passes: the start restores it before looking)."""
     from open360.checkpoint import CheckpointError
+    from open360.checkpoint.io import interrupted_replacement
     from open360.tracking.checkpoints import run_dirs
     from open360.train.state import find_resume_checkpoint
 
@@ -55,10 +57,12 @@ def check_resume_step(cfg: DictConfig) -> None:
     if not value.isdigit():
         return
     workspace = Path(str(cfg.workspace)).expanduser().resolve()
+    folders = run_dirs(workspace, str(cfg.run_name))
     try:
-        find_resume_checkpoint(value, *run_dirs(workspace, str(cfg.run_name)))
+        find_resume_checkpoint(value, *folders)
     except CheckpointError as err:
-        raise ValueError(str(err)) from err
+        if not any(interrupted_replacement(folder, int(value)) for folder in folders):  # restored at the start
+            raise ValueError(str(err)) from err
 
 
 def check_recipes(cfg: DictConfig) -> None:

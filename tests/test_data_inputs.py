@@ -160,6 +160,48 @@ def test_parquet_source_file_by_file_like_the_hub_reader(tmp_path: Path) -> None
         build_shards(_recipe(tmp_path / "local", _src("pq", parts / "part-0.parquet", "parquet")), tmp_path / "s2")
 
 
+def test_a_file_beside_the_parquet_parts_is_named_as_no_parquet_file_not_as_damaged(tmp_path: Path) -> None:
+    """A parquet folder reads every visible file: a README or an empty _SUCCESS marker beside the parts is named
+    as no parquet file (move it out, or narrow the path), not as a damaged part to restore; hidden files
+    (.DS_Store) are not read, and a part cut short is still damaged."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import read_source
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(pa.table({"text": [_doc(i) for i in range(3)]}), parts / "part-0.parquet")
+    (parts / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    spec = SourceSpec(name="pq", type="parquet", path=str(parts))
+    assert len(list(read_source(spec, Counter()))) == 3
+    for name, data in (("README.md", b"# a dataset card\n"), ("_SUCCESS", b"")):
+        (parts / name).write_bytes(data)
+        with pytest.raises(SourceError, match=rf"source 'pq': cannot read .*{name} .*; {name} is no parquet file") as err:
+            list(read_source(spec, Counter()))
+        assert "damaged" not in str(err.value) and "narrow 'path'" in str(err.value)
+        (parts / name).unlink()
+    (parts / "part-1.parquet").write_bytes((parts / "part-0.parquet").read_bytes()[:100])
+    with pytest.raises(SourceError, match=r"part-1\.parquet .*; the file is damaged or truncated"):
+        list(read_source(spec, Counter()))
+
+
+def test_a_folder_is_read_in_path_order_whether_given_as_folder_or_glob(tmp_path: Path) -> None:
+    """Files are read sorted as paths ("a/b" before "a-b"; `datasets` sorts strings, "a-b" first): one fixed
+    order for a recipe, the same for its folder and its glob, kept so that no existing recipe's documents are
+    reordered under its hash."""
+    from open360.data.recipe import SourceSpec
+    from open360.data.sources import read_source
+
+    for rel in ("d/a-b.jsonl", "d/a/b.jsonl", "d/a.jsonl", "d/B.jsonl"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps({"text": rel}) + "\n")
+    want = ["d/B.jsonl", "d/a/b.jsonl", "d/a-b.jsonl", "d/a.jsonl"]
+    for path in (tmp_path / "d", tmp_path / "d" / "**" / "*.jsonl"):
+        assert [d.text for d in read_source(SourceSpec(name="s", type="jsonl", path=str(path)), Counter())] == want
+
+
 def test_llm360_pretokenized_chunks_bypass_tokenizer(tmp_path: Path) -> None:
     f = tmp_path / "train_000.jsonl"
     rows = [
@@ -654,6 +696,17 @@ def test_an_input_edited_under_the_same_recipe_is_read_again(tmp_path: Path) -> 
     assert (again.path / "tokenizer.json").read_bytes() == (fresh.path / "tokenizer.json").read_bytes()
 
 
+def test_documents_without_words_are_never_near_duplicates() -> None:
+    """Symbols or emoji alone have no word shingles to compare: each such document made one empty shingle, so
+    with the heuristics off (or `quality: false`) every one after the first was dropped as a near-duplicate."""
+    from open360.data.filters import NearDedup
+    from open360.data.recipe import NearDedupSpec
+
+    near = NearDedup(NearDedupSpec())
+    texts = ["!!! ??? ...", "<<<>>> ### *** +++", "😀😀😀 🎉🎉", _doc(1), _doc(1) + " !", "<<<>>> ### *** +++"]
+    assert [near.is_duplicate(t) for t in texts] == [False, False, False, False, True, False]
+
+
 def test_near_duplicate_of_a_rejected_document_is_kept(tmp_path: Path) -> None:
     words = _doc(1000, 120)
     one_line = words  # fails max_line_chars below
@@ -903,6 +956,11 @@ def test_max_docs_reads_nothing_past_the_cut(tmp_path: Path) -> None:
         ("jsonl", "    hf_name: allenai/c4\n", r"\['hf_name'\] read a hub dataset \(type hf\); type jsonl reads 'path'"),
         ("parquet", "    hf_data_files: a/*.parquet\n", r"\['hf_data_files'\] read a hub dataset"),
         ("hf", "    hf_name: json\n", "'path' is read by local types; type hf reads 'hf_name'"),
+        (
+            "llm360_chunks",
+            "    hf_name: LLM360/AmberDatasets\n",
+            r"type llm360_chunks reads its local 'path' when one is given, and would ignore \['hf_name'\]",
+        ),
     ],
 )
 def test_keys_a_source_type_would_ignore_are_errors(tmp_path: Path, typ: str, extra: str, message: str) -> None:
@@ -925,6 +983,34 @@ def test_a_source_that_fails_leaves_no_partial_intermediates(tmp_path: Path) -> 
         build_shards(p, tmp_path / "shards")
     left = sorted(f.name for f in (tmp_path / "shards" / ".work").rglob("*") if f.is_file() and ".lock" not in f.name)
     assert left == ["good.stats.json", "good.train.bin", "good.val.bin"]  # the finished source is kept for a resume
+
+
+def test_a_resumed_build_prepares_again_a_source_whose_rows_were_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build stopped after the per-source stage resumes from its prepared rows; a rows file cut short since
+    (a partial copy of the work folder, a damaged disk) is not trusted — it failed on a reshape naming no file —
+    but warned about and prepared again, giving the shards of a build never interrupted."""
+    from open360.data import build as build_mod
+
+    p = _recipe(tmp_path, _src("web", _small_corpus(tmp_path, 80)))
+    whole = build_shards(p, tmp_path / "whole")
+    real = build_mod.mix_counts
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt("simulated kill after the per-source stage")
+
+    monkeypatch.setattr(build_mod, "mix_counts", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(p, tmp_path / "resumed")
+    monkeypatch.setattr(build_mod, "mix_counts", real)
+    (rows,) = (tmp_path / "resumed" / ".work").rglob("web.train.bin")
+    rows.write_bytes(rows.read_bytes()[: rows.stat().st_size // 2 + 6])
+    with pytest.warns(UserWarning, match=r"prepared rows of source 'web' are not what web\.stats\.json records"):
+        resumed = build_shards(p, tmp_path / "resumed")
+    assert resumed.name == whole.name
+    for name in ["manifest.json", *(f.name for f in whole.glob("*.parquet"))]:
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
 
 
 def test_a_killed_build_leaves_no_temporary_rows_behind_its_rerun(tmp_path: Path) -> None:

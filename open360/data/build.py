@@ -51,8 +51,9 @@ PARTS_DIR = ".parts"
 # 3: a UTF-8 byte-order mark opening a jsonl or text file is dropped, no longer a malformed first row;
 # 4: nothing past a source's max_docs is read, so bad lines there are no longer counted; 5: bz2 and xz files are
 # decompressed, no longer read as bad lines, and the quality classifier sums its sparse features in a fixed
-# order, which can move a score by an ulp; 6: FIM's SPM encodes prefix and middle apart, as StarCoder does).
-PIPELINE_VERSION = 6
+# order, which can move a score by an ulp; 6: FIM's SPM encodes prefix and middle apart, as StarCoder does; 7: a
+# document without words is never a near-duplicate).
+PIPELINE_VERSION = 7
 
 
 def shard_dir_name(recipe: RecipeSpec) -> str:

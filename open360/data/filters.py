@@ -54,8 +54,7 @@ class NearDedup:
         self._lsh = MinHashLSH(threshold=spec.threshold, num_perm=spec.num_perm)
         self._n = 0
 
-    def _minhash(self, text: str) -> MinHash:
-        words = _WORD.findall(text.lower())
+    def _minhash(self, words: list[str]) -> MinHash:
         k = self.spec.shingle_words
         shingles = {" ".join(words[i : i + k]).encode("utf-8") for i in range(max(1, len(words) - k + 1))}
         m = MinHash(num_perm=self.spec.num_perm, seed=1, hashfunc=_shingle_hash)
@@ -63,8 +62,13 @@ class NearDedup:
         return m
 
     def is_duplicate(self, text: str) -> bool:
-        """True if LSH pairs it with an indexed document (bands tuned to the threshold); else index it."""
-        m = self._minhash(text)
+        """True if LSH pairs it with an indexed document (bands tuned to the threshold); else index it. A document
+        without words (symbols, emoji) has no shingles to compare: never a near-duplicate and not indexed (every
+        such document made one empty shingle, so all after the first were dropped; exact dedup finds copies)."""
+        words = _WORD.findall(text.lower())
+        if not words:
+            return False
+        m = self._minhash(words)
         if self._lsh.query(m):
             return True
         self._lsh.insert(str(self._n), m)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
@@ -220,7 +221,8 @@ class _SourcePipeline:
 def prepare_source(
     recipe: RecipeSpec, index: int, tokenizer_json: bytes, work_dir: Path, progress: bool = False
 ) -> dict[str, Any]:
-    """Run one source through the document pipeline into packed rows; resumable (stats file marks done).
+    """Run one source through the document pipeline into packed rows; resumable (the stats file marks it done,
+    while the rows files are the size it records: a damaged one is warned about and the source prepared again).
 
     One process at a time prepares a source (a lock in `work_dir`, which workers of a scale-out build may
     share): a later one waits and reuses its rows, and finds no writer of this source's temporary files alive,
@@ -228,15 +230,38 @@ def prepare_source(
     size of the source's tokens, and each rerun would leave another copy)."""
     source = recipe.sources[index]
     paths = work_paths(work_dir, source.name)
-    if paths["stats"].is_file():
-        return json.loads(paths["stats"].read_text())
+    row_len = recipe.seq_len + 1
+    if (stats := _prepared(paths, row_len)) is not None:
+        return stats
     work_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(work_dir / f"{source.name}.lock"):
-        if paths["stats"].is_file():  # prepared by the process this one waited for
-            return json.loads(paths["stats"].read_text())
+        if (stats := _prepared(paths, row_len)) is not None:  # prepared by the process this one waited for
+            return stats
+        if paths["stats"].is_file():
+            warnings.warn(
+                f"{work_dir}: the prepared rows of source '{source.name}' are not what {paths['stats'].name} "
+                "records (a file damaged, cut short or missing, as a partial copy leaves it); preparing the "
+                "source again",
+                stacklevel=2,
+            )
+            paths["stats"].unlink()
         for leftover in [t for p in paths.values() for t in temp_siblings_of(p)]:
             leftover.unlink(missing_ok=True)
         return _prepare_locked(recipe, index, tokenizer_json, paths, progress)
+
+
+def _prepared(paths: dict[str, Path], row_len: int) -> dict[str, Any] | None:
+    """The stats of a prepared source whose rows files hold the rows they record, else None (not prepared, or
+    its files damaged since: a build that trusted them would fail on a reshape or an index, naming no file)."""
+    try:
+        stats = json.loads(paths["stats"].read_text())
+        whole = all(
+            paths[part].stat().st_size == int(stats[key]) * row_len * 4
+            for part, key in (("train", "sequences_available"), ("val", "sequences_validation"))
+        )
+    except (OSError, ValueError, KeyError, TypeError):  # missing, not JSON, not the stats of a build
+        return None
+    return stats if whole else None
 
 
 def _prepare_locked(

@@ -262,10 +262,13 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
             s.sample_by in ("document", "paragraph", "line"), key, "sample_by must be document|paragraph|line"
         )
         # keys a type would silently ignore: an error, not shards built without the filter asked for
+        hub_keys = [k for k in ("hf_name", "hf_config", "hf_data_files") if getattr(s, k) is not None]
         if s.type in ("jsonl", "parquet", "text", "dir"):
-            hub_keys = [k for k in ("hf_name", "hf_config", "hf_data_files") if getattr(s, k) is not None]
             _check(not hub_keys, key, f"{hub_keys} read a hub dataset (type hf); type {s.type} reads 'path' and "
                    "would ignore them — remove them, or set type hf")
+        elif s.type == "llm360_chunks" and s.path:
+            _check(not hub_keys, key, f"type llm360_chunks reads its local 'path' when one is given, and would "
+                   f"ignore {hub_keys} — give 'path' (local chunk files) or 'hf_name' (a hub dataset), not both")
         _check(s.type != "hf" or s.path is None, key, "'path' is read by local types; type hf reads 'hf_name' "
                "(local files through it: hf_name json/parquet with hf_data_files) and would ignore it — remove it")
         _check(

@@ -36,14 +36,21 @@ class Doc:
 
 def visible_files(folder: Path) -> list[Path]:
     """The files under `folder`, sorted; hidden files and everything under hidden folders (.git, .cache)
-    are not data."""
+    are not data.
+
+    Sorted as paths, folder name by folder name ("a/b" before "a-b"), where `datasets` sorts the strings ("a-b"
+    before "a/b"): a recipe reads its files in one fixed order everywhere, and a local source and a `type: hf`
+    source over the same folder are two recipes (two hashes, two shard folders) that may read them in
+    different orders. Kept so: sorting otherwise would reorder the documents of an existing recipe under its
+    unchanged hash, and its shards would no longer be the ones its folder name stands for."""
     return sorted(
         p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
 def resolve_files(source: SourceSpec) -> list[Path]:
-    """The local files of a source, sorted; a missing path is an error naming the source."""
+    """The local files of a source, sorted as `visible_files` sorts them; a missing path is an error naming the
+    source."""
     assert source.path is not None
     base = resolve_repo_path(source.path)
     if base.is_dir():
@@ -115,10 +122,30 @@ def _readable(docs: Iterator[Doc], source: SourceSpec, where: str | Path) -> Ite
         elif str(where).startswith("hub:"):
             hint = "check the dataset name, config and split (and network access)"
         else:
-            hint = "the file is damaged or truncated — restore it, or remove it from the source"
+            hint = _damaged_file_hint(source, Path(where))
         raise SourceError(
             f"source '{source.name}': cannot read {where} ({type(err).__name__}: {err}); {hint}"
         ) from err
+
+
+def _damaged_file_hint(source: SourceSpec, path: Path) -> str:
+    """What to do about a local file that failed to read: a file of a parquet source that is no parquet file at
+    all (a README, an empty _SUCCESS marker beside the parts) is named as such, not as a damaged part."""
+    damaged = "the file is damaged or truncated — restore it, or remove it from the source"
+    if source.type != "parquet":
+        return damaged
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return damaged
+    if head == b"PAR1":  # a parquet file begins with its magic bytes, also when it is cut short
+        return damaged
+    return (
+        f"{path.name} is no parquet file (it does not begin with parquet's magic bytes), and a folder or glob "
+        "source reads every visible file it names — move it out of the source, or narrow 'path' to the data "
+        "files (a glob such as 'folder/*.parquet')"
+    )
 
 
 def iter_jsonl(path: Path, bad: Counter) -> Iterator[tuple[int, dict]]:

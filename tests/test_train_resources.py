@@ -54,6 +54,7 @@ def _gpus(monkeypatch: pytest.MonkeyPatch, count: int, gib: float) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": gib * GIB}))
     monkeypatch.setenv("WORLD_SIZE", str(count))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(count))
+    monkeypatch.setattr("open360.train.resources.free_bytes", lambda path: (path, 2**60))  # a 7B checkpoint fits
 
 
 def test_megatron_data_parallel_keeps_a_replica_of_the_weights_and_grads_on_each_gpu(
@@ -105,3 +106,47 @@ def test_bytes_per_param_of_each_layout(overrides: list[str], world: int, per_pa
 
     got, layout = bytes_per_param(compose(["+experiment=amber", *overrides]), world)
     assert got == pytest.approx(per_param) and layout
+
+
+def test_a_workspace_that_cannot_hold_one_checkpoint_is_refused_and_a_short_one_is_warned_of(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Free space below one checkpoint (12 bytes/parameter: fp32 weights and AdamW's two moments) is refused
+    before anything is built, naming the workspace; room for some but not all of the cadence's checkpoints
+    is a warning at the start (the save that does not fit stops the run cleanly); the run still trains."""
+    import collections
+    import shutil
+
+    from open360.train import resources
+    from open360.train.pipeline import run_training
+
+    overrides = ["+experiment=amber_tiny", f"workspace={tmp_path / 'ws' / 'new'}", "model.d_model=64",
+                 "model.n_layers=2", "model.ffn_dim=128", "trainer.max_steps=4", "checkpoint=every_n",
+                 "checkpoint.every=1", "tracking.dvc=false", "tracking.mlflow=false", "trainer.progress_bar=false",
+                 f"data.shards_dir={tmp_path / 'shards'}"]
+    cfg = compose(overrides)
+    one = count_parameters(cfg.model) * 12
+    usage = collections.namedtuple("usage", "total used free")
+    seen: list[str] = []
+
+    def disk_usage(path):
+        seen.append(str(path))
+        return usage(10 * one, 0, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    free = one - 1
+    with pytest.raises(ResourceError, match=r"ws/new: its filesystem \(.*\) has .* GiB free, but one checkpoint"):
+        check_resources(cfg)
+    assert seen == [str(tmp_path)] and not (tmp_path / "ws").exists()  # the nearest folder that exists
+    free = 3 * one  # 4 published + 1 recovery checkpoint do not fit; 1 does
+    assert check_resources(cfg) == "cpu"
+    assert "4 more published checkpoint(s) and keeps 1 for recovery" in resources.disk_space_warning(cfg, 4)
+    assert resources.disk_space_warning(cfg, 2) is None
+    run_training(cfg, device="cpu")
+    assert "warning: the cadence writes 4 more published checkpoint(s)" in capsys.readouterr().err
+    free = 10 * one
+    run_training(compose([*overrides, "trainer.max_steps=6", "trainer.resume=auto"]), device="cpu")
+    assert "warning: the cadence" not in capsys.readouterr().err
+    free = 0  # a run that saves nothing needs no room for checkpoints
+    check_resources(compose([*overrides, "checkpoint=list", "checkpoint.steps=[]", "checkpoint.save_final=false",
+                             "checkpoint.ephemeral_every=0"]))

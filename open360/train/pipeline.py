@@ -51,7 +51,7 @@ from open360.tracking.checkpoints import finish_pending_branches, run_checkpoint
 from open360.train.callbacks import Callback, RunInfo
 from open360.train.optim import build_optimizer
 from open360.train.progress import format_summary, peak_flops
-from open360.train.resources import check_megatron_available
+from open360.train.resources import check_megatron_available, disk_space_warning
 from open360.train.schedules import Stage, build_stages
 from open360.train.state import (
     check_fresh_optimizer_kept,
@@ -605,6 +605,9 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             "init_from": init_record["checkpoint"] if init_record else None,
         },
     )
+    to_come = len(cadence.published_steps(trainer.progress.step + 1, stages[-1].end))
+    if env.is_main and (warning := disk_space_warning(cfg, to_come)):
+        print(f"open360.train: warning: {warning}", file=sys.stderr, flush=True)
     start_callbacks(callbacks, info)
     for marker in journal:  # the tracking knows of the branch now: a crash from here on is an ordinary resume
         marker.unlink(missing_ok=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -13,6 +15,9 @@ from open360.models.flops import count_parameters
 BYTES_PER_PARAM_TRAINING = 16
 # DDP (gradient_as_bucket_view off) also holds its all-reduce buckets: one more fp32 copy of the gradients.
 DDP_BUCKET_BYTES = 4
+# A checkpoint on disk holds at least fp32 weights (model.safetensors, 4) and AdamW's two fp32 moments
+# (optimizer.pt, 8); megatron's adds its bf16 weights.
+CHECKPOINT_BYTES_PER_PARAM = 12
 GIB = 1024**3
 
 
@@ -125,4 +130,52 @@ def check_resources(cfg: DictConfig) -> str:
                 f"bytes/parameter each: {layout}), but this machine has {have:.0f} GiB of RAM. "
                 "Use +experiment=amber_tiny (or crystalcoder_tiny / phi15_tiny) or trainer.device=cuda."
             )
+    check_disk_space(cfg)
     return device
+
+
+def free_bytes(path: Path) -> tuple[Path, int]:
+    """(the existing folder `path` is or will be made in, the bytes free on its filesystem)."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path, shutil.disk_usage(path).free
+
+
+def checkpoint_bytes(cfg: DictConfig) -> int:
+    """About the bytes of one checkpoint of this run on disk (a lower bound)."""
+    return count_parameters(cfg.model) * CHECKPOINT_BYTES_PER_PARAM
+
+
+def check_disk_space(cfg: DictConfig) -> None:
+    """The workspace's filesystem must hold one checkpoint: a run that could never save one is refused before
+    its shards are built and its steps spent (a fuller disk later is met at the save, losing nothing)."""
+    from open360.checkpoint.cadence import CadencePolicy
+    from open360.train.schedules import build_stages
+
+    cadence = CadencePolicy.from_config(cfg.checkpoint)
+    if cadence.ephemeral_every <= 0 and not cadence.published_steps(0, build_stages(cfg)[-1].end):
+        return  # a run that saves nothing
+    where, free = free_bytes(Path(str(cfg.workspace)))
+    one = checkpoint_bytes(cfg)
+    if free < one:
+        raise ResourceError(
+            f"workspace={cfg.workspace}: its filesystem ({where}) has {free / GIB:.2f} GiB free, but one checkpoint "
+            f"of '{cfg.run_name}' takes at least {one / GIB:.2f} GiB ({CHECKPOINT_BYTES_PER_PARAM} bytes/parameter: "
+            "fp32 weights and AdamW's two moments); free space or choose another workspace="
+        )
+
+
+def disk_space_warning(cfg: DictConfig, checkpoints_to_come: int) -> str | None:
+    """A warning when the checkpoints still to be written (published ones of the cadence from here, and the
+    recovery ones kept) do not fit on the workspace's filesystem, else None."""
+    where, free = free_bytes(Path(str(cfg.workspace)))
+    need = (checkpoints_to_come + int(cfg.checkpoint.keep_ephemeral)) * checkpoint_bytes(cfg)
+    if need <= free:
+        return None
+    return (
+        f"the cadence writes {checkpoints_to_come} more published checkpoint(s) and keeps "
+        f"{cfg.checkpoint.keep_ephemeral} for recovery, at least {need / GIB:.1f} GiB, and {where} has "
+        f"{free / GIB:.1f} GiB free: the run stops cleanly at the save that does not fit (every earlier checkpoint "
+        "kept) unless space is freed meanwhile (pushed checkpoints can be removed locally and pulled back)"
+    )

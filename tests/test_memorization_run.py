@@ -287,6 +287,36 @@ def test_missing_checkpoints_are_pulled_and_released(
     assert (root / "checkpoints" / RUN / "step_20").is_dir()  # was local: never deleted
 
 
+
+def test_release_local_frees_what_a_failed_or_interrupted_job_pulled(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """release_local=true: a job that stops (a bad key found once the shards are open, Ctrl-C while scoring)
+    deletes the checkpoints it pulled. Left on disk, a rerun takes them for local ones and never frees them."""
+    import open360.analysis.memorization.job as job_module
+
+    root = _copy_workspace(trained_run, tmp_path)
+    pulled = _only_in_remote(root, tmp_path / "remote", (40, 80), monkeypatch)
+    args = _job(root, "checkpoints=40,80", "sample=4", "report=false", "release_local=true")
+    with pytest.raises(MemorizationJobError, match="out of range"):
+        run_job(parse_args([*args, "chunks=99"]))  # known only once step 40 (metadata) and the shards are open
+    assert pulled == [40] and not (root / "checkpoints" / RUN / "step_40").exists()
+    write_cell, writes = job_module.write_cell, []
+
+    def interrupted_at_the_second_cell(path: Path, table: Any) -> None:
+        writes.append(path)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        write_cell(path, table)
+
+    monkeypatch.setattr(job_module, "write_cell", interrupted_at_the_second_cell)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(parse_args([*args, "chunks=0-1"]))
+    assert pulled == [40, 40] and not list((root / "checkpoints" / RUN).glob("step_[48]0"))
+    monkeypatch.setattr(job_module, "write_cell", write_cell)
+    assert run_job(parse_args([*args, "chunks=0-1"])).complete  # pulls again what it needs
+    assert not list((root / "checkpoints" / RUN).glob("step_[48]0"))
+
 def _dvc_clone(root: Path, tmp_path: Path, steps: tuple[int, ...]) -> Path:
     """A git clone of a DVC workspace holding (and having pushed) checkpoints `steps`: none of them local."""
     import shutil
@@ -706,6 +736,13 @@ def test_bad_selections_and_keys_exit_with_one_line(trained_run: tuple[Path, str
 
     assert job_tag(parse_args(_job(root, "shards=shards/stage_b"))).endswith("-seed42-stage_b")
 
+
+def test_a_malformed_chunks_value_stops_the_job_before_anything_is_pulled() -> None:
+    """chunks= is parsed with the other keys: a typo must not first pull a checkpoint and the run's shards
+    (the range is checked against the shards once they are open)."""
+    for value, says in (("1.5", "'1.5' is not an integer"), ("3-1", "runs backwards"), ("0-9999999", "more than")):
+        with pytest.raises(MemorizationJobError, match=f"chunks=.*{says}"):
+            parse_args([f"run={RUN}", f"chunks={value}"])
 
 def test_an_explicit_gpu_is_checked_and_not_shared_by_torchrun_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     """device=cuda:N names a GPU that must exist; under torchrun every rank would take that one GPU."""

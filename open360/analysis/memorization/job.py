@@ -204,12 +204,6 @@ def _chunk_sequences(
 
 
 def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -> JobResult:
-    import torch
-    from tqdm.auto import tqdm
-
-    from open360.checkpoint import read_lineage
-    from open360.checkpoint.io import MODEL_FILE
-
     workspace = Path(job.workspace).expanduser().resolve()
     out_dir = (
         Path(job.out_dir) if job.out_dir else workspace / "analysis" / job.run / "memorization" / job_tag(job)
@@ -229,8 +223,46 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                 "set pull=true to fetch them through DVC, or choose other checkpoints="
             )
 
+    pulled_here: dict[int, list[Path]] = {}  # step -> the cache files its pull added
+    try:
+        return _score_matrix(job, rank, world, device, workspace, out_dir, steps, known_steps, pulled_here)
+    except BaseException:  # an error, Ctrl-C: a rerun would take what this job pulled for local, and keep it
+        if job.release_local:
+            _release_pulled(job, workspace, pulled_here)
+        raise
+
+
+def _release_pulled(job: MemorizationJobConfig, workspace: Path, pulled: dict[int, list[Path]]) -> None:
+    """Delete the checkpoints `pulled` (step -> the cache files its pull added) of the job's run."""
+    from open360.checkpoint.io import step_dir_name
+
+    for step in sorted(pulled):
+        release_checkpoint(workspace, run_checkpoint_dir(workspace, job.run) / step_dir_name(step), pulled[step])
+
+
+def _score_matrix(
+    job: MemorizationJobConfig,
+    rank: int,
+    world: int,
+    device: str,
+    workspace: Path,
+    out_dir: Path,
+    steps: list[int],
+    known_steps: list[int],
+    pulled_here: dict[int, list[Path]],
+) -> JobResult:
+    """Score this rank's pending cells of `steps` x the job's chunks; the checkpoints it pulls go into
+    `pulled_here` as they are pulled."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from open360.checkpoint import read_lineage
+    from open360.checkpoint.io import MODEL_FILE
+
     # The data view comes from the first checkpoint's config and lineage (all of a run share them).
     first_path, first_fetched = ensure_checkpoint(job, workspace, steps[0])
+    if first_fetched is not None:
+        pulled_here[steps[0]] = first_fetched
     from open360.checkpoint.io import read_config
 
     lineage = read_lineage(first_path)
@@ -284,7 +316,6 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
         (out_dir / "job.json").write_text(json.dumps(dataclasses.asdict(job), indent=2, default=str) + "\n")
 
     computed: list[tuple[int, int]] = []
-    pulled_here = {} if first_fetched is None else {steps[0]: first_fetched}  # step -> its pull's cache files
     by_step: dict[int, list[int]] = {}
     for s, c in mine:
         by_step.setdefault(s, []).append(c)
@@ -348,11 +379,7 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
     if world > 1:
         torch.distributed.barrier()
     if job.release_local:  # the rest this rank pulled (split across ranks, or pulled for metadata only)
-        from open360.checkpoint.io import step_dir_name
-
-        for step in sorted(pulled_here):
-            path = run_checkpoint_dir(workspace, job.run) / step_dir_name(step)
-            release_checkpoint(workspace, path, pulled_here[step])
+        _release_pulled(job, workspace, pulled_here)
     # Cells left damaged or stale (max_cells, another rank's failure) are neither complete nor merged.
     valid = set(done) | set(computed)
     if world > 1:

@@ -116,6 +116,7 @@ def validate(job: MemorizationJobConfig) -> None:
         raise MemorizationJobError(f"device={job.device!r}: expected auto, cpu, cuda or cuda:<index>")
     if job.dtype not in DTYPE_CHOICES:
         raise MemorizationJobError(f"dtype={job.dtype!r}: expected one of {DTYPE_CHOICES}")
+    int_list(job.chunks, "chunks")  # its syntax now, not after pulling a checkpoint and the shards (the range: then)
 
 
 def job_tag(job: MemorizationJobConfig) -> str:

@@ -48,11 +48,14 @@ def test_training_flops_per_token_formula() -> None:
         ("NVIDIA H100 NVL", 835e12),
         ("NVIDIA H200", 989e12),
         ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 989e12 * 3 / 7),  # 3 of the card's 7 compute slices
+        ("NVIDIA A100-SXM4-40GB MIG 7g.40gb", 312e12),
         ("NVIDIA GeForce RTX 4090", None),
     ],
 )
 def test_mfu_uses_the_peak_of_the_card_it_runs_on(monkeypatch: pytest.MonkeyPatch, name: str, peak: float) -> None:
-    """The PCIe and NVL H100s peak lower than the SXM one: MFU against the SXM figure would read ~25% low."""
+    """The PCIe and NVL H100s peak lower than the SXM one: MFU against the SXM figure would read ~25% low; a
+    MIG slice has its share of the card's compute slices."""
     from open360.train.progress import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)

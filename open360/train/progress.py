@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any
@@ -25,11 +26,14 @@ PEAK_BF16_FLOPS = {
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of a CUDA device, or None when unknown (MFU is then not shown)."""
+    """Peak dense bf16 FLOP/s of a CUDA device (of its share of the card under MIG), or None when unknown (MFU
+    is then not shown)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    mig = re.search(r"MIG (\d)g\.", name)  # a MIG slice ("... MIG 3g.40gb") has g of the card's 7 compute slices
+    return peak * int(mig.group(1)) / 7 if peak is not None and mig else peak
 
 
 class Progress:

@@ -345,6 +345,35 @@ def test_release_metrics_come_from_the_run_the_lineage_names(tmp_path: Path) -> 
     assert _metrics_table(tmp_path, "r", uri, out) == ids[1]  # a lineage naming no run: by name
 
 
+def test_release_metrics_before_a_branch_come_from_the_branch_that_replaced_the_later_steps(tmp_path: Path) -> None:
+    """Checkpoint 4's lineage names run A; a branch from step 4 (run B), then one from B at 6 (run C), replaced
+    A's later steps: a release of steps <= 4 takes C's metrics (what a full release takes), not A's replaced ones."""
+    import pandas as pd
+
+    from open360.tracking import mlflow_records as mr
+    from open360.tracking.mlflow_logger import BRANCH_RUN_TAG
+    from open360.tracking.release import _metrics_table
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mr.client(uri)
+    exp = client.create_experiment("e")
+    a, b, c = (client.create_run(exp, tags={"open360.run_name": "r"}).info.run_id for _ in range(3))
+    for run_id, first, loss in ((a, 1, 1.0), (b, 5, 2.0), (c, 7, 3.0)):
+        for step in range(first, 9):
+            client.log_metric(run_id, "loss", loss, step=step)
+    client.set_tag(a, BRANCH_RUN_TAG, json.dumps({"run_id": b, "step": 4}))
+    client.set_tag(b, BRANCH_RUN_TAG, json.dumps({"run_id": c, "step": 6}))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _metrics_table(tmp_path, "r", uri, out, recorded=a, step=4) == c
+    assert pd.read_parquet(out / "metrics.parquet").value.tolist() == [3.0] * 2  # C's own steps 7, 8
+    assert _metrics_table(tmp_path, "r", uri, out, recorded=b, step=5) == c
+    assert _metrics_table(tmp_path, "r", uri, out, recorded=c, step=8) == c
+    client.delete_run(c)  # a deleted branch took no more writes: the run it branched from went on
+    assert _metrics_table(tmp_path, "r", uri, out, recorded=a, step=4) == b
+    assert _metrics_table(tmp_path, "r", uri, out, recorded=a, step=6) == a  # a step after the branch: A's own
+
+
 def test_a_release_exported_from_a_clone_publishes_no_path_of_the_training_machine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -385,6 +414,37 @@ def test_a_release_exported_from_a_clone_publishes_no_path_of_the_training_machi
                      if p.is_file() and p.name != "SHA256SUMS" and p.relative_to(out).parts[0] != "ckpt_000")
     assert sorted(sums) == outside and {"checkpoints.json", "README.md", "configs/config.yaml"} <= set(sums)
     assert all(sha256_file(out / name) == digest for name, digest in sums.items())
+
+
+def test_checkpoints_json_says_what_each_checkpoint_had_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per checkpoint: its last step's loss, the code revision that wrote it and the sequences each stage had seen."""
+    import torch
+
+    import open360.checkpoint as checkpoint_api
+    import open360.models.hf as hf
+    from open360.checkpoint import CheckpointContents, save_checkpoint
+    from open360.tracking.release import export_release
+
+    ws = tmp_path / "ws"
+    for step, dirty in ((2, False), (4, True)):
+        seen = {"count": 32 * step, "min_id": 0, "max_id": 32 * step - 1, "contiguous": True, "epochs": 1}
+        data = {"stage": "main", "stage_index": 0, "steps": step, "sequences_seen": seen, "recipe": "r.yaml"}
+        save_checkpoint(ws / "checkpoints" / "r", step, CheckpointContents(
+            model={"w": torch.zeros(4)}, optimizer={"state": {}, "param_groups": []},
+            trainer_state={"step": step, "loss": 10.0 / step}, rng={"seed": 0}, config_yaml="run_name: r\n",
+            lineage={"run_name": "r", "tokens_seen": 4096 * step, "code": {"revision": "abc123", "dirty": dirty},
+                     "data": data, "data_history": [data]},
+        ))
+    model_cfg = OmegaConf.create({"model": {k: 1 for k in (
+        "name", "n_layers", "d_model", "n_heads", "ffn_dim", "vocab_size", "norm", "mlp", "max_seq_len")}})
+    monkeypatch.setattr(checkpoint_api, "load_model_from_checkpoint", lambda *a, **k: (None, model_cfg))
+    monkeypatch.setattr(hf, "export_hf", lambda model, cfg, tokenizer, folder: Path(folder).mkdir(parents=True))
+    index = json.loads((export_release(ws, "r", tmp_path / "release") / "checkpoints.json").read_text())
+    assert [(c["step"], c["tokens_seen"], c["loss"], c["code_revision"]) for c in index] == [
+        (2, 8192, 5.0, "abc123"), (4, 16384, 2.5, "abc123-dirty")]
+    assert index[1]["data_seen"] == [{"stage": "main", "steps": 4, "sequences_seen": {
+        "count": 128, "min_id": 0, "max_id": 127, "contiguous": True, "epochs": 1}}]
+    assert {"revision", "dvc_md5", "source", "export_files"} <= set(index[0])  # the keys it had before
 
 
 def test_pull_over_a_modified_file_says_which_and_to_pass_force(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

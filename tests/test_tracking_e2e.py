@@ -563,6 +563,12 @@ def test_a_branch_gets_its_own_mlflow_run_and_moves_the_replaced_dvc_records(tra
     records = mr.checkpoint_records(client, new_id)
     assert sorted(records) == [4, 8, 12] and records[4] == mr.checkpoint_records(client, old_id)[4]
     assert records[8]["dvc_md5"] == store.tracked(run_dir / "step_8").md5
+    # a release of step 4 alone (whose lineage names the replaced run) has the branch's metrics, not the replaced
+    import pandas as pd
+
+    part = export_release(ws, RUN, tmp_path / "part", steps="4")
+    released = pd.read_parquet(part / "metrics.parquet").query("key == 'loss'").set_index("step")["value"]
+    assert released.to_dict() == history["loss"] and f"MLflow run: `{new_id}`" in (part / "README.md").read_text()
 
 
 def test_tracking_leaves_the_training_rngs_and_weights_as_a_run_without_it(trained: dict, tmp_path: Path) -> None:

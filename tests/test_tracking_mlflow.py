@@ -502,6 +502,24 @@ def test_a_branch_killed_before_its_first_checkpoint_is_continued_not_the_run_it
     assert moved.run_metadata()["mlflow_experiment_id"] == client.get_run(old).info.experiment_id
 
 
+def test_a_second_start_from_one_step_keeps_the_first_starts_hardware(ws: Path) -> None:
+    """A branch from step 5 on one machine, killed before its first checkpoint (so no lineage.json records its
+    hardware), resumed from step 5 on another: the branch's run holds both starts' hardware, the first unchanged."""
+    old = _ten_steps(ws, extra={"hardware": {"world_size": 1, "device": "cpu", "accelerator": "x86_64 AVX2"}})
+    h200 = {"world_size": 8, "device": "cuda", "accelerator": "NVIDIA H200", "cuda": "12.4"}
+    a100 = {"world_size": 2, "device": "cuda", "accelerator": "NVIDIA A100", "cuda": "12.1"}
+    branch = _ten_steps(ws, start=5, extra={RUN_ID_KEY: old, "branch": {"from_step": 5, "superseded": "x"},
+                                            "hardware": h200})
+    assert _ten_steps(ws, start=5, extra={RUN_ID_KEY: old, "hardware": a100}) == branch
+    assert _ten_steps(ws, start=5, extra={RUN_ID_KEY: old, "hardware": h200}) == branch
+    tags = mr.client(resolve_tracking_uri("sqlite:///mlflow.db", ws)).get_run(branch).data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("open360.hardware.")} == {
+        "open360.hardware.from_step_5": "8 x NVIDIA H200 (cuda 12.4)",
+        "open360.hardware.from_step_5.start_2": "2 x NVIDIA A100 (cuda 12.1)",
+        "open360.hardware.from_step_5.start_3": "8 x NVIDIA H200 (cuda 12.4)",
+    }
+
+
 def test_a_branch_whose_mlflow_run_was_deleted_does_not_stop_the_resume(ws: Path) -> None:
     """The branch killed before its first checkpoint, its MLflow run deleted (it was junk): resuming from the
     branch step continues the replaced run, as before there was a branch, instead of failing to start."""

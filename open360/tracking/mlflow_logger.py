@@ -120,11 +120,20 @@ def _stage_tags(stage: str, folder: str | Path) -> dict[str, str]:
     }
 
 
-def _hardware_tag(start_step: int, hardware: dict[str, Any] | None) -> dict[str, str]:
-    """One tag per start of the run (a resume may run on other hardware)."""
+def _hardware_tag(start_step: int, hardware: dict[str, Any] | None, existing: Any = ()) -> dict[str, str]:
+    """One tag per start of the run (a resume may run on other hardware): `from_step_N`, and for a later start
+    from the same step N (the one before was killed before its first checkpoint, so no lineage.json records
+    its hardware) `from_step_N.start_K`, K = 2, 3, ...; `existing`: the run's tags, none of them replaced."""
     from open360.checkpoint.lineage import describe_hardware
 
-    return {f"open360.hardware.from_step_{start_step}": describe_hardware(hardware)} if hardware else {}
+    if not hardware:
+        return {}
+    base = f"open360.hardware.from_step_{start_step}"
+    key, start = base, 1
+    while key in existing:
+        start += 1
+        key = f"{base}.start_{start}"
+    return {key: describe_hardware(hardware)}
 
 
 class TrackingError(RuntimeError):
@@ -181,6 +190,7 @@ class MlflowLogger(Callback):
         with self._start_lock:
             self._worker = BackgroundWorker(f"mlflow[{self.run_name}]")
             self._submit(self._log_config, info)
+            self._submit(self._tag_hardware, info)
             for step, record in self._early_records:
                 self._submit(self._log_checkpoint_record, step, record)
             self._early_records = []
@@ -485,10 +495,16 @@ class MlflowLogger(Callback):
         # a continued run adds the config it was resumed with beside it
         name = f"config/config_resume_step_{info.start_step}.yaml" if self._continued else CONFIG_ARTIFACT
         self._client.log_text(self.run_id, masked_yaml, name)
-        tags = {**_code_tags(), **_hardware_tag(info.start_step, info.extra.get("hardware"))}
+        tags = _code_tags()
         for stage, folder in sorted((info.extra.get("shard_dirs") or {}).items()):  # the stages open so far
             tags.update(_stage_tags(stage, folder))
         self._set_tags(tags)
+
+    def _tag_hardware(self, info: RunInfo) -> None:
+        """This start's hardware, beside the earlier starts'. A job of its own whose one write comes last: retried
+        after a lock, it cannot take a tag it wrote itself for an earlier start's."""
+        existing = self._client.get_run(self.run_id).data.tags
+        self._set_tags(_hardware_tag(info.start_step, info.extra.get("hardware"), existing))
 
     def _set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():

@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from open360.credentials import mask_value
-from open360.tracking.mlflow_logger import CHECKPOINT_TAG_PREFIX, checkpoint_tag, resolve_tracking_uri
+from open360.tracking.mlflow_logger import (
+    BRANCH_RUN_TAG,
+    CHECKPOINT_TAG_PREFIX,
+    checkpoint_tag,
+    resolve_tracking_uri,
+)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -58,6 +63,34 @@ def lineage_run_id(lineage: dict[str, Any]) -> str | None:
     """The MLflow run a checkpoint's lineage names (None for an untracked run)."""
     run_id = lineage.get("mlflow_run_id") or (lineage.get("callbacks") or {}).get("mlflow_run_id")
     return str(run_id) if run_id else None
+
+
+def current_run_id(mlflow: Any, run_id: str, step: int) -> str:
+    """The run that holds the current history of a checkpoint at `step` whose lineage names `run_id`: a branch
+    made from that run at `step` or later replaced the run's steps after the branch (`BRANCH_RUN_TAG`), so the
+    branch's run holds them, and so on through the branches made from it; `run_id` itself when no live branch
+    was made at or after `step`."""
+    seen = {run_id}
+    while True:
+        try:
+            branch = json.loads(mlflow.get_run(run_id).data.tags[BRANCH_RUN_TAG])
+            later, branch_id = int(branch["step"]) >= step, str(branch["run_id"])
+        except (KeyError, TypeError, ValueError):
+            return run_id
+        if not later or branch_id in seen or not _active(mlflow, branch_id):
+            return run_id
+        run_id = branch_id
+        seen.add(run_id)
+
+
+def _active(mlflow: Any, run_id: str) -> bool:
+    """The run exists and is not deleted (a deleted branch took no more writes: the run it replaced went on)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
 
 
 def find_run_id(mlflow: Any, run_name: str) -> str | None:

@@ -79,11 +79,13 @@ def _choose(entries: list[CheckpointEntry], steps: str, run: str) -> list[Checkp
 
 
 def _metrics_table(
-    workspace: Path, run: str, mlflow_uri: str | None, out: Path, recorded: str | None = None
+    workspace: Path, run: str, mlflow_uri: str | None, out: Path, recorded: str | None = None, step: int = 0
 ) -> str | None:
-    """Write metrics.parquet from the MLflow run `recorded` (the one the checkpoints' lineage names); only
-    a lineage that names none falls back to the latest run tagged with the run name (another workspace on a
-    shared server may have trained a run of the same name: its metrics are not this release's)."""
+    """Write metrics.parquet from the MLflow run `recorded` (the one the lineage of the checkpoint at `step`
+    names), or from the branch that since replaced that run's steps after `step` (`current_run_id`: a release
+    of the checkpoints before a branch gives the run's current metrics, as a full release does); only a lineage
+    that names none falls back to the latest run tagged with the run name (another workspace on a shared
+    server may have trained a run of the same name: its metrics are not this release's)."""
     from open360.tracking import mlflow_records as mr
 
     uri = mr.workspace_uri(workspace, mlflow_uri)
@@ -101,6 +103,7 @@ def _metrics_table(
                 if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 return None, {}  # not in this store: no metrics rather than another run's
+            rid = mr.current_run_id(c, rid, step)
         return rid, mr.latest_metrics(c, rid) if rid else {}
 
     try:
@@ -253,6 +256,22 @@ def _export_checkpoint(
     return file_hashes(folder), cfg
 
 
+def _trained_so_far(entry: CheckpointEntry, lineage: dict[str, Any]) -> dict[str, Any]:
+    """What a verified checkpoint records of its training: the loss of its last step (trainer_state.json), the
+    code revision that wrote it, and per data stage the steps trained and the sequence ids seen (its lineage)."""
+    from open360.checkpoint.io import TRAINER_STATE_FILE
+
+    code = lineage.get("code") or {}
+    revision = code.get("revision")
+    return {
+        "loss": json.loads((entry.path / TRAINER_STATE_FILE).read_text()).get("loss"),
+        "code_revision": revision and revision + ("-dirty" if code.get("dirty") else ""),
+        "data_seen": [
+            {k: d.get(k) for k in ("stage", "steps", "sequences_seen")} for d in data_history(lineage)
+        ],
+    }
+
+
 def _write_release(
     workspace: Path,
     run: str,
@@ -273,6 +292,7 @@ def _write_release(
                 "revision": name,
                 "step": entry.step,
                 "tokens_seen": lineage.get("tokens_seen"),
+                **_trained_so_far(entry, lineage),
                 "dvc_md5": entry.tracked.md5 if entry.tracked else None,
                 "source": f"checkpoints/{run}/step_{entry.step}",
                 "export_files": export_files,
@@ -283,7 +303,7 @@ def _write_release(
     published = publishable(configs[-1], workspace, roots)
     (out / "configs" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(published)))
     data = _copy_data(workspace, lineages, out)
-    run_id = _metrics_table(workspace, run, mlflow_uri, out, lineage_run_id(lineages[-1]))
+    run_id = _metrics_table(workspace, run, mlflow_uri, out, lineage_run_id(lineages[-1]), index[-1]["step"])
     (out / "checkpoints.json").write_text(json.dumps(index, indent=2) + "\n")
     open360_format = (out / index[-1]["revision"] / "modeling_open360.py").is_file()
     (out / "README.md").write_text(model_card(run, index, data, lineages[-1], run_id, cfg, open360_format))

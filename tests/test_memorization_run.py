@@ -233,29 +233,73 @@ def _copy_workspace(trained_run: tuple[Path, str], tmp_path: Path) -> Path:
 
 
 def _only_in_remote(root: Path, stash: Path, steps: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Move `steps` out of the workspace into a stand-in DVC remote; the job's pulls (recorded in the list
-    returned) copy them back."""
+    """Move `steps` out of the workspace into a stand-in DVC remote; the job's fetches copy the files they name
+    into a stand-in cache (never optimizer.pt); the steps whose weights were fetched are the list returned."""
     import shutil
+    from types import SimpleNamespace
 
-    import open360.tracking
     import open360.tracking.checkpoints as tracking_checkpoints
 
     for step in steps:
         shutil.move(root / "checkpoints" / RUN / f"step_{step}", stash / f"step_{step}")
     tracked = sorted({s for s, _ in list_checkpoints(root / "checkpoints" / RUN)} | set(steps))
     pulled: list[int] = []
+    cache = stash / "cache"
 
-    def fake_pull(workspace: Path, run: str, step: int) -> Path:
-        assert Path(workspace) == root and run == RUN
-        pulled.append(int(step))
-        dest = Path(workspace) / "checkpoints" / run / f"step_{step}"
-        shutil.copytree(stash / f"step_{step}", dest)
-        return dest
+    class Store:
+        def fetch(self, path: Path, names: list[str]) -> tuple[dict[str, Path], list[Path]]:
+            assert "optimizer.pt" not in names and path.parent == root / "checkpoints" / RUN
+            pulled.extend([int(path.name.removeprefix("step_"))] if "model.safetensors" in names else [])
+            where = {name: cache / path.name / name for name in names}
+            added = [file for file in where.values() if not file.is_file()]
+            for name, file in where.items():
+                file.parent.mkdir(parents=True, exist_ok=True)
+                if not file.is_file():
+                    shutil.copyfile(stash / path.name / name, file)
+            return where, added
 
-    monkeypatch.setattr(open360.tracking, "pull_checkpoint", fake_pull)
+    def recorded(workspace: Path, run: str, step: int) -> tuple[Store, Any]:
+        assert Path(workspace) == root and run == RUN and step in steps
+        tracked_dir = SimpleNamespace(md5=f"{step:012d}.dir")
+        return Store(), SimpleNamespace(step=step, path=root / "checkpoints" / RUN / f"step_{step}", tracked=tracked_dir)
+
+    monkeypatch.setattr(tracking_checkpoints, "recorded_checkpoint", recorded)
     listed = [(s, root / "checkpoints" / RUN / f"step_{s}") for s in tracked]  # what DVC lists
     monkeypatch.setattr(tracking_checkpoints, "known_checkpoints", lambda ws, run, who="": listed)
     return pulled
+
+
+def _nothing_fetched_left(root: Path, stash: Path) -> bool:
+    """No scoring copy of a fetched checkpoint and no cache file a fetch added is left."""
+    from open360.analysis.memorization.checkpoints import pulled_root
+
+    copies = list(pulled_root(root, RUN).glob("*"))
+    return not copies and not [f for f in (stash / "cache").rglob("*") if f.is_file()]
+
+
+def test_a_fetched_copy_is_one_of_the_recorded_checkpoint_not_of_a_step_a_branch_replaced(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scoring copy left by a job without release_local is reused only for the checkpoint DVC records now: a
+    branch that since replaced step 40 (another record md5) gets a copy of its own, not the old weights."""
+    import open360.tracking.checkpoints as tracking_checkpoints
+    from open360.analysis.memorization.checkpoints import ensure_checkpoint
+
+    root = _copy_workspace(trained_run, tmp_path)
+    pulled = _only_in_remote(root, tmp_path / "remote", (40,), monkeypatch)
+    job = parse_args(_job(root, "checkpoints=40"))
+    first, fetched = ensure_checkpoint(job, root, 40)
+    assert fetched and pulled == [40] and ensure_checkpoint(job, root, 40) == (first, None)  # reused as it is
+    recorded = tracking_checkpoints.recorded_checkpoint
+
+    def replaced(workspace: Path, run: str, step: int) -> Any:
+        store, entry = recorded(workspace, run, step)
+        entry.tracked.md5 = "b" * 12 + ".dir"
+        return store, entry
+
+    monkeypatch.setattr(tracking_checkpoints, "recorded_checkpoint", replaced)
+    second, _ = ensure_checkpoint(job, root, 40)
+    assert second != first and second.name == "step_40-bbbbbbbbbbbb" and pulled == [40, 40]
 
 
 def _with_mlflow_run(root: Path) -> tuple[Any, str]:
@@ -282,8 +326,8 @@ def test_missing_checkpoints_are_pulled_and_released(
         run_job(parse_args([*args, "pull=false"]))
     result = run_job(parse_args([*args, "release_local=true"]))
     assert result.complete and len(result.computed) == 6 and sorted(pulled) == [40, 80]
-    assert not (root / "checkpoints" / RUN / "step_40").exists()  # pulled, scored, released
-    assert not (root / "checkpoints" / RUN / "step_80").exists()
+    assert _nothing_fetched_left(root, tmp_path / "remote")  # fetched, scored, released
+    assert not (root / "checkpoints" / RUN / "step_40").exists()  # no partial folder there
     assert (root / "checkpoints" / RUN / "step_20").is_dir()  # was local: never deleted
 
 
@@ -299,8 +343,8 @@ def test_release_local_frees_what_a_failed_or_interrupted_job_pulled(
     pulled = _only_in_remote(root, tmp_path / "remote", (40, 80), monkeypatch)
     args = _job(root, "checkpoints=40,80", "sample=4", "report=false", "release_local=true")
     with pytest.raises(MemorizationJobError, match="out of range"):
-        run_job(parse_args([*args, "chunks=99"]))  # known only once step 40 (metadata) and the shards are open
-    assert pulled == [40] and not (root / "checkpoints" / RUN / "step_40").exists()
+        run_job(parse_args([*args, "chunks=99"]))  # known only once step 40's metadata and the shards are open
+    assert pulled == [] and _nothing_fetched_left(root, tmp_path / "remote")  # its metadata fetched and freed
     write_cell, writes = job_module.write_cell, []
 
     def interrupted_at_the_second_cell(path: Path, table: Any) -> None:
@@ -312,10 +356,10 @@ def test_release_local_frees_what_a_failed_or_interrupted_job_pulled(
     monkeypatch.setattr(job_module, "write_cell", interrupted_at_the_second_cell)
     with pytest.raises(KeyboardInterrupt):
         run_job(parse_args([*args, "chunks=0-1"]))
-    assert pulled == [40, 40] and not list((root / "checkpoints" / RUN).glob("step_[48]0"))
+    assert pulled == [40] and _nothing_fetched_left(root, tmp_path / "remote")
     monkeypatch.setattr(job_module, "write_cell", write_cell)
-    assert run_job(parse_args([*args, "chunks=0-1"])).complete  # pulls again what it needs
-    assert not list((root / "checkpoints" / RUN).glob("step_[48]0"))
+    assert run_job(parse_args([*args, "chunks=0-1"])).complete  # fetches again what it needs
+    assert pulled == [40, 40, 80] and _nothing_fetched_left(root, tmp_path / "remote")
 
 def _dvc_clone(root: Path, tmp_path: Path, steps: tuple[int, ...]) -> Path:
     """A git clone of a DVC workspace holding (and having pushed) checkpoints `steps`: none of them local."""
@@ -379,12 +423,18 @@ def test_a_release_waits_for_a_pull_beside_it_that_found_a_shared_file_cached(
     from dvc_data.hashfile import transfer as dvc_transfer
 
     from open360.analysis.memorization.checkpoints import ensure_checkpoint, release_checkpoint
+    from open360.tracking.dvc_versioning import DvcWorkspace
 
     root, _ = trained_run
     clone = _dvc_clone(root, tmp_path, (20, 40))
     job = parse_args([f"run={RUN}", f"workspace={clone}", "checkpoints=20,40"])
     path20, fetched20 = ensure_checkpoint(job, clone, 20)
-    assert fetched20
+    assert fetched20 and path20.parent == clone / "analysis" / RUN / "memorization" / ".pulled"
+    assert sorted(p.name for p in path20.iterdir()) == ["config.yaml", "lineage.json", "model.safetensors",
+                                                       "trainer_state.json"]  # no optimizer state fetched
+    optimizer_md5 = DvcWorkspace(clone).tracked(clone / "checkpoints" / RUN / "step_20").file_md5["optimizer.pt"]
+    assert not (clone / ".dvc" / "cache" / "files" / "md5" / optimizer_md5[:2] / optimizer_md5[2:]).exists()
+    assert not (clone / "checkpoints" / RUN / "step_20").exists()  # no partial checkpoint folder there
     real, releases = dvc_transfer.transfer, []
 
     def transfer_beside_a_release(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -397,9 +447,7 @@ def test_a_release_waits_for_a_pull_beside_it_that_found_a_shared_file_cached(
     monkeypatch.setattr(dvc_transfer, "transfer", transfer_beside_a_release)
     path40, _ = ensure_checkpoint(job, clone, 40)
     releases[0].join(60)
-    from open360.tracking.dvc_versioning import DvcWorkspace
-
-    assert set(fetched20) & set(DvcWorkspace(clone).cache_files(path40))  # a file of both (config.yaml)
+    assert set(fetched20) & set(DvcWorkspace(clone).cache_files(clone / "checkpoints" / RUN / "step_40"))  # config
     assert not path20.exists() and not any(f.exists() for f in fetched20)  # released once the pull was done
     assert (path40 / "config.yaml").read_text() == (root / "checkpoints" / RUN / "step_40" / "config.yaml").read_text()
 
@@ -869,7 +917,7 @@ def test_released_checkpoints_still_log_the_report_to_their_run(
     pulled = _only_in_remote(root, tmp_path / "remote", (20, 160), monkeypatch)
     result = run_job(parse_args(_job(root, "checkpoints=20,160", "chunks=0-1", "sample=4", "release_local=true")))
     assert result.report is not None and sorted(pulled) == [20, 160]
-    assert not (root / "checkpoints" / RUN / "step_20").exists() and not (root / "checkpoints" / RUN / "step_160").exists()
+    assert _nothing_fetched_left(root, tmp_path / "remote")
     key = f"memorization/{result.out_dir.name}-float32"
     (part,) = [a.path for a in client.list_artifacts(run_id, key) if "/part-" in a.path]  # 2 chunks of the run's
     assert f"{part}/report.md" in {a.path for a in client.list_artifacts(run_id, part)}

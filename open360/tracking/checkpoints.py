@@ -154,6 +154,23 @@ def pull_checkpoints(
 ) -> list[Path]:
     """Fetch the selected checkpoints through DVC (granular: only those folders) and return their paths;
     `force` replaces local files that differ from the record."""
+    store, chosen = _tracked_selection(workspace, run, which, remote)
+    store.pull([e.path for e in chosen], force=force)
+    return [e.path for e in chosen]
+
+
+def recorded_checkpoint(workspace: Path, run: str, step: int) -> tuple[DvcWorkspace, CheckpointEntry]:
+    """The DVC store of the workspace and checkpoint `step` of `run` as checkpoints.dvc records it (the store's
+    `fetch` brings some of its files into the cache: a reader of the weights alone does not transfer the
+    optimizer state, two thirds of a checkpoint)."""
+    store, (entry,) = _tracked_selection(workspace, run, str(step))
+    return store, entry
+
+
+def _tracked_selection(
+    workspace: Path, run: str, which: str, remote: str | None = None
+) -> tuple[DvcWorkspace, list[CheckpointEntry]]:
+    """The DVC store of the workspace and the checkpoints `which` selects, every one recorded in checkpoints.dvc."""
     workspace = Path(workspace).expanduser().resolve()
     if not is_dvc_workspace(workspace):
         raise VersioningError(f"{workspace}: not a DVC workspace with checkpoints.dvc; nothing to pull from")
@@ -165,8 +182,7 @@ def pull_checkpoints(
             f"run {run!r}: steps {untracked} exist on disk but are not in checkpoints.dvc; "
             f"version them first (python -m open360.tracking.cli push {run})"
         )
-    store.pull([e.path for e in chosen], force=force)
-    return [e.path for e in chosen]
+    return store, chosen
 
 
 def trainer_state(path: Path) -> dict:

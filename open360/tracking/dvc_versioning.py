@@ -415,11 +415,64 @@ class DvcWorkspace:
                 lambda repo: [self._pull_one(repo, rel, force) for rel in rels], "pulling", self.workspace / rels[0]
             )
 
+    def fetch(self, path: Path, names: Sequence[str]) -> tuple[dict[str, Path], list[Path]]:
+        """Bring the files `names` of the tracked folder `path` into the local DVC cache, checking out nothing
+        (the folder stays as it is: absent, or whole): (where the cache holds each, the cache files this call
+        added). A reader that needs some of a checkpoint's files (its weights, not its optimizer state)
+        fetches only those."""
+        from dvc.repo import lock_repo
+
+        rel = self.relpath(path)
+
+        def run(repo: Any) -> tuple[dict[str, Path], list[Path]]:
+            with lock_repo(repo):
+                recorded = self._tracked_dir(repo, rel).file_md5
+                unknown = [n for n in names if n not in recorded]
+                if unknown:
+                    raise VersioningError(f"{self.workspace / rel}: {unknown} not in its .dvc record")
+                wanted = {n: recorded[n] for n in names}
+                added = self._fetch_objects(repo, rel, wanted)
+                where = {n: Path(repo.cache.local.oid_to_path(md5)) for n, md5 in wanted.items()}
+                return where, sorted({where[n] for n, md5 in wanted.items() if md5 in added})
+
+        return self._retry_locked(run, "fetching", self.workspace / rel)
+
+    def _fetch_objects(self, repo: Any, rel: str, files: dict[str, str], force: bool = False) -> set[str]:
+        """Transfer the objects of `files` (name -> md5) of tracked folder `rel` the cache lacks from the remote
+        (verified) and return their md5s; VersioningError naming those the remote could not give. `force`:
+        re-hash the cached ones."""
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.transfer import transfer
+
+        cache = repo.cache.local
+        wanted = {HashInfo("md5", md5) for md5 in files.values()}
+        missing = {h for h in wanted if not cache.exists(h.value)}
+        if force:  # re-hash, not through DVC's state db (it keys on inode/mtime/size, which a damaged
+            # file may keep): a damaged workspace file goes, and so does its cache object when it was the
+            # same file (DVC hardlinks a checkpoint's files into the cache)
+            for h in wanted - missing:
+                obj = Path(cache.oid_to_path(h.value))
+                if file_md5(obj) != h.value:
+                    obj.unlink()
+                    missing.add(h)
+        if missing:
+            remote = repo.cloud.get_remote_odb(self.remote, "pull")
+            transfer(remote, cache, missing, verify=True)
+            # a file absent from the remote, or one that fails verification there, is not transferred
+            # (and not always counted as failed): what matters is what the cache holds now
+            absent = sorted(n for n, md5 in files.items() if not cache.exists(md5))
+            if absent:
+                raise VersioningError(
+                    f"pulling {self.workspace / rel}: {absent} could not be fetched (absent or damaged) "
+                    f"from {_remote_description(repo, self.remote)}; nothing was checked out. Were they "
+                    f"pushed? (`dvc push {rel}` in the workspace that trained)"
+                )
+        return {h.value for h in missing}
+
     def _pull_one(self, repo: Any, rel: str, force: bool = False) -> None:
         from dvc.repo import lock_repo
         from dvc_data.hashfile.checkout import PromptError, checkout
         from dvc_data.hashfile.hash_info import HashInfo
-        from dvc_data.hashfile.transfer import transfer
         from dvc_data.hashfile.tree import Tree
 
         with lock_repo(repo):
@@ -436,28 +489,7 @@ class DvcWorkspace:
                     "pull again"
                 )
             cache = repo.cache.local
-            wanted = {HashInfo("md5", md5) for md5 in tracked.file_md5.values()}
-            missing = {h for h in wanted if not cache.exists(h.value)}
-            if force:  # re-hash, not through DVC's state db (it keys on inode/mtime/size, which a damaged
-                # file may keep): a damaged workspace file goes, and so does its cache object when it was the
-                # same file (DVC hardlinks a checkpoint's files into the cache)
-                for h in wanted - missing:
-                    obj = Path(cache.oid_to_path(h.value))
-                    if file_md5(obj) != h.value:
-                        obj.unlink()
-                        missing.add(h)
-            if missing:
-                remote = repo.cloud.get_remote_odb(self.remote, "pull")
-                transfer(remote, cache, missing, verify=True)
-                # a file absent from the remote, or one that fails verification there, is not transferred
-                # (and not always counted as failed): what matters is what the cache holds now
-                absent = sorted(n for n, md5 in tracked.file_md5.items() if not cache.exists(md5))
-                if absent:
-                    raise VersioningError(
-                        f"pulling {self.workspace / rel}: {absent} could not be fetched (absent or damaged) "
-                        f"from {_remote_description(repo, self.remote)}; nothing was checked out. Were they "
-                        f"pushed? (`dvc push {rel}` in the workspace that trained)"
-                    )
+            self._fetch_objects(repo, rel, tracked.file_md5, force)
             if force:  # every file is in the cache now: drop the damaged local copies the state db may vouch for
                 for name, md5 in tracked.file_md5.items():
                     local = self.workspace / rel / name

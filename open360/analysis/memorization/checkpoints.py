@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,10 +86,20 @@ def pull_lock(workspace: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) -> tuple[Path, list[Path] | None]:
-    """Local path of checkpoint `step`, pulling it through DVC when absent: (path, None) when it was local,
-    else (path, the DVC cache files this pull added: `release_checkpoint` deletes them with the folder)."""
-    from open360.checkpoint.io import MODEL_FILE, step_dir_name
+def ensure_checkpoint(
+    job: MemorizationJobConfig, workspace: Path, step: int, weights: bool = True
+) -> tuple[Path, list[Path] | None]:
+    """A folder holding what scoring checkpoint `step` reads (its weights, config, lineage and trainer state;
+    without `weights` all but the weights: its metadata), fetching them through DVC when the checkpoint is not
+    local: (folder, None) when nothing was fetched, else (folder, the DVC cache files this call added:
+    `release_checkpoint` deletes them with the folder).
+
+    A local checkpoint is its own folder. A fetched one is a scoring copy, `<workspace>/analysis/<run>/
+    memorization/.pulled/step_N-<its DVC md5>/`, of links to the cache files: the optimizer state (two thirds of a
+    checkpoint) is never transferred, and the run's checkpoints/ holds no partial folder that a resume or a
+    listing would take for a checkpoint. Named by the record's md5, a copy of a step a branch since replaced
+    is not taken for the new one."""
+    from open360.checkpoint.io import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, TRAINER_STATE_FILE, step_dir_name
 
     path = run_checkpoint_dir(workspace, job.run) / step_dir_name(step)
     if (path / MODEL_FILE).is_file():
@@ -97,31 +108,38 @@ def ensure_checkpoint(job: MemorizationJobConfig, workspace: Path, step: int) ->
         raise MemorizationJobError(
             f"{path}: checkpoint not present locally and pull=false; pull it or set pull=true"
         )
-    try:
-        from open360.tracking import pull_checkpoint
-    except ImportError as err:
-        raise MemorizationJobError(
-            f"{path}: checkpoint not present locally and open360.tracking.pull_checkpoint "
-            f"is unavailable ({err})"
-        ) from err
+    from open360.tracking.checkpoints import recorded_checkpoint
+
+    names = [CONFIG_FILE, LINEAGE_FILE, TRAINER_STATE_FILE, *([MODEL_FILE] if weights else [])]
     with pull_lock(workspace):
         if (path / MODEL_FILE).is_file():
             return path, None
-        files = _cache_files(workspace, path)  # content-addressed: the same paths before and after the pull
-        cached = {f for f in files if f.is_file()}  # not ours to delete
-        pulled = Path(pull_checkpoint(workspace, job.run, step))
-        fetched = [f for f in files if f not in cached and f.is_file()]
-    if not (pulled / MODEL_FILE).is_file():
-        raise MemorizationJobError(f"{pulled}: DVC pull finished but {MODEL_FILE} is missing")
-    return pulled, fetched
+        store, entry = recorded_checkpoint(workspace, job.run, step)
+        assert entry.tracked is not None
+        view = pulled_root(workspace, job.run) / f"{step_dir_name(step)}-{entry.tracked.md5[:12]}"
+        if all((view / name).is_file() for name in names):  # made by another rank or an earlier job
+            return view, None
+        cached, fetched = store.fetch(path, names)
+        view.mkdir(parents=True, exist_ok=True)
+        for name, source in cached.items():
+            _link(source, view / name)
+    return view, fetched
 
 
-def _cache_files(workspace: Path, path: Path) -> list[Path]:
-    """The DVC cache files of checkpoint folder `path` (none outside a DVC workspace)."""
-    from open360.tracking.checkpoints import is_dvc_workspace
-    from open360.tracking.dvc_versioning import DvcWorkspace
+def pulled_root(workspace: Path, run: str) -> Path:
+    """Where a job keeps the scoring copies of the checkpoints it fetched through DVC."""
+    return Path(workspace) / "analysis" / run / "memorization" / ".pulled"
 
-    return DvcWorkspace(workspace).cache_files(path) if is_dvc_workspace(workspace) else []
+
+def _link(source: Path, target: Path) -> None:
+    """`target` holds the cache file `source`: a hard link, a copy where the cache is on another filesystem
+    (not a symbolic link: a release of another step that fetched the same file, a config.yaml, deletes it)."""
+    if target.is_file():
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def release_checkpoint(workspace: Path, path: Path, fetched: list[Path]) -> None:

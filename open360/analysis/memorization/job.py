@@ -223,21 +223,25 @@ def _run_cells(job: MemorizationJobConfig, rank: int, world: int, device: str) -
                 "set pull=true to fetch them through DVC, or choose other checkpoints="
             )
 
-    pulled_here: dict[int, list[Path]] = {}  # step -> the cache files its pull added
+    pulled_here: dict[int, tuple[Path, list[Path]]] = {}  # step -> (its scoring copy, the cache files fetched)
     try:
         return _score_matrix(job, rank, world, device, workspace, out_dir, steps, known_steps, pulled_here)
     except BaseException:  # an error, Ctrl-C: a rerun would take what this job pulled for local, and keep it
         if job.release_local:
-            _release_pulled(job, workspace, pulled_here)
+            _release_pulled(workspace, pulled_here)
         raise
 
 
-def _release_pulled(job: MemorizationJobConfig, workspace: Path, pulled: dict[int, list[Path]]) -> None:
-    """Delete the checkpoints `pulled` (step -> the cache files its pull added) of the job's run."""
-    from open360.checkpoint.io import step_dir_name
-
+def _release_pulled(workspace: Path, pulled: dict[int, tuple[Path, list[Path]]]) -> None:
+    """Delete the checkpoints `pulled` (step -> (its scoring copy, the cache files fetched for it))."""
     for step in sorted(pulled):
-        release_checkpoint(workspace, run_checkpoint_dir(workspace, job.run) / step_dir_name(step), pulled[step])
+        release_checkpoint(workspace, *pulled[step])
+
+
+def _note_pulled(pulled: dict[int, tuple[Path, list[Path]]], step: int, path: Path, fetched: list[Path] | None) -> None:
+    """Record what `ensure_checkpoint` fetched for `step` (its metadata, later its weights: one copy)."""
+    if fetched is not None:
+        pulled[step] = (path, sorted({*pulled.get(step, (path, []))[1], *fetched}))
 
 
 def _score_matrix(
@@ -249,7 +253,7 @@ def _score_matrix(
     out_dir: Path,
     steps: list[int],
     known_steps: list[int],
-    pulled_here: dict[int, list[Path]],
+    pulled_here: dict[int, tuple[Path, list[Path]]],
 ) -> JobResult:
     """Score this rank's pending cells of `steps` x the job's chunks; the checkpoints it pulls go into
     `pulled_here` as they are pulled."""
@@ -260,9 +264,8 @@ def _score_matrix(
     from open360.checkpoint.io import MODEL_FILE
 
     # The data view comes from the first checkpoint's config and lineage (all of a run share them).
-    first_path, first_fetched = ensure_checkpoint(job, workspace, steps[0])
-    if first_fetched is not None:
-        pulled_here[steps[0]] = first_fetched
+    first_path, first_fetched = ensure_checkpoint(job, workspace, steps[0], weights=False)
+    _note_pulled(pulled_here, steps[0], first_path, first_fetched)
     from open360.checkpoint.io import read_config
 
     lineage = read_lineage(first_path)
@@ -330,8 +333,7 @@ def _score_matrix(
     try:
         for step, step_chunks in by_step.items():
             path, fetched = ensure_checkpoint(job, workspace, step)
-            if fetched is not None:
-                pulled_here[step] = fetched
+            _note_pulled(pulled_here, step, path, fetched)
             scoring = _scorer_for(job, path, device, scoring)
             scorer = scoring[0]
             lineage = read_lineage(path)
@@ -370,7 +372,7 @@ def _score_matrix(
                 computed.append((step, chunk))
                 bar.update(1)
             if job.release_local and step in pulled_here and step not in shared_steps:
-                release_checkpoint(workspace, path, pulled_here[step])
+                release_checkpoint(workspace, *pulled_here.pop(step))
     finally:
         bar.close()
         if scoring is not None:
@@ -379,7 +381,7 @@ def _score_matrix(
     if world > 1:
         torch.distributed.barrier()
     if job.release_local:  # the rest this rank pulled (split across ranks, or pulled for metadata only)
-        _release_pulled(job, workspace, pulled_here)
+        _release_pulled(workspace, pulled_here)
     # Cells left damaged or stale (max_cells, another rank's failure) are neither complete nor merged.
     valid = set(done) | set(computed)
     if world > 1:

@@ -373,8 +373,10 @@ def test_a_non_utf8_lineage_or_a_foreign_pickle_is_a_checkpoint_error_naming_the
 def test_config_hash_is_the_same_on_every_machine() -> None:
     from open360.checkpoint.lineage import config_hash
 
-    base = {"workspace": "/home/alice/open360", "data": {"shards_dir": "shards", "seed": 1}, "trainer": {"resume": "none"}}
-    moved = {"workspace": "/scratch/bob/ws", "data": {"shards_dir": "/fast/shards", "seed": 1}, "trainer": {"resume": "auto"}}
+    base = {"workspace": "/home/alice/open360", "data": {"shards_dir": "shards", "seed": 1},
+            "trainer": {"resume": "none", "init_from": "/home/alice/open360/checkpoints/base/step_4"}}
+    moved = {"workspace": "/scratch/bob/ws", "data": {"shards_dir": "/fast/shards", "seed": 1},
+             "trainer": {"resume": "auto", "init_from": None}}  # a resume of the warm-started run may leave it out
     assert config_hash(base) == config_hash(moved)
     assert config_hash(base) != config_hash({**base, "data": {"shards_dir": "shards", "seed": 2}})
 

@@ -15,7 +15,11 @@ from open360.paths import REPO_ROOT
 
 # Keys that may differ between an original run and its resumption, or between machines (where the workspace
 # and its shards live), without changing what is trained.
-_CONFIG_HASH_EXCLUDED = (("trainer", "resume"), ("trainer", "progress_bar"), ("workspace",), ("data", "shards_dir"))
+# trainer.init_from is a path of this machine, and a resume may leave it out: the lineage's `init_from` record
+# (the base checkpoint's run, step and weights sha256) says what the run started from
+_CONFIG_HASH_EXCLUDED = (
+    ("trainer", "resume"), ("trainer", "progress_bar"), ("trainer", "init_from"), ("workspace",), ("data", "shards_dir")
+)
 
 
 def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:

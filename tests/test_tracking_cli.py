@@ -539,3 +539,19 @@ def test_model_card_names_folder_readmes_and_remote_code_only_for_the_open360_fo
     assert ("README" in card.split("## Data")[0]) is open360_format
     assert ("trust_remote_code=True" in card) is open360_format
     assert 'from_pretrained("<repo>", revision="ckpt_000"' in card
+
+
+def test_release_data_of_a_base_whose_shards_are_elsewhere_is_named_not_an_empty_folder(tmp_path: Path) -> None:
+    """A warm start whose base trained on shards this workspace lacks: its data row names the recorded folder
+    and says it is not here; no empty data/<name>/ is written beside the run's own copied manifest."""
+    from open360.tracking.release import _copy_data
+
+    own = tmp_path / "ws" / "shards" / "own-abc"
+    own.mkdir(parents=True)
+    (own / "manifest.json").write_text("{}")
+    lineage = {"data_history": [{"stage": "main", "shard_dir": "shards/own-abc"}],
+               "init_from": {"data_history": [{"stage": "main", "shard_dir": "shards/base-def"}]}}
+    rows = _copy_data(tmp_path / "ws", [lineage], tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out" / "data").iterdir()] == ["own-abc"]
+    assert [(r["stage"], r["folder"], r["manifest_copied"]) for r in rows] == [
+        ("main (base)", "shards/base-def (not in the exporting workspace)", False), ("main", "data/own-abc", True)]

@@ -138,15 +138,15 @@ def _copy_data(workspace: Path, lineages: list[dict[str, Any]], out: Path) -> li
                 continue
             src = workspace / shard_dir
             dst = out / "data" / Path(shard_dir).name
-            if not dst.is_dir():
+            present = [name for name in ("manifest.json", "tokenizer.json") if (src / name).is_file()]
+            if present and not dst.is_dir():
                 dst.mkdir(parents=True)
-                for name in ("manifest.json", "tokenizer.json"):
-                    if (src / name).is_file():
-                        shutil.copy2(src / name, dst / name)
-            rows[(shard_dir, inherited)] = {
+                for name in present:
+                    shutil.copy2(src / name, dst / name)
+            rows[(shard_dir, inherited)] = {  # shards not in this workspace (a warm start's base): no empty folder
                 **{k: data.get(k) for k in ("recipe", "manifest_hash", "tokenizer_hash")},
                 "stage": f"{data.get('stage')} (base)" if inherited else data.get("stage"),
-                "folder": f"data/{dst.name}",
+                "folder": f"data/{dst.name}" if dst.is_dir() else f"{shard_dir} (not in the exporting workspace)",
                 "manifest_copied": (dst / "manifest.json").is_file(),
             }
     return list(rows.values())

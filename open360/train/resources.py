@@ -16,7 +16,7 @@ BYTES_PER_PARAM_TRAINING = 16
 # DDP (gradient_as_bucket_view off) also holds its all-reduce buckets: one more fp32 copy of the gradients.
 DDP_BUCKET_BYTES = 4
 # A checkpoint on disk holds at least fp32 weights (model.safetensors, 4) and AdamW's two fp32 moments
-# (optimizer.pt, 8); megatron's adds its bf16 weights.
+# (optimizer.pt, 8): a lower bound for every backend.
 CHECKPOINT_BYTES_PER_PARAM = 12
 GIB = 1024**3
 
@@ -154,7 +154,8 @@ def check_disk_space(cfg: DictConfig) -> None:
     from open360.train.schedules import build_stages
 
     cadence = CadencePolicy.from_config(cfg.checkpoint)
-    if cadence.ephemeral_every <= 0 and not cadence.published_steps(0, build_stages(cfg)[-1].end):
+    saves = cadence.ephemeral_every > 0 or cadence.save_final
+    if not saves and not cadence.published_steps(0, build_stages(cfg)[-1].end):
         return  # a run that saves nothing
     where, free = free_bytes(Path(str(cfg.workspace)))
     one = checkpoint_bytes(cfg)

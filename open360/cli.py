@@ -41,15 +41,23 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2 or args[0] in ("-h", "--help"):
+    if args[:1] in (["-h"], ["--help"]):
         print(usage())
-        return 0 if args[:1] in (["-h"], ["--help"]) else 2
-    name = f"{args[0]} {args[1]}"
-    group = [c for c in COMMANDS if c.split()[0] == args[0]]
-    if args[1] in ("-h", "--help") and group:  # `open360 <group> --help`: that group's verbs
-        print("\n".join(line for line in usage().splitlines() if not line.startswith("  open360 ")
-                        or line.split()[1] == args[0]))
         return 0
+    groups = sorted({c.split()[0] for c in COMMANDS})
+    if not args or args[0] not in groups:
+        what = f"unknown command group '{args[0]}' (groups: {', '.join(groups)})" if args else "no command given"
+        print(f"open360: {what}\n\n{usage()}", file=sys.stderr)
+        return 2
+    if len(args) < 2 or args[1] in ("-h", "--help"):  # `open360 <group> [--help]`: that group's verbs
+        text = "\n".join(line for line in usage().splitlines() if not line.startswith("  open360 ")
+                         or line.split()[1] == args[0])
+        if len(args) < 2:
+            print(f"open360 {args[0]}: no verb given\n\n{text}", file=sys.stderr)
+            return 2
+        print(text)
+        return 0
+    name = f"{args[0]} {args[1]}"
     if name not in COMMANDS:
         print(f"open360: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2

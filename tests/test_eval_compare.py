@@ -93,6 +93,13 @@ def test_devices_out_of_range_is_named(sweep, capsys):
     assert "devices=-1: must be >= 1" in capsys.readouterr().err and not (sweep / "neg").exists()
 
 
+def test_a_run_named_twice_is_refused_before_any_store_is_read(tmp_path, capsys):
+    from open360.analysis.compare import main
+
+    assert main(["runs=[a,b,a]", f"workspace={tmp_path}", f"out_dir={tmp_path / 'out'}"]) == 2
+    assert "['a'] named more than once" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_a_wrong_workspace_or_run_name_is_named_and_creates_nothing(sweep, tmp_path, capsys):
     from open360.analysis.compare import main, run_config
 

@@ -18,6 +18,7 @@ from open360.analysis.evaluate import (
     evaluate_run,
     export_for_lm_eval,
     lm_eval_tasks,
+    main,
     select_checkpoints,
     sequence_nll,
 )
@@ -214,6 +215,26 @@ def test_checkpoints_a_resume_branch_superseded_leave_the_table(tiny_run, tmp_pa
     assert main([*args, "checkpoints=[10]"]) == 0
     assert "no longer has checkpoints [40]" in capsys.readouterr().err
     assert set(pd.read_parquet(ws / "analysis" / RUN / "eval.parquet").step) == {10, 30}
+
+
+def test_rows_of_a_step_a_branch_replaced_leave_the_table_also_when_it_is_not_selected(tiny_run, tmp_path, capsys):
+    """A branch that re-trained step 40 leaves rows of the old weights in the table: an evaluation of other
+    steps drops them (it does not evaluate step 40), so no curve or MLflow run shows the old branch's values."""
+    import shutil
+
+    from open360.analysis.evaluate import main
+
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny_run / "checkpoints" / RUN, ws / "checkpoints" / RUN)
+    args = [f"run={RUN}", f"workspace={ws}", "tasks=[]", "mlflow=false", "val_sequences=4"]
+    assert main([*args, "checkpoints=[30,40]"]) == 0
+    table = ws / "analysis" / RUN / "eval.parquet"
+    rows = pd.read_parquet(table)
+    rows.loc[rows.step == 40, "model_sha256"] = "0" * 64  # computed from weights the old branch's step 40 held
+    rows.to_parquet(table, index=False)
+    assert main([*args, "checkpoints=[10]"]) == 0
+    assert "steps [40] hold other weights than their rows were computed from" in capsys.readouterr().err
+    assert set(pd.read_parquet(table).step) == {10, 30}
 
 
 def test_the_held_out_split_is_the_one_the_run_trained_with(tmp_path, capsys):
@@ -590,3 +611,11 @@ def test_every_analysis_writes_and_names_one_folder_with_home_expanded(tmp_path)
 
     assert analysis_dir("~/ws", None, "r") == Path.home().resolve() / "ws" / "analysis" / "r"
     assert analysis_dir("~/ws", str(tmp_path / "o"), "r") == tmp_path / "o"
+
+
+def test_a_value_that_does_not_parse_is_a_usage_error_naming_it(capsys):
+    with pytest.raises(UsageError, match=r"checkpoints=\[1,2: the value does not parse"):
+        parse_overrides(EvaluateConfig, ["run=x", "checkpoints=[1,2"], "prog")
+    with pytest.raises(SystemExit) as exit_:
+        main(["run=x", "checkpoints=[1,2"])
+    assert exit_.value.code == 2 and "checkpoints=[1,2" in capsys.readouterr().err

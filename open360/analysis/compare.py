@@ -319,6 +319,9 @@ def compare_runs(cfg: CompareConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the runs from MLflow, write compare.parquet, compare.png and compare.md; (curves, summaries)."""
     if not cfg.runs:
         raise ValueError("runs=[...]: name at least one MLflow run")
+    twice = sorted({run for run in cfg.runs if cfg.runs.count(run) > 1})
+    if twice:  # its curve drawn twice, its row twice in the table and the power-law fit
+        raise ValueError(f"runs={list(cfg.runs)}: {twice} named more than once")
     for key in ("devices", "smooth"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}={getattr(cfg, key)}: must be >= 1")

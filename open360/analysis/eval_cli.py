@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,8 +32,15 @@ def parse_overrides(schema: type[T], argv: Sequence[str], prog: str) -> T:
     bad = [a for a in argv if "=" not in a or a.startswith("-")]
     if bad:
         raise UsageError(f"{prog}: expected key=value arguments, got {bad}; valid keys: {sorted(base.keys())}")
+    overrides = []
+    for arg in argv:  # one at a time, so that a value YAML cannot read (`checkpoints=[1,2`) is named
+        try:
+            overrides.append(OmegaConf.from_dotlist([arg.lstrip("+")]))
+        except yaml.YAMLError as err:
+            raise UsageError(f"{prog}: {arg}: the value does not parse ({' '.join(str(err).split())}); "
+                             "lists are written [a,b]") from err
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist([a.lstrip("+") for a in argv]))
+        merged = OmegaConf.merge(base, *overrides)
         missing = sorted(k for k in merged if OmegaConf.is_missing(merged, k))
         if missing:
             raise UsageError(f"{prog}: required key(s) {missing} not given (e.g. {missing[0]}=<value>)")

@@ -544,8 +544,8 @@ def previous_results(parquet: Path, cfg: EvaluateConfig, selected: list[int],
     )
     if replaced:
         print(f"open360.evaluate: {parquet}: the checkpoints of steps {replaced} hold other weights than "
-              "their rows were computed from (a resumed branch replaced them); evaluating them again",
-              file=sys.stderr)
+              "their rows were computed from (a resumed branch replaced them); their rows are dropped and the "
+              "selected ones evaluated again", file=sys.stderr)
     gone = sorted({int(step) for step in previous["step"]} - steps) if steps is not None else []
     lost = [step for step in gone if superseded is not None and not superseded(step)]
     if lost:  # removed by hand, not moved by a branch: the rows are the only record left; keep them
@@ -573,6 +573,17 @@ def write_table(previous: pd.DataFrame, rows: list[dict], parquet: Path, cfg: Ev
     with replaced_atomically(settings_file(parquet)) as tmp:
         tmp.write_text(json.dumps(eval_settings(cfg), indent=1, sort_keys=True) + "\n")
     return df
+
+
+def recorded_weights(ckpt: Path) -> str | None:
+    """The sha256 of the weights a checkpoint's lineage records; None when its lineage is unreadable (a
+    checkpoint not selected must not stop the evaluation: its rows are then kept as they are)."""
+    from open360.checkpoint.io import MODEL_FILE, CheckpointError, read_lineage
+
+    try:
+        return (read_lineage(ckpt).get("files") or {}).get(MODEL_FILE)
+    except CheckpointError:
+        return None
 
 
 def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
@@ -614,6 +625,9 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     parquet = out_dir / EVAL_PARQUET
     lineages = {step: read_lineage(ckpt) for step, ckpt in selected if step not in absent}
     weights = {step: (lin.get("files") or {}).get(MODEL_FILE) for step, lin in lineages.items()}
+    # the steps not selected too: a branch that replaced one leaves rows of the old weights in the table
+    weights |= {step: recorded_weights(ckpt) for step, ckpt in available
+                if step not in weights and (ckpt / "lineage.json").is_file()}
     aside = functools.cache(lambda: superseded_steps(workspace, cfg.run))  # read once, only if a step is gone
     previous = previous_results(parquet, cfg, [step for step, _ in selected], weights, {step for step, _ in available},
                                 lambda step: step in aside())

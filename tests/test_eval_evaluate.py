@@ -410,6 +410,31 @@ def test_mlflow_gets_the_steps_a_failed_sweep_never_logged(tmp_path):
     assert hist == [(10, 4.0), (20, 3.0), (30, 2.0)]
 
 
+def test_eval_metrics_of_steps_before_a_branch_go_to_the_branch_that_holds_the_runs_history(tmp_path):
+    """Checkpoints at or before a branch's step name the replaced run in their lineage; that run's history after
+    the step is not current, the branch's run is (it inherited the steps before): the eval metrics go there."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from open360.analysis.evaluate import COLUMNS, log_to_mlflow
+    from open360.tracking.mlflow_logger import BRANCH_RUN_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    full_cfg = OmegaConf.create({"tracking": {"mlflow_uri": uri, "experiment": "e"}})
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("e")
+    replaced, branch = (client.create_run(experiment, run_name="r").info.run_id for _ in range(2))
+    client.set_tag(replaced, BRANCH_RUN_TAG, json.dumps({"run_id": branch, "step": 20}))
+    df = pd.DataFrame([dict(zip(COLUMNS, ["r", s, s, "val", "code", "loss", 1.0, None], strict=True)) for s in (10, 20)])
+    assert log_to_mlflow(df, full_cfg, tmp_path, replaced, {"s": 1}) == branch
+    assert [m.step for m in client.get_metric_history(branch, "eval/val/code/loss")] == [10, 20]
+    assert client.get_metric_history(replaced, "eval/val/code/loss") == []
+    later = pd.DataFrame([dict(zip(COLUMNS, ["r", 30, 30, "val", "code", "loss", 1.0, None], strict=True))])
+    assert log_to_mlflow(later, full_cfg, tmp_path, replaced, {"s": 1}) == replaced  # after the branch step: its own
+
+
 def test_an_edited_task_file_is_another_evaluation(tmp_path):
     """Task definitions and items are part of the settings (other files beside them are not); a table
     written before they were recorded counts as made with the files as they are now."""

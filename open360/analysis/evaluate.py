@@ -320,7 +320,8 @@ EVAL_SETTINGS_TAG = "open360.eval_settings"
 
 def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_id: str | None,
                   settings: dict[str, Any] | None = None) -> str | None:
-    """Log `eval/<kind>/<name>/<metric>` at each step into the training run (or a new `<run>` run).
+    """Log `eval/<kind>/<name>/<metric>` at each step into the training run (the branch that replaced its steps
+    after the table's last one, if any; else a new `<run>` run).
 
     The run records the evaluation `settings` as a tag; a run whose eval/* metrics came from other
     settings is left as it is (one metric key, one evaluation), with a warning: eval.parquet has the rows."""
@@ -331,6 +332,7 @@ def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_i
     from mlflow.tracking import MlflowClient
 
     from open360.tracking.mlflow_logger import resolve_tracking_uri
+    from open360.tracking.mlflow_records import current_run_id
 
     tracking = full_cfg.get("tracking") or {}
     uri = resolve_tracking_uri(str(tracking.get("mlflow_uri", "sqlite:///mlflow.db")), workspace)
@@ -341,6 +343,8 @@ def log_to_mlflow(df: pd.DataFrame, full_cfg: DictConfig, workspace: Path, run_i
             client.get_run(run_id)
         except MlflowException:
             run_id = None
+        else:  # a branch from a later step replaced the run's history after it: the branch's run holds it now
+            run_id = current_run_id(client, run_id, int(df["step"].max()))
     if run_id is None:
         exp_name = str(tracking.get("experiment", "open360"))
         exp = client.get_experiment_by_name(exp_name)

@@ -273,7 +273,7 @@ def _nothing_fetched_left(root: Path, stash: Path) -> bool:
     """No scoring copy of a fetched checkpoint and no cache file a fetch added is left."""
     from open360.analysis.memorization.checkpoints import pulled_root
 
-    copies = list(pulled_root(root, RUN).glob("*"))
+    copies = list(pulled_root(root, RUN).glob("step_*"))
     return not copies and not [f for f in (stash / "cache").rglob("*") if f.is_file()]
 
 

@@ -381,3 +381,79 @@ def test_tracked_children_reads_the_tree_once_for_all_children(tmp_path: Path) -
     assert reads == ["checkpoints/r"]
     assert children == {name: store._tracked_dir(None, f"checkpoints/r/{name}") for name in ("step_1", "step_10", "step_2")}
     assert children["step_2"].file_md5["hf/config.json"] == f"{2:04x}{2:028x}" and children["step_2"].nfiles == 3
+
+
+def _scoring_job(fresh: Path) -> object:
+    from open360.analysis.memorization import parse_args
+
+    return parse_args(["run=r", f"workspace={fresh}", "checkpoints=1,2"])
+
+
+def _cache_objects(fresh: Path) -> set[Path]:
+    return {p for p in (fresh / ".dvc" / "cache").rglob("*") if p.is_file() and not p.name.endswith(".dir")}
+
+
+def test_a_fetch_the_remote_cannot_complete_leaves_the_cache_as_it_was(ws: Path, tmp_path: Path) -> None:
+    """The remote lacks step 2's trainer_state.json (a push cut short): the memorization fetch is refused naming
+    it, and the weights it had transferred do not stay in the cache (its caller, told nothing of them, could not
+    free them with release_local; a later fetch would take them for files cached before the job)."""
+    from open360.analysis.memorization.checkpoints import ensure_checkpoint, pulled_root
+
+    store = DvcWorkspace(ws)
+    paths = [write_checkpoint(ws, "r", s) for s in (1, 2)]
+    for path in paths:
+        store.add(path)
+    store.push(paths)
+    commit(ws)
+    md5 = store.tracked(paths[1]).file_md5["trainer_state.json"]
+    (ws / ".dvc-storage" / "files" / "md5" / md5[:2] / md5[2:]).unlink()
+    fresh = clone(ws, tmp_path / "clone")
+    shutil.rmtree(pull_checkpoint(fresh, "r", 1))  # step 1's files stay cached: not the fetch's to delete
+    before = _cache_objects(fresh)
+    with pytest.raises(VersioningError, match=r"\['trainer_state.json'\] could not be fetched"):
+        ensure_checkpoint(_scoring_job(fresh), fresh, 2)
+    assert _cache_objects(fresh) == before
+    assert not list(pulled_root(fresh, "r").glob("step_*"))
+
+
+def test_a_scoring_copy_is_ignored_by_git_and_a_failed_copy_leaves_nothing(
+    ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scoring copies live under analysis/<run>/, beside reports that are committed: git ignores them. Where
+    the cache is on another filesystem they are copies; a disk that fills during one leaves no partial weights
+    file (a later job would take the copy for whole) and none of the cache files the fetch added."""
+    import open360.analysis.memorization.checkpoints as checkpoints
+
+    store = DvcWorkspace(ws)
+    paths = [write_checkpoint(ws, "r", s) for s in (1, 2)]
+    for path in paths:
+        store.add(path)
+    store.push(paths)
+    commit(ws)
+    fresh = clone(ws, tmp_path / "clone")
+    view, fetched = checkpoints.ensure_checkpoint(_scoring_job(fresh), fresh, 1)
+    assert fetched and (view / "model.safetensors").is_file()
+    status = subprocess.run(["git", "-C", str(fresh), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "analysis" not in status, status
+    before = _cache_objects(fresh)
+
+    link, copyfile, copies = os.link, shutil.copyfile, checkpoints.pulled_root(fresh, "r")
+
+    def cross_device(source: Path, target: Path) -> None:  # into the scoring copy (not DVC's own links)
+        if not Path(target).is_relative_to(copies):
+            return link(source, target)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def full_disk(source: Path, target: Path) -> None:
+        if not Path(target).is_relative_to(copies) or Path(source).stat().st_size < 1000:
+            return copyfile(source, target)
+        Path(target).write_bytes(Path(source).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.os, "link", cross_device)
+    monkeypatch.setattr(checkpoints.shutil, "copyfile", full_disk)
+    with pytest.raises(OSError, match="could not be written"):
+        checkpoints.ensure_checkpoint(_scoring_job(fresh), fresh, 2)
+    assert _cache_objects(fresh) == before
+    assert not list(checkpoints.pulled_root(fresh, "r").glob("step_2-*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ OVERRIDES = (
     "checkpoint.policy=every_n",
     "checkpoint.every=4",
 )
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+DDP_EVERY_2 = ("checkpoint.every=2", "trainer.distributed=ddp")  # published steps 2 and 4
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def _run(launcher: list[str], ws: Path, shards_root: Path, *extra: str) -> dict:
         timeout=600,
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    ((step, path),) = list_checkpoints(ws / "checkpoints" / "amber_tiny")
+    step, path = list_checkpoints(ws / "checkpoints" / "amber_tiny")[-1]
     assert step == 4
     return {"ckpt": load_checkpoint(path), "stdout": proc.stdout}
 
@@ -67,8 +70,7 @@ def single(tmp_path_factory: pytest.TempPathFactory, shards_root: Path) -> dict:
 def test_two_process_data_parallel_matches_one_process(
     tmp_path: Path, shards_root: Path, single: dict, mode: str
 ) -> None:
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    multi = _run(torchrun, tmp_path / mode, shards_root, f"trainer.distributed={mode}")
+    multi = _run(TORCHRUN, tmp_path / mode, shards_root, f"trainer.distributed={mode}")
     a, b = single["ckpt"], multi["ckpt"]
     assert b.trainer_state["world_size"] == 2 and a.trainer_state["world_size"] == 1
     assert b.trainer_state["loss"] == pytest.approx(a.trainer_state["loss"], rel=1e-4)
@@ -78,6 +80,40 @@ def test_two_process_data_parallel_matches_one_process(
     # the optimizer state is keyed by parameter name, so it is portable across world sizes
     assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
     assert len(b.rng["ranks"]) == 2
+
+
+@pytest.fixture(scope="module")
+def ddp_whole(tmp_path_factory: pytest.TempPathFactory, shards_root: Path) -> tuple[Path, dict]:
+    """A two-rank DDP run of 4 steps publishing steps 2 and 4: its workspace and step 4."""
+    ws = tmp_path_factory.mktemp("ddp_whole")
+    return ws, _run(TORCHRUN, ws, shards_root, *DDP_EVERY_2)
+
+
+@pytest.mark.parametrize("resumed_world", [2, 1])
+def test_a_ddp_run_resumed_from_a_checkpoint_ends_bit_identical(
+    tmp_path: Path, shards_root: Path, ddp_whole: tuple[Path, dict], resumed_world: int
+) -> None:
+    """Two ranks stopped after the checkpoint of step 2 (its folder is all a kill leaves) and resumed with
+    resume=auto, on two ranks or on one (the same micro-batches of 8, accumulated there): step 4's weights,
+    optimizer state and trainer state are those of the run that was not stopped, bit for bit."""
+    whole_ws, whole = ddp_whole
+    run_dir = tmp_path / "checkpoints" / "amber_tiny"
+    run_dir.mkdir(parents=True)
+    shutil.copytree(whole_ws / "checkpoints" / "amber_tiny" / "step_2", run_dir / "step_2")
+    launcher = TORCHRUN if resumed_world == 2 else [sys.executable]
+    resumed = _run(launcher, tmp_path, shards_root, *DDP_EVERY_2, "trainer.resume=auto")
+    a, b = whole["ckpt"], resumed["ckpt"]
+    assert b.lineage["resumed_from"]["step"] == 2
+    assert a.model.keys() == b.model.keys()
+    for name in a.model:
+        assert torch.equal(a.model[name], b.model[name]), name
+    assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
+    for name, moments in a.optimizer["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(b.optimizer["state"][name][key], value), (name, key)
+    assert {**a.trainer_state, "world_size": resumed_world} == b.trainer_state
+    assert b.lineage["data"]["sequences_seen"] == {"count": 64, "min_id": 0, "max_id": 63, "contiguous": True,
+                                                    "epochs": 1}
 
 
 @pytest.mark.parametrize(("dtype", "param_dtype"), [(torch.bfloat16, torch.bfloat16), (None, None)])

@@ -419,7 +419,8 @@ class DvcWorkspace:
         """Bring the files `names` of the tracked folder `path` into the local DVC cache, checking out nothing
         (the folder stays as it is: absent, or whole): (where the cache holds each, the cache files this call
         added). A reader that needs some of a checkpoint's files (its weights, not its optimizer state)
-        fetches only those."""
+        fetches only those. A fetch that fails (a file the remote lacks) leaves the cache as it found it: its
+        caller, never told what it added, could not free the weights it had transferred."""
         from dvc.repo import lock_repo
 
         rel = self.relpath(path)
@@ -431,8 +432,15 @@ class DvcWorkspace:
                 if unknown:
                     raise VersioningError(f"{self.workspace / rel}: {unknown} not in its .dvc record")
                 wanted = {n: recorded[n] for n in names}
-                added = self._fetch_objects(repo, rel, wanted)
-                where = {n: Path(repo.cache.local.oid_to_path(md5)) for n, md5 in wanted.items()}
+                cache = repo.cache.local
+                absent = {md5 for md5 in wanted.values() if not cache.exists(md5)}
+                try:
+                    added = self._fetch_objects(repo, rel, wanted)
+                except VersioningError:
+                    for md5 in absent:
+                        Path(cache.oid_to_path(md5)).unlink(missing_ok=True)
+                    raise
+                where = {n: Path(cache.oid_to_path(md5)) for n, md5 in wanted.items()}
                 return where, sorted({where[n] for n, md5 in wanted.items() if md5 in added})
 
         return self._retry_locked(run, "fetching", self.workspace / rel)

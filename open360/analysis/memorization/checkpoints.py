@@ -16,6 +16,7 @@ from open360.analysis.memorization.job_config import (
     is_all,
     range_bounds,
 )
+from open360.paths import replaced_atomically
 
 
 def run_checkpoint_dir(workspace: Path, run: str) -> Path:
@@ -120,15 +121,30 @@ def ensure_checkpoint(
         if all((view / name).is_file() for name in names):  # made by another rank or an earlier job
             return view, None
         cached, fetched = store.fetch(path, names)
-        view.mkdir(parents=True, exist_ok=True)
-        for name, source in cached.items():
-            _link(source, view / name)
+        try:
+            view.mkdir(parents=True, exist_ok=True)
+            _ignored_by_git(view.parent)
+            for name, source in cached.items():
+                _link(source, view / name)
+        except BaseException:  # a full disk, Ctrl-C during a copy: the caller never learns of `fetched` to free it
+            shutil.rmtree(view, ignore_errors=True)
+            for file in fetched:
+                file.unlink(missing_ok=True)
+            raise
     return view, fetched
 
 
 def pulled_root(workspace: Path, run: str) -> Path:
     """Where a job keeps the scoring copies of the checkpoints it fetched through DVC."""
     return Path(workspace) / "analysis" / run / "memorization" / ".pulled"
+
+
+def _ignored_by_git(folder: Path) -> None:
+    """`folder` and all it holds are ignored by git: the scoring copies (weights) sit under analysis/<run>/,
+    beside the reports that are committed, and `git add analysis` must not take them."""
+    ignore = folder / ".gitignore"
+    if not ignore.is_file():
+        ignore.write_text("*\n")
 
 
 def _link(source: Path, target: Path) -> None:
@@ -139,7 +155,8 @@ def _link(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        shutil.copyfile(source, target)
+        with replaced_atomically(target) as tmp:  # never a partial copy that a later job takes for whole
+            shutil.copyfile(source, tmp)
 
 
 def release_checkpoint(workspace: Path, path: Path, fetched: list[Path]) -> None:

@@ -147,6 +147,9 @@ def test_a_workspace_that_cannot_hold_one_checkpoint_is_refused_and_a_short_one_
     free = 10 * one
     run_training(compose([*overrides, "trainer.max_steps=6", "trainer.resume=auto"]), device="cpu")
     assert "warning: the cadence" not in capsys.readouterr().err
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    assert check_resources(cfg) == "cpu" and resources.disk_space_warning(cfg, 4) is None  # unreadable: not checked
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     free = 0  # a run that saves nothing needs no room for checkpoints
     check_resources(compose([*overrides, "checkpoint=list", "checkpoint.steps=[]", "checkpoint.save_final=false",
                              "checkpoint.ephemeral_every=0"]))

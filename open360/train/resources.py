@@ -134,12 +134,16 @@ def check_resources(cfg: DictConfig) -> str:
     return device
 
 
-def free_bytes(path: Path) -> tuple[Path, int]:
-    """(the existing folder `path` is or will be made in, the bytes free on its filesystem)."""
+def free_bytes(path: Path) -> tuple[Path, float]:
+    """(the existing folder `path` is or will be made in, the bytes free on its filesystem; infinite when that
+    cannot be read, as on a folder this user may not enter: the save meets a full disk cleanly anyway)."""
     path = Path(path).expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path, shutil.disk_usage(path).free
+    try:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path, shutil.disk_usage(path).free
+    except OSError:
+        return path, float("inf")
 
 
 def checkpoint_bytes(cfg: DictConfig) -> int:

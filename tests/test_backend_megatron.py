@@ -346,7 +346,7 @@ def test_megatron_on_cpu_and_tensor_parallel_on_native_are_refused(tmp_path: Pat
     """Megatron on CPU is a resource refusal (exit 2 from the command line, before Hydra writes outputs/)."""
     from open360.config import compose
     from open360.train.pipeline import run_training
-    from open360.train.resources import ResourceError, check_resources
+    from open360.train.resources import ResourceError, check_megatron_available, check_resources
 
     monkeypatch.chdir(tmp_path)
     cpu_megatron = compose(["+experiment=amber_tiny", "trainer.backend=megatron", "trainer.device=cpu"])
@@ -357,6 +357,9 @@ def test_megatron_on_cpu_and_tensor_parallel_on_native_are_refused(tmp_path: Pat
     proc = subprocess.run([sys.executable, "-m", "open360.train", "+experiment=amber_tiny", "trainer.backend=megatron",
                            "trainer.device=cpu", f"workspace={tmp_path / 'ws'}"], capture_output=True, text=True)
     assert proc.returncode == 2 and "needs CUDA GPUs" in proc.stderr and sorted(tmp_path.iterdir()) == []
+    monkeypatch.setitem(sys.modules, "megatron.core", None)  # not installed
+    with pytest.raises(ResourceError, match=r"megatron-core is not installed; pip install -e '.\[megatron\]'"):
+        check_megatron_available("cuda")
     with pytest.raises(ValueError, match="run on trainer.backend=megatron"):  # before any folder is made
         run_training(compose(["+experiment=amber_tiny", "trainer.tensor_parallel=2"]), device="cpu")
     with pytest.raises(ValueError, match="trainer.backend='deepspeed': expected one of native, megatron"):

@@ -96,6 +96,19 @@ def test_list_ignores_temp_and_incomplete_dirs(tmp_path: Path) -> None:
     assert [p.name for p in removed] == [".tmp-step_20-123"]
 
 
+def test_an_old_copy_left_beside_its_replacement_or_cut_short_is_removed_not_restored(tmp_path: Path) -> None:
+    """Killed after the new step_5 was renamed in but before the old copy was deleted: the new one stays. An old
+    copy without lineage.json is no complete checkpoint: removed, not restored as step_6."""
+    save_checkpoint(tmp_path, 5, _contents(1))
+    save_checkpoint(tmp_path / "old", 5, _contents(0)).rename(tmp_path / ".old-step_5-999")
+    save_checkpoint(tmp_path / "old", 6, _contents(0)).rename(tmp_path / ".old-step_6-999")
+    (tmp_path / ".old-step_6-999" / "lineage.json").unlink()
+    (tmp_path / "old").rmdir()
+    remove_stale_temp_dirs(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_5"]
+    assert torch.equal(load_checkpoint(tmp_path / "step_5").model["a.weight"], _contents(1).model["a.weight"])
+
+
 def test_resave_same_step_replaces(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, 5, _contents(0))
     save_checkpoint(tmp_path, 5, _contents(1))
@@ -578,11 +591,11 @@ def test_resume_from_a_step_a_crash_left_mid_replace_passes_the_check_and_is_res
 
     published = tmp_path / "checkpoints" / "r"
     save_checkpoint(published, 2, _contents()).rename(published / ".old-step_2-999")
-    (published / ".old-step_4-x").mkdir()
     cfg = OmegaConf.create({"workspace": str(tmp_path), "run_name": "r", "trainer": {"resume": 2}})
     check_resume_step(cfg)
     remove_stale_temp_dirs(published)
     assert [s for s, _ in list_checkpoints(published)] == [2]
+    save_checkpoint(tmp_path / "x", 4, _contents()).rename(published / ".old-step_4-x")  # no save's name: not restored
     cfg.trainer.resume = 4
     with pytest.raises(ValueError, match="4"):
         check_resume_step(cfg)

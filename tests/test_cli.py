@@ -24,3 +24,12 @@ def test_a_group_without_a_verb_lists_that_groups_verbs(capsys):
     assert main(["ckpt"]) == 2
     err = capsys.readouterr().err
     assert "open360 ckpt pull" in err and "open360 data build" not in err
+
+
+def test_help_lists_the_verbs_on_stdout_with_status_0(capsys):
+    assert main(["ckpt", "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert "open360 ckpt pull" in out and "open360 data build" not in out and err == ""
+    assert main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert "open360 ckpt pull" in out and "open360 data build" in out and err == ""

@@ -528,6 +528,24 @@ def test_an_override_of_a_stage_the_experiment_lacks_names_its_stages(tmp_path, 
         assert "subclass" not in message
 
 
+def test_a_bad_stage_override_names_its_own_error_also_in_a_sweep_or_beside_another_bad_one(tmp_path, capsys):
+    """A stage the experiment has, given a bad value, is not called missing: the value's error is said; a
+    missing stage in a sweep job is named as such; a missing stage beside another bad override is one line
+    (exit 2), not a traceback from composing the others."""
+    from open360.train.__main__ import check_before_hydra
+
+    for argv, said in (
+        (["stages.0.steps=abc"], "Error merging override stages.0.steps=abc: Value 'abc' of type 'str' could not"),
+        (["-m", "stages.5.steps=3,4"], "stages.5.steps=3: this experiment has no stage 5 (its stages are stages.0"),
+        (["+stages.5.steps=3"], "stages.5.steps=3: this experiment has no stage 5 (its stages are stages.0"),
+        (["stages.5.steps=3", "model.d_model=abc"], "Error merging override"),
+    ):
+        with pytest.raises(SystemExit) as err:
+            check_before_hydra(["+experiment=crystalcoder_tiny", *argv, f"workspace={tmp_path}"])
+        message = capsys.readouterr().err
+        assert err.value.code == 2 and said in message and "no stage 0" not in message, message
+
+
 def test_a_sweep_with_credentials_in_an_override_is_refused_before_hydra(capsys):
     from open360.train.__main__ import check_before_hydra
 

@@ -985,12 +985,14 @@ def test_a_source_that_fails_leaves_no_partial_intermediates(tmp_path: Path) -> 
     assert left == ["good.stats.json", "good.train.bin", "good.val.bin"]  # the finished source is kept for a resume
 
 
+@pytest.mark.parametrize("part", ["train", "val"])
 def test_a_resumed_build_prepares_again_a_source_whose_rows_were_damaged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str
 ) -> None:
-    """A build stopped after the per-source stage resumes from its prepared rows; a rows file cut short since
-    (a partial copy of the work folder, a damaged disk) is not trusted — it failed on a reshape naming no file —
-    but warned about and prepared again, giving the shards of a build never interrupted."""
+    """A build stopped after the per-source stage resumes from its prepared rows (whole ones are reused without a
+    word); a rows file cut short since (a partial copy of the work folder, a damaged disk) is not trusted — it
+    failed on a reshape naming no file — but warned about and prepared again, giving the shards of a build never
+    interrupted."""
     from open360.data import build as build_mod
 
     p = _recipe(tmp_path, _src("web", _small_corpus(tmp_path, 80)))
@@ -1001,11 +1003,14 @@ def test_a_resumed_build_prepares_again_a_source_whose_rows_were_damaged(
         raise KeyboardInterrupt("simulated kill after the per-source stage")
 
     monkeypatch.setattr(build_mod, "mix_counts", killed)
-    with pytest.raises(KeyboardInterrupt):
-        build_shards(p, tmp_path / "resumed")
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as said, pytest.raises(KeyboardInterrupt):
+            warnings.simplefilter("always")
+            build_shards(p, tmp_path / "resumed")
+        assert not [w for w in said if "prepared rows" in str(w.message)]
     monkeypatch.setattr(build_mod, "mix_counts", real)
-    (rows,) = (tmp_path / "resumed" / ".work").rglob("web.train.bin")
-    rows.write_bytes(rows.read_bytes()[: rows.stat().st_size // 2 + 6])
+    (rows,) = (tmp_path / "resumed" / ".work").rglob(f"web.{part}.bin")
+    rows.write_bytes(rows.read_bytes()[: rows.stat().st_size // 2] + bytes(6))  # no whole number of rows
     with pytest.warns(UserWarning, match=r"prepared rows of source 'web' are not what web\.stats\.json records"):
         resumed = build_shards(p, tmp_path / "resumed")
     assert resumed.name == whole.name

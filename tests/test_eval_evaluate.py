@@ -235,6 +235,9 @@ def test_rows_of_a_step_a_branch_replaced_leave_the_table_also_when_it_is_not_se
     assert main([*args, "checkpoints=[10]"]) == 0
     assert "steps [40] hold other weights than their rows were computed from" in capsys.readouterr().err
     assert set(pd.read_parquet(table).step) == {10, 30}
+    (ws / "checkpoints" / RUN / "step_30" / "lineage.json").write_text("{")  # damaged, and not selected
+    assert main([*args, "checkpoints=[10]"]) == 0
+    assert set(pd.read_parquet(table).step) == {10, 30}  # its rows are kept as they are
 
 
 def test_the_held_out_split_is_the_one_the_run_trained_with(tmp_path, capsys):
@@ -639,6 +642,7 @@ def test_every_analysis_writes_and_names_one_folder_with_home_expanded(tmp_path)
 
 
 def test_a_value_that_does_not_parse_is_a_usage_error_naming_it(capsys):
+    assert parse_overrides(EvaluateConfig, ["+run=x", "checkpoints=[1,2]"], "prog").run == "x"  # Hydra's `+key=`
     with pytest.raises(UsageError, match=r"checkpoints=\[1,2: the value does not parse"):
         parse_overrides(EvaluateConfig, ["run=x", "checkpoints=[1,2"], "prog")
     with pytest.raises(SystemExit) as exit_:

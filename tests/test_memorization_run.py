@@ -361,6 +361,61 @@ def test_release_local_frees_what_a_failed_or_interrupted_job_pulled(
     assert run_job(parse_args([*args, "chunks=0-1"])).complete  # fetches again what it needs
     assert pulled == [40, 40, 80] and _nothing_fetched_left(root, tmp_path / "remote")
 
+
+def test_release_local_frees_a_scoring_copy_whose_files_were_cached_and_one_it_only_read_metadata_from(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch that found every file in the cache still made the scoring copy: release_local deletes it (and
+    keeps the cache files, not the job's); a rerun with nothing left to score fetches the first step's metadata
+    and frees that copy too. Without release_local a job that stops keeps its copy for the rerun."""
+    import shutil
+
+    from open360.analysis.memorization.checkpoints import pulled_root
+
+    root = _copy_workspace(trained_run, tmp_path)
+    stash = tmp_path / "remote"
+    _only_in_remote(root, stash, (40,), monkeypatch)
+    shutil.copytree(stash / "step_40", stash / "cache" / "step_40", ignore=shutil.ignore_patterns("optimizer.pt"))
+    cached = sorted((stash / "cache").rglob("*"))
+    args = _job(root, "checkpoints=40", "chunks=0", "sample=4", "report=false")
+    for _ in range(2):  # scored, then nothing left to score
+        assert run_job(parse_args([*args, "release_local=true"])).complete
+        assert not list(pulled_root(root, RUN).glob("step_*")) and sorted((stash / "cache").rglob("*")) == cached
+    with pytest.raises(MemorizationJobError, match="out of range"):
+        run_job(parse_args([*_job(root, "checkpoints=40", "chunks=99"), "release_local=false"]))
+    assert [p.name for p in pulled_root(root, RUN).glob("step_*")] == ["step_40-000000000040"]
+
+
+def test_a_scoring_copy_links_the_cache_files_or_copies_them_never_a_symbolic_link(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scoring copy holds hard links to the fetched cache files (no second copy on disk); where the cache is
+    on another filesystem, copies: a symbolic link would dangle once a release of another step that fetched the
+    same file (a config.yaml) deletes it."""
+    import errno
+    import os
+
+    from open360.analysis.memorization import checkpoints as memorization_checkpoints
+    from open360.analysis.memorization.checkpoints import ensure_checkpoint
+
+    root = _copy_workspace(trained_run, tmp_path)
+    stash = tmp_path / "remote"
+    _only_in_remote(root, stash, (40, 80), monkeypatch)
+    job = parse_args(_job(root, "checkpoints=40,80"))
+    view, _ = ensure_checkpoint(job, root, 40)
+    cached = stash / "cache" / "step_40" / "model.safetensors"
+    assert os.path.samefile(view / "model.safetensors", cached)
+
+    def cross_device(source: Path, target: Path) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(memorization_checkpoints.os, "link", cross_device)
+    view, fetched = ensure_checkpoint(job, root, 80)
+    for file in fetched:
+        file.unlink()  # released by another step's job
+    assert not any(f.is_symlink() for f in view.iterdir())
+    assert (view / "model.safetensors").read_bytes() == (stash / "step_80" / "model.safetensors").read_bytes()
+
 def _dvc_clone(root: Path, tmp_path: Path, steps: tuple[int, ...]) -> Path:
     """A git clone of a DVC workspace holding (and having pushed) checkpoints `steps`: none of them local."""
     import shutil

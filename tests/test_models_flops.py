@@ -51,6 +51,7 @@ def test_training_flops_per_token_formula() -> None:
         ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 989e12 * 3 / 7),  # 3 of the card's 7 compute slices
         ("NVIDIA A100-SXM4-40GB MIG 7g.40gb", 312e12),
         ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA A30 MIG 1g.6gb", None),  # a card not in the table: no MFU, also on a MIG slice
     ],
 )
 def test_mfu_uses_the_peak_of_the_card_it_runs_on(monkeypatch: pytest.MonkeyPatch, name: str, peak: float) -> None:

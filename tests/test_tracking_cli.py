@@ -416,6 +416,23 @@ def test_a_release_exported_from_a_clone_publishes_no_path_of_the_training_machi
     assert all(sha256_file(out / name) == digest for name, digest in sums.items())
 
 
+def test_a_malformed_or_circular_branch_tag_leaves_the_metrics_with_the_run_it_reached(tmp_path: Path) -> None:
+    """A branch tag that is not the JSON the logger writes is no branch; tags that lead back to a run already
+    followed (edited by hand) end there rather than loop."""
+    from open360.tracking import mlflow_records as mr
+    from open360.tracking.mlflow_logger import BRANCH_RUN_TAG
+
+    client = mr.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e")
+    a, b = (client.create_run(exp).info.run_id for _ in range(2))
+    for tag in ("not json", json.dumps({"run_id": b, "step": None}), json.dumps({"run_id": b, "step": "x"})):
+        client.set_tag(a, BRANCH_RUN_TAG, tag)
+        assert mr.current_run_id(client, a, 4) == a
+    client.set_tag(a, BRANCH_RUN_TAG, json.dumps({"run_id": b, "step": 4}))
+    client.set_tag(b, BRANCH_RUN_TAG, json.dumps({"run_id": a, "step": 6}))
+    assert mr.current_run_id(client, a, 4) == b
+
+
 def test_checkpoints_json_says_what_each_checkpoint_had_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per checkpoint: its last step's loss, the code revision that wrote it and the sequences each stage had seen."""
     import torch
@@ -481,6 +498,21 @@ def test_pull_keeps_files_a_checkpoint_folder_holds_beyond_its_record(
     shutil.move(notes.parent, tmp_path / "evals")
     assert pull_main(["r", "1", "--workspace", str(ws)]) == 0
     assert (path / "model.safetensors").is_file()
+
+
+def test_a_step_checkpoints_dvc_lacks_and_a_file_its_record_lacks_are_named(tmp_path: Path) -> None:
+    """A pull, or the record a memorization fetch reads, of a step on disk but not in checkpoints.dvc says to
+    version it first; a fetch of a file the checkpoint's record lacks names that file, not a KeyError."""
+    from open360.tracking.checkpoints import pull_checkpoints, recorded_checkpoint
+
+    ws, _, _ = _versioned_checkpoint(tmp_path)
+    write_checkpoint(ws, "r", 2)
+    for look in (lambda: recorded_checkpoint(ws, "r", 2), lambda: pull_checkpoints(ws, "r", "2")):
+        with pytest.raises(VersioningError, match=r"steps \[2\] exist on disk but are not in checkpoints.dvc"):
+            look()
+    store, entry = recorded_checkpoint(ws, "r", 1)
+    with pytest.raises(VersioningError, match=r"\['model.bin'\] not in its .dvc record"):
+        store.fetch(entry.path, ["config.yaml", "model.bin"])
 
 
 def test_list_says_where_tokens_and_loss_of_steps_not_on_disk_were_not_found(

@@ -141,10 +141,11 @@ def test_a_workspace_that_cannot_hold_one_checkpoint_is_refused_and_a_short_one_
     free = 3 * one  # 4 published + 1 recovery checkpoint do not fit; 1 does
     assert check_resources(cfg) == "cpu"
     assert "4 more published checkpoint(s) and keeps 1 for recovery" in resources.disk_space_warning(cfg, 4)
+    assert "3 more published checkpoint(s) and keeps 1" in resources.disk_space_warning(cfg, 3)  # 4 > 3 fit
     assert resources.disk_space_warning(cfg, 2) is None
     run_training(cfg, device="cpu")
     assert "warning: the cadence writes 4 more published checkpoint(s)" in capsys.readouterr().err
-    free = 10 * one
+    free = 3 * one  # resumed at step 4: steps 5 and 6 to come, and 1 recovery checkpoint, fit
     run_training(compose([*overrides, "trainer.max_steps=6", "trainer.resume=auto"]), device="cpu")
     assert "warning: the cadence" not in capsys.readouterr().err
     monkeypatch.setattr(shutil, "disk_usage", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
@@ -153,3 +154,23 @@ def test_a_workspace_that_cannot_hold_one_checkpoint_is_refused_and_a_short_one_
     free = 0  # a run that saves nothing needs no room for checkpoints
     check_resources(compose([*overrides, "checkpoint=list", "checkpoint.steps=[]", "checkpoint.save_final=false",
                              "checkpoint.ephemeral_every=0"]))
+
+
+@pytest.mark.parametrize("saves", [["checkpoint.steps=[2]", "checkpoint.save_final=false", "checkpoint.ephemeral_every=0"],
+                                   ["checkpoint.steps=[]", "checkpoint.save_final=true", "checkpoint.ephemeral_every=0"],
+                                   ["checkpoint.steps=[]", "checkpoint.save_final=false", "checkpoint.ephemeral_every=2"]])
+def test_a_run_that_saves_any_checkpoint_needs_room_for_one(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, saves: list[str]
+) -> None:
+    """A listed step, the final save or a recovery checkpoint alone needs room for one checkpoint: less is
+    refused, exactly one fits."""
+    cfg = compose(["+experiment=amber_tiny", f"workspace={tmp_path}", "model.d_model=64", "model.n_layers=2",
+                   "model.ffn_dim=128", "trainer.max_steps=4", "checkpoint=list", *saves])
+    one = count_parameters(cfg.model) * 12
+    for free, refused in ((one - 1, True), (one, False)):
+        monkeypatch.setattr("open360.train.resources.free_bytes", lambda path, free=free: (path, free))
+        if refused:
+            with pytest.raises(ResourceError, match="but one checkpoint"):
+                check_resources(cfg)
+        else:
+            assert check_resources(cfg) == "cpu"

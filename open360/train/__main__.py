@@ -177,19 +177,34 @@ def check_before_hydra(argv: list[str]) -> None:
                 check_resources(cfg)
     except (HydraException, ConfigKeyError, ResourceError, ValueError) as err:
         message = str(err).strip()
-        if multirun and len(jobs) > 1:
-            message = f"sweep job {' '.join(job)}: {message}"
         cause = err.__cause__
-        missing_stage = re.match(r"Error merging override \+?(stages\.(\d+)\.\S+)", message)
-        if isinstance(err, HydraException) and missing_stage:  # OmegaConf's "dict is not a subclass of StageConfig"
-            others = [o for o in search + job if not o.lstrip("+~").startswith("stages.")]
-            count = len(compose(others, config_name=flag("--config-name", "-cn") or "config").stages)
-            message = (f"{missing_stage.group(1)}: this experiment has no stage {missing_stage.group(2)} "
+        stage = re.match(r"Error merging override \+?(stages\.(\d+)\.\S+)", message)
+        if not isinstance(err, HydraException):
+            stage = None
+        count = _stage_count(search + job, flag("--config-name", "-cn")) if stage else None
+        if count is not None and int(stage.group(2)) >= count:  # OmegaConf: "dict is not a subclass of StageConfig"
+            message = (f"{stage.group(1)}: this experiment has no stage {stage.group(2)} "
                        + (f"(its stages are stages.0 to stages.{count - 1})" if count else "(it has no `stages`)"))
         elif isinstance(err, HydraException) and cause is not None and str(cause).strip():
             message += f": {str(cause).strip().splitlines()[0]}"  # the why: "Value '1.5' ... to Integer"
+        if multirun and len(jobs) > 1:
+            message = f"sweep job {' '.join(job)}: {message}"
         print(f"open360.train: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _stage_count(overrides: list[str], config_name: str | None) -> int | None:
+    """The number of stages the experiment of `overrides` has without their `stages.*` ones; None when the
+    others do not compose either (the error then names the override Hydra stopped at)."""
+    from hydra.errors import HydraException
+
+    from open360.config import compose
+
+    others = [o for o in overrides if not o.lstrip("+~").startswith("stages.")]
+    try:
+        return len(compose(others, config_name=config_name or "config").stages)
+    except HydraException:
+        return None
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:

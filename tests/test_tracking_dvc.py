@@ -389,6 +389,17 @@ def _scoring_job(fresh: Path) -> object:
     return parse_args(["run=r", f"workspace={fresh}", "checkpoints=1,2"])
 
 
+def _pushed_steps_1_and_2(ws: Path) -> tuple[DvcWorkspace, list[Path]]:
+    """Checkpoints 1 and 2 of run r versioned, pushed and committed."""
+    store = DvcWorkspace(ws)
+    paths = [write_checkpoint(ws, "r", s) for s in (1, 2)]
+    for path in paths:
+        store.add(path)
+    store.push(paths)
+    commit(ws)
+    return store, paths
+
+
 def _cache_objects(fresh: Path) -> set[Path]:
     return {p for p in (fresh / ".dvc" / "cache").rglob("*") if p.is_file() and not p.name.endswith(".dir")}
 
@@ -399,12 +410,7 @@ def test_a_fetch_the_remote_cannot_complete_leaves_the_cache_as_it_was(ws: Path,
     free them with release_local; a later fetch would take them for files cached before the job)."""
     from open360.analysis.memorization.checkpoints import ensure_checkpoint, pulled_root
 
-    store = DvcWorkspace(ws)
-    paths = [write_checkpoint(ws, "r", s) for s in (1, 2)]
-    for path in paths:
-        store.add(path)
-    store.push(paths)
-    commit(ws)
+    store, paths = _pushed_steps_1_and_2(ws)
     md5 = store.tracked(paths[1]).file_md5["trainer_state.json"]
     (ws / ".dvc-storage" / "files" / "md5" / md5[:2] / md5[2:]).unlink()
     fresh = clone(ws, tmp_path / "clone")
@@ -424,12 +430,7 @@ def test_a_scoring_copy_is_ignored_by_git_and_a_failed_copy_leaves_nothing(
     file (a later job would take the copy for whole) and none of the cache files the fetch added."""
     import open360.analysis.memorization.checkpoints as checkpoints
 
-    store = DvcWorkspace(ws)
-    paths = [write_checkpoint(ws, "r", s) for s in (1, 2)]
-    for path in paths:
-        store.add(path)
-    store.push(paths)
-    commit(ws)
+    _pushed_steps_1_and_2(ws)
     fresh = clone(ws, tmp_path / "clone")
     view, fetched = checkpoints.ensure_checkpoint(_scoring_job(fresh), fresh, 1)
     assert fetched and (view / "model.safetensors").is_file()

@@ -174,3 +174,24 @@ def test_a_run_that_saves_any_checkpoint_needs_room_for_one(
                 check_resources(cfg)
         else:
             assert check_resources(cfg) == "cpu"
+
+
+def test_pipeline_stages_hold_the_embedding_and_the_output_layer_at_their_ends() -> None:
+    """Megatron's PP split: n_layers / pp blocks per stage, the input embedding on the first, the final norm and
+    output layer on the last (its own copy of a tied embedding): AMBER 7B's end stages hold ~4% more than the
+    average at PP=4, so the memory check sizes the GPU of the largest stage, not the average."""
+    from open360.models.flops import pipeline_stage_parameters
+    from open360.train.resources import bytes_per_param
+
+    amber, crystal = compose(["+experiment=amber"]).model, compose(["+experiment=crystalcoder"]).model
+    stages = pipeline_stage_parameters(amber, 4)
+    embedding = amber.vocab_size * amber.d_model
+    assert sum(stages) == count_parameters(amber) and stages[1] == stages[2]
+    assert stages[0] - stages[1] == embedding and stages[3] - stages[1] == embedding + amber.d_model  # + final norm
+    assert pipeline_stage_parameters(amber, 1) == [count_parameters(amber)]
+    tied = pipeline_stage_parameters(crystal, 2)  # the last stage's copy of the tied embedding is extra
+    assert sum(tied) == count_parameters(crystal) + crystal.vocab_size * crystal.d_model
+    per_param, layout = bytes_per_param(compose(["+experiment=amber", "trainer=megatron",
+                                                 "trainer.pipeline_parallel=4"]), 8)
+    assert per_param == pytest.approx((6 + 12 / 2) * max(stages) / count_parameters(amber))
+    assert 1.03 < per_param / ((6 + 12 / 2) / 4) < 1.05 and "largest stage" in layout

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from open360.models.flops import count_parameters
+from open360.models.flops import count_parameters, pipeline_stage_parameters
 
 # AdamW on a single process, or FSDP's 1/world share of it: fp32 weights (4) + fp32 grads (4) + two fp32 moments
 # (8); the native backend keeps fp32 weights under bf16 autocast.
@@ -35,9 +35,11 @@ def bytes_per_param(cfg: DictConfig, world: int) -> tuple[float, str]:
         dp = max(1, world // (tp * pp))
         bf16 = str(cfg.trainer.precision) != "fp32"
         model, optimizer = (6, 12) if bf16 else (8, 8)
+        # the GPU of the largest pipeline stage (the first or last: the embedding, the output layer) holds most
+        share = max(pipeline_stage_parameters(cfg.model, pp)) / count_parameters(cfg.model)
         layout = (f"megatron, {'bf16' if bf16 else 'fp32'} weights, tensor_parallel={tp} x pipeline_parallel={pp} "
-                  f"x data-parallel {dp}")
-        return (model + optimizer / dp) / (tp * pp), layout
+                  f"x data-parallel {dp}" + (f", its largest stage {share:.1%} of the parameters" if pp > 1 else ""))
+        return (model + optimizer / dp) / tp * share, layout
     mode = str(cfg.trainer.distributed)
     if world == 1:
         return BYTES_PER_PARAM_TRAINING, "one process"

@@ -548,3 +548,36 @@ def test_a_write_that_fails_leaves_the_file_as_it_was_and_names_it(tmp_path: Pat
     else:
         assert raised.value is error
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_decontaminated_validation_keeps_no_row_sharing_a_passage_with_training(tiny: Path, tmp_path: Path) -> None:
+    """`validation.decontaminate_ngram: 13`: the pydoc topics repeat whole sections across documents, so the
+    per-document split leaves held-out rows whose passages were trained on; with the option those rows are
+    dropped (counted in the manifest), the training chunks are the same, and no held-out row left shares 13
+    tokens with a training row (checked here by brute force). Unset, the recipe's hash is what it was."""
+    from open360.data.decontaminate import ngram_hashes
+    from open360.data.recipe import load_recipe, recipe_hash
+
+    recipe = tmp_path / "embedded_tiny.yaml"
+    recipe.write_text(Path(RECIPE).read_text().replace("  max_sequences: 32\n",
+                                                       "  max_sequences: 32\n  decontaminate_ngram: 13\n"))
+    assert recipe_hash(load_recipe(RECIPE)) != recipe_hash(load_recipe(recipe))
+    with pytest.warns(UserWarning, match="every held-out row of source 'english' shares 13 tokens"):
+        clean = ShardSet.open(build_shards(recipe, tmp_path / "shards", seed=1234))
+    plain = ShardSet.open(tiny)
+    assert [c["content_sha256"] for c in clean.manifest["chunks"]] == [c["content_sha256"] for c in plain.manifest["chunks"]]
+    trained = {tuple(row[j : j + 13]) for row in plain.sequences(np.arange(plain.num_sequences)).tolist()
+               for j in range(len(row) - 12)}
+    dropped = {}
+    for source, entry in plain.manifest["validation"].items():
+        record = clean.manifest["validation"].get(source, {}).get("decontaminated") or {}
+        dropped[source] = record.get("rows_dropped", entry["rows"])
+        kept = clean.validation(source).tolist() if source in clean.manifest["validation"] else []
+        assert len(kept) + dropped[source] == entry["rows"]
+        assert not [row for row in kept if any(tuple(row[j : j + 13]) in trained for j in range(len(row) - 12))]
+        before = plain.validation(source).tolist()
+        assert kept == [row for row in before if row in kept]  # the rows kept, in their order
+    assert dropped["english"] >= 1 and "english" not in clean.manifest["validation"], dropped  # all 7 repeat
+    a = np.array([[1, 2, 3, 4, 5, 6]])
+    assert ngram_hashes(a, 3)[0, 0] == ngram_hashes(np.array([[9, 1, 2, 3]]), 3)[0, 1]
+    assert len(set(ngram_hashes(a, 3)[0].tolist())) == 4

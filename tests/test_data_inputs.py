@@ -532,7 +532,7 @@ def test_recipe_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
     )
     for edit, key in (
         ("filters: {near_dedup: false}", r"filters\.near_dedup': a mapping of \(enabled, threshold"),
-        ("validation: 0.05", r"validation': a mapping of \(fraction, max_sequences\), not 0\.05"),
+        ("validation: 0.05", r"validation': a mapping of \(fraction, max_sequences, decontaminate_ngram\), not 0\.05"),
         ("mix: null", r"mix': a mapping of \(total_sequences"),
     ):
         with pytest.raises(RecipeError, match=rf"shape\.yaml: key '{key}"):
@@ -558,6 +558,8 @@ def _write_named(tmp: Path, name: str, text: str) -> Path:
         ("seed: 9223372036854775808", "seed"),  # 2**63: the seed is hashed as a signed 64-bit integer
         ("doc_batch_size: 0", "doc_batch_size"),
         ("validation: {fraction: 0.0, max_sequences: -5}", "validation.max_sequences"),
+        ("validation: {fraction: 0.0, max_sequences: 0, decontaminate_ngram: 1}", "validation.decontaminate_ngram"),
+        ("validation: {fraction: 0.0, max_sequences: 0, decontaminate_ngram: 1000}", "validation.decontaminate_ngram"),
         ("filters: {classifier: {num_features: 0}}", "filters.classifier.num_features"),  # was a ZeroDivisionError
         ("filters: {classifier: {iterations: 0}}", "filters.classifier.iterations"),  # was an untrained model
     ],

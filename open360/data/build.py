@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from open360.data.decontaminate import clean_rows, training_ngrams
 from open360.data.prepare import load_rows, prepare_source, work_paths
 from open360.data.quality import labels_source
 from open360.data.recipe import (
@@ -305,9 +306,18 @@ def _build_locked(
             "row_group_sha256": group_hashes,
             "sources": {names[i]: int((s_k == i).sum()) for i in np.unique(s_k)},
         }
+    ngram = recipe.validation.decontaminate_ngram
+    train_runs = training_ngrams(rows, ngram) if ngram and mine else None  # every source's rows, each read once
     for i in mine:
         val = load_rows(work_paths(work, names[i])["val"], recipe.seq_len + 1)
+        dropped = 0
+        if train_runs is not None:  # rows sharing a passage with training data are no held-out data
+            keep = clean_rows(val, train_runs, ngram)
+            val, dropped = np.asarray(val)[keep], int((~keep).sum())
         if len(val) == 0:
+            if dropped:
+                warnings.warn(f"recipe '{recipe.name}': every held-out row of source '{names[i]}' shares "
+                              f"{ngram} tokens with training rows; it has no validation file", stacklevel=2)
             continue
         blocks = (
             (
@@ -330,6 +340,7 @@ def _build_locked(
             "rows": len(val),
             "content_sha256": digest,
             "row_group_sha256": group_hashes,
+            **({"decontaminated": {"ngram": ngram, "rows_dropped": dropped}} if train_runs is not None else {}),
         }
 
     part["common"] = _common_manifest(recipe, rhash, tok_json, stats, counts, available, total)

@@ -155,6 +155,9 @@ class ValidationSpec:
 
     fraction: float = 0.02  # of documents, chosen by a seeded hash of their content
     max_sequences: int = 64  # per source
+    # drop held-out rows that share a run of this many tokens with a training row of any source (a passage
+    # repeated across documents, which the per-document split keeps on both sides); None = keep every row
+    decontaminate_ngram: int | None = None
 
 
 @dataclass
@@ -368,6 +371,9 @@ def validate_recipe(recipe: RecipeSpec, where: str) -> None:
     _check(recipe.chunk_multiple >= 1, f"{where}: key 'chunk_multiple'", "must be >= 1")
     _check(0 <= recipe.validation.fraction < 1, f"{where}: key 'validation.fraction'", "must lie in [0, 1)")
     _check(recipe.validation.max_sequences >= 0, f"{where}: key 'validation.max_sequences'", "must be >= 0")
+    n = recipe.validation.decontaminate_ngram
+    _check(n is None or 2 <= n <= recipe.seq_len + 1, f"{where}: key 'validation.decontaminate_ngram'",
+           f"{n} must lie in [2, seq_len + 1 = {recipe.seq_len + 1}] (13 is the usual choice), or be null")
     _check(0 <= recipe.seed < 2**63, f"{where}: key 'seed'", f"{recipe.seed} must lie in [0, 2**63)")
     m = recipe.mix.total_sequences
     _check(m is None or m > 0, f"{where}: key 'mix.total_sequences'", "must be positive or null")
@@ -490,6 +496,8 @@ def recipe_to_dict(recipe: RecipeSpec) -> dict[str, Any]:
         del d["tokenizer"]["revision"]
     if d["tokenizer"]["fim_tokens"] == list(FIM_TOKENS):
         del d["tokenizer"]["fim_tokens"]
+    if d["validation"]["decontaminate_ngram"] is None:
+        del d["validation"]["decontaminate_ngram"]
     return d
 
 

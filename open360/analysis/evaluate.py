@@ -630,8 +630,7 @@ def evaluate_run(cfg: EvaluateConfig) -> pd.DataFrame:
     lineages = {step: read_lineage(ckpt) for step, ckpt in selected if step not in absent}
     weights = {step: (lin.get("files") or {}).get(MODEL_FILE) for step, lin in lineages.items()}
     # the steps not selected too: a branch that replaced one leaves rows of the old weights in the table
-    weights |= {step: recorded_weights(ckpt) for step, ckpt in available
-                if step not in weights and (ckpt / "lineage.json").is_file()}
+    weights |= {step: recorded_weights(ckpt) for step, ckpt in available if step not in weights}
     aside = functools.cache(lambda: superseded_steps(workspace, cfg.run))  # read once, only if a step is gone
     previous = previous_results(parquet, cfg, [step for step, _ in selected], weights, {step for step, _ in available},
                                 lambda step: step in aside())

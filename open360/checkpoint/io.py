@@ -219,16 +219,15 @@ def check_writable(directory: Path) -> None:
         ) from err
 
 
-def interrupted_replacement(parent: Path, step: int, candidates: list[Path] | None = None) -> Path | None:
-    """The complete old copy of step N that a crash left as `.old-step_N-*` while replacing it (no step_N
+def interrupted_replacement(parent: Path, step: int) -> Path | None:
+    """The complete old copy of step N that a crash left as `.old-step_N-<pid>` while replacing it (no step_N
     beside it): what remove_stale_temp_dirs restores at the next start."""
     parent = Path(parent)
     if (parent / step_dir_name(step)).exists() or not parent.is_dir():
         return None
-    for p in candidates if candidates is not None else sorted(parent.glob(f".old-{step_dir_name(step)}-*")):
-        if re.fullmatch(rf"\.old-{step_dir_name(step)}-\d+", p.name) and p.is_dir() and (p / LINEAGE_FILE).is_file():
-            return p
-    return None
+    old = re.compile(rf"\.old-{step_dir_name(step)}-\d+")
+    copies = sorted(parent.glob(f".old-{step_dir_name(step)}-*"))
+    return next((p for p in copies if old.fullmatch(p.name) and p.is_dir() and (p / LINEAGE_FILE).is_file()), None)
 
 
 def remove_stale_temp_dirs(parent: Path) -> list[Path]:
@@ -240,9 +239,9 @@ def remove_stale_temp_dirs(parent: Path) -> list[Path]:
     if not parent.is_dir():
         return removed
     for p in sorted(parent.iterdir()):
-        m = re.match(r"\.old-(step_\d+)-\d+$", p.name)
-        if m and p is interrupted_replacement(parent, int(m.group(1)[len("step_"):]), [p]):
-            p.rename(parent / m.group(1))
+        m = re.match(r"\.old-step_(\d+)-\d+$", p.name)
+        if m and p == interrupted_replacement(parent, int(m.group(1))):
+            p.rename(parent / step_dir_name(int(m.group(1))))
     for p in parent.iterdir():
         if p.is_dir() and (p.name.startswith(".tmp-step_") or p.name.startswith(".old-step_")):
             shutil.rmtree(p, ignore_errors=True)

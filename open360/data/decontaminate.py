@@ -35,4 +35,4 @@ def clean_rows(rows: np.ndarray, train: np.ndarray, n: int) -> np.ndarray:
     hashes; a hash collision can only drop a clean row, never keep a contaminated one)."""
     if len(rows) == 0:
         return np.zeros(0, dtype=bool)
-    return ~np.isin(ngram_hashes(rows, n), train, assume_unique=False).any(axis=1)
+    return ~np.isin(ngram_hashes(rows, n), train).any(axis=1)

@@ -19,6 +19,7 @@ from open360.tracking.checkpoints import (
     is_dvc_workspace,
     run_checkpoints,
     select_steps,
+    trainer_state,
 )
 from open360.tracking.dvc_versioning import DvcWorkspace
 from open360.tracking.mlflow_records import lineage_run_id
@@ -259,12 +260,10 @@ def _export_checkpoint(
 def _trained_so_far(entry: CheckpointEntry, lineage: dict[str, Any]) -> dict[str, Any]:
     """What a verified checkpoint records of its training: the loss of its last step (trainer_state.json), the
     code revision that wrote it, and per data stage the steps trained and the sequence ids seen (its lineage)."""
-    from open360.checkpoint.io import TRAINER_STATE_FILE
-
     code = lineage.get("code") or {}
     revision = code.get("revision")
     return {
-        "loss": json.loads((entry.path / TRAINER_STATE_FILE).read_text()).get("loss"),
+        "loss": trainer_state(entry.path).get("loss"),
         "code_revision": revision and revision + ("-dirty" if code.get("dirty") else ""),
         "data_seen": [
             {k: d.get(k) for k in ("stage", "steps", "sequences_seen")} for d in data_history(lineage)

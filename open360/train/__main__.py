@@ -178,9 +178,8 @@ def check_before_hydra(argv: list[str]) -> None:
     except (HydraException, ConfigKeyError, ResourceError, ValueError) as err:
         message = str(err).strip()
         cause = err.__cause__
-        stage = re.match(r"Error merging override \+?(stages\.(\d+)\.\S+)", message)
-        if not isinstance(err, HydraException):
-            stage = None
+        stage = (re.match(r"Error merging override \+?(stages\.(\d+)\.\S+)", message)
+                 if isinstance(err, HydraException) else None)
         count = _stage_count(search + job, flag("--config-name", "-cn")) if stage else None
         if count is not None and int(stage.group(2)) >= count:  # OmegaConf: "dict is not a subclass of StageConfig"
             message = (f"{stage.group(1)}: this experiment has no stage {stage.group(2)} "

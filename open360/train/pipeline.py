@@ -605,9 +605,10 @@ def _run(cfg: DictConfig, device: str, env: DistEnv, init_from: Path | None) -> 
             "init_from": init_record["checkpoint"] if init_record else None,
         },
     )
-    to_come = len(cadence.published_steps(trainer.progress.step + 1, stages[-1].end))
-    if env.is_main and (warning := disk_space_warning(cfg, to_come)):
-        print(f"open360.train: warning: {warning}", file=sys.stderr, flush=True)
+    if env.is_main:
+        to_come = len(cadence.published_steps(trainer.progress.step + 1, stages[-1].end))
+        if warning := disk_space_warning(cfg, to_come):
+            print(f"open360.train: warning: {warning}", file=sys.stderr, flush=True)
     start_callbacks(callbacks, info)
     for marker in journal:  # the tracking knows of the branch now: a crash from here on is an ordinary resume
         marker.unlink(missing_ok=True)

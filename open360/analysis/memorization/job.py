@@ -262,6 +262,7 @@ def _score_matrix(
 
     from open360.checkpoint import read_lineage
     from open360.checkpoint.io import MODEL_FILE
+    from open360.tracking.checkpoints import trainer_state
 
     # The data view comes from the first checkpoint's config and lineage (all of a run share them).
     first_path, first_fetched = ensure_checkpoint(job, workspace, steps[0], weights=False)
@@ -337,7 +338,7 @@ def _score_matrix(
             scoring = _scorer_for(job, path, device, scoring)
             scorer = scoring[0]
             lineage = read_lineage(path)
-            trainer_state = _trainer_state(path)
+            state = trainer_state(path)
             consumption = data.consumption(lineage)
             # The chunks of one checkpoint share batches (score_groups): only its last batch is padded.
             for (chunk, rows), result in scorer.score_groups(_chunk_sequences(data, consumption, step_chunks)):
@@ -355,7 +356,7 @@ def _score_matrix(
                     "selection": job.selection,
                     "seconds": result.seconds,
                     "engine": result.info,
-                    "tokens_seen": trainer_state.get("tokens_seen"),
+                    "tokens_seen": state.get("tokens_seen"),
                     **scored_on,  # the shards actually read (shards= may name another folder), the dtype
                     "model_sha256": (lineage.get("files") or {}).get(MODEL_FILE),
                     "seen_basis": SEEN_BASIS,
@@ -407,16 +408,6 @@ def _whole_steps(pending: list[tuple[int, int]], mine: set[tuple[int, int]]) -> 
     """Steps all of whose pending cells are this rank's: only those may be released by it."""
     split = {s for s, c in pending if (s, c) not in mine}
     return {s for s, _ in mine} - split
-
-
-def _trainer_state(path: Path) -> dict[str, Any]:
-    from open360.checkpoint.io import TRAINER_STATE_FILE
-
-    file = path / TRAINER_STATE_FILE
-    try:
-        return json.loads(file.read_text()) if file.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
